@@ -1,0 +1,1 @@
+"""Core algorithms (no Qt, no napari): tiling, normalisation, post-processing, training."""

@@ -1,0 +1,133 @@
+"""Explicit axes for images: which axis is Y, X, channels, and the rest.
+
+Axes strings use one letter per array axis: ``Y`` and ``X`` (required), ``C``
+(channels, optional) and any other letter (``Z``, ``T``, ...) for leading axes
+processed plane by plane. Examples: ``"YX"``, ``"CYX"``, ``"YXC"``, ``"TZCYX"``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+class AxesError(ValueError):
+    """The image's axes do not fit the model."""
+
+
+@dataclass(frozen=True)
+class Axes:
+    """Resolved axes of an image of a given shape."""
+
+    axes: str
+    shape: tuple[int, ...]
+
+    @property
+    def leading(self) -> tuple[int, ...]:
+        """Positions of the axes processed plane by plane."""
+        return tuple(i for i, a in enumerate(self.axes) if a not in "CYX")
+
+    @property
+    def leading_shape(self) -> tuple[int, ...]:
+        return tuple(self.shape[i] for i in self.leading)
+
+    @property
+    def channels(self) -> int:
+        return self.shape[self.axes.index("C")] if "C" in self.axes else 1
+
+    @property
+    def yx(self) -> tuple[int, int]:
+        return self.shape[self.axes.index("Y")], self.shape[self.axes.index("X")]
+
+    def describe(self) -> str:
+        """One line a user can read, e.g. ``"Z: 31 planes, processed one by one"``."""
+        parts = [f"{a}: {self.shape[i]}" for i, a in enumerate(self.axes) if a not in "CYX"]
+        n = int(np.prod(self.leading_shape)) if self.leading else 1
+        y, x = self.yx
+        text = f"{y} x {x} pixels"
+        if "C" in self.axes:
+            text += f", {self.channels} channel(s) on axis C"
+        if parts:
+            text += f"; {', '.join(parts)}: {n} planes, processed one by one"
+        return text
+
+    def read(self, array, lead_index: tuple[int, ...], ys: slice, xs: slice) -> np.ndarray:
+        """Read one ``(C, y, x)`` block of a plane from any array-like (numpy, dask, zarr)."""
+        index: list = []
+        lead = iter(lead_index)
+        for a in self.axes:
+            if a == "Y":
+                index.append(ys)
+            elif a == "X":
+                index.append(xs)
+            elif a == "C":
+                index.append(slice(None))
+            else:
+                index.append(next(lead))
+        block = np.asarray(array[tuple(index)])
+        kept = [a for a in self.axes if a in "CYX"]
+        if "C" not in kept:
+            block = block[None]
+            kept = ["C", *kept]
+        order = [kept.index(a) for a in "CYX"]
+        return block.transpose(order)
+
+
+def resolve_axes(shape: tuple[int, ...], axes: str | None, in_channels: int) -> Axes:
+    """Check or guess the axes of an image for a model with ``in_channels`` inputs.
+
+    With ``axes=None``: 2D is ``YX``; for a multichannel model a first or last
+    axis equal to ``in_channels`` is ``C`` (last first, as RGB); every other
+    axis before ``YX`` is a leading axis (``Z``, ``T``, ...).
+    """
+    shape = tuple(int(s) for s in shape)
+    if len(shape) < 2:
+        raise AxesError(f"an image needs at least 2 dimensions (Y, X), got shape {shape}")
+    if any(s == 0 for s in shape):
+        raise AxesError(f"the image is empty (shape {shape})")
+    if axes is None:
+        axes = _guess_axes(shape, in_channels)
+    axes = axes.upper()
+    if len(axes) != len(shape):
+        raise AxesError(f"axes {axes!r} has {len(axes)} letters but the image has shape {shape}")
+    if len(set(axes)) != len(axes) or "Y" not in axes or "X" not in axes:
+        raise AxesError(f"axes {axes!r} must name Y and X once each, with no repeated letter")
+    if not axes.isalpha():
+        raise AxesError(f"axes {axes!r} must be letters")
+    res = Axes(axes, shape)
+    if res.channels != in_channels:
+        hint = (
+            " (an RGB image? convert it to grayscale or pick one channel)"
+            if res.channels in (3, 4) and in_channels == 1
+            else ""
+        )
+        raise AxesError(
+            f"the model expects {in_channels} input channel(s) but the image has "
+            f"{res.channels} on axes {axes!r}{hint}"
+        )
+    return res
+
+
+def _guess_axes(shape: tuple[int, ...], in_channels: int) -> str:
+    nd = len(shape)
+    if nd == 2:
+        return "YX"
+    if in_channels > 1 and shape[-1] == in_channels:
+        return _leading(nd - 3) + "YXC"
+    if in_channels > 1 and shape[-3] == in_channels:
+        return _leading(nd - 3) + "CYX"
+    if in_channels == 1 and nd >= 3 and shape[-1] in (3, 4) and shape[-2] > 4:
+        raise AxesError(
+            f"shape {shape} looks like an RGB(A) image but the model takes one channel; "
+            "convert it to grayscale, or pass axes explicitly (e.g. 'ZYX')"
+        )
+    return _leading(nd - 2) + "YX"
+
+
+def _leading(n: int) -> str:
+    """Letters for ``n`` leading axes: ``Z``, ``TZ``, ``STZ``, ..."""
+    letters = "QRSTZ"
+    if n > len(letters):
+        raise AxesError(f"too many dimensions ({n + 2}); pass axes explicitly")
+    return letters[len(letters) - n :]

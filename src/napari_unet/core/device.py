@@ -1,0 +1,58 @@
+"""Device selection and memory budgets for inference and training."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+DEVICES = ("auto", "cpu", "cuda", "mps")
+
+
+def available_devices() -> list[str]:
+    """Devices usable here, best first (always ends with ``"cpu"``)."""
+    found = []
+    if torch.cuda.is_available():
+        found.append("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        found.append("mps")
+    return [*found, "cpu"]
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``"auto"`` picks CUDA, then Apple MPS, then CPU; others are checked."""
+    if isinstance(device, torch.device):
+        return device
+    name = str(device).lower()
+    base = name.split(":")[0]
+    if base not in DEVICES:
+        raise ValueError(f"unknown device {device!r}; use one of {DEVICES}")
+    if base == "auto":
+        return torch.device(available_devices()[0])
+    if base != "cpu" and base not in available_devices():
+        raise ValueError(
+            f"device {name!r} is not available here; available: {available_devices()}"
+        )
+    return torch.device(name)
+
+
+def free_memory(device: torch.device) -> int:
+    """Bytes we may use on ``device``: free GPU memory, or available RAM."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return int(os.environ.get("NAPARI_UNET_MEMORY", 4 << 30))
+
+
+def is_oom(err: BaseException) -> bool:
+    """Whether an exception is an out-of-memory error from torch."""
+    if isinstance(err, torch.cuda.OutOfMemoryError):
+        return True
+    return isinstance(err, RuntimeError) and "out of memory" in str(err).lower()

@@ -1,0 +1,93 @@
+"""Input intensity normalisation, as a model's metadata prescribes.
+
+A normalisation spec is a small dict stored with the model, e.g.
+``{"mode": "percentile", "low": 1.0, "high": 99.8}``. Statistics are taken per
+plane (per channel) from a strided sample of at most ``max_samples`` pixels, so
+huge planes cost little, then applied tile by tile as ``x * scale + offset``.
+
+Modes
+-----
+``percentile``  maps the ``low``/``high`` percentiles to 0/1 (CSBDeep, StarDist).
+``zscore``      zero mean, unit variance.
+``fixed``       ``(x - offset) / scale`` with constants from the spec (``scale``, ``offset``).
+``none``        unchanged (float32 cast).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+DEFAULT = {"mode": "percentile", "low": 1.0, "high": 99.8}
+MODES = ("percentile", "zscore", "fixed", "none")
+
+
+def validate(spec: dict | None) -> dict:
+    """Return a complete spec, raising ``ValueError`` for an unknown mode."""
+    spec = dict(DEFAULT if spec is None else spec)
+    mode = spec.get("mode")
+    if mode not in MODES:
+        raise ValueError(f"unknown normalisation mode {mode!r}; use one of {MODES}")
+    if mode == "percentile":
+        spec.setdefault("low", 1.0)
+        spec.setdefault("high", 99.8)
+        if not 0 <= spec["low"] < spec["high"] <= 100:
+            raise ValueError(f"percentiles must satisfy 0 <= low < high <= 100, got {spec}")
+    if mode == "fixed":
+        spec.setdefault("scale", 1.0)
+        spec.setdefault("offset", 0.0)
+        if spec["scale"] == 0:
+            raise ValueError("fixed normalisation needs a non-zero scale")
+    return spec
+
+
+def sample_plane(read_block, yx: tuple[int, int], max_samples: int = 1 << 20) -> np.ndarray:
+    """A strided ``(C, n)`` sample of a plane, read through ``read_block(ys, xs)``."""
+    h, w = yx
+    step = max(1, int(np.ceil(np.sqrt(h * w / max_samples))))
+    block = read_block(slice(None, None, step), slice(None, None, step))
+    return block.reshape(block.shape[0], -1)
+
+
+def plane_stats(sample: np.ndarray, spec: dict) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel ``(scale, offset)`` so that ``x * scale + offset`` is normalised.
+
+    Raises ``ValueError`` if the sample holds NaN or infinite values.
+    """
+    sample = sample.astype(np.float64, copy=False)
+    if not np.isfinite(sample).all():
+        raise ValueError("the image contains NaN or infinite values; fix or mask them first")
+    mode = spec["mode"]
+    c = sample.shape[0]
+    if mode == "none":
+        return np.ones(c), np.zeros(c)
+    if mode == "fixed":
+        s = 1.0 / float(spec["scale"])
+        return np.full(c, s), np.full(c, -float(spec["offset"]) * s)
+    if mode == "zscore":
+        lo = sample.mean(axis=1)
+        spread = sample.std(axis=1)
+    else:
+        lo, hi = np.percentile(sample, [spec["low"], spec["high"]], axis=1)
+        spread = hi - lo
+    scale = 1.0 / np.where(spread > 1e-12, spread, 1.0)
+    return scale, -lo * scale
+
+
+def apply(block: np.ndarray, scale: np.ndarray, offset: np.ndarray) -> np.ndarray:
+    """Normalise a ``(C, y, x)`` block to float32; NaN raises ``ValueError``."""
+    out = block.astype(np.float32, copy=True)
+    out *= scale.astype(np.float32)[:, None, None]
+    out += offset.astype(np.float32)[:, None, None]
+    if not np.isfinite(out).all():
+        raise ValueError("the image contains NaN or infinite values; fix or mask them first")
+    return out
+
+
+def check_dtype(dtype) -> None:
+    """Refuse dtypes that are not real numbers, with a clear message."""
+    dtype = np.dtype(dtype)
+    if dtype.kind not in "uif":
+        raise ValueError(
+            f"cannot segment an image of dtype {dtype}; expected integers or floats"
+            + (" (booleans look like a mask, not an image)" if dtype.kind == "b" else "")
+        )

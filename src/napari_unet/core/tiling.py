@@ -1,0 +1,338 @@
+"""Overlap-tile inference (Ronneberger et al. 2015, Fig. 2), seamless by construction.
+
+The image is seen as a *canvas*: the image extended on every side by mirroring
+(reflection), as in the paper. Tiles of the network's input size are cut from
+the canvas at origins on the network's pooling grid (multiples of
+``geometry.multiple``), each carrying ``halo`` pixels of context per side. The
+network's output for a tile, cropped to its valid centre, is written to the
+output. Because the origins stay on the pooling grid and every kept pixel has
+its full receptive field inside the tile, the tiled result equals one forward
+pass over the whole mirrored canvas (to floating-point round-off).
+
+Only the output, one plane's statistics and one batch of tiles are held in
+memory; the input is read tile by tile from any array-like (numpy, dask, zarr)
+and the output may be a preallocated numpy or zarr array.
+
+:func:`predict_iter` is a generator yielding :class:`Progress` after every
+batch (so callers can show progress and cancel by closing it); its return value
+is the output array. :func:`predict` runs it to the end.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Generator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from napari_unet.core import normalize as norm
+from napari_unet.core.axes import resolve_axes
+from napari_unet.core.device import free_memory, is_oom, resolve_device
+from napari_unet.model.info import LoadedModel
+from napari_unet.model.shapes import Geometry
+
+OUTPUTS = ("probabilities", "labels")
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Where a long job is: ``done`` of ``total`` units (tiles or steps)."""
+
+    done: int
+    total: int
+    message: str = ""
+
+    @property
+    def fraction(self) -> float:
+        return self.done / self.total if self.total else 1.0
+
+
+@dataclass(frozen=True)
+class AxisPlan:
+    """Tiling of one spatial axis."""
+
+    tile: int  # network input size
+    out: int  # useful output pixels per tile
+    origins: tuple[int, ...]  # output start of each tile, in region coordinates
+
+
+@dataclass(frozen=True)
+class TilePlan:
+    y: AxisPlan
+    x: AxisPlan
+    halo: int
+    crop: int  # where the useful output starts inside the network output
+
+    @property
+    def n_tiles(self) -> int:
+        return len(self.y.origins) * len(self.x.origins)
+
+
+def plan_axis(n: int, g: Geometry, tile: int | None, fixed: int | None = None) -> AxisPlan:
+    """Tile an axis of ``n`` pixels with input tiles of about ``tile`` pixels.
+
+    The tile is snapped down to an accepted size, raised to the smallest one
+    that yields at least ``g.multiple`` useful pixels, and lowered to the
+    smallest one that covers the whole axis.
+    """
+    m = g.multiple
+
+    def useful(t: int) -> int:
+        return t - 2 * g.halo
+
+    if fixed is not None:
+        t = fixed
+        if useful(t) < m:
+            raise ValueError(
+                f"the model's fixed input size {fixed} leaves no room for its halo {g.halo}"
+            )
+    else:
+        t_min = g.snap(2 * g.halo + m, "up")
+        t_need = g.snap(n + 2 * g.halo, "up")
+        t = t_need if tile is None else max(t_min, g.snap(max(int(tile), 1), "down") or t_min)
+        t = min(t, t_need)
+    out = useful(t)
+    stride = out // m * m
+    last = max(0, math.ceil((n - out) / m) * m)
+    count = 1 if last == 0 else math.ceil(last / stride) + 1
+    origins = tuple(sorted({min(k * stride, last) for k in range(count)}))
+    return AxisPlan(tile=t, out=out, origins=origins)
+
+
+def plan_tiles(
+    yx: tuple[int, int], g: Geometry, tile=None, fixed_input: tuple[int, int] | None = None
+) -> TilePlan:
+    """Tile a ``(height, width)`` region; ``tile`` is an int or ``(ty, tx)``."""
+    ty, tx = (tile, tile) if tile is None or np.isscalar(tile) else tile
+    fy, fx = fixed_input if fixed_input else (None, None)
+    return TilePlan(
+        y=plan_axis(yx[0], g, ty, fy),
+        x=plan_axis(yx[1], g, tx, fx),
+        halo=g.halo,
+        crop=0 if g.valid else g.halo,
+    )
+
+
+def reflect_index(idx: np.ndarray, n: int) -> np.ndarray:
+    """Map any integer coordinates into ``[0, n)`` by mirroring (numpy ``reflect``)."""
+    if n == 1:
+        return np.zeros_like(idx)
+    period = 2 * (n - 1)
+    idx = np.mod(idx, period)
+    return np.where(idx >= n, period - idx, idx)
+
+
+def auto_tile(model: LoadedModel, device: torch.device, yx: tuple[int, int]) -> tuple[int, int]:
+    """Input tile size and batch size that fit the device's free memory."""
+    g = model.info.geometry
+    width = (model.info.architecture or {}).get("base_width", 64)
+    bytes_per_px = 4 * width * 12  # activations alive at full resolution, generous
+    if device.type == "cuda":
+        budget = 0.4 * free_memory(device)
+        t = min(g.snap(1024 + 2 * g.halo, "down"), g.snap(max(yx) + 2 * g.halo, "up"))
+        batch = int(max(1, min(16, budget // (bytes_per_px * t * t))))
+        return t, batch
+    budget = min(0.25 * free_memory(device), 8 << 30)
+    t = int(math.sqrt(budget / bytes_per_px))
+    return max(g.snap(t, "down") or g.min_input, g.min_input), 1
+
+
+class _Restart(Exception):
+    """Out of memory with one tile per batch: restart with smaller tiles."""
+
+
+def predict_iter(
+    image,
+    model: LoadedModel,
+    *,
+    axes: str | None = None,
+    tile=None,
+    batch_size: int | None = None,
+    device="auto",
+    amp: bool = True,
+    output: str = "probabilities",
+    out=None,
+    region: tuple[int, int, int, int] | None = None,
+) -> Generator[Progress, None, np.ndarray]:
+    """Segment ``image`` tile by tile, yielding :class:`Progress` after each batch.
+
+    Parameters
+    ----------
+    image : array-like
+        numpy, dask or zarr array with axes ``axes`` (guessed when None, see
+        :func:`~napari_unet.core.axes.resolve_axes`).
+    model : LoadedModel
+        Network and metadata (halo, accepted sizes, normalisation, classes).
+    tile : int or (int, int), optional
+        Network input tile size, snapped to an accepted size. Default: as large
+        as the device's free memory allows.
+    batch_size : int, optional
+        Tiles per forward pass. Default: from free memory (1 on CPU).
+    device : str
+        ``"auto"`` (CUDA, then MPS, then CPU), ``"cpu"``, ``"cuda"`` or ``"mps"``.
+    amp : bool
+        Mixed precision (float16) on CUDA.
+    output : str
+        ``"probabilities"``: float32 array ``(K, *leading, Y, X)``, one map per
+        class; ``"labels"``: uint8 array ``(*leading, Y, X)`` of class indices.
+    out : array-like, optional
+        Preallocated output of that shape (numpy, or zarr for huge images).
+    region : (y0, y1, x0, x1), optional
+        Predict only this region of every plane, with real image context.
+
+    Returns
+    -------
+    The output array (via ``StopIteration.value``; :func:`predict` returns it).
+    """
+    if output not in OUTPUTS:
+        raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
+    info = model.info
+    norm.check_dtype(getattr(image, "dtype", np.asarray(image).dtype))
+    ax = resolve_axes(tuple(image.shape), axes, info.in_channels)
+    full = ax.yx
+    y0, y1, x0, x1 = region if region is not None else (0, full[0], 0, full[1])
+    if not (0 <= y0 < y1 <= full[0] and 0 <= x0 < x1 <= full[1]):
+        raise ValueError(f"region {region} is empty or outside the image {full}")
+    yx = (y1 - y0, x1 - x0)
+    dev = resolve_device(device)
+    spec = norm.validate(info.normalization)
+    auto_t, auto_b = auto_tile(model, dev, yx)
+    tile = auto_t if tile is None else tile
+    batch = max(1, int(batch_size or auto_b))
+    out = _allocate(out, output, info.num_classes, ax.leading_shape, yx)
+    model.net.to(dev).eval()
+    while True:
+        plan = plan_tiles(yx, info.geometry, tile, info.fixed_input)
+        runner = _Runner(image, ax, model, plan, spec, dev, amp, output, out, (y0, x0))
+        try:
+            result = yield from runner.run(batch)
+            return result
+        except _Restart:
+            smaller = max(plan.y.tile, plan.x.tile) // 2
+            if info.fixed_input or smaller < 2 * info.geometry.halo + info.geometry.multiple:
+                raise MemoryError(
+                    "out of memory even with one tile per batch at the smallest tile size"
+                ) from None
+            tile = smaller
+
+
+def predict(image, model: LoadedModel, callback=None, **kwargs) -> np.ndarray:
+    """Run :func:`predict_iter` to the end; ``callback(progress)`` after each batch."""
+    gen = predict_iter(image, model, **kwargs)
+    while True:
+        try:
+            progress = next(gen)
+        except StopIteration as stop:
+            return stop.value
+        if callback is not None:
+            callback(progress)
+
+
+def _allocate(out, output, n_classes, lead, yx):
+    if output == "probabilities":
+        shape = (n_classes, *lead, *yx)
+        dtype = np.float32
+    else:
+        shape = (*lead, *yx)
+        dtype = np.uint8 if n_classes < 256 else np.uint16
+    if out is None:
+        return np.zeros(shape, dtype)
+    if tuple(out.shape) != shape:
+        raise ValueError(f"output array has shape {tuple(out.shape)}, expected {shape}")
+    return out
+
+
+class _Runner:
+    """One pass over all tiles of all planes with a fixed plan."""
+
+    def __init__(self, image, ax, model, plan, spec, dev, amp, output, out, start):
+        self.image, self.ax, self.model, self.plan = image, ax, model, plan
+        self.spec, self.dev, self.output, self.out = spec, dev, output, out
+        self.start = start
+        self.amp = amp and dev.type == "cuda"
+        self._stats: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
+
+    def jobs(self):
+        planes = itertools.product(*(range(n) for n in self.ax.leading_shape))
+        for plane in planes:
+            for oy in self.plan.y.origins:
+                for ox in self.plan.x.origins:
+                    yield plane, oy, ox
+
+    def run(self, batch: int):
+        total = len(list(itertools.product(*(range(n) for n in self.ax.leading_shape))))
+        total *= self.plan.n_tiles
+        done = 0
+        yield Progress(0, total, f"0/{total} tiles")
+        pending = list(self.jobs())
+        while pending:
+            chunk, rest = pending[:batch], pending[batch:]
+            try:
+                probs = self._forward([self._read_tile(*job) for job in chunk])
+            except Exception as err:  # noqa: BLE001 - only OOM is handled
+                if not is_oom(err):
+                    raise
+                if self.dev.type == "cuda":
+                    torch.cuda.empty_cache()
+                if batch == 1:
+                    raise _Restart from err
+                batch = max(1, batch // 2)
+                continue
+            for job, p in zip(chunk, probs):
+                self._write(job, p)
+            pending = rest
+            done += len(chunk)
+            yield Progress(done, total, f"tile {done}/{total}")
+        return self.out
+
+    def _plane_stats(self, plane):
+        if plane not in self._stats:
+            self._stats.clear()
+
+            def read(ys, xs):
+                return self.ax.read(self.image, plane, ys, xs)
+
+            sample = norm.sample_plane(read, self.ax.yx)
+            self._stats[plane] = norm.plane_stats(sample, self.spec)
+        return self._stats[plane]
+
+    def _read_tile(self, plane, oy, ox) -> np.ndarray:
+        h, w = self.ax.yx
+        halo = self.plan.halo
+        iy = reflect_index(np.arange(self.plan.y.tile) + self.start[0] + oy - halo, h)
+        ix = reflect_index(np.arange(self.plan.x.tile) + self.start[1] + ox - halo, w)
+        ys = slice(int(iy.min()), int(iy.max()) + 1)
+        xs = slice(int(ix.min()), int(ix.max()) + 1)
+        block = self.ax.read(self.image, plane, ys, xs)
+        block = block[:, iy - ys.start][:, :, ix - xs.start]
+        scale, offset = self._plane_stats(plane)
+        return norm.apply(block, scale, offset)
+
+    def _forward(self, tiles: list[np.ndarray]) -> np.ndarray:
+        x = torch.from_numpy(np.stack(tiles)).to(self.dev)
+        with torch.inference_mode(), torch.autocast("cuda", torch.float16, enabled=self.amp):
+            logits = self.model.net(x)
+        logits = logits.float()
+        act = self.model.info.activation
+        if act == "softmax":
+            logits = torch.softmax(logits, dim=1)
+        elif act == "sigmoid":
+            logits = torch.sigmoid(logits)
+        return logits.cpu().numpy()
+
+    def _write(self, job, probs: np.ndarray) -> None:
+        plane, oy, ox = job
+        hy = min(self.plan.y.out, self.out.shape[-2] - oy)
+        hx = min(self.plan.x.out, self.out.shape[-1] - ox)
+        c = self.plan.crop
+        p = probs[:, c : c + hy, c : c + hx]
+        dst = (*plane, slice(oy, oy + hy), slice(ox, ox + hx))
+        if self.output == "probabilities":
+            self.out[(slice(None), *dst)] = p
+        elif p.shape[0] == 1:
+            self.out[dst] = (p[0] > 0.5).astype(self.out.dtype)
+        else:
+            self.out[dst] = p.argmax(axis=0).astype(self.out.dtype)

@@ -1,0 +1,88 @@
+"""Measure the context (halo) a network needs, from the network itself.
+
+Used for networks whose architecture we do not know (TorchScript, bioimage.io)
+and, in tests, to check the analytic halo of :class:`~napari_unet.model.UNet`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+
+def measure_halo(
+    net: nn.Module,
+    in_channels: int,
+    size: int,
+    multiple: int = 1,
+    shrink: int = 0,
+    trials: int = 2,
+    seed: int = 0,
+) -> int:
+    """Largest distance from an output pixel to an input pixel it depends on.
+
+    The gradient of every output pixel in a ``multiple x multiple`` block at the
+    centre (all pooling phases) is taken with respect to the input, for
+    ``trials`` random inputs in float64; the halo is the furthest input pixel
+    with a non-zero gradient. ReLU networks can hide dependencies behind dead
+    units, so this is a lower bound that is exact in practice with random data.
+
+    Parameters
+    ----------
+    net : nn.Module
+        Network mapping ``(1, in_channels, size, size)`` to ``(1, K, size - shrink, ...)``.
+    size : int
+        Input size accepted by the network, larger than twice the expected halo.
+    shrink : int
+        ``input - output`` size (valid-padding networks).
+    """
+    gen = torch.Generator().manual_seed(seed)
+    was_training = net.training
+    net.eval()
+    try:
+        net64 = net.double() if isinstance(net, nn.Module) else net
+        halo = 0
+        for _ in range(trials):
+            x = torch.rand(1, in_channels, size, size, generator=gen, dtype=torch.float64)
+            x.requires_grad_(True)
+            y = net64(x)
+            c = (y.shape[-1] // 2) // multiple * multiple
+            sel = y[..., c : c + multiple, c : c + multiple].sum()
+            (grad,) = torch.autograd.grad(sel, x)
+            support = grad.abs().sum(dim=(0, 1)).numpy() > 0
+            ys, xs = np.nonzero(support)
+            # output pixel c..c+multiple-1 sits at input c + shrink/2 + ...
+            lo = c + shrink // 2
+            hi = lo + multiple - 1
+            halo = max(halo, lo - ys.min(), ys.max() - hi, lo - xs.min(), xs.max() - hi)
+        return int(halo)
+    finally:
+        net.float()
+        net.train(was_training)
+
+
+def structural_halo(config) -> int:
+    """Exact receptive-field halo of a :class:`UNet` architecture.
+
+    Builds a linear twin of the network (ReLU -> identity, max-pool -> average
+    pool, positive weights, no normalisation) in which every structural
+    dependency has a strictly positive gradient, and measures it.
+    """
+    from dataclasses import replace
+
+    from napari_unet.model.unet import UNet
+
+    twin = UNet(replace(config, base_width=1, norm="none", dropout=0.0, in_channels=1))
+    for module in list(twin.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, nn.ReLU):
+                setattr(module, name, nn.Identity())
+            elif isinstance(child, nn.MaxPool2d):
+                setattr(module, name, nn.AvgPool2d(2))
+    with torch.no_grad():
+        for p in twin.parameters():
+            p.copy_(torch.rand_like(p) + 0.1)
+    g = twin.geometry
+    size = g.snap(3 * g.halo + 4 * g.multiple, "up")
+    return measure_halo(twin, 1, size, g.multiple, g.shrink, trials=1)

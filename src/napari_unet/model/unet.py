@@ -1,0 +1,125 @@
+"""The U-Net of Ronneberger et al. (2015) with named stages.
+
+Stages, in the order data flows through them::
+
+    enc0 -> enc1 -> ... -> enc{d-1} -> bottleneck -> dec{d-1} -> ... -> dec0 -> head
+
+``enc{i}`` works at 1/2**i of the input resolution (``enc{i>0}`` starts with a
+2x2 max-pool), ``bottleneck`` at 1/2**d, ``dec{i}`` up-convolves to 1/2**i and
+concatenates the (cropped) ``enc{i}`` map, and ``head`` is a 1x1 convolution
+giving one logit map per class.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+import torch
+from torch import nn
+
+from napari_unet.model.blocks import DoubleConv, Down, Up
+from napari_unet.model.shapes import Geometry, unet_geometry
+
+PADDINGS = ("valid", "same")
+NORMS = ("none", "batch", "group")
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    """Architecture of a :class:`UNet`.
+
+    The paper's network is ``UNetConfig(in_channels=1, num_classes=2, depth=4,
+    base_width=64, padding="valid", norm="none")``.
+    """
+
+    in_channels: int = 1
+    num_classes: int = 2
+    depth: int = 4
+    base_width: int = 64
+    padding: str = "valid"
+    norm: str = "batch"
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.padding not in PADDINGS:
+            raise ValueError(f"padding must be one of {PADDINGS}, got {self.padding!r}")
+        if self.norm not in NORMS:
+            raise ValueError(f"norm must be one of {NORMS}, got {self.norm!r}")
+        for name in ("in_channels", "num_classes", "depth", "base_width"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+
+    def to_dict(self) -> dict:
+        """Plain dict (JSON-serialisable)."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> UNetConfig:
+        """Build from a dict, refusing unknown keys with a clear message."""
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown U-Net configuration keys: {sorted(unknown)}")
+        return cls(**d)
+
+
+class UNet(nn.Module):
+    """U-Net mapping ``(N, in_channels, H, W)`` to logits ``(N, num_classes, H', W')``.
+
+    ``H' = H`` for same padding; for valid padding ``H' = H - geometry.shrink``
+    (572 -> 388 at depth 4). Input sizes must be accepted by :attr:`geometry`.
+    """
+
+    def __init__(self, config: UNetConfig | None = None, **kwargs) -> None:
+        super().__init__()
+        self.config = config if config is not None else UNetConfig(**kwargs)
+        c = self.config
+        widths = [c.base_width * 2**i for i in range(c.depth + 1)]
+        self.enc0 = DoubleConv(c.in_channels, widths[0], c.padding, c.norm)
+        for i in range(1, c.depth):
+            self.add_module(f"enc{i}", Down(widths[i - 1], widths[i], c.padding, c.norm, 0.0))
+        self.bottleneck = Down(widths[-2], widths[-1], c.padding, c.norm, c.dropout)
+        for i in reversed(range(c.depth)):
+            self.add_module(f"dec{i}", Up(widths[i + 1], widths[i], c.padding, c.norm, 0.0))
+        self.head = nn.Conv2d(widths[0], c.num_classes, 1)
+
+    @property
+    def geometry(self) -> Geometry:
+        """Accepted sizes, output size and halo of this network."""
+        return unet_geometry(self.config.depth, self.config.padding)
+
+    @property
+    def stage_names(self) -> list[str]:
+        """Stage names in forward order."""
+        d = self.config.depth
+        return (
+            [f"enc{i}" for i in range(d)]
+            + ["bottleneck"]
+            + [f"dec{i}" for i in reversed(range(d))]
+            + ["head"]
+        )
+
+    def stage_scale(self, name: str) -> int:
+        """Downsampling factor of a stage's output relative to the input."""
+        d = self.config.depth
+        if name == "bottleneck":
+            return 2**d
+        if name == "head":
+            return 1
+        if name[:3] in ("enc", "dec") and name[3:].isdigit() and int(name[3:]) < d:
+            return 2 ** int(name[3:])
+        raise KeyError(f"no stage {name!r}; stages are {self.stage_names}")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits for ``x`` of shape ``(N, in_channels, H, W)``."""
+        d = self.config.depth
+        skips = []
+        for i in range(d):
+            x = getattr(self, f"enc{i}")(x)
+            skips.append(x)
+        x = self.bottleneck(x)
+        for i in reversed(range(d)):
+            x = getattr(self, f"dec{i}")(x, skips[i])
+        return self.head(x)
