@@ -196,6 +196,10 @@ def predict_iter(
     y0, y1, x0, x1 = region if region is not None else (0, full[0], 0, full[1])
     if not (0 <= y0 < y1 <= full[0] and 0 <= x0 < x1 <= full[1]):
         raise ValueError(f"region {region} is empty or outside the image {full}")
+    # tiles stay on the image's pooling grid, so a region equals the same
+    # pixels of a whole-image prediction
+    m = info.geometry.multiple
+    shift = (y0 % m, x0 % m)
     yx = (y1 - y0, x1 - x0)
     dev = resolve_device(device)
     spec = norm.validate(info.normalization)
@@ -205,8 +209,10 @@ def predict_iter(
     out = _allocate(out, output, info.num_classes, ax.leading_shape, yx)
     model.net.to(dev).eval()
     while True:
-        plan = plan_tiles(yx, info.geometry, tile, info.fixed_input)
-        runner = _Runner(image, ax, model, plan, spec, dev, amp, output, out, (y0, x0))
+        grid = (yx[0] + shift[0], yx[1] + shift[1])
+        plan = plan_tiles(grid, info.geometry, tile, info.fixed_input)
+        start = (y0 - shift[0], x0 - shift[1])
+        runner = _Runner(image, ax, model, plan, spec, dev, amp, output, out, start, shift)
         try:
             result = yield from runner.run(batch)
             return result
@@ -248,10 +254,10 @@ def _allocate(out, output, n_classes, lead, yx):
 class _Runner:
     """One pass over all tiles of all planes with a fixed plan."""
 
-    def __init__(self, image, ax, model, plan, spec, dev, amp, output, out, start):
+    def __init__(self, image, ax, model, plan, spec, dev, amp, output, out, start, shift):
         self.image, self.ax, self.model, self.plan = image, ax, model, plan
         self.spec, self.dev, self.output, self.out = spec, dev, output, out
-        self.start = start
+        self.start, self.shift = start, shift
         self.amp = amp and dev.type == "cuda"
         self._stats: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
 
@@ -325,11 +331,16 @@ class _Runner:
 
     def _write(self, job, probs: np.ndarray) -> None:
         plane, oy, ox = job
-        hy = min(self.plan.y.out, self.out.shape[-2] - oy)
-        hx = min(self.plan.x.out, self.out.shape[-1] - ox)
+        # tile output in grid coordinates [o, o + out) -> output [o - shift, ...)
+        sy, sx = max(0, self.shift[0] - oy), max(0, self.shift[1] - ox)
+        ty, tx = oy + sy - self.shift[0], ox + sx - self.shift[1]
+        hy = min(self.plan.y.out - sy, self.out.shape[-2] - ty)
+        hx = min(self.plan.x.out - sx, self.out.shape[-1] - tx)
+        if hy <= 0 or hx <= 0:
+            return
         c = self.plan.crop
-        p = probs[:, c : c + hy, c : c + hx]
-        dst = (*plane, slice(oy, oy + hy), slice(ox, ox + hx))
+        p = probs[:, c + sy : c + sy + hy, c + sx : c + sx + hx]
+        dst = (*plane, slice(ty, ty + hy), slice(tx, tx + hx))
         if self.output == "probabilities":
             self.out[(slice(None), *dst)] = p
         elif p.shape[0] == 1:

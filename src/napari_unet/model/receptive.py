@@ -19,6 +19,7 @@ def measure_halo(
     shrink: int = 0,
     trials: int = 2,
     seed: int = 0,
+    dtype: torch.dtype = torch.float64,
 ) -> int:
     """Largest distance from an output pixel to an input pixel it depends on.
 
@@ -41,16 +42,16 @@ def measure_halo(
     was_training = net.training
     net.eval()
     try:
-        net64 = net.double() if isinstance(net, nn.Module) else net
+        net64 = net.to(dtype)
         halo = 0
         for _ in range(trials):
-            x = torch.rand(1, in_channels, size, size, generator=gen, dtype=torch.float64)
+            x = torch.rand(1, in_channels, size, size, generator=gen, dtype=dtype)
             x.requires_grad_(True)
             y = net64(x)
             c = (y.shape[-1] // 2) // multiple * multiple
             sel = y[..., c : c + multiple, c : c + multiple].sum()
             (grad,) = torch.autograd.grad(sel, x)
-            support = grad.abs().sum(dim=(0, 1)).numpy() > 0
+            support = grad.abs().sum(dim=(0, 1)).detach().numpy() > 0
             ys, xs = np.nonzero(support)
             # output pixel c..c+multiple-1 sits at input c + shrink/2 + ...
             lo = c + shrink // 2

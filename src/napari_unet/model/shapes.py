@@ -71,7 +71,7 @@ class Geometry:
         return lo if n - lo <= hi - n else hi
 
     def valid_sizes_near(self, n: int) -> tuple[int | None, int]:
-        """Accepted sizes ``(at or below n, at or above n)``; the first is None below the minimum."""
+        """Accepted sizes ``(at or below n, at or above n)``; None below the minimum."""
         k = math.floor((n - self.offset) / self.multiple)
         lo = self.offset + k * self.multiple
         hi = lo if lo == n else lo + self.multiple

@@ -1,0 +1,54 @@
+"""Loading the shared training data (read at training / benchmark time only)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED = ROOT.parent / "shared"
+
+
+def nuclei_split(data: Path | None = None, val_fraction: float = 0.2, seed: int = 0):
+    """DAPI nuclei: (train, val) lists of (name, image, instance mask), stratified."""
+    import tifffile
+    from skimage.segmentation import relabel_sequential
+
+    data = data or SHARED / "data" / "nuclei_dapi"
+    names = sorted(p.name for p in (data / "images").glob("*.tif"))
+    if not names:
+        raise SystemExit(f"no images in {data / 'images'} (is ../shared there?)")
+    groups: dict[str, list[str]] = {}
+    for n in names:
+        groups.setdefault(magnification(n), []).append(n)
+    rng = np.random.default_rng(seed)
+    val_names = set()
+    for group in groups.values():
+        k = max(2, round(val_fraction * len(group)))
+        val_names.update(rng.permutation(group)[:k].tolist())
+    train, val = [], []
+    for n in names:
+        image = tifffile.imread(data / "images" / n)
+        mask = relabel_sequential(tifffile.imread(data / "masks" / n).astype(np.int64))[0]
+        (val if n in val_names else train).append((n, image, mask.astype(np.int32)))
+    return train, val
+
+
+def magnification(name: str) -> str:
+    return name.split("__")[0]
+
+
+def isbi_split(data: Path | None = None, val_slices=(5, 11, 17, 23)):
+    """ISBI 2012 EM: (train, val) lists of (name, image uint8, labels uint8: 0 membrane)."""
+    from skimage.io import imread
+
+    data = data or SHARED / "data" / "isbi2012_em"
+    names = sorted(p.name for p in (data / "images").glob("*.png"))
+    if not names:
+        raise SystemExit(f"no images in {data / 'images'} (is ../shared there?)")
+    train, val = [], []
+    for i, n in enumerate(names):
+        item = (n, imread(data / "images" / n), imread(data / "labels" / n))
+        (val if i in val_slices else train).append(item)
+    return train, val

@@ -1,0 +1,82 @@
+"""Evaluate a nuclei model on the held-back DAPI images, per magnification.
+
+    python scripts/evaluate_nuclei.py --model nuclei [--tta] [--save-png DIR]
+
+Prints object F1 at IoU 0.5 (one-to-one matching), mean matched IoU and pixel
+IoU of the foreground, per magnification and overall (objects pooled).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import defaultdict
+
+import numpy as np
+from _shared_data import SHARED, magnification, nuclei_split
+
+from napari_unet.core import metrics, postprocess
+from napari_unet.core.tiling import predict
+from napari_unet.io import load_model
+
+
+def segment(image, model, tta: bool, **kw):
+    probs = predict(image, model, device="cpu")
+    if tta:
+        acc = probs.copy()
+        for flip in ((0,), (1,), (0, 1)):
+            p = predict(np.flip(image, flip).copy(), model, device="cpu")
+            acc += np.flip(p, tuple(a + 1 for a in flip))
+        probs = acc / 4
+    info = model.info
+    return probs, postprocess.instances(probs, info.instances, info.classes, **kw)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--model", default="nuclei")
+    p.add_argument("--tta", action="store_true")
+    p.add_argument("--threshold", type=float, default=0.5)
+    p.add_argument("--min-size", type=int, default=0)
+    p.add_argument("--json", help="write the metrics here")
+    args = p.parse_args()
+    model = load_model(args.model)
+    _, val = nuclei_split()
+    per = defaultdict(lambda: {"tp": 0, "fp": 0, "fn": 0, "iou_sum": 0.0, "inter": 0, "union": 0})
+    for name, image, mask in val:
+        _, inst = segment(image, model, args.tta, threshold=args.threshold, min_size=args.min_size)
+        s = metrics.object_scores(mask, inst)
+        for key in (magnification(name), "overall"):
+            d = per[key]
+            d["tp"] += s["tp"]
+            d["fp"] += s["fp"]
+            d["fn"] += s["fn"]
+            d["iou_sum"] += s["sum_matched_iou"]
+            d["inter"] += int(np.count_nonzero((mask > 0) & (inst > 0)))
+            d["union"] += int(np.count_nonzero((mask > 0) | (inst > 0)))
+        print(f"{name}: F1@0.5 {s['f1']:.3f} ({s['tp']} tp, {s['fp']} fp, {s['fn']} fn)")
+    table = {}
+    for key, d in sorted(per.items()):
+        f1 = 2 * d["tp"] / max(1, 2 * d["tp"] + d["fp"] + d["fn"])
+        table[key] = {
+            "f1@0.5": round(f1, 4),
+            "mean_matched_iou": round(d["iou_sum"] / max(1, d["tp"]), 4),
+            "pixel_iou": round(d["inter"] / max(1, d["union"]), 4),
+            "objects": d["tp"] + d["fn"],
+        }
+        print(
+            f"{key:>8}: F1@0.5 {f1:.3f}  mean matched IoU {table[key]['mean_matched_iou']:.3f}"
+            f"  pixel IoU {table[key]['pixel_iou']:.3f}  ({table[key]['objects']} nuclei)"
+        )
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(table, fh, indent=1)
+    bio = SHARED / "models" / "bioimageio" / "unet2d_nuclei_broad" / "test_input.npy"
+    if bio.exists():
+        image = np.load(bio)[0, 0]
+        _, inst = segment(image, model, args.tta)
+        print(f"bioimage.io unet2d_nuclei_broad test_input: {inst.max()} nuclei found")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,270 @@
+"""Command line: ``napari-unet predict | models | info``.
+
+Errors print one line (``napari-unet: error: ...``) and exit with status 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+MODES = ("probabilities", "labels", "instances")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="napari-unet", description="U-Net segmentation")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    pr = sub.add_parser("predict", help="segment images with overlap-tile inference")
+    pr.add_argument("inputs", nargs="+", help="TIFF, PNG, NPY or zarr images")
+    pr.add_argument("--model", "-m", help="bundled model name or model file (default: bundled)")
+    pr.add_argument("--output", "-o", help="output file (one input) or folder (several)")
+    pr.add_argument("--mode", choices=MODES, default="instances")
+    pr.add_argument("--tile", type=int, help="network input tile size (snapped to accepted)")
+    pr.add_argument("--batch-size", type=int, help="tiles per forward pass")
+    pr.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
+    pr.add_argument("--axes", help="image axes, e.g. YX, ZYX, CYX, YXC (guessed if omitted)")
+    pr.add_argument("--threshold", type=float, default=0.5, help="instances: foreground")
+    pr.add_argument("--min-size", type=int, default=0, help="instances: smallest object (px)")
+    pr.add_argument("--no-amp", action="store_true", help="no mixed precision on CUDA")
+    pr.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+
+    tr = sub.add_parser("train", help="train or fine-tune a U-Net on image / label files")
+    tr.add_argument("--images", nargs="+", required=True, help="training images (2D)")
+    tr.add_argument("--labels", nargs="+", required=True, help="label images, same order")
+    tr.add_argument(
+        "--model",
+        "-m",
+        required=True,
+        help="base model (bundled name or file) to fine-tune, or a new architecture as JSON "
+        '(e.g. \'{"depth": 4, "base_width": 16, "padding": "same"}\') or a .json file',
+    )
+    tr.add_argument("--output", "-o", required=True, help="trained model (.safetensors)")
+    tr.add_argument(
+        "--label-kind",
+        choices=("instances", "classes", "sparse"),
+        default="sparse",
+        help="instances: one id per object; classes: dense class ids; "
+        "sparse: painted strokes, 0 = not annotated, k = class k-1",
+    )
+    tr.add_argument("--classes", help="class names for a new model, comma-separated")
+    tr.add_argument("--steps", type=int, default=500)
+    tr.add_argument("--lr", type=float, default=1e-3)
+    tr.add_argument("--patch-size", type=int, default=256)
+    tr.add_argument("--batch-size", type=int, default=8)
+    tr.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
+    tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--val-images", nargs="*", default=[])
+    tr.add_argument("--val-labels", nargs="*", default=[])
+    tr.add_argument("--quiet", "-q", action="store_true")
+
+    sub.add_parser("models", help="list bundled models")
+    info = sub.add_parser("info", help="print a model's card")
+    info.add_argument("model", help="bundled model name or model file")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``napari-unet`` console script."""
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except KeyboardInterrupt:
+        print("napari-unet: interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, OSError, MemoryError, RuntimeError) as err:
+        print(f"napari-unet: error: {err}", file=sys.stderr)
+        return 1
+
+
+def _model(name: str | None):
+    from napari_unet.io import load_model, registry
+
+    name = name or registry.default_model()
+    if name is None:
+        raise ValueError("no bundled model is installed; pass --model FILE")
+    return load_model(name)
+
+
+def cmd_models(args) -> int:
+    from napari_unet.io import load_model, registry
+
+    models = registry.bundled_models()
+    if not models:
+        print("no bundled models installed")
+    for name in models:
+        info = load_model(name).info
+        default = " (default)" if name == registry.default_model() else ""
+        print(f"{name}{default}: {info.description or ', '.join(info.classes)}")
+    return 0
+
+
+def cmd_info(args) -> int:
+    print(_model(args.model).info.card())
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from napari_unet.io.images import read_image
+
+    model = _model(args.model)
+    targets = _targets(args.inputs, args.output, args.mode)
+    for src, dst in targets:
+        image = read_image(src)
+        _predict_one(image, model, dst, args, label=Path(src).name)
+        print(f"{src} -> {dst}", file=sys.stderr)
+    return 0
+
+
+def _targets(inputs, output, mode) -> list[tuple[str, Path]]:
+    suffix = ".tif"
+    if output and len(inputs) == 1 and Path(output).suffix:
+        return [(inputs[0], Path(output))]
+    folder = Path(output) if output else None
+    if folder is not None and folder.suffix:
+        raise ValueError("several inputs need --output to be a folder")
+    return [
+        (src, (folder or Path(src).parent) / f"{Path(src).stem}_{mode}{suffix}") for src in inputs
+    ]
+
+
+def _predict_one(image, model, dst: Path, args, label: str) -> None:
+    from tqdm import tqdm
+
+    from napari_unet.core import postprocess
+    from napari_unet.core.axes import resolve_axes
+    from napari_unet.core.tiling import predict_iter
+    from napari_unet.io.images import WRITE_SUFFIXES, ZarrOutput, write_image
+
+    if dst.suffix.lower() not in WRITE_SUFFIXES:
+        raise ValueError(f"{dst.name}: write .tif, .npy or .zarr")
+    info = model.info
+    ax = resolve_axes(tuple(image.shape), args.axes, info.in_channels)
+    engine_out = "labels" if args.mode == "labels" else "probabilities"
+    sink = None
+    if dst.suffix.lower() == ".zarr":
+        if args.mode == "instances":
+            raise ValueError("instances are written as TIFF; use --mode labels for zarr output")
+        shape = (*ax.leading_shape, *ax.yx)
+        if engine_out == "probabilities":
+            shape = (info.num_classes, *shape)
+        sink = ZarrOutput(dst, shape, "float32" if engine_out == "probabilities" else "uint8")
+    gen = predict_iter(
+        image,
+        model,
+        axes=ax.axes,
+        tile=args.tile,
+        batch_size=args.batch_size,
+        device=args.device,
+        amp=not args.no_amp,
+        output=engine_out,
+        out=sink.array if sink else None,
+    )
+    bar = tqdm(desc=label, unit="tile", disable=args.quiet, file=sys.stderr)
+    try:
+        while True:
+            try:
+                progress = next(gen)
+            except StopIteration as stop:
+                result = stop.value
+                break
+            bar.total = progress.total
+            bar.n = progress.done
+            bar.refresh()
+    except BaseException:
+        if sink:
+            sink.discard()
+        raise
+    finally:
+        bar.close()
+    if sink:
+        sink.commit()
+        return
+    if args.mode == "instances":
+        result = postprocess.instances(
+            result, info.instances, info.classes, args.threshold, args.min_size
+        )
+    write_image(dst, result)
+
+
+def _base_model(spec: str, classes: str | None):
+    import json
+
+    from napari_unet.io import load_model
+    from napari_unet.model import UNet, UNetConfig
+    from napari_unet.model.info import wrap_unet
+
+    text = spec.strip()
+    if text.endswith(".json") and Path(text).exists():
+        text = Path(text).read_text()
+    if not text.startswith("{"):
+        return load_model(spec)
+    try:
+        arch = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"--model is not valid JSON: {err}") from None
+    names = [c.strip() for c in classes.split(",")] if classes else None
+    if names:
+        arch.setdefault("num_classes", len(names))
+    config = UNetConfig.from_dict(arch)
+    if names and len(names) != config.num_classes:
+        raise ValueError(f"{len(names)} class names for {config.num_classes} classes")
+    return wrap_unet(
+        UNet(config), name=Path(spec).stem if spec.endswith(".json") else "unet", classes=names
+    )
+
+
+def cmd_train(args) -> int:
+    import numpy as np
+    from tqdm import tqdm
+
+    from napari_unet.core.training import TrainConfig, train_iter
+    from napari_unet.io.files import save_model
+    from napari_unet.io.images import read_image
+
+    if len(args.images) != len(args.labels):
+        raise ValueError(f"{len(args.images)} images but {len(args.labels)} label files")
+    if not args.output.endswith(".safetensors"):
+        raise ValueError("--output must end in .safetensors")
+    model = _base_model(args.model, args.classes)
+
+    def load(paths):
+        return [np.asarray(read_image(p)) for p in paths]
+
+    cfg = TrainConfig(
+        steps=args.steps,
+        lr=args.lr,
+        patch_size=args.patch_size,
+        batch_size=args.batch_size,
+        device=args.device,
+        seed=args.seed,
+    )
+    gen = train_iter(
+        model,
+        load(args.images),
+        load(args.labels),
+        args.label_kind,
+        cfg,
+        val_images=load(args.val_images),
+        val_labels=load(args.val_labels),
+        data_name=", ".join(Path(p).name for p in args.images),
+    )
+    bar = tqdm(total=cfg.steps, unit="step", disable=args.quiet, file=sys.stderr)
+    try:
+        while True:
+            try:
+                step = next(gen)
+            except StopIteration as stop:
+                result = stop.value
+                break
+            bar.update(1)
+            bar.set_postfix(loss=f"{step.loss:.4f}", **step.metrics)
+    finally:
+        bar.close()
+    save_model(result, args.output)
+    print(f"saved {args.output}", file=sys.stderr)
+    return 0
+
+
+COMMANDS = {"predict": cmd_predict, "models": cmd_models, "info": cmd_info, "train": cmd_train}

@@ -1,0 +1,84 @@
+"""Data augmentation for training patches: flips, 90-degree rotations, intensity
+jitter, noise and the paper's elastic deformation.
+
+Functions take a ``(C, H, W)`` float image and matching ``(H', W')`` arrays
+(target, weights) whose grid is centred in the image's (valid-padding models
+see a larger input than their output); geometry is applied to both alike.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage as ndi
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """Which augmentations run, and how strong."""
+
+    flips: bool = True
+    rotations: bool = True
+    intensity: float = 0.2  # random scale in [1 - s, 1 + s] and shift in [-s, s]
+    noise: float = 0.03  # std of additive Gaussian noise (normalised units)
+    elastic: float = 0.0  # probability of elastic deformation
+    elastic_sigma: float = 10.0  # px, std of displacements on the coarse grid
+    elastic_grid: int = 3
+    zoom: float = 0.0  # random isotropic zoom in [1 - zoom, 1 + zoom] (object size)
+
+
+def elastic_field(shape, rng, sigma: float, grid: int = 3) -> tuple[np.ndarray, np.ndarray]:
+    """Smooth displacement field: random ``grid x grid`` vectors, bicubic upsampling."""
+    coarse = rng.normal(0, sigma, (2, grid, grid))
+    zoom = (shape[0] / grid, shape[1] / grid)
+    dy = ndi.zoom(coarse[0], zoom, order=3, mode="nearest", grid_mode=True)
+    dx = ndi.zoom(coarse[1], zoom, order=3, mode="nearest", grid_mode=True)
+    return dy[: shape[0], : shape[1]], dx[: shape[0], : shape[1]]
+
+
+def augment(image, target, weights, rng, cfg: AugmentConfig):
+    """Augment one sample in place of copies; returns ``(image, target, weights)``."""
+    deform = cfg.elastic > 0 and rng.random() < cfg.elastic
+    if deform or cfg.zoom > 0:
+        image, target, weights = _warp(image, target, weights, rng, cfg, deform)
+    k = rng.integers(4) if cfg.rotations else 0
+    flip = cfg.flips and rng.random() < 0.5
+    image = np.rot90(image, k, axes=(1, 2))
+    target, weights = np.rot90(target, k), np.rot90(weights, k)
+    if flip:
+        image, target, weights = image[:, :, ::-1], target[:, ::-1], weights[:, ::-1]
+    if cfg.intensity > 0:
+        c = image.shape[0]
+        scale = rng.uniform(1 - cfg.intensity, 1 + cfg.intensity, (c, 1, 1))
+        shift = rng.uniform(-cfg.intensity, cfg.intensity, (c, 1, 1))
+        image = image * scale + shift
+    if cfg.noise > 0:
+        image = image + rng.normal(0, cfg.noise * rng.random(), image.shape)
+    return (
+        np.ascontiguousarray(image, np.float32),
+        np.ascontiguousarray(target),
+        np.ascontiguousarray(weights, np.float32),
+    )
+
+
+def _warp(image, target, weights, rng, cfg, deform: bool):
+    """Zoom about the patch centre and/or elastic deformation, bicubic for the image."""
+    _, h, w = image.shape
+    th, tw = target.shape
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    if cfg.zoom > 0:
+        f = np.exp(rng.uniform(np.log(1 - cfg.zoom), np.log(1 + cfg.zoom)))
+        yy = (yy - (h - 1) / 2) / f + (h - 1) / 2
+        xx = (xx - (w - 1) / 2) / f + (w - 1) / 2
+    if deform:
+        dy, dx = elastic_field((h, w), rng, cfg.elastic_sigma, cfg.elastic_grid)
+        yy, xx = yy + dy, xx + dx
+    coords = np.stack([yy, xx])
+    image = np.stack([ndi.map_coordinates(ch, coords, order=3, mode="reflect") for ch in image])
+    oy, ox = (h - th) // 2, (w - tw) // 2
+    inner = coords[:, oy : oy + th, ox : ox + tw] - np.array([oy, ox])[:, None, None]
+    # labels: nearest neighbour; pixels pulled from outside the label grid are ignored
+    target = ndi.map_coordinates(target, inner, order=0, mode="constant", cval=-1)
+    weights = ndi.map_coordinates(weights, inner, order=1, mode="nearest")
+    return image, target, weights

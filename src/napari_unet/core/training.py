@@ -1,0 +1,336 @@
+"""Training and fine-tuning a U-Net from image / label arrays.
+
+:func:`train_iter` is a generator: it yields a :class:`TrainStep` after every
+optimisation step (so callers plot the loss, show progress and cancel by
+closing it) and returns the trained :class:`~napari_unet.model.info.LoadedModel`.
+The model passed in is never modified: training works on a copy.
+
+Labels come as dense class masks, dense instance masks (turned into background
+/ interior / boundary with the paper's border weights) or sparse strokes
+(``0`` = not annotated, ignored by the loss); see :mod:`napari_unet.core.targets`.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime
+import math
+import time
+from collections.abc import Generator, Sequence
+from dataclasses import asdict, dataclass, field, replace
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from napari_unet.core import normalize as norm
+from napari_unet.core import targets as tg
+from napari_unet.core.augment import AugmentConfig, augment
+from napari_unet.core.device import resolve_device
+from napari_unet.model.info import LoadedModel
+
+
+@dataclass
+class TrainConfig:
+    """Training hyper-parameters (defaults suit fine-tuning a bundled model)."""
+
+    steps: int = 500
+    lr: float = 1e-3
+    batch_size: int = 8
+    patch_size: int = 256
+    weight_decay: float = 1e-4
+    warmup: int = 20
+    schedule: str = "cosine"  # or "constant"
+    class_weighting: str = "balanced"  # or "none"
+    border_w0: float = 10.0  # paper's separation weight (instance labels); 0 = off
+    border_sigma: float = 5.0
+    boundary_width: int = 2
+    dice: float = 0.0  # weight of a soft Dice term added to cross-entropy
+    focus: float = 0.5  # share of patches centred on boundaries / minority classes
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    val_every: int = 100
+    val_patches: int = 16
+    seed: int = 0
+    device: str = "auto"
+    freeze_encoder: bool = False
+    checkpoint: str | None = None  # .safetensors path written every checkpoint_every steps
+    checkpoint_every: int = 200
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class TrainStep:
+    """One optimisation step's report."""
+
+    step: int
+    steps: int
+    loss: float
+    lr: float
+    elapsed: float
+    metrics: dict = field(default_factory=dict)
+
+    @property
+    def eta(self) -> float:
+        """Seconds left at the current pace."""
+        return self.elapsed / self.step * (self.steps - self.step) if self.step else math.nan
+
+
+@dataclass
+class _Sample:
+    image: np.ndarray  # (C, H + 2p, W + 2p) normalised, mirrored by p
+    target: np.ndarray  # (H + 2p, W + 2p) int64, -1 outside / not annotated
+    weights: np.ndarray  # (H + 2p, W + 2p) float32 per-pixel weights
+    focus: np.ndarray  # (n, 2) pixel coordinates worth sampling more often
+    annotated: np.ndarray  # (n, 2) annotated pixel coordinates (sparse labels)
+    shape: tuple[int, int]
+    pad: int
+
+
+def prepare(
+    model: LoadedModel,
+    images: Sequence[np.ndarray],
+    labels: Sequence[np.ndarray],
+    kind: str,
+    cfg: TrainConfig,
+) -> list[_Sample]:
+    """Normalise images, convert labels, compute weights and sampling points."""
+    if len(images) != len(labels):
+        raise ValueError(f"{len(images)} images but {len(labels)} label images")
+    if not images:
+        raise ValueError("no training images given")
+    info = model.info
+    spec = norm.validate(info.normalization)
+    pad = cfg.patch_size + info.geometry.halo + info.geometry.multiple
+    prepared, all_targets = [], []
+    for i, (img, lab) in enumerate(zip(images, labels)):
+        img = np.asarray(img)
+        norm.check_dtype(img.dtype)
+        if img.ndim == 2:
+            img = img[None]
+        if img.ndim != 3 or img.shape[0] != info.in_channels:
+            raise ValueError(
+                f"image {i} has shape {img.shape}; the model needs (Y, X) or "
+                f"({info.in_channels}, Y, X)"
+            )
+        lab = np.asarray(lab)
+        if lab.shape != img.shape[1:]:
+            raise ValueError(f"labels {i} have shape {lab.shape} but image {i} is {img.shape[1:]}")
+        target = tg.to_target(lab, kind, info.num_classes, cfg.boundary_width)
+        all_targets.append(target)
+        scale, offset = norm.plane_stats(img.reshape(img.shape[0], -1), spec)
+        image = norm.apply(img, scale, offset)
+        border = (
+            tg.border_weights(lab, cfg.border_w0, cfg.border_sigma)
+            if kind == "instances" and cfg.border_w0 > 0
+            else np.zeros(lab.shape, np.float32)
+        )
+        prepared.append((image, target, border))
+    if not any((t >= 0).any() for t in all_targets):
+        raise ValueError("the labels are empty: annotate some pixels first")
+    cw = (
+        tg.class_weights(all_targets, info.num_classes)
+        if cfg.class_weighting == "balanced"
+        else np.ones(info.num_classes, np.float32)
+    )
+    samples = []
+    for image, target, border in prepared:
+        weights = np.where(target >= 0, cw[np.clip(target, 0, None)] + border, 0).astype(
+            np.float32
+        )
+        annotated = np.argwhere(target >= 0)
+        rare = np.argsort(np.bincount(target[target >= 0], minlength=info.num_classes))
+        focus_mask = (
+            (border > 0.5) | (target == rare[0]) if kind != "classes" else target == rare[0]
+        )
+        if kind == "instances":
+            focus_mask = (target == 2) | (border > 0.5)
+        samples.append(
+            _Sample(
+                image=np.pad(image, ((0, 0), (pad, pad), (pad, pad)), mode="reflect"),
+                target=np.pad(target, pad, constant_values=tg.IGNORE),
+                weights=np.pad(weights, pad),
+                focus=np.argwhere(focus_mask & (target >= 0)),
+                annotated=annotated,
+                shape=target.shape,
+                pad=pad,
+            )
+        )
+    return samples
+
+
+class _Sampler:
+    """Draws training patches: input with halo, target and weights of the output size."""
+
+    def __init__(self, samples: list[_Sample], model: LoadedModel, cfg: TrainConfig, rng):
+        self.samples, self.cfg, self.rng = samples, cfg, rng
+        g = model.info.geometry
+        if g.valid:
+            self.tile = g.snap(cfg.patch_size + 2 * g.halo, "up")
+            self.out = g.output_size(self.tile)
+        else:
+            self.tile = g.snap(cfg.patch_size, "up")
+            self.out = self.tile
+        self.halo = (self.tile - self.out) // 2
+        counts = np.array([len(s.annotated) for s in samples], float)
+        self.p_image = counts / counts.sum()
+
+    def draw(self, aug: bool = True):
+        i = self.rng.choice(len(self.samples), p=self.p_image)
+        s = self.samples[i]
+        pool = s.focus if len(s.focus) and self.rng.random() < self.cfg.focus else s.annotated
+        cy, cx = pool[self.rng.integers(len(pool))]
+        oy = cy - self.out // 2 + self.rng.integers(-self.out // 4, self.out // 4 + 1)
+        ox = cx - self.out // 2 + self.rng.integers(-self.out // 4, self.out // 4 + 1)
+        oy = int(np.clip(oy, -self.out // 2, s.shape[0] - self.out // 2)) + s.pad
+        ox = int(np.clip(ox, -self.out // 2, s.shape[1] - self.out // 2)) + s.pad
+        image = s.image[:, oy - self.halo : oy - self.halo + self.tile,
+                        ox - self.halo : ox - self.halo + self.tile]  # fmt: skip
+        target = s.target[oy : oy + self.out, ox : ox + self.out]
+        weights = s.weights[oy : oy + self.out, ox : ox + self.out]
+        if aug:
+            return augment(image, target, weights, self.rng, self.cfg.augment)
+        return image, target, weights
+
+    def batch(self, n: int, aug: bool = True):
+        parts = [self.draw(aug) for _ in range(n)]
+        return tuple(torch.from_numpy(np.stack(p)) for p in zip(*parts))
+
+
+def loss_fn(logits, target, weights, dice: float = 0.0) -> torch.Tensor:
+    """Pixel-weighted cross-entropy over annotated pixels (+ optional soft Dice)."""
+    valid = target >= 0
+    ce = F.cross_entropy(logits, target.clamp(min=0), reduction="none")
+    w = weights * valid
+    loss = (ce * w).sum() / valid.sum().clamp(min=1)
+    if dice > 0:
+        probs = torch.softmax(logits, 1)
+        onehot = F.one_hot(target.clamp(min=0), logits.shape[1]).permute(0, 3, 1, 2)
+        m = valid[:, None].float()
+        inter = (probs * onehot * m).sum((0, 2, 3))
+        denom = ((probs + onehot) * m).sum((0, 2, 3))
+        loss = loss + dice * (1 - ((2 * inter + 1) / (denom + 1)).mean())
+    return loss
+
+
+def train_iter(
+    model: LoadedModel,
+    images: Sequence[np.ndarray],
+    labels: Sequence[np.ndarray],
+    kind: str = "instances",
+    config: TrainConfig | None = None,
+    val_images: Sequence[np.ndarray] = (),
+    val_labels: Sequence[np.ndarray] = (),
+    data_name: str = "arrays",
+) -> Generator[TrainStep, None, LoadedModel]:
+    """Train a copy of ``model``; yields a :class:`TrainStep` per step, returns the copy."""
+    cfg = config or TrainConfig()
+    rng = np.random.default_rng(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    samples = prepare(model, images, labels, kind, cfg)
+    sampler = _Sampler(samples, model, cfg, rng)
+    val = None
+    if len(val_images):
+        vs = prepare(model, val_images, val_labels, kind, cfg)
+        vsampler = _Sampler(
+            vs, model, replace(cfg, focus=0.0), np.random.default_rng(cfg.seed + 1)
+        )
+        val = vsampler.batch(cfg.val_patches, aug=False)
+    dev = resolve_device(cfg.device)
+    net = copy.deepcopy(model.net).to(dev).train()
+    params = _trainable(net, cfg)
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    start = time.perf_counter()
+    metrics: dict = {}
+    for step in range(1, cfg.steps + 1):
+        lr = _lr(cfg, step)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        x, t, w = (a.to(dev) for a in sampler.batch(cfg.batch_size))
+        loss = loss_fn(net(x), t, w, cfg.dice)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        metrics = {}
+        if val is not None and (step % cfg.val_every == 0 or step == cfg.steps):
+            metrics = evaluate_patches(net, val, cfg.dice, dev)
+            net.train()
+        if cfg.checkpoint and step % cfg.checkpoint_every == 0:
+            _checkpoint(net, model, cfg, step, data_name, kind, metrics)
+        yield TrainStep(
+            step, cfg.steps, float(loss.detach()), lr, time.perf_counter() - start, metrics
+        )
+    net.eval().cpu()
+    return _result(net, model, cfg, cfg.steps, data_name, kind, metrics)
+
+
+def _checkpoint(net, model, cfg, step, data_name, kind, metrics) -> None:
+    from napari_unet.io.files import save_model
+
+    save_model(_result(net, model, cfg, step, data_name, kind, metrics), cfg.checkpoint)
+    net.train()
+
+
+def _result(net, model, cfg, steps, data_name, kind, metrics) -> LoadedModel:
+    provenance = {
+        **model.info.provenance,
+        "base_model": model.info.name or model.info.source,
+        "training_data": data_name,
+        "label_kind": kind,
+        "steps": steps,
+        "seed": cfg.seed,
+        "trained": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "train_config": _short_config(cfg),
+    }
+    info = replace(model.info, provenance=provenance, metrics=dict(metrics), source="")
+    return LoadedModel(net.eval(), info)
+
+
+def train(model, images, labels, kind="instances", config=None, callback=None, **kwargs):
+    """Run :func:`train_iter` to the end; ``callback(step)`` after each step."""
+    gen = train_iter(model, images, labels, kind, config, **kwargs)
+    while True:
+        try:
+            report = next(gen)
+        except StopIteration as stop:
+            return stop.value
+        if callback is not None:
+            callback(report)
+
+
+def evaluate_patches(net, batch, dice: float, dev) -> dict:
+    """Loss and pixel accuracy on fixed validation patches."""
+    x, t, w = (a.to(dev) for a in batch)
+    net.eval()
+    with torch.inference_mode():
+        logits = net(x)
+        loss = float(loss_fn(logits, t, w, dice))
+        valid = t >= 0
+        acc = float((logits.argmax(1)[valid] == t[valid]).float().mean()) if valid.any() else 0.0
+    return {"val_loss": round(loss, 5), "val_pixel_accuracy": round(acc, 5)}
+
+
+def _trainable(net, cfg: TrainConfig):
+    if not cfg.freeze_encoder:
+        return list(net.parameters())
+    names = getattr(net, "stage_names", [])
+    frozen = [n for n in names if n.startswith("enc")]
+    for name in frozen:
+        for p in getattr(net, name).parameters():
+            p.requires_grad_(False)
+    return [p for p in net.parameters() if p.requires_grad]
+
+
+def _lr(cfg: TrainConfig, step: int) -> float:
+    if step <= cfg.warmup:
+        return cfg.lr * step / max(1, cfg.warmup)
+    if cfg.schedule == "constant":
+        return cfg.lr
+    t = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return cfg.lr * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+def _short_config(cfg: TrainConfig) -> dict:
+    d = cfg.to_dict()
+    return {k: v for k, v in d.items() if k not in ("device", "val_patches")}

@@ -1,0 +1,261 @@
+"""The project's model files, TorchScript, and refusing unsafe checkpoints.
+
+Own format: one ``.safetensors`` file. Its string metadata holds
+``"napari_unet"``: a JSON :class:`~napari_unet.model.info.ModelInfo` (architecture,
+classes, normalisation, axes, pixel size, provenance, metrics) and
+``"format"``: ``"napari-unet/1"``. Loading never unpickles anything: safetensors
+is plain tensors, TorchScript is TorchScript, and a PyTorch pickle is only read
+with ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import zipfile
+from pathlib import Path
+
+import torch
+
+from napari_unet.io import registry
+from napari_unet.model.info import LoadedModel, ModelInfo
+from napari_unet.model.shapes import Geometry
+from napari_unet.model.unet import UNet, UNetConfig
+
+FORMAT = "napari-unet/1"
+META_KEY = "napari_unet"
+TORCHSCRIPT_META = "napari_unet.json"
+
+
+class ModelFileError(ValueError):
+    """A model file is missing, corrupt, unsafe or does not match its metadata."""
+
+
+def atomic_write(path: str | Path, write) -> Path:
+    """Call ``write(tmp_path)`` then rename onto ``path``: readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def save_model(
+    model: LoadedModel, path: str | Path, half: bool = False, allow_bundled: bool = False
+) -> Path:
+    """Save a project U-Net as one ``.safetensors`` file, atomically.
+
+    ``half=True`` stores float weights as float16 (they are loaded back as
+    float32). Overwriting a bundled model needs ``allow_bundled=True``.
+    """
+    from safetensors.torch import save_file
+
+    if not isinstance(model.net, UNet):
+        raise ModelFileError(
+            "only napari-unet U-Nets can be saved as .safetensors; "
+            "export other networks as a bioimage.io package"
+        )
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise ModelFileError(f"model files end in .safetensors, got {path.name!r}")
+    if registry.is_bundled(path) and not allow_bundled:
+        raise ModelFileError(f"refusing to overwrite the bundled model {path.name}")
+    tensors = {}
+    for key, value in model.net.state_dict().items():
+        value = value.detach().cpu()
+        if half and value.is_floating_point():
+            value = value.half()
+        tensors[key] = value.contiguous()
+    info = model.info.to_dict()
+    info["architecture"] = model.net.config.to_dict()
+    info["source"] = ""
+    meta = {META_KEY: json.dumps(info), "format": FORMAT}
+    return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+
+
+def load_model(source: str | Path) -> LoadedModel:
+    """Load a bundled model by name, a ``.safetensors`` model file or a TorchScript file.
+
+    Raises :class:`ModelFileError` with a one-line reason for anything else.
+    """
+    path = _resolve(source)
+    kind = _sniff(path)
+    if kind == "safetensors":
+        return _load_safetensors(path)
+    if kind == "torchscript":
+        return _load_torchscript(path)
+    if kind == "pickle":
+        return _load_pickle(path)
+    raise ModelFileError(
+        f"{path.name}: not a model file this plugin reads "
+        "(napari-unet .safetensors or TorchScript .pt)"
+    )
+
+
+def _resolve(source) -> Path:
+    bundled = registry.bundled_path(str(source))
+    if bundled is not None:
+        return bundled
+    path = Path(source).expanduser()
+    if not path.exists():
+        names = ", ".join(registry.bundled_models()) or "none installed"
+        raise ModelFileError(f"no model file or bundled model named {source!r} (bundled: {names})")
+    if path.is_dir():
+        raise ModelFileError(f"{path} is a folder, not a model file")
+    return path
+
+
+def _sniff(path: Path) -> str:
+    with open(path, "rb") as fh:
+        head = fh.read(16)
+    if len(head) >= 9 and head[8:9] == b"{":
+        return "safetensors"
+    if head[:4] == b"PK\x03\x04":
+        try:
+            with zipfile.ZipFile(path) as zf:
+                names = zf.namelist()
+        except zipfile.BadZipFile:
+            return "unknown"
+        if any("/code/" in n or n.endswith("constants.pkl") for n in names):
+            return "torchscript"
+        if any(n.endswith("data.pkl") for n in names):
+            return "pickle"
+        return "unknown"
+    if head[:1] == b"\x80":
+        return "pickle"
+    return "unknown"
+
+
+def _load_safetensors(path: Path) -> LoadedModel:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            meta = fh.metadata() or {}
+            state = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118
+    except Exception as err:  # noqa: BLE001 - any parse error means a corrupt file
+        raise ModelFileError(
+            f"{path.name}: corrupt or truncated safetensors file ({err})"
+        ) from None
+    if META_KEY not in meta:
+        raise ModelFileError(f"{path.name}: safetensors file without napari-unet metadata")
+    try:
+        info = ModelInfo.from_dict(json.loads(meta[META_KEY]))
+        config = UNetConfig.from_dict(info.architecture or {})
+    except (ValueError, TypeError, KeyError) as err:
+        raise ModelFileError(f"{path.name}: invalid napari-unet metadata ({err})") from None
+    net = UNet(config)
+    state = {k: (v.float() if v.is_floating_point() else v) for k, v in state.items()}
+    try:
+        net.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        first = str(err).splitlines()[1:3]
+        raise ModelFileError(
+            f"{path.name}: weights do not match the architecture in its metadata: "
+            + " ".join(s.strip() for s in first)
+        ) from None
+    info.geometry = net.geometry
+    info.source = str(path)
+    return LoadedModel(net.eval(), info)
+
+
+def _load_torchscript(path: Path) -> LoadedModel:
+    extra = {TORCHSCRIPT_META: ""}
+    try:
+        net = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
+    except Exception as err:  # noqa: BLE001
+        msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ModelFileError(f"{path.name}: cannot load as TorchScript ({msg})") from None
+    net.eval()
+    if extra[TORCHSCRIPT_META]:
+        info = ModelInfo.from_dict(json.loads(extra[TORCHSCRIPT_META]))
+    else:
+        info = probe_network(net, name=path.stem)
+    info.source = str(path)
+    info.format = "torchscript"
+    return LoadedModel(net, info)
+
+
+def _load_pickle(path: Path) -> LoadedModel:
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 - UnpicklingError and friends
+        raise ModelFileError(
+            f"{path.name}: a pickled PyTorch checkpoint that needs arbitrary code to load; "
+            "refused for safety. Save its state_dict as .safetensors (or TorchScript) instead."
+        ) from None
+    if isinstance(obj, dict) and isinstance(obj.get(META_KEY), str) and "state_dict" in obj:
+        info = ModelInfo.from_dict(json.loads(obj[META_KEY]))
+        net = UNet(UNetConfig.from_dict(info.architecture or {}))
+        try:
+            net.load_state_dict(obj["state_dict"], strict=True)
+        except RuntimeError:
+            raise ModelFileError(f"{path.name}: weights do not match its architecture") from None
+        info.source = str(path)
+        return LoadedModel(net.eval(), info)
+    raise ModelFileError(
+        f"{path.name}: holds weights only, without the network's architecture; "
+        "load it into a UNet in Python and save it with napari_unet.io.save_model"
+    )
+
+
+def _measure_multiple(net, channels: int, base: int, shrink: int) -> int:
+    """Smallest shift (a power of two) under which the network is translation-equivariant."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(1, channels, base + 64, base + 64, generator=gen)
+    with torch.inference_mode():
+        ref = net(x[..., :base, :base])
+        for m in (1, 2, 4, 8, 16, 32, 64):
+            try:
+                moved = net(x[..., m : base + m, m : base + m])
+            except Exception:  # noqa: BLE001, S112 - size refused: try a larger shift
+                continue
+            if moved.shape != ref.shape:
+                continue
+            lo, hi = base // 4, 3 * base // 4 - shrink - m
+            a = ref[..., lo + m : hi + m, lo + m : hi + m]
+            b = moved[..., lo:hi, lo:hi]
+            if torch.allclose(a, b, atol=1e-6 * (1 + float(a.abs().max())), rtol=0):
+                return m
+    raise ModelFileError("cannot find the network's pooling stride (not translation-equivariant)")
+
+
+def probe_network(net, name: str = "model", max_channels: int = 4) -> ModelInfo:
+    """Find input channels, classes, accepted sizes and halo of an opaque network."""
+    from napari_unet.model.receptive import measure_halo
+
+    base = 256
+    for c in range(1, max_channels + 1):
+        try:
+            with torch.inference_mode():
+                y = net(torch.zeros(1, c, base, base))
+            break
+        except Exception:  # noqa: BLE001, S112 - try the next channel count
+            continue
+    else:
+        raise ModelFileError(f"{name}: the network does not accept 2D images with 1-4 channels")
+    shrink = base - y.shape[-1]
+    multiple = _measure_multiple(net, c, base, shrink)
+    if shrink == 0:
+        halo = measure_halo(net, c, 512 // multiple * multiple, multiple, 0, dtype=torch.float32)
+        geometry = Geometry(multiple, 0, multiple, 0, halo)
+    else:
+        geometry = Geometry(multiple, base % multiple, base, shrink, shrink // 2)
+    k = y.shape[1]
+    return ModelInfo(
+        name=name,
+        classes=[f"class{i}" for i in range(k)],
+        in_channels=c,
+        geometry=geometry,
+        activation="softmax" if k > 1 else "sigmoid",
+        description="opaque network: geometry measured on load, outputs taken as logits",
+    )

@@ -1,0 +1,96 @@
+"""Reading microscopy images and writing results (TIFF, PNG, NPY, zarr), atomically."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from napari_unet.io.files import atomic_write
+
+READ_SUFFIXES = (".tif", ".tiff", ".png", ".npy", ".zarr")
+WRITE_SUFFIXES = (".tif", ".tiff", ".npy", ".zarr")
+
+
+def read_image(path: str | Path):
+    """Open an image lazily where the format allows (TIFF and zarr as zarr, NPY memory-mapped)."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if not path.exists():
+        raise FileNotFoundError(f"no such file: {path}")
+    if suffix not in READ_SUFFIXES:
+        raise ValueError(f"{path.name}: unsupported image format; use one of {READ_SUFFIXES}")
+    try:
+        if suffix in (".tif", ".tiff"):
+            import tifffile
+            import zarr
+
+            store = tifffile.imread(str(path), aszarr=True)
+            arr = zarr.open(store, mode="r")
+            if hasattr(arr, "shape"):
+                return arr
+            return tifffile.imread(str(path))
+        if suffix == ".npy":
+            return np.load(path, mmap_mode="r", allow_pickle=False)
+        if suffix == ".zarr":
+            import zarr
+
+            arr = zarr.open(str(path), mode="r")
+            if not hasattr(arr, "shape"):
+                raise ValueError(f"{path.name}: a zarr group, not an array; pass the array path")
+            return arr
+        from skimage.io import imread
+
+        return imread(str(path))
+    except (ValueError, FileNotFoundError):
+        raise
+    except Exception as err:  # noqa: BLE001 - any decoder error
+        raise ValueError(f"{path.name}: cannot read image ({err})") from None
+
+
+def write_image(path: str | Path, data: np.ndarray) -> Path:
+    """Write ``data`` to TIFF or NPY atomically."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix in (".tif", ".tiff"):
+        import tifffile
+
+        def write(tmp):
+            tifffile.imwrite(tmp, np.asarray(data), compression="zlib")
+
+        return atomic_write(path, write)
+    if suffix == ".npy":
+
+        def write_npy(tmp):
+            with open(tmp, "wb") as fh:
+                np.save(fh, np.asarray(data))
+
+        return atomic_write(path, write_npy)
+    raise ValueError(f"{path.name}: write .tif, .npy or .zarr")
+
+
+class ZarrOutput:
+    """A zarr array written in a temporary folder and renamed into place on commit."""
+
+    def __init__(self, path: str | Path, shape, dtype, chunks=None) -> None:
+        import zarr
+
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.", dir=self.path.parent))
+        chunks = chunks or tuple([1] * (len(shape) - 2) + [min(1024, s) for s in shape[-2:]])
+        self.array = zarr.open_array(
+            str(self.tmp / "data.zarr"), mode="w", shape=shape, dtype=dtype, chunks=chunks
+        )
+
+    def commit(self) -> Path:
+        if self.path.exists():
+            shutil.rmtree(self.path) if self.path.is_dir() else self.path.unlink()
+        (self.tmp / "data.zarr").rename(self.path)
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        return self.path
+
+    def discard(self) -> None:
+        shutil.rmtree(self.tmp, ignore_errors=True)

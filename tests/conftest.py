@@ -1,0 +1,67 @@
+"""Shared fixtures: tiny U-Nets with non-trivial batch-norm statistics."""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import pytest
+import torch
+
+from napari_unet.core import normalize as norm
+from napari_unet.model import UNet, UNetConfig
+from napari_unet.model.info import wrap_unet
+
+
+@functools.cache
+def _tiny_net(padding: str, depth: int, classes: int, channels: int, seed: int) -> UNet:
+    torch.manual_seed(seed)
+    net = UNet(
+        UNetConfig(
+            in_channels=channels,
+            num_classes=classes,
+            depth=depth,
+            base_width=4,
+            padding=padding,
+        )
+    )
+    for m in net.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.normal_(0, 0.1)
+            m.running_var.uniform_(0.5, 2.0)
+    return net.eval()
+
+
+def tiny_model(padding="valid", depth=2, classes=3, channels=1, seed=0, **info):
+    """A small random U-Net wrapped as a LoadedModel (fresh metadata each call)."""
+    names = ["background", "interior", "boundary"][:classes] if classes <= 3 else None
+    return wrap_unet(_tiny_net(padding, depth, classes, channels, seed), classes=names, **info)
+
+
+@pytest.fixture
+def valid_model():
+    return tiny_model("valid")
+
+
+@pytest.fixture
+def same_model():
+    return tiny_model("same")
+
+
+def one_pass(image: np.ndarray, model) -> np.ndarray:
+    """Reference: one forward pass over the whole mirrored image (C, Y, X) -> (K, Y, X)."""
+    g = model.info.geometry
+    h = g.halo
+    c, H, W = image.shape
+    spec = norm.validate(model.info.normalization)
+    scale, offset = norm.plane_stats(
+        norm.sample_plane(lambda ys, xs: image[:, ys, xs], (H, W)), spec
+    )
+    ty, tx = g.snap(H + 2 * h, "up"), g.snap(W + 2 * h, "up")
+    canvas = np.pad(image, ((0, 0), (h, ty - H - h), (0, 0)), mode="reflect" if H > 1 else "edge")
+    canvas = np.pad(canvas, ((0, 0), (0, 0), (h, tx - W - h)), mode="reflect" if W > 1 else "edge")
+    x = norm.apply(canvas, scale, offset)
+    with torch.inference_mode():
+        p = torch.softmax(model.net.eval()(torch.from_numpy(x[None])), 1)[0].numpy()
+    crop = 0 if g.valid else h
+    return p[:, crop : crop + H, crop : crop + W]

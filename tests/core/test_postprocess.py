@@ -1,0 +1,54 @@
+import numpy as np
+
+from napari_unet.core import metrics
+from napari_unet.core.postprocess import class_labels, instances
+
+
+def _probs_from(inst):
+    from napari_unet.core.targets import instances_to_classes
+
+    cls = instances_to_classes(inst, 1)
+    return np.stack([(cls == k).astype(np.float32) for k in range(3)])
+
+
+def test_watershed_separates_touching_objects():
+    inst = np.zeros((30, 50), np.int32)
+    inst[5:25, 5:25] = 1
+    inst[5:25, 25:45] = 2  # touching
+    out = instances(_probs_from(inst), classes=["background", "interior", "boundary"])
+    assert out.max() == 2
+    assert metrics.object_scores(inst, out)["f1"] == 1.0
+
+
+def test_components_min_size_and_stacks():
+    p = np.zeros((2, 2, 20, 20), np.float32)
+    p[1, :, 2:8, 2:8] = 1
+    p[1, 1, 15:17, 15:17] = 1  # 4 px
+    p[0] = 1 - p[1]
+    out = instances(p, {"method": "components", "foreground": 1}, min_size=5)
+    assert out.shape == (2, 20, 20)
+    assert out[0].max() == 1 and out[1].max() == 2  # unique across planes
+    assert out[1, 16, 16] == 0
+    np.testing.assert_array_equal(class_labels(p), p.argmax(0))
+
+
+def test_object_scores_counts():
+    true = np.zeros((20, 20), int)
+    true[0:5, 0:5] = 1
+    true[10:15, 10:15] = 2
+    pred = np.zeros_like(true)
+    pred[0:5, 0:4] = 7  # IoU 0.8
+    pred[16:20, 16:20] = 3  # false positive
+    s = metrics.object_scores(true, pred)
+    assert (s["tp"], s["fp"], s["fn"]) == (1, 1, 1)
+    assert abs(s["f1"] - 0.5) < 1e-9 and abs(s["mean_matched_iou"] - 0.8) < 1e-9
+    assert metrics.pixel_iou(true > 0, pred > 0) == 20 / (50 + 16)
+
+
+def test_rand_error_perfect_split_and_merge():
+    true = np.zeros((10, 10), int)
+    true[:, :5], true[:, 5:] = 1, 2
+    assert metrics.rand_error(true, true * 3) == 0.0
+    merged = np.ones_like(true)
+    assert abs(metrics.rand_error(true, merged) - (1 - 2 * 1 * 0.5 / 1.5)) < 1e-9
+    assert metrics.pixel_error(true > 1, merged > 1) == 0.5

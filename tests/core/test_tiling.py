@@ -1,0 +1,176 @@
+import dask.array as da
+import numpy as np
+import pytest
+import zarr
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from conftest import one_pass, tiny_model
+from napari_unet.core.tiling import plan_tiles, predict, predict_iter, reflect_index
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    padding=st.sampled_from(["valid", "same"]),
+    depth=st.integers(1, 3),
+    h=st.integers(1, 150),
+    w=st.integers(1, 150),
+    tile=st.one_of(st.none(), st.integers(1, 200)),
+    batch=st.integers(1, 4),
+)
+def test_tiled_equals_one_pass_for_any_size_and_tile(padding, depth, h, w, tile, batch):
+    model = tiny_model(padding, depth)
+    image = np.random.default_rng(h * 1000 + w).random((h, w), dtype=np.float32) * 100
+    tiled = predict(image, model, tile=tile, batch_size=batch, device="cpu")
+    assert tiled.shape == (3, h, w)
+    np.testing.assert_allclose(tiled, one_pass(image[None], model), atol=1e-5)
+
+
+def test_many_tiles_are_used_and_cover_the_image(valid_model):
+    g = valid_model.info.geometry
+    plan = plan_tiles((300, 211), g, tile=g.min_input)
+    assert plan.n_tiles > 4
+    for axis, n in ((plan.y, 300), (plan.x, 211)):
+        assert axis.origins[0] == 0
+        assert all(o % g.multiple == 0 for o in axis.origins)
+        assert axis.origins[-1] + axis.out >= n
+        gaps = np.diff(axis.origins)
+        assert (gaps <= axis.out).all()
+
+
+def test_valid_tile_is_exactly_the_valid_centre():
+    model = tiny_model("valid", depth=4)
+    plan = plan_tiles((2000, 2000), model.info.geometry, tile=572)
+    assert (plan.y.tile, plan.y.out, plan.crop) == (572, 388, 0)
+
+
+def test_reflect_index_matches_numpy_pad():
+    for n in (1, 2, 3, 7):
+        base = np.arange(n)
+        padded = np.pad(base, 25, mode="reflect" if n > 1 else "edge")
+        np.testing.assert_array_equal(reflect_index(np.arange(-25, n + 25), n), padded)
+
+
+@pytest.mark.parametrize("axes", ["CYX", "YXC"])
+def test_channel_axes(axes):
+    model = tiny_model("same", channels=2)
+    rng = np.random.default_rng(1)
+    cyx = rng.random((2, 40, 33), dtype=np.float32)
+    image = cyx if axes == "CYX" else np.moveaxis(cyx, 0, -1)
+    out = predict(image, model, axes=axes)
+    np.testing.assert_allclose(out, one_pass(cyx, model), atol=1e-5)
+    # guessed from the shape too
+    np.testing.assert_allclose(predict(image, model), out, atol=0)
+
+
+def test_leading_axes_are_processed_plane_by_plane(valid_model):
+    rng = np.random.default_rng(2)
+    stack = rng.integers(0, 4000, (2, 3, 30, 41)).astype(np.uint16)
+    out = predict(stack, valid_model, axes="TZYX", tile=60, batch_size=5)
+    assert out.shape == (3, 2, 3, 30, 41)
+    for t in range(2):
+        for z in range(3):
+            ref = one_pass(stack[t, z][None].astype(np.float32), valid_model)
+            np.testing.assert_allclose(out[:, t, z], ref, atol=1e-5)
+
+
+def test_dask_and_zarr_inputs_and_zarr_output(tmp_path, same_model):
+    rng = np.random.default_rng(3)
+    image = rng.random((3, 70, 90), dtype=np.float32)
+    ref = predict(image, same_model, tile=48)
+    lazy = da.from_array(image, chunks=(1, 32, 32))
+    np.testing.assert_allclose(predict(lazy, same_model, tile=48), ref, atol=1e-6)
+    z = zarr.open_array(str(tmp_path / "in.zarr"), mode="w", shape=image.shape, dtype="f4")
+    z[:] = image
+    out = zarr.open_array(str(tmp_path / "out.zarr"), mode="w", shape=ref.shape, dtype="f4")
+    result = predict(z, same_model, tile=48, out=out)
+    assert result is out
+    np.testing.assert_allclose(out[:], ref, atol=1e-6)
+
+
+def test_labels_output_is_argmax(same_model):
+    image = np.random.default_rng(4).random((50, 50), dtype=np.float32)
+    probs = predict(image, same_model)
+    labels = predict(image, same_model, output="labels", tile=40)
+    assert labels.dtype == np.uint8
+    np.testing.assert_array_equal(labels, probs.argmax(0))
+
+
+def test_region_uses_real_context(same_model):
+    image = np.random.default_rng(5).random((120, 130), dtype=np.float32)
+    full = predict(image, same_model)
+    part = predict(image, same_model, region=(40, 80, 30, 100))
+    assert part.shape == (3, 40, 70)
+    # far enough from the image border, a region equals the same pixels of the full image
+    np.testing.assert_allclose(part, full[:, 40:80, 30:100], atol=1e-5)
+
+
+def test_progress_and_cancel(valid_model):
+    image = np.zeros((200, 200), np.float32)
+    gen = predict_iter(image, valid_model, tile=valid_model.info.geometry.min_input, batch_size=1)
+    first = next(gen)
+    assert first.done == 0 and first.total > 3
+    second = next(gen)
+    assert second.done == 1 and second.message == f"tile 1/{first.total}"
+    gen.close()  # cancel between batches
+    with pytest.raises(StopIteration):
+        next(gen)
+
+
+def test_progress_reaches_total(valid_model):
+    seen = []
+    predict(np.ones((90, 90)), valid_model, tile=60, callback=seen.append)
+    assert seen[-1].done == seen[-1].total == len(seen) - 1
+
+
+@pytest.mark.parametrize(
+    "image, message",
+    [
+        (np.zeros((0, 10)), "empty"),
+        (np.zeros(10), "at least 2 dimensions"),
+        (np.array([[1.0, np.nan], [0.0, 1.0]]), "NaN"),
+        (np.zeros((8, 8), bool), "booleans"),
+        (np.zeros((8, 8), complex), "dtype complex128"),
+        (np.zeros((30, 30, 3)), "RGB"),
+    ],
+)
+def test_bad_images_give_clear_errors(image, message, valid_model):
+    with pytest.raises(ValueError, match=message):
+        predict(image, valid_model)
+
+
+def test_tiny_and_constant_images(valid_model):
+    out = predict(np.full((1, 1), 7, np.uint8), valid_model)
+    assert out.shape == (3, 1, 1)
+    np.testing.assert_allclose(out.sum(0), 1, atol=1e-6)
+    flat = predict(np.zeros((17, 5), np.uint16), valid_model)
+    assert np.isfinite(flat).all()
+
+
+def test_wrong_output_shape_and_bad_region(valid_model):
+    image = np.zeros((20, 20), np.float32)
+    with pytest.raises(ValueError, match="expected"):
+        predict(image, valid_model, out=np.zeros((3, 20, 21), np.float32))
+    with pytest.raises(ValueError, match="outside the image"):
+        predict(image, valid_model, region=(0, 30, 0, 10))
+
+
+def test_out_of_memory_retries_with_smaller_batches_and_tiles(monkeypatch, valid_model):
+    import torch
+
+    calls = []
+    net = valid_model.net
+
+    class Flaky(torch.nn.Module):
+        def forward(self, x):
+            calls.append(tuple(x.shape))
+            if x.shape[0] > 1 or x.shape[-1] > 100:
+                raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+            return net(x)
+
+    flaky = valid_model.with_info()
+    flaky.net = Flaky()
+    image = np.random.default_rng(6).random((150, 150), dtype=np.float32)
+    out = predict(image, flaky, tile=180, batch_size=4)
+    np.testing.assert_allclose(out, one_pass(image[None], valid_model), atol=1e-5)
+    assert calls[0][0] == 4 and calls[-1][0] == 1 and calls[-1][-1] <= 100

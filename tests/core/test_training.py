@@ -1,0 +1,179 @@
+import numpy as np
+import pytest
+import torch
+
+from conftest import tiny_model
+from napari_unet.core import synthetic
+from napari_unet.core.augment import AugmentConfig, augment, elastic_field
+from napari_unet.core.targets import border_weights, class_weights, instances_to_classes, to_target
+from napari_unet.core.training import TrainConfig, train, train_iter
+from napari_unet.io import load_model
+
+
+@pytest.fixture(scope="module")
+def data():
+    image, labels = synthetic.nuclei((160, 160), n=25, seed=3)
+    return image, labels
+
+
+def _cfg(**kw):
+    base = dict(
+        steps=30,
+        lr=5e-3,
+        batch_size=4,
+        patch_size=64,
+        warmup=2,
+        val_every=10,
+        augment=AugmentConfig(elastic=0.3, zoom=0.2),
+        device="cpu",
+    )
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_loss_decreases_and_base_model_is_untouched(data):
+    image, labels = data
+    model = tiny_model("same", depth=2)
+    before = {k: v.clone() for k, v in model.net.state_dict().items()}
+    steps = []
+    cfg = _cfg(steps=40, lr=1e-2, val_every=20)
+    val = dict(val_images=[image], val_labels=[labels])
+    result = train(model, [image], [labels], "instances", cfg, callback=steps.append, **val)
+    untrained = train(model, [image], [labels], "instances", _cfg(steps=1, val_every=1), **val)
+    # the same fixed validation patches: loss well below the untrained network's
+    assert steps[-1].metrics["val_loss"] < 0.7 * untrained.info.metrics["val_loss"]
+    assert np.mean([s.loss for s in steps[-8:]]) < np.mean([s.loss for s in steps[:8]])
+    for k, v in model.net.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert result.net is not model.net
+    assert result.info.provenance["steps"] == 40
+    assert result.info.provenance["label_kind"] == "instances"
+
+
+def test_sparse_strokes_train_only_on_painted_pixels_and_accuracy_rises(data):
+    image, labels = data
+    classes = instances_to_classes(labels)
+    rng = np.random.default_rng(0)
+    sparse = np.zeros_like(classes, dtype=np.uint8)
+    for c in range(3):
+        ys, xs = np.nonzero(classes == c)
+        pick = rng.choice(len(ys), 150, replace=False)
+        sparse[ys[pick], xs[pick]] = c + 1
+    model = tiny_model("valid", depth=2)
+    painted = sparse > 0
+
+    def accuracy(m):
+        from napari_unet.core.tiling import predict
+
+        pred = predict(image, m).argmax(0)
+        return np.mean(pred[painted] == classes[painted])
+
+    before = accuracy(model)
+    result = train(model, [image], [sparse], "sparse", _cfg(steps=60, class_weighting="balanced"))
+    assert accuracy(result) > max(before + 0.15, 0.6)
+
+
+def test_training_is_deterministic_with_a_seed(data):
+    image, labels = data
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(123)  # the global state must not matter
+        r = train(tiny_model("same", depth=2), [image], [labels], "instances", _cfg(steps=5))
+        runs.append(r.net.state_dict())
+    for k in runs[0]:
+        assert torch.equal(runs[0][k], runs[1][k]), k
+
+
+def test_validation_metrics_and_checkpoints(tmp_path, data):
+    image, labels = data
+    ckpt = tmp_path / "ckpt.safetensors"
+    gen = train_iter(
+        tiny_model("same", depth=2),
+        [image],
+        [labels],
+        "instances",
+        _cfg(steps=10, val_every=5, checkpoint=str(ckpt), checkpoint_every=5),
+        val_images=[image[:96, :96]],
+        val_labels=[labels[:96, :96]],
+    )
+    reports = list(gen)
+    assert [bool(r.metrics) for r in reports] == [False] * 4 + [True] + [False] * 4 + [True]
+    assert 0 <= reports[-1].metrics["val_pixel_accuracy"] <= 1
+    assert reports[-1].eta == 0
+    saved = load_model(ckpt)
+    assert saved.info.provenance["steps"] == 10
+
+
+def test_cancel_mid_training_leaves_base_intact(data):
+    image, labels = data
+    model = tiny_model("same", depth=2)
+    before = {k: v.clone() for k, v in model.net.state_dict().items()}
+    gen = train_iter(model, [image], [labels], "instances", _cfg(steps=100))
+    for _ in range(3):
+        next(gen)
+    gen.close()
+    assert all(torch.equal(v, before[k]) for k, v in model.net.state_dict().items())
+
+
+@pytest.mark.parametrize(
+    "labels, kind, message",
+    [
+        (np.zeros((64, 64), np.uint8), "sparse", "labels are empty"),
+        (np.full((64, 64), 9, np.uint8), "sparse", "only 3 classes"),
+        (np.zeros((32, 64), np.uint8), "sparse", "have shape"),
+        (np.zeros((64, 64), np.float32), "sparse", "must be integers"),
+        (np.ones((64, 64), np.uint8), "blobs", "label kind must be one of"),
+    ],
+)
+def test_bad_labels_give_clear_errors(labels, kind, message):
+    image = np.random.default_rng(0).random((64, 64), dtype=np.float32)
+    with pytest.raises(ValueError, match=message):
+        train(tiny_model("same"), [image], [labels], kind, _cfg(steps=1))
+
+
+def test_single_painted_class_still_trains():
+    image = np.random.default_rng(0).random((64, 64), dtype=np.float32)
+    strokes = np.zeros((64, 64), np.uint8)
+    strokes[10:20, 10:20] = 2
+    result = train(tiny_model("same"), [image], [strokes], "sparse", _cfg(steps=3))
+    assert result.info.provenance["steps"] == 3
+
+
+def test_instances_to_classes_and_border_weights():
+    inst = np.zeros((40, 40), np.int32)
+    inst[5:15, 5:19] = 1
+    inst[5:15, 21:35] = 2  # a 2-pixel gap between 1 and 2
+    inst[30:36, 30:36] = 3  # alone
+    classes = instances_to_classes(inst, boundary_width=2)
+    assert set(np.unique(classes)) == {0, 1, 2}
+    assert classes[10, 10] == 1 and classes[5, 10] == 2 and classes[6, 10] == 2
+    assert classes[7, 10] == 1 and classes[0, 0] == 0
+    w = border_weights(inst, w0=10, sigma=5)
+    assert w[10, 19] > 8  # in the narrow gap: d1 + d2 = 2
+    assert w[20, 2] < w[10, 20]
+    assert (w[inst > 0] == 0).all()
+    target = to_target(inst, "instances", 3)
+    cw = class_weights([target], 3)
+    counts = np.bincount(target.ravel(), minlength=3)
+    np.testing.assert_allclose(cw * counts, counts.sum() / 3, rtol=1e-5)  # balanced
+
+
+def test_augment_keeps_image_and_labels_aligned():
+    rng = np.random.default_rng(0)
+    target = np.zeros((48, 48), np.int64)
+    target[10:20, 30:40] = 1
+    image = target[None].astype(np.float32) * 5
+    for _ in range(10):
+        img, t, w = augment(
+            image,
+            target,
+            np.ones_like(target, np.float32),
+            rng,
+            AugmentConfig(intensity=0, noise=0, elastic=1.0, zoom=0.2),
+        )
+        inside = t == 1
+        assert inside.any()
+        assert img[0][inside].mean() > img[0][t == 0].mean() + 3
+    dy, dx = elastic_field((100, 100), np.random.default_rng(1), sigma=10)
+    assert dy.shape == (100, 100) and 2 < dy.std() < 30
+    assert np.abs(np.diff(dy, axis=0)).max() < 2  # smooth: from a coarse 3x3 grid

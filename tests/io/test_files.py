@@ -1,0 +1,154 @@
+import json
+import pickle
+import zipfile
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import tiny_model
+from napari_unet.core.tiling import predict
+from napari_unet.io import ModelFileError, load_model, registry, save_model
+from napari_unet.io.files import TORCHSCRIPT_META
+
+
+def test_round_trip_keeps_weights_metadata_and_predictions(tmp_path):
+    model = tiny_model("valid", pixel_size=[0.65, 0.65], provenance={"data": "synthetic"})
+    model.info.normalization = {"mode": "zscore"}
+    path = save_model(model, tmp_path / "m.safetensors")
+    loaded = load_model(path)
+    assert loaded.info.classes == ["background", "interior", "boundary"]
+    assert loaded.info.normalization == {"mode": "zscore"}
+    assert loaded.info.pixel_size == [0.65, 0.65]
+    assert loaded.info.provenance == {"data": "synthetic"}
+    assert loaded.info.geometry == model.info.geometry
+    assert loaded.info.source == str(path)
+    image = np.random.default_rng(0).random((40, 50), dtype=np.float32)
+    np.testing.assert_array_equal(predict(image, loaded), predict(image, model))
+
+
+def test_half_precision_file_loads_as_float32(tmp_path):
+    model = tiny_model("same")
+    path = save_model(model, tmp_path / "h.safetensors", half=True)
+    loaded = load_model(path)
+    assert all(p.dtype == torch.float32 for p in loaded.net.parameters())
+    image = np.random.default_rng(1).random((30, 30), dtype=np.float32)
+    np.testing.assert_allclose(predict(image, loaded), predict(image, model), atol=2e-2)
+
+
+def test_save_is_atomic_and_leaves_no_temporary_files(tmp_path, monkeypatch):
+    model = tiny_model("same")
+    path = save_model(model, tmp_path / "m.safetensors")
+    before = path.read_bytes()
+
+    def boom(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr("safetensors.torch.save_file", boom)
+    with pytest.raises(OSError, match="disk full"):
+        save_model(tiny_model("valid"), path)
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["m.safetensors"]
+
+
+def test_bundled_models_are_never_overwritten():
+    target = registry.WEIGHTS_DIR / "nuclei.safetensors"
+    with pytest.raises(ModelFileError, match="refusing to overwrite the bundled model"):
+        save_model(tiny_model("same"), target)
+
+
+def test_truncated_and_corrupt_files(tmp_path):
+    path = save_model(tiny_model("same"), tmp_path / "m.safetensors")
+    data = path.read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ModelFileError, match="corrupt or truncated"):
+        load_model(tmp_path / "cut.safetensors")
+    (tmp_path / "noise.bin").write_bytes(b"\x00\x01garbage" * 10)
+    with pytest.raises(ModelFileError, match="not a model file"):
+        load_model(tmp_path / "noise.bin")
+    with pytest.raises(ModelFileError, match="no model file or bundled model named"):
+        load_model(tmp_path / "missing.safetensors")
+
+
+def test_weights_not_matching_metadata(tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    path = save_model(tiny_model("same", depth=2), tmp_path / "m.safetensors")
+    with safe_open(str(path), "pt") as fh:
+        meta = fh.metadata()
+        tensors = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118
+    info = json.loads(meta["napari_unet"])
+    info["architecture"]["depth"] = 3
+    save_file(
+        tensors, str(tmp_path / "bad.safetensors"), {**meta, "napari_unet": json.dumps(info)}
+    )
+    with pytest.raises(ModelFileError, match="do not match the architecture"):
+        load_model(tmp_path / "bad.safetensors")
+
+
+class _Evil:
+    def __reduce__(self):
+        return (exec, ("import pathlib; pathlib.Path('PWNED').write_text('x')",))
+
+
+def test_hostile_pickle_is_refused_and_never_executed(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    torch.save({"state_dict": {}, "payload": _Evil()}, tmp_path / "evil.pt")
+    with pytest.raises(ModelFileError, match="refused for safety"):
+        load_model(tmp_path / "evil.pt")
+    (tmp_path / "evil.pkl").write_bytes(pickle.dumps(_Evil()))
+    with pytest.raises(ModelFileError, match="refused for safety"):
+        load_model(tmp_path / "evil.pkl")
+    assert not (tmp_path / "PWNED").exists()
+
+
+def test_plain_state_dict_needs_an_architecture(tmp_path):
+    torch.save(tiny_model("same").net.state_dict(), tmp_path / "sd.pt")
+    with pytest.raises(ModelFileError, match="without the network's architecture"):
+        load_model(tmp_path / "sd.pt")
+
+
+def test_weights_only_checkpoint_with_metadata_loads(tmp_path):
+    model = tiny_model("valid")
+    blob = {"state_dict": model.net.state_dict(), "napari_unet": json.dumps(model.info.to_dict())}
+    torch.save(blob, tmp_path / "ckpt.pt")
+    loaded = load_model(tmp_path / "ckpt.pt")
+    image = np.random.default_rng(2).random((25, 25), dtype=np.float32)
+    np.testing.assert_array_equal(predict(image, loaded), predict(image, model))
+
+
+def test_torchscript_with_and_without_metadata(tmp_path):
+    model = tiny_model("valid", depth=2)
+    g = model.info.geometry
+    traced = torch.jit.trace(model.net, torch.rand(1, 1, g.min_input, g.min_input))
+    extra = {TORCHSCRIPT_META: json.dumps(model.info.to_dict())}
+    torch.jit.save(traced, str(tmp_path / "meta.pt"), _extra_files=extra)
+    torch.jit.save(traced, str(tmp_path / "bare.pt"))
+    image = np.random.default_rng(3).random((70, 45), dtype=np.float32)
+    ref = predict(image, model)
+    with_meta = load_model(tmp_path / "meta.pt")
+    assert with_meta.info.format == "torchscript"
+    np.testing.assert_allclose(predict(image, with_meta), ref, atol=1e-6)
+    bare = load_model(tmp_path / "bare.pt")  # geometry measured on load
+    assert bare.info.geometry.shrink == g.shrink
+    assert bare.info.geometry.multiple == g.multiple
+    assert bare.info.num_classes == 3 and bare.info.in_channels == 1
+    np.testing.assert_allclose(predict(image, bare), ref, atol=1e-6)
+
+
+def test_bare_same_padding_torchscript_gets_a_measured_halo(tmp_path):
+    model = tiny_model("same", depth=2)
+    traced = torch.jit.trace(model.net, torch.rand(1, 1, 64, 64))
+    torch.jit.save(traced, str(tmp_path / "same.pt"))
+    bare = load_model(tmp_path / "same.pt")
+    assert bare.info.geometry.halo == model.info.geometry.halo
+    image = np.random.default_rng(4).random((90, 61), dtype=np.float32)
+    np.testing.assert_allclose(predict(image, bare, tile=64), predict(image, model), atol=1e-5)
+
+
+def test_zip_that_is_not_a_model(tmp_path):
+    with zipfile.ZipFile(tmp_path / "x.zip", "w") as zf:
+        zf.writestr("readme.txt", "hello")
+    with pytest.raises(ModelFileError, match="not a model file"):
+        load_model(tmp_path / "x.zip")

@@ -1,0 +1,140 @@
+import numpy as np
+import pytest
+import tifffile
+
+from conftest import tiny_model
+from napari_unet.cli import main
+from napari_unet.core.postprocess import instances
+from napari_unet.core.tiling import predict
+from napari_unet.io import save_model
+
+
+@pytest.fixture
+def model_file(tmp_path):
+    return save_model(tiny_model("valid"), tmp_path / "tiny.safetensors")
+
+
+@pytest.fixture
+def image():
+    return (np.random.default_rng(0).random((64, 80)) * 1000).astype(np.uint16)
+
+
+def test_predict_probabilities_labels_instances(tmp_path, model_file, image):
+    src = tmp_path / "img.tif"
+    tifffile.imwrite(src, image)
+    ref = predict(image, tiny_model("valid"))
+    for mode in ("probabilities", "labels", "instances"):
+        out = tmp_path / f"{mode}.tif"
+        rc = main(
+            [
+                "predict",
+                str(src),
+                "-m",
+                str(model_file),
+                "-o",
+                str(out),
+                "--mode",
+                mode,
+                "-q",
+                "--tile",
+                "60",
+            ]
+        )
+        assert rc == 0
+        result = tifffile.imread(out)
+        if mode == "probabilities":
+            np.testing.assert_allclose(result, ref, atol=1e-5)
+        elif mode == "labels":
+            np.testing.assert_array_equal(result, ref.argmax(0))
+        else:
+            np.testing.assert_array_equal(
+                result, instances(ref, classes=["background", "interior", "boundary"])
+            )
+
+
+def test_predict_npy_stack_to_zarr_and_folder_outputs(tmp_path, model_file, image):
+    import zarr
+
+    stack = np.stack([image, image[::-1]])
+    np.save(tmp_path / "stack.npy", stack)
+    out = tmp_path / "probs.zarr"
+    assert (
+        main(
+            [
+                "predict",
+                str(tmp_path / "stack.npy"),
+                "-m",
+                str(model_file),
+                "-o",
+                str(out),
+                "--mode",
+                "probabilities",
+                "--axes",
+                "ZYX",
+                "-q",
+            ]
+        )
+        == 0
+    )
+    z = zarr.open_array(str(out), mode="r")
+    assert z.shape == (3, 2, 64, 80)
+    np.testing.assert_allclose(z[:, 1], predict(image[::-1], tiny_model("valid")), atol=1e-5)
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+    # several inputs go to a folder, one file each
+    tifffile.imwrite(tmp_path / "a.tif", image)
+    tifffile.imwrite(tmp_path / "b.tif", image)
+    assert (
+        main(
+            [
+                "predict",
+                str(tmp_path / "a.tif"),
+                str(tmp_path / "b.tif"),
+                "-m",
+                str(model_file),
+                "-o",
+                str(tmp_path / "res"),
+                "--mode",
+                "labels",
+                "-q",
+            ]
+        )
+        == 0
+    )
+    assert sorted(p.name for p in (tmp_path / "res").iterdir()) == ["a_labels.tif", "b_labels.tif"]
+
+
+@pytest.mark.parametrize(
+    "setup, args, message",
+    [
+        (lambda p: None, ["missing.tif"], "no such file"),
+        (lambda p: (p / "x.txt").write_text("hi"), ["x.txt"], "unsupported image format"),
+        (lambda p: np.save(p / "nan.npy", np.full((9, 9), np.nan)), ["nan.npy"], "NaN"),
+        (lambda p: np.save(p / "e.npy", np.zeros((0, 9))), ["e.npy"], "empty"),
+        (lambda p: np.save(p / "ok.npy", np.zeros((9, 9))), ["ok.npy", "--axes", "ZYX"], "axes"),
+    ],
+)
+def test_bad_input_exits_1_with_one_line(
+    tmp_path, model_file, capsys, monkeypatch, setup, args, message
+):
+    monkeypatch.chdir(tmp_path)
+    setup(tmp_path)
+    rc = main(["predict", *args, "-m", str(model_file), "-o", "out.tif", "-q"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 1
+    assert len(err) == 1 and err[0].startswith("napari-unet: error:") and message in err[0]
+    assert not (tmp_path / "out.tif").exists()
+
+
+def test_bad_model_file_exits_1(tmp_path, capsys, image):
+    (tmp_path / "bad.safetensors").write_bytes(b"12345678{not json")
+    np.save(tmp_path / "i.npy", image)
+    rc = main(["predict", str(tmp_path / "i.npy"), "-m", str(tmp_path / "bad.safetensors")])
+    assert rc == 1
+    assert "corrupt or truncated" in capsys.readouterr().err
+
+
+def test_info_prints_the_card(model_file, capsys):
+    assert main(["info", str(model_file)]) == 0
+    out = capsys.readouterr().out
+    assert "background, interior, boundary" in out
+    assert "halo 20 px per side" in out
