@@ -1,0 +1,92 @@
+"""Inference throughput: tiled (default settings) vs one forward pass, and efficiency.
+
+    python benchmarks/throughput.py [--model nuclei] [--size 2048] [--repeats 2]
+
+Prints megapixels/s for the overlap-tile engine with its default (automatic)
+tile size, for one forward pass over the same mirrored image (the result the
+tiles reproduce), and for one forward pass over the bare image; the model's
+FLOPs per pixel; and the machine's measured float32 matrix-multiply FLOP/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from napari_unet.core import normalize as norm
+from napari_unet.core.device import resolve_device
+from napari_unet.core.tiling import auto_tile, plan_tiles, predict
+from napari_unet.io import load_model
+from napari_unet.model.unet import fused_for_inference
+
+
+def matmul_flops(n: int = 2048, repeats: int = 5) -> float:
+    a, b = torch.rand(n, n), torch.rand(n, n)
+    a @ b
+    t = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    return 2 * n**3 * repeats / (time.perf_counter() - t)
+
+
+def flops_per_pixel(net, size: int = 256) -> float:
+    x = torch.rand(1, 1, size, size)
+    with FlopCounterMode(display=False) as counter, torch.inference_mode():
+        net(x)
+    return counter.get_total_flops() / size**2
+
+
+def best_of(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return min(times)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--model", default="nuclei")
+    p.add_argument("--size", type=int, default=2048)
+    p.add_argument("--repeats", type=int, default=2)
+    args = p.parse_args()
+    model = load_model(args.model)
+    g = model.info.geometry
+    rng = np.random.default_rng(0)
+    image = (rng.random((args.size, args.size)) * 4000).astype(np.uint16)
+    mp = args.size**2 / 1e6
+    dev = resolve_device("cpu")
+    (ty, tx), _ = auto_tile(model, dev, image.shape)
+    plan = plan_tiles(image.shape, g, (ty, tx))
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, model {args.model}")
+    print(f"image {args.size}x{args.size}; default tiles {ty}x{tx}, {plan.n_tiles} tile(s)")
+
+    tiled = best_of(lambda: predict(image, model, device="cpu"), args.repeats)
+    net = fused_for_inference(model.net)
+    spec = norm.validate(model.info.normalization)
+    x = norm.apply(image[None], *norm.plane_stats(image.reshape(1, -1), spec))
+    h = g.halo
+    side = g.snap(args.size + 2 * h, "up")
+    canvas = np.pad(x, ((0, 0), (h, side - args.size - h), (h, side - args.size - h)), "reflect")
+    bare = g.snap(args.size, "up")
+    with torch.inference_mode():
+        one = best_of(lambda: net(torch.from_numpy(canvas[None])), args.repeats)
+        plain = best_of(lambda: net(torch.from_numpy(x[None, :, :bare, :bare])), args.repeats)
+    fpp = flops_per_pixel(net)
+    peak = matmul_flops()
+    print(f"tiled (default):            {mp / tiled:6.3f} MP/s  ({tiled:.2f} s)")
+    print(f"one pass, mirrored image:   {mp / one:6.3f} MP/s  ({one:.2f} s)")
+    print(f"one pass, bare image:       {mp / plain:6.3f} MP/s  ({plain:.2f} s)")
+    print(f"tiled / one pass (mirrored): {one / tiled:.3f}")
+    print(f"tiled / one pass (bare):     {plain / tiled:.3f}")
+    print(f"model: {fpp / 1e6:.2f} MFLOP per pixel; matmul peak {peak / 1e9:.1f} GFLOP/s")
+    print(f"efficiency: tiled {fpp * mp * 1e6 / tiled / peak:.1%} of matmul FLOP/s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""napari widgets (Qt). Thin: all computation is in napari_unet.core."""

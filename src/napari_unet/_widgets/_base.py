@@ -1,0 +1,110 @@
+"""Shared base of the napari-unet panels: Run / Cancel, a worker, progress, errors."""
+
+from __future__ import annotations
+
+from qtpy.QtWidgets import QHBoxLayout, QLabel, QPushButton, QVBoxLayout, QWidget
+
+from napari_unet._widgets._state import state_for
+
+
+class WorkerPanel(QWidget):
+    """A panel that runs one core generator at a time in a napari thread worker.
+
+    Subclasses build their controls into ``self.form`` and call
+    :meth:`start` with a generator function; ``_on_yielded``, ``_on_returned``
+    and ``_on_errored`` run on the main thread, the only place layers change.
+    """
+
+    run_text = "Run"
+
+    def __init__(self, napari_viewer) -> None:
+        super().__init__()
+        self.viewer = napari_viewer
+        self.state = state_for(napari_viewer)
+        self.worker = None
+        self._progress = None
+        layout = QVBoxLayout(self)
+        self.form = QVBoxLayout()
+        layout.addLayout(self.form)
+        buttons = QHBoxLayout()
+        self.run_button = QPushButton(self.run_text)
+        self.cancel_button = QPushButton("Cancel")
+        self.cancel_button.setEnabled(False)
+        buttons.addWidget(self.run_button)
+        buttons.addWidget(self.cancel_button)
+        layout.addLayout(buttons)
+        self.status = QLabel("")
+        self.status.setWordWrap(True)
+        layout.addWidget(self.status)
+        layout.addStretch()
+        self.run_button.clicked.connect(self._on_run)
+        self.cancel_button.clicked.connect(self._on_cancel)
+
+    # -- hooks -----------------------------------------------------------------
+    def _on_run(self) -> None:  # pragma: no cover - subclasses override
+        raise NotImplementedError
+
+    def _on_yielded(self, value) -> None:
+        pass
+
+    def _on_returned(self, value) -> None:
+        pass
+
+    # -- worker bookkeeping ----------------------------------------------------
+    def start(self, gen_func, *args, total: int = 0, desc: str = "", **kwargs):
+        """Run ``gen_func(*args, **kwargs)`` (a generator) in a thread worker."""
+        from napari.qt.threading import create_worker
+        from napari.utils import progress
+
+        self._progress = progress(total=total, desc=desc)
+        connect = {
+            "yielded": self._on_worker_yielded,
+            "returned": self._on_returned,
+            "errored": self._on_errored,  # handled here: shown, not re-raised
+            "finished": self._on_finished,
+        }
+        worker = create_worker(gen_func, *args, _start_thread=False, _connect=connect, **kwargs)
+        self.worker = worker
+        self.run_button.setEnabled(False)
+        self.cancel_button.setEnabled(True)
+        worker.start()
+        return worker
+
+    def _on_worker_yielded(self, value) -> None:
+        if self.worker is None or self.worker.abort_requested:
+            return  # a report that was already on its way when Cancel was pressed
+        total = getattr(value, "total", None) or getattr(value, "steps", None)
+        done = getattr(value, "done", None)
+        if done is None:
+            done = getattr(value, "step", 0)
+        if self._progress is not None and total:
+            self._progress.total = total
+            self._progress.n = done
+            self._progress.refresh()
+        self._on_yielded(value)
+
+    def _on_cancel(self) -> None:
+        if self.worker is not None:
+            self.worker.quit()
+            self.status.setText("Cancelled: nothing was changed.")
+            self.cancel_button.setEnabled(False)
+
+    def _on_errored(self, err: Exception) -> None:
+        from napari.utils.notifications import show_error
+
+        message = str(err) or type(err).__name__
+        self.status.setText(f"Error: {message}")
+        show_error(f"napari-unet: {message}")
+
+    def _on_finished(self) -> None:
+        if self._progress is not None:
+            self._progress.close()
+            self._progress = None
+        self.worker = None
+        self.run_button.setEnabled(True)
+        self.cancel_button.setEnabled(False)
+
+    def closeEvent(self, event) -> None:  # noqa: N802 - Qt API
+        if self.worker is not None:
+            self.worker.quit()
+        super().closeEvent(event)

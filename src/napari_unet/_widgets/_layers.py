@@ -1,0 +1,126 @@
+"""From napari layers to engine inputs and back: axes, planes, regions, result layers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from napari_unet.core.axes import resolve_axes
+from napari_unet.core.segment import rgb_to_gray
+
+COLORMAPS = ["gray", "green", "magenta", "cyan", "yellow", "red", "blue"]
+
+
+@dataclass
+class LayerJob:
+    """What to run for a layer: data, axes, region, and where results go in the world."""
+
+    layer_name: str
+    data: object
+    axes: str
+    region: tuple[int, int, int, int] | None
+    scale: tuple[float, ...]
+    translate: tuple[float, ...]
+    describe: str
+
+
+def job_for_layer(layer, model, viewer=None, current_plane=False, visible=False) -> LayerJob:
+    """Map an Image layer to the engine: RGB to gray, channel axis, plane, region."""
+    data = layer.data[0] if getattr(layer, "multiscale", False) else layer.data
+    notes = []
+    if getattr(layer, "rgb", False):
+        if model.info.in_channels == 1:
+            data = rgb_to_gray(data) if not hasattr(data, "dask") else _dask_gray(data)
+            notes.append("RGB converted to grayscale")
+            spatial_scale = tuple(layer.scale)
+        else:
+            spatial_scale = tuple(layer.scale)
+        axes = resolve_axes(tuple(data.shape), None, model.info.in_channels)
+    else:
+        axes = resolve_axes(tuple(data.shape), None, model.info.in_channels)
+        spatial_scale = tuple(s for s, a in zip(layer.scale, axes.axes) if a != "C")
+    translate_full = list(layer.translate)[-len(spatial_scale) :]
+    scale = list(spatial_scale)
+    translate = translate_full
+    lead = axes.leading
+    summary = axes.describe()
+    if current_plane and lead:
+        point = layer.world_to_data(viewer.dims.point) if viewer is not None else None
+        index = [slice(None)] * len(axes.shape)
+        for k, pos in enumerate(lead):
+            i = int(np.clip(round(point[pos]) if point is not None else 0, 0, axes.shape[pos] - 1))
+            index[pos] = slice(i, i + 1)
+            translate[k] = translate[k] + i * scale[k]
+        data = data[tuple(index)]
+        where = ", ".join(f"{axes.axes[p]}={index[p].start}" for p in lead)
+        notes.append(f"current plane only ({where})")
+        axes = resolve_axes(tuple(data.shape), axes.axes, model.info.in_channels)
+    region = None
+    if visible:
+        region = _visible_region(layer, axes)
+        translate[-2] += region[0] * scale[-2]
+        translate[-1] += region[2] * scale[-1]
+        notes.append(f"visible region {region[1] - region[0]} x {region[3] - region[2]}")
+    text = summary + ("; " + ", ".join(notes) if notes else "")
+    return LayerJob(layer.name, data, axes.axes, region, tuple(scale), tuple(translate), text)
+
+
+def _dask_gray(data):
+    weights = np.array([0.299, 0.587, 0.114], np.float32)
+    return (data[..., :3].astype(np.float32) * weights).sum(axis=-1)
+
+
+def _visible_region(layer, axes) -> tuple[int, int, int, int]:
+    corners = np.asarray(layer.corner_pixels)
+    iy, ix = axes.axes.index("Y"), axes.axes.index("X")
+    if getattr(layer, "rgb", False):
+        iy, ix = layer.ndim - 2, layer.ndim - 1
+    h, w = axes.yx
+    y0, y1 = int(np.clip(corners[0, iy], 0, h - 1)), int(np.clip(corners[1, iy] + 1, 1, h))
+    x0, x1 = int(np.clip(corners[0, ix], 0, w - 1)), int(np.clip(corners[1, ix] + 1, 1, w))
+    if y1 <= y0 or x1 <= x0:
+        raise ValueError("the image is not in view; pan or zoom to it first")
+    return y0, y1, x0, x1
+
+
+def result_name(source: str, model_name: str, what: str) -> str:
+    return f"{source} [{model_name} {what}]"
+
+
+def add_or_update(viewer, job: LayerJob, model, mode: str, result: np.ndarray) -> list[str]:
+    """Show a result; a layer of the same name is updated instead of duplicated."""
+    info = model.info
+    kw = {"scale": job.scale, "translate": job.translate}
+    if mode == "probabilities":
+        names = []
+        for k, cls in enumerate(info.classes):
+            name = result_name(job.layer_name, info.name, cls)
+            cmap = COLORMAPS[k % len(COLORMAPS)]
+            _put(
+                viewer,
+                "image",
+                name,
+                result[k],
+                kw,
+                colormap=cmap,
+                blending="additive",
+                contrast_limits=(0.0, 1.0),
+                visible=k > 0,
+            )
+            names.append(name)
+        return names
+    name = result_name(job.layer_name, info.name, mode)
+    _put(viewer, "labels", name, result, kw)
+    return [name]
+
+
+def _put(viewer, kind: str, name: str, data, kw: dict, **style) -> None:
+    if name in viewer.layers and viewer.layers[name]._type_string == kind:
+        layer = viewer.layers[name]
+        layer.data = data
+        layer.scale, layer.translate = kw["scale"], kw["translate"]
+        return
+    if name in viewer.layers:
+        viewer.layers.remove(name)
+    getattr(viewer, f"add_{kind}")(data, name=name, **kw, **style)

@@ -1,0 +1,52 @@
+"""Per-viewer shared state: the loaded model and device (no global singleton).
+
+Widgets of the same viewer share one :class:`ViewerState`, looked up by the
+viewer and dropped when the viewer is garbage-collected.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+from psygnal import Signal
+
+_STATES: dict[int, ViewerState] = {}
+
+
+class ViewerState:
+    """The model and device shared by the napari-unet widgets of one viewer."""
+
+    model_changed = Signal(object)  # LoadedModel | None
+    device_changed = Signal(str)
+
+    def __init__(self) -> None:
+        self._model = None
+        self._device = "auto"
+
+    @property
+    def model(self):
+        return self._model
+
+    @model.setter
+    def model(self, value) -> None:
+        self._model = value
+        self.model_changed.emit(value)
+
+    @property
+    def device(self) -> str:
+        return self._device
+
+    @device.setter
+    def device(self, value: str) -> None:
+        self._device = value
+        self.device_changed.emit(value)
+
+
+def state_for(viewer) -> ViewerState:
+    """The viewer's state, created on first use and dropped with the viewer."""
+    key = id(viewer)
+    state = _STATES.get(key)
+    if state is None:
+        state = _STATES[key] = ViewerState()
+        weakref.finalize(viewer, _STATES.pop, key, None)
+    return state

@@ -1,0 +1,103 @@
+"""Model panel: choose a bundled model or a model file, a device, and read its card."""
+
+from __future__ import annotations
+
+from qtpy.QtWidgets import (
+    QComboBox,
+    QFileDialog,
+    QFormLayout,
+    QHBoxLayout,
+    QLineEdit,
+    QPlainTextEdit,
+    QPushButton,
+)
+
+from napari_unet._widgets._base import WorkerPanel
+
+FILE_ENTRY = "Model file..."
+
+
+def load_steps(source: str):
+    """Generator for the worker: one progress report, then the loaded model."""
+    from napari_unet.core.tiling import Progress
+    from napari_unet.io import load_model
+
+    yield Progress(0, 1, f"loading {source}")
+    return load_model(source)
+
+
+class ModelPanel(WorkerPanel):
+    """Load the model that all napari-unet panels of this viewer use."""
+
+    run_text = "Load model"
+
+    def __init__(self, napari_viewer) -> None:
+        super().__init__(napari_viewer)
+        from napari_unet.core.device import available_devices
+        from napari_unet.io import registry
+
+        form = QFormLayout()
+        self.model_combo = QComboBox()
+        self.model_combo.addItems([*registry.bundled_models(), FILE_ENTRY])
+        default = registry.default_model()
+        if default:
+            self.model_combo.setCurrentText(default)
+        form.addRow("Model", self.model_combo)
+        self.path_edit = QLineEdit()
+        self.path_edit.setPlaceholderText(".safetensors or TorchScript .pt")
+        browse = QPushButton("Browse...")
+        row = QHBoxLayout()
+        row.addWidget(self.path_edit)
+        row.addWidget(browse)
+        form.addRow("File", row)
+        self.device_combo = QComboBox()
+        devices = available_devices()
+        self.device_combo.addItems([f"auto ({devices[0]})", *devices])
+        form.addRow("Device", self.device_combo)
+        self.form.addLayout(form)
+        self.card = QPlainTextEdit()
+        self.card.setReadOnly(True)
+        self.card.setPlaceholderText("No model loaded.")
+        self.card.setMinimumHeight(160)
+        self.form.addWidget(self.card)
+        browse.clicked.connect(self._on_browse)
+        self.model_combo.currentTextChanged.connect(self._on_model_choice)
+        self.device_combo.currentTextChanged.connect(self._on_device)
+        self.state.model_changed.connect(self._on_model_changed)
+        self._on_model_choice(self.model_combo.currentText())
+        if self.state.model is not None:
+            self._on_model_changed(self.state.model)
+
+    def source(self) -> str:
+        """What to load: a bundled name or the file path."""
+        choice = self.model_combo.currentText()
+        return self.path_edit.text().strip() if choice == FILE_ENTRY else choice
+
+    def _on_model_choice(self, text: str) -> None:
+        self.path_edit.setEnabled(text == FILE_ENTRY)
+
+    def _on_browse(self) -> None:
+        path, _ = QFileDialog.getOpenFileName(
+            self, "Open a U-Net model", "", "Models (*.safetensors *.pt *.pth);;All files (*)"
+        )
+        if path:
+            self.model_combo.setCurrentText(FILE_ENTRY)
+            self.path_edit.setText(path)
+
+    def _on_device(self, text: str) -> None:
+        self.state.device = text.split(" ")[0]
+
+    def _on_run(self) -> None:
+        source = self.source()
+        if not source:
+            self.status.setText("Choose a model file first.")
+            return
+        self.status.setText(f"Loading {source}...")
+        self.start(load_steps, source, total=1, desc="napari-unet: loading model")
+
+    def _on_returned(self, model) -> None:
+        self.state.model = model
+        self.status.setText(f"Loaded {model.info.name}.")
+
+    def _on_model_changed(self, model) -> None:
+        self.card.setPlainText(model.info.card() if model is not None else "")

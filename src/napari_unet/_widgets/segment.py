@@ -1,0 +1,166 @@
+"""Segment panel: run the loaded model on an image layer, tile by tile, in a worker."""
+
+from __future__ import annotations
+
+import numpy as np
+from qtpy.QtWidgets import (
+    QCheckBox,
+    QComboBox,
+    QDoubleSpinBox,
+    QFormLayout,
+    QLabel,
+    QSpinBox,
+)
+
+from napari_unet._widgets._base import WorkerPanel
+from napari_unet._widgets._layers import LayerJob, add_or_update, job_for_layer
+
+
+class SegmentPanel(WorkerPanel):
+    """Segment an image layer with the viewer's model; results appear as new layers."""
+
+    run_text = "Segment"
+
+    def __init__(self, napari_viewer) -> None:
+        super().__init__(napari_viewer)
+        form = QFormLayout()
+        self.layer_combo = QComboBox()
+        form.addRow("Image", self.layer_combo)
+        self.axes_label = QLabel("")
+        self.axes_label.setWordWrap(True)
+        form.addRow("", self.axes_label)
+        self.mode_combo = QComboBox()
+        self.mode_combo.addItems(["instances", "labels", "probabilities"])
+        form.addRow("Output", self.mode_combo)
+        self.tile_spin = QSpinBox()
+        self.tile_spin.setRange(0, 8192)
+        self.tile_spin.setSpecialValueText("auto")
+        self.tile_spin.setSuffix(" px")
+        form.addRow("Tile size", self.tile_spin)
+        self.batch_spin = QSpinBox()
+        self.batch_spin.setRange(0, 64)
+        self.batch_spin.setSpecialValueText("auto")
+        form.addRow("Batch size", self.batch_spin)
+        self.amp_check = QCheckBox("Mixed precision (CUDA)")
+        self.amp_check.setChecked(True)
+        form.addRow("", self.amp_check)
+        self.plane_check = QCheckBox("Current plane only")
+        form.addRow("", self.plane_check)
+        self.visible_check = QCheckBox("Visible region only")
+        form.addRow("", self.visible_check)
+        self.threshold_spin = QDoubleSpinBox()
+        self.threshold_spin.setRange(0.01, 0.99)
+        self.threshold_spin.setSingleStep(0.05)
+        self.threshold_spin.setValue(0.5)
+        form.addRow("Threshold", self.threshold_spin)
+        self.min_size_spin = QSpinBox()
+        self.min_size_spin.setRange(0, 100000)
+        self.min_size_spin.setSuffix(" px")
+        form.addRow("Min. object size", self.min_size_spin)
+        self.form.addLayout(form)
+        self._job: LayerJob | None = None
+        self.layer_combo.currentTextChanged.connect(self._on_layer_choice)
+        self.tile_spin.editingFinished.connect(self._on_tile_edited)
+        self.mode_combo.currentTextChanged.connect(self._on_mode)
+        events = napari_viewer.layers.events
+        events.inserted.connect(self._on_layers_changed)
+        events.removed.connect(self._on_layers_changed)
+        self.state.model_changed.connect(self._on_model_changed)
+        self._on_layers_changed()
+        self._on_mode(self.mode_combo.currentText())
+
+    # -- controls --------------------------------------------------------------
+    def image_layer(self):
+        name = self.layer_combo.currentText()
+        return self.viewer.layers[name] if name in self.viewer.layers else None
+
+    def _on_layers_changed(self, event=None) -> None:
+        from napari.layers import Image
+
+        current = self.layer_combo.currentText()
+        names = [layer.name for layer in self.viewer.layers if isinstance(layer, Image)]
+        names = [n for n in names if "[" not in n]  # not our own outputs
+        self.layer_combo.blockSignals(True)
+        self.layer_combo.clear()
+        self.layer_combo.addItems(names)
+        if current in names:
+            self.layer_combo.setCurrentText(current)
+        self.layer_combo.blockSignals(False)
+        self._on_layer_choice(self.layer_combo.currentText())
+
+    def _on_layer_choice(self, name: str = "") -> None:
+        self.axes_label.setText(self._describe())
+
+    def _on_model_changed(self, model) -> None:
+        self.axes_label.setText(self._describe())
+
+    def _on_mode(self, mode: str) -> None:
+        self.threshold_spin.setEnabled(mode == "instances")
+        self.min_size_spin.setEnabled(mode == "instances")
+
+    def _on_tile_edited(self) -> None:
+        model = self.state.model
+        t = self.tile_spin.value()
+        if model is not None and t and model.info.fixed_input is None:
+            self.tile_spin.setValue(model.info.geometry.snap(t, "nearest"))
+
+    def _describe(self) -> str:
+        layer, model = self.image_layer(), self.state.model
+        if layer is None:
+            return "Add an image layer."
+        if model is None:
+            return "Load a model in the napari-unet model panel."
+        try:
+            return job_for_layer(layer, model, self.viewer, self.plane_check.isChecked()).describe
+        except ValueError as err:
+            return f"Cannot segment this layer: {err}"
+
+    # -- running ---------------------------------------------------------------
+    def options(self):
+        from napari_unet.core.segment import SegmentOptions
+
+        return SegmentOptions(
+            mode=self.mode_combo.currentText(),
+            tile=self.tile_spin.value() or None,
+            batch_size=self.batch_spin.value() or None,
+            device=self.state.device,
+            amp=self.amp_check.isChecked(),
+            threshold=self.threshold_spin.value(),
+            min_size=self.min_size_spin.value(),
+        )
+
+    def _on_run(self) -> None:
+        from dataclasses import replace
+
+        from napari_unet.core.segment import segment_iter
+
+        layer, model = self.image_layer(), self.state.model
+        if layer is None or model is None:
+            self.status.setText(self._describe())
+            return
+        try:
+            job = job_for_layer(
+                layer,
+                model,
+                self.viewer,
+                self.plane_check.isChecked(),
+                self.visible_check.isChecked(),
+            )
+        except ValueError as err:
+            self._on_errored(err)
+            return
+        self._job = job
+        opts = replace(self.options(), axes=job.axes, region=job.region)
+        self.status.setText(f"Segmenting {layer.name}: {job.describe}")
+        self.start(segment_iter, job.data, model, opts, desc=f"napari-unet: {layer.name}")
+
+    def _on_yielded(self, progress) -> None:
+        self.status.setText(progress.message)
+
+    def _on_returned(self, result: np.ndarray) -> None:
+        job, model = self._job, self.state.model
+        if job is None or model is None:
+            return
+        mode = self.mode_combo.currentText()
+        names = add_or_update(self.viewer, job, model, mode, result)
+        self.status.setText(f"Done: {', '.join(names)}")

@@ -1,0 +1,59 @@
+import pytest
+
+from conftest import tiny_model
+from napari_unet.io import save_model
+
+pytest.importorskip("napari")
+
+
+def test_load_file_shares_model_with_segment_panel(make_napari_viewer, qtbot, tmp_path):
+    from napari_unet._widgets.model_panel import FILE_ENTRY, ModelPanel
+    from napari_unet._widgets.segment import SegmentPanel
+
+    path = save_model(tiny_model("valid"), tmp_path / "mine.safetensors")
+    viewer = make_napari_viewer()
+    panel = ModelPanel(viewer)
+    segment = SegmentPanel(viewer)
+    panel.model_combo.setCurrentText(FILE_ENTRY)
+    panel.path_edit.setText(str(path))
+    panel._on_run()
+    qtbot.waitUntil(lambda: panel.worker is None, timeout=20000)
+    assert panel.state.model is not None and segment.state is panel.state
+    assert "background, interior, boundary" in panel.card.toPlainText()
+    assert "halo 20 px" in panel.card.toPlainText()
+    viewer.add_image(__import__("numpy").zeros((30, 30)), name="img")
+    assert "30 x 30 pixels" in segment.axes_label.text()
+
+
+def test_bad_file_gives_message_and_keeps_previous_model(make_napari_viewer, qtbot, tmp_path):
+    from napari_unet._widgets.model_panel import FILE_ENTRY, ModelPanel
+
+    bad = tmp_path / "broken.safetensors"
+    bad.write_bytes(b"12345678{garbage")
+    viewer = make_napari_viewer()
+    panel = ModelPanel(viewer)
+    before = tiny_model("same")
+    panel.state.model = before
+    panel.model_combo.setCurrentText(FILE_ENTRY)
+    panel.path_edit.setText(str(bad))
+    panel._on_run()
+    qtbot.waitUntil(lambda: panel.worker is None, timeout=20000)
+    assert "corrupt or truncated" in panel.status.text()
+    assert panel.state.model is before
+
+
+def test_state_is_per_viewer(make_napari_viewer):
+    from napari_unet._widgets._state import state_for
+
+    a, b = make_napari_viewer(), make_napari_viewer()
+    state_for(a).model = tiny_model("same")
+    assert state_for(b).model is None
+    assert state_for(a) is state_for(a)
+
+
+def test_device_choice_goes_to_state(make_napari_viewer):
+    from napari_unet._widgets.model_panel import ModelPanel
+
+    panel = ModelPanel(make_napari_viewer())
+    panel.device_combo.setCurrentText("cpu")
+    assert panel.state.device == "cpu"
