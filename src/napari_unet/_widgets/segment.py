@@ -72,7 +72,8 @@ class SegmentPanel(WorkerPanel):
     # -- controls --------------------------------------------------------------
     def image_layer(self):
         name = self.layer_combo.currentText()
-        return self.viewer.layers[name] if name in self.viewer.layers else None
+        matches = [layer for layer in self.viewer.layers if layer.name == name]
+        return matches[0] if matches else None
 
     def _on_layers_changed(self, event=None) -> None:
         from napari.layers import Image
