@@ -72,8 +72,11 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
     p.add_argument("--out", default=str(ROOT / "runs" / "em" / "em-membrane.safetensors"))
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     train, val = isbi_split()
     print(f"train {len(train)} slices, validation {[n for n, *_ in val]}")
     model, cfg = build(args)

@@ -138,3 +138,111 @@ def test_info_prints_the_card(model_file, capsys):
     out = capsys.readouterr().out
     assert "background, interior, boundary" in out
     assert "halo 20 px per side" in out
+
+
+def test_train_new_model_from_json_and_fine_tune_it(tmp_path, capsys):
+    from napari_unet.core import synthetic
+    from napari_unet.io import load_model
+
+    image, labels = synthetic.nuclei((96, 96), n=8, seed=1)
+    tifffile.imwrite(tmp_path / "img.tif", image)
+    tifffile.imwrite(tmp_path / "lab.tif", labels)
+    out = tmp_path / "new.safetensors"
+    arch = '{"depth": 2, "base_width": 4, "padding": "same"}'
+    rc = main(
+        [
+            "train",
+            "--images",
+            str(tmp_path / "img.tif"),
+            "--labels",
+            str(tmp_path / "lab.tif"),
+            "-m",
+            arch,
+            "--classes",
+            "background,interior,boundary",
+            "--label-kind",
+            "instances",
+            "-o",
+            str(out),
+            "--steps",
+            "3",
+            "--patch-size",
+            "48",
+            "--batch-size",
+            "2",
+            "-q",
+        ]
+    )
+    assert rc == 0
+    trained = load_model(out)
+    assert trained.info.classes == ["background", "interior", "boundary"]
+    assert trained.info.provenance["steps"] == 3
+    assert trained.info.provenance["training_data"] == "img.tif"
+    # fine-tune the result with sparse strokes
+    strokes = np.zeros_like(labels, dtype=np.uint8)
+    strokes[labels > 0] = 2
+    strokes[:5] = 1
+    tifffile.imwrite(tmp_path / "strokes.tif", strokes)
+    out2 = tmp_path / "tuned.safetensors"
+    assert (
+        main(
+            [
+                "train",
+                "--images",
+                str(tmp_path / "img.tif"),
+                "--labels",
+                str(tmp_path / "strokes.tif"),
+                "-m",
+                str(out),
+                "-o",
+                str(out2),
+                "--steps",
+                "2",
+                "--patch-size",
+                "48",
+                "--batch-size",
+                "2",
+                "-q",
+            ]
+        )
+        == 0
+    )
+    assert load_model(out2).info.provenance["base_model"] == "unet"
+    # mismatched lists and an empty annotation fail with one line
+    assert (
+        main(
+            [
+                "train",
+                "--images",
+                str(tmp_path / "img.tif"),
+                "--labels",
+                str(out2),
+                str(out2),
+                "-m",
+                str(out),
+                "-o",
+                str(tmp_path / "x.safetensors"),
+            ]
+        )
+        == 1
+    )
+    tifffile.imwrite(tmp_path / "empty.tif", np.zeros_like(strokes))
+    assert (
+        main(
+            [
+                "train",
+                "--images",
+                str(tmp_path / "img.tif"),
+                "--labels",
+                str(tmp_path / "empty.tif"),
+                "-m",
+                str(out),
+                "-o",
+                str(tmp_path / "y.safetensors"),
+                "-q",
+            ]
+        )
+        == 1
+    )
+    assert "labels are empty" in capsys.readouterr().err
+    assert not (tmp_path / "y.safetensors").exists()

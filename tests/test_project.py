@@ -96,3 +96,15 @@ def test_sample_files_equal_the_generator():
     )
     image, labels = synthetic.membranes()
     np.testing.assert_array_equal(tifffile.imread(ROOT / "sample_data" / "membranes.tif"), image)
+
+
+def test_plugin_is_discovered_by_napari_through_its_entry_point():
+    from npe2 import PluginManager
+
+    pm = PluginManager.instance()
+    pm.discover()
+    manifest = pm.get_manifest("napari-unet")
+    widgets = {w.display_name for w in manifest.contributions.widgets}
+    assert widgets == {"U-Net model", "U-Net segment"}
+    menu = manifest.contributions.menus["napari/layers/segment"]
+    assert {m.command for m in menu} == {c.command for c in manifest.contributions.widgets}

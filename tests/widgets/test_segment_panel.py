@@ -171,3 +171,21 @@ def test_viewer_stays_responsive_during_prediction(panel, qtbot):
     print(f"\nprediction {duration:.2f} s, longest event-loop stall {stall * 1000:.0f} ms")
     assert duration > 1.0  # a real multi-second run
     assert stall < 0.5 * duration  # the GUI kept processing events throughout
+
+
+def test_visible_region_only(panel, qtbot):
+    viewer, widget = panel
+    image = np.random.default_rng(6).random((300, 300)).astype(np.float32)
+    viewer.add_image(image, name="wide", scale=(2.0, 2.0))
+    viewer.camera.center = (200, 200)  # world coordinates: pixel (100, 100)
+    viewer.camera.zoom = 8
+    widget.mode_combo.setCurrentText("labels")
+    widget.visible_check.setChecked(True)
+    _run(qtbot, widget)
+    out = viewer.layers["wide [unet labels]"]
+    h, w = out.data.shape
+    assert 0 < h < 300 and 0 < w < 300
+    y0, x0 = (np.asarray(out.translate) / 2).astype(int)
+    assert y0 <= 100 < y0 + h and x0 <= 100 < x0 + w
+    full = predict(image, tiny_model("valid")).argmax(0)
+    np.testing.assert_array_equal(out.data, full[y0 : y0 + h, x0 : x0 + w])

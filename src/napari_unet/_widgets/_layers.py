@@ -58,7 +58,7 @@ def job_for_layer(layer, model, viewer=None, current_plane=False, visible=False)
         axes = resolve_axes(tuple(data.shape), axes.axes, model.info.in_channels)
     region = None
     if visible:
-        region = _visible_region(layer, axes)
+        region = _visible_region(layer, axes, viewer)
         translate[-2] += region[0] * scale[-2]
         translate[-1] += region[2] * scale[-1]
         notes.append(f"visible region {region[1] - region[0]} x {region[3] - region[2]}")
@@ -71,14 +71,31 @@ def _dask_gray(data):
     return (data[..., :3].astype(np.float32) * weights).sum(axis=-1)
 
 
-def _visible_region(layer, axes) -> tuple[int, int, int, int]:
-    corners = np.asarray(layer.corner_pixels)
-    iy, ix = axes.axes.index("Y"), axes.axes.index("X")
-    if getattr(layer, "rgb", False):
-        iy, ix = layer.ndim - 2, layer.ndim - 1
+def _visible_region(layer, axes, viewer) -> tuple[int, int, int, int]:
+    """Data-pixel box of the field of view, from the camera (2D view only)."""
+    if viewer is not None and viewer.dims.ndisplay != 2:
+        raise ValueError("'visible region' needs the 2D view")
+    corners = np.asarray(layer.corner_pixels, float)
+    if viewer is not None:
+        size = getattr(getattr(viewer, "canvas", None), "size", None)
+        size = size if size is not None else getattr(viewer, "_canvas_size", (600, 800))
+        half = np.asarray(size, float) / viewer.camera.zoom / 2
+        centre = np.asarray(viewer.camera.center[-2:], float)
+        point = np.asarray(viewer.dims.point, float)
+        lo, hi = point.copy(), point.copy()
+        lo[-2:], hi[-2:] = centre - half, centre + half
+        corners = np.stack([layer.world_to_data(lo), layer.world_to_data(hi)])
+        corners = np.sort(corners, axis=0)
+    iy, ix = layer.ndim - 2, layer.ndim - 1
     h, w = axes.yx
-    y0, y1 = int(np.clip(corners[0, iy], 0, h - 1)), int(np.clip(corners[1, iy] + 1, 1, h))
-    x0, x1 = int(np.clip(corners[0, ix], 0, w - 1)), int(np.clip(corners[1, ix] + 1, 1, w))
+    y0, y1 = (
+        int(np.clip(np.floor(corners[0, iy]), 0, h)),
+        int(np.clip(np.ceil(corners[1, iy]) + 1, 0, h)),
+    )
+    x0, x1 = (
+        int(np.clip(np.floor(corners[0, ix]), 0, w)),
+        int(np.clip(np.ceil(corners[1, ix]) + 1, 0, w)),
+    )
     if y1 <= y0 or x1 <= x0:
         raise ValueError("the image is not in view; pan or zoom to it first")
     return y0, y1, x0, x1

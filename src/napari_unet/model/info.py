@@ -75,12 +75,13 @@ class ModelInfo:
     def card(self) -> str:
         """Human-readable model card."""
         g = self.geometry
+        norm = ", ".join(f"{k} {v}" for k, v in self.normalization.items())
         lines = [
             f"name:          {self.name}",
             f"format:        {self.format}",
             f"source:        {self.source}",
             f"classes:       {', '.join(self.classes)} ({self.activation})",
-            f"input:         {self.in_channels} channel(s), normalisation {self.normalization}",
+            f"input:         {self.in_channels} channel(s), normalisation: {norm}",
             f"padding:       {'valid' if g.valid else 'same'}; halo {g.halo} px per side; "
             f"tile sizes {g.min_input} + k*{g.multiple}"
             + (f" -> output -{g.shrink}" if g.valid else ""),
@@ -88,13 +89,18 @@ class ModelInfo:
         if self.fixed_input:
             lines.append(f"fixed input:   {self.fixed_input[0]} x {self.fixed_input[1]}")
         if self.architecture:
-            lines.append(f"architecture:  {self.architecture}")
+            a = self.architecture
+            lines.append(
+                f"architecture:  U-Net depth {a.get('depth')}, base width {a.get('base_width')}, "
+                f"{a.get('padding')} padding, {a.get('norm')} norm"
+            )
         if self.pixel_size:
             lines.append(f"pixel size:    {self.pixel_size}")
         if self.description:
             lines.append(f"description:   {self.description}")
         for key, value in self.provenance.items():
-            lines.append(f"{key + ':':<14} {value}")
+            if key != "train_config":
+                lines.append(f"{key + ':':<14} {value}")
         for key, value in self.metrics.items():
             lines.append(f"metric {key}: {value}")
         return "\n".join(lines)

@@ -1,0 +1,77 @@
+"""Screenshots of the napari-unet panels docked in napari with real output.
+
+    xvfb-run -a python scripts/screenshots.py [--model nuclei]
+
+Writes docs/images/segment_panel.png (model + segment panels, nuclei sample
+segmented into instances), docs/images/nuclei_result.png (canvas only) and
+docs/images/membranes_panel.png (the em-membrane model on the EM sample).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import napari
+from qtpy.QtWidgets import QApplication
+
+from napari_unet._sample_data import membranes_sample, nuclei_sample
+from napari_unet._widgets.model_panel import FILE_ENTRY, ModelPanel
+from napari_unet._widgets.segment import SegmentPanel
+
+OUT = Path(__file__).resolve().parent.parent / "docs" / "images"
+
+
+def wait(panel, timeout=600):
+    t = time.time()
+    while panel.worker is not None and time.time() - t < timeout:
+        QApplication.processEvents()
+        time.sleep(0.02)
+    for _ in range(20):
+        QApplication.processEvents()
+
+
+def shoot(sample, model: str, mode: str, name: str, canvas_name: str | None = None):
+    viewer = napari.Viewer(show=True)
+    viewer.window._qt_window.resize(1500, 950)
+    for data, meta, kind in sample():
+        if kind == "image":
+            getattr(viewer, f"add_{kind}")(data, **meta)
+    model_panel = ModelPanel(viewer)
+    segment = SegmentPanel(viewer)
+    viewer.window.add_dock_widget(model_panel, name="U-Net model", area="right")
+    viewer.window.add_dock_widget(segment, name="U-Net segment", area="right")
+    if Path(model).exists():
+        model_panel.model_combo.setCurrentText(FILE_ENTRY)
+        model_panel.path_edit.setText(model)
+    else:
+        model_panel.model_combo.setCurrentText(model)
+    model_panel._on_run()
+    wait(model_panel)
+    segment.mode_combo.setCurrentText(mode)
+    segment._on_run()
+    wait(segment)
+    layer = viewer.layers[-1]
+    if mode == "instances":
+        layer.contour = 2
+    layer.opacity = 0.6
+    OUT.mkdir(parents=True, exist_ok=True)
+    viewer.window.screenshot(str(OUT / name), canvas_only=False)
+    if canvas_name:
+        viewer.screenshot(str(OUT / canvas_name), canvas_only=True, size=(700, 700))
+    print(f"wrote {name}: {segment.status.text()}")
+    viewer.close()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--model", default="nuclei")
+    p.add_argument("--em-model", default="em-membrane")
+    args = p.parse_args()
+    shoot(nuclei_sample, args.model, "instances", "segment_panel.png", "nuclei_result.png")
+    shoot(membranes_sample, args.em_model, "labels", "membranes_panel.png")
+
+
+if __name__ == "__main__":
+    main()
