@@ -14,9 +14,9 @@ import argparse
 import json
 
 import numpy as np
+from _shared_data import isbi_split
 from scipy import ndimage as ndi
 
-from _shared_data import isbi_split
 from napari_unet.core import metrics
 from napari_unet.core.tiling import predict
 from napari_unet.io import load_model
@@ -53,16 +53,22 @@ def main() -> None:
         true_cells = labels > 0
         pred_cells = prob > args.threshold
         pe = metrics.pixel_error(true_cells, pred_cells)
-        re = metrics.rand_error(ndi.label(true_cells)[0],
-                                metrics.segments_from_membranes(prob, args.threshold))
+        re = metrics.rand_error(
+            ndi.label(true_cells)[0], metrics.segments_from_membranes(prob, args.threshold)
+        )
         pix.append(pe)
         rand.append(re)
         print(f"{name}: pixel error {pe:.4f}  Rand error {re:.4f}")
-    result = {"pixel_error": round(float(np.mean(pix)), 4),
-              "rand_error": round(float(np.mean(rand)), 4),
-              "slices": [n for n, *_ in val], "tta": args.tta}
-    print(f"mean over {len(val)} held-back slices: pixel error {result['pixel_error']:.4f}, "
-          f"Rand error {result['rand_error']:.4f}")
+    result = {
+        "pixel_error": round(float(np.mean(pix)), 4),
+        "rand_error": round(float(np.mean(rand)), 4),
+        "slices": [n for n, *_ in val],
+        "tta": args.tta,
+    }
+    print(
+        f"mean over {len(val)} held-back slices: pixel error {result['pixel_error']:.4f}, "
+        f"Rand error {result['rand_error']:.4f}"
+    )
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(result, fh, indent=1)

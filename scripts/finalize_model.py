@@ -14,6 +14,7 @@ import json
 import shutil
 
 from _shared_data import ROOT
+
 from napari_unet.io.files import load_model, save_model
 
 

@@ -11,6 +11,10 @@ Modes
 ``zscore``      zero mean, unit variance.
 ``fixed``       ``(x - offset) / scale`` with constants from the spec (``scale``, ``offset``).
 ``none``        unchanged (float32 cast).
+
+Optional keys (bioimage.io packages): ``eps`` divides by ``spread + eps``
+(``std + eps`` or ``high - low + eps``) instead of guarding a zero spread, and
+``joint: True`` takes one set of statistics over all channels together.
 """
 
 from __future__ import annotations
@@ -63,13 +67,19 @@ def plane_stats(sample: np.ndarray, spec: dict) -> tuple[np.ndarray, np.ndarray]
     if mode == "fixed":
         s = 1.0 / float(spec["scale"])
         return np.full(c, s), np.full(c, -float(spec["offset"]) * s)
+    if spec.get("joint"):
+        scale, offset = plane_stats(sample.reshape(1, -1), {**spec, "joint": False})
+        return np.repeat(scale, c), np.repeat(offset, c)
     if mode == "zscore":
         lo = sample.mean(axis=1)
         spread = sample.std(axis=1)
     else:
         lo, hi = np.percentile(sample, [spec["low"], spec["high"]], axis=1)
         spread = hi - lo
-    scale = 1.0 / np.where(spread > 1e-12, spread, 1.0)
+    if spec.get("eps") is not None:
+        scale = 1.0 / (spread + float(spec["eps"]))
+    else:
+        scale = 1.0 / np.where(spread > 1e-12, spread, 1.0)
     return scale, -lo * scale
 
 
