@@ -1,4 +1,4 @@
-"""Command line: ``napari-unet predict | models | info``.
+"""Command line: ``napari-unet predict | train | models | info | export``.
 
 Errors print one line (``napari-unet: error: ...``) and exit with status 1.
 """
@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 MODES = ("probabilities", "labels", "instances")
+TRUST_HELP = "allow a bioimage.io package's architecture code to run (only if you trust it)"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,6 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--min-size", type=int, default=0, help="instances: smallest object (px)")
     pr.add_argument("--no-amp", action="store_true", help="no mixed precision on CUDA")
     pr.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    pr.add_argument("--trust-code", action="store_true", help=TRUST_HELP)
 
     tr = sub.add_parser("train", help="train or fine-tune a U-Net on image / label files")
     tr.add_argument("--images", nargs="+", required=True, help="training images (2D)")
@@ -61,7 +63,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("models", help="list bundled models")
     info = sub.add_parser("info", help="print a model's card")
-    info.add_argument("model", help="bundled model name or model file")
+    info.add_argument("model", help="bundled model name, model file or bioimage.io package")
+    info.add_argument("--trust-code", action="store_true", help=TRUST_HELP)
+
+    ex = sub.add_parser("export", help="export a U-Net as a bioimage.io package")
+    ex.add_argument("model", help="bundled model name or model file (.safetensors)")
+    ex.add_argument("--bioimageio", required=True, metavar="OUT.zip", help="package to write")
+    ex.add_argument("--cover", help="cover image (PNG/JPEG); default: input beside output")
+    ex.add_argument("--license", default="CC-BY-4.0", help="SPDX licence of the weights")
+    ex.add_argument("--author", action="append", help="author name (repeat for several)")
     return p
 
 
@@ -78,13 +88,13 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
-def _model(name: str | None):
+def _model(name: str | None, trust_code: bool = False):
     from napari_unet.io import load_model, registry
 
     name = name or registry.default_model()
     if name is None:
         raise ValueError("no bundled model is installed; pass --model FILE")
-    return load_model(name)
+    return load_model(name, trust_code=trust_code)
 
 
 def cmd_models(args) -> int:
@@ -101,14 +111,25 @@ def cmd_models(args) -> int:
 
 
 def cmd_info(args) -> int:
-    print(_model(args.model).info.card())
+    print(_model(args.model, getattr(args, "trust_code", False)).info.card())
+    return 0
+
+
+def cmd_export(args) -> int:
+    from napari_unet.io.bioimageio import export_package
+
+    model = _model(args.model)
+    out = export_package(
+        model, args.bioimageio, cover=args.cover, license=args.license, authors=args.author
+    )
+    print(f"wrote {out}", file=sys.stderr)
     return 0
 
 
 def cmd_predict(args) -> int:
     from napari_unet.io.images import read_image
 
-    model = _model(args.model)
+    model = _model(args.model, getattr(args, "trust_code", False))
     targets = _targets(args.inputs, args.output, args.mode)
     for src, dst in targets:
         image = read_image(src)
@@ -267,4 +288,10 @@ def cmd_train(args) -> int:
     return 0
 
 
-COMMANDS = {"predict": cmd_predict, "models": cmd_models, "info": cmd_info, "train": cmd_train}
+COMMANDS = {
+    "predict": cmd_predict,
+    "models": cmd_models,
+    "info": cmd_info,
+    "train": cmd_train,
+    "export": cmd_export,
+}

@@ -82,11 +82,18 @@ def save_model(
     return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
 
 
-def load_model(source: str | Path) -> LoadedModel:
-    """Load a bundled model by name, a ``.safetensors`` model file or a TorchScript file.
+def load_model(source: str | Path, trust_code: bool = False) -> LoadedModel:
+    """Load a bundled model by name, a ``.safetensors`` model file, a TorchScript file
+    or a bioimage.io package (folder, RDF ``.yaml`` or ``.zip``).
 
-    Raises :class:`ModelFileError` with a one-line reason for anything else.
+    ``trust_code`` allows a bioimage.io package's architecture code to run (see
+    :func:`napari_unet.io.bioimageio.load_package`). Raises
+    :class:`ModelFileError` with a one-line reason for anything else.
     """
+    from napari_unet.io import bioimageio
+
+    if registry.bundled_path(str(source)) is None and bioimageio.is_package(source):
+        return bioimageio.load_package(source, trust_code=trust_code)
     path = _resolve(source)
     kind = _sniff(path)
     if kind == "safetensors":

@@ -1,0 +1,499 @@
+"""bioimage.io packages: export, import, the spec's test tensors, tiling and safety."""
+
+import hashlib
+import io
+import socket
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from conftest import tiny_model
+from napari_unet.cli import main
+from napari_unet.core import normalize as norm
+from napari_unet.core.tiling import predict
+from napari_unet.io import ModelFileError, load_model, save_model
+from napari_unet.io.bioimageio import (
+    PackageNet,
+    export_package,
+    is_package,
+    load_package,
+    run_test_tensors,
+)
+
+REAL = Path(__file__).resolve().parents[2].parent / "shared/models/bioimageio/unet2d_nuclei_broad"
+needs_real = pytest.mark.skipif(
+    not (REAL / "bioimageio.yaml").is_file(),
+    reason="real bioimage.io package not found at ../shared/models/bioimageio/unet2d_nuclei_broad",
+)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Small tensors: one thread avoids oversubscribing a busy 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Any attempt to open a network connection fails the test."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("network access attempted")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """Packages exported from the tiny valid- and same-padding U-Nets (made once)."""
+    out = tmp_path_factory.mktemp("bioimageio")
+    return {p: export_package(tiny_model(p), out / f"tiny_{p}.zip") for p in ("valid", "same")}
+
+
+def _rehash(node, content):
+    if isinstance(node, dict):
+        if node.get("source") in content and "sha256" in node:
+            node["sha256"] = hashlib.sha256(content[node["source"]]).hexdigest()
+        for value in node.values():
+            _rehash(value, content)
+    elif isinstance(node, list):
+        for value in node:
+            _rehash(value, content)
+
+
+def repack(src, dst, edit=None, files=None, drop=(), rehash=True):
+    """Copy a package zip, editing its RDF and files (hashes updated unless told not to)."""
+    with zipfile.ZipFile(src) as zf:
+        content = {n: zf.read(n) for n in zf.namelist() if n not in drop}
+    content.update(files or {})
+    rdf = yaml.safe_load(content["bioimageio.yaml"])
+    if edit is not None:
+        edit(rdf)
+    if rehash:
+        _rehash(rdf, content)
+    content["bioimageio.yaml"] = yaml.safe_dump(rdf, sort_keys=False).encode()
+    with zipfile.ZipFile(dst, "w") as zf:
+        for name, data in content.items():
+            zf.writestr(name, data)
+    return dst
+
+
+def image(h=97, w=83, seed=0):
+    return np.random.default_rng(seed).random((h, w), dtype=np.float32) * 100
+
+
+# ---------------------------------------------------------------- export and round trip
+
+
+@pytest.mark.parametrize("padding", ["valid", "same"])
+def test_round_trip_predicts_like_the_original(exported, padding):
+    model = tiny_model(padding)
+    loaded = load_package(exported[padding])
+    info, g = loaded.info, model.info.geometry
+    assert isinstance(loaded.net, PackageNet)
+    assert (info.format, info.classes, info.in_channels) == ("bioimageio", model.info.classes, 1)
+    assert info.activation == "softmax" and info.fixed_input is None
+    assert info.normalization == {"mode": "percentile", "low": 1.0, "high": 99.8, "eps": 1e-6}
+    assert (info.geometry.multiple, info.geometry.shrink, info.geometry.halo) == (
+        g.multiple,
+        g.shrink,
+        g.halo,
+    )
+    assert info.provenance["weights"] == "torchscript (weights_torchscript.pt)"
+    ours = predict(image(), model, device="cpu")
+    np.testing.assert_allclose(predict(image(), loaded, device="cpu"), ours, rtol=0, atol=1e-5)
+    assert run_test_tensors(loaded) < 1e-4
+
+
+def test_state_dict_weights_run_package_code_only_when_trusted(exported):
+    with pytest.raises(ModelFileError, match="trust_code=True"):
+        load_package(exported["same"], weights_format="pytorch_state_dict")
+    loaded = load_package(exported["same"], weights_format="pytorch_state_dict", trust_code=True)
+    assert loaded.info.provenance["weights"].startswith("pytorch_state_dict")
+    assert run_test_tensors(loaded) < 1e-4
+    ours = predict(image(), tiny_model("same"), device="cpu")
+    np.testing.assert_allclose(predict(image(), loaded, device="cpu"), ours, rtol=0, atol=1e-5)
+
+
+def test_exported_package_contents(exported):
+    with zipfile.ZipFile(exported["same"]) as zf:
+        names = set(zf.namelist())
+        rdf = yaml.safe_load(zf.read("bioimageio.yaml"))
+        cover = zf.read("cover.png")
+        arch = zf.read("unet_architecture.py").decode()
+    assert {"README.md", "test_input.npy", "test_output.npy", "weights_torchscript.pt"} <= names
+    assert rdf["format_version"] == "0.5.4" and cover.startswith(b"\x89PNG")
+    assert rdf["cite"][0]["doi"] == "10.1007/978-3-319-24574-4_28"
+    assert rdf["license"] == "CC-BY-4.0" and len(rdf["name"]) >= 5
+    y = rdf["inputs"][0]["axes"][2]
+    assert y["size"] == {"min": 48, "step": 4}
+    assert rdf["outputs"][0]["axes"][2]["halo"] == 22
+    assert [p["id"] for p in rdf["outputs"][0]["postprocessing"]] == ["softmax", "ensure_dtype"]
+    assert "from napari_unet" not in arch and "import napari_unet" not in arch
+
+
+def test_export_refuses_other_networks_and_names(tmp_path, exported):
+    with pytest.raises(ModelFileError, match="only napari-unet U-Nets"):
+        export_package(load_package(exported["same"]), tmp_path / "again.zip")
+    with pytest.raises(ModelFileError, match=r"\.zip"):
+        export_package(tiny_model("same"), tmp_path / "model.safetensors")
+    rgb = np.zeros((8, 16, 3), np.uint8)
+    out = export_package(tiny_model("same"), tmp_path / "cover.zip", cover=rgb, license="MIT")
+    assert not list(tmp_path.glob(".*.tmp"))  # written atomically
+    with zipfile.ZipFile(out) as zf:
+        assert yaml.safe_load(zf.read("bioimageio.yaml"))["license"] == "MIT"
+
+
+def test_exported_packages_validate_with_bioimageio_spec(exported, no_network):
+    spec = pytest.importorskip("bioimageio.spec")
+    for path in exported.values():
+        summary = spec.load_description(path, perform_io_checks=True).validation_summary
+        assert summary.status in ("valid-format", "passed"), summary.format()
+
+
+# ---------------------------------------------------------------- tiling
+
+
+def test_exported_package_tiles_seamlessly(exported):
+    loaded = load_package(exported["same"])
+    big = image(700, 650, seed=3)
+    tiled = predict(big, loaded, tile=96, device="cpu")
+    whole = predict(big, loaded, tile=4096, device="cpu")
+    np.testing.assert_allclose(tiled, whole, rtol=0, atol=1e-4)
+
+
+# ---------------------------------------------------------------- other layouts and formats
+
+
+class _ChannelLast(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = torch.nn.Conv2d(2, 2, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(x.permute(0, 3, 1, 2))
+
+
+def _write_package(folder: Path, rdf: dict, files: dict) -> Path:
+    folder.mkdir()
+    for name, data in files.items():
+        (folder / name).write_bytes(data)
+    (folder / "rdf.yaml").write_text(yaml.safe_dump(rdf, sort_keys=False))
+    return folder
+
+
+def _npy_bytes(a):
+    buf = io.BytesIO()
+    np.save(buf, a)
+    return buf.getvalue()
+
+
+def _script_bytes(net, example):
+    buf = io.BytesIO()
+    torch.jit.save(torch.jit.trace(net.eval(), example), buf)
+    return buf.getvalue()
+
+
+def test_v05_channel_last_package_with_pointwise_steps(tmp_path):
+    net = _ChannelLast()
+    x = np.random.default_rng(0).random((1, 24, 32, 2), dtype=np.float32) * 10
+    mean, std = np.array([1.0, 2.0]), np.array([2.0, 3.0])
+    with torch.no_grad():
+        logits = net(torch.from_numpy(((x - mean) / (std + 1e-6)).astype(np.float32))).numpy()
+    expected = (np.clip(logits, -1, 1) > 0.2).astype(np.float32)
+    size = {"min": 16, "step": 8}
+    rdf = {
+        "format_version": "0.5.4",
+        "type": "model",
+        "name": "channel last",
+        "description": "t",
+        "authors": [{"name": "A"}],
+        "cite": [{"text": "c", "doi": "10.1/x"}],
+        "license": "MIT",
+        "inputs": [
+            {
+                "id": "in",
+                "axes": [
+                    {"type": "batch"},
+                    {"type": "space", "id": "y", "size": size},
+                    {"type": "space", "id": "x", "size": size},
+                    {"type": "channel", "channel_names": ["r", "g"]},
+                ],
+                "test_tensor": {"source": "x.npy"},
+                "preprocessing": [
+                    {
+                        "id": "fixed_zero_mean_unit_variance",
+                        "kwargs": {"axis": "channel", "mean": mean.tolist(), "std": std.tolist()},
+                    }
+                ],
+            }
+        ],
+        "outputs": [
+            {
+                "id": "out",
+                "axes": [
+                    {"type": "batch"},
+                    {"type": "channel", "channel_names": ["a", "b"]},
+                    {"type": "space", "id": "y", "size": {"tensor_id": "in", "axis_id": "y"}},
+                    {"type": "space", "id": "x", "size": {"tensor_id": "in", "axis_id": "x"}},
+                ],
+                "test_tensor": {"source": "y.npy"},
+                "postprocessing": [
+                    {"id": "clip", "kwargs": {"min": -1, "max": 1}},
+                    {"id": "binarize", "kwargs": {"threshold": 0.2}},
+                ],
+            }
+        ],
+        "weights": {"torchscript": {"source": "w.pt", "pytorch_version": "2.0"}},
+    }
+    files = {"x.npy": _npy_bytes(x), "y.npy": _npy_bytes(expected)}
+    files["w.pt"] = _script_bytes(net, torch.zeros(1, 16, 16, 2))
+    loaded = load_package(_write_package(tmp_path / "pkg", rdf, files))
+    info = loaded.info
+    assert (info.classes, info.in_channels, info.activation) == (["a", "b"], 2, "none")
+    assert info.normalization == {"mode": "none"} and info.geometry.halo >= 1
+    assert run_test_tensors(loaded) <= 1e-4
+    tiled = predict(x[0], loaded, axes="YXC", tile=16, device="cpu")
+    np.testing.assert_array_equal(tiled, predict(x[0], loaded, axes="YXC", device="cpu"))
+    inner = (slice(None), slice(1, -1), slice(1, -1))  # the engine mirrors, the spec zero-pads
+    np.testing.assert_array_equal(tiled[inner], expected[0][inner])
+
+
+def test_v04_package_with_statistical_and_pointwise_steps(tmp_path):
+    torch.manual_seed(1)
+    net = torch.nn.Conv2d(1, 1, 3, padding=1)
+    x = np.random.default_rng(1).random((1, 1, 40, 48), dtype=np.float32) * 50
+    lo, hi = np.percentile(x, [1, 99])
+    pre = np.clip((x - lo) / (hi - lo + 1e-6), 0, 1).astype(np.float32)
+    with torch.no_grad():
+        logits = net(torch.from_numpy(pre)).numpy()
+    expected = 1 / (1 + np.exp(-(2 * logits + 0.5)))
+    rdf = {
+        "format_version": "0.4.10",
+        "type": "model",
+        "name": "old format",
+        "license": "MIT",
+        "authors": [{"name": "B"}],
+        "cite": [{"text": "c", "url": "https://example.com"}],
+        "test_inputs": ["x.npy"],
+        "test_outputs": ["y.npy"],
+        "inputs": [
+            {
+                "name": "raw",
+                "axes": "bcyx",
+                "data_type": "float32",
+                "shape": {"min": [1, 1, 16, 16], "step": [0, 0, 8, 8]},
+                "preprocessing": [
+                    {
+                        "name": "scale_range",
+                        "kwargs": {
+                            "mode": "per_sample",
+                            "axes": "xy",
+                            "min_percentile": 1,
+                            "max_percentile": 99,
+                        },
+                    },
+                    {"name": "clip", "kwargs": {"min": 0, "max": 1}},
+                ],
+            }
+        ],
+        "outputs": [
+            {
+                "name": "prob",
+                "axes": "bcyx",
+                "data_type": "float32",
+                "halo": [0, 0, 4, 4],
+                "shape": {
+                    "reference_tensor": "raw",
+                    "scale": [1, 1, 1, 1],
+                    "offset": [0, 0, 0, 0],
+                },
+                "postprocessing": [
+                    {"name": "scale_linear", "kwargs": {"gain": 2, "offset": 0.5, "axes": "xy"}},
+                    {"name": "sigmoid"},
+                ],
+            }
+        ],
+        "weights": {"torchscript": {"source": "w.pt", "sha256": None}},
+    }
+    files = {"x.npy": _npy_bytes(x), "y.npy": _npy_bytes(expected)}
+    files["w.pt"] = _script_bytes(net, torch.zeros(1, 1, 16, 16))
+    rdf["weights"]["torchscript"]["sha256"] = hashlib.sha256(files["w.pt"]).hexdigest()
+    loaded = load_package(_write_package(tmp_path / "pkg", rdf, files) / "rdf.yaml")
+    info = loaded.info
+    assert info.normalization == {"mode": "percentile", "low": 1.0, "high": 99.0, "eps": 1e-6}
+    assert (info.activation, info.classes, info.geometry.halo) == ("sigmoid", ["prob"], 4)
+    assert info.geometry.multiple == 8 and info.provenance["bioimageio"] == "format 0.4.10"
+    assert run_test_tensors(loaded) < 1e-5
+    tiled = predict(x[0, 0], loaded, tile=24, device="cpu")
+    np.testing.assert_allclose(tiled, predict(x[0, 0], loaded, tile=512, device="cpu"), atol=1e-6)
+
+
+def test_joint_and_eps_normalisation_specs():
+    sample = np.array([[0.0, 2.0, 4.0], [10.0, 12.0, 14.0]])
+    scale, offset = norm.plane_stats(sample, {"mode": "zscore", "eps": 0.5, "joint": True})
+    joint = np.concatenate(sample)
+    np.testing.assert_allclose(scale, 1 / (joint.std() + 0.5))
+    np.testing.assert_allclose(offset, -joint.mean() / (joint.std() + 0.5))
+    scale, _ = norm.plane_stats(sample, {"mode": "percentile", "low": 0, "high": 100})
+    np.testing.assert_allclose(scale, [0.25, 0.25])  # unchanged without the new keys
+
+
+# ---------------------------------------------------------------- integrity and safety
+
+
+def test_sha256_mismatch_names_the_file(tmp_path, exported):
+    bad = repack(
+        exported["same"], tmp_path / "bad.zip", files={"test_input.npy": b"x"}, rehash=False
+    )
+    with pytest.raises(ModelFileError, match=r"test_input\.npy: sha256"):
+        load_package(bad)
+    folder = tmp_path / "folder"
+    with zipfile.ZipFile(exported["same"]) as zf:
+        zf.extractall(folder)
+    assert load_package(folder).info.format == "bioimageio"
+    (folder / "weights_torchscript.pt").write_bytes(b"tampered")
+    with pytest.raises(ModelFileError, match=r"weights_torchscript\.pt: sha256"):
+        load_package(folder / "bioimageio.yaml")
+
+
+def test_unsafe_paths_are_refused(tmp_path, exported):
+    for member in ("../evil.txt", "/etc/evil.txt"):
+        path = tmp_path / "evil.zip"
+        with zipfile.ZipFile(exported["same"]) as src, zipfile.ZipFile(path, "w") as dst:
+            for name in src.namelist():
+                dst.writestr(name, src.read(name))
+            dst.writestr(member, b"x")
+        with pytest.raises(ModelFileError, match="unsafe member"):
+            load_package(path)
+        assert not is_package(path)
+
+    def outside(rdf):
+        rdf["weights"]["torchscript"]["source"] = "../w.pt"
+
+    folder = tmp_path / "pkg"
+    with zipfile.ZipFile(repack(exported["same"], tmp_path / "o.zip", outside)) as zf:
+        zf.extractall(folder)
+    (tmp_path / "w.pt").write_bytes(b"")
+    with pytest.raises(ModelFileError, match=r"'\.\.'"):
+        load_package(folder)
+
+
+def test_architecture_code_never_runs_without_trust(tmp_path, exported):
+    marker = tmp_path / "ran"
+    with zipfile.ZipFile(exported["same"]) as zf:
+        code = zf.read("unet_architecture.py") + f"\nopen({str(marker)!r}, 'w').close()\n".encode()
+
+    def state_dict_only(rdf):
+        del rdf["weights"]["torchscript"]
+
+    path = repack(
+        exported["same"],
+        tmp_path / "sd.zip",
+        state_dict_only,
+        files={"unet_architecture.py": code},
+        drop=("weights_torchscript.pt",),
+    )
+    with pytest.raises(ModelFileError, match="trust"):
+        load_package(path)
+    assert not marker.exists()
+    assert run_test_tensors(path, trust_code=True) < 1e-4
+    assert marker.exists()
+
+
+def test_remote_weights_are_never_downloaded(tmp_path, exported, no_network):
+    def remote(rdf):
+        rdf["weights"]["torchscript"]["source"] = "https://example.com/remote_weights.pt"
+
+    path = repack(exported["same"], tmp_path / "remote.zip", remote)
+    with pytest.raises(ModelFileError, match=r"remote_weights\.pt .*downloads nothing"):
+        load_package(path, weights_format="torchscript")
+    with pytest.raises(ModelFileError, match=r"remote_weights\.pt .*trust_code=True"):
+        load_package(path)  # both usable formats are explained
+    loaded = load_package(path, trust_code=True)  # falls back to the local state dict
+    assert loaded.info.provenance["weights"].startswith("pytorch_state_dict")
+
+
+def test_missing_onnxruntime_is_a_clear_error(tmp_path, exported, monkeypatch):
+    def onnx_only(rdf):
+        rdf["weights"] = {"onnx": {"source": "w.onnx", "sha256": "", "opset_version": 17}}
+
+    path = repack(exported["same"], tmp_path / "onnx.zip", onnx_only, files={"w.onnx": b"x"})
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)
+    with pytest.raises(ModelFileError, match="pip install onnxruntime"):
+        load_package(path)
+
+
+# ---------------------------------------------------------------- load_model and CLI
+
+
+def test_load_model_and_cli_handle_packages(tmp_path, capsys):
+    src = save_model(tiny_model("valid"), tmp_path / "tiny.safetensors")
+    out = tmp_path / "pkg.zip"
+    assert main(["export", str(src), "--bioimageio", str(out), "--author", "Ada"]) == 0
+    assert main(["info", str(out)]) == 0
+    card = capsys.readouterr().out
+    assert "format:        bioimageio" in card and "authors:       Ada" in card
+    assert "10.1007/978-3-319-24574-4_28" in card
+    assert load_model(out).info.format == "bioimageio"
+    assert main(["export", str(out), "--bioimageio", str(tmp_path / "x.zip")]) == 1
+
+
+# ---------------------------------------------------------------- the real package
+
+
+@pytest.fixture(scope="module")
+def real_torchscript():
+    return load_package(REAL)
+
+
+@pytest.fixture(scope="module")
+def real_onnx():
+    pytest.importorskip("onnxruntime")
+    return load_package(REAL, weights_format="onnx")
+
+
+@needs_real
+def test_real_package_torchscript_passes_its_test_tensors(real_torchscript):
+    info = real_torchscript.info
+    assert info.provenance["weights"] == "torchscript (weights.pt)"
+    assert (info.classes, info.activation) == (["probability"], "sigmoid")
+    assert info.normalization == {"mode": "zscore", "eps": 1e-6}
+    assert info.geometry.halo > 32 and info.geometry.multiple == 8  # declared 32 is too small
+    card = info.card()
+    for text in ("bioimageio", "Constantin Pape", "MIT", "10.1007/978-3-319-24574-4_28"):
+        assert text in card
+    assert run_test_tensors(real_torchscript) < 1e-4
+
+
+@needs_real
+def test_real_package_onnx_passes_its_test_tensors(real_onnx):
+    assert real_onnx.info.fixed_input == (512, 512)
+    assert real_onnx.info.geometry.halo > 32
+    assert run_test_tensors(real_onnx) < 1e-4
+
+
+@needs_real
+def test_real_package_tiles_seamlessly(real_torchscript, real_onnx):
+    big = np.random.default_rng(5).random((700, 650), dtype=np.float32) * 255
+    whole = predict(big, real_torchscript, tile=4096, device="cpu")
+    tiled = predict(big, real_torchscript, tile=448, device="cpu")
+    np.testing.assert_allclose(tiled, whole, rtol=0, atol=1e-4)
+    fixed_tiles = predict(big, real_onnx, device="cpu")  # 512 x 512 tiles
+    np.testing.assert_allclose(fixed_tiles, whole, rtol=0, atol=1e-4)
+
+
+@needs_real
+def test_real_remote_state_dict_is_not_downloaded(no_network):
+    with pytest.raises(ModelFileError, match=r"unet2d_nuclei_broad_weights\.torch .*downloads"):
+        load_package(REAL, weights_format="pytorch_state_dict", trust_code=True)
