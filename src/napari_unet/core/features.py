@@ -1,0 +1,194 @@
+"""Feature maps: the activations of every named stage of a U-Net, placed on the image grid.
+
+:func:`capture` runs a region of one plane (with its halo, mirrored at the
+image border, tiles on the pooling grid) through the network with forward hooks
+on the requested stages, removes the hooks, and returns one
+:class:`FeatureMap` per stage. Each map knows where its pixels lie on the input
+image: the centre of feature pixel ``(i, j)`` is at image pixel
+``origin + scale * (i, j)``, so a deep, coarse stage can be drawn exactly over
+the pixels it came from.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Generator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from napari_unet.core import normalize as norm
+from napari_unet.core.axes import resolve_axes
+from napari_unet.core.device import resolve_device
+from napari_unet.core.tiling import Progress, reflect_index
+from napari_unet.model.info import LoadedModel
+
+
+@dataclass
+class FeatureMap:
+    """Activations ``(C, h, w)`` of one stage and their place on the image."""
+
+    stage: str
+    data: np.ndarray
+    scale: float  # image pixels per feature pixel
+    origin: tuple[float, float]  # image (y, x) of the centre of feature pixel (0, 0)
+    channels: np.ndarray  # indices of the kept channels in the stage's output
+
+    def world(self, layer_scale=(1.0, 1.0), layer_translate=(0.0, 0.0)):
+        """``(scale, translate)`` for a napari layer over an image layer with these."""
+        sy, sx = layer_scale
+        ty, tx = layer_translate
+        return (
+            (self.scale * sy, self.scale * sx),
+            (ty + self.origin[0] * sy, tx + self.origin[1] * sx),
+        )
+
+
+def stage_names(net) -> list[str]:
+    """Stages of a network: a U-Net's named stages, else its top-level modules."""
+    names = getattr(net, "stage_names", None)
+    if names:
+        return list(names)
+    return [name for name, _ in net.named_children()]
+
+
+def stage_grid(config) -> dict[str, tuple[float, int]]:
+    """``{stage: (offset, scale)}``: feature pixel ``j`` is centred on input pixel
+    ``offset + scale * j`` (input = the network's input tile)."""
+    t = 2 if config.padding == "valid" else 0  # pixels trimmed per side by two convs
+    grid = {"enc0": (float(t), 1)}
+    a, s = float(t), 1
+    for level in range(1, config.depth + 1):
+        a, s = a + s * (2 * t + 0.5), 2 * s
+        grid[f"enc{level}" if level < config.depth else "bottleneck"] = (a, s)
+    for level in reversed(range(config.depth)):
+        a, s = a - s / 4, s // 2  # 2x2 up-convolution splits each pixel in two
+        a = a + s * t
+        grid[f"dec{level}"] = (a, s)
+    grid["head"] = grid["dec0"]
+    return grid
+
+
+def estimate_bytes(model: LoadedModel, stages: list[str], yx: tuple[int, int]) -> int:
+    """Bytes of float32 activations :func:`capture` would return for a region."""
+    arch = model.info.architecture or {}
+    width, depth = arch.get("base_width", 64), arch.get("depth", 4)
+    total = 0
+    for name in stages:
+        if name == "head":
+            ch, s = model.info.num_classes, 1
+        elif name == "bottleneck":
+            ch, s = width * 2**depth, 2**depth
+        else:
+            level = int(name[3:]) if name[3:].isdigit() else 0
+            ch, s = width * 2**level, 2**level
+        total += ch * (yx[0] // s + 2) * (yx[1] // s + 2) * 4
+    return total
+
+
+def capture_iter(
+    image,
+    model: LoadedModel,
+    stages: list[str] | None = None,
+    *,
+    axes: str | None = None,
+    plane: tuple[int, ...] = (),
+    region: tuple[int, int, int, int] | None = None,
+    max_channels: int | None = None,
+    dtype=np.float32,
+    device="auto",
+) -> Generator[Progress, None, dict[str, FeatureMap]]:
+    """Yield progress; return ``{stage: FeatureMap}`` for a region of one plane.
+
+    ``max_channels`` keeps the channels with the highest activation variance
+    (ranked per stage); ``dtype=np.float16`` halves the memory.
+    """
+    net = model.net
+    names = stage_names(net)
+    stages = list(stages or names)
+    unknown = [s for s in stages if s not in names]
+    if unknown:
+        raise ValueError(f"no stage(s) {unknown}; the network has {names}")
+    ax = resolve_axes(tuple(image.shape), axes, model.info.in_channels)
+    h, w = ax.yx
+    y0, y1, x0, x1 = region if region is not None else (0, h, 0, w)
+    if not (0 <= y0 < y1 <= h and 0 <= x0 < x1 <= w):
+        raise ValueError(f"region {region} is empty or outside the image {ax.yx}")
+    yield Progress(0, 3, "reading the region with its halo")
+    tile, (sy, sx) = _input_tile(image, ax, model, plane, (y0, y1, x0, x1))
+    grid = _grid(net, model)
+    captured: dict[str, torch.Tensor] = {}
+    handles = [getattr(net, name).register_forward_hook(_keep(captured, name)) for name in stages]
+    try:
+        yield Progress(1, 3, "running the network")
+        dev = resolve_device(device)
+        net.to(dev).eval()
+        with torch.inference_mode():
+            net(torch.from_numpy(tile[None]).to(dev))
+    finally:
+        for handle in handles:
+            handle.remove()
+    yield Progress(2, 3, "placing feature maps")
+    out = {}
+    for name in stages:
+        data = captured[name][0].float().cpu().numpy()
+        a, s = grid.get(name, (0.0, 1))
+        out[name] = _place(name, data, a, s, (sy, sx), (y0, y1, x0, x1), max_channels, dtype)
+    return out
+
+
+def capture(image, model, stages=None, **kwargs) -> dict[str, FeatureMap]:
+    """Run :func:`capture_iter` to the end."""
+    gen = capture_iter(image, model, stages, **kwargs)
+    while True:
+        try:
+            next(gen)
+        except StopIteration as stop:
+            return stop.value
+
+
+def _keep(store: dict, name: str):
+    def hook(module, inputs, output):
+        store[name] = output.detach()
+
+    return hook
+
+
+def _grid(net, model) -> dict:
+    config = getattr(net, "config", None)
+    return stage_grid(config) if config is not None else {}
+
+
+def _input_tile(image, ax, model, plane, box):
+    """Normalised input covering ``box`` plus the halo, starting on the pooling grid."""
+    g = model.info.geometry
+    y0, y1, x0, x1 = box
+    m = g.multiple
+    # the same pooling grid as the tiling engine (canvas origin at -halo)
+    sy, sx = y0 // m * m - g.halo, x0 // m * m - g.halo
+    ty = g.snap(y1 + g.halo - sy, "up")
+    tx = g.snap(x1 + g.halo - sx, "up")
+    h, w = ax.yx
+    iy = reflect_index(np.arange(ty) + sy, h)
+    ix = reflect_index(np.arange(tx) + sx, w)
+    ys, xs = slice(int(iy.min()), int(iy.max()) + 1), slice(int(ix.min()), int(ix.max()) + 1)
+    block = ax.read(image, plane, ys, xs)[:, iy - ys.start][:, :, ix - xs.start]
+    spec = norm.validate(model.info.normalization)
+    sample = norm.sample_plane(lambda a, b: ax.read(image, plane, a, b), ax.yx)
+    return norm.apply(block, *norm.plane_stats(sample, spec)), (sy, sx)
+
+
+def _place(name, data, a, s, start, box, max_channels, dtype) -> FeatureMap:
+    """Crop a stage's map to the region (plus one pixel) and rank its channels."""
+    y0, y1, x0, x1 = box
+    oy, ox = start[0] + a, start[1] + a  # image coordinate of feature pixel 0
+    j0 = max(0, int(np.floor((y0 - oy) / s)))
+    j1 = min(data.shape[1], int(np.ceil((y1 - 1 - oy) / s)) + 1)
+    i0 = max(0, int(np.floor((x0 - ox) / s)))
+    i1 = min(data.shape[2], int(np.ceil((x1 - 1 - ox) / s)) + 1)
+    data = data[:, j0:j1, i0:i1]
+    channels = np.arange(data.shape[0])
+    if max_channels and data.shape[0] > max_channels:
+        channels = np.argsort(-data.reshape(data.shape[0], -1).var(axis=1))[:max_channels]
+        data = data[channels]
+    return FeatureMap(name, data.astype(dtype), float(s), (oy + j0 * s, ox + i0 * s), channels)

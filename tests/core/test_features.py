@@ -1,0 +1,87 @@
+import numpy as np
+import pytest
+import torch
+
+from conftest import tiny_model
+from napari_unet.core.features import capture, estimate_bytes, stage_grid
+from napari_unet.core.tiling import predict
+from napari_unet.model import UNet, UNetConfig
+from napari_unet.model.info import wrap_unet
+
+
+def _blob_net(padding: str, depth: int = 3) -> UNet:
+    """Uniform positive kernels: every stage's response to a dot is centred on the dot."""
+    net = UNet(UNetConfig(depth=depth, base_width=2, padding=padding, norm="none"))
+    with torch.no_grad():
+        for p in net.parameters():
+            p.fill_(0.1)
+    return net.eval()
+
+
+@pytest.mark.parametrize("padding", ["valid", "same"])
+def test_every_stage_lands_on_the_pixels_it_came_from(padding):
+    model = wrap_unet(_blob_net(padding), normalization={"mode": "none"})
+    image = np.zeros((120, 130), np.float32)
+    dot = (57, 71)
+    image[dot] = 100.0
+    maps = capture(image, model, region=(20, 100, 30, 110))
+    assert list(maps) == model.net.stage_names
+    for name, fm in maps.items():
+        a = fm.data[0].astype(np.float64)
+        a = a - a.min()
+        assert a.sum() > 0, name
+        jj, ii = np.meshgrid(np.arange(a.shape[0]), np.arange(a.shape[1]), indexing="ij")
+        cy = fm.origin[0] + fm.scale * (a * jj).sum() / a.sum()
+        cx = fm.origin[1] + fm.scale * (a * ii).sum() / a.sum()
+        tol = fm.scale / 2 + 0.6
+        assert abs(cy - dot[0]) <= tol and abs(cx - dot[1]) <= tol, (name, cy, cx)
+
+
+def test_head_stage_equals_the_engines_logits_on_the_region():
+    model = tiny_model("valid", depth=2)
+    image = np.random.default_rng(0).random((90, 100), dtype=np.float32)
+    maps = capture(image, model, ["head"], region=(10, 60, 20, 90))
+    head = maps["head"]
+    assert head.scale == 1 and head.origin == (10.0, 20.0)
+    probs = torch.softmax(torch.from_numpy(head.data), 0).numpy()
+    np.testing.assert_allclose(probs, predict(image, model)[:, 10:60, 20:90], atol=1e-5)
+
+
+def test_world_placement_uses_the_layer_scale_and_translate():
+    model = tiny_model("same", depth=2)
+    maps = capture(np.zeros((64, 64), np.float32), model, ["enc1"], region=(8, 40, 8, 40))
+    scale, translate = maps["enc1"].world((0.5, 0.5), (100.0, 200.0))
+    assert scale == (1.0, 1.0)
+    assert translate == (100 + maps["enc1"].origin[0] * 0.5, 200 + maps["enc1"].origin[1] * 0.5)
+
+
+def test_hooks_are_removed_after_100_calls_and_errors():
+    model = tiny_model("same", depth=2)
+    image = np.random.default_rng(1).random((40, 40), dtype=np.float32)
+    for _ in range(100):
+        capture(image, model, ["enc0", "head"], region=(0, 16, 0, 16))
+    assert all(not m._forward_hooks for m in model.net.modules())
+    with pytest.raises(ValueError, match="no stage"):
+        capture(image, model, ["enc9"])
+    with pytest.raises(ValueError, match="outside the image"):
+        capture(image, model, ["enc0"], region=(0, 50, 0, 10))
+    assert all(not m._forward_hooks for m in model.net.modules())
+
+
+def test_top_channels_float16_and_memory_estimate():
+    model = tiny_model("same", depth=2)
+    image = np.random.default_rng(2).random((48, 48), dtype=np.float32)
+    full = capture(image, model, ["enc1"])["enc1"]
+    top = capture(image, model, ["enc1"], max_channels=3, dtype=np.float16)["enc1"]
+    assert top.data.dtype == np.float16 and top.data.shape[0] == 3
+    variances = full.data.reshape(full.data.shape[0], -1).var(axis=1)
+    assert set(top.channels) == set(np.argsort(-variances)[:3])
+    est = estimate_bytes(model, ["enc1"], (48, 48))
+    assert est >= full.data.nbytes
+
+
+def test_stage_grid_matches_the_paper_geometry():
+    grid = stage_grid(UNetConfig(depth=4, padding="valid"))
+    assert grid["head"] == (92.0, 1)
+    assert grid["bottleneck"][1] == 16
+    assert stage_grid(UNetConfig(depth=4, padding="same"))["head"] == (0.0, 1)
