@@ -1,0 +1,155 @@
+"""Feature-map panel: show what each stage of the U-Net computes, over the image."""
+
+from __future__ import annotations
+
+import numpy as np
+from qtpy.QtWidgets import (
+    QAbstractItemView,
+    QCheckBox,
+    QComboBox,
+    QFormLayout,
+    QListWidget,
+    QSpinBox,
+)
+
+from napari_unet._widgets._base import WorkerPanel
+
+MEMORY_LIMIT_MB = 512
+
+
+class FeatureMapPanel(WorkerPanel):
+    """Capture the activations of chosen stages for a region of an image layer."""
+
+    run_text = "Show feature maps"
+
+    def __init__(self, napari_viewer) -> None:
+        super().__init__(napari_viewer)
+        form = QFormLayout()
+        self.layer_combo = QComboBox()
+        form.addRow("Image", self.layer_combo)
+        self.stage_list = QListWidget()
+        self.stage_list.setSelectionMode(QAbstractItemView.SelectionMode.MultiSelection)
+        self.stage_list.setMaximumHeight(170)
+        form.addRow("Stages", self.stage_list)
+        self.region_combo = QComboBox()
+        self.region_combo.addItems(["field of view", "whole plane"])
+        form.addRow("Region", self.region_combo)
+        self.channels_spin = QSpinBox()
+        self.channels_spin.setRange(0, 4096)
+        self.channels_spin.setSpecialValueText("all")
+        form.addRow("Top channels", self.channels_spin)
+        self.half_check = QCheckBox("float16 (half the memory)")
+        form.addRow("", self.half_check)
+        self.form.addLayout(form)
+        self._job = None
+        events = napari_viewer.layers.events
+        events.inserted.connect(self._on_layers_changed)
+        events.removed.connect(self._on_layers_changed)
+        self.state.model_changed.connect(self._on_model_changed)
+        self._on_layers_changed()
+        self._on_model_changed(self.state.model)
+
+    def _on_layers_changed(self, event=None) -> None:
+        from napari.layers import Image
+
+        current = self.layer_combo.currentText()
+        names = [
+            la.name for la in self.viewer.layers if isinstance(la, Image) and "[" not in la.name
+        ]
+        self.layer_combo.clear()
+        self.layer_combo.addItems(names)
+        if current in names:
+            self.layer_combo.setCurrentText(current)
+
+    def _on_model_changed(self, model) -> None:
+        from napari_unet.core.features import stage_names
+
+        self.stage_list.clear()
+        if model is None:
+            return
+        self.stage_list.addItems(stage_names(model.net))
+        for i in range(self.stage_list.count()):
+            self.stage_list.item(i).setSelected(True)
+
+    def stages(self) -> list[str]:
+        return [item.text() for item in self.stage_list.selectedItems()]
+
+    def _on_run(self) -> None:
+        from napari_unet._widgets._layers import job_for_layer
+        from napari_unet.core.features import capture_iter, estimate_bytes
+
+        model = self.state.model
+        layers = [la for la in self.viewer.layers if la.name == self.layer_combo.currentText()]
+        if model is None or not layers or not self.stages():
+            self.status.setText("Load a model, pick an image layer and at least one stage.")
+            return
+        visible = self.region_combo.currentText() == "field of view"
+        try:
+            job = job_for_layer(layers[0], model, self.viewer, True, visible)
+        except ValueError as err:
+            self._on_errored(err)
+            return
+        from napari_unet.core.axes import resolve_axes
+
+        h, w = resolve_axes(tuple(job.data.shape), job.axes, model.info.in_channels).yx
+        y0, y1, x0, x1 = job.region or (0, h, 0, w)
+        mb = estimate_bytes(model, self.stages(), (y1 - y0, x1 - x0)) / 2**20
+        channels = self.channels_spin.value() or None
+        if self.half_check.isChecked():
+            mb /= 2
+        if mb > MEMORY_LIMIT_MB and channels is None:
+            self.status.setText(
+                f"This would make {mb:.0f} MB of feature maps (limit {MEMORY_LIMIT_MB} MB): "
+                "choose fewer stages, a few top channels, float16, or a smaller view."
+            )
+            return
+        self._job = job
+        plane = tuple(0 for _ in range(len(job.data.shape) - 2))
+        kwargs = dict(
+            axes=job.axes,
+            plane=plane,
+            region=(y0, y1, x0, x1),
+            max_channels=channels,
+            device=self.state.device,
+            dtype=np.float16 if self.half_check.isChecked() else np.float32,
+        )
+        self.start(
+            capture_iter,
+            job.data,
+            model,
+            self.stages(),
+            total=3,
+            desc="napari-unet: feature maps",
+            **kwargs,
+        )
+
+    def _on_yielded(self, progress) -> None:
+        self.status.setText(progress.message)
+
+    def _on_returned(self, maps) -> None:
+        job = self._job
+        for name, fm in maps.items():
+            scale, translate = fm.world(job.scale[-2:], _origin(job))
+            lead = len(job.scale) - 2
+            layer_name = f"{job.layer_name} [features {name}]"
+            data = fm.data.reshape((fm.data.shape[0],) + (1,) * lead + fm.data.shape[1:])
+            kw = dict(
+                scale=(1.0, *job.scale[:lead], *scale),
+                translate=(0.0, *job.translate[:lead], *translate),
+                colormap="inferno",
+                metadata={"stage": name, "channels": fm.channels.tolist()},
+            )
+            if layer_name in [la.name for la in self.viewer.layers]:
+                self.viewer.layers.remove(layer_name)
+            self.viewer.add_image(data, name=layer_name, **kw)
+        self.status.setText(
+            f"{len(maps)} stage(s) shown; the first axis slider picks the channel."
+        )
+
+
+def _origin(job) -> tuple[float, float]:
+    """World position of image pixel (0, 0) of the region's plane (before the region)."""
+    if job.region is None:
+        return job.translate[-2], job.translate[-1]
+    y0, _, x0, _ = job.region
+    return job.translate[-2] - y0 * job.scale[-2], job.translate[-1] - x0 * job.scale[-1]

@@ -1,0 +1,47 @@
+import numpy as np
+import pytest
+
+from conftest import tiny_model
+
+pytest.importorskip("napari")
+
+
+@pytest.fixture
+def panel(make_napari_viewer):
+    from napari_unet._widgets._state import state_for
+    from napari_unet._widgets.feature_maps import FeatureMapPanel
+
+    viewer = make_napari_viewer()
+    state_for(viewer).model = tiny_model("valid", depth=2)
+    return viewer, FeatureMapPanel(viewer)
+
+
+def test_all_stages_appear_aligned_with_the_image(panel, qtbot):
+    from napari_unet.core.features import capture
+
+    viewer, widget = panel
+    image = np.random.default_rng(0).random((64, 80)).astype(np.float32)
+    viewer.add_image(image, name="img", scale=(0.5, 0.5), translate=(3.0, 4.0))
+    assert widget.stages() == ["enc0", "enc1", "bottleneck", "dec1", "dec0", "head"]
+    widget.region_combo.setCurrentText("whole plane")
+    widget._on_run()
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=30000)
+    ref = capture(image, tiny_model("valid", depth=2))
+    for name, fm in ref.items():
+        layer = viewer.layers[f"img [features {name}]"]
+        np.testing.assert_allclose(layer.data, fm.data, atol=1e-6)
+        assert layer.scale[-1] == 0.5 * fm.scale
+        assert layer.translate[-2] == pytest.approx(3.0 + 0.5 * fm.origin[0])
+    np.testing.assert_array_equal(viewer.layers["img"].data, image)
+
+
+def test_memory_limit_asks_for_fewer_channels(panel, monkeypatch):
+    import napari_unet._widgets.feature_maps as fmod
+
+    viewer, widget = panel
+    viewer.add_image(np.zeros((64, 64), np.float32), name="img")
+    widget.region_combo.setCurrentText("whole plane")
+    monkeypatch.setattr(fmod, "MEMORY_LIMIT_MB", 0.001)
+    widget._on_run()
+    assert "MB of feature maps" in widget.status.text() and widget.worker is None
+    assert len(viewer.layers) == 1
