@@ -17,6 +17,7 @@ import napari
 from qtpy.QtWidgets import QApplication
 
 from napari_unet._sample_data import membranes_sample, nuclei_sample
+from napari_unet._widgets.feature_maps import FeatureMapPanel
 from napari_unet._widgets.model_panel import FILE_ENTRY, ModelPanel
 from napari_unet._widgets.segment import SegmentPanel
 
@@ -64,6 +65,35 @@ def shoot(sample, model: str, mode: str, name: str, canvas_name: str | None = No
     viewer.close()
 
 
+def shoot_features(model: str, name: str) -> None:
+    viewer = napari.Viewer(show=True)
+    viewer.window._qt_window.resize(1500, 950)
+    image, meta, _ = nuclei_sample()[0]
+    viewer.add_image(image, **meta)
+    model_panel = ModelPanel(viewer)
+    panel = FeatureMapPanel(viewer)
+    viewer.window.add_dock_widget(model_panel, name="U-Net model", area="right")
+    viewer.window.add_dock_widget(panel, name="U-Net feature maps", area="right")
+    if Path(model).exists():
+        model_panel.model_combo.setCurrentText(FILE_ENTRY)
+        model_panel.path_edit.setText(model)
+    model_panel._on_run()
+    wait(model_panel)
+    for i in range(panel.stage_list.count()):
+        item = panel.stage_list.item(i)
+        item.setSelected(item.text() in ("enc3", "dec1"))
+    panel.region_combo.setCurrentText("whole plane")
+    panel._on_run()
+    wait(panel)
+    viewer.layers[0].opacity = 1.0
+    deep = viewer.layers[-1]
+    deep.opacity = 0.55
+    viewer.dims.set_point(0, 3)
+    viewer.window.screenshot(str(OUT / name), canvas_only=False)
+    print(f"wrote {name}: {panel.status.text()}")
+    viewer.close()
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--model", default="nuclei")
@@ -71,6 +101,7 @@ def main() -> None:
     args = p.parse_args()
     shoot(nuclei_sample, args.model, "instances", "segment_panel.png", "nuclei_result.png")
     shoot(membranes_sample, args.em_model, "labels", "membranes_panel.png")
+    shoot_features(args.model, "feature_maps_panel.png")
 
 
 if __name__ == "__main__":

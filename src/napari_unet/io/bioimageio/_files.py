@@ -1,0 +1,154 @@
+"""Reading a package: folders, zips and RDF files, safe member names, sha256."""
+
+from __future__ import annotations
+
+import hashlib
+import posixpath
+import re
+import zipfile
+from pathlib import Path
+
+from napari_unet.io.files import ModelFileError
+
+RDF_NAMES = ("bioimageio.yaml", "rdf.yaml")
+
+
+class _Files:
+    """Files of a package folder or zip, addressed by their path inside the package."""
+
+    def __init__(self, path: Path, prefix: str = "", members: frozenset = frozenset()):
+        self.path, self.prefix, self.members = path, prefix, members
+        self.is_zip = bool(members)
+
+    def has(self, name: str) -> bool:
+        name = _safe_name(name)
+        if self.is_zip:
+            return self.prefix + name in self.members
+        return self._local(name).is_file()
+
+    def read(self, name: str) -> bytes:
+        name = _safe_name(name)
+        if self.is_zip:
+            with zipfile.ZipFile(self.path) as zf:
+                return zf.read(self.prefix + name)
+        return self._local(name).read_bytes()
+
+    def _local(self, name: str) -> Path:
+        root = self.path.resolve()
+        path = (root / name).resolve()
+        if not path.is_relative_to(root):
+            raise ModelFileError(f"{name}: points outside the package folder; refused")
+        return path
+
+
+def _safe_name(name: str) -> str:
+    """A package-relative POSIX path; absolute paths and ``..`` are refused."""
+    name = str(name).replace("\\", "/")
+    if name.startswith("/") or re.match(r"^[A-Za-z]:", name) or ".." in name.split("/"):
+        raise ModelFileError(f"{name!r}: absolute or '..' path inside a package; refused")
+    return posixpath.normpath(name)
+
+
+def _is_remote(source: str) -> bool:
+    return "://" in str(source) or str(source).startswith("doi:")
+
+
+def _first_line(err: BaseException) -> str:
+    lines = str(err).strip().splitlines()
+    return lines[0][:200] if lines else type(err).__name__
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _open(source) -> tuple[_Files, str]:
+    """The package's files and the name of its RDF among them."""
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise ModelFileError(f"{source}: no such bioimage.io package")
+    if path.is_dir():
+        return _Files(path), _rdf_in(path.name, [p.name for p in path.iterdir()])
+    if zipfile.is_zipfile(path):
+        return _open_zip(path)
+    if path.suffix in (".yaml", ".yml"):
+        return _Files(path.parent), path.name
+    raise ModelFileError(f"{path.name}: not a bioimage.io package (folder, RDF .yaml or .zip)")
+
+
+def _rdf_in(label: str, names: list[str]) -> str:
+    found = [n for n in names if n in RDF_NAMES or n.endswith(".bioimageio.yaml")]
+    if not found:
+        raise ModelFileError(f"{label}: no bioimageio.yaml or rdf.yaml in the package")
+    return sorted(found, key=lambda n: (n not in RDF_NAMES, n))[0]
+
+
+def _open_zip(path: Path) -> tuple[_Files, str]:
+    with zipfile.ZipFile(path) as zf:
+        names = zf.namelist()
+    for name in names:
+        try:
+            _safe_name(name)
+        except ModelFileError:
+            raise ModelFileError(
+                f"{path.name}: unsafe member {name!r} (absolute path or '..'); refused"
+            ) from None
+    rdfs = [
+        n for n in names if posixpath.basename(n) in RDF_NAMES or n.endswith(".bioimageio.yaml")
+    ]
+    if not rdfs:
+        raise ModelFileError(f"{path.name}: a zip without bioimageio.yaml or rdf.yaml")
+    top = min(rdfs, key=lambda n: (n.count("/"), posixpath.basename(n) not in RDF_NAMES))
+    prefix = top.rsplit("/", 1)[0] + "/" if "/" in top else ""
+    members = frozenset(n for n in names if not n.endswith("/"))
+    return _Files(path, prefix, members), top[len(prefix) :]
+
+
+def is_package(source) -> bool:
+    """Whether ``source`` looks like a bioimage.io package (never raises).
+
+    Parameters
+    ----------
+    source : str or Path
+        A folder, an RDF ``.yaml`` file or a ``.zip``.
+    """
+    try:
+        path = Path(source).expanduser()
+        if path.is_dir():
+            return any((path / n).is_file() for n in RDF_NAMES) or any(
+                path.glob("*.bioimageio.yaml")
+            )
+        if path.is_file() and path.suffix in (".yaml", ".yml"):
+            return True
+        if path.is_file() and zipfile.is_zipfile(path):
+            _open_zip(path)
+            return True
+    except (OSError, ModelFileError, zipfile.BadZipFile):
+        return False
+    return False
+
+
+def _read_rdf(files: _Files, name: str) -> dict:
+    import yaml
+
+    try:
+        rdf = yaml.safe_load(files.read(name))
+    except yaml.YAMLError as err:
+        raise ModelFileError(f"{name}: not valid YAML ({str(err).splitlines()[0]})") from None
+    if not isinstance(rdf, dict) or rdf.get("type") != "model":
+        raise ModelFileError(f"{name}: not a bioimage.io model description (type: model)")
+    return rdf
+
+
+def _read_checked(files: _Files, name: str, sha: str | None, what: str) -> bytes:
+    if _is_remote(name):
+        raise ModelFileError(
+            f"{what} {posixpath.basename(name)} is not in the package (it points to {name}); "
+            "napari-unet downloads nothing"
+        )
+    if not files.has(name):
+        raise ModelFileError(f"{what} {name} is declared but missing from the package")
+    data = files.read(name)
+    if sha and _sha256(data) != str(sha).lower():
+        raise ModelFileError(f"{name}: sha256 does not match the package description")
+    return data

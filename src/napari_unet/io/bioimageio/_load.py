@@ -1,0 +1,203 @@
+"""Loading a package for the overlap-tile engine, and the spec's own test-tensor check."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from napari_unet.core import normalize as norm
+from napari_unet.io.bioimageio._files import _Files, _open, _read_checked, _read_rdf
+from napari_unet.io.bioimageio._geometry import _declared, _geometry
+from napari_unet.io.bioimageio._processing import PackageNet, _arrange, _split_post, _split_pre
+from napari_unet.io.bioimageio._rdf import ENGINE_IN, ENGINE_OUT, _parse, _Spec, _Tensor
+from napari_unet.io.bioimageio._weights import _check_hashes, _choose_weights, _load_weights
+from napari_unet.io.files import ModelFileError
+from napari_unet.model.info import LoadedModel, ModelInfo
+
+
+def _person(a) -> str:
+    name = a.get("name", "") if isinstance(a, dict) else str(a)
+    return str(name).split(";")[0].strip()
+
+
+def _citation(c) -> str:
+    if not isinstance(c, dict):
+        return str(c)
+    ref = f"doi:{c['doi']}" if c.get("doi") else c.get("url", "")
+    return " ".join(str(c.get("text", "")).split()) + (f" ({ref})" if ref else "")
+
+
+def _provenance(spec: _Spec, fmt: str, entry: dict, notes: dict) -> dict:
+    rdf = spec.rdf
+    p = {}
+    if rdf.get("authors"):
+        p["authors"] = ", ".join(_person(a) for a in rdf["authors"])
+    if rdf.get("license"):
+        p["license"] = str(rdf["license"])
+    if rdf.get("cite"):
+        p["cite"] = "; ".join(_citation(c) for c in rdf["cite"])
+    p["weights"] = f"{fmt} ({entry['source']})"
+    p["bioimageio"] = f"format {spec.version}" + (f", id {rdf['id']}" if rdf.get("id") else "")
+    p.update(notes)
+    return p
+
+
+def _classes(out: _Tensor, k: int) -> list[str]:
+    a = out.axis("c")
+    if a is not None and a.names and len(a.names) == k:
+        return [str(n) for n in a.names]
+    return [out.id] if k == 1 else [f"class{i}" for i in range(k)]
+
+
+def _pixel_size(inp: _Tensor) -> list[float] | None:
+    axes = [inp.axis(k) for k in "yx"]
+    if all(a is not None and a.unit for a in axes):
+        return [float(a.scale) for a in axes]
+    return None
+
+
+def _single_sample(inp: _Tensor, out: _Tensor) -> bool:
+    b_in, b_out = inp.axis("b"), out.axis("b")
+    return b_in is None or b_out is None or b_in.size == 1
+
+
+def load_package(source, trust_code: bool = False, weights_format: str | None = None):
+    """Load a bioimage.io model package for the overlap-tile engine.
+
+    Parameters
+    ----------
+    source : str or Path
+        A package folder, its RDF (``bioimageio.yaml`` / ``rdf.yaml``) or a ``.zip``.
+    trust_code : bool
+        Allow running the package's architecture code (``pytorch_state_dict`` weights).
+    weights_format : str, optional
+        ``"torchscript"``, ``"pytorch_state_dict"`` or ``"onnx"``; default: the
+        first usable one in that order.
+
+    Returns
+    -------
+    LoadedModel
+        ``net`` is a :class:`PackageNet`; ``info.format`` is ``"bioimageio"``.
+
+    Raises
+    ------
+    ModelFileError
+        Unreadable, unsafe, unsupported or tampered packages (one-line reason).
+    """
+    files, rdf_name = _open(source)
+    spec = _parse(_read_rdf(files, rdf_name), rdf_name)
+    _check_hashes(files, spec)
+    fmt, entry = _choose_weights(spec, files, weights_format, trust_code)
+    inp, out = spec.inputs[0], spec.outputs[0]
+    declared = _declared(inp, out)
+    normalization, pre = _split_pre(inp, declared.channels)
+    activation, post = _split_post(out)
+    core = _load_weights(fmt, entry, files)
+    net = PackageNet(core, spec, files, pre, post, _single_sample(inp, out)).eval()
+    geometry, fixed, notes = _geometry(net, fmt != "onnx", declared)
+    rdf = spec.rdf
+    config = (rdf.get("config") or {}).get("napari_unet") or {}
+    info = ModelInfo(
+        name=str(rdf.get("name") or Path(source).stem),
+        classes=_classes(out, declared.classes),
+        in_channels=declared.channels,
+        geometry=geometry,
+        normalization=normalization,
+        activation=activation,
+        instances=config.get("instances"),
+        pixel_size=_pixel_size(inp) or config.get("pixel_size"),
+        description=" ".join(str(rdf.get("description", "")).split()),
+        provenance=_provenance(spec, fmt, entry, notes),
+        source=str(source),
+        format="bioimageio",
+        fixed_input=fixed,
+    )
+    return LoadedModel(net, info)
+
+
+# ------------------------------------------------------------------- the spec's test
+
+
+def _activate(y: torch.Tensor, activation: str) -> torch.Tensor:
+    if activation == "softmax":
+        return torch.softmax(y, dim=1)
+    if activation == "sigmoid":
+        return torch.sigmoid(y)
+    return y
+
+
+def _device(module: nn.Module) -> torch.device:
+    tensors = list(module.parameters()) + list(module.buffers())
+    return tensors[0].device if tensors else torch.device("cpu")
+
+
+def _direct(forward, device, info: ModelInfo, x: np.ndarray, in_names, out_names) -> np.ndarray:
+    """The spec's way: whole-tensor statistics, one forward pass, no tiling."""
+    t = _arrange(torch.from_numpy(np.asarray(x, dtype=np.float64)), in_names, ENGINE_IN).numpy()
+    spec = norm.validate(info.normalization)
+    planes = [norm.apply(s, *norm.plane_stats(s.reshape(s.shape[0], -1), spec)) for s in t]
+    with torch.inference_mode():
+        y = forward(torch.from_numpy(np.stack(planes)).to(device)).float().cpu()
+        y = _activate(y, info.activation)
+    return _arrange(y, ENGINE_OUT, out_names).numpy()
+
+
+def _load_array(files: _Files, test, what: str) -> np.ndarray:
+    if test is None:
+        raise ModelFileError(f"the package declares no {what}")
+    data = _read_checked(files, test[0], test[1], what)
+    try:
+        return np.load(io.BytesIO(data), allow_pickle=False)
+    except ValueError as err:
+        raise ModelFileError(f"{test[0]}: not a plain .npy array ({err})") from None
+
+
+def run_test_tensors(
+    model_or_package, *, weights_format=None, trust_code=False, atol: float = 1e-4
+) -> float:
+    """Run a package on its ``test_input`` as the spec does and compare with ``test_output``.
+
+    Pre-processing with statistics of the whole tensor, one forward pass on
+    the whole tensor, post-processing; no tiling.
+
+    Parameters
+    ----------
+    model_or_package : LoadedModel or str or Path
+        A model from :func:`load_package`, or a package to load.
+    atol : float
+        Largest accepted absolute difference.
+
+    Returns
+    -------
+    float
+        The largest absolute difference from ``test_output``.
+
+    Raises
+    ------
+    ModelFileError
+        If the difference exceeds ``atol`` or the shapes differ.
+    """
+    model = model_or_package
+    if not isinstance(model, LoadedModel):
+        model = load_package(model, trust_code=trust_code, weights_format=weights_format)
+    net = model.net
+    if not isinstance(net, PackageNet):
+        raise ModelFileError("run_test_tensors needs a model loaded from a bioimage.io package")
+    inp, out = net.package.inputs[0], net.package.outputs[0]
+    x = _load_array(net.files, inp.test, "test input")
+    expected = _load_array(net.files, out.test, "test output")
+    got = _direct(net.uncropped, _device(net), model.info, x, net.in_names, net.out_names)
+    if got.shape != expected.shape:
+        raise ModelFileError(
+            f"{out.test[0]}: shape {expected.shape}, the network gives {got.shape}"
+        )
+    diff = float(np.abs(got.astype(np.float64) - expected).max())
+    if not diff <= atol:
+        raise ModelFileError(
+            f"{out.test[0]}: the output differs by {diff:.3g} (tolerance {atol:g})"
+        )
+    return diff
