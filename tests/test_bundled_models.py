@@ -1,0 +1,45 @@
+"""The shipped models: they load by name, carry their cards, and segment the samples."""
+
+import numpy as np
+import pytest
+
+from napari_unet.core import metrics, synthetic
+from napari_unet.core.segment import SegmentOptions, segment_iter
+from napari_unet.io import load_model, registry
+
+
+def _run(image, model, mode):
+    gen = segment_iter(image, model, SegmentOptions(mode=mode, device="cpu"))
+    while True:
+        try:
+            next(gen)
+        except StopIteration as stop:
+            return stop.value
+
+
+def test_every_bundled_model_is_small_documented_and_loads():
+    models = registry.bundled_models()
+    assert "nuclei" in models and registry.default_model() == "nuclei"
+    for name, path in models.items():
+        assert path.stat().st_size < 10 * 2**20
+        assert path.with_suffix(".md").exists(), f"{name} has no model card"
+        info = load_model(name).info
+        assert info.metrics, f"{name} has no metrics in its metadata"
+        assert info.provenance["steps"] > 0 and "training_data" in info.provenance
+
+
+def test_nuclei_model_segments_the_synthetic_sample():
+    image, truth = synthetic.nuclei()
+    labels = _run(image, load_model("nuclei"), "instances")
+    scores = metrics.object_scores(truth, labels)
+    assert scores["f1"] > 0.8, scores
+    assert scores["mean_matched_iou"] > 0.75, scores
+
+
+@pytest.mark.skipif("em-membrane" not in registry.bundled_models(), reason="not bundled")
+def test_em_model_finds_the_synthetic_membranes():
+    image, truth = synthetic.membranes()
+    model = load_model("em-membrane")
+    probs = _run(image, model, "probabilities")
+    cell = probs[model.info.classes.index("cell")] > 0.5
+    assert metrics.pixel_error(truth > 0, cell) < 0.15
