@@ -81,14 +81,14 @@ def shoot_features(model: str, name: str) -> None:
     wait(model_panel)
     for i in range(panel.stage_list.count()):
         item = panel.stage_list.item(i)
-        item.setSelected(item.text() in ("enc3", "dec1"))
+        item.setSelected(item.text() in ("enc2",))
     panel.region_combo.setCurrentText("whole plane")
+    panel.channels_spin.setValue(8)  # the 8 most variable channels, most variable first
     panel._on_run()
     wait(panel)
-    viewer.layers[0].opacity = 1.0
-    deep = viewer.layers[-1]
-    deep.opacity = 0.55
-    viewer.dims.set_point(0, 3)
+    viewer.layers[0].colormap = "gray"
+    viewer.layers[-1].opacity = 0.8
+    viewer.dims.set_point(0, 0)
     viewer.window.screenshot(str(OUT / name), canvas_only=False)
     print(f"wrote {name}: {panel.status.text()}")
     viewer.close()
@@ -98,10 +98,14 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--model", default="nuclei")
     p.add_argument("--em-model", default="em-membrane")
+    p.add_argument("--only", choices=("nuclei", "em", "features"), help="one screenshot")
     args = p.parse_args()
-    shoot(nuclei_sample, args.model, "instances", "segment_panel.png", "nuclei_result.png")
-    shoot(membranes_sample, args.em_model, "labels", "membranes_panel.png")
-    shoot_features(args.model, "feature_maps_panel.png")
+    if args.only in (None, "nuclei"):
+        shoot(nuclei_sample, args.model, "instances", "segment_panel.png", "nuclei_result.png")
+    if args.only in (None, "em"):
+        shoot(membranes_sample, args.em_model, "labels", "membranes_panel.png")
+    if args.only in (None, "features"):
+        shoot_features(args.model, "feature_maps_panel.png")
 
 
 if __name__ == "__main__":

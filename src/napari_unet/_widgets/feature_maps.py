@@ -137,6 +137,8 @@ class FeatureMapPanel(WorkerPanel):
                 scale=(1.0, *job.scale[:lead], *scale),
                 translate=(0.0, *job.translate[:lead], *translate),
                 colormap="inferno",
+                blending="additive",
+                contrast_limits=_limits(fm.data),
                 metadata={"stage": name, "channels": fm.channels.tolist()},
             )
             if layer_name in [la.name for la in self.viewer.layers]:
@@ -145,6 +147,12 @@ class FeatureMapPanel(WorkerPanel):
         self.status.setText(
             f"{len(maps)} stage(s) shown; the first axis slider picks the channel."
         )
+
+
+def _limits(data: np.ndarray) -> tuple[float, float]:
+    """Contrast limits covering most activations of all channels."""
+    lo, hi = np.percentile(data[:, ::4, ::4].astype(np.float32), [1, 99.5])
+    return float(lo), float(hi if hi > lo else lo + 1)
 
 
 def _origin(job) -> tuple[float, float]:
