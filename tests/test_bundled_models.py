@@ -1,6 +1,5 @@
 """The shipped models: they load by name, carry their cards, and segment the samples."""
 
-import numpy as np
 import pytest
 
 from napari_unet.core import metrics, synthetic

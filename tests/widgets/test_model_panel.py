@@ -57,3 +57,19 @@ def test_device_choice_goes_to_state(make_napari_viewer):
     panel = ModelPanel(make_napari_viewer())
     panel.device_combo.setCurrentText("cpu")
     assert panel.state.device == "cpu"
+
+
+def test_bioimageio_package_loads_from_the_panel(make_napari_viewer, qtbot, tmp_path):
+    from napari_unet._widgets.model_panel import FILE_ENTRY, ModelPanel
+    from napari_unet.io.bioimageio import export_package
+
+    pkg = export_package(tiny_model("same"), tmp_path / "pkg.zip")
+    panel = ModelPanel(make_napari_viewer())
+    panel.model_combo.setCurrentText(FILE_ENTRY)
+    panel.path_edit.setText(str(pkg))
+    assert not panel.trust_check.isChecked()  # package code never runs by default
+    panel._on_run()
+    qtbot.waitUntil(lambda: panel.worker is None, timeout=60000)
+    assert panel.state.model is not None
+    assert panel.state.model.info.format == "bioimageio"
+    assert "bioimageio" in panel.card.toPlainText()

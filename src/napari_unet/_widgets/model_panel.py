@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from qtpy.QtWidgets import (
+    QCheckBox,
     QComboBox,
     QFileDialog,
     QFormLayout,
@@ -17,13 +18,13 @@ from napari_unet._widgets._base import WorkerPanel
 FILE_ENTRY = "Model file..."
 
 
-def load_steps(source: str):
+def load_steps(source: str, trust_code: bool = False):
     """Generator for the worker: one progress report, then the loaded model."""
     from napari_unet.core.tiling import Progress
     from napari_unet.io import load_model
 
     yield Progress(0, 1, f"loading {source}")
-    return load_model(source)
+    return load_model(source, trust_code=trust_code)
 
 
 class ModelPanel(WorkerPanel):
@@ -44,12 +45,18 @@ class ModelPanel(WorkerPanel):
             self.model_combo.setCurrentText(default)
         form.addRow("Model", self.model_combo)
         self.path_edit = QLineEdit()
-        self.path_edit.setPlaceholderText(".safetensors or TorchScript .pt")
+        self.path_edit.setPlaceholderText(".safetensors, TorchScript .pt, bioimage.io .zip/.yaml")
         browse = QPushButton("Browse...")
         row = QHBoxLayout()
         row.addWidget(self.path_edit)
         row.addWidget(browse)
         form.addRow("File", row)
+        self.trust_check = QCheckBox("Trust this package's code (bioimage.io state dict)")
+        self.trust_check.setToolTip(
+            "Some bioimage.io packages ship their network as Python source. It runs only if "
+            "you trust where the package comes from."
+        )
+        form.addRow("", self.trust_check)
         self.device_combo = QComboBox()
         devices = available_devices()
         self.device_combo.addItems([f"auto ({devices[0]})", *devices])
@@ -78,7 +85,10 @@ class ModelPanel(WorkerPanel):
 
     def _on_browse(self) -> None:
         path, _ = QFileDialog.getOpenFileName(
-            self, "Open a U-Net model", "", "Models (*.safetensors *.pt *.pth);;All files (*)"
+            self,
+            "Open a U-Net model",
+            "",
+            "Models (*.safetensors *.pt *.pth *.zip *.yaml);;All files (*)",
         )
         if path:
             self.model_combo.setCurrentText(FILE_ENTRY)
@@ -93,7 +103,13 @@ class ModelPanel(WorkerPanel):
             self.status.setText("Choose a model file first.")
             return
         self.status.setText(f"Loading {source}...")
-        self.start(load_steps, source, total=1, desc="napari-unet: loading model")
+        self.start(
+            load_steps,
+            source,
+            self.trust_check.isChecked(),
+            total=1,
+            desc="napari-unet: loading model",
+        )
 
     def _on_returned(self, model) -> None:
         self.state.model = model
