@@ -4,16 +4,12 @@ import pytest
 
 from napari_unet.core import metrics, synthetic
 from napari_unet.core.segment import SegmentOptions, segment_iter
+from napari_unet.core.tiling import run_to_end
 from napari_unet.io import load_model, registry
 
 
 def _run(image, model, mode):
-    gen = segment_iter(image, model, SegmentOptions(mode=mode, device="cpu"))
-    while True:
-        try:
-            next(gen)
-        except StopIteration as stop:
-            return stop.value
+    return run_to_end(segment_iter(image, model, SegmentOptions(mode=mode, device="cpu")))
 
 
 def test_every_bundled_model_is_small_documented_and_loads():

@@ -20,7 +20,7 @@ import torch
 from napari_unet.core import normalize as norm
 from napari_unet.core.axes import resolve_axes
 from napari_unet.core.device import resolve_device
-from napari_unet.core.tiling import Progress, reflect_index
+from napari_unet.core.tiling import Progress, reflect_index, run_to_end
 from napari_unet.model.info import LoadedModel
 
 
@@ -139,12 +139,7 @@ def capture_iter(
 
 def capture(image, model, stages=None, **kwargs) -> dict[str, FeatureMap]:
     """Run :func:`capture_iter` to the end."""
-    gen = capture_iter(image, model, stages, **kwargs)
-    while True:
-        try:
-            next(gen)
-        except StopIteration as stop:
-            return stop.value
+    return run_to_end(capture_iter(image, model, stages, **kwargs))
 
 
 def _keep(store: dict, name: str):

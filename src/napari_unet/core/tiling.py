@@ -273,16 +273,21 @@ def predict_iter(
             tile = smaller
 
 
-def predict(image, model: LoadedModel, callback=None, **kwargs) -> np.ndarray:
-    """Run :func:`predict_iter` to the end; ``callback(progress)`` after each batch."""
-    gen = predict_iter(image, model, **kwargs)
+def run_to_end(gen, callback=None):
+    """Drive a progress generator to its end, calling ``callback(report)`` on each
+    report; returns the generator's return value."""
     while True:
         try:
-            progress = next(gen)
+            report = next(gen)
         except StopIteration as stop:
             return stop.value
         if callback is not None:
-            callback(progress)
+            callback(report)
+
+
+def predict(image, model: LoadedModel, callback=None, **kwargs) -> np.ndarray:
+    """Run :func:`predict_iter` to the end; ``callback(progress)`` after each batch."""
+    return run_to_end(predict_iter(image, model, **kwargs), callback)
 
 
 def _allocate(out, output, n_classes, lead, yx):

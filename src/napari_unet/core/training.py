@@ -289,14 +289,9 @@ def _result(net, model, cfg, steps, data_name, kind, metrics) -> LoadedModel:
 
 def train(model, images, labels, kind="instances", config=None, callback=None, **kwargs):
     """Run :func:`train_iter` to the end; ``callback(step)`` after each step."""
-    gen = train_iter(model, images, labels, kind, config, **kwargs)
-    while True:
-        try:
-            report = next(gen)
-        except StopIteration as stop:
-            return stop.value
-        if callback is not None:
-            callback(report)
+    from napari_unet.core.tiling import run_to_end
+
+    return run_to_end(train_iter(model, images, labels, kind, config, **kwargs), callback)
 
 
 def evaluate_patches(net, batch, dice: float, dev) -> dict:
