@@ -52,3 +52,22 @@ def isbi_split(data: Path | None = None, val_slices=(5, 11, 17, 23)):
         item = (n, imread(data / "images" / n), imread(data / "labels" / n))
         (val if i in val_slices else train).append(item)
     return train, val
+
+
+def run_logged(gen, every: int = 20):
+    """Drive a training generator, printing step, loss, lr and validation metrics."""
+    import time
+
+    from napari_unet.core.tiling import run_to_end
+
+    t0 = time.time()
+
+    def log(s):
+        if s.step % every == 0 or s.metrics:
+            print(
+                f"step {s.step}/{s.steps} loss {s.loss:.4f} lr {s.lr:.2e} "
+                f"{time.time() - t0:.0f}s {s.metrics}",
+                flush=True,
+            )
+
+    return run_to_end(gen, log)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from _shared_data import ROOT, isbi_split
+from _shared_data import ROOT, isbi_split, run_logged
 from scipy import ndimage as ndi
 
 from napari_unet.core.augment import AugmentConfig
@@ -92,18 +92,7 @@ def main() -> None:
         data_name=f"ISBI 2012 EM training slices except {[n for n, *_ in val]}",
     )
     t0 = time.time()
-    while True:
-        try:
-            s = next(gen)
-        except StopIteration as stop:
-            result = stop.value
-            break
-        if s.step % 20 == 0 or s.metrics:
-            print(
-                f"step {s.step}/{s.steps} loss {s.loss:.4f} lr {s.lr:.2e} "
-                f"{time.time() - t0:.0f}s {s.metrics}",
-                flush=True,
-            )
+    result = run_logged(gen)
     out = Path(args.out)
     save_model(result, out, half=True, allow_bundled=True)
     print(f"saved {out} after {time.time() - t0:.0f}s", file=sys.stderr)

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import torch
-from _shared_data import ROOT, nuclei_split
+from _shared_data import ROOT, nuclei_split, run_logged
 
 from napari_unet.core.augment import AugmentConfig
 from napari_unet.core.training import TrainConfig, train_iter
@@ -87,18 +87,7 @@ def main() -> None:
         f"{len(train)} training images, split seed {args.seed}",
     )
     t0 = time.time()
-    while True:
-        try:
-            s = next(gen)
-        except StopIteration as stop:
-            result = stop.value
-            break
-        if s.step % 20 == 0 or s.metrics:
-            print(
-                f"step {s.step}/{s.steps} loss {s.loss:.4f} lr {s.lr:.2e} "
-                f"{time.time() - t0:.0f}s {s.metrics}",
-                flush=True,
-            )
+    result = run_logged(gen)
     out = Path(args.out)
     save_model(result, out, half=True, allow_bundled=True)
     print(f"saved {out} after {time.time() - t0:.0f}s", file=sys.stderr)
