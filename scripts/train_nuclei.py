@@ -50,9 +50,9 @@ def build(args) -> tuple:
         batch_size=8,
         patch_size=256,
         warmup=50,
-        border_w0=10.0,
+        border_w0=args.border_w0,
         border_sigma=5.0,
-        boundary_width=2,
+        boundary_width=args.boundary_width,
         focus=0.5,
         augment=AugmentConfig(intensity=0.25, noise=0.05, elastic=0.3, zoom=0.3),
         val_every=100,
@@ -69,6 +69,8 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--width", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--boundary-width", type=int, default=2, help="inner boundary class width (px)")
+    p.add_argument("--border-w0", type=float, default=10.0, help="paper border weight w0")
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default=str(ROOT / "runs" / "nuclei" / "nuclei.safetensors"))
     args = p.parse_args()

@@ -196,8 +196,13 @@ def test_train_new_model_from_json_and_fine_tune_it(tmp_path, capsys):
                 str(out),
                 "-o",
                 str(out2),
+                "--finetune",
+                "--unlabelled",
+                str(tmp_path / "img.tif"),
                 "--steps",
                 "2",
+                "--seconds",
+                "30",
                 "--patch-size",
                 "48",
                 "--batch-size",
@@ -207,7 +212,11 @@ def test_train_new_model_from_json_and_fine_tune_it(tmp_path, capsys):
         )
         == 0
     )
-    assert load_model(out2).info.provenance["base_model"] == "unet"
+    tuned = load_model(out2).info.provenance
+    assert tuned["base_model"] == "unet"
+    assert tuned["steps"] == 2
+    recipe = tuned["train_config"]
+    assert recipe["adapt_norm"] and recipe["pseudo_weight"] > 0 and recipe["max_seconds"] == 30
     # mismatched lists and an empty annotation fail with one line
     assert (
         main(

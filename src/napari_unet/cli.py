@@ -51,10 +51,23 @@ def build_parser() -> argparse.ArgumentParser:
         "sparse: painted strokes, 0 = not annotated, k = class k-1",
     )
     tr.add_argument("--classes", help="class names for a new model, comma-separated")
-    tr.add_argument("--steps", type=int, default=500)
-    tr.add_argument("--lr", type=float, default=1e-3)
-    tr.add_argument("--patch-size", type=int, default=256)
-    tr.add_argument("--batch-size", type=int, default=8)
+    tr.add_argument(
+        "--finetune",
+        action="store_true",
+        help="few-annotation fine-tuning recipe (batch-norm re-estimation, confident "
+        "pseudo-labels, anchor to the base, 60 s budget); the options below override it",
+    )
+    tr.add_argument("--steps", type=int, help="optimisation steps (default 500; finetune 400)")
+    tr.add_argument("--seconds", type=float, help="stop after this many seconds of training")
+    tr.add_argument("--lr", type=float, help="learning rate (default 1e-3)")
+    tr.add_argument("--patch-size", type=int, help="patch size (default 256; finetune 128)")
+    tr.add_argument("--batch-size", type=int, help="batch size (default 8; finetune 4)")
+    tr.add_argument(
+        "--unlabelled",
+        nargs="*",
+        default=[],
+        help="images without labels whose statistics the fine-tuned model adapts to",
+    )
     tr.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
     tr.add_argument("--seed", type=int, default=0)
     tr.add_argument("--val-images", nargs="*", default=[])
@@ -253,14 +266,16 @@ def cmd_train(args) -> int:
     def load(paths):
         return [np.asarray(read_image(p)) for p in paths]
 
-    cfg = TrainConfig(
-        steps=args.steps,
-        lr=args.lr,
-        patch_size=args.patch_size,
-        batch_size=args.batch_size,
-        device=args.device,
-        seed=args.seed,
-    )
+    given = {
+        "steps": args.steps,
+        "max_seconds": args.seconds,
+        "lr": args.lr,
+        "patch_size": args.patch_size,
+        "batch_size": args.batch_size,
+    }
+    given = {k: v for k, v in given.items() if v is not None}
+    make = TrainConfig.finetune if args.finetune else TrainConfig
+    cfg = make(**given, device=args.device, seed=args.seed)
     gen = train_iter(
         model,
         load(args.images),
@@ -270,6 +285,7 @@ def cmd_train(args) -> int:
         val_images=load(args.val_images),
         val_labels=load(args.val_labels),
         data_name=", ".join(Path(p).name for p in args.images),
+        unlabelled=load(args.unlabelled),
     )
     bar = tqdm(total=cfg.steps, unit="step", disable=args.quiet, file=sys.stderr)
     try:

@@ -83,3 +83,50 @@ def membranes(shape=(512, 512), n=120, seed=0) -> tuple[np.ndarray, np.ndarray]:
     image = np.clip(image * 255, 0, 255).astype(np.uint8)
     labels = np.where(membrane, 0, 255).astype(np.uint8)
     return image, labels
+
+
+def strokes(
+    target: np.ndarray,
+    pixels_per_class: int = 300,
+    seed: int = 0,
+    prefer: np.ndarray | None = None,
+    length: int = 25,
+) -> np.ndarray:
+    """Simulate a user's brush strokes on a class map (for benchmarks and tests).
+
+    ``target`` holds class indices ``0..K-1``; the result is a sparse annotation
+    (``0`` = not painted, ``k + 1`` = class ``k``) of short 3 px wide random-walk
+    strokes that stay inside their class, about ``pixels_per_class`` pixels per
+    class present. With ``prefer`` (a boolean map, e.g. where a model is wrong),
+    most strokes start there, as a user paints over mistakes.
+    """
+    rng = np.random.default_rng(seed)
+    target = np.asarray(target)
+    out = np.zeros(target.shape, np.uint8)
+    steps = np.array([(-1, 0), (1, 0), (0, -1), (0, 1), (-1, -1), (1, 1), (-1, 1), (1, -1)])
+    for c in np.unique(target):
+        inside = target == c
+        starts_all = np.argwhere(inside)
+        starts_pref = np.argwhere(inside & prefer) if prefer is not None else starts_all[:0]
+        painted = 0
+        for _ in range(200):
+            if painted >= pixels_per_class:
+                break
+            pool = starts_pref if len(starts_pref) and rng.random() < 0.7 else starts_all
+            y, x = pool[rng.integers(len(pool))]
+            line = np.zeros(target.shape, bool)
+            direction = steps[rng.integers(len(steps))]
+            for _ in range(length):
+                line[y, x] = True
+                if rng.random() < 0.3:
+                    direction = steps[rng.integers(len(steps))]
+                ny, nx = y + direction[0], x + direction[1]
+                if not (0 <= ny < target.shape[0] and 0 <= nx < target.shape[1]):
+                    break
+                if not inside[ny, nx]:
+                    break
+                y, x = ny, nx
+            line = ndi.binary_dilation(line) & inside & (out == 0)
+            out[line] = c + 1
+            painted += int(line.sum())
+    return out

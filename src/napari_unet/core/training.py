@@ -16,7 +16,7 @@ import copy
 import datetime
 import math
 import time
-from collections.abc import Generator, Sequence
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
@@ -53,11 +53,43 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     freeze_encoder: bool = False
+    # fine-tuning on few annotations (see TrainConfig.finetune):
+    adapt_norm: bool = False  # re-estimate batch-norm statistics on the images first
+    anchor: float = 0.0  # L2-SP pull of the weights toward the base model's
+    pseudo_weight: float = 0.0  # sparse labels: base prediction where confident, this share
+    pseudo_threshold: float = 0.9  # ... counted confident above this probability
+    max_seconds: float | None = None  # wall-time budget; the schedule follows it
     checkpoint: str | None = None  # .safetensors path written every checkpoint_every steps
     checkpoint_every: int = 200
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def finetune(cls, **overrides) -> TrainConfig:
+        """Defaults for the annotate-and-retrain loop (few strokes, seconds to minutes).
+
+        Chosen by ``benchmarks/finetune.py``: batch-norm statistics re-estimated on
+        the user's images, strokes class-balanced, the base model's confident
+        prediction kept where nothing is painted, weights anchored to the base.
+        """
+        base = dict(
+            steps=400,
+            lr=1e-3,
+            batch_size=4,
+            patch_size=128,
+            warmup=10,
+            border_w0=0.0,
+            focus=0.0,
+            val_every=50,
+            adapt_norm=True,
+            anchor=1e-2,
+            pseudo_weight=0.5,
+            max_seconds=60.0,
+            augment=AugmentConfig(intensity=0.2, noise=0.03),
+        )
+        base.update(overrides)
+        return cls(**base)
 
 
 @dataclass(frozen=True)
@@ -70,11 +102,16 @@ class TrainStep:
     lr: float
     elapsed: float
     metrics: dict = field(default_factory=dict)
+    budget: float | None = None  # the run's time budget in seconds, if any
+    snapshot: Callable[[], LoadedModel] | None = field(default=None, repr=False, compare=False)
 
     @property
     def eta(self) -> float:
-        """Seconds left at the current pace."""
-        return self.elapsed / self.step * (self.steps - self.step) if self.step else math.nan
+        """Seconds left at the current pace (or of the time budget, if sooner)."""
+        left = self.elapsed / self.step * (self.steps - self.step) if self.step else math.nan
+        if self.budget is not None:
+            left = min(left, max(0.0, self.budget - self.elapsed))
+        return left
 
 
 @dataclass
@@ -86,6 +123,10 @@ class _Sample:
     annotated: np.ndarray  # (n, 2) annotated pixel coordinates (sparse labels)
     shape: tuple[int, int]
     pad: int
+
+    def unpadded(self) -> np.ndarray:
+        p = self.pad
+        return self.image[:, p:-p, p:-p]
 
 
 def prepare(
@@ -223,8 +264,18 @@ def train_iter(
     val_images: Sequence[np.ndarray] = (),
     val_labels: Sequence[np.ndarray] = (),
     data_name: str = "arrays",
+    unlabelled: Sequence[np.ndarray] = (),
+    should_stop: Callable[[], bool] | None = None,
 ) -> Generator[TrainStep, None, LoadedModel]:
-    """Train a copy of ``model``; yields a :class:`TrainStep` per step, returns the copy."""
+    """Train a copy of ``model``; yields a :class:`TrainStep` per step, returns the copy.
+
+    ``unlabelled`` images (same layout as ``images``) only take part in the
+    batch-norm re-estimation (``config.adapt_norm``): e.g. the other planes of
+    the stack the user wants segmented. ``should_stop()`` returning True ends
+    training early *with* a result (closing the generator discards it). Time
+    spent outside the generator (paused, previews) does not count as training
+    time, for the reports and for ``config.max_seconds``.
+    """
     cfg = config or TrainConfig()
     rng = np.random.default_rng(cfg.seed)
     torch.manual_seed(cfg.seed)
@@ -238,31 +289,131 @@ def train_iter(
         )
         val = vsampler.batch(cfg.val_patches, aug=False)
     dev = resolve_device(cfg.device)
-    net = copy.deepcopy(model.net).to(dev).train()
-    params = _trainable(net, cfg)
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    net = copy.deepcopy(model.net).to(dev)
     start = time.perf_counter()
+    if cfg.adapt_norm:
+        extra = [normalized_plane(model, im) for im in unlabelled]
+        adapt_norm(net, [s.unpadded() for s in samples] + extra, model, rng, dev)
+    if cfg.pseudo_weight > 0 and kind == "sparse":
+        add_pseudo_labels(samples, LoadedModel(net.eval(), model.info), cfg, dev)
+    net.train()
+    params = _trainable(net, cfg)
+    anchor = [p.detach().clone() for p in params] if cfg.anchor > 0 else None
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0 if anchor else cfg.weight_decay)
     metrics: dict = {}
+    step = 0
+    away = 0.0  # seconds spent suspended at ``yield``
+
+    def snapshot() -> LoadedModel:
+        """An eval-mode copy of the network as it is now (for live previews).
+
+        Call it while the generator is suspended at the step of interest.
+        """
+        return _result(copy.deepcopy(net).eval(), model, cfg, step, data_name, kind, metrics)
+
     for step in range(1, cfg.steps + 1):
-        lr = _lr(cfg, step)
+        elapsed = time.perf_counter() - start - away
+        lr = _lr(cfg, step, elapsed)
         for group in opt.param_groups:
             group["lr"] = lr
         x, t, w = (a.to(dev) for a in sampler.batch(cfg.batch_size))
         loss = loss_fn(net(x), t, w, cfg.dice)
+        total = loss
+        if anchor is not None:
+            total = loss + cfg.anchor * sum(((p - p0) ** 2).sum() for p, p0 in zip(params, anchor))
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        total.backward()
         opt.step()
+        elapsed = time.perf_counter() - start - away
+        last = step == cfg.steps or (cfg.max_seconds is not None and elapsed >= cfg.max_seconds)
+        last = last or (should_stop is not None and should_stop())
         metrics = {}
-        if val is not None and (step % cfg.val_every == 0 or step == cfg.steps):
+        if val is not None and (step % cfg.val_every == 0 or last):
             metrics = evaluate_patches(net, val, cfg.dice, dev)
             net.train()
         if cfg.checkpoint and step % cfg.checkpoint_every == 0:
             _checkpoint(net, model, cfg, step, data_name, kind, metrics)
+        suspended = time.perf_counter()
         yield TrainStep(
-            step, cfg.steps, float(loss.detach()), lr, time.perf_counter() - start, metrics
+            step, cfg.steps, float(loss.detach()), lr, elapsed, metrics, cfg.max_seconds, snapshot
         )
+        away += time.perf_counter() - suspended
+        if last:
+            break
     net.eval().cpu()
-    return _result(net, model, cfg, cfg.steps, data_name, kind, metrics)
+    return _result(net, model, cfg, step, data_name, kind, metrics)
+
+
+def normalized_plane(model: LoadedModel, image: np.ndarray) -> np.ndarray:
+    """``(C, Y, X)`` float32 normalised as the model expects."""
+    img = np.asarray(image)
+    norm.check_dtype(img.dtype)
+    img = img[None] if img.ndim == 2 else img
+    spec = norm.validate(model.info.normalization)
+    scale, offset = norm.plane_stats(img.reshape(img.shape[0], -1), spec)
+    return norm.apply(img, scale, offset)
+
+
+def adapt_norm(net, planes: Sequence[np.ndarray], model: LoadedModel, rng, dev, crops=16):
+    """Re-estimate batch-norm running statistics on ``planes`` (normalised ``(C, Y, X)``).
+
+    The statistics become the plain average over up to ``crops`` crops of at most
+    512 x 512 px (no gradients, weights untouched): the cheapest domain adaptation,
+    and it keeps train and inference statistics of the user's images alike.
+    """
+    bns = [m for m in net.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    if not bns or not planes:
+        return
+    g = model.info.geometry
+    saved = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average
+    net.train()
+    order = rng.permutation(len(planes))[:crops]
+    with torch.no_grad():
+        for i in order:
+            plane = planes[i]
+            h = g.snap(min(512, max(plane.shape[1], g.min_input)), "down")
+            w = g.snap(min(512, max(plane.shape[2], g.min_input)), "down")
+            y0 = int(rng.integers(0, max(1, plane.shape[1] - h + 1)))
+            x0 = int(rng.integers(0, max(1, plane.shape[2] - w + 1)))
+            crop = plane[:, y0 : y0 + h, x0 : x0 + w]
+            if crop.shape[1:] != (h, w):  # smaller than one tile: mirror it up
+                crop = np.pad(
+                    crop,
+                    ((0, 0), (0, h - crop.shape[1]), (0, w - crop.shape[2])),
+                    mode="symmetric",
+                )
+            net(torch.from_numpy(np.ascontiguousarray(crop))[None].to(dev))
+    for m, mom in zip(bns, saved):
+        m.momentum = mom
+
+
+def add_pseudo_labels(samples: list[_Sample], model: LoadedModel, cfg: TrainConfig, dev) -> None:
+    """Fill unpainted pixels with the model's prediction where it is confident.
+
+    Their total weight per image is ``cfg.pseudo_weight`` times the painted
+    pixels' total, so a few strokes are not drowned by a million pseudo-labels
+    and still win where they disagree (painted pixels are never overwritten).
+    """
+    from napari_unet.core.tiling import predict
+
+    plain = LoadedModel(model.net, replace(model.info, normalization={"mode": "none"}))
+    for s in samples:
+        probs = predict(s.unpadded(), plain, axes="CYX", device=dev, amp=False)
+        conf, guess = probs.max(0), probs.argmax(0)
+        p = s.pad
+        target = s.target[p:-p, p:-p]
+        weights = s.weights[p:-p, p:-p]
+        painted = target >= 0
+        pseudo = ~painted & (conf >= cfg.pseudo_threshold)
+        n = int(pseudo.sum())
+        if n == 0:
+            continue
+        per_pixel = cfg.pseudo_weight * float(weights[painted].sum()) / n
+        target[pseudo] = guess[pseudo]
+        weights[pseudo] = per_pixel
 
 
 def _checkpoint(net, model, cfg, step, data_name, kind, metrics) -> None:
@@ -317,12 +468,15 @@ def _trainable(net, cfg: TrainConfig):
     return [p for p in net.parameters() if p.requires_grad]
 
 
-def _lr(cfg: TrainConfig, step: int) -> float:
+def _lr(cfg: TrainConfig, step: int, elapsed: float = 0.0) -> float:
     if step <= cfg.warmup:
         return cfg.lr * step / max(1, cfg.warmup)
     if cfg.schedule == "constant":
         return cfg.lr
     t = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    if cfg.max_seconds:
+        t = max(t, elapsed / cfg.max_seconds)
+    t = min(t, 1.0)
     return cfg.lr * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * t)))
 
 

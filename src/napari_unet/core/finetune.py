@@ -1,0 +1,176 @@
+"""The annotate-and-retrain loop without Qt: painted planes, checks, model versions.
+
+A user paints sparse strokes (``0`` = not annotated, ``k`` = class ``k - 1``)
+on one or more planes of one or more images. :func:`painted_planes` turns
+image / annotation pairs of any dimension into the 2D planes that carry paint,
+:func:`check_annotations` refuses what cannot train (nothing painted, a single
+class, paint outside the image), and :class:`ModelVersions` keeps every
+fine-tuned model beside the untouched base so the user can compare and revert.
+Training itself is :func:`napari_unet.core.training.train_iter` with
+:meth:`TrainConfig.finetune <napari_unet.core.training.TrainConfig.finetune>`.
+"""
+
+from __future__ import annotations
+
+import datetime
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from napari_unet.core.axes import resolve_axes
+from napari_unet.model.info import LoadedModel
+
+
+@dataclass
+class PaintedPlane:
+    """One 2D plane with paint: ``image`` is ``(Y, X)`` or ``(C, Y, X)``."""
+
+    image: np.ndarray
+    annotation: np.ndarray
+    source: str  # e.g. "nuclei [t=3]"
+
+
+def painted_planes(
+    pairs: Sequence[tuple[np.ndarray, np.ndarray, str]], in_channels: int, axes: str | None = None
+) -> tuple[list[PaintedPlane], list[np.ndarray]]:
+    """Split ``(image, annotation, name)`` pairs into painted 2D planes.
+
+    The annotation has the image's shape without its channel axis. Returns the
+    painted planes and the unpainted planes of the same images (at most 16),
+    which the fine-tuning uses to re-estimate normalisation statistics.
+    """
+    planes, unpainted = [], []
+    for image, annotation, name in pairs:
+        image, annotation = np.asarray(image), np.asarray(annotation)
+        ax = resolve_axes(image.shape, axes, in_channels)
+        spatial_axes = [a for a in ax.axes if a != "C"]
+        spatial = tuple(s for s, a in zip(image.shape, ax.axes) if a != "C")
+        if annotation.shape != spatial:
+            raise ValueError(
+                f"annotations of {name!r} have shape {annotation.shape} but the image's "
+                f"pixels are {spatial}: paint on a layer made for this image"
+            )
+        if annotation.dtype.kind not in "uib":
+            raise ValueError(f"annotations must be integer labels, got {annotation.dtype}")
+        if annotation.size and annotation.min() < 0:
+            raise ValueError(f"annotations of {name!r} contain negative labels")
+        full = (slice(None), slice(None))
+        for lead in np.ndindex(*ax.leading_shape):
+            it = iter(lead)
+            index = tuple(slice(None) if a in "YX" else next(it) for a in spatial_axes)
+            paint = np.asarray(annotation[index])
+            if spatial_axes.index("X") < spatial_axes.index("Y"):
+                paint = paint.T
+            where = f"{name} {list(lead)}" if lead else name
+            if paint.any():
+                plane = ax.read(image, lead, *full)
+                plane = plane[0] if plane.shape[0] == 1 else plane
+                planes.append(PaintedPlane(plane, paint, where))
+            elif len(unpainted) < 16:
+                plane = ax.read(image, lead, *full)
+                unpainted.append(plane[0] if plane.shape[0] == 1 else plane)
+    return planes, unpainted
+
+
+def check_annotations(planes: Sequence[PaintedPlane], classes: Sequence[str]) -> dict:
+    """Refuse annotations that cannot train; return painted pixels per class name."""
+    if not planes:
+        raise ValueError(
+            "nothing is painted yet: paint a few strokes of each class on the annotation layer"
+        )
+    k = len(classes)
+    counts = np.zeros(k + 1, np.int64)
+    for p in planes:
+        top = int(p.annotation.max())
+        if top > k:
+            raise ValueError(
+                f"label {top} is painted on {p.source} but the model has {k} classes "
+                f"(labels 1..{k}: {', '.join(classes)})"
+            )
+        counts += np.bincount(p.annotation.ravel().astype(np.int64), minlength=k + 1)
+    painted = {classes[i]: int(counts[i + 1]) for i in range(k) if counts[i + 1]}
+    if len(painted) < 2:
+        only = next(iter(painted))
+        raise ValueError(
+            f"only {only!r} is painted: paint at least two classes (e.g. some "
+            f"{[c for c in classes if c != only][0]!r} too), or the model learns one answer"
+        )
+    return painted
+
+
+def painted_accuracy(model: LoadedModel, planes: Sequence[PaintedPlane], device="cpu") -> float:
+    """Share of painted pixels whose predicted class is the painted one."""
+    from napari_unet.core.tiling import predict
+
+    right = total = 0
+    for p in planes:
+        axes = "YX" if p.image.ndim == 2 else "CYX"
+        pred = predict(p.image, model, axes=axes, device=device).argmax(0)
+        painted = p.annotation > 0
+        right += int((pred[painted] == p.annotation[painted].astype(np.int64) - 1).sum())
+        total += int(painted.sum())
+    return right / total if total else float("nan")
+
+
+@dataclass
+class Version:
+    """One model in the session: the base (index 0) or a fine-tuned child."""
+
+    model: LoadedModel
+    label: str
+    parent: int | None = None
+    created: str = field(
+        default_factory=lambda: datetime.datetime.now().isoformat(timespec="seconds")
+    )
+    details: dict = field(default_factory=dict)  # steps, painted pixels, accuracies
+
+
+class ModelVersions:
+    """The base model and the versions fine-tuned from it, one of them current.
+
+    The base is never replaced; a failed or stopped run adds nothing, so the
+    current version is always one that finished.
+    """
+
+    def __init__(self, base: LoadedModel) -> None:
+        self.versions = [Version(base, f"v0 base ({base.info.name or 'model'})")]
+        self.current = 0
+
+    @property
+    def base(self) -> LoadedModel:
+        return self.versions[0].model
+
+    @property
+    def model(self) -> LoadedModel:
+        return self.versions[self.current].model
+
+    def add(self, model: LoadedModel, parent: int, **details) -> Version:
+        n = len(self.versions)
+        version = Version(model, f"v{n} from v{parent}", parent, details=details)
+        self.versions.append(version)
+        self.current = n
+        return version
+
+    def select(self, index: int) -> LoadedModel:
+        if not 0 <= index < len(self.versions):
+            raise IndexError(f"no version {index}; there are {len(self.versions)}")
+        self.current = index
+        return self.model
+
+    def revert(self) -> LoadedModel:
+        """Back to the parent of the current version (the base stays the base)."""
+        parent = self.versions[self.current].parent
+        return self.select(0 if parent is None else parent)
+
+    def describe(self, index: int) -> str:
+        v = self.versions[index]
+        d = v.details
+        if index == 0:
+            return v.label
+        parts = [v.label, f"{d.get('steps', '?')} steps"]
+        if "accuracy_before" in d and "accuracy_after" in d:
+            parts.append(
+                f"painted px right {d['accuracy_before']:.0%} -> {d['accuracy_after']:.0%}"
+            )
+        return ", ".join(parts)

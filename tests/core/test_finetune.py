@@ -1,0 +1,198 @@
+"""The annotate-and-retrain loop's core: painted planes, checks, the recipe, versions."""
+
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import tiny_model
+from napari_unet.core import synthetic
+from napari_unet.core.finetune import (
+    ModelVersions,
+    PaintedPlane,
+    check_annotations,
+    painted_accuracy,
+    painted_planes,
+)
+from napari_unet.core.targets import instances_to_classes
+from napari_unet.core.training import TrainConfig, adapt_norm, normalized_plane, train, train_iter
+
+CLASSES = ["background", "interior", "boundary"]
+
+
+@pytest.fixture(scope="module")
+def case():
+    image, labels = synthetic.nuclei((128, 128), n=16, seed=5)
+    classes = instances_to_classes(labels)
+    strokes = synthetic.strokes(classes, 150, seed=1)
+    return image, classes, strokes
+
+
+def test_simulated_strokes_stay_in_their_class(case):
+    _, classes, strokes = case
+    painted = strokes > 0
+    assert np.array_equal(strokes[painted] - 1, classes[painted])
+    counts = np.bincount(strokes[painted], minlength=4)[1:]
+    assert (counts >= 150).all() and (counts < 400).all()
+    wrong = np.zeros_like(classes, bool)
+    wrong[:, :40] = True
+    biased = synthetic.strokes(classes, 150, seed=1, prefer=wrong)
+    assert (biased[:, :40] > 0).mean() > 2 * (biased[:, 40:] > 0).mean()
+
+
+def test_painted_planes_of_a_stack_and_their_errors():
+    stack = np.random.default_rng(0).random((4, 30, 40)).astype(np.float32)
+    ann = np.zeros((4, 30, 40), np.uint8)
+    ann[1, 2:5, 2:6] = 1
+    ann[3, 10, 10] = 2
+    planes, unpainted = painted_planes([(stack, ann, "st")], in_channels=1)
+    assert [p.source for p in planes] == ["st [1]", "st [3]"]
+    np.testing.assert_array_equal(planes[0].image, stack[1])
+    np.testing.assert_array_equal(planes[1].annotation, ann[3])
+    assert len(unpainted) == 2
+    np.testing.assert_array_equal(unpainted[0], stack[0])
+    # two-channel images: the annotation has the image's shape without C
+    cyx = np.random.default_rng(1).random((2, 30, 40)).astype(np.float32)
+    (p,), _ = painted_planes([(cyx, ann[1], "two")], in_channels=2)
+    assert p.image.shape == (2, 30, 40)
+    with pytest.raises(ValueError, match="shape"):
+        painted_planes([(stack, ann[:, :20], "st")], in_channels=1)
+    with pytest.raises(ValueError, match="integer"):
+        painted_planes([(stack, ann.astype(np.float32), "st")], in_channels=1)
+
+
+@pytest.mark.parametrize(
+    "paint, message",
+    [
+        ({}, "nothing is painted"),
+        ({1: 5}, "only 'background' is painted"),
+        ({1: 5, 4: 3}, "label 4 is painted"),
+    ],
+)
+def test_annotations_that_cannot_train_are_refused(paint, message):
+    planes = []
+    if paint:
+        a = np.zeros((20, 20), np.uint8)
+        for value, n in paint.items():
+            a.flat[np.flatnonzero(a == 0)[:n]] = value
+        planes = [PaintedPlane(np.zeros((20, 20), np.float32), a, "img")]
+    with pytest.raises(ValueError, match=message):
+        check_annotations(planes, CLASSES)
+
+
+def test_counts_per_class():
+    a = np.zeros((10, 10), np.uint8)
+    a[0, :3] = 1
+    a[5, :4] = 3
+    assert check_annotations([PaintedPlane(a.astype(np.float32), a, "x")], CLASSES) == {
+        "background": 3,
+        "boundary": 4,
+    }
+
+
+def test_adapt_norm_sets_statistics_of_the_new_images_and_keeps_weights():
+    model = tiny_model("same", depth=2)
+    net = __import__("copy").deepcopy(model.net)
+    weights = {k: v.clone() for k, v in net.state_dict().items() if "running" not in k}
+    image = (np.random.default_rng(2).random((64, 64)) * 3000 + 500).astype(np.uint16)
+    plane = normalized_plane(model, image)
+    adapt_norm(net, [plane], model, np.random.default_rng(0), torch.device("cpu"))
+    bn = next(m for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    seen = {}
+    handle = bn.register_forward_pre_hook(lambda m, x: seen.setdefault("x", x[0]))
+    net.eval()
+    with torch.no_grad():
+        net(torch.from_numpy(plane)[None])
+    handle.remove()
+    x = seen["x"]
+    np.testing.assert_allclose(bn.running_mean, x.mean((0, 2, 3)), atol=1e-5)
+    np.testing.assert_allclose(bn.running_var, x.var((0, 2, 3), unbiased=True), rtol=1e-3)
+    for k, v in net.state_dict().items():
+        if k in weights and "num_batches" not in k:
+            assert torch.equal(v, weights[k]), k
+    assert bn.momentum == 0.1  # restored
+
+
+def test_finetune_recipe_raises_painted_accuracy_and_leaves_base_alone(case):
+    image, classes, strokes = case
+    model = tiny_model("same", depth=2)
+    before = {k: v.clone() for k, v in model.net.state_dict().items()}
+    plane = [PaintedPlane(image, strokes, "img")]
+    acc0 = painted_accuracy(model, plane)
+    steps = []
+    cfg = TrainConfig.finetune(steps=60, lr=5e-3, patch_size=64, max_seconds=None, device="cpu")
+    result = train(model, [image], [strokes], "sparse", cfg, callback=steps.append)
+    acc1 = painted_accuracy(result, plane)
+    assert acc1 > max(acc0 + 0.25, 0.6), (acc0, acc1)
+    assert np.mean([s.loss for s in steps[-10:]]) < np.mean([s.loss for s in steps[:10]])
+    for k, v in model.net.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert result.info.provenance["train_config"]["adapt_norm"] is True
+
+
+def test_pseudo_labels_fill_unpainted_pixels_but_never_painted_ones(case):
+    from napari_unet.core.training import _Sampler, add_pseudo_labels, prepare
+
+    image, _, strokes = case
+    model = tiny_model("same", depth=2)
+    cfg = TrainConfig.finetune(pseudo_threshold=0.0, patch_size=64, device="cpu")
+    (sample,) = prepare(model, [image], [strokes], "sparse", cfg)
+    p = sample.pad
+    painted_before = sample.target[p:-p, p:-p].copy()
+    w_before = sample.weights[p:-p, p:-p].copy()
+    add_pseudo_labels([sample], model, cfg, torch.device("cpu"))
+    target, w = sample.target[p:-p, p:-p], sample.weights[p:-p, p:-p]
+    painted = strokes > 0
+    np.testing.assert_array_equal(target[painted], painted_before[painted])
+    np.testing.assert_array_equal(w[painted], w_before[painted])
+    assert (target[~painted] >= 0).all()  # threshold 0: every pixel gets the guess
+    from napari_unet.core.tiling import predict
+
+    guess = predict(image, model).argmax(0)
+    np.testing.assert_array_equal(target[~painted], guess[~painted])
+    # their total weight is pseudo_weight times the painted pixels' weight
+    ratio = w[~painted].sum() / w[painted].sum()
+    assert ratio == pytest.approx(cfg.pseudo_weight, rel=1e-4)
+    assert len(_Sampler([sample], model, cfg, np.random.default_rng(0)).samples) == 1
+
+
+def test_time_budget_stop_request_and_paused_time(case):
+    image, _, strokes = case
+    model = tiny_model("same", depth=2)
+    cfg = TrainConfig.finetune(steps=10_000, patch_size=64, max_seconds=1.5, device="cpu")
+    steps = []
+    train(model, [image], [strokes], "sparse", cfg, callback=steps.append)
+    assert steps[-1].step < 10_000
+    assert 1.5 <= steps[-1].elapsed < 1.5 + 5 * (steps[-1].elapsed / steps[-1].step) + 1
+    assert steps[-1].eta == 0.0
+    # a stop request ends the run with a result; time spent paused at yield is not counted
+    calls = []
+    gen = train_iter(
+        model, [image], [strokes], "sparse",
+        TrainConfig.finetune(steps=50, patch_size=64, max_seconds=None, device="cpu"),
+        should_stop=lambda: len(calls) >= 3,
+    )  # fmt: skip
+    for s in gen:
+        calls.append(s)
+        if s.step == 2:  # a snapshot is the network as it is while suspended here
+            snap = s.snapshot()
+        time.sleep(0.3)
+    assert len(calls) == 4
+    assert calls[-1].elapsed < 0.3 * 3
+    assert not snap.net.training and snap.info.provenance["steps"] == 2
+
+
+def test_versions_keep_the_base_and_revert_to_the_parent():
+    base = tiny_model("same", depth=1)
+    v = ModelVersions(base)
+    a, b = tiny_model("same", depth=1, seed=1), tiny_model("same", depth=1, seed=2)
+    v.add(a, 0, steps=10, accuracy_before=0.5, accuracy_after=0.8)
+    v.add(b, 1, steps=20)
+    assert v.model is b and v.current == 2
+    assert v.revert() is a
+    assert v.revert() is base and v.base is base
+    assert v.revert() is base
+    assert "10 steps" in v.describe(1) and "50% -> 80%" in v.describe(1)
+    with pytest.raises(IndexError):
+        v.select(5)
