@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from qtpy.QtWidgets import QHBoxLayout, QLabel, QPushButton, QVBoxLayout, QWidget
+from qtpy.QtWidgets import QComboBox, QHBoxLayout, QLabel, QPushButton, QVBoxLayout, QWidget
 
 from napari_unet._widgets._state import state_for
 
@@ -40,7 +40,43 @@ class WorkerPanel(QWidget):
         self.run_button.clicked.connect(self._on_run)
         self.cancel_button.clicked.connect(self._on_cancel)
 
+    # -- the input image layer --------------------------------------------------
+    def add_image_choice(self, form) -> QComboBox:
+        """An "Image" row listing the viewer's input image layers, kept up to date."""
+        self.layer_combo = QComboBox()
+        form.addRow("Image", self.layer_combo)
+        self.layer_combo.currentTextChanged.connect(self._on_layer_choice)
+        events = self.viewer.layers.events
+        events.inserted.connect(self._on_layers_changed)
+        events.removed.connect(self._on_layers_changed)
+        return self.layer_combo
+
+    def image_layer(self):
+        """The chosen image layer, or None."""
+        name = self.layer_combo.currentText()
+        return self.viewer.layers[name] if name in self.viewer.layers else None  # noqa: SIM401
+
+    def _on_layers_changed(self, event=None) -> None:
+        from napari.layers import Image
+
+        current = self.layer_combo.currentText()
+        names = [
+            layer.name
+            for layer in self.viewer.layers
+            if isinstance(layer, Image) and "[" not in layer.name  # not our own outputs
+        ]
+        self.layer_combo.blockSignals(True)
+        self.layer_combo.clear()
+        self.layer_combo.addItems(names)
+        if current in names:
+            self.layer_combo.setCurrentText(current)
+        self.layer_combo.blockSignals(False)
+        self._on_layer_choice(self.layer_combo.currentText())
+
     # -- hooks -----------------------------------------------------------------
+    def _on_layer_choice(self, name: str = "") -> None:
+        pass
+
     def _on_run(self) -> None:  # pragma: no cover - subclasses override
         raise NotImplementedError
 

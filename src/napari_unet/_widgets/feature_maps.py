@@ -25,8 +25,7 @@ class FeatureMapPanel(WorkerPanel):
     def __init__(self, napari_viewer) -> None:
         super().__init__(napari_viewer)
         form = QFormLayout()
-        self.layer_combo = QComboBox()
-        form.addRow("Image", self.layer_combo)
+        self.add_image_choice(form)
         self.stage_list = QListWidget()
         self.stage_list.setSelectionMode(QAbstractItemView.SelectionMode.MultiSelection)
         self.stage_list.setMaximumHeight(170)
@@ -42,24 +41,9 @@ class FeatureMapPanel(WorkerPanel):
         form.addRow("", self.half_check)
         self.form.addLayout(form)
         self._job = None
-        events = napari_viewer.layers.events
-        events.inserted.connect(self._on_layers_changed)
-        events.removed.connect(self._on_layers_changed)
         self.state.model_changed.connect(self._on_model_changed)
         self._on_layers_changed()
         self._on_model_changed(self.state.model)
-
-    def _on_layers_changed(self, event=None) -> None:
-        from napari.layers import Image
-
-        current = self.layer_combo.currentText()
-        names = [
-            la.name for la in self.viewer.layers if isinstance(la, Image) and "[" not in la.name
-        ]
-        self.layer_combo.clear()
-        self.layer_combo.addItems(names)
-        if current in names:
-            self.layer_combo.setCurrentText(current)
 
     def _on_model_changed(self, model) -> None:
         from napari_unet.core.features import stage_names
@@ -79,7 +63,7 @@ class FeatureMapPanel(WorkerPanel):
         from napari_unet.core.features import capture_iter, estimate_bytes
 
         model = self.state.model
-        layers = [la for la in self.viewer.layers if la.name == self.layer_combo.currentText()]
+        layers = [la for la in [self.image_layer()] if la is not None]
         if model is None or not layers or not self.stages():
             self.status.setText("Load a model, pick an image layer and at least one stage.")
             return

@@ -24,8 +24,7 @@ class SegmentPanel(WorkerPanel):
     def __init__(self, napari_viewer) -> None:
         super().__init__(napari_viewer)
         form = QFormLayout()
-        self.layer_combo = QComboBox()
-        form.addRow("Image", self.layer_combo)
+        self.add_image_choice(form)
         self.axes_label = QLabel("")
         self.axes_label.setWordWrap(True)
         form.addRow("", self.axes_label)
@@ -59,36 +58,13 @@ class SegmentPanel(WorkerPanel):
         form.addRow("Min. object size", self.min_size_spin)
         self.form.addLayout(form)
         self._job: LayerJob | None = None
-        self.layer_combo.currentTextChanged.connect(self._on_layer_choice)
         self.tile_spin.editingFinished.connect(self._on_tile_edited)
         self.mode_combo.currentTextChanged.connect(self._on_mode)
-        events = napari_viewer.layers.events
-        events.inserted.connect(self._on_layers_changed)
-        events.removed.connect(self._on_layers_changed)
         self.state.model_changed.connect(self._on_model_changed)
         self._on_layers_changed()
         self._on_mode(self.mode_combo.currentText())
 
     # -- controls --------------------------------------------------------------
-    def image_layer(self):
-        name = self.layer_combo.currentText()
-        matches = [layer for layer in self.viewer.layers if layer.name == name]
-        return matches[0] if matches else None
-
-    def _on_layers_changed(self, event=None) -> None:
-        from napari.layers import Image
-
-        current = self.layer_combo.currentText()
-        names = [layer.name for layer in self.viewer.layers if isinstance(layer, Image)]
-        names = [n for n in names if "[" not in n]  # not our own outputs
-        self.layer_combo.blockSignals(True)
-        self.layer_combo.clear()
-        self.layer_combo.addItems(names)
-        if current in names:
-            self.layer_combo.setCurrentText(current)
-        self.layer_combo.blockSignals(False)
-        self._on_layer_choice(self.layer_combo.currentText())
-
     def _on_layer_choice(self, name: str = "") -> None:
         self.axes_label.setText(self._describe())
 

@@ -1,0 +1,564 @@
+"""Fine-tune panel: paint where the model is wrong, retrain in a worker, watch, repeat.
+
+The panel only wires napari to the core: annotations become
+:func:`~napari_unet.core.finetune.painted_planes`, training is
+:func:`~napari_unet.core.training.train_iter` with ``TrainConfig.finetune``,
+and every finished run is a new entry of
+:class:`~napari_unet.core.finetune.ModelVersions` (the base is never changed).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, replace
+
+import numpy as np
+from qtpy.QtWidgets import (
+    QCheckBox,
+    QComboBox,
+    QDoubleSpinBox,
+    QFileDialog,
+    QFormLayout,
+    QHBoxLayout,
+    QListWidget,
+    QPushButton,
+    QSpinBox,
+)
+
+from napari_unet._widgets._base import WorkerPanel
+from napari_unet._widgets._layers import job_for_layer
+
+ANNOTATION_KEY = "napari_unet_annotates"  # layer.metadata: name of the image it annotates
+CLASS_COLORS = ["#4a90d9", "#3cb44b", "#e6194b", "#ffe119", "#f58231", "#911eb4", "#46f0f0"]
+
+
+@dataclass
+class Preview:
+    """A live prediction of the preview plane by the network being trained."""
+
+    step: int
+    labels: np.ndarray
+
+
+@dataclass
+class Finished:
+    model: object
+    accuracy_before: float
+    accuracy_after: float
+    steps: int
+    seconds: float
+    stopped: bool
+
+
+def annotation_colormap(classes):
+    from napari.utils.colormaps import DirectLabelColormap
+
+    colors = {0: "transparent", None: "transparent"}
+    for k in range(len(classes)):
+        colors[k + 1] = CLASS_COLORS[k % len(CLASS_COLORS)]
+    return DirectLabelColormap(color_dict=colors)
+
+
+def finetune_job(model, planes, unpainted, cfg, preview, preview_every, stop_event, data_name):
+    """Worker body: accuracy before, training with previews, accuracy after."""
+    from napari_unet.core.finetune import painted_accuracy
+    from napari_unet.core.tiling import predict
+    from napari_unet.core.training import train_iter
+
+    before = painted_accuracy(model, planes, device=cfg.device)
+    gen = train_iter(
+        model,
+        [p.image for p in planes],
+        [p.annotation for p in planes],
+        "sparse",
+        cfg,
+        data_name=data_name,
+        unlabelled=unpainted,
+        should_stop=stop_event.is_set,
+    )
+    step = None
+    while True:
+        try:
+            step = next(gen)
+        except StopIteration as done:
+            result = done.value
+            break
+        yield step
+        if preview is not None and preview_every and step.step % preview_every == 0:
+            probs = predict(preview.data, step.snapshot(), axes=preview.axes, device=cfg.device)
+            yield Preview(step.step, probs.argmax(0).astype(np.uint8) + 1)
+    after = painted_accuracy(result, planes, device=cfg.device)
+    seconds = step.elapsed if step is not None else 0.0
+    steps = step.step if step is not None else 0
+    return Finished(result, before, after, steps, seconds, stop_event.is_set())
+
+
+class FinetunePanel(WorkerPanel):
+    """Annotate and retrain: sparse strokes on Labels layers fine-tune the current model."""
+
+    run_text = "Train"
+
+    def __init__(self, napari_viewer) -> None:
+        super().__init__(napari_viewer)
+        from napari_unet.core.finetune import ModelVersions  # noqa: F401 - core import check
+
+        self.versions = None
+        self._setting_model = False
+        self._stop = threading.Event()
+        self._losses: list[tuple[int, float]] = []
+        self._last_draw = 0.0
+        self._preview_job = None
+
+        form = QFormLayout()
+        self.add_image_choice(form)
+        row = QHBoxLayout()
+        self.new_button = QPushButton("New annotation layer")
+        self.fill_button = QPushButton("Start from prediction")
+        row.addWidget(self.new_button)
+        row.addWidget(self.fill_button)
+        form.addRow(row)
+        self.seconds_spin = QSpinBox()
+        self.seconds_spin.setRange(5, 36000)
+        self.seconds_spin.setValue(60)
+        self.seconds_spin.setSuffix(" s")
+        form.addRow("Time budget", self.seconds_spin)
+        self.steps_spin = QSpinBox()
+        self.steps_spin.setRange(1, 100000)
+        self.steps_spin.setValue(400)
+        form.addRow("Max. steps", self.steps_spin)
+        self.lr_spin = QDoubleSpinBox()
+        self.lr_spin.setDecimals(5)
+        self.lr_spin.setRange(1e-5, 1e-1)
+        self.lr_spin.setSingleStep(1e-4)
+        self.lr_spin.setValue(1e-3)
+        form.addRow("Learning rate", self.lr_spin)
+        self.batch_spin = QSpinBox()
+        self.batch_spin.setRange(1, 64)
+        self.batch_spin.setValue(4)
+        form.addRow("Batch size", self.batch_spin)
+        self.patch_spin = QSpinBox()
+        self.patch_spin.setRange(32, 1024)
+        self.patch_spin.setSingleStep(32)
+        self.patch_spin.setValue(128)
+        self.patch_spin.setSuffix(" px")
+        form.addRow("Patch size", self.patch_spin)
+        self.augment_check = QCheckBox("Augment (flips, rotations, intensity)")
+        self.augment_check.setChecked(True)
+        form.addRow("", self.augment_check)
+        self.adapt_check = QCheckBox("Adapt normalisation to these images")
+        self.adapt_check.setChecked(True)
+        form.addRow("", self.adapt_check)
+        self.pseudo_check = QCheckBox("Keep confident predictions where unpainted")
+        self.pseudo_check.setChecked(True)
+        form.addRow("", self.pseudo_check)
+        self.freeze_check = QCheckBox("Freeze encoder")
+        form.addRow("", self.freeze_check)
+        self.weights_combo = QComboBox()
+        self.weights_combo.addItems(["balanced", "none"])
+        form.addRow("Class weights", self.weights_combo)
+        self.preview_spin = QSpinBox()
+        self.preview_spin.setRange(0, 10000)
+        self.preview_spin.setValue(50)
+        self.preview_spin.setSpecialValueText("off")
+        form.addRow("Preview every (steps)", self.preview_spin)
+        self.form.addLayout(form)
+        self.form.addWidget(self._make_plot())
+
+        self.pause_button = QPushButton("Pause")
+        self.pause_button.setEnabled(False)
+        self.stop_button = QPushButton("Stop && keep")
+        self.stop_button.setToolTip("End training now and keep what it learned as a version")
+        self.stop_button.setEnabled(False)
+        self.cancel_button.setToolTip("End training and discard this run")
+        buttons = QHBoxLayout()
+        buttons.addWidget(self.pause_button)
+        buttons.addWidget(self.stop_button)
+        self.form.addLayout(buttons)
+
+        self.version_list = QListWidget()
+        self.version_list.setMaximumHeight(110)
+        self.form.addWidget(self.version_list)
+        vrow = QHBoxLayout()
+        self.use_button = QPushButton("Use selected")
+        self.revert_button = QPushButton("Revert")
+        self.save_button = QPushButton("Save selected...")
+        for b in (self.use_button, self.revert_button, self.save_button):
+            vrow.addWidget(b)
+        self.form.addLayout(vrow)
+
+        self.new_button.clicked.connect(self.new_annotation_layer)
+        self.fill_button.clicked.connect(self.start_from_prediction)
+        self.pause_button.clicked.connect(self._on_pause)
+        self.stop_button.clicked.connect(self._on_stop)
+        self.use_button.clicked.connect(self._on_use)
+        self.revert_button.clicked.connect(self._on_revert)
+        self.save_button.clicked.connect(self._on_save)
+        self.state.model_changed.connect(self._on_model_changed)
+        self._on_layers_changed()
+        self._on_model_changed(self.state.model)
+
+    # -- plot --------------------------------------------------------------------
+    def _make_plot(self):
+        from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
+        from matplotlib.figure import Figure
+
+        fig = Figure(figsize=(3.2, 1.6), dpi=90, tight_layout=True)
+        self._ax = fig.add_subplot(111)
+        self._ax.set_xlabel("step", fontsize=8)
+        self._ax.set_ylabel("loss", fontsize=8)
+        self._ax.tick_params(labelsize=7)
+        (self._line,) = self._ax.plot([], [], lw=1, color="#3c78d8")
+        self.canvas = FigureCanvasQTAgg(fig)
+        self.canvas.setMinimumHeight(130)
+        return self.canvas
+
+    def _draw(self, force: bool = False) -> None:
+        now = time.perf_counter()
+        if not force and now - self._last_draw < 0.3:
+            return
+        self._last_draw = now
+        if self._losses:
+            x, y = zip(*self._losses)
+            self._line.set_data(x, y)
+            self._ax.relim()
+            self._ax.autoscale_view()
+        self.canvas.draw_idle()
+
+    # -- layers ------------------------------------------------------------------
+    def annotation_layers(self, image_name: str | None = None):
+        from napari.layers import Labels
+
+        return [
+            layer
+            for layer in self.viewer.layers
+            if isinstance(layer, Labels)
+            and layer.metadata.get(ANNOTATION_KEY)
+            and (image_name is None or layer.metadata[ANNOTATION_KEY] == image_name)
+        ]
+
+    def _spatial(self, layer, model):
+        job = job_for_layer(layer, model, self.viewer)
+        shape = tuple(s for s, a in zip(job.data.shape, job.axes) if a != "C")
+        return job, shape
+
+    def new_annotation_layer(self):
+        """A Labels layer for the chosen image: 0 = not annotated, k = class k - 1."""
+        layer, model = self.image_layer(), self.state.model
+        if layer is None or model is None:
+            self.status.setText("Choose an image layer and load a model first.")
+            return None
+        try:
+            job, shape = self._spatial(layer, model)
+        except ValueError as err:
+            self._on_errored(err)
+            return None
+        classes = model.info.classes
+        name = f"{layer.name} annotations"
+        n = 1
+        while name in self.viewer.layers:
+            n += 1
+            name = f"{layer.name} annotations {n}"
+        features = {"class": ["not annotated", *classes]}
+        labels = self.viewer.add_labels(
+            np.zeros(shape, np.uint8),
+            name=name,
+            scale=job.scale,
+            translate=job.translate,
+            features=features,
+            colormap=annotation_colormap(classes),
+            metadata={ANNOTATION_KEY: layer.name},
+            opacity=0.8,
+        )
+        labels.mode = "paint"
+        labels.brush_size = 3
+        labels.selected_label = min(2, len(classes))
+        legend = ", ".join(f"{k + 1} = {c}" for k, c in enumerate(classes))
+        self.status.setText(f"Paint on '{name}': {legend} (0 = not annotated).")
+        return labels
+
+    def start_from_prediction(self):
+        """Fill the unpainted pixels of the current plane with the model's classes."""
+        layer, model = self.image_layer(), self.state.model
+        if layer is None or model is None:
+            self.status.setText("Choose an image layer and load a model first.")
+            return
+        targets = self.annotation_layers(layer.name) or [self.new_annotation_layer()]
+        if targets[0] is None:
+            return
+        from napari_unet.core.tiling import predict_iter
+
+        try:
+            job = job_for_layer(layer, model, self.viewer, current_plane=True)
+        except ValueError as err:
+            self._on_errored(err)
+            return
+        self._fill_target = (targets[0], job)
+        self._mode = "fill"
+        self.start(
+            predict_iter, job.data, model, axes=job.axes, device=self.state.device,
+            desc="napari-unet: prediction to correct",
+        )  # fmt: skip
+
+    # -- model / versions -----------------------------------------------------------
+    def _on_model_changed(self, model) -> None:
+        if self._setting_model:
+            return
+        from napari_unet.core.finetune import ModelVersions
+
+        self.versions = ModelVersions(model) if model is not None else None
+        self._refresh_versions()
+
+    def _refresh_versions(self) -> None:
+        self.version_list.clear()
+        if self.versions is None:
+            return
+        for i in range(len(self.versions.versions)):
+            mark = "* " if i == self.versions.current else "  "
+            self.version_list.addItem(mark + self.versions.describe(i))
+        self.version_list.setCurrentRow(self.versions.current)
+
+    def _set_model(self, model) -> None:
+        self._setting_model = True
+        try:
+            self.state.model = model
+        finally:
+            self._setting_model = False
+        self._refresh_versions()
+
+    def _on_use(self) -> None:
+        if self.versions is None:
+            return
+        row = max(0, self.version_list.currentRow())
+        self._set_model(self.versions.select(row))
+        self.status.setText(f"Using {self.versions.versions[row].label}.")
+
+    def _on_revert(self) -> None:
+        if self.versions is None:
+            return
+        self._set_model(self.versions.revert())
+        self.status.setText(f"Reverted to {self.versions.versions[self.versions.current].label}.")
+
+    def _on_save(self, path: str | None = None) -> None:
+        if self.versions is None:
+            return
+        row = max(0, self.version_list.currentRow())
+        model = self.versions.versions[row].model
+        if not path:
+            path, _ = QFileDialog.getSaveFileName(
+                self,
+                "Save model version",
+                f"{model.info.name or 'model'}.safetensors",
+                "napari-unet model (*.safetensors);;bioimage.io package (*.zip)",
+            )
+        if not path:
+            return
+        try:
+            if str(path).endswith(".zip"):
+                from napari_unet.io.bioimageio import export_package
+
+                export_package(model, path)
+            else:
+                from napari_unet.io.files import save_model
+
+                save_model(model, path)
+        except (OSError, ValueError) as err:
+            self._on_errored(err)
+            return
+        self.status.setText(f"Saved {self.versions.versions[row].label} to {path}")
+
+    # -- training ------------------------------------------------------------------
+    def config(self):
+        from napari_unet.core.augment import AugmentConfig
+        from napari_unet.core.training import TrainConfig
+
+        aug = (
+            AugmentConfig(intensity=0.2, noise=0.03)
+            if self.augment_check.isChecked()
+            else AugmentConfig(flips=False, rotations=False, intensity=0.0, noise=0.0)
+        )
+        return TrainConfig.finetune(
+            steps=self.steps_spin.value(),
+            max_seconds=float(self.seconds_spin.value()),
+            lr=self.lr_spin.value(),
+            batch_size=self.batch_spin.value(),
+            patch_size=self.patch_spin.value(),
+            augment=aug,
+            adapt_norm=self.adapt_check.isChecked(),
+            pseudo_weight=0.5 if self.pseudo_check.isChecked() else 0.0,
+            freeze_encoder=self.freeze_check.isChecked(),
+            class_weighting=self.weights_combo.currentText(),
+            device=self.state.device,
+        )
+
+    def collect(self, model):
+        """Painted planes of every annotation layer (all images), checked."""
+        from napari_unet.core.finetune import check_annotations, painted_planes
+
+        layers = self.annotation_layers()
+        if not layers:
+            raise ValueError("no annotation layer: press 'New annotation layer' and paint")
+        pairs = []
+        for ann in layers:
+            name = ann.metadata[ANNOTATION_KEY]
+            if name not in self.viewer.layers:
+                raise ValueError(
+                    f"annotation layer {ann.name!r} belongs to image {name!r}, which is gone"
+                )
+            job = job_for_layer(self.viewer.layers[name], model, self.viewer)
+            pairs.append((job.data, np.asarray(ann.data), name))
+        planes, unpainted = painted_planes(pairs, model.info.in_channels)
+        painted = check_annotations(planes, model.info.classes)
+        return planes, unpainted, painted
+
+    def _on_run(self) -> None:
+        layer, model = self.image_layer(), self.state.model
+        if self.versions is None or model is None:
+            self.status.setText("Load a model in the napari-unet model panel first.")
+            return
+        try:
+            planes, unpainted, painted = self.collect(model)
+            cfg = self.config()
+            preview = None
+            if layer is not None and self.preview_spin.value():
+                preview = job_for_layer(layer, model, self.viewer, current_plane=True)
+        except ValueError as err:
+            self._on_errored(err)
+            return
+        self._parent = self.versions.current
+        self._painted = painted
+        self._preview_job = preview
+        self._losses = []
+        self._stop.clear()
+        self._mode = "train"
+        what = ", ".join(f"{v} px {k}" for k, v in painted.items())
+        data_name = f"{len(planes)} painted plane(s) ({what}): " + "; ".join(
+            sorted({p.source for p in planes})
+        )
+        self.status.setText(f"Training on {what}...")
+        self.start(
+            finetune_job,
+            model,
+            planes,
+            unpainted,
+            cfg,
+            preview,
+            self.preview_spin.value(),
+            self._stop,
+            data_name,
+            total=cfg.steps,
+            desc="napari-unet: fine-tuning",
+        )
+        self.pause_button.setEnabled(True)
+        self.stop_button.setEnabled(True)
+
+    def _on_pause(self) -> None:
+        if self.worker is None:
+            return
+        if self.worker.is_paused:
+            self.worker.resume()
+            self.pause_button.setText("Pause")
+            self.status.setText("Resumed.")
+        else:
+            self.worker.pause()
+            self.pause_button.setText("Resume")
+            self.status.setText("Paused (time paused does not count).")
+
+    def _on_stop(self) -> None:
+        self._stop.set()
+        self.stop_button.setEnabled(False)
+        self.status.setText("Stopping after this step; the result is kept as a version.")
+
+    def _on_cancel(self) -> None:
+        if self.worker is not None and self.worker.is_paused:
+            self.worker.resume()
+        super()._on_cancel()
+        self.status.setText("Cancelled: the run was discarded, the current version is unchanged.")
+
+    def _on_yielded(self, value) -> None:
+        from napari_unet.core.training import TrainStep
+
+        if isinstance(value, TrainStep):
+            self._losses.append((value.step, value.loss))
+            self._draw()
+            rate = value.step / value.elapsed if value.elapsed else 0.0
+            self.status.setText(
+                f"step {value.step}/{value.steps}, loss {value.loss:.4f}, "
+                f"{rate:.1f} steps/s, about {value.eta:.0f} s left"
+            )
+        elif isinstance(value, Preview):
+            self._show_preview(value)
+
+    def _show_preview(self, preview: Preview) -> None:
+        job = self._preview_job
+        name = f"{job.layer_name} [fine-tune preview]"
+        if name in self.viewer.layers:
+            layer = self.viewer.layers[name]
+            layer.data = preview.labels
+            layer.scale, layer.translate = job.scale, job.translate
+        else:
+            classes = self.state.model.info.classes
+            self.viewer.add_labels(
+                preview.labels,
+                name=name,
+                scale=job.scale,
+                translate=job.translate,
+                colormap=annotation_colormap(classes),
+                features={"class": ["-", *classes]},
+                opacity=0.5,
+            )
+
+    def _on_returned(self, value) -> None:
+        if getattr(self, "_mode", "") == "fill":
+            self._fill(value)
+            return
+        if not isinstance(value, Finished):
+            return
+        self._draw(force=True)
+        n = len(self.versions.versions)
+        base_name = self.versions.versions[self._parent].model.info.name or "model"
+        base_name = base_name.split("-v")[0]
+        model = value.model
+        model = type(model)(model.net, replace(model.info, name=f"{base_name}-v{n}"))
+        self.versions.add(
+            model,
+            self._parent,
+            steps=value.steps,
+            seconds=round(value.seconds, 1),
+            painted=self._painted,
+            accuracy_before=value.accuracy_before,
+            accuracy_after=value.accuracy_after,
+            stopped=value.stopped,
+        )
+        self._set_model(model)
+        self.status.setText(
+            f"{'Stopped' if value.stopped else 'Done'}: {self.versions.describe(n)} "
+            f"in {value.seconds:.0f} s. Now using {model.info.name}; 'Revert' goes back."
+        )
+
+    def _fill(self, probs) -> None:
+        layer, job = self._fill_target
+        labels = np.asarray(probs).argmax(0).astype(layer.data.dtype) + 1
+        data = np.array(layer.data)
+        plane = data
+        index = ()
+        lead = data.ndim - 2
+        if lead:
+            point = layer.world_to_data(self.viewer.dims.point)
+            index = tuple(int(np.clip(round(point[k]), 0, data.shape[k] - 1)) for k in range(lead))
+            plane = data[index]
+        labels = labels.reshape(plane.shape)
+        empty = plane == 0
+        plane[empty] = labels[empty]
+        layer.data = data
+        self.status.setText(
+            f"'{layer.name}' now holds the model's classes where nothing was painted: "
+            "paint over the mistakes, then Train."
+        )
+
+    def _on_finished(self) -> None:
+        super()._on_finished()
+        self.pause_button.setEnabled(False)
+        self.pause_button.setText("Pause")
+        self.stop_button.setEnabled(False)
+        self._mode = ""

@@ -1,0 +1,161 @@
+"""Fine-tune panel under Xvfb: annotation layers, training, stop, cancel, versions."""
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import tiny_model
+from napari_unet.core import synthetic
+from napari_unet.core.targets import instances_to_classes
+
+pytest.importorskip("napari")
+
+
+@pytest.fixture(scope="module")
+def nuclei():
+    image, labels = synthetic.nuclei((96, 96), n=10, seed=2)
+    strokes = synthetic.strokes(instances_to_classes(labels), 120, seed=0)
+    return image, strokes
+
+
+@pytest.fixture
+def panel(make_napari_viewer, qtbot):
+    from napari_unet._widgets._state import state_for
+    from napari_unet._widgets.finetune import FinetunePanel
+
+    viewer = make_napari_viewer()
+    state = state_for(viewer)
+    state.model = tiny_model("same", depth=2)
+    state.device = "cpu"
+    widget = FinetunePanel(viewer)
+    viewer.window.add_dock_widget(widget)
+    widget.patch_spin.setValue(64)
+    widget.steps_spin.setValue(20)
+    widget.preview_spin.setValue(10)
+    return viewer, widget, state
+
+
+def _train(qtbot, widget, timeout=60000):
+    widget._on_run()
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=timeout)
+
+
+def test_annotation_layer_has_class_names_and_colours(panel, nuclei):
+    viewer, widget, _ = panel
+    image, _ = nuclei
+    viewer.add_image(image, name="img", scale=(0.5, 0.5), translate=(3, 4))
+    widget.layer_combo.setCurrentText("img")
+    ann = widget.new_annotation_layer()
+    assert ann.data.shape == image.shape and not ann.data.any()
+    assert list(ann.features["class"]) == ["not annotated", "background", "interior", "boundary"]
+    assert tuple(ann.scale) == (0.5, 0.5) and tuple(ann.translate) == (3, 4)
+    assert ann.metadata["napari_unet_annotates"] == "img"
+    assert ann.mode == "paint"
+    colors = [tuple(np.round(ann.colormap.map(k), 3)) for k in (1, 2, 3)]
+    assert len(set(colors)) == 3
+    assert ann.colormap.map(0)[3] == 0  # not annotated is transparent
+    assert widget.new_annotation_layer().name == "img annotations 2"
+
+
+def test_empty_and_single_class_annotations_are_refused(panel, nuclei, qtbot):
+    viewer, widget, state = panel
+    viewer.add_image(nuclei[0], name="img")
+    widget.layer_combo.setCurrentText("img")
+    widget._on_run()
+    assert "no annotation layer" in widget.status.text()
+    ann = widget.new_annotation_layer()
+    widget._on_run()
+    assert "nothing is painted" in widget.status.text()
+    ann.data[5:10, 5:10] = 1
+    widget._on_run()
+    assert "only 'background' is painted" in widget.status.text()
+    assert widget.worker is None and len(widget.versions.versions) == 1
+
+
+def test_train_adds_a_version_previews_and_leaves_base_and_layers_alone(panel, nuclei, qtbot):
+    viewer, widget, state = panel
+    image, strokes = nuclei
+    src = viewer.add_image(image.copy(), name="img")
+    widget.layer_combo.setCurrentText("img")
+    ann = widget.new_annotation_layer()
+    ann.data = strokes.copy()
+    base = state.model
+    weights = {k: v.clone() for k, v in base.net.state_dict().items()}
+    _train(qtbot, widget)
+    assert len(widget.versions.versions) == 2
+    v1 = widget.versions.versions[1]
+    assert state.model is v1.model and state.model.info.name == "unet-v1"
+    assert v1.details["steps"] == 20 and not v1.details["stopped"]
+    names = ["background", "interior", "boundary"]
+    assert v1.details["painted"] == {c: int((strokes == k + 1).sum()) for k, c in enumerate(names)}
+    assert 0 <= v1.details["accuracy_before"] <= 1 and 0 <= v1.details["accuracy_after"] <= 1
+    assert "painted plane" in v1.model.info.provenance["training_data"]
+    assert len(widget._losses) == 20
+    preview = viewer.layers["img [fine-tune preview]"]
+    assert preview.data.shape == image.shape and set(np.unique(preview.data)) <= {1, 2, 3}
+    np.testing.assert_array_equal(src.data, image)
+    np.testing.assert_array_equal(ann.data, strokes)
+    for k, v in base.net.state_dict().items():
+        assert torch.equal(v, weights[k]), k
+    # revert goes back to the base; "use selected" picks any version
+    widget._on_revert()
+    assert state.model is base
+    widget.version_list.setCurrentRow(1)
+    widget._on_use()
+    assert state.model is v1.model
+
+
+def test_stop_keeps_cancel_discards(panel, nuclei, qtbot):
+    viewer, widget, state = panel
+    image, strokes = nuclei
+    viewer.add_image(image, name="img")
+    widget.layer_combo.setCurrentText("img")
+    widget.new_annotation_layer().data = strokes.copy()
+    widget.steps_spin.setValue(5000)
+    widget.preview_spin.setValue(0)
+    base = state.model
+    widget._on_run()
+    qtbot.waitUntil(lambda: len(widget._losses) >= 3, timeout=30000)
+    widget._on_cancel()
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=30000)
+    assert len(widget.versions.versions) == 1 and state.model is base
+    assert "discarded" in widget.status.text()
+    widget._on_run()
+    qtbot.waitUntil(lambda: len(widget._losses) >= 3, timeout=30000)
+    widget._on_pause()
+    qtbot.waitUntil(lambda: widget.worker.is_paused, timeout=10000)
+    n = len(widget._losses)
+    qtbot.wait(300)
+    assert len(widget._losses) <= n + 1  # at most the step already on its way
+    widget._on_pause()  # resume
+    widget._on_stop()
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=30000)
+    assert len(widget.versions.versions) == 2
+    v1 = widget.versions.versions[1]
+    assert v1.details["stopped"] and 3 <= v1.details["steps"] < 5000
+    assert state.model is v1.model
+
+
+def test_save_version_and_start_from_prediction_on_a_stack(panel, qtbot, tmp_path):
+    from napari_unet.core.tiling import predict
+    from napari_unet.io import load_model
+
+    viewer, widget, state = panel
+    stack = (np.random.default_rng(3).random((3, 40, 48)) * 1000).astype(np.uint16)
+    viewer.add_image(stack, name="stack")
+    widget.layer_combo.setCurrentText("stack")
+    viewer.dims.set_point(0, 1)
+    ann = widget.new_annotation_layer()
+    ann.data[1, 0:3, 0:3] = 3  # a correction the fill must keep
+    widget.start_from_prediction()
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=30000)
+    expected = predict(stack[1], state.model).argmax(0) + 1
+    filled = ann.data[1]
+    assert (filled[0:3, 0:3] == 3).all()
+    np.testing.assert_array_equal(filled[3:], expected[3:])
+    assert not ann.data[0].any() and not ann.data[2].any()
+    widget.version_list.setCurrentRow(0)
+    out = tmp_path / "v0.safetensors"
+    widget._on_save(str(out))
+    assert load_model(out).info.classes == state.model.info.classes
+    assert "Saved" in widget.status.text()
