@@ -4,7 +4,8 @@
 
 Writes docs/images/segment_panel.png (model + segment panels, nuclei sample
 segmented into instances), docs/images/nuclei_result.png (canvas only) and
-docs/images/membranes_panel.png (the em-membrane model on the EM sample).
+docs/images/membranes_panel.png (the em-membrane model on the EM sample),
+docs/images/feature_maps_panel.png and docs/images/finetune_panel.png.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from qtpy.QtWidgets import QApplication
 
 from napari_unet._sample_data import membranes_sample, nuclei_sample
 from napari_unet._widgets.feature_maps import FeatureMapPanel
+from napari_unet._widgets.finetune import FinetunePanel
 from napari_unet._widgets.model_panel import FILE_ENTRY, ModelPanel
 from napari_unet._widgets.segment import SegmentPanel
 
@@ -94,11 +96,43 @@ def shoot_features(model: str, name: str) -> None:
     viewer.close()
 
 
+def shoot_finetune(model: str, name: str, seconds: int) -> None:
+    """Strokes painted (simulated) on a dim, unevenly lit image; a short fine-tune."""
+    from napari_unet.core import synthetic
+    from napari_unet.core.targets import instances_to_classes
+
+    raw, truth = synthetic.nuclei(seed=200)
+    image = synthetic.dim_uneven(raw, 200)
+    viewer = napari.Viewer(show=True)
+    viewer.window._qt_window.resize(1500, 1050)
+    viewer.add_image(image, name="dim nuclei", colormap="gray")
+    model_panel = ModelPanel(viewer)
+    panel = FinetunePanel(viewer)
+    viewer.window.add_dock_widget(model_panel, name="U-Net model", area="right")
+    viewer.window.add_dock_widget(panel, name="U-Net fine-tune", area="right")
+    model_panel.model_combo.setCurrentText(model)
+    model_panel._on_run()
+    wait(model_panel)
+    panel.layer_combo.setCurrentText("dim nuclei")
+    ann = panel.new_annotation_layer()
+    ann.data = synthetic.strokes(instances_to_classes(truth, 1), 300, seed=0)
+    panel.seconds_spin.setValue(seconds)
+    panel.preview_spin.setValue(40)
+    panel._on_run()
+    wait(panel)
+    viewer.layers["dim nuclei [fine-tune preview]"].opacity = 0.35
+    viewer.layers.move(viewer.layers.index(ann), len(viewer.layers) - 1)
+    viewer.window.screenshot(str(OUT / name), canvas_only=False)
+    print(f"wrote {name}: {panel.status.text()}")
+    viewer.close()
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--model", default="nuclei")
     p.add_argument("--em-model", default="em-membrane")
-    p.add_argument("--only", choices=("nuclei", "em", "features"), help="one screenshot")
+    p.add_argument("--only", choices=("nuclei", "em", "features", "finetune"))
+    p.add_argument("--seconds", type=int, default=30, help="fine-tuning time in the shot")
     args = p.parse_args()
     if args.only in (None, "nuclei"):
         shoot(nuclei_sample, args.model, "instances", "segment_panel.png", "nuclei_result.png")
@@ -106,6 +140,8 @@ def main() -> None:
         shoot(membranes_sample, args.em_model, "labels", "membranes_panel.png")
     if args.only in (None, "features"):
         shoot_features(args.model, "feature_maps_panel.png")
+    if args.only in (None, "finetune"):
+        shoot_finetune(args.model, "finetune_panel.png", args.seconds)
 
 
 if __name__ == "__main__":

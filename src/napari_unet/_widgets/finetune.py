@@ -213,10 +213,10 @@ class FinetunePanel(WorkerPanel):
         self.canvas.setMinimumHeight(130)
         return self.canvas
 
-    def _draw(self, force: bool = False) -> None:
+    def _draw(self, force: bool = False) -> bool:
         now = time.perf_counter()
-        if not force and now - self._last_draw < 0.3:
-            return
+        if not force and now - self._last_draw < 0.5:
+            return False
         self._last_draw = now
         if self._losses:
             x, y = zip(*self._losses)
@@ -224,6 +224,7 @@ class FinetunePanel(WorkerPanel):
             self._ax.relim()
             self._ax.autoscale_view()
         self.canvas.draw_idle()
+        return True
 
     # -- layers ------------------------------------------------------------------
     def annotation_layers(self, image_name: str | None = None):
@@ -448,6 +449,7 @@ class FinetunePanel(WorkerPanel):
             data_name,
             total=cfg.steps,
             desc="napari-unet: fine-tuning",
+            activity=False,  # the panel shows steps, rate and time left itself
         )
         self.pause_button.setEnabled(True)
         self.stop_button.setEnabled(True)
@@ -480,7 +482,8 @@ class FinetunePanel(WorkerPanel):
 
         if isinstance(value, TrainStep):
             self._losses.append((value.step, value.loss))
-            self._draw()
+            if not self._draw():
+                return  # the plot and the text refresh together, a few times a second
             rate = value.step / value.elapsed if value.elapsed else 0.0
             self.status.setText(
                 f"step {value.step}/{value.steps}, loss {value.loss:.4f}, "

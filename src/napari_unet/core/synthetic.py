@@ -85,6 +85,14 @@ def membranes(shape=(512, 512), n=120, seed=0) -> tuple[np.ndarray, np.ndarray]:
     return image, labels
 
 
+def dim_uneven(image: np.ndarray, seed: int = 0) -> np.ndarray:
+    """A domain shift for benchmarks: 0.15x signal, read noise, a strong left-right ramp."""
+    rng = np.random.default_rng(seed)
+    dim = image.astype(np.float32) * 0.15 + rng.normal(0, 60, image.shape)
+    dim += 2000 * np.linspace(0, 1, image.shape[-1])[None]
+    return np.clip(dim, 0, 65535).astype(np.uint16)
+
+
 def strokes(
     target: np.ndarray,
     pixels_per_class: int = 300,
