@@ -21,7 +21,7 @@ from napari_unet.core import normalize as norm
 from napari_unet.core.device import resolve_device
 from napari_unet.core.tiling import auto_tile, plan_tiles, predict
 from napari_unet.io import load_model
-from napari_unet.model.unet import fused_for_inference
+from napari_unet.model.unet import for_inference, to_layout
 
 
 def matmul_flops(n: int = 2048, repeats: int = 5) -> float:
@@ -67,7 +67,7 @@ def main() -> None:
     print(f"image {args.size}x{args.size}; default tiles {ty}x{tx}, {plan.n_tiles} tile(s)")
 
     tiled = best_of(lambda: predict(image, model, device="cpu"), args.repeats)
-    net = fused_for_inference(model.net)
+    net = for_inference(model.net, "cpu")  # exactly what the engine runs
     spec = norm.validate(model.info.normalization)
     x = norm.apply(image[None], *norm.plane_stats(image.reshape(1, -1), spec))
     h = g.halo
@@ -75,8 +75,10 @@ def main() -> None:
     canvas = np.pad(x, ((0, 0), (h, side - args.size - h), (h, side - args.size - h)), "reflect")
     bare = g.snap(args.size, "up")
     with torch.inference_mode():
-        one = best_of(lambda: net(torch.from_numpy(canvas[None])), args.repeats)
-        plain = best_of(lambda: net(torch.from_numpy(x[None, :, :bare, :bare])), args.repeats)
+        one = best_of(lambda: net(to_layout(torch.from_numpy(canvas[None]), net)), args.repeats)
+        plain = best_of(
+            lambda: net(to_layout(torch.from_numpy(x[None, :, :bare, :bare]), net)), args.repeats
+        )
     fpp = flops_per_pixel(net)
     peak = matmul_flops()
     print(f"tiled (default):            {mp / tiled:6.3f} MP/s  ({tiled:.2f} s)")

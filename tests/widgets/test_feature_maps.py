@@ -32,7 +32,17 @@ def test_all_stages_appear_aligned_with_the_image(panel, qtbot):
         np.testing.assert_allclose(layer.data, fm.data, atol=1e-6)
         assert layer.scale[-1] == 0.5 * fm.scale
         assert layer.translate[-2] == pytest.approx(3.0 + 0.5 * fm.origin[0])
+        assert layer.visible == (name == "head")  # the last stage shows, the rest wait
     np.testing.assert_array_equal(viewer.layers["img"].data, image)
+    # a second run with fewer channels updates the same layers in place
+    before = {la.name: la for la in viewer.layers}
+    widget.channels_spin.setValue(2)
+    widget._on_run()
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=30000)
+    assert [la.name for la in viewer.layers] == list(before)
+    enc0 = viewer.layers["img [features enc0]"]
+    assert enc0 is before["img [features enc0]"] and enc0.data.shape[0] == 2
+    np.testing.assert_allclose(enc0.data, ref["enc0"].data[enc0.metadata["channels"]], atol=1e-6)
 
 
 def test_memory_limit_asks_for_fewer_channels(panel, monkeypatch):

@@ -104,6 +104,7 @@ class FeatureMapPanel(WorkerPanel):
             self.stages(),
             total=3,
             desc="napari-unet: feature maps",
+            activity=False,
             **kwargs,
         )
 
@@ -112,7 +113,7 @@ class FeatureMapPanel(WorkerPanel):
 
     def _on_returned(self, maps) -> None:
         job = self._job
-        for name, fm in maps.items():
+        for i, (name, fm) in enumerate(maps.items()):
             scale, translate = fm.world(job.scale[-2:], _origin(job))
             lead = len(job.scale) - 2
             layer_name = f"{job.layer_name} [features {name}]"
@@ -124,12 +125,26 @@ class FeatureMapPanel(WorkerPanel):
                 blending="additive",
                 contrast_limits=_limits(fm.data),
                 metadata={"stage": name, "channels": fm.channels.tolist()},
+                # one stage on screen (additive maps of all stages are unreadable, and
+                # hidden layers are cheap to add); the eye icons show the others
+                visible=i == len(maps) - 1,
             )
-            if layer_name in [la.name for la in self.viewer.layers]:
+            if (
+                layer_name in self.viewer.layers
+                and data.ndim == self.viewer.layers[layer_name].ndim
+            ):
+                # update in place: removing a layer from the canvas is slower than adding it
+                layer = self.viewer.layers[layer_name]
+                layer.data = data
+                for key in ("scale", "translate", "contrast_limits", "metadata", "visible"):
+                    setattr(layer, key, kw[key])
+                continue
+            if layer_name in self.viewer.layers:
                 self.viewer.layers.remove(layer_name)
             self.viewer.add_image(data, name=layer_name, **kw)
         self.status.setText(
-            f"{len(maps)} stage(s) shown; the first axis slider picks the channel."
+            f"{len(maps)} stage(s) added, the last one visible (eye icons show the others); "
+            "the first axis slider picks the channel."
         )
 
 

@@ -22,6 +22,7 @@ from napari_unet.core.axes import resolve_axes
 from napari_unet.core.device import resolve_device
 from napari_unet.core.tiling import Progress, reflect_index, run_to_end
 from napari_unet.model.info import LoadedModel
+from napari_unet.model.unet import for_inference, to_layout
 
 
 @dataclass
@@ -103,8 +104,7 @@ def capture_iter(
     ``max_channels`` keeps the channels with the highest activation variance
     (ranked per stage); ``dtype=np.float16`` halves the memory.
     """
-    net = model.net
-    names = stage_names(net)
+    names = stage_names(model.net)
     stages = list(stages or names)
     unknown = [s for s in stages if s not in names]
     if unknown:
@@ -116,22 +116,22 @@ def capture_iter(
         raise ValueError(f"region {region} is empty or outside the image {ax.yx}")
     yield Progress(0, 3, "reading the region with its halo")
     tile, (sy, sx) = _input_tile(image, ax, model, plane, (y0, y1, x0, x1))
-    grid = _grid(net, model)
+    grid = _grid(model.net, model)
+    dev = resolve_device(device)
+    net = for_inference(model.net.to(dev), dev)  # a copy for project U-Nets
     captured: dict[str, torch.Tensor] = {}
     handles = [getattr(net, name).register_forward_hook(_keep(captured, name)) for name in stages]
     try:
         yield Progress(1, 3, "running the network")
-        dev = resolve_device(device)
-        net.to(dev).eval()
         with torch.inference_mode():
-            net(torch.from_numpy(tile[None]).to(dev))
+            net(to_layout(torch.from_numpy(tile[None]).to(dev), net))
     finally:
         for handle in handles:
             handle.remove()
     yield Progress(2, 3, "placing feature maps")
     out = {}
     for name in stages:
-        data = captured[name][0].float().cpu().numpy()
+        data = captured.pop(name)[0]  # (C, h, w) tensor, any memory layout
         a, s = grid.get(name, (0.0, 1))
         out[name] = _place(name, data, a, s, (sy, sx), (y0, y1, x0, x1), max_channels, dtype)
     return out
@@ -174,7 +174,12 @@ def _input_tile(image, ax, model, plane, box):
 
 
 def _place(name, data, a, s, start, box, max_channels, dtype) -> FeatureMap:
-    """Crop a stage's map to the region (plus one pixel) and rank its channels."""
+    """Crop a stage's map to the region (plus one pixel) and rank its channels.
+
+    Works on the tensor: the crop is a view and float32 maps are not copied at
+    all (the array may keep the network's channels-last strides; napari reads it
+    as it is), so placing costs nothing next to the forward pass.
+    """
     y0, y1, x0, x1 = box
     oy, ox = start[0] + a, start[1] + a  # image coordinate of feature pixel 0
     j0 = max(0, int(np.floor((y0 - oy) / s)))
@@ -184,6 +189,9 @@ def _place(name, data, a, s, start, box, max_channels, dtype) -> FeatureMap:
     data = data[:, j0:j1, i0:i1]
     channels = np.arange(data.shape[0])
     if max_channels and data.shape[0] > max_channels:
-        channels = np.argsort(-data.reshape(data.shape[0], -1).var(axis=1))[:max_channels]
-        data = data[channels]
-    return FeatureMap(name, data.astype(dtype), float(s), (oy + j0 * s, ox + i0 * s), channels)
+        var = data.float().reshape(data.shape[0], -1).var(dim=1).cpu().numpy()
+        channels = np.argsort(-var, kind="stable")[:max_channels]
+        data = data[torch.from_numpy(channels).to(data.device)]
+    tdtype = torch.float16 if np.dtype(dtype) == np.float16 else torch.float32
+    array = data.to(tdtype).cpu().numpy()
+    return FeatureMap(name, array, float(s), (oy + j0 * s, ox + i0 * s), channels)

@@ -33,7 +33,7 @@ from napari_unet.core.axes import resolve_axes
 from napari_unet.core.device import free_memory, is_oom, resolve_device
 from napari_unet.model.info import LoadedModel
 from napari_unet.model.shapes import Geometry
-from napari_unet.model.unet import UNet, fused_for_inference
+from napari_unet.model.unet import for_inference, to_layout
 
 OUTPUTS = ("probabilities", "labels")
 
@@ -252,10 +252,7 @@ def predict_iter(
         tile = auto_t
     batch = max(1, int(batch_size or auto_b))
     out = _allocate(out, output, info.num_classes, ax.leading_shape, yx)
-    net = model.net.to(dev).eval()
-    if isinstance(net, UNet):
-        net = fused_for_inference(net)
-    model = LoadedModel(net, info)
+    model = LoadedModel(for_inference(model.net.to(dev), dev), info)
     while True:
         grid = (yx[0] + shift[0], yx[1] + shift[1])
         plan = plan_tiles(grid, info.geometry, tile, info.fixed_input)
@@ -371,7 +368,7 @@ class _Runner:
         return norm.apply(block, scale, offset)
 
     def _forward(self, tiles: list[np.ndarray]) -> np.ndarray:
-        x = torch.from_numpy(np.stack(tiles)).to(self.dev)
+        x = to_layout(torch.from_numpy(np.stack(tiles)).to(self.dev), self.model.net)
         with torch.inference_mode(), torch.autocast("cuda", torch.float16, enabled=self.amp):
             logits = self.model.net(x)
         logits = logits.float()
