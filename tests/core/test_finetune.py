@@ -56,6 +56,14 @@ def test_painted_planes_of_a_stack_and_their_errors():
     cyx = np.random.default_rng(1).random((2, 30, 40)).astype(np.float32)
     (p,), _ = painted_planes([(cyx, ann[1], "two")], in_channels=2)
     assert p.image.shape == (2, 30, 40)
+    # dense instance masks: planes with objects become full background/interior/boundary
+    inst = np.zeros((4, 30, 40), np.uint16)
+    inst[2, 5:15, 5:15] = 7
+    (q,), rest = painted_planes([(stack, inst, "gt", "instances")], in_channels=1)
+    np.testing.assert_array_equal(q.annotation, instances_to_classes(inst[2]) + 1)
+    assert q.source == "gt [2]" and len(rest) == 3
+    with pytest.raises(ValueError, match="kind"):
+        painted_planes([(stack, inst, "gt", "dense")], in_channels=1)
     with pytest.raises(ValueError, match="shape"):
         painted_planes([(stack, ann[:, :20], "st")], in_channels=1)
     with pytest.raises(ValueError, match="integer"):

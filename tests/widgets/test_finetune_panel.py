@@ -159,3 +159,26 @@ def test_save_version_and_start_from_prediction_on_a_stack(panel, qtbot, tmp_pat
     widget._on_save(str(out))
     assert load_model(out).info.classes == state.model.info.classes
     assert "Saved" in widget.status.text()
+
+
+def test_existing_instance_mask_layer_trains_as_dense_classes(panel, qtbot):
+    from napari_unet.core.targets import instances_to_classes
+
+    viewer, widget, state = panel
+    image, labels = synthetic.nuclei((96, 96), n=10, seed=4)
+    viewer.add_image(image, name="img")
+    widget.layer_combo.setCurrentText("img")
+    masks = viewer.add_labels(labels.copy(), name="ground truth")
+    viewer.layers.selection.active = masks
+    widget.kind_combo.setCurrentText("as instance masks")
+    widget.use_selected_labels()
+    assert "instance masks" in widget.status.text()
+    planes, _, painted = widget.collect(state.model)
+    expected = instances_to_classes(labels) + 1
+    np.testing.assert_array_equal(planes[0].annotation, expected)
+    assert sum(painted.values()) == labels.size  # dense: every pixel is a target
+    widget.steps_spin.setValue(5)
+    widget.preview_spin.setValue(0)
+    _train(qtbot, widget)
+    assert len(widget.versions.versions) == 2
+    np.testing.assert_array_equal(masks.data, labels)  # the user's layer is untouched

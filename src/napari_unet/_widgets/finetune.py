@@ -30,6 +30,7 @@ from napari_unet._widgets._base import WorkerPanel
 from napari_unet._widgets._layers import job_for_layer
 
 ANNOTATION_KEY = "napari_unet_annotates"  # layer.metadata: name of the image it annotates
+KIND_KEY = "napari_unet_kind"  # layer.metadata: "sparse" (painted classes) or "instances"
 CLASS_COLORS = ["#4a90d9", "#3cb44b", "#e6194b", "#ffe119", "#f58231", "#911eb4", "#46f0f0"]
 
 
@@ -118,6 +119,17 @@ class FinetunePanel(WorkerPanel):
         row.addWidget(self.new_button)
         row.addWidget(self.fill_button)
         form.addRow(row)
+        row = QHBoxLayout()
+        self.pair_button = QPushButton("Use selected Labels layer")
+        self.pair_button.setToolTip(
+            "Train on a Labels layer you already have (selected in the layer list), "
+            "for the chosen image"
+        )
+        self.kind_combo = QComboBox()
+        self.kind_combo.addItems(["as painted classes", "as instance masks"])
+        row.addWidget(self.pair_button)
+        row.addWidget(self.kind_combo)
+        form.addRow(row)
         self.seconds_spin = QSpinBox()
         self.seconds_spin.setRange(5, 36000)
         self.seconds_spin.setValue(60)
@@ -189,6 +201,7 @@ class FinetunePanel(WorkerPanel):
 
         self.new_button.clicked.connect(self.new_annotation_layer)
         self.fill_button.clicked.connect(self.start_from_prediction)
+        self.pair_button.clicked.connect(self.use_selected_labels)
         self.pause_button.clicked.connect(self._on_pause)
         self.stop_button.clicked.connect(self._on_stop)
         self.use_button.clicked.connect(self._on_use)
@@ -227,7 +240,7 @@ class FinetunePanel(WorkerPanel):
         return True
 
     # -- layers ------------------------------------------------------------------
-    def annotation_layers(self, image_name: str | None = None):
+    def annotation_layers(self, image_name: str | None = None, kind: str | None = None):
         from napari.layers import Labels
 
         return [
@@ -236,6 +249,7 @@ class FinetunePanel(WorkerPanel):
             if isinstance(layer, Labels)
             and layer.metadata.get(ANNOTATION_KEY)
             and (image_name is None or layer.metadata[ANNOTATION_KEY] == image_name)
+            and (kind is None or layer.metadata.get(KIND_KEY, "sparse") == kind)
         ]
 
     def _spatial(self, layer, model):
@@ -278,13 +292,31 @@ class FinetunePanel(WorkerPanel):
         self.status.setText(f"Paint on '{name}': {legend} (0 = not annotated).")
         return labels
 
+    def use_selected_labels(self):
+        """Pair the selected Labels layer with the chosen image (classes or instances)."""
+        from napari.layers import Labels
+
+        layer, active = self.image_layer(), self.viewer.layers.selection.active
+        if layer is None or not isinstance(active, Labels):
+            self.status.setText("Choose the image above and select a Labels layer in the list.")
+            return
+        kind = "instances" if "instance" in self.kind_combo.currentText() else "sparse"
+        active.metadata[ANNOTATION_KEY] = layer.name
+        active.metadata[KIND_KEY] = kind
+        what = (
+            "instance masks (0 = background; every plane with objects is used in full)"
+            if kind == "instances"
+            else "painted classes (0 = not annotated, k = class k - 1)"
+        )
+        self.status.setText(f"'{active.name}' annotates '{layer.name}' as {what}.")
+
     def start_from_prediction(self):
         """Fill the unpainted pixels of the current plane with the model's classes."""
         layer, model = self.image_layer(), self.state.model
         if layer is None or model is None:
             self.status.setText("Choose an image layer and load a model first.")
             return
-        targets = self.annotation_layers(layer.name) or [self.new_annotation_layer()]
+        targets = self.annotation_layers(layer.name, "sparse") or [self.new_annotation_layer()]
         if targets[0] is None:
             return
         from napari_unet.core.tiling import predict_iter
@@ -407,8 +439,11 @@ class FinetunePanel(WorkerPanel):
                     f"annotation layer {ann.name!r} belongs to image {name!r}, which is gone"
                 )
             job = job_for_layer(self.viewer.layers[name], model, self.viewer)
-            pairs.append((job.data, np.asarray(ann.data), name))
-        planes, unpainted = painted_planes(pairs, model.info.in_channels)
+            kind = ann.metadata.get(KIND_KEY, "sparse")
+            pairs.append((job.data, np.asarray(ann.data), name, kind))
+        planes, unpainted = painted_planes(
+            pairs, model.info.in_channels, num_classes=model.info.num_classes
+        )
         painted = check_annotations(planes, model.info.classes)
         return planes, unpainted, painted
 

@@ -32,16 +32,25 @@ class PaintedPlane:
 
 
 def painted_planes(
-    pairs: Sequence[tuple[np.ndarray, np.ndarray, str]], in_channels: int, axes: str | None = None
+    pairs: Sequence[tuple], in_channels: int, axes: str | None = None, num_classes: int = 3
 ) -> tuple[list[PaintedPlane], list[np.ndarray]]:
-    """Split ``(image, annotation, name)`` pairs into painted 2D planes.
+    """Split ``(image, annotation, name[, kind])`` pairs into painted 2D planes.
 
-    The annotation has the image's shape without its channel axis. Returns the
-    painted planes and the unpainted planes of the same images (at most 16),
-    which the fine-tuning uses to re-estimate normalisation statistics.
+    The annotation has the image's shape without its channel axis. ``kind`` is
+    ``"sparse"`` (default: ``0`` = not annotated, ``k`` = class ``k - 1``) or
+    ``"instances"`` (a dense instance mask, ``0`` = background: its non-empty planes
+    become background / interior / boundary paint covering the whole plane).
+    Returns the painted planes and the unpainted planes of the same images (at
+    most 16), which the fine-tuning uses to re-estimate normalisation statistics.
     """
+    from napari_unet.core.targets import to_target
+
     planes, unpainted = [], []
-    for image, annotation, name in pairs:
+    for pair in pairs:
+        image, annotation, name = pair[:3]
+        kind = pair[3] if len(pair) > 3 else "sparse"
+        if kind not in ("sparse", "instances"):
+            raise ValueError(f"annotation kind must be 'sparse' or 'instances', got {kind!r}")
         image, annotation = np.asarray(image), np.asarray(annotation)
         ax = resolve_axes(image.shape, axes, in_channels)
         spatial_axes = [a for a in ax.axes if a != "C"]
@@ -63,6 +72,8 @@ def painted_planes(
             if spatial_axes.index("X") < spatial_axes.index("Y"):
                 paint = paint.T
             where = f"{name} {list(lead)}" if lead else name
+            if kind == "instances" and paint.any():
+                paint = (to_target(paint, "instances", num_classes) + 1).astype(np.uint8)
             if paint.any():
                 plane = ax.read(image, lead, *full)
                 plane = plane[0] if plane.shape[0] == 1 else plane
