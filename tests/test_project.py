@@ -105,6 +105,6 @@ def test_plugin_is_discovered_by_napari_through_its_entry_point():
     pm.discover()
     manifest = pm.get_manifest("napari-unet")
     widgets = {w.display_name for w in manifest.contributions.widgets}
-    assert widgets == {"U-Net model", "U-Net segment", "U-Net feature maps"}
+    assert widgets == {"U-Net model", "U-Net segment", "U-Net feature maps", "U-Net fine-tune"}
     menu = manifest.contributions.menus["napari/layers/segment"]
     assert {m.command for m in menu} == {c.command for c in manifest.contributions.widgets}
