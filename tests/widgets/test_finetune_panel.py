@@ -136,6 +136,21 @@ def test_stop_keeps_cancel_discards(panel, nuclei, qtbot):
     assert state.model is v1.model
 
 
+def test_loading_another_model_during_training_discards_the_run(panel, nuclei, qtbot):
+    viewer, widget, state = panel
+    image, strokes = nuclei
+    viewer.add_image(image, name="img")
+    widget.layer_combo.setCurrentText("img")
+    widget.new_annotation_layer().data = strokes.copy()
+    widget.preview_spin.setValue(0)
+    widget._on_run()
+    other = tiny_model("same", depth=2, seed=1)
+    state.model = other  # e.g. the model panel loads another model
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=60000)
+    assert state.model is other and len(widget.versions.versions) == 1
+    assert widget.versions.base is other and "discarded" in widget.status.text()
+
+
 def test_save_version_and_start_from_prediction_on_a_stack(panel, qtbot, tmp_path):
     from napari_unet.core.tiling import predict
     from napari_unet.io import load_model

@@ -462,6 +462,7 @@ class FinetunePanel(WorkerPanel):
             self._on_errored(err)
             return
         self._parent = self.versions.current
+        self._run_versions = self.versions
         self._painted = painted
         self._preview_job = preview
         self._losses = []
@@ -553,6 +554,12 @@ class FinetunePanel(WorkerPanel):
         if not isinstance(value, Finished):
             return
         self._draw(force=True)
+        if self.versions is not self._run_versions:
+            self.status.setText(
+                "Another model was loaded while this one trained: the fine-tuned result was "
+                "discarded (train again on the new model)."
+            )
+            return
         n = len(self.versions.versions)
         base_name = self.versions.versions[self._parent].model.info.name or "model"
         base_name = base_name.split("-v")[0]
