@@ -70,6 +70,7 @@ def main() -> None:
     p.add_argument("--width", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--boundary-width", type=int, default=2, help="inner boundary class width (px)")
+    p.add_argument("--init", help="continue from this model (bundled name or file)")
     p.add_argument("--border-w0", type=float, default=10.0, help="paper border weight w0")
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default=str(ROOT / "runs" / "nuclei" / "nuclei.safetensors"))
@@ -77,6 +78,10 @@ def main() -> None:
     train, val = nuclei_split()
     print(f"train {len(train)} images, validation {len(val)}: {[n for n, *_ in val]}")
     model, cfg = build(args)
+    if args.init:  # same architecture and metadata, weights of an earlier run
+        from napari_unet.io import load_model
+
+        model.net.load_state_dict(load_model(args.init).net.float().state_dict())
     gen = train_iter(
         model,
         [i for _, i, _ in train],
