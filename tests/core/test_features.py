@@ -85,3 +85,37 @@ def test_stage_grid_matches_the_paper_geometry():
     assert grid["head"] == (92.0, 1)
     assert grid["bottleneck"][1] == 16
     assert stage_grid(UNetConfig(depth=4, padding="same"))["head"] == (0.0, 1)
+
+
+def test_networks_of_unknown_architecture_use_their_top_level_modules():
+    """A plain nn.Module (e.g. a bioimage.io state-dict model): stages are its
+    children, placed by their stride and centred, as for a same-padding U-Net."""
+    from napari_unet.core.features import stage_names
+    from napari_unet.model.info import LoadedModel
+
+    unet = tiny_model("same", depth=2)
+
+    class Plain(torch.nn.Module):  # the same layers without the UNet class
+        def __init__(self, net):
+            super().__init__()
+            self.inner = net
+
+        def forward(self, x):
+            return self.inner(x)
+
+    plain = Plain(unet.net)
+    assert stage_names(plain) == ["inner"]
+    image = np.random.default_rng(3).random((48, 48), dtype=np.float32)
+    ref = capture(image, unet, ["head"])["head"]
+    got = capture(image, LoadedModel(plain, unet.info), ["inner"])["inner"]
+    np.testing.assert_allclose(got.data, ref.data, atol=1e-5)
+    assert got.scale == ref.scale == 1.0 and got.origin == ref.origin
+
+
+def test_torchscript_networks_get_a_clear_message():
+    from napari_unet.model.info import LoadedModel
+
+    model = tiny_model("same", depth=1)
+    scripted = torch.jit.trace(model.net, torch.zeros(1, 1, 32, 32))
+    with pytest.raises(ValueError, match="TorchScript"):
+        capture(np.zeros((32, 32), np.float32), LoadedModel(scripted, model.info))

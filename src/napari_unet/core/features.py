@@ -104,6 +104,12 @@ def capture_iter(
     ``max_channels`` keeps the channels with the highest activation variance
     (ranked per stage); ``dtype=np.float16`` halves the memory.
     """
+    if isinstance(model.net, torch.jit.ScriptModule):
+        raise ValueError(
+            "TorchScript networks do not let napari-unet look inside them (no forward "
+            "hooks); feature maps need a napari-unet model or a bioimage.io package with "
+            "pytorch_state_dict weights (tick 'trust package code')"
+        )
     names = stage_names(model.net)
     stages = list(stages or names)
     unknown = [s for s in stages if s not in names]
@@ -132,7 +138,7 @@ def capture_iter(
     out = {}
     for name in stages:
         data = captured.pop(name)[0]  # (C, h, w) tensor, any memory layout
-        a, s = grid.get(name, (0.0, 1))
+        a, s = grid.get(name) or _centred_grid(tile.shape[-2], data.shape[-2])
         out[name] = _place(name, data, a, s, (sy, sx), (y0, y1, x0, x1), max_channels, dtype)
     return out
 
@@ -140,6 +146,13 @@ def capture_iter(
 def capture(image, model, stages=None, **kwargs) -> dict[str, FeatureMap]:
     """Run :func:`capture_iter` to the end."""
     return run_to_end(capture_iter(image, model, stages, **kwargs))
+
+
+def _centred_grid(tile: int, size: int) -> tuple[float, int]:
+    """For networks of unknown architecture: an integer stride from the sizes, and the
+    stage's pixels centred on the input tile (exact for same-padding poolings)."""
+    s = max(1, round(tile / size))
+    return ((tile - 1) - s * (size - 1)) / 2, s
 
 
 def _keep(store: dict, name: str):
