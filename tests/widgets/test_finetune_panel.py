@@ -92,7 +92,15 @@ def test_train_adds_a_version_previews_and_leaves_base_and_layers_alone(panel, n
     assert "painted plane" in v1.model.info.provenance["training_data"]
     assert len(widget._losses) == 20
     preview = viewer.layers["img [fine-tune preview]"]
+    # the field of view (here the whole 96 x 96 image) of the current plane
     assert preview.data.shape == image.shape and set(np.unique(preview.data)) <= {1, 2, 3}
+    # zoomed in: only the visible region is previewed, placed where it is
+    viewer.camera.zoom *= 8
+    viewer.camera.center = (20, 30)
+    job = widget._preview_region(src, state.model)
+    y0, y1, x0, x1 = job.region
+    assert y1 - y0 < 96 and x1 - x0 < 96 and y0 <= 20 < y1 and x0 <= 30 < x1
+    assert job.translate == (y0, x0)
     np.testing.assert_array_equal(src.data, image)
     np.testing.assert_array_equal(ann.data, strokes)
     for k, v in base.net.state_dict().items():

@@ -87,7 +87,13 @@ def finetune_job(model, planes, unpainted, cfg, preview, preview_every, stop_eve
             break
         yield step
         if preview is not None and preview_every and step.step % preview_every == 0:
-            probs = predict(preview.data, step.snapshot(), axes=preview.axes, device=cfg.device)
+            probs = predict(
+                preview.data,
+                step.snapshot(),
+                axes=preview.axes,
+                region=preview.region,
+                device=cfg.device,
+            )
             yield Preview(step.step, probs.argmax(0).astype(np.uint8) + 1)
     after = painted_accuracy(result, planes, device=cfg.device)
     seconds = step.elapsed if step is not None else 0.0
@@ -457,7 +463,7 @@ class FinetunePanel(WorkerPanel):
             cfg = self.config()
             preview = None
             if layer is not None and self.preview_spin.value():
-                preview = job_for_layer(layer, model, self.viewer, current_plane=True)
+                preview = self._preview_region(layer, model)
         except ValueError as err:
             self._on_errored(err)
             return
@@ -489,6 +495,14 @@ class FinetunePanel(WorkerPanel):
         )
         self.pause_button.setEnabled(True)
         self.stop_button.setEnabled(True)
+
+    def _preview_region(self, layer, model):
+        """The current plane, cut to the field of view in 2D (previews stay quick)."""
+        flat = self.viewer.dims.ndisplay == 2
+        try:
+            return job_for_layer(layer, model, self.viewer, current_plane=True, visible=flat)
+        except ValueError:  # not in view: the whole plane
+            return job_for_layer(layer, model, self.viewer, current_plane=True)
 
     def _on_pause(self) -> None:
         if self.worker is None:
