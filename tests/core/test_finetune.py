@@ -204,3 +204,31 @@ def test_versions_keep_the_base_and_revert_to_the_parent():
     assert "10 steps" in v.describe(1) and "50% -> 80%" in v.describe(1)
     with pytest.raises(IndexError):
         v.select(5)
+
+
+def test_finetune_iter_reports_previews_and_accuracy_and_stops_on_request(case):
+    from napari_unet.core.finetune import Finished, Preview, finetune_iter
+    from napari_unet.core.training import TrainStep
+
+    image, _, strokes = case
+    model = tiny_model("same", depth=2)
+    planes = [PaintedPlane(image, strokes, "img")]
+    cfg = TrainConfig.finetune(steps=1000, patch_size=64, max_seconds=None, device="cpu")
+    seen = []
+    gen = finetune_iter(
+        model, planes, [], cfg, preview=(image, "YX", (0, 40, 10, 60)), preview_every=5,
+        should_stop=lambda: sum(isinstance(v, TrainStep) for v in seen) >= 10,
+    )  # fmt: skip
+    while True:
+        try:
+            seen.append(next(gen))
+        except StopIteration as done:
+            result = done.value
+            break
+    previews = [v for v in seen if isinstance(v, Preview)]
+    assert [p.step for p in previews] == [5, 10]
+    assert previews[0].labels.shape == (40, 50) and set(np.unique(previews[0].labels)) <= {1, 2, 3}
+    # asked while suspended after step 10: the step under way (11) is the last one
+    assert isinstance(result, Finished) and result.stopped and result.steps == 11
+    assert result.accuracy_before == pytest.approx(painted_accuracy(model, planes))
+    assert result.accuracy_after == pytest.approx(painted_accuracy(result.model, planes))

@@ -35,6 +35,15 @@ def panel(make_napari_viewer, qtbot):
     return viewer, widget, state
 
 
+def _painted(viewer, widget, image, strokes):
+    """The image chosen in the panel, with the strokes on a new annotation layer."""
+    src = viewer.add_image(image, name="img")
+    widget.layer_combo.setCurrentText("img")
+    ann = widget.new_annotation_layer()
+    ann.data = strokes.copy()
+    return src, ann
+
+
 def _train(qtbot, widget, timeout=60000):
     widget._on_run()
     qtbot.waitUntil(lambda: widget.worker is None, timeout=timeout)
@@ -75,10 +84,7 @@ def test_empty_and_single_class_annotations_are_refused(panel, nuclei, qtbot):
 def test_train_adds_a_version_previews_and_leaves_base_and_layers_alone(panel, nuclei, qtbot):
     viewer, widget, state = panel
     image, strokes = nuclei
-    src = viewer.add_image(image.copy(), name="img")
-    widget.layer_combo.setCurrentText("img")
-    ann = widget.new_annotation_layer()
-    ann.data = strokes.copy()
+    src, ann = _painted(viewer, widget, image.copy(), strokes)
     base = state.model
     weights = {k: v.clone() for k, v in base.net.state_dict().items()}
     _train(qtbot, widget)
@@ -116,9 +122,7 @@ def test_train_adds_a_version_previews_and_leaves_base_and_layers_alone(panel, n
 def test_stop_keeps_cancel_discards(panel, nuclei, qtbot):
     viewer, widget, state = panel
     image, strokes = nuclei
-    viewer.add_image(image, name="img")
-    widget.layer_combo.setCurrentText("img")
-    widget.new_annotation_layer().data = strokes.copy()
+    _painted(viewer, widget, image, strokes)
     widget.steps_spin.setValue(5000)
     widget.preview_spin.setValue(0)
     base = state.model
@@ -147,9 +151,7 @@ def test_stop_keeps_cancel_discards(panel, nuclei, qtbot):
 def test_loading_another_model_during_training_discards_the_run(panel, nuclei, qtbot):
     viewer, widget, state = panel
     image, strokes = nuclei
-    viewer.add_image(image, name="img")
-    widget.layer_combo.setCurrentText("img")
-    widget.new_annotation_layer().data = strokes.copy()
+    _painted(viewer, widget, image, strokes)
     widget.preview_spin.setValue(0)
     widget._on_run()
     other = tiny_model("same", depth=2, seed=1)

@@ -1,8 +1,8 @@
 """Fine-tune panel: paint where the model is wrong, retrain in a worker, watch, repeat.
 
 The panel only wires napari to the core: annotations become
-:func:`~napari_unet.core.finetune.painted_planes`, training is
-:func:`~napari_unet.core.training.train_iter` with ``TrainConfig.finetune``,
+:func:`~napari_unet.core.finetune.painted_planes`, a run is
+:func:`~napari_unet.core.finetune.finetune_iter` with ``TrainConfig.finetune``,
 and every finished run is a new entry of
 :class:`~napari_unet.core.finetune.ModelVersions` (the base is never changed).
 """
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import numpy as np
 from qtpy.QtWidgets import (
@@ -28,28 +28,11 @@ from qtpy.QtWidgets import (
 
 from napari_unet._widgets._base import WorkerPanel
 from napari_unet._widgets._layers import job_for_layer
+from napari_unet.core.finetune import Finished, Preview
 
 ANNOTATION_KEY = "napari_unet_annotates"  # layer.metadata: name of the image it annotates
 KIND_KEY = "napari_unet_kind"  # layer.metadata: "sparse" (painted classes) or "instances"
 CLASS_COLORS = ["#4a90d9", "#3cb44b", "#e6194b", "#ffe119", "#f58231", "#911eb4", "#46f0f0"]
-
-
-@dataclass
-class Preview:
-    """A live prediction of the preview plane by the network being trained."""
-
-    step: int
-    labels: np.ndarray
-
-
-@dataclass
-class Finished:
-    model: object
-    accuracy_before: float
-    accuracy_after: float
-    steps: int
-    seconds: float
-    stopped: bool
 
 
 def annotation_colormap(classes):
@@ -59,46 +42,6 @@ def annotation_colormap(classes):
     for k in range(len(classes)):
         colors[k + 1] = CLASS_COLORS[k % len(CLASS_COLORS)]
     return DirectLabelColormap(color_dict=colors)
-
-
-def finetune_job(model, planes, unpainted, cfg, preview, preview_every, stop_event, data_name):
-    """Worker body: accuracy before, training with previews, accuracy after."""
-    from napari_unet.core.finetune import painted_accuracy
-    from napari_unet.core.tiling import predict
-    from napari_unet.core.training import train_iter
-
-    before = painted_accuracy(model, planes, device=cfg.device)
-    gen = train_iter(
-        model,
-        [p.image for p in planes],
-        [p.annotation for p in planes],
-        "sparse",
-        cfg,
-        data_name=data_name,
-        unlabelled=unpainted,
-        should_stop=stop_event.is_set,
-    )
-    step = None
-    while True:
-        try:
-            step = next(gen)
-        except StopIteration as done:
-            result = done.value
-            break
-        yield step
-        if preview is not None and preview_every and step.step % preview_every == 0:
-            probs = predict(
-                preview.data,
-                step.snapshot(),
-                axes=preview.axes,
-                region=preview.region,
-                device=cfg.device,
-            )
-            yield Preview(step.step, probs.argmax(0).astype(np.uint8) + 1)
-    after = painted_accuracy(result, planes, device=cfg.device)
-    seconds = step.elapsed if step is not None else 0.0
-    steps = step.step if step is not None else 0
-    return Finished(result, before, after, steps, seconds, stop_event.is_set())
 
 
 class FinetunePanel(WorkerPanel):
@@ -258,11 +201,6 @@ class FinetunePanel(WorkerPanel):
             and (kind is None or layer.metadata.get(KIND_KEY, "sparse") == kind)
         ]
 
-    def _spatial(self, layer, model):
-        job = job_for_layer(layer, model, self.viewer)
-        shape = tuple(s for s, a in zip(job.data.shape, job.axes) if a != "C")
-        return job, shape
-
     def new_annotation_layer(self):
         """A Labels layer for the chosen image: 0 = not annotated, k = class k - 1."""
         layer, model = self.image_layer(), self.state.model
@@ -270,10 +208,11 @@ class FinetunePanel(WorkerPanel):
             self.status.setText("Choose an image layer and load a model first.")
             return None
         try:
-            job, shape = self._spatial(layer, model)
+            job = job_for_layer(layer, model, self.viewer)
         except ValueError as err:
             self._on_errored(err)
             return None
+        shape = tuple(n for n, a in zip(job.data.shape, job.axes) if a != "C")
         classes = model.info.classes
         name = f"{layer.name} annotations"
         n = 1
@@ -479,16 +418,18 @@ class FinetunePanel(WorkerPanel):
             sorted({p.source for p in planes})
         )
         self.status.setText(f"Training on {what}...")
+        from napari_unet.core.finetune import finetune_iter
+
         self.start(
-            finetune_job,
+            finetune_iter,
             model,
             planes,
             unpainted,
             cfg,
-            preview,
-            self.preview_spin.value(),
-            self._stop,
-            data_name,
+            preview=None if preview is None else (preview.data, preview.axes, preview.region),
+            preview_every=self.preview_spin.value(),
+            should_stop=self._stop.is_set,
+            data_name=data_name,
             total=cfg.steps,
             desc="napari-unet: fine-tuning",
             activity=False,  # the panel shows steps, rate and time left itself
@@ -575,10 +516,8 @@ class FinetunePanel(WorkerPanel):
             )
             return
         n = len(self.versions.versions)
-        base_name = self.versions.versions[self._parent].model.info.name or "model"
-        base_name = base_name.split("-v")[0]
-        model = value.model
-        model = type(model)(model.net, replace(model.info, name=f"{base_name}-v{n}"))
+        name = f"{self.versions.base.info.name or 'model'}-v{n}"
+        model = type(value.model)(value.model.net, replace(value.model.info, name=name))
         self.versions.add(
             model,
             self._parent,
@@ -599,13 +538,9 @@ class FinetunePanel(WorkerPanel):
         layer, job = self._fill_target
         labels = np.asarray(probs).argmax(0).astype(layer.data.dtype) + 1
         data = np.array(layer.data)
-        plane = data
-        index = ()
-        lead = data.ndim - 2
-        if lead:
-            point = layer.world_to_data(self.viewer.dims.point)
-            index = tuple(int(np.clip(round(point[k]), 0, data.shape[k] - 1)) for k in range(lead))
-            plane = data[index]
+        point = layer.world_to_data(self.viewer.dims.point)
+        lead = range(data.ndim - 2)  # the current plane of a stack (a view into data)
+        plane = data[tuple(int(np.clip(round(point[k]), 0, data.shape[k] - 1)) for k in lead)]
         labels = labels.reshape(plane.shape)
         empty = plane == 0
         plane[empty] = labels[empty]

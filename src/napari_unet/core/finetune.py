@@ -6,14 +6,15 @@ image / annotation pairs of any dimension into the 2D planes that carry paint,
 :func:`check_annotations` refuses what cannot train (nothing painted, a single
 class, paint outside the image), and :class:`ModelVersions` keeps every
 fine-tuned model beside the untouched base so the user can compare and revert.
-Training itself is :func:`napari_unet.core.training.train_iter` with
-:meth:`TrainConfig.finetune <napari_unet.core.training.TrainConfig.finetune>`.
+A run is :func:`finetune_iter`: :func:`napari_unet.core.training.train_iter`
+(with :meth:`TrainConfig.finetune <napari_unet.core.training.TrainConfig.finetune>`)
+framed by the painted-pixel accuracy before and after, with live previews.
 """
 
 from __future__ import annotations
 
 import datetime
-from collections.abc import Sequence
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -122,6 +123,77 @@ def painted_accuracy(model: LoadedModel, planes: Sequence[PaintedPlane], device=
         right += int((pred[painted] == p.annotation[painted].astype(np.int64) - 1).sum())
         total += int(painted.sum())
     return right / total if total else float("nan")
+
+
+@dataclass
+class Preview:
+    """A live prediction (class index + 1) of the preview plane by the network in training."""
+
+    step: int
+    labels: np.ndarray
+
+
+@dataclass
+class Finished:
+    """What a fine-tuning run returns."""
+
+    model: LoadedModel
+    accuracy_before: float
+    accuracy_after: float
+    steps: int
+    seconds: float
+    stopped: bool
+
+
+def finetune_iter(
+    model: LoadedModel,
+    planes: Sequence[PaintedPlane],
+    unpainted: Sequence[np.ndarray],
+    cfg,
+    *,
+    preview: tuple | None = None,
+    preview_every: int = 0,
+    should_stop: Callable[[], bool] | None = None,
+    data_name: str = "painted planes",
+) -> Generator[object, None, Finished]:
+    """Fine-tune a copy of ``model`` on painted planes; yields each
+    :class:`~napari_unet.core.training.TrainStep` and, every ``preview_every``
+    steps, a :class:`Preview` of ``preview = (data, axes, region)``; returns
+    :class:`Finished` (closing the generator discards the run)."""
+    from napari_unet.core.tiling import predict
+    from napari_unet.core.training import train_iter
+
+    before = painted_accuracy(model, planes, device=cfg.device)
+    gen = train_iter(
+        model,
+        [p.image for p in planes],
+        [p.annotation for p in planes],
+        "sparse",
+        cfg,
+        data_name=data_name,
+        unlabelled=unpainted,
+        should_stop=should_stop,
+    )
+    step = None
+    while True:
+        try:
+            step = next(gen)
+        except StopIteration as done:
+            result = done.value
+            break
+        yield step
+        if preview is not None and preview_every and step.step % preview_every == 0:
+            data, axes, region = preview
+            probs = predict(data, step.snapshot(), axes=axes, region=region, device=cfg.device)
+            yield Preview(step.step, probs.argmax(0).astype(np.uint8) + 1)
+    return Finished(
+        result,
+        before,
+        painted_accuracy(result, planes, device=cfg.device),
+        step.step if step is not None else 0,
+        step.elapsed if step is not None else 0.0,
+        should_stop is not None and should_stop(),
+    )
 
 
 @dataclass

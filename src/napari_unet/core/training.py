@@ -142,26 +142,17 @@ def prepare(
     if not images:
         raise ValueError("no training images given")
     info = model.info
-    spec = norm.validate(info.normalization)
     pad = cfg.patch_size + info.geometry.halo + info.geometry.multiple
     prepared, all_targets = [], []
     for i, (img, lab) in enumerate(zip(images, labels)):
-        img = np.asarray(img)
-        norm.check_dtype(img.dtype)
-        if img.ndim == 2:
-            img = img[None]
-        if img.ndim != 3 or img.shape[0] != info.in_channels:
-            raise ValueError(
-                f"image {i} has shape {img.shape}; the model needs (Y, X) or "
-                f"({info.in_channels}, Y, X)"
-            )
+        image = normalized_plane(model, img, f"image {i}")
         lab = np.asarray(lab)
-        if lab.shape != img.shape[1:]:
-            raise ValueError(f"labels {i} have shape {lab.shape} but image {i} is {img.shape[1:]}")
+        if lab.shape != image.shape[1:]:
+            raise ValueError(
+                f"labels {i} have shape {lab.shape} but image {i} is {image.shape[1:]}"
+            )
         target = tg.to_target(lab, kind, info.num_classes, cfg.boundary_width)
         all_targets.append(target)
-        scale, offset = norm.plane_stats(img.reshape(img.shape[0], -1), spec)
-        image = norm.apply(img, scale, offset)
         border = (
             tg.border_weights(lab, cfg.border_w0, cfg.border_sigma)
             if kind == "instances" and cfg.border_w0 > 0
@@ -292,7 +283,9 @@ def train_iter(
     net = copy.deepcopy(model.net).to(dev)
     start = time.perf_counter()
     if cfg.adapt_norm:
-        extra = [normalized_plane(model, im) for im in unlabelled]
+        extra = [
+            normalized_plane(model, im, f"unlabelled image {i}") for i, im in enumerate(unlabelled)
+        ]
         adapt_norm(net, [s.unpadded() for s in samples] + extra, model, rng, dev)
     if cfg.pseudo_weight > 0 and kind == "sparse":
         add_pseudo_labels(samples, LoadedModel(net.eval(), model.info), cfg, dev)
@@ -344,11 +337,17 @@ def train_iter(
     return _result(net, model, cfg, step, data_name, kind, metrics)
 
 
-def normalized_plane(model: LoadedModel, image: np.ndarray) -> np.ndarray:
-    """``(C, Y, X)`` float32 normalised as the model expects."""
+def normalized_plane(model: LoadedModel, image: np.ndarray, what: str = "image") -> np.ndarray:
+    """A ``(Y, X)`` or ``(C, Y, X)`` plane checked and normalised as the model expects:
+    ``(C, Y, X)`` float32."""
     img = np.asarray(image)
     norm.check_dtype(img.dtype)
     img = img[None] if img.ndim == 2 else img
+    c = model.info.in_channels
+    if img.ndim != 3 or img.shape[0] != c:
+        raise ValueError(
+            f"{what} has shape {np.shape(image)}; the model needs (Y, X) or ({c}, Y, X)"
+        )
     spec = norm.validate(model.info.normalization)
     scale, offset = norm.plane_stats(img.reshape(img.shape[0], -1), spec)
     return norm.apply(img, scale, offset)
