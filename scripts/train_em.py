@@ -50,8 +50,8 @@ def build(args):
         lr=args.lr,
         batch_size=args.batch,
         patch_size=228,
-        warmup=50,
-        class_weighting="balanced",
+        warmup=args.warmup,
+        class_weighting=args.class_weighting,
         border_w0=10.0,
         border_sigma=5.0,
         focus=0.3,
@@ -59,7 +59,7 @@ def build(args):
         val_every=100,
         seed=args.seed,
         device=args.device,
-        checkpoint=str(ROOT / "runs" / "em" / "checkpoint.safetensors"),
+        checkpoint=str(Path(args.out).with_name("checkpoint.safetensors")),
     )
     return model, cfg
 
@@ -71,6 +71,9 @@ def main() -> None:
     p.add_argument("--width", type=int, default=16)
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--class-weighting", default="balanced", choices=["balanced", "sqrt", "none"])
+    p.add_argument("--warmup", type=int, default=50)
+    p.add_argument("--init", help="continue from this model (bundled name or file)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
     p.add_argument("--out", default=str(ROOT / "runs" / "em" / "em-membrane.safetensors"))
@@ -80,6 +83,11 @@ def main() -> None:
     train, val = isbi_split()
     print(f"train {len(train)} slices, validation {[n for n, *_ in val]}")
     model, cfg = build(args)
+    if args.init:  # same architecture and metadata, weights of an earlier run
+        from napari_unet.io import load_model
+
+        model.net.load_state_dict(load_model(args.init).net.float().state_dict())
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     # class 0 = membrane (between cells), 1 = cell; border weights from the cells
     gen = train_iter(
         model,

@@ -49,16 +49,19 @@ def build(args) -> tuple:
         lr=args.lr,
         batch_size=8,
         patch_size=256,
-        warmup=50,
+        warmup=args.warmup,
         border_w0=args.border_w0,
         border_sigma=5.0,
         boundary_width=args.boundary_width,
         focus=0.5,
-        augment=AugmentConfig(intensity=0.25, noise=0.05, elastic=0.3, zoom=0.3),
+        class_weighting=args.class_weighting,
+        augment=AugmentConfig(
+            intensity=0.25, shift=args.shift, noise=0.05, elastic=0.3, zoom=args.zoom
+        ),
         val_every=100,
         seed=args.seed,
         device=args.device,
-        checkpoint=str(ROOT / "runs" / "nuclei" / "checkpoint.safetensors"),
+        checkpoint=str(Path(args.out).with_name("checkpoint.safetensors")),
     )
     return model, cfg
 
@@ -72,9 +75,17 @@ def main() -> None:
     p.add_argument("--boundary-width", type=int, default=2, help="inner boundary class width (px)")
     p.add_argument("--init", help="continue from this model (bundled name or file)")
     p.add_argument("--border-w0", type=float, default=10.0, help="paper border weight w0")
+    p.add_argument("--class-weighting", default="balanced", choices=["balanced", "sqrt", "none"])
+    p.add_argument("--shift", type=float, help="intensity shift range (default: 0.25)")
+    p.add_argument("--zoom", type=float, default=0.3, help="random zoom range")
+    p.add_argument("--warmup", type=int, default=50)
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default=str(ROOT / "runs" / "nuclei" / "nuclei.safetensors"))
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     train, val = nuclei_split()
     print(f"train {len(train)} images, validation {len(val)}: {[n for n, *_ in val]}")
     model, cfg = build(args)

@@ -52,3 +52,19 @@ def test_rand_error_perfect_split_and_merge():
     merged = np.ones_like(true)
     assert abs(metrics.rand_error(true, merged) - (1 - 2 * 1 * 0.5 / 1.5)) < 1e-9
     assert metrics.pixel_error(true > 1, merged > 1) == 0.5
+
+
+def test_min_confidence_drops_faint_objects_only():
+    inst = np.zeros((30, 60), np.int32)
+    inst[5:25, 5:25] = 1
+    inst[5:25, 35:55] = 2
+    p = _probs_from(inst)
+    p[:, :, 30:] = p[:, :, 30:] * 0.3  # object 2: the network is unsure
+    p[0, :, 30:] += 0.7
+    recipe = {"method": "watershed", "seed": 1, "boundary": 2, "seed_threshold": 0.2}
+    kept = instances(p, recipe, threshold=0.2)
+    assert kept.max() == 2  # both found at a low threshold
+    out = instances(p, {**recipe, "min_confidence": 0.6}, threshold=0.2)
+    assert out.max() == 1 and out[15, 15] == 1 and out[15, 45] == 0
+    comp = {"method": "components", "foreground": 1, "min_confidence": 0.6}
+    assert instances(p[:2], comp, threshold=0.2).max() == 1

@@ -156,6 +156,10 @@ def test_instances_to_classes_and_border_weights():
     cw = class_weights([target], 3)
     counts = np.bincount(target.ravel(), minlength=3)
     np.testing.assert_allclose(cw * counts, counts.sum() / 3, rtol=1e-5)  # balanced
+    soft = class_weights([target], 3, power=0.5)
+    np.testing.assert_allclose((soft * counts).sum(), counts.sum(), rtol=1e-5)  # mean 1
+    np.testing.assert_allclose(soft[2] / soft[1], np.sqrt(counts[1] / counts[2]), rtol=1e-5)
+    np.testing.assert_allclose(class_weights([target], 3, power=0.0), 1.0, rtol=1e-6)
 
 
 def test_augment_keeps_image_and_labels_aligned():
@@ -177,3 +181,18 @@ def test_augment_keeps_image_and_labels_aligned():
     dy, dx = elastic_field((100, 100), np.random.default_rng(1), sigma=10)
     assert dy.shape == (100, 100) and 2 < dy.std() < 30
     assert np.abs(np.diff(dy, axis=0)).max() < 2  # smooth: from a coarse 3x3 grid
+
+
+def test_calibrate_threshold_moves_the_decision():
+    from napari_unet.core.tiling import predict
+    from napari_unet.core.training import calibrate_threshold
+
+    model = tiny_model("same", depth=2, classes=2)
+    image = np.random.default_rng(0).random((48, 48)).astype(np.float32)
+    before = predict(image, model, device="cpu")
+    calibrated = calibrate_threshold(model, 1, 0.3)
+    after = predict(image, calibrated, device="cpu")
+    np.testing.assert_array_equal(after.argmax(0), before[1] > 0.3)
+    assert (before[1] > 0.3).sum() > (before[1] > 0.5).sum()  # the test can tell
+    assert calibrated.info.provenance["calibrated_threshold"]["threshold"] == 0.3
+    np.testing.assert_array_equal(predict(image, model, device="cpu"), before)  # original kept

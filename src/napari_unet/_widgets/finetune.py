@@ -116,7 +116,7 @@ class FinetunePanel(WorkerPanel):
         self.freeze_check = QCheckBox("Freeze encoder")
         form.addRow("", self.freeze_check)
         self.weights_combo = QComboBox()
-        self.weights_combo.addItems(["balanced", "none"])
+        self.weights_combo.addItems(["balanced", "sqrt", "none"])
         form.addRow("Class weights", self.weights_combo)
         self.preview_spin = QSpinBox()
         self.preview_spin.setRange(0, 10000)

@@ -21,6 +21,7 @@ class AugmentConfig:
     flips: bool = True
     rotations: bool = True
     intensity: float = 0.2  # random scale in [1 - s, 1 + s] and shift in [-s, s]
+    shift: float | None = None  # shift range instead of ``intensity`` (0: brightness kept)
     noise: float = 0.03  # std of additive Gaussian noise (normalised units)
     elastic: float = 0.0  # probability of elastic deformation
     elastic_sigma: float = 10.0  # px, std of displacements on the coarse grid
@@ -51,7 +52,8 @@ def augment(image, target, weights, rng, cfg: AugmentConfig):
     if cfg.intensity > 0:
         c = image.shape[0]
         scale = rng.uniform(1 - cfg.intensity, 1 + cfg.intensity, (c, 1, 1))
-        shift = rng.uniform(-cfg.intensity, cfg.intensity, (c, 1, 1))
+        r = cfg.intensity if cfg.shift is None else cfg.shift
+        shift = rng.uniform(-r, r, (c, 1, 1))
         image = image * scale + shift
     if cfg.noise > 0:
         image = image + rng.normal(0, cfg.noise * rng.random(), image.shape)

@@ -38,11 +38,15 @@ def instances(
         where the interior probability exceeds ``recipe["seed_threshold"]``
         (default ``threshold``); they grow by watershed on the interior
         probability over the foreground ``1 - p(background) > threshold``.
+        Seeds under ``recipe["min_seed_size"]`` pixels (default 4) are dropped.
     ``components``
         Connected components of ``p(foreground class) > threshold``.
 
-    Labels are unique across planes of a stack; objects under ``min_size``
-    pixels are removed. Returns int32 ``(..., Y, X)``.
+    Objects whose mean foreground probability is under
+    ``recipe["min_confidence"]`` (default 0: keep all) are dropped: faint,
+    uncertain blobs the network half-believes in. Labels are unique across
+    planes of a stack; objects under ``min_size`` pixels are removed. Returns
+    int32 ``(..., Y, X)``.
     """
     recipe = dict(recipe or default_recipe(classes or [str(i) for i in range(probs.shape[0])]))
     lead = probs.shape[1:-2]
@@ -68,13 +72,24 @@ def _plane_instances(p: np.ndarray, recipe: dict, threshold: float, min_size: in
         seeds, _ = ndi.label((interior > seed_t) & foreground)
         seeds = _remove_small(seeds, int(recipe.get("min_seed_size", 4)))
         lab = watershed(-interior, markers=seeds, mask=foreground)
+        confidence = 1.0 - p[int(recipe.get("background", 0))]
     elif method == "components":
-        fg = p[int(recipe.get("foreground", p.shape[0] - 1))] > threshold
-        lab, _ = ndi.label(fg)
+        confidence = p[int(recipe.get("foreground", p.shape[0] - 1))]
+        lab, _ = ndi.label(confidence > threshold)
     else:
         raise ValueError(f"unknown instance method {method!r}; use 'watershed' or 'components'")
     lab = _remove_small(lab.astype(np.int32), min_size)
+    lab = _remove_unsure(lab, confidence, float(recipe.get("min_confidence", 0.0)))
     return relabel_sequential(lab)[0].astype(np.int32)
+
+
+def _remove_unsure(lab: np.ndarray, confidence: np.ndarray, min_confidence: float) -> np.ndarray:
+    if min_confidence <= 0 or lab.max() == 0:
+        return lab
+    n = int(lab.max())
+    mean = ndi.mean(confidence, lab, np.arange(1, n + 1))
+    unsure = np.concatenate([[False], np.asarray(mean) < min_confidence])
+    return np.where(unsure[lab], 0, lab)
 
 
 def _remove_small(lab: np.ndarray, min_size: int) -> np.ndarray:

@@ -91,12 +91,17 @@ def border_weights(inst: np.ndarray, w0: float = 10.0, sigma: float = 5.0) -> np
     return w.astype(np.float32)
 
 
-def class_weights(targets: list[np.ndarray], num_classes: int) -> np.ndarray:
-    """Inverse-frequency weights (mean 1 over annotated pixels) balancing the classes."""
+def class_weights(targets: list[np.ndarray], num_classes: int, power: float = 1.0) -> np.ndarray:
+    """Inverse-frequency weights balancing the classes (mean 1 over annotated pixels).
+
+    ``power`` softens them: weights go as ``1 / frequency ** power`` (1: fully
+    balanced, 0.5: the square root, 0: all ones).
+    """
     counts = np.zeros(num_classes)
     for t in targets:
         counts += np.bincount(t[t >= 0].ravel(), minlength=num_classes)[:num_classes]
     present = counts > 0
     weights = np.zeros(num_classes)
-    weights[present] = counts[present].sum() / (present.sum() * counts[present])
+    weights[present] = (counts[present].sum() / counts[present]) ** power
+    weights *= counts.sum() / (weights * counts).sum()
     return weights.astype(np.float32)

@@ -28,6 +28,7 @@ from napari_unet.core import targets as tg
 from napari_unet.core.augment import AugmentConfig, augment
 from napari_unet.core.device import resolve_device
 from napari_unet.model.info import LoadedModel
+from napari_unet.model.unet import for_training, to_layout
 
 
 @dataclass
@@ -41,7 +42,7 @@ class TrainConfig:
     weight_decay: float = 1e-4
     warmup: int = 20
     schedule: str = "cosine"  # or "constant"
-    class_weighting: str = "balanced"  # or "none"
+    class_weighting: str = "balanced"  # "balanced" (1 / frequency), "sqrt" or "none"
     border_w0: float = 10.0  # paper's separation weight (instance labels); 0 = off
     border_sigma: float = 5.0
     boundary_width: int = 2
@@ -161,11 +162,12 @@ def prepare(
         prepared.append((image, target, border))
     if not any((t >= 0).any() for t in all_targets):
         raise ValueError("the labels are empty: annotate some pixels first")
-    cw = (
-        tg.class_weights(all_targets, info.num_classes)
-        if cfg.class_weighting == "balanced"
-        else np.ones(info.num_classes, np.float32)
-    )
+    powers = {"balanced": 1.0, "sqrt": 0.5, "none": 0.0}
+    if cfg.class_weighting not in powers:
+        raise ValueError(
+            f"class_weighting must be one of {list(powers)}, not {cfg.class_weighting!r}"
+        )
+    cw = tg.class_weights(all_targets, info.num_classes, powers[cfg.class_weighting])
     samples = []
     for image, target, border in prepared:
         weights = np.where(target >= 0, cw[np.clip(target, 0, None)] + border, 0).astype(
@@ -280,7 +282,7 @@ def train_iter(
         )
         val = vsampler.batch(cfg.val_patches, aug=False)
     dev = resolve_device(cfg.device)
-    net = copy.deepcopy(model.net).to(dev)
+    net = for_training(copy.deepcopy(model.net), dev)
     start = time.perf_counter()
     if cfg.adapt_norm:
         extra = [
@@ -310,7 +312,7 @@ def train_iter(
         for group in opt.param_groups:
             group["lr"] = lr
         x, t, w = (a.to(dev) for a in sampler.batch(cfg.batch_size))
-        loss = loss_fn(net(x), t, w, cfg.dice)
+        loss = loss_fn(net(to_layout(x, net)), t, w, cfg.dice)
         total = loss
         if anchor is not None:
             total = loss + cfg.anchor * sum(((p - p0) ** 2).sum() for p, p0 in zip(params, anchor))
@@ -384,7 +386,7 @@ def adapt_norm(net, planes: Sequence[np.ndarray], model: LoadedModel, rng, dev, 
                     ((0, 0), (0, h - crop.shape[1]), (0, w - crop.shape[2])),
                     mode="symmetric",
                 )
-            net(torch.from_numpy(np.ascontiguousarray(crop))[None].to(dev))
+            net(to_layout(torch.from_numpy(np.ascontiguousarray(crop))[None].to(dev), net))
     for m, mom in zip(bns, saved):
         m.momentum = mom
 
@@ -413,6 +415,31 @@ def add_pseudo_labels(samples: list[_Sample], model: LoadedModel, cfg: TrainConf
         per_pixel = cfg.pseudo_weight * float(weights[painted].sum()) / n
         target[pseudo] = guess[pseudo]
         weights[pseudo] = per_pixel
+
+
+def calibrate_threshold(model: LoadedModel, cls: int, threshold: float) -> LoadedModel:
+    """A copy of a two-class ``model`` whose arg-max equals ``p(cls) > threshold`` of the original.
+
+    Class-balanced training shifts the decision toward the rare class; this moves
+    it back by adding ``log((1 - t) / t)`` to the class's logit bias (a prior
+    correction: probabilities, labels and instances all follow, no extra
+    metadata needed). The threshold is chosen on training data by the caller.
+    """
+    if model.info.num_classes != 2:
+        raise ValueError("threshold calibration needs a two-class model")
+    if not 0 < threshold < 1:
+        raise ValueError(f"threshold must be in (0, 1), got {threshold}")
+    head = getattr(model.net, "head", None)
+    if head is None or getattr(head, "bias", None) is None:
+        raise ValueError("the network has no output layer bias to calibrate")
+    net = copy.deepcopy(model.net)
+    with torch.no_grad():
+        net.head.bias[cls] += math.log((1 - threshold) / threshold)
+    provenance = {
+        **model.info.provenance,
+        "calibrated_threshold": {"class": model.info.classes[cls], "threshold": threshold},
+    }
+    return LoadedModel(net.eval(), replace(model.info, provenance=provenance))
 
 
 def _checkpoint(net, model, cfg, step, data_name, kind, metrics) -> None:
@@ -449,7 +476,7 @@ def evaluate_patches(net, batch, dice: float, dev) -> dict:
     x, t, w = (a.to(dev) for a in batch)
     net.eval()
     with torch.inference_mode():
-        logits = net(x)
+        logits = net(to_layout(x, net))
         loss = float(loss_fn(logits, t, w, dice))
         valid = t >= 0
         acc = float((logits.argmax(1)[valid] == t[valid]).float().mean()) if valid.any() else 0.0
