@@ -68,3 +68,15 @@ def test_min_confidence_drops_faint_objects_only():
     assert out.max() == 1 and out[15, 15] == 1 and out[15, 45] == 0
     comp = {"method": "components", "foreground": 1, "min_confidence": 0.6}
     assert instances(p[:2], comp, threshold=0.2).max() == 1
+
+
+def test_unseeded_foreground_becomes_an_object_when_asked():
+    inst = np.zeros((30, 40), np.int32)
+    inst[5:25, 5:25] = 1
+    p = _probs_from(inst)
+    p[:, 10:14, 30:34] = np.array([0.1, 0.2, 0.7])[:, None, None]  # all boundary, no seed
+    recipe = {"method": "watershed", "seed": 1, "boundary": 2}
+    assert instances(p, recipe).max() == 1
+    out = instances(p, {**recipe, "unseeded_min_size": 10})
+    assert out.max() == 2 and out[12, 32] == 2 and (out == 2).sum() == 16
+    assert instances(p, {**recipe, "unseeded_min_size": 17}).max() == 1

@@ -39,6 +39,9 @@ def instances(
         (default ``threshold``); they grow by watershed on the interior
         probability over the foreground ``1 - p(background) > threshold``.
         Seeds under ``recipe["min_seed_size"]`` pixels (default 4) are dropped.
+        Foreground regions no seed reaches (small objects drawn all as
+        boundary) become objects of their own if they have at least
+        ``recipe["unseeded_min_size"]`` pixels (default 0: dropped).
     ``components``
         Connected components of ``p(foreground class) > threshold``.
 
@@ -72,6 +75,7 @@ def _plane_instances(p: np.ndarray, recipe: dict, threshold: float, min_size: in
         seeds, _ = ndi.label((interior > seed_t) & foreground)
         seeds = _remove_small(seeds, int(recipe.get("min_seed_size", 4)))
         lab = watershed(-interior, markers=seeds, mask=foreground)
+        lab = _add_unseeded(lab, foreground, int(recipe.get("unseeded_min_size", 0)))
         confidence = 1.0 - p[int(recipe.get("background", 0))]
     elif method == "components":
         confidence = p[int(recipe.get("foreground", p.shape[0] - 1))]
@@ -81,6 +85,16 @@ def _plane_instances(p: np.ndarray, recipe: dict, threshold: float, min_size: in
     lab = _remove_small(lab.astype(np.int32), min_size)
     lab = _remove_unsure(lab, confidence, float(recipe.get("min_confidence", 0.0)))
     return relabel_sequential(lab)[0].astype(np.int32)
+
+
+def _add_unseeded(lab: np.ndarray, foreground: np.ndarray, min_size: int) -> np.ndarray:
+    if min_size <= 0:
+        return lab
+    rest, n = ndi.label(foreground & (lab == 0))
+    if n == 0:
+        return lab
+    rest = _remove_small(rest, min_size)
+    return np.where(rest > 0, rest + lab.max(), lab)
 
 
 def _remove_unsure(lab: np.ndarray, confidence: np.ndarray, min_confidence: float) -> np.ndarray:
