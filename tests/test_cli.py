@@ -170,6 +170,8 @@ def test_train_new_model_from_json_and_fine_tune_it(tmp_path, capsys):
             "48",
             "--batch-size",
             "2",
+            "--class-weights",
+            "sqrt",
             "-q",
         ]
     )
@@ -177,6 +179,7 @@ def test_train_new_model_from_json_and_fine_tune_it(tmp_path, capsys):
     trained = load_model(out)
     assert trained.info.classes == ["background", "interior", "boundary"]
     assert trained.info.provenance["steps"] == 3
+    assert trained.info.provenance["train_config"]["class_weighting"] == "sqrt"
     assert trained.info.provenance["training_data"] == "img.tif"
     # fine-tune the result with sparse strokes
     strokes = np.zeros_like(labels, dtype=np.uint8)
