@@ -50,6 +50,12 @@ def test_predict_probabilities_labels_instances(tmp_path, model_file, image):
             np.testing.assert_array_equal(
                 result, instances(ref, classes=["background", "interior", "boundary"])
             )
+    out = tmp_path / "tta.tif"
+    args = ["predict", str(src), "-m", str(model_file), "-o", str(out), "-q", "--tta"]
+    assert main([*args, "--mode", "probabilities"]) == 0
+    tta = predict(image, tiny_model("valid"), tta=True)
+    np.testing.assert_allclose(tifffile.imread(out), tta, atol=5e-5)
+    assert np.abs(tta - ref).max() > 1e-3
 
 
 def test_predict_npy_stack_to_zarr_and_folder_outputs(tmp_path, model_file, image):

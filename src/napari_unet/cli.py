@@ -28,6 +28,11 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--axes", help="image axes, e.g. YX, ZYX, CYX, YXC (guessed if omitted)")
     pr.add_argument("--threshold", type=float, default=0.5, help="instances: foreground")
     pr.add_argument("--min-size", type=int, default=0, help="instances: smallest object (px)")
+    pr.add_argument(
+        "--tta",
+        action="store_true",
+        help="test-time augmentation: average over mirrored tiles (4x the time)",
+    )
     pr.add_argument("--no-amp", action="store_true", help="no mixed precision on CUDA")
     pr.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     pr.add_argument("--trust-code", action="store_true", help=TRUST_HELP)
@@ -198,6 +203,7 @@ def _predict_one(image, model, dst: Path, args, label: str) -> None:
         batch_size=args.batch_size,
         device=args.device,
         amp=not args.no_amp,
+        tta=args.tta,
         output=engine_out,
         out=sink.array if sink else None,
     )

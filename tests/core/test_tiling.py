@@ -26,6 +26,20 @@ def test_tiled_equals_one_pass_for_any_size_and_tile(padding, depth, h, w, tile,
     np.testing.assert_allclose(tiled, one_pass(image[None], model), atol=1e-5)
 
 
+@pytest.mark.parametrize("padding", ["valid", "same"])
+def test_tta_is_the_mean_over_mirrored_images(padding):
+    model = tiny_model(padding, 2)
+    image = np.random.default_rng(5).random((70, 90), dtype=np.float32) * 100
+    tta = predict(image, model, tile=48, device="cpu", tta=True)
+    expected = np.zeros_like(tta)
+    for axes in ((), (0,), (1,), (0, 1)):
+        flipped = np.flip(image, axes).copy() if axes else image
+        p = one_pass(flipped[None], model)
+        expected += np.flip(p, tuple(a + 1 for a in axes)) if axes else p
+    np.testing.assert_allclose(tta, expected / 4, atol=5e-5)
+    assert np.abs(tta - predict(image, model, device="cpu")).max() > 1e-3  # it does differ
+
+
 def test_many_tiles_are_used_and_cover_the_image(valid_model):
     g = valid_model.info.geometry
     plan = plan_tiles((300, 211), g, tile=g.min_input)

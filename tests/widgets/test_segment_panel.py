@@ -62,6 +62,13 @@ def test_probabilities_and_rerun_updates_instead_of_duplicating(panel, qtbot, im
     )
     _run(qtbot, widget)
     assert [layer.name for layer in viewer.layers] == names
+    widget.tta_check.setChecked(True)  # mirrored-tile averaging reaches the layers
+    _run(qtbot, widget)
+    np.testing.assert_allclose(
+        viewer.layers["img [unet interior]"].data,
+        predict(image, tiny_model("valid"), tta=True)[1],
+        atol=5e-5,
+    )
 
 
 def test_stack_current_plane_only_lands_on_its_plane(panel, qtbot):

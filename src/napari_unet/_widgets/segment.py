@@ -43,6 +43,12 @@ class SegmentPanel(WorkerPanel):
         self.amp_check = QCheckBox("Mixed precision (CUDA)")
         self.amp_check.setChecked(True)
         form.addRow("", self.amp_check)
+        self.tta_check = QCheckBox("Average over mirrored tiles (4x slower)")
+        self.tta_check.setToolTip(
+            "Test-time augmentation: each tile is also predicted mirrored and the "
+            "results are averaged; smoother maps, often slightly better objects."
+        )
+        form.addRow("", self.tta_check)
         self.plane_check = QCheckBox("Current plane only")
         form.addRow("", self.plane_check)
         self.visible_check = QCheckBox("Visible region only")
@@ -102,6 +108,7 @@ class SegmentPanel(WorkerPanel):
             batch_size=self.batch_spin.value() or None,
             device=self.state.device,
             amp=self.amp_check.isChecked(),
+            tta=self.tta_check.isChecked(),
             threshold=self.threshold_spin.value(),
             min_size=self.min_size_spin.value(),
         )

@@ -27,6 +27,7 @@ class SegmentOptions:
     threshold: float = 0.5
     min_size: int = 0
     region: tuple[int, int, int, int] | None = None
+    tta: bool = False  # average over mirrored tiles (4x the time)
 
 
 def rgb_to_gray(image: np.ndarray) -> np.ndarray:
@@ -54,6 +55,7 @@ def segment_iter(image, model, options: SegmentOptions) -> Generator[Progress, N
         amp=options.amp,
         output=engine,
         region=options.region,
+        tta=options.tta,
     )
     if options.mode == "instances":
         yield Progress(1, 1, "finding objects")
