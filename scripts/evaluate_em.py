@@ -23,19 +23,9 @@ from napari_unet.io import load_model
 
 
 def cell_probability(image, model, tta: bool) -> np.ndarray:
-    """p(cell) for a slice; with ``tta`` averaged over the 8 flips/rotations."""
+    """p(cell) for a slice; with ``tta`` averaged over mirrored tiles (as ``--tta``)."""
     cell = model.info.classes.index("cell")
-    if not tta:
-        return predict(image, model, device="cpu")[cell]
-    acc = np.zeros(image.shape, np.float64)
-    for k in range(4):
-        for flip in (False, True):
-            x = np.rot90(image, k)
-            x = x[:, ::-1] if flip else x
-            p = predict(np.ascontiguousarray(x), model, device="cpu")[cell]
-            p = p[:, ::-1] if flip else p
-            acc += np.rot90(p, -k)
-    return (acc / 8).astype(np.float32)
+    return predict(image, model, device="cpu", tta=tta)[cell]
 
 
 def main() -> None:

@@ -21,13 +21,7 @@ from napari_unet.io import load_model
 
 
 def segment(image, model, tta: bool, **kw):
-    probs = predict(image, model, device="cpu")
-    if tta:
-        acc = probs.copy()
-        for flip in ((0,), (1,), (0, 1)):
-            p = predict(np.flip(image, flip).copy(), model, device="cpu")
-            acc += np.flip(p, tuple(a + 1 for a in flip))
-        probs = acc / 4
+    probs = predict(image, model, device="cpu", tta=tta)
     info = model.info
     return probs, postprocess.instances(probs, info.instances, info.classes, **kw)
 
