@@ -100,9 +100,10 @@ def _add_unseeded(lab: np.ndarray, foreground: np.ndarray, min_size: int) -> np.
 def _remove_unsure(lab: np.ndarray, confidence: np.ndarray, min_confidence: float) -> np.ndarray:
     if min_confidence <= 0 or lab.max() == 0:
         return lab
-    n = int(lab.max())
-    mean = ndi.mean(confidence, lab, np.arange(1, n + 1))
-    unsure = np.concatenate([[False], np.asarray(mean) < min_confidence])
+    sums = np.bincount(lab.ravel(), weights=confidence.ravel())
+    counts = np.bincount(lab.ravel())
+    unsure = sums < min_confidence * counts  # mean under the limit (absent ids: kept)
+    unsure[0] = False
     return np.where(unsure[lab], 0, lab)
 
 
