@@ -50,6 +50,15 @@ def test_predict_probabilities_labels_instances(tmp_path, model_file, image):
             np.testing.assert_array_equal(
                 result, instances(ref, classes=["background", "interior", "boundary"])
             )
+    # one object covering the image (seeds anywhere), mean confidence ~0.56
+    recipe = {"method": "watershed", "seed_threshold": 0.0, "min_confidence": 0.9}
+    strict = save_model(tiny_model("valid", instances=recipe), tmp_path / "strict.safetensors")
+    out = tmp_path / "sure.tif"
+    args = ["predict", str(src), "-m", str(strict), "-o", str(out), "-q"]
+    assert main(args) == 0
+    assert tifffile.imread(out).max() == 0  # the model's recipe drops it
+    assert main([*args, "--min-confidence", "0.5"]) == 0
+    assert tifffile.imread(out).max() == 1
     out = tmp_path / "tta.tif"
     args = ["predict", str(src), "-m", str(model_file), "-o", str(out), "-q", "--tta"]
     assert main([*args, "--mode", "probabilities"]) == 0

@@ -29,6 +29,12 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--threshold", type=float, default=0.5, help="instances: foreground")
     pr.add_argument("--min-size", type=int, default=0, help="instances: smallest object (px)")
     pr.add_argument(
+        "--min-confidence",
+        type=float,
+        help="instances: drop objects whose mean foreground probability is lower "
+        "(default: the model's recipe; 0 keeps all, e.g. for dim images)",
+    )
+    pr.add_argument(
         "--tta",
         action="store_true",
         help="test-time augmentation: average over mirrored tiles (4x the time)",
@@ -229,7 +235,12 @@ def _predict_one(image, model, dst: Path, args, label: str) -> None:
         return
     if args.mode == "instances":
         result = postprocess.instances(
-            result, info.instances, info.classes, args.threshold, args.min_size
+            result,
+            info.instances,
+            info.classes,
+            args.threshold,
+            args.min_size,
+            args.min_confidence,
         )
     write_image(dst, result)
 

@@ -80,3 +80,16 @@ def test_unseeded_foreground_becomes_an_object_when_asked():
     out = instances(p, {**recipe, "unseeded_min_size": 10})
     assert out.max() == 2 and out[12, 32] == 2 and (out == 2).sum() == 16
     assert instances(p, {**recipe, "unseeded_min_size": 17}).max() == 1
+
+
+def test_min_confidence_argument_overrides_the_recipe():
+    inst = np.zeros((30, 60), np.int32)
+    inst[5:25, 5:25] = 1
+    inst[5:25, 35:55] = 2
+    p = _probs_from(inst)
+    p[:, :, 30:] = p[:, :, 30:] * 0.3
+    p[0, :, 30:] += 0.7
+    recipe = {"method": "watershed", "seed_threshold": 0.2, "min_confidence": 0.6}
+    assert instances(p, recipe, threshold=0.2).max() == 1
+    assert instances(p, recipe, threshold=0.2, min_confidence=0.0).max() == 2
+    assert recipe["min_confidence"] == 0.6  # the model's recipe is not changed

@@ -48,6 +48,21 @@ def test_instances_layer_matches_core_and_keeps_source(panel, qtbot, image):
     np.testing.assert_array_equal(src.data, image)  # the source is never modified
 
 
+def test_min_confidence_follows_the_model_and_reaches_the_result(panel, qtbot, image):
+    viewer, widget = panel
+    assert widget.confidence_spin.value() == 0.0  # the tiny model's recipe has none
+    # seeds anywhere: one object over the image, mean confidence ~0.56
+    recipe = {"method": "watershed", "seed_threshold": 0.0, "min_confidence": 0.9}
+    widget.state.model = tiny_model("valid", instances=recipe)
+    assert widget.confidence_spin.value() == 0.9
+    viewer.add_image(image, name="img")
+    _run(qtbot, widget)
+    assert viewer.layers["img [unet instances]"].data.max() == 0  # dropped
+    widget.confidence_spin.setValue(0.5)
+    _run(qtbot, widget)
+    assert viewer.layers["img [unet instances]"].data.max() == 1
+
+
 def test_probabilities_and_rerun_updates_instead_of_duplicating(panel, qtbot, image):
     viewer, widget = panel
     viewer.add_image(image, name="img")

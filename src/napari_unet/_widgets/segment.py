@@ -62,6 +62,14 @@ class SegmentPanel(WorkerPanel):
         self.min_size_spin.setRange(0, 100000)
         self.min_size_spin.setSuffix(" px")
         form.addRow("Min. object size", self.min_size_spin)
+        self.confidence_spin = QDoubleSpinBox()
+        self.confidence_spin.setRange(0.0, 0.99)
+        self.confidence_spin.setSingleStep(0.05)
+        self.confidence_spin.setToolTip(
+            "Objects whose mean foreground probability is lower are dropped "
+            "(set by the model; lower it for dim images the model is unsure about)."
+        )
+        form.addRow("Min. confidence", self.confidence_spin)
         self.form.addLayout(form)
         self._job: LayerJob | None = None
         self.tile_spin.editingFinished.connect(self._on_tile_edited)
@@ -69,6 +77,7 @@ class SegmentPanel(WorkerPanel):
         self.state.model_changed.connect(self._on_model_changed)
         self._on_layers_changed()
         self._on_mode(self.mode_combo.currentText())
+        self._show_recipe(self.state.model)
 
     # -- controls --------------------------------------------------------------
     def _on_layer_choice(self, name: str = "") -> None:
@@ -76,10 +85,16 @@ class SegmentPanel(WorkerPanel):
 
     def _on_model_changed(self, model) -> None:
         self.axes_label.setText(self._describe())
+        self._show_recipe(model)
+
+    def _show_recipe(self, model) -> None:
+        recipe = (model.info.instances or {}) if model is not None else {}
+        self.confidence_spin.setValue(float(recipe.get("min_confidence", 0.0)))
 
     def _on_mode(self, mode: str) -> None:
         self.threshold_spin.setEnabled(mode == "instances")
         self.min_size_spin.setEnabled(mode == "instances")
+        self.confidence_spin.setEnabled(mode == "instances")
 
     def _on_tile_edited(self) -> None:
         model = self.state.model
@@ -111,6 +126,7 @@ class SegmentPanel(WorkerPanel):
             tta=self.tta_check.isChecked(),
             threshold=self.threshold_spin.value(),
             min_size=self.min_size_spin.value(),
+            min_confidence=self.confidence_spin.value(),
         )
 
     def _on_run(self) -> None:

@@ -28,6 +28,7 @@ def instances(
     classes: list[str] | None = None,
     threshold: float = 0.5,
     min_size: int = 0,
+    min_confidence: float | None = None,
 ) -> np.ndarray:
     """One label per object from ``(K, ..., Y, X)`` probabilities, plane by plane.
 
@@ -47,11 +48,14 @@ def instances(
 
     Objects whose mean foreground probability is under
     ``recipe["min_confidence"]`` (default 0: keep all) are dropped: faint,
-    uncertain blobs the network half-believes in. Labels are unique across
+    uncertain blobs the network half-believes in; ``min_confidence`` overrides
+    it (e.g. 0 for dim images the model is unsure about). Labels are unique across
     planes of a stack; objects under ``min_size`` pixels are removed. Returns
     int32 ``(..., Y, X)``.
     """
     recipe = dict(recipe or default_recipe(classes or [str(i) for i in range(probs.shape[0])]))
+    if min_confidence is not None:
+        recipe["min_confidence"] = float(min_confidence)
     lead = probs.shape[1:-2]
     out = np.zeros(probs.shape[1:], np.int32)
     next_label = 0

@@ -26,6 +26,7 @@ class SegmentOptions:
     amp: bool = True
     threshold: float = 0.5
     min_size: int = 0
+    min_confidence: float | None = None  # None: the model's instance recipe
     region: tuple[int, int, int, int] | None = None
     tta: bool = False  # average over mirrored tiles (4x the time)
 
@@ -61,6 +62,11 @@ def segment_iter(image, model, options: SegmentOptions) -> Generator[Progress, N
         yield Progress(1, 1, "finding objects")
         info = model.info
         result = postprocess.instances(
-            result, info.instances, info.classes, options.threshold, options.min_size
+            result,
+            info.instances,
+            info.classes,
+            options.threshold,
+            options.min_size,
+            options.min_confidence,
         )
     return result
