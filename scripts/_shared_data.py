@@ -54,6 +54,47 @@ def isbi_split(data: Path | None = None, val_slices=(5, 11, 17, 23)):
     return train, val
 
 
+def add_run_args(p, steps: int, out: Path) -> None:
+    """Options every training script shares (schedule, continuation, CPU threads, output)."""
+    p.add_argument("--steps", type=int, default=steps)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--warmup", type=int, default=50)
+    p.add_argument("--width", type=int, default=16)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--class-weighting", default="balanced", choices=["balanced", "sqrt", "none"])
+    p.add_argument("--init", help="continue from this model (bundled name or file)")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", default=str(out))
+
+
+def start_run(args, model) -> None:
+    """Apply ``--threads`` and ``--init`` (same architecture and metadata, weights of an
+    earlier run) and create the output folder."""
+    import torch
+
+    from napari_unet.io import load_model
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.init:
+        model.net.load_state_dict(load_model(args.init).net.float().state_dict())
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+
+
+def train_and_save(gen, out: str) -> None:
+    """Drive the training generator with logging and save the result (float16)."""
+    import sys
+    import time
+
+    from napari_unet.io.files import save_model
+
+    t0 = time.time()
+    result = run_logged(gen)
+    save_model(result, Path(out), half=True, allow_bundled=True)
+    print(f"saved {out} after {time.time() - t0:.0f}s", file=sys.stderr)
+
+
 def run_logged(gen, every: int = 20):
     """Drive a training generator, printing step, loss, lr and validation metrics."""
     import time

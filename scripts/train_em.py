@@ -9,18 +9,15 @@ deformation, the border-weighted loss. Slices 5, 11, 17 and 23 are held back.
 from __future__ import annotations
 
 import argparse
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from _shared_data import ROOT, isbi_split, run_logged
+from _shared_data import ROOT, add_run_args, isbi_split, start_run, train_and_save
 from scipy import ndimage as ndi
 
 from napari_unet.core.augment import AugmentConfig
 from napari_unet.core.training import TrainConfig, train_iter
-from napari_unet.io.files import save_model
 from napari_unet.model import UNet, UNetConfig
 from napari_unet.model.info import wrap_unet
 
@@ -66,28 +63,13 @@ def build(args):
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--steps", type=int, default=1000)
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--width", type=int, default=16)
+    add_run_args(p, steps=1000, out=ROOT / "runs" / "em" / "em-membrane.safetensors")
     p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--class-weighting", default="balanced", choices=["balanced", "sqrt", "none"])
-    p.add_argument("--warmup", type=int, default=50)
-    p.add_argument("--init", help="continue from this model (bundled name or file)")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
-    p.add_argument("--out", default=str(ROOT / "runs" / "em" / "em-membrane.safetensors"))
     args = p.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
     train, val = isbi_split()
     print(f"train {len(train)} slices, validation {[n for n, *_ in val]}")
     model, cfg = build(args)
-    if args.init:  # same architecture and metadata, weights of an earlier run
-        from napari_unet.io import load_model
-
-        model.net.load_state_dict(load_model(args.init).net.float().state_dict())
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    start_run(args, model)
     # class 0 = membrane (between cells), 1 = cell; border weights from the cells
     gen = train_iter(
         model,
@@ -99,11 +81,7 @@ def main() -> None:
         val_labels=[cells(lab) for *_, lab in val],
         data_name=f"ISBI 2012 EM training slices except {[n for n, *_ in val]}",
     )
-    t0 = time.time()
-    result = run_logged(gen)
-    out = Path(args.out)
-    save_model(result, out, half=True, allow_bundled=True)
-    print(f"saved {out} after {time.time() - t0:.0f}s", file=sys.stderr)
+    train_and_save(gen, args.out)
 
 
 if __name__ == "__main__":

@@ -96,7 +96,7 @@ def test_train_adds_a_version_previews_and_leaves_base_and_layers_alone(panel, n
     assert v1.details["painted"] == {c: int((strokes == k + 1).sum()) for k, c in enumerate(names)}
     assert 0 <= v1.details["accuracy_before"] <= 1 and 0 <= v1.details["accuracy_after"] <= 1
     assert "painted plane" in v1.model.info.provenance["training_data"]
-    assert len(widget._losses) == 20
+    assert len(widget.loss_plot.losses) == 20
     preview = viewer.layers["img [fine-tune preview]"]
     # the field of view (here the whole 96 x 96 image) of the current plane
     assert preview.data.shape == image.shape and set(np.unique(preview.data)) <= {1, 2, 3}
@@ -127,18 +127,18 @@ def test_stop_keeps_cancel_discards(panel, nuclei, qtbot):
     widget.preview_spin.setValue(0)
     base = state.model
     widget._on_run()
-    qtbot.waitUntil(lambda: len(widget._losses) >= 3, timeout=30000)
+    qtbot.waitUntil(lambda: len(widget.loss_plot.losses) >= 3, timeout=30000)
     widget._on_cancel()
     qtbot.waitUntil(lambda: widget.worker is None, timeout=30000)
     assert len(widget.versions.versions) == 1 and state.model is base
     assert "discarded" in widget.status.text()
     widget._on_run()
-    qtbot.waitUntil(lambda: len(widget._losses) >= 3, timeout=30000)
+    qtbot.waitUntil(lambda: len(widget.loss_plot.losses) >= 3, timeout=30000)
     widget._on_pause()
     qtbot.waitUntil(lambda: widget.worker.is_paused, timeout=10000)
-    n = len(widget._losses)
+    n = len(widget.loss_plot.losses)
     qtbot.wait(300)
-    assert len(widget._losses) <= n + 1  # at most the step already on its way
+    assert len(widget.loss_plot.losses) <= n + 1  # at most the step already on its way
     widget._on_pause()  # resume
     widget._on_stop()
     qtbot.waitUntil(lambda: widget.worker is None, timeout=30000)

@@ -10,7 +10,6 @@ and every finished run is a new entry of
 from __future__ import annotations
 
 import threading
-import time
 from dataclasses import replace
 
 import numpy as np
@@ -28,6 +27,7 @@ from qtpy.QtWidgets import (
 
 from napari_unet._widgets._base import WorkerPanel
 from napari_unet._widgets._layers import job_for_layer
+from napari_unet._widgets._loss_plot import LossPlot
 from napari_unet.core.finetune import Finished, Preview
 
 ANNOTATION_KEY = "napari_unet_annotates"  # layer.metadata: name of the image it annotates
@@ -56,8 +56,6 @@ class FinetunePanel(WorkerPanel):
         self.versions = None
         self._setting_model = False
         self._stop = threading.Event()
-        self._losses: list[tuple[int, float]] = []
-        self._last_draw = 0.0
         self._preview_job = None
 
         form = QFormLayout()
@@ -124,7 +122,8 @@ class FinetunePanel(WorkerPanel):
         self.preview_spin.setSpecialValueText("off")
         form.addRow("Preview every (steps)", self.preview_spin)
         self.form.addLayout(form)
-        self.form.addWidget(self._make_plot())
+        self.loss_plot = LossPlot()
+        self.form.addWidget(self.loss_plot.widget)
 
         self.pause_button = QPushButton("Pause")
         self.pause_button.setEnabled(False)
@@ -159,34 +158,6 @@ class FinetunePanel(WorkerPanel):
         self.state.model_changed.connect(self._on_model_changed)
         self._on_layers_changed()
         self._on_model_changed(self.state.model)
-
-    # -- plot --------------------------------------------------------------------
-    def _make_plot(self):
-        from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
-        from matplotlib.figure import Figure
-
-        fig = Figure(figsize=(3.2, 1.6), dpi=90, tight_layout=True)
-        self._ax = fig.add_subplot(111)
-        self._ax.set_xlabel("step", fontsize=8)
-        self._ax.set_ylabel("loss", fontsize=8)
-        self._ax.tick_params(labelsize=7)
-        (self._line,) = self._ax.plot([], [], lw=1, color="#3c78d8")
-        self.canvas = FigureCanvasQTAgg(fig)
-        self.canvas.setMinimumHeight(130)
-        return self.canvas
-
-    def _draw(self, force: bool = False) -> bool:
-        now = time.perf_counter()
-        if not force and now - self._last_draw < 0.5:
-            return False
-        self._last_draw = now
-        if self._losses:
-            x, y = zip(*self._losses)
-            self._line.set_data(x, y)
-            self._ax.relim()
-            self._ax.autoscale_view()
-        self.canvas.draw_idle()
-        return True
 
     # -- layers ------------------------------------------------------------------
     def annotation_layers(self, image_name: str | None = None, kind: str | None = None):
@@ -410,7 +381,7 @@ class FinetunePanel(WorkerPanel):
         self._run_versions = self.versions
         self._painted = painted
         self._preview_job = preview
-        self._losses = []
+        self.loss_plot.reset()
         self._stop.clear()
         self._mode = "train"
         what = ", ".join(f"{v} px {k}" for k, v in painted.items())
@@ -472,8 +443,7 @@ class FinetunePanel(WorkerPanel):
         from napari_unet.core.training import TrainStep
 
         if isinstance(value, TrainStep):
-            self._losses.append((value.step, value.loss))
-            if not self._draw():
+            if not self.loss_plot.add(value.step, value.loss):
                 return  # the plot and the text refresh together, a few times a second
             rate = value.step / value.elapsed if value.elapsed else 0.0
             self.status.setText(
@@ -508,7 +478,7 @@ class FinetunePanel(WorkerPanel):
             return
         if not isinstance(value, Finished):
             return
-        self._draw(force=True)
+        self.loss_plot.draw(force=True)
         if self.versions is not self._run_versions:
             self.status.setText(
                 "Another model was loaded while this one trained: the fine-tuned result was "

@@ -160,11 +160,7 @@ def for_inference(net: nn.Module, device) -> nn.Module:
     """
     if not isinstance(net, UNet):
         return net.eval()
-    fast = fused_for_inference(net.to(device))
-    if torch.device(device).type in ("cpu", "cuda"):
-        fast = fast.to(memory_format=torch.channels_last)
-        fast.channels_last = True
-    return fast
+    return _fast_layout(fused_for_inference(net.to(device)), device)
 
 
 def for_training(net: nn.Module, device) -> nn.Module:
@@ -175,7 +171,12 @@ def for_training(net: nn.Module, device) -> nn.Module:
     :func:`to_layout`. The weights and their values are unchanged.
     """
     net = net.to(device)
-    if isinstance(net, UNet) and torch.device(device).type in ("cpu", "cuda"):
+    return _fast_layout(net, device) if isinstance(net, UNet) else net
+
+
+def _fast_layout(net: nn.Module, device) -> nn.Module:
+    """Channels-last on CPU and CUDA (marked for :func:`to_layout`), in place."""
+    if torch.device(device).type in ("cpu", "cuda"):
         net = net.to(memory_format=torch.channels_last)
         net.channels_last = True
     return net

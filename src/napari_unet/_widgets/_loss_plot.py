@@ -1,0 +1,46 @@
+"""A small embedded loss curve (matplotlib) that redraws a few times a second at most."""
+
+from __future__ import annotations
+
+import time
+
+
+class LossPlot:
+    """Loss per step; :attr:`widget` is the Qt canvas to put in a layout."""
+
+    def __init__(self, min_interval: float = 0.5) -> None:
+        from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
+        from matplotlib.figure import Figure
+
+        self.losses: list[tuple[int, float]] = []
+        self.min_interval = min_interval
+        self._last_draw = 0.0
+        fig = Figure(figsize=(3.2, 1.6), dpi=90, tight_layout=True)
+        self._ax = fig.add_subplot(111)
+        self._ax.set_xlabel("step", fontsize=8)
+        self._ax.set_ylabel("loss", fontsize=8)
+        self._ax.tick_params(labelsize=7)
+        (self._line,) = self._ax.plot([], [], lw=1, color="#3c78d8")
+        self.widget = FigureCanvasQTAgg(fig)
+        self.widget.setMinimumHeight(130)
+
+    def reset(self) -> None:
+        self.losses = []
+
+    def add(self, step: int, loss: float) -> bool:
+        """Record a step; True if the curve was redrawn (not within ``min_interval``)."""
+        self.losses.append((step, loss))
+        return self.draw()
+
+    def draw(self, force: bool = False) -> bool:
+        now = time.perf_counter()
+        if not force and now - self._last_draw < self.min_interval:
+            return False
+        self._last_draw = now
+        if self.losses:
+            x, y = zip(*self.losses)
+            self._line.set_data(x, y)
+            self._ax.relim()
+            self._ax.autoscale_view()
+        self.widget.draw_idle()
+        return True
