@@ -49,7 +49,7 @@ def build(args):
         patch_size=228,
         warmup=args.warmup,
         class_weighting=args.class_weighting,
-        border_w0=10.0,
+        border_w0=args.border_w0,
         border_sigma=5.0,
         focus=0.3,
         augment=AugmentConfig(intensity=0.2, noise=0.05, elastic=0.8, elastic_sigma=10.0),
@@ -65,6 +65,7 @@ def main() -> None:
     p = argparse.ArgumentParser()
     add_run_args(p, steps=1000, out=ROOT / "runs" / "em" / "em-membrane.safetensors")
     p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--border-w0", type=float, default=10.0, help="paper border weight w0")
     args = p.parse_args()
     train, val = isbi_split()
     print(f"train {len(train)} slices, validation {[n for n, *_ in val]}")

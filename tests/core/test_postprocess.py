@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 
 from napari_unet.core import metrics
 from napari_unet.core.postprocess import class_labels, instances
@@ -18,6 +19,23 @@ def test_watershed_separates_touching_objects():
     out = instances(_probs_from(inst), classes=["background", "interior", "boundary"])
     assert out.max() == 2
     assert metrics.object_scores(inst, out)["f1"] == 1.0
+
+
+def test_seed_split_separates_two_overlapping_discs():
+    yy, xx = np.mgrid[:40, :70]
+    blob = ((yy - 20) ** 2 + (xx - 22) ** 2 < 13**2) | ((yy - 20) ** 2 + (xx - 46) ** 2 < 13**2)
+    # one connected interior (the network saw no boundary between the two nuclei)
+    probs = np.stack([~blob, blob, np.zeros_like(blob)]).astype(np.float32)
+    recipe = {"method": "watershed", "seed": 1, "boundary": 2, "min_seed_size": 8}
+    assert instances(probs, recipe).max() == 1
+    out = instances(probs, {**recipe, "seed_split": 1.0})
+    assert out.max() == 2
+    assert out[20, 15] != out[20, 53] and out[20, 15] > 0 and out[20, 53] > 0
+    np.testing.assert_array_equal(out > 0, blob)
+    # a single disc is not split
+    disc = (yy - 20) ** 2 + (xx - 30) ** 2 < 15**2
+    one = np.stack([~disc, disc, np.zeros_like(disc)]).astype(np.float32)
+    assert instances(one, {**recipe, "seed_split": 1.0}).max() == 1
 
 
 def test_components_min_size_and_stacks():
@@ -52,6 +70,22 @@ def test_rand_error_perfect_split_and_merge():
     merged = np.ones_like(true)
     assert abs(metrics.rand_error(true, merged) - (1 - 2 * 1 * 0.5 / 1.5)) < 1e-9
     assert metrics.pixel_error(true > 1, merged > 1) == 0.5
+
+
+def test_isbi_pixel_error_is_one_minus_best_pooled_fscore():
+    truth = np.zeros((4, 10), np.uint8)
+    truth[:, 3:] = 255  # 30 cell pixels, 10 membrane
+    prob = np.zeros((4, 10))
+    prob[:, 3:] = 0.35  # cells only above thresholds < 0.35
+    prob[:, 1] = 0.25  # a membrane column that thresholds < 0.25 call cell
+    err, t = metrics.isbi_pixel_error(truth, prob)
+    assert err == 0.0 and t == 0.3  # first threshold that separates them
+    # counts are pooled over slices, not averaged per slice
+    dark = np.zeros_like(prob)  # a slice where nothing is called cell
+    err, t = metrics.isbi_pixel_error([truth, truth], [prob, dark])
+    assert abs(err - (1 - 2 * 28 / (2 * 28 + 28))) < 1e-12 and t == 0.3
+    with pytest.raises(ValueError, match="same, non-zero"):
+        metrics.isbi_pixel_error([truth], [])
 
 
 def test_min_confidence_drops_faint_objects_only():

@@ -1,5 +1,6 @@
 """Segmentation metrics: object F1 at an IoU threshold, matched IoU, pixel IoU,
-pixel error and the ISBI 2012 foreground-restricted Rand error."""
+the pixel misclassification rate, the ISBI 2012 pixel error (1 - maximal pixel
+F-score) and the ISBI 2012 foreground-restricted Rand error."""
 
 from __future__ import annotations
 
@@ -62,8 +63,44 @@ def pixel_iou(true_fg: np.ndarray, pred_fg: np.ndarray) -> float:
 
 
 def pixel_error(true: np.ndarray, pred: np.ndarray) -> float:
-    """Fraction of pixels whose binary class differs (ISBI 2012 pixel error)."""
+    """Fraction of pixels whose binary class differs (misclassification rate).
+
+    This is the Hamming-distance pixel error of Jain et al. 2010; the ISBI 2012
+    leaderboard's "pixel error" is :func:`isbi_pixel_error` instead.
+    """
     return float(np.mean(np.asarray(true, bool) != np.asarray(pred, bool)))
+
+
+ISBI_THRESHOLDS = tuple(round(0.1 * i, 1) for i in range(11))
+
+
+def isbi_pixel_error(truths, probs, thresholds=ISBI_THRESHOLDS) -> tuple[float, float]:
+    """The ISBI 2012 challenge's pixel error: 1 - maximal F-score of pixel similarity.
+
+    As the challenge's evaluation (Fiji ``trainableSegmentation.metrics.PixelError``,
+    ``getPixelErrorMaximalFScore(0.0, 1.0, 0.1)``) computes it for a stack: the
+    positive class is the label's foreground (``truth > 0``: cell interior), the
+    proposal is binarised as ``prob > t``, true / false positives and false
+    negatives are pooled over all slices, and the best F-score over the
+    thresholds counts. ``truths`` and ``probs`` are sequences of same-shaped
+    slices (or single arrays). Returns ``(1 - best F-score, its threshold)``.
+    """
+    if isinstance(truths, np.ndarray):
+        truths, probs = [truths], [probs]
+    if len(truths) != len(probs) or not len(truths):
+        raise ValueError("need the same, non-zero number of label and probability slices")
+    best = (-1.0, float(thresholds[0]))
+    for t in thresholds:
+        tp = fp = fn = 0
+        for truth, prob in zip(truths, probs):
+            pos, pred = np.asarray(truth) > 0, np.asarray(prob) > t
+            tp += np.count_nonzero(pos & pred)
+            fp += np.count_nonzero(~pos & pred)
+            fn += np.count_nonzero(pos & ~pred)
+        f = 2 * tp / (2 * tp + fp + fn) if tp else 0.0
+        if f > best[0]:
+            best = (f, float(t))
+    return 1.0 - best[0], best[1]
 
 
 def rand_error(true_seg: np.ndarray, pred_seg: np.ndarray) -> float:
