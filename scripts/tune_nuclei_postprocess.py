@@ -4,8 +4,9 @@
 
 Predicts probabilities once for every training image (never the held-back
 validation images), then tries seed thresholds, the smallest seed size, the
-smallest mean foreground probability of an object and whether unseeded
-foreground regions count, and prints the recipe with the best pooled object
+smallest mean foreground probability of an object, whether unseeded
+foreground regions count and whether seeds are split by their shape
+(``seed_split``), and prints the recipe with the best pooled object
 F1@0.5. Writes it into the model file with --write.
 """
 
@@ -42,14 +43,17 @@ def main() -> None:
     base = dict(model.info.instances or {"method": "watershed", "seed": 1, "boundary": 2})
     best = (-1.0, None, None)
     fg_t = 0.5  # the foreground threshold users see (CLI --threshold, panel)
-    grid = itertools.product((0.5, 0.6, 0.7), (8, 16), (0.0, 0.7, 0.75, 0.8), (0, 20))
-    for seed_t, min_seed, min_conf, unseeded in grid:
+    grid = itertools.product(
+        (0.5, 0.6, 0.7), (8, 16), (0.0, 0.7, 0.75, 0.8), (0, 20), (0.0, 1.0, 2.0)
+    )
+    for seed_t, min_seed, min_conf, unseeded, split in grid:
         recipe = {
             **base,
             "seed_threshold": seed_t,
             "min_seed_size": min_seed,
             "min_confidence": min_conf,
             "unseeded_min_size": unseeded,
+            "seed_split": split,
         }
         f1 = pooled_f1(pairs, recipe, fg_t)
         if f1 > best[0]:

@@ -5,7 +5,13 @@ import torch
 from conftest import tiny_model
 from napari_unet.core import synthetic
 from napari_unet.core.augment import AugmentConfig, augment, elastic_field
-from napari_unet.core.targets import border_weights, class_weights, instances_to_classes, to_target
+from napari_unet.core.targets import (
+    border_weights,
+    class_weights,
+    contact_weights,
+    instances_to_classes,
+    to_target,
+)
 from napari_unet.core.training import TrainConfig, train, train_iter
 from napari_unet.io import load_model
 
@@ -160,6 +166,30 @@ def test_instances_to_classes_and_border_weights():
     np.testing.assert_allclose((soft * counts).sum(), counts.sum(), rtol=1e-5)  # mean 1
     np.testing.assert_allclose(soft[2] / soft[1], np.sqrt(counts[1] / counts[2]), rtol=1e-5)
     np.testing.assert_allclose(class_weights([target], 3, power=0.0), 1.0, rtol=1e-6)
+
+
+def test_core_targets_and_contact_weights_separate_touching_objects():
+    inst = np.zeros((20, 40), np.int32)
+    inst[2:18, 2:18] = 1  # 16 x 16, depth 8
+    inst[2:18, 18:34] = 2  # touches 1 along x = 17 | 18
+    inst[2:6, 36:40] = 3  # 4 x 4 at the image edge
+    core = instances_to_classes(inst, boundary_width=1, core_fraction=0.5)
+    assert (core[inst == 0] == 0).all()
+    # interior = pixels at depth >= 4 of 8: a centred 8 x 8 core per big object
+    assert np.count_nonzero(core[:, :18] == 1) == 64 and core[9, 9] == 1
+    assert np.count_nonzero(core[:, 18:34] == 1) == 64 and core[9, 25] == 1
+    assert core[9, 14] == 2 and core[9, 21] == 2  # cores 8 px apart across the contact
+    assert np.count_nonzero(core[2:6, 36:40] == 1) > 0  # small objects keep a core
+    plain = instances_to_classes(inst, boundary_width=1)
+    np.testing.assert_array_equal(plain > 0, core > 0)
+    assert np.count_nonzero(plain == 1) > np.count_nonzero(core == 1)
+    w = contact_weights(inst, w0=7)
+    touching = np.zeros_like(inst, bool)
+    touching[2:18, 17:19] = True
+    np.testing.assert_array_equal(w > 0, touching)
+    assert w.max() == 7
+    target = to_target(inst, "instances", 3, 1, core_fraction=0.5)
+    np.testing.assert_array_equal(target, core)
 
 
 def test_augment_keeps_image_and_labels_aligned():

@@ -46,6 +46,8 @@ class TrainConfig:
     border_w0: float = 10.0  # paper's separation weight (instance labels); 0 = off
     border_sigma: float = 5.0
     boundary_width: int = 2
+    core_fraction: float = 0.0  # instances: interior = object cores (targets.instances_to_classes)
+    contact_w0: float = 0.0  # instances: extra weight where two objects touch (no gap)
     dice: float = 0.0  # weight of a soft Dice term added to cross-entropy
     focus: float = 0.5  # share of patches centred on boundaries / minority classes
     augment: AugmentConfig = field(default_factory=AugmentConfig)
@@ -152,13 +154,13 @@ def prepare(
             raise ValueError(
                 f"labels {i} have shape {lab.shape} but image {i} is {image.shape[1:]}"
             )
-        target = tg.to_target(lab, kind, info.num_classes, cfg.boundary_width)
+        target = tg.to_target(lab, kind, info.num_classes, cfg.boundary_width, cfg.core_fraction)
         all_targets.append(target)
-        border = (
-            tg.border_weights(lab, cfg.border_w0, cfg.border_sigma)
-            if kind == "instances" and cfg.border_w0 > 0
-            else np.zeros(lab.shape, np.float32)
-        )
+        border = np.zeros(lab.shape, np.float32)
+        if kind == "instances" and cfg.border_w0 > 0:
+            border += tg.border_weights(lab, cfg.border_w0, cfg.border_sigma)
+        if kind == "instances" and cfg.contact_w0 > 0:
+            border += tg.contact_weights(lab, cfg.contact_w0)
         prepared.append((image, target, border))
     if not any((t >= 0).any() for t in all_targets):
         raise ValueError("the labels are empty: annotate some pixels first")
