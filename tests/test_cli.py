@@ -187,6 +187,8 @@ def test_train_new_model_from_json_and_fine_tune_it(tmp_path, capsys):
             "2",
             "--class-weights",
             "sqrt",
+            "--contact-weight",
+            "5",
             "-q",
         ]
     )
@@ -195,6 +197,7 @@ def test_train_new_model_from_json_and_fine_tune_it(tmp_path, capsys):
     assert trained.info.classes == ["background", "interior", "boundary"]
     assert trained.info.provenance["steps"] == 3
     assert trained.info.provenance["train_config"]["class_weighting"] == "sqrt"
+    assert trained.info.provenance["train_config"]["contact_w0"] == 5.0
     assert trained.info.provenance["training_data"] == "img.tif"
     # fine-tune the result with sparse strokes
     strokes = np.zeros_like(labels, dtype=np.uint8)

@@ -80,6 +80,12 @@ def build_parser() -> argparse.ArgumentParser:
         "(1/sqrt(frequency): fewer false objects for the bundled nuclei recipe) or none",
     )
     tr.add_argument(
+        "--contact-weight",
+        type=float,
+        help="instances: loss weight on pixels where two objects touch edge to edge "
+        "(default 0; the bundled nuclei model used 10)",
+    )
+    tr.add_argument(
         "--unlabelled",
         nargs="*",
         default=[],
@@ -296,6 +302,7 @@ def cmd_train(args) -> int:
         "patch_size": args.patch_size,
         "batch_size": args.batch_size,
         "class_weighting": args.class_weights,
+        "contact_w0": args.contact_weight,
     }
     given = {k: v for k, v in given.items() if v is not None}
     make = TrainConfig.finetune if args.finetune else TrainConfig

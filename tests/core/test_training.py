@@ -12,7 +12,7 @@ from napari_unet.core.targets import (
     instances_to_classes,
     to_target,
 )
-from napari_unet.core.training import TrainConfig, train, train_iter
+from napari_unet.core.training import TrainConfig, prepare, train, train_iter
 from napari_unet.io import load_model
 
 
@@ -190,6 +190,22 @@ def test_core_targets_and_contact_weights_separate_touching_objects():
     assert w.max() == 7
     target = to_target(inst, "instances", 3, 1, core_fraction=0.5)
     np.testing.assert_array_equal(target, core)
+
+
+def test_contact_weight_reaches_the_loss_weights():
+    inst = np.zeros((64, 64), np.int32)
+    inst[10:30, 10:30], inst[10:30, 30:50] = 1, 2  # touching along x = 29 | 30
+    image = (inst > 0).astype(np.float32)
+    model = tiny_model("same")
+    plain = prepare(model, [image], [inst], "instances", TrainConfig(border_w0=0))[0]
+    touch = prepare(model, [image], [inst], "instances", TrainConfig(border_w0=0, contact_w0=4.0))[
+        0
+    ]
+    extra = touch.weights - plain.weights
+    p = plain.pad
+    expected = np.zeros_like(inst, np.float32)
+    expected[10:30, 29:31] = 4.0
+    np.testing.assert_allclose(extra[p:-p, p:-p], expected)
 
 
 def test_augment_keeps_image_and_labels_aligned():
