@@ -197,10 +197,10 @@ def test_contact_weight_reaches_the_loss_weights():
     inst[10:30, 10:30], inst[10:30, 30:50] = 1, 2  # touching along x = 29 | 30
     image = (inst > 0).astype(np.float32)
     model = tiny_model("same")
-    plain = prepare(model, [image], [inst], "instances", TrainConfig(border_w0=0))[0]
-    touch = prepare(model, [image], [inst], "instances", TrainConfig(border_w0=0, contact_w0=4.0))[
-        0
-    ]
+    plain, touch = (
+        prepare(model, [image], [inst], "instances", TrainConfig(border_w0=0, contact_w0=w))[0]
+        for w in (0.0, 4.0)
+    )
     extra = touch.weights - plain.weights
     p = plain.pad
     expected = np.zeros_like(inst, np.float32)

@@ -89,11 +89,13 @@ def isbi_pixel_error(truths, probs, thresholds=ISBI_THRESHOLDS) -> tuple[float, 
         truths, probs = [truths], [probs]
     if len(truths) != len(probs) or not len(truths):
         raise ValueError("need the same, non-zero number of label and probability slices")
+    positives = [np.asarray(truth) > 0 for truth in truths]
+    probs = [np.asarray(prob) for prob in probs]
     best = (-1.0, float(thresholds[0]))
     for t in thresholds:
         tp = fp = fn = 0
-        for truth, prob in zip(truths, probs):
-            pos, pred = np.asarray(truth) > 0, np.asarray(prob) > t
+        for pos, prob in zip(positives, probs):
+            pred = prob > t
             tp += np.count_nonzero(pos & pred)
             fp += np.count_nonzero(~pos & pred)
             fn += np.count_nonzero(pos & ~pred)

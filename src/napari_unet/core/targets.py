@@ -94,9 +94,9 @@ def contact_weights(inst: np.ndarray, w0: float = 10.0) -> np.ndarray:
     them are these. Returns float32.
     """
     inst = np.asarray(inst)
-    grow = ndi.grey_dilation(inst, size=(3, 3))
-    shrink = -ndi.grey_dilation(-np.where(inst > 0, inst, inst.max() + 1), size=(3, 3))
-    touching = (inst > 0) & (((grow != inst) & (grow > 0)) | ((shrink != inst) & (shrink > 0)))
+    highest = ndi.grey_dilation(inst, size=(3, 3))  # background (0) never wins
+    lowest = ndi.grey_erosion(np.where(inst > 0, inst, inst.max() + 1), size=(3, 3))
+    touching = (inst > 0) & ((highest > inst) | (lowest < inst))
     return np.where(touching, np.float32(w0), np.float32(0))
 
 
