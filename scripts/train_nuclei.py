@@ -60,6 +60,7 @@ def build(args) -> tuple:
         val_every=100,
         seed=args.seed,
         device=args.device,
+        bf16=args.bf16,
         checkpoint=str(Path(args.out).with_name("checkpoint.safetensors")),
     )
     return model, cfg

@@ -189,6 +189,7 @@ def test_train_new_model_from_json_and_fine_tune_it(tmp_path, capsys):
             "sqrt",
             "--contact-weight",
             "5",
+            "--bf16",
             "-q",
         ]
     )
@@ -198,6 +199,7 @@ def test_train_new_model_from_json_and_fine_tune_it(tmp_path, capsys):
     assert trained.info.provenance["steps"] == 3
     assert trained.info.provenance["train_config"]["class_weighting"] == "sqrt"
     assert trained.info.provenance["train_config"]["contact_w0"] == 5.0
+    assert trained.info.provenance["train_config"]["bf16"] is True
     assert trained.info.provenance["training_data"] == "img.tif"
     # fine-tune the result with sparse strokes
     strokes = np.zeros_like(labels, dtype=np.uint8)

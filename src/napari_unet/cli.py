@@ -86,6 +86,12 @@ def build_parser() -> argparse.ArgumentParser:
         "(default 0; the bundled nuclei model used 10)",
     )
     tr.add_argument(
+        "--bf16",
+        action="store_true",
+        help="bfloat16 autocast for the forward pass: about 3x faster on CPUs with "
+        "AVX512-BF16 or AMX and on recent GPUs; float32 weights either way",
+    )
+    tr.add_argument(
         "--unlabelled",
         nargs="*",
         default=[],
@@ -306,7 +312,7 @@ def cmd_train(args) -> int:
     }
     given = {k: v for k, v in given.items() if v is not None}
     make = TrainConfig.finetune if args.finetune else TrainConfig
-    cfg = make(**given, device=args.device, seed=args.seed)
+    cfg = make(**given, device=args.device, seed=args.seed, bf16=args.bf16)
     gen = train_iter(
         model,
         load(args.images),

@@ -242,3 +242,32 @@ def test_calibrate_threshold_moves_the_decision():
     assert (before[1] > 0.3).sum() > (before[1] > 0.5).sum()  # the test can tell
     assert calibrated.info.provenance["calibrated_threshold"]["threshold"] == 0.3
     np.testing.assert_array_equal(predict(image, model, device="cpu"), before)  # original kept
+
+
+def test_bf16_autocast_trains_deterministically_and_keeps_float32_weights(data):
+    image, labels = data
+    val = dict(val_images=[image], val_labels=[labels])
+    runs = [
+        train(tiny_model("same", depth=2), [image], [labels], "instances", _cfg(**kw), **val)
+        for kw in (
+            dict(steps=40, lr=1e-2, bf16=True),
+            dict(steps=40, lr=1e-2, bf16=True),
+            dict(steps=40, lr=1e-2),
+        )
+    ]
+    untrained = train(
+        tiny_model("same", depth=2),
+        [image],
+        [labels],
+        "instances",
+        _cfg(steps=1, val_every=1),
+        **val,
+    )
+    bf16, again, fp32 = (r.net.state_dict() for r in runs)
+    assert all(v.dtype == torch.float32 for k, v in bf16.items() if v.is_floating_point())
+    assert all(torch.equal(bf16[k], again[k]) for k in bf16)
+    # the flag changes the arithmetic (so it is applied) ...
+    assert any(not torch.equal(bf16[k], fp32[k]) for k in bf16 if bf16[k].is_floating_point())
+    # ... and the network still learns as well as in float32
+    assert runs[0].info.metrics["val_loss"] < 0.7 * untrained.info.metrics["val_loss"]
+    assert runs[0].info.metrics["val_loss"] < 1.5 * runs[2].info.metrics["val_loss"]

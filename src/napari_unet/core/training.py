@@ -49,6 +49,7 @@ class TrainConfig:
     core_fraction: float = 0.0  # instances: interior = object cores (targets.instances_to_classes)
     contact_w0: float = 0.0  # instances: extra weight where two objects touch (no gap)
     dice: float = 0.0  # weight of a soft Dice term added to cross-entropy
+    bf16: bool = False  # forward pass autocast to bfloat16 (CPUs with AVX512-BF16/AMX, CUDA)
     focus: float = 0.5  # share of patches centred on boundaries / minority classes
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     val_every: int = 100
@@ -314,7 +315,9 @@ def train_iter(
         for group in opt.param_groups:
             group["lr"] = lr
         x, t, w = (a.to(dev) for a in sampler.batch(cfg.batch_size))
-        loss = loss_fn(net(to_layout(x, net)), t, w, cfg.dice)
+        with torch.autocast(dev.type, torch.bfloat16, enabled=cfg.bf16):
+            logits = net(to_layout(x, net))
+        loss = loss_fn(logits.float(), t, w, cfg.dice)
         total = loss
         if anchor is not None:
             total = loss + cfg.anchor * sum(((p - p0) ** 2).sum() for p, p0 in zip(params, anchor))
