@@ -16,7 +16,8 @@ on *other* images of the same domain. Cases:
 
 Runs compared: the base model; batch-norm re-estimation alone (no labels);
 a naive loop (Adam 3e-4, constant rate, 4 x 256^2 patches, nothing else); and the
-project's recipe (``TrainConfig.finetune``). Prints one line per run.
+project's recipe (``TrainConfig.finetune``) in float32 and with bfloat16 autocast
+(as many more steps as it makes room for in the same budget). Prints one line per run.
 """
 
 from __future__ import annotations
@@ -95,8 +96,11 @@ def runs(seconds: float) -> dict:
             val_every=10**9,
             device="cpu",
         ),
-        "napari-unet recipe": TrainConfig.finetune(
-            steps=100_000, max_seconds=seconds, device="cpu"
+        "napari-unet recipe, float32": TrainConfig.finetune(
+            steps=100_000, max_seconds=seconds, device="cpu", bf16=False
+        ),
+        "napari-unet recipe, bf16": TrainConfig.finetune(
+            steps=100_000, max_seconds=seconds, device="cpu", bf16=True
         ),
     }
 

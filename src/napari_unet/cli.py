@@ -309,10 +309,11 @@ def cmd_train(args) -> int:
         "batch_size": args.batch_size,
         "class_weighting": args.class_weights,
         "contact_w0": args.contact_weight,
+        "bf16": args.bf16 or None,
     }
     given = {k: v for k, v in given.items() if v is not None}
     make = TrainConfig.finetune if args.finetune else TrainConfig
-    cfg = make(**given, device=args.device, seed=args.seed, bf16=args.bf16)
+    cfg = make(**given, device=args.device, seed=args.seed)
     gen = train_iter(
         model,
         load(args.images),

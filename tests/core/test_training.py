@@ -271,3 +271,16 @@ def test_bf16_autocast_trains_deterministically_and_keeps_float32_weights(data):
     # ... and the network still learns as well as in float32
     assert runs[0].info.metrics["val_loss"] < 0.7 * untrained.info.metrics["val_loss"]
     assert runs[0].info.metrics["val_loss"] < 1.5 * runs[2].info.metrics["val_loss"]
+
+
+def test_bf16_auto_follows_the_device_and_bad_values_are_refused(data):
+    from napari_unet.core.device import fast_bf16
+
+    image, labels = data
+    r = train(
+        tiny_model("same", depth=2), [image], [labels], "instances", _cfg(steps=2, bf16="auto")
+    )
+    # the provenance records what was used, not "auto"
+    assert r.info.provenance["train_config"]["bf16"] is fast_bf16(torch.device("cpu"))
+    with pytest.raises(ValueError, match="bf16 must be"):
+        train(tiny_model("same", depth=2), [image], [labels], "instances", _cfg(bf16="yes"))

@@ -36,6 +36,19 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     return torch.device(name)
 
 
+def fast_bf16(device: torch.device) -> bool:
+    """Whether ``device`` runs bfloat16 convolutions natively (faster than float32):
+    CUDA GPUs with bf16 support, CPUs with AVX512-BF16 or AMX (oneDNN)."""
+    try:
+        if device.type == "cuda":
+            return bool(torch.cuda.is_bf16_supported())
+        if device.type == "cpu":
+            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        pass
+    return False
+
+
 def free_memory(device: torch.device) -> int:
     """Bytes we may use on ``device``: free GPU memory, or available RAM."""
     if device.type == "cuda":
