@@ -164,10 +164,11 @@ def prepare(
         target = tg.to_target(lab, kind, info.num_classes, cfg.boundary_width, cfg.core_fraction)
         all_targets.append(target)
         border = np.zeros(lab.shape, np.float32)
-        if kind == "instances" and cfg.border_w0 > 0:
-            border += tg.border_weights(lab, cfg.border_w0, cfg.border_sigma)
-        if kind == "instances" and cfg.contact_w0 > 0:
-            border += tg.contact_weights(lab, cfg.contact_w0)
+        if kind == "instances":
+            if cfg.border_w0 > 0:
+                border += tg.border_weights(lab, cfg.border_w0, cfg.border_sigma)
+            if cfg.contact_w0 > 0:
+                border += tg.contact_weights(lab, cfg.contact_w0)
         prepared.append((image, target, border))
     if not any((t >= 0).any() for t in all_targets):
         raise ValueError("the labels are empty: annotate some pixels first")
