@@ -66,7 +66,7 @@ def add_run_args(p, steps: int, out: Path) -> None:
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
     p.add_argument("--device", default="cpu")
     p.add_argument(
-        "--bf16", action="store_true", help="bfloat16 autocast (3x faster on AVX512-BF16 CPUs)"
+        "--bf16", action="store_true", help="bfloat16 autocast (2x faster on AVX512-BF16 CPUs)"
     )
     p.add_argument("--out", default=str(out))
 

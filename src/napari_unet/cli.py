@@ -88,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument(
         "--bf16",
         action="store_true",
-        help="bfloat16 autocast for the forward pass: about 3x faster on CPUs with "
+        help="bfloat16 autocast for the forward pass: about 2x faster on CPUs with "
         "AVX512-BF16 or AMX and on recent GPUs; float32 weights either way",
     )
     tr.add_argument(
