@@ -31,7 +31,7 @@ import torch
 
 from napari_unet.core import metrics, postprocess, synthetic
 from napari_unet.core.augment import AugmentConfig
-from napari_unet.core.targets import instances_to_classes
+from napari_unet.core.targets import convention, instances_to_classes
 from napari_unet.core.tiling import predict
 from napari_unet.core.training import TrainConfig, train
 from napari_unet.io import load_model
@@ -69,10 +69,11 @@ def f1(model, data) -> float:
     return float(np.mean(scores))
 
 
-def paint(model, data, boundary_width: int) -> list[np.ndarray]:
+def paint(model, data) -> list[np.ndarray]:
+    """Strokes on the classes as the model draws them (its interior / boundary convention)."""
     strokes = []
     for i, (image, truth) in enumerate(data):
-        classes = instances_to_classes(truth, boundary_width)
+        classes = instances_to_classes(truth, *convention(model.info))
         wrong = predict(image, model, device="cpu").argmax(0) != classes
         strokes.append(synthetic.strokes(classes, 300, seed=i, prefer=wrong))
     return strokes
@@ -109,7 +110,6 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seconds", type=float, default=60.0, help="training time budget")
     p.add_argument("--cases", nargs="+", default=["shift", "shared20x"])
-    p.add_argument("--boundary-width", type=int, default=1, help="of the painted boundaries")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     args = p.parse_args()
     if args.threads:
@@ -121,7 +121,7 @@ def main() -> None:
             print(f"[{name}] skipped: {SHARED} not found")
             continue
         painted_on, scored_on = {"shift": case_shift, "shared20x": case_shared20x}[name]()
-        strokes = paint(base, painted_on, args.boundary_width)
+        strokes = paint(base, painted_on)
         px = [int((s > 0).sum()) for s in strokes]
         share = sum(px) / sum(s.size for s in strokes)
         per_class = np.bincount(np.concatenate([s[s > 0] for s in strokes]), minlength=4)[1:]

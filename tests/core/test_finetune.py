@@ -62,6 +62,13 @@ def test_painted_planes_of_a_stack_and_their_errors():
     (q,), rest = painted_planes([(stack, inst, "gt", "instances")], in_channels=1)
     np.testing.assert_array_equal(q.annotation, instances_to_classes(inst[2]) + 1)
     assert q.source == "gt [2]" and len(rest) == 3
+    # ... drawn as the base model draws them: here object cores inside a wide rim
+    big = np.zeros((4, 30, 40), np.uint16)
+    big[1, 4:24, 4:24] = 3
+    (b,), _ = painted_planes([(stack, big, "gt", "instances")], in_channels=1)
+    (c,), _ = painted_planes([(stack, big, "gt", "instances")], in_channels=1, convention=(1, 0.5))
+    np.testing.assert_array_equal(c.annotation, instances_to_classes(big[1], 1, 0.5) + 1)
+    assert (c.annotation == 2).sum() < (b.annotation == 2).sum() / 2  # a core, not 16 x 16
     with pytest.raises(ValueError, match="kind"):
         painted_planes([(stack, inst, "gt", "dense")], in_channels=1)
     with pytest.raises(ValueError, match="shape"):

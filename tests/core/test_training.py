@@ -208,6 +208,33 @@ def test_contact_weight_reaches_the_loss_weights():
     np.testing.assert_allclose(extra[p:-p, p:-p], expected)
 
 
+def test_instance_targets_follow_the_base_models_convention(data):
+    """Continuing a model trained on cores (or a 1-px rim) draws its targets the same way."""
+    from dataclasses import replace
+
+    from napari_unet.core.targets import convention
+
+    image, inst = data
+    base = tiny_model("same")
+    assert convention(base.info) == (2, 0.0)  # no training record: the defaults
+    trained = train(base, [image], [inst], "instances", _cfg(steps=2, core_fraction=0.4))
+    recorded = trained.info.provenance["train_config"]
+    assert (recorded["boundary_width"], recorded["core_fraction"]) == (2, 0.4)
+    assert convention(trained.info) == (2, 0.4)
+    p_cores = prepare(trained, [image], [inst], "instances", TrainConfig(border_w0=0))[0]
+    p = p_cores.pad
+    np.testing.assert_array_equal(p_cores.target[p:-p, p:-p], instances_to_classes(inst, 2, 0.4))
+    # an explicit setting wins over the base model's
+    p_rim = prepare(trained, [image], [inst], "instances", TrainConfig(core_fraction=0.0))[0]
+    np.testing.assert_array_equal(p_rim.target[p:-p, p:-p], instances_to_classes(inst, 2, 0.0))
+    assert (p_rim.target == 1).sum() > (p_cores.target == 1).sum()
+    # a fine-tune of the fine-tune keeps the convention in its provenance
+    again = train(trained, [image], [inst], "instances", _cfg(steps=1))
+    assert convention(again.info) == (2, 0.4)
+    odd = replace(trained.info, provenance={"train_config": {"boundary_width": 1}})
+    assert convention(odd) == (1, 0.0)
+
+
 def test_augment_keeps_image_and_labels_aligned():
     rng = np.random.default_rng(0)
     target = np.zeros((48, 48), np.int64)

@@ -343,6 +343,7 @@ class FinetunePanel(WorkerPanel):
     def collect(self, model):
         """Painted planes of every annotation layer (all images), checked."""
         from napari_unet.core.finetune import check_annotations, painted_planes
+        from napari_unet.core.targets import convention
 
         layers = self.annotation_layers()
         if not layers:
@@ -358,7 +359,10 @@ class FinetunePanel(WorkerPanel):
             kind = ann.metadata.get(KIND_KEY, "sparse")
             pairs.append((job.data, np.asarray(ann.data), name, kind))
         planes, unpainted = painted_planes(
-            pairs, model.info.in_channels, num_classes=model.info.num_classes
+            pairs,
+            model.info.in_channels,
+            num_classes=model.info.num_classes,
+            convention=convention(model.info),
         )
         painted = check_annotations(planes, model.info.classes)
         return planes, unpainted, painted

@@ -33,14 +33,20 @@ class PaintedPlane:
 
 
 def painted_planes(
-    pairs: Sequence[tuple], in_channels: int, axes: str | None = None, num_classes: int = 3
+    pairs: Sequence[tuple],
+    in_channels: int,
+    axes: str | None = None,
+    num_classes: int = 3,
+    convention: tuple[int, float] = (2, 0.0),
 ) -> tuple[list[PaintedPlane], list[np.ndarray]]:
     """Split ``(image, annotation, name[, kind])`` pairs into painted 2D planes.
 
     The annotation has the image's shape without its channel axis. ``kind`` is
     ``"sparse"`` (default: ``0`` = not annotated, ``k`` = class ``k - 1``) or
     ``"instances"`` (a dense instance mask, ``0`` = background: its non-empty planes
-    become background / interior / boundary paint covering the whole plane).
+    become background / interior / boundary paint covering the whole plane, drawn
+    with ``convention`` = ``(boundary_width, core_fraction)``, the base model's
+    own: :func:`napari_unet.core.targets.convention`).
     Returns the painted planes and the unpainted planes of the same images (at
     most 16), which the fine-tuning uses to re-estimate normalisation statistics.
     """
@@ -74,7 +80,8 @@ def painted_planes(
                 paint = paint.T
             where = f"{name} {list(lead)}" if lead else name
             if kind == "instances" and paint.any():
-                paint = (to_target(paint, "instances", num_classes) + 1).astype(np.uint8)
+                paint = to_target(paint, "instances", num_classes, *convention) + 1
+                paint = paint.astype(np.uint8)
             if paint.any():
                 plane = ax.read(image, lead, *full)
                 plane = plane[0] if plane.shape[0] == 1 else plane

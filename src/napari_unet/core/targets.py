@@ -86,6 +86,21 @@ def instances_to_classes(
     return out
 
 
+def convention(info) -> tuple[int, float]:
+    """``(boundary_width, core_fraction)`` that turned instance labels into the classes
+    a model was trained on (its provenance), else the defaults ``(2, 0.0)``.
+
+    Training on instance labels from a base model, and fine-tuning with instance
+    masks, must draw interior and boundary the way the base model learnt them: the
+    bundled ``nuclei`` model's interior is each nucleus's core, not all of it but a
+    1-px rim.
+    """
+    cfg = (getattr(info, "provenance", None) or {}).get("train_config") or {}
+    width = cfg.get("boundary_width")
+    core = cfg.get("core_fraction")
+    return (2 if width is None else int(width)), (0.0 if core is None else float(core))
+
+
 def contact_weights(inst: np.ndarray, w0: float = 10.0) -> np.ndarray:
     """``w0`` on object pixels next to *another* object (touching nuclei), else 0.
 

@@ -45,8 +45,10 @@ class TrainConfig:
     class_weighting: str = "balanced"  # "balanced" (1 / frequency), "sqrt" or "none"
     border_w0: float = 10.0  # paper's separation weight (instance labels); 0 = off
     border_sigma: float = 5.0
-    boundary_width: int = 2
-    core_fraction: float = 0.0  # instances: interior = object cores (targets.instances_to_classes)
+    # instance labels -> classes (targets.instances_to_classes); None: the base model's
+    # own convention (targets.convention: its training provenance, else 2 px / no cores)
+    boundary_width: int | None = None
+    core_fraction: float | None = None  # interior = object cores deeper than this share
     contact_w0: float = 0.0  # instances: extra weight where two objects touch (no gap)
     dice: float = 0.0  # weight of a soft Dice term added to cross-entropy
     # forward pass autocast to bfloat16: True, False, or "auto" (where the device runs it
@@ -152,6 +154,7 @@ def prepare(
     if not images:
         raise ValueError("no training images given")
     info = model.info
+    cfg = with_convention(cfg, model)
     pad = cfg.patch_size + info.geometry.halo + info.geometry.multiple
     prepared, all_targets = [], []
     for i, (img, lab) in enumerate(zip(images, labels)):
@@ -258,6 +261,16 @@ def loss_fn(logits, target, weights, dice: float = 0.0) -> torch.Tensor:
     return loss
 
 
+def with_convention(cfg: TrainConfig, model: LoadedModel) -> TrainConfig:
+    """``cfg`` with an unset boundary width / core fraction taken from the base model."""
+    width, core = tg.convention(model.info)
+    return replace(
+        cfg,
+        boundary_width=width if cfg.boundary_width is None else int(cfg.boundary_width),
+        core_fraction=core if cfg.core_fraction is None else float(cfg.core_fraction),
+    )
+
+
 def train_iter(
     model: LoadedModel,
     images: Sequence[np.ndarray],
@@ -284,6 +297,7 @@ def train_iter(
         raise ValueError(f"bf16 must be True, False or 'auto', not {cfg.bf16!r}")
     rng = np.random.default_rng(cfg.seed)
     torch.manual_seed(cfg.seed)
+    cfg = with_convention(cfg, model)
     samples = prepare(model, images, labels, kind, cfg)
     sampler = _Sampler(samples, model, cfg, rng)
     val = None
