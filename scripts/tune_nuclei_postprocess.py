@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import os
+from concurrent.futures import ProcessPoolExecutor
 
 from _shared_data import nuclei_split
 
@@ -21,11 +23,14 @@ from napari_unet.core import metrics, postprocess
 from napari_unet.core.tiling import predict
 from napari_unet.io.files import load_model, save_model
 
+PAIRS: list = []  # (probabilities, mask) per training image, shared with forked workers
+FG_T = 0.5  # the foreground threshold users see (CLI --threshold, panel)
 
-def pooled_f1(pairs, recipe, threshold) -> float:
+
+def pooled_f1(recipe) -> float:
     tp = fp = fn = 0
-    for probs, mask in pairs:
-        s = metrics.object_scores(mask, postprocess.instances(probs, recipe, None, threshold))
+    for probs, mask in PAIRS:
+        s = metrics.object_scores(mask, postprocess.instances(probs, recipe, None, FG_T))
         tp, fp, fn = tp + s["tp"], fp + s["fp"], fn + s["fn"]
     return 2 * tp / max(1, 2 * tp + fp + fn)
 
@@ -35,19 +40,18 @@ def main() -> None:
     p.add_argument("--model", required=True)
     p.add_argument("--write", action="store_true", help="store the best recipe in the model")
     p.add_argument("--every", type=int, default=3, help="use every n-th training image")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     args = p.parse_args()
     model = load_model(args.model)
     train, _ = nuclei_split()
     train = train[:: args.every]
-    pairs = [(predict(image, model, device="cpu"), mask) for _, image, mask in train]
+    PAIRS.extend((predict(image, model, device="cpu"), mask) for _, image, mask in train)
     base = dict(model.info.instances or {"method": "watershed", "seed": 1, "boundary": 2})
-    best = (-1.0, None, None)
-    fg_t = 0.5  # the foreground threshold users see (CLI --threshold, panel)
     grid = itertools.product(
-        (0.5, 0.6, 0.7), (8, 16), (0.0, 0.7, 0.75, 0.8), (0, 20), (0.0, 1.0, 2.0)
+        (0.4, 0.5, 0.6, 0.7), (8, 16), (0.0, 0.7, 0.75, 0.8, 0.85), (0, 20), (0.0, 1.0, 2.0, 3.0)
     )
-    for seed_t, min_seed, min_conf, unseeded, split in grid:
-        recipe = {
+    recipes = [
+        {
             **base,
             "seed_threshold": seed_t,
             "min_seed_size": min_seed,
@@ -55,12 +59,14 @@ def main() -> None:
             "unseeded_min_size": unseeded,
             "seed_split": split,
         }
-        f1 = pooled_f1(pairs, recipe, fg_t)
-        if f1 > best[0]:
-            best = (f1, recipe, fg_t)
-    f1, recipe, fg_t = best
+        for seed_t, min_seed, min_conf, unseeded, split in grid
+    ]
+    with ProcessPoolExecutor(max(1, args.workers)) as pool:  # forked: workers see PAIRS
+        scores = list(pool.map(pooled_f1, recipes, chunksize=8))
+    best = max(range(len(recipes)), key=lambda i: (scores[i], -i))  # first of equals
+    f1, recipe, fg_t = scores[best], recipes[best], FG_T
     print(
-        f"best on {len(pairs)} training images: F1@0.5 {f1:.3f} with {recipe}, "
+        f"best on {len(PAIRS)} training images: F1@0.5 {f1:.3f} with {recipe}, "
         f"foreground threshold {fg_t}"
     )
     if args.write:
