@@ -63,11 +63,11 @@ def main() -> None:
     ]
     with ProcessPoolExecutor(max(1, args.workers)) as pool:  # forked: workers see PAIRS
         scores = list(pool.map(pooled_f1, recipes, chunksize=8))
-    best = max(range(len(recipes)), key=lambda i: (scores[i], -i))  # first of equals
-    f1, recipe, fg_t = scores[best], recipes[best], FG_T
+    f1 = max(scores)
+    recipe = recipes[scores.index(f1)]  # the first of equals
     print(
         f"best on {len(PAIRS)} training images: F1@0.5 {f1:.3f} with {recipe}, "
-        f"foreground threshold {fg_t}"
+        f"foreground threshold {FG_T}"
     )
     if args.write:
         model.info.instances = recipe

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from napari_unet.core.axes import resolve_axes
+from napari_unet.core.targets import DEFAULT_CONVENTION, to_target
 from napari_unet.model.info import LoadedModel
 
 
@@ -37,7 +38,7 @@ def painted_planes(
     in_channels: int,
     axes: str | None = None,
     num_classes: int = 3,
-    convention: tuple[int, float] = (2, 0.0),
+    convention: tuple[int, float] = DEFAULT_CONVENTION,
 ) -> tuple[list[PaintedPlane], list[np.ndarray]]:
     """Split ``(image, annotation, name[, kind])`` pairs into painted 2D planes.
 
@@ -50,7 +51,6 @@ def painted_planes(
     Returns the painted planes and the unpainted planes of the same images (at
     most 16), which the fine-tuning uses to re-estimate normalisation statistics.
     """
-    from napari_unet.core.targets import to_target
 
     planes, unpainted = [], []
     for pair in pairs:

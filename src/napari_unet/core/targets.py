@@ -86,19 +86,24 @@ def instances_to_classes(
     return out
 
 
+DEFAULT_CONVENTION = (2, 0.0)  # (boundary_width, core_fraction) of models with no record
+
+
 def convention(info) -> tuple[int, float]:
     """``(boundary_width, core_fraction)`` that turned instance labels into the classes
-    a model was trained on (its provenance), else the defaults ``(2, 0.0)``.
+    a model was trained on (its provenance), else :data:`DEFAULT_CONVENTION`.
 
     Training on instance labels from a base model, and fine-tuning with instance
     masks, must draw interior and boundary the way the base model learnt them: the
-    bundled ``nuclei`` model's interior is each nucleus's core, not all of it but a
-    1-px rim.
+    bundled ``nuclei`` model's interior is each nucleus's core, and its boundary the
+    rest of the nucleus.
     """
-    cfg = (getattr(info, "provenance", None) or {}).get("train_config") or {}
-    width = cfg.get("boundary_width")
-    core = cfg.get("core_fraction")
-    return (2 if width is None else int(width)), (0.0 if core is None else float(core))
+    cfg = info.provenance.get("train_config") or {}
+    width, core = cfg.get("boundary_width"), cfg.get("core_fraction")
+    return (
+        DEFAULT_CONVENTION[0] if width is None else int(width),
+        DEFAULT_CONVENTION[1] if core is None else float(core),
+    )
 
 
 def contact_weights(inst: np.ndarray, w0: float = 10.0) -> np.ndarray:
