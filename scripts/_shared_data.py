@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
-SHARED = ROOT.parent / "shared"
+# the shared data beside the checkout, or where NAPARI_UNET_SHARED points
+SHARED = Path(os.environ.get("NAPARI_UNET_SHARED", ROOT.parent / "shared"))
 
 
 def nuclei_split(data: Path | None = None, val_fraction: float = 0.2, seed: int = 0):
@@ -39,6 +41,23 @@ def magnification(name: str) -> str:
     return name.split("__")[0]
 
 
+# Rescaling each magnification to the nuclear size seen at 40x (objective ratio; the
+# data set gives no pixel sizes): --magnification-scale in train/evaluate_nuclei.py
+MAGNIFICATION_SCALE = {"20x": 2.0, "40x_air": 1.0, "40x_oil": 1.0, "63x_oil": 40 / 63}
+
+
+def rescaled(item, factor: float):
+    """(name, image, mask) with image (linear) and mask (nearest) rescaled by ``factor``."""
+    from skimage.transform import rescale
+
+    name, image, mask = item
+    if factor == 1:
+        return item
+    image = rescale(image.astype(np.float32), factor, order=1, anti_aliasing=factor < 1)
+    mask = rescale(mask, factor, order=0, anti_aliasing=False, preserve_range=True)
+    return name, image, mask.astype(np.int32)
+
+
 def isbi_split(data: Path | None = None, val_slices=(5, 11, 17, 23)):
     """ISBI 2012 EM: (train, val) lists of (name, image uint8, labels uint8: 0 membrane)."""
     from skimage.io import imread
@@ -65,6 +84,7 @@ def add_run_args(p, steps: int, out: Path) -> None:
     p.add_argument("--init", help="continue from this model (bundled name or file)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--max-seconds", type=float, help="wall-time budget; the schedule follows it")
     p.add_argument(
         "--bf16", action="store_true", help="bfloat16 autocast (2x faster on AVX512-BF16 CPUs)"
     )

@@ -13,17 +13,18 @@ import json
 from collections import defaultdict
 
 import numpy as np
-from _shared_data import SHARED, magnification, nuclei_split
+from _shared_data import MAGNIFICATION_SCALE, SHARED, magnification, nuclei_split
 
-from napari_unet.core import metrics, postprocess
-from napari_unet.core.tiling import predict
+from napari_unet.core import metrics
+from napari_unet.core.segment import SegmentOptions, segment_iter
+from napari_unet.core.tiling import run_to_end
 from napari_unet.io import load_model
 
 
-def segment(image, model, tta: bool, **kw):
-    probs = predict(image, model, device="cpu", tta=tta)
-    info = model.info
-    return probs, postprocess.instances(probs, info.instances, info.classes, **kw)
+def segment(image, model, tta: bool, device: str = "cpu", diameter=None, **kw):
+    """Instances as the command line makes them (``diameter``: see SegmentOptions)."""
+    options = SegmentOptions(device=device, tta=tta, diameter=diameter, **kw)
+    return run_to_end(segment_iter(image, model, options))
 
 
 def main() -> None:
@@ -33,12 +34,30 @@ def main() -> None:
     p.add_argument("--threshold", type=float, default=0.5)
     p.add_argument("--min-size", type=int, default=0)
     p.add_argument("--json", help="write the metrics here")
+    p.add_argument("--device", default="cpu")
+    p.add_argument(
+        "--magnification-scale",
+        action="store_true",
+        help="give each image the diameter its magnification implies (MAGNIFICATION_SCALE)",
+    )
+    p.add_argument("--diameter", help="'auto' or pixels for every image (default: off)")
     args = p.parse_args()
     model = load_model(args.model)
     _, val = nuclei_split()
     per = defaultdict(lambda: {"tp": 0, "fp": 0, "fn": 0, "iou_sum": 0.0, "inter": 0, "union": 0})
     for name, image, mask in val:
-        _, inst = segment(image, model, args.tta, threshold=args.threshold, min_size=args.min_size)
+        diameter = args.diameter
+        if args.magnification_scale:
+            diameter = model.info.object_diameter / MAGNIFICATION_SCALE[magnification(name)]
+        inst = segment(
+            image,
+            model,
+            args.tta,
+            args.device,
+            diameter,
+            threshold=args.threshold,
+            min_size=args.min_size,
+        )
         s = metrics.object_scores(mask, inst)
         for key in (magnification(name), "overall"):
             d = per[key]
@@ -68,7 +87,7 @@ def main() -> None:
     bio = SHARED / "models" / "bioimageio" / "unet2d_nuclei_broad" / "test_input.npy"
     if bio.exists():
         image = np.load(bio)[0, 0]
-        _, inst = segment(image, model, args.tta)
+        inst = segment(image, model, args.tta, args.device, args.diameter)
         print(f"bioimage.io unet2d_nuclei_broad test_input: {inst.max()} nuclei found")
 
 

@@ -56,6 +56,7 @@ def build(args):
         val_every=100,
         seed=args.seed,
         device=args.device,
+        max_seconds=args.max_seconds,
         bf16=args.bf16,
         checkpoint=str(Path(args.out).with_name("checkpoint.safetensors")),
     )

@@ -11,8 +11,18 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+import numpy as np
 import torch
-from _shared_data import ROOT, add_run_args, nuclei_split, start_run, train_and_save
+from _shared_data import (
+    MAGNIFICATION_SCALE,
+    ROOT,
+    add_run_args,
+    magnification,
+    nuclei_split,
+    rescaled,
+    start_run,
+    train_and_save,
+)
 
 from napari_unet.core.augment import AugmentConfig
 from napari_unet.core.training import TrainConfig, train_iter
@@ -60,6 +70,7 @@ def build(args) -> tuple:
         val_every=100,
         seed=args.seed,
         device=args.device,
+        max_seconds=args.max_seconds,
         bf16=args.bf16,
         checkpoint=str(Path(args.out).with_name("checkpoint.safetensors")),
     )
@@ -75,10 +86,24 @@ def main() -> None:
     p.add_argument("--contact-w0", type=float, default=0.0, help="weight where nuclei touch")
     p.add_argument("--shift", type=float, help="intensity shift range (default: 0.25)")
     p.add_argument("--zoom", type=float, default=0.3, help="random zoom range")
+    p.add_argument(
+        "--magnification-scale",
+        action="store_true",
+        help="train at one nuclear size: rescale each image by MAGNIFICATION_SCALE",
+    )
     args = p.parse_args()
     train, val = nuclei_split()
+    if args.magnification_scale:
+        train = [rescaled(t, MAGNIFICATION_SCALE[magnification(t[0])]) for t in train]
+        val = [rescaled(t, MAGNIFICATION_SCALE[magnification(t[0])]) for t in val]
     print(f"train {len(train)} images, validation {len(val)}: {[n for n, *_ in val]}")
     model, cfg = build(args)
+    if args.magnification_scale:  # segmentation rescales images to this object size
+        from napari_unet.core.segment import median_diameter
+
+        sizes = [median_diameter(m) for *_, m in train]
+        model.info.object_diameter = round(float(np.median(sizes)), 1)
+        print(f"object diameter (median of the images' medians): {model.info.object_diameter}")
     start_run(args, model)
     gen = train_iter(
         model,

@@ -17,7 +17,7 @@ import itertools
 import os
 from concurrent.futures import ProcessPoolExecutor
 
-from _shared_data import nuclei_split
+from _shared_data import MAGNIFICATION_SCALE, magnification, nuclei_split, rescaled
 
 from napari_unet.core import metrics, postprocess
 from napari_unet.core.tiling import predict
@@ -41,10 +41,17 @@ def main() -> None:
     p.add_argument("--write", action="store_true", help="store the best recipe in the model")
     p.add_argument("--every", type=int, default=3, help="use every n-th training image")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    p.add_argument(
+        "--magnification-scale",
+        action="store_true",
+        help="tune on images rescaled by MAGNIFICATION_SCALE (models trained so)",
+    )
     args = p.parse_args()
     model = load_model(args.model)
     train, _ = nuclei_split()
     train = train[:: args.every]
+    if args.magnification_scale:
+        train = [rescaled(t, MAGNIFICATION_SCALE[magnification(t[0])]) for t in train]
     PAIRS.extend((predict(image, model, device="cpu"), mask) for _, image, mask in train)
     base = dict(model.info.instances or {"method": "watershed", "seed": 1, "boundary": 2})
     grid = itertools.product(

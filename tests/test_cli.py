@@ -140,6 +140,44 @@ def test_bad_input_exits_1_with_one_line(
     assert not (tmp_path / "out.tif").exists()
 
 
+def test_predict_diameter_rescales_for_models_that_record_an_object_size(tmp_path, capsys):
+    from napari_unet.core.segment import SegmentOptions, segment_iter
+    from napari_unet.core.tiling import run_to_end
+
+    image = (np.random.default_rng(1).random((48, 64)) * 1000).astype(np.uint16)
+    np.save(tmp_path / "i.npy", image)
+    sized = save_model(tiny_model("same", object_diameter=20.0), tmp_path / "sized.safetensors")
+    out = tmp_path / "p.tif"
+    args = ["predict", str(tmp_path / "i.npy"), "-m", str(sized), "-o", str(out), "-q"]
+    args += ["--mode", "probabilities"]
+
+    def expected(diameter):
+        options = SegmentOptions(mode="probabilities", diameter=diameter)
+        return run_to_end(segment_iter(image, tiny_model("same", object_diameter=20.0), options))
+
+    assert main([*args, "--diameter", "10"]) == 0
+    result = tifffile.imread(out)
+    assert result.shape == (3, 48, 64)
+    np.testing.assert_allclose(result, expected(10.0), atol=1e-5)
+    assert np.abs(result - expected(None)).max() > 1e-3  # the network saw a larger image
+    assert main(args) == 0  # default for such a model: auto
+    np.testing.assert_allclose(tifffile.imread(out), expected("auto"), atol=1e-5)
+    assert main([*args, "--diameter", "off"]) == 0
+    np.testing.assert_allclose(tifffile.imread(out), expected(None), atol=1e-5)
+    capsys.readouterr()
+    for bad, message in (("huge", "number of pixels"), ("-2", "positive")):
+        assert main([*args, "--diameter", bad]) == 1
+        assert message in capsys.readouterr().err
+    zarr = ["predict", str(tmp_path / "i.npy"), "-m", str(sized), "-q"]
+    assert (
+        main([*zarr, "-o", str(tmp_path / "o.zarr"), "--mode", "labels", "--diameter", "10"]) == 1
+    )
+    assert "write .tif or .npy" in capsys.readouterr().err
+    assert not (tmp_path / "o.zarr").exists()
+    assert main([*zarr, "-o", str(tmp_path / "o.zarr"), "--mode", "labels"]) == 0  # own scale
+    assert (tmp_path / "o.zarr").exists()
+
+
 def test_bad_model_file_exits_1(tmp_path, capsys, image):
     (tmp_path / "bad.safetensors").write_bytes(b"12345678{not json")
     np.save(tmp_path / "i.npy", image)

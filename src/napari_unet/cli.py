@@ -39,6 +39,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="test-time augmentation: average over mirrored tiles (4x the time)",
     )
+    pr.add_argument(
+        "--diameter",
+        help="typical object diameter in the images (px), 'auto' (estimated from a first "
+        "pass) or 'off'; the images are rescaled to the model's object size. Default: "
+        "'auto' for models that record an object size (the bundled nuclei model), else off",
+    )
     pr.add_argument("--no-amp", action="store_true", help="no mixed precision on CUDA")
     pr.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     pr.add_argument("--trust-code", action="store_true", help=TRUST_HELP)
@@ -195,8 +201,8 @@ def _targets(inputs, output, mode) -> list[tuple[str, Path]]:
 def _predict_one(image, model, dst: Path, args, label: str) -> None:
     from tqdm import tqdm
 
-    from napari_unet.core import postprocess
     from napari_unet.core.axes import resolve_axes
+    from napari_unet.core.segment import SegmentOptions, segment_iter
     from napari_unet.core.tiling import predict_iter
     from napari_unet.io.images import WRITE_SUFFIXES, ZarrOutput, write_image
 
@@ -206,25 +212,45 @@ def _predict_one(image, model, dst: Path, args, label: str) -> None:
     ax = resolve_axes(tuple(image.shape), args.axes, info.in_channels)
     engine_out = "labels" if args.mode == "labels" else "probabilities"
     sink = None
-    if dst.suffix.lower() == ".zarr":
+    diameter = _diameter(getattr(args, "diameter", None), info)
+    if dst.suffix.lower() == ".zarr":  # streamed at the image's own scale
+        if getattr(args, "diameter", None) not in (None, "off", "none"):
+            raise ValueError("--diameter rescales the image: write .tif or .npy for it")
+        diameter = None
         if args.mode == "instances":
             raise ValueError("instances are written as TIFF; use --mode labels for zarr output")
         shape = (*ax.leading_shape, *ax.yx)
         if engine_out == "probabilities":
             shape = (info.num_classes, *shape)
         sink = ZarrOutput(dst, shape, "float32" if engine_out == "probabilities" else "uint8")
-    gen = predict_iter(
-        image,
-        model,
-        axes=ax.axes,
-        tile=args.tile,
-        batch_size=args.batch_size,
-        device=args.device,
-        amp=not args.no_amp,
-        tta=args.tta,
-        output=engine_out,
-        out=sink.array if sink else None,
-    )
+    if sink:  # streamed into the zarr store, class maps or labels
+        gen = predict_iter(
+            image,
+            model,
+            axes=ax.axes,
+            tile=args.tile,
+            batch_size=args.batch_size,
+            device=args.device,
+            amp=not args.no_amp,
+            tta=args.tta,
+            output=engine_out,
+            out=sink.array,
+        )
+    else:
+        options = SegmentOptions(
+            mode=args.mode,
+            axes=ax.axes,
+            tile=args.tile,
+            batch_size=args.batch_size,
+            device=args.device,
+            amp=not args.no_amp,
+            threshold=args.threshold,
+            min_size=args.min_size,
+            min_confidence=args.min_confidence,
+            tta=args.tta,
+            diameter=diameter,
+        )
+        gen = segment_iter(image, model, options)
     bar = tqdm(desc=label, unit="tile", disable=args.quiet, file=sys.stderr)
     try:
         while True:
@@ -245,16 +271,26 @@ def _predict_one(image, model, dst: Path, args, label: str) -> None:
     if sink:
         sink.commit()
         return
-    if args.mode == "instances":
-        result = postprocess.instances(
-            result,
-            info.instances,
-            info.classes,
-            args.threshold,
-            args.min_size,
-            args.min_confidence,
-        )
     write_image(dst, result)
+
+
+def _diameter(value: str | None, info) -> float | str | None:
+    """``--diameter``: None (off), "auto" or a positive number of pixels."""
+    if value is None:
+        return "auto" if info.object_diameter else None
+    if value.lower() in ("off", "none"):
+        return None
+    if value.lower() == "auto":
+        return "auto"
+    try:
+        number = float(value)
+    except ValueError:
+        raise ValueError(
+            f"--diameter must be a number of pixels, 'auto' or 'off', not {value!r}"
+        ) from None
+    if not number > 0:
+        raise ValueError(f"--diameter must be positive, not {value}")
+    return number
 
 
 def _base_model(spec: str, classes: str | None):

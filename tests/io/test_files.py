@@ -13,13 +13,17 @@ from napari_unet.io.files import TORCHSCRIPT_META
 
 
 def test_round_trip_keeps_weights_metadata_and_predictions(tmp_path):
-    model = tiny_model("valid", pixel_size=[0.65, 0.65], provenance={"data": "synthetic"})
+    model = tiny_model(
+        "valid", pixel_size=[0.65, 0.65], provenance={"data": "synthetic"}, object_diameter=27.5
+    )
     model.info.normalization = {"mode": "zscore"}
     path = save_model(model, tmp_path / "m.safetensors")
     loaded = load_model(path)
     assert loaded.info.classes == ["background", "interior", "boundary"]
     assert loaded.info.normalization == {"mode": "zscore"}
     assert loaded.info.pixel_size == [0.65, 0.65]
+    assert loaded.info.object_diameter == 27.5
+    assert "27.5 px diameter" in loaded.info.card()
     assert loaded.info.provenance == {"data": "synthetic"}
     assert loaded.info.geometry == model.info.geometry
     assert loaded.info.source == str(path)

@@ -211,3 +211,27 @@ def test_visible_region_only(panel, qtbot):
     assert y0 <= 100 < y0 + h and x0 <= 100 < x0 + w
     full = predict(image, tiny_model("valid")).argmax(0)
     np.testing.assert_array_equal(out.data, full[y0 : y0 + h, x0 : x0 + w])
+
+
+def test_object_size_rescaling_follows_the_model(panel, qtbot, image):
+    from napari_unet.core.segment import SegmentOptions, segment_iter
+    from napari_unet.core.tiling import run_to_end
+
+    viewer, widget = panel
+    assert not widget.rescale_check.isEnabled() and widget.options().diameter is None
+    assert "records none" in widget.rescale_check.text()
+    widget.state.model = tiny_model("same", object_diameter=20.0)
+    assert widget.rescale_check.isChecked() and "(20 px)" in widget.rescale_check.text()
+    assert widget.options().diameter == "auto"
+    widget.diameter_spin.setValue(10.0)
+    assert widget.options().diameter == 10.0
+    widget.mode_combo.setCurrentText("probabilities")
+    viewer.add_image(image, name="img")
+    _run(qtbot, widget)
+    options = SegmentOptions(mode="probabilities", diameter=10.0)
+    expected = run_to_end(segment_iter(image, tiny_model("same", object_diameter=20.0), options))
+    out = viewer.layers["img [unet interior]"].data
+    assert out.shape == image.shape
+    np.testing.assert_allclose(np.asarray(out), expected[1], atol=1e-5)
+    widget.rescale_check.setChecked(False)
+    assert widget.options().diameter is None and not widget.diameter_spin.isEnabled()

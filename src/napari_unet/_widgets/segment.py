@@ -70,10 +70,26 @@ class SegmentPanel(WorkerPanel):
             "(set by the model; lower it for dim images the model is unsure about)."
         )
         form.addRow("Min. confidence", self.confidence_spin)
+        self.rescale_check = QCheckBox("Rescale to the model's object size")
+        self.rescale_check.setToolTip(
+            "The image is resized so that its objects have the diameter the model was "
+            "trained on, segmented, and the result resized back."
+        )
+        form.addRow("", self.rescale_check)
+        self.diameter_spin = QDoubleSpinBox()
+        self.diameter_spin.setRange(0.0, 2000.0)
+        self.diameter_spin.setDecimals(1)
+        self.diameter_spin.setSuffix(" px")
+        self.diameter_spin.setSpecialValueText("auto")
+        self.diameter_spin.setToolTip(
+            "Typical object diameter in this image; auto: measured on a first pass."
+        )
+        form.addRow("Object diameter", self.diameter_spin)
         self.form.addLayout(form)
         self._job: LayerJob | None = None
         self.tile_spin.editingFinished.connect(self._on_tile_edited)
         self.mode_combo.currentTextChanged.connect(self._on_mode)
+        self.rescale_check.toggled.connect(self.diameter_spin.setEnabled)
         self.state.model_changed.connect(self._on_model_changed)
         self._on_layers_changed()
         self._on_mode(self.mode_combo.currentText())
@@ -90,6 +106,15 @@ class SegmentPanel(WorkerPanel):
     def _show_recipe(self, model) -> None:
         recipe = (model.info.instances or {}) if model is not None else {}
         self.confidence_spin.setValue(float(recipe.get("min_confidence", 0.0)))
+        sized = model is not None and bool(model.info.object_diameter)
+        self.rescale_check.setChecked(sized)
+        self.rescale_check.setEnabled(sized)
+        self.diameter_spin.setEnabled(sized)
+        self.rescale_check.setText(
+            f"Rescale to the model's object size ({model.info.object_diameter:.0f} px)"
+            if sized
+            else "Rescale to the model's object size (this model records none)"
+        )
 
     def _on_mode(self, mode: str) -> None:
         self.threshold_spin.setEnabled(mode == "instances")
@@ -127,6 +152,9 @@ class SegmentPanel(WorkerPanel):
             threshold=self.threshold_spin.value(),
             min_size=self.min_size_spin.value(),
             min_confidence=self.confidence_spin.value(),
+            diameter=(self.diameter_spin.value() or "auto")
+            if self.rescale_check.isChecked()
+            else None,
         )
 
     def _on_run(self) -> None:

@@ -3,12 +3,15 @@ or instances. Shared by the command line and the napari widgets."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Generator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 from napari_unet.core import postprocess
+from napari_unet.core.axes import resolve_axes
+from napari_unet.core.normalize import check_dtype
 from napari_unet.core.tiling import Progress, predict_iter
 
 MODES = ("probabilities", "labels", "instances")
@@ -29,6 +32,14 @@ class SegmentOptions:
     min_confidence: float | None = None  # None: the model's instance recipe
     region: tuple[int, int, int, int] | None = None
     tta: bool = False  # average over mirrored tiles (4x the time)
+    # typical object diameter in the image (px), or "auto" (estimated from a first
+    # pass); the image is rescaled so objects have the model's ``object_diameter``.
+    # None: segment at the image's own scale
+    diameter: float | str | None = None
+
+
+# rescaling by less than this factor (either way) is skipped
+SCALE_TOLERANCE = 1.1
 
 
 def rgb_to_gray(image: np.ndarray) -> np.ndarray:
@@ -41,10 +52,105 @@ def segment_iter(image, model, options: SegmentOptions) -> Generator[Progress, N
     """Yield progress, return the result for ``options.mode``.
 
     ``probabilities``: float32 ``(K, *leading, Y, X)``; ``labels``: uint8 class
-    indices; ``instances``: int32 object labels ``(*leading, Y, X)``.
+    indices; ``instances``: int32 object labels ``(*leading, Y, X)``. With
+    ``options.diameter`` the network sees the image rescaled so that its objects
+    have the size the model was trained on; results come back at the image's size.
     """
     if options.mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {options.mode!r}")
+    if options.diameter is None:
+        return (yield from _segment_at(image, model, options, 1.0))
+    target = model.info.object_diameter
+    if not target:
+        raise ValueError(
+            f"model {model.info.name!r} records no object diameter, so images cannot be "
+            "rescaled to it: leave the diameter unset"
+        )
+    if options.diameter == "auto":
+        yield Progress(0, 1, "estimating the object size")
+        first = yield from _segment_at(image, model, replace(options, mode="instances"), 1.0)
+        found = median_diameter(first)
+        if found is None:  # nothing found at the image's own scale: keep that answer
+            factor = 1.0
+        else:
+            factor = target / found
+    else:
+        try:
+            diameter = float(options.diameter)
+        except (TypeError, ValueError):
+            raise ValueError(
+                f"diameter must be a number of pixels or 'auto', not {options.diameter!r}"
+            ) from None
+        if not diameter > 0:
+            raise ValueError(f"diameter must be positive, not {options.diameter!r}")
+        factor = target / diameter
+    factor = float(np.clip(factor, 0.25, 4.0))
+    if max(factor, 1 / factor) < SCALE_TOLERANCE:
+        factor = 1.0
+        if options.diameter == "auto" and options.mode == "instances":
+            return first
+    return (yield from _segment_at(image, model, options, factor))
+
+
+def median_diameter(labels: np.ndarray, min_area: int = 10) -> float | None:
+    """Median equivalent diameter (px) of the objects of ``(..., Y, X)`` ``labels``,
+    counted plane by plane; None when there is no object of ``min_area`` pixels."""
+    lab = np.asarray(labels)
+    planes = lab.reshape(-1, *lab.shape[-2:]) if lab.ndim > 2 else lab[None]
+    areas = [np.bincount(p.ravel())[1:] for p in planes if p.any()]
+    areas = np.concatenate(areas) if areas else np.zeros(0)
+    areas = areas[areas >= min_area]
+    if not len(areas):
+        return None
+    return float(np.median(np.sqrt(4 * areas / np.pi)))
+
+
+def _segment_at(image, model, options: SegmentOptions, factor: float):
+    """Segment ``image`` resized by ``factor`` in Y and X; results at the image's size."""
+    if factor == 1.0:
+        return (yield from _segment(image, model, options))
+    ax = resolve_axes(tuple(image.shape), options.axes, model.info.in_channels)
+    zoom = [1.0] * len(image.shape)
+    zoom[ax.axes.index("Y")] = zoom[ax.axes.index("X")] = factor
+    from scipy import ndimage as ndi
+
+    check_dtype(getattr(image, "dtype", np.asarray(image).dtype))
+    data = np.asarray(image)
+    data = data.astype(np.float32) if data.dtype.kind != "f" or data.itemsize < 4 else data
+    if factor < 1:  # anti-aliasing, as skimage.transform.rescale does
+        sigma = [(1 / z - 1) / 2 if z < 1 else 0.0 for z in zoom]
+        data = ndi.gaussian_filter(data, sigma, mode="mirror")
+    small = ndi.zoom(data, zoom, order=1, mode="reflect", grid_mode=True)
+    region = options.region
+    if region is not None:
+        ys, xs = small.shape[ax.axes.index("Y")], small.shape[ax.axes.index("X")]
+        y0, y1, x0, x1 = region
+        region = (
+            min(int(y0 * factor), ys - 1),
+            min(max(math.ceil(y1 * factor), int(y0 * factor) + 1), ys),
+            min(int(x0 * factor), xs - 1),
+            min(max(math.ceil(x1 * factor), int(x0 * factor) + 1), xs),
+        )
+    min_size = int(round(options.min_size * factor**2))
+    result = yield from _segment(small, model, replace(options, region=region, min_size=min_size))
+    if region is None:
+        yx = ax.yx
+    else:
+        y0, y1, x0, x1 = options.region
+        yx = (y1 - y0, x1 - x0)
+    return _resize_yx(result, yx, order=1 if options.mode == "probabilities" else 0)
+
+
+def _resize_yx(result: np.ndarray, yx: tuple[int, int], order: int) -> np.ndarray:
+    """``result`` with its last two axes resized to ``yx`` (order 0: nearest label)."""
+    from scipy import ndimage as ndi
+
+    zoom = [1.0] * (result.ndim - 2) + [yx[0] / result.shape[-2], yx[1] / result.shape[-1]]
+    out = ndi.zoom(result, zoom, order=order, mode="nearest", grid_mode=True)
+    return out[..., : yx[0], : yx[1]]
+
+
+def _segment(image, model, options: SegmentOptions):
     engine = "labels" if options.mode == "labels" else "probabilities"
     result = yield from predict_iter(
         image,

@@ -34,6 +34,11 @@ class ModelInfo:
         ``{"method": "watershed", "seed": "interior", "boundary": "boundary"}``.
     fixed_input : tuple of int or None
         ``(H, W)`` when the network only takes one input size (some ONNX files).
+    object_diameter : float or None
+        Typical diameter (px) of the objects the model was trained on (median of
+        its training objects). With it, images whose objects are larger or smaller
+        can be rescaled to it (:class:`~napari_unet.core.segment.SegmentOptions`
+        ``diameter``).
     """
 
     name: str
@@ -51,6 +56,7 @@ class ModelInfo:
     source: str = ""
     format: str = "napari-unet"
     fixed_input: tuple[int, int] | None = None
+    object_diameter: float | None = None
 
     @property
     def num_classes(self) -> int:
@@ -96,6 +102,8 @@ class ModelInfo:
             )
         if self.pixel_size:
             lines.append(f"pixel size:    {self.pixel_size}")
+        if self.object_diameter:
+            lines.append(f"object size:   {self.object_diameter:.1f} px diameter (median)")
         if self.description:
             lines.append(f"description:   {self.description}")
         for key, value in self.provenance.items():

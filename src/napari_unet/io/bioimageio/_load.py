@@ -115,6 +115,7 @@ def load_package(source, trust_code: bool = False, weights_format: str | None = 
         source=str(source),
         format="bioimageio",
         fixed_input=fixed,
+        object_diameter=config.get("object_diameter"),
     )
     return LoadedModel(net, info)
 

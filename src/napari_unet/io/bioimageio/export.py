@@ -256,7 +256,7 @@ def _rdf(net, info: ModelInfo, tensors: tuple, files: dict, names: dict, meta: d
     inputs, outputs = tensors
     inputs["test_tensor"] = _file("test_input.npy", files)
     outputs["test_tensor"] = _file("test_output.npy", files)
-    keep = ("classes", "instances", "metrics", "normalization", "pixel_size")
+    keep = ("classes", "instances", "metrics", "normalization", "pixel_size", "object_diameter")
     now = datetime.datetime.now(datetime.timezone.utc)
     rdf = {
         "format_version": FORMAT_VERSION,

@@ -1,0 +1,139 @@
+"""Segmentation at the model's object size (SegmentOptions.diameter)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import tiny_model
+from napari_unet.core import segment as seg
+from napari_unet.core.metrics import object_scores
+from napari_unet.core.segment import SegmentOptions, median_diameter, segment_iter
+from napari_unet.core.tiling import run_to_end
+
+
+class _Bright(torch.nn.Module):
+    """Interior where the normalised input is bright, background elsewhere."""
+
+    def forward(self, x):
+        fg = (x[:, :1] - 0.5) * 20
+        return torch.cat([-fg, fg, torch.full_like(fg, -10.0)], 1)
+
+
+def bright_model(object_diameter=20.0):
+    model = tiny_model("same", object_diameter=object_diameter)
+    model.info.instances = {"method": "watershed", "seed": 1, "boundary": 2}
+    model.net = _Bright()
+    return model
+
+
+def disks(shape=(96, 128), radii=(5, 5, 5, 5), seed=0):
+    """Separate bright disks on a dim noisy background, and their labels."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    labels = np.zeros(shape, np.int32)
+    centres = [(24, 24), (24, 84), (70, 40), (70, 100)]
+    for i, (r, (cy, cx)) in enumerate(zip(radii, centres), 1):
+        labels[(yy - cy) ** 2 + (xx - cx) ** 2 <= r * r] = i
+    image = (labels > 0) * 1000.0 + 100 + rng.normal(0, 10, shape)
+    return image.astype(np.float32), labels
+
+
+def run(image, model, **kw):
+    return run_to_end(segment_iter(image, model, SegmentOptions(device="cpu", **kw)))
+
+
+@pytest.fixture
+def seen(monkeypatch):
+    """The (Y, X) sizes of the images the network is run on."""
+    shapes = []
+    inner = seg.predict_iter
+
+    def spy(image, model, **kw):
+        shapes.append(tuple(np.shape(image)[-2:]))
+        return (yield from inner(image, model, **kw))
+
+    monkeypatch.setattr(seg, "predict_iter", spy)
+    return shapes
+
+
+def test_median_diameter_of_disks():
+    _, labels = disks(radii=(4, 8, 8, 12))
+    d = median_diameter(labels)
+    assert 15 < d < 17.5  # two disks of radius 8
+    stack = np.stack([labels, np.zeros_like(labels)])
+    assert median_diameter(stack) == pytest.approx(d)
+    assert median_diameter(np.zeros((20, 20), np.int32)) is None
+
+
+def test_diameter_rescales_the_image_to_the_model_object_size(seen):
+    image, labels = disks()
+    inst = run(image, bright_model(20.0), diameter=10)
+    assert seen == [(192, 256)]  # twice the image: objects of 10 px -> 20 px
+    assert inst.shape == image.shape and inst.dtype.kind == "i"
+    s = object_scores(labels, inst)
+    assert s["tp"] == 4 and s["fp"] == 0
+    assert s["sum_matched_iou"] / 4 > 0.8
+
+
+def test_auto_diameter_estimates_the_size_then_rescales(seen):
+    image, labels = disks()
+    inst = run(image, bright_model(20.0), diameter="auto")
+    assert seen[0] == (96, 128) and len(seen) == 2
+    # disks of radius 5 (81 px, 10.2 px equivalent diameter): about twice the size
+    assert seen[1] == pytest.approx((2 * 96, 2 * 128), rel=0.03)
+    assert object_scores(labels, inst)["tp"] == 4
+
+
+def test_auto_diameter_keeps_the_first_pass_when_sizes_agree(seen):
+    image, labels = disks(radii=(10, 10, 10, 10))
+    inst = run(image, bright_model(20.0), diameter="auto")
+    assert seen == [(96, 128)]
+    assert object_scores(labels, inst)["tp"] == 4
+
+
+def test_auto_diameter_without_objects_stays_at_the_image_scale(seen):
+    image = np.full((64, 64), 100.0, np.float32)
+    inst = run(image, bright_model(20.0), diameter="auto")
+    assert seen == [(64, 64)] and inst.shape == (64, 64)
+
+
+def test_diameter_equal_to_the_model_size_changes_nothing(seen):
+    image, _ = disks()
+    model = tiny_model("same", object_diameter=16.0)
+    plain = run(image, model, mode="probabilities")
+    same = run(image, model, mode="probabilities", diameter=16.0)
+    np.testing.assert_array_equal(plain, same)
+    assert seen == [(96, 128), (96, 128)]
+
+
+@pytest.mark.parametrize("mode", ["probabilities", "labels", "instances"])
+def test_rescaled_results_have_the_image_shape(mode):
+    image, _ = disks()
+    stack = np.stack([image, image[::-1]])
+    out = run(stack, bright_model(20.0), mode=mode, axes="ZYX", diameter=13)
+    lead = (3,) if mode == "probabilities" else ()
+    assert out.shape == (*lead, 2, 96, 128)
+    region = run(stack, bright_model(20.0), mode=mode, axes="ZYX", diameter=13,
+                 region=(10, 50, 20, 90))  # fmt: skip
+    assert region.shape == (*lead, 2, 40, 70)
+
+
+def test_min_size_counts_pixels_of_the_image_not_of_the_rescaled_one():
+    image, labels = disks(radii=(3, 3, 6, 6))  # areas about 29 and 113 px
+    inst = run(image, bright_model(24.0), diameter=8, min_size=60)
+    found = {int(labels[inst == i].max()) for i in np.unique(inst) if i}
+    assert found == {3, 4}
+
+
+def test_diameter_needs_a_model_that_records_its_object_size():
+    image, _ = disks()
+    with pytest.raises(ValueError, match="records no object diameter"):
+        run(image, tiny_model("same"), diameter=10)
+    with pytest.raises(ValueError, match="number of pixels or 'auto'"):
+        run(image, bright_model(), diameter="big")
+    with pytest.raises(ValueError, match="positive"):
+        run(image, bright_model(), diameter=-3)
+    with pytest.raises(ValueError, match="dtype complex64"):
+        run(image.astype(np.complex64), bright_model(), diameter=10)
