@@ -239,3 +239,40 @@ def test_finetune_iter_reports_previews_and_accuracy_and_stops_on_request(case):
     assert isinstance(result, Finished) and result.stopped and result.steps == 11
     assert result.accuracy_before == pytest.approx(painted_accuracy(model, planes))
     assert result.accuracy_after == pytest.approx(painted_accuracy(result.model, planes))
+
+
+def test_finetune_at_the_model_object_size_rescales_planes_and_previews(case, monkeypatch):
+    from napari_unet.core import training
+    from napari_unet.core.finetune import Preview, finetune_iter, rescaled_plane
+    from napari_unet.core.tiling import run_to_end
+
+    image, _, strokes = case
+    model = tiny_model("same", depth=2, object_diameter=24.0)
+    planes = [PaintedPlane(image, strokes, "img")]
+    sizes = []
+    inner = training.train_iter
+
+    def spy(model, images, labels, *args, **kw):
+        sizes.extend((im.shape, lab.shape) for im, lab in zip(images, labels))
+        return inner(model, images, labels, *args, **kw)
+
+    monkeypatch.setattr(training, "train_iter", spy)
+    cfg = TrainConfig.finetune(steps=4, patch_size=64, max_seconds=None, device="cpu")
+    gen = finetune_iter(
+        model, planes, [image], cfg, preview=(image, "YX", (0, 40, 10, 60)), preview_every=2,
+        diameter=12,
+    )  # fmt: skip
+    seen = []
+    result = run_to_end(gen, seen.append)
+    assert result.scales == (2.0,)
+    assert sizes == [((256, 256), (256, 256))]  # the painted plane at twice its size
+    previews = [v for v in seen if isinstance(v, Preview)]
+    assert previews and previews[0].labels.shape == (40, 50)  # back in the image's pixels
+    big = rescaled_plane(planes[0], 2.0)
+    assert result.accuracy_before == pytest.approx(painted_accuracy(model, [big]))
+    # paint is resized nearest: every painted pixel keeps a painted class
+    assert set(np.unique(big.annotation)) == set(np.unique(strokes))
+    assert np.count_nonzero(big.annotation) == pytest.approx(4 * np.count_nonzero(strokes), 0.05)
+    # models without an object size, or no diameter: the planes' own scale
+    plain = run_to_end(finetune_iter(tiny_model("same", depth=2), planes, [], cfg, diameter=12))
+    assert plain.scales == () and sizes[-1] == ((128, 128), (128, 128))

@@ -207,3 +207,33 @@ def test_existing_instance_mask_layer_trains_as_dense_classes(panel, qtbot):
     _train(qtbot, widget)
     assert len(widget.versions.versions) == 2
     np.testing.assert_array_equal(masks.data, labels)  # the user's layer is untouched
+
+
+def test_a_model_with_an_object_size_sees_painted_images_at_that_size(
+    panel, nuclei, qtbot, monkeypatch
+):
+    from napari_unet._widgets import finetune
+    from napari_unet.core.segment import SegmentOptions, segment_iter
+    from napari_unet.core.tiling import run_to_end
+
+    # a random network's objects say little: a fixed diameter instead of "auto"
+    assert finetune._diameter(tiny_model("same", object_diameter=24.0)) == "auto"
+    assert finetune._diameter(tiny_model("same")) is None
+    monkeypatch.setattr(finetune, "_diameter", lambda m: 12.0 if m.info.object_diameter else None)
+    viewer, widget, state = panel
+    image, strokes = nuclei
+    state.model = tiny_model("same", depth=2, object_diameter=24.0)
+    src, ann = _painted(viewer, widget, image.copy(), strokes)
+    _train(qtbot, widget)
+    assert len(widget.versions.versions) == 2, widget.status.text()
+    assert "planes rescaled x2 to the model's object size" in widget.status.text()
+    assert viewer.layers["img [fine-tune preview]"].data.shape == image.shape
+    # start from prediction: the segment panel's rescaled answer, in the image's pixels
+    widget._on_revert()
+    ann.data = np.zeros_like(strokes)
+    widget.start_from_prediction()
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=30000)
+    options = SegmentOptions(mode="probabilities", diameter=12.0, device="cpu")
+    expected = run_to_end(segment_iter(image, state.model, options)).argmax(0) + 1
+    np.testing.assert_array_equal(ann.data, expected)
+    np.testing.assert_array_equal(src.data, image)

@@ -235,7 +235,7 @@ class FinetunePanel(WorkerPanel):
         targets = self.annotation_layers(layer.name, "sparse") or [self.new_annotation_layer()]
         if targets[0] is None:
             return
-        from napari_unet.core.tiling import predict_iter
+        from napari_unet.core.segment import SegmentOptions, segment_iter
 
         try:
             job = job_for_layer(layer, model, self.viewer, current_plane=True)
@@ -244,10 +244,15 @@ class FinetunePanel(WorkerPanel):
             return
         self._fill_target = (targets[0], job)
         self._mode = "fill"
+        options = SegmentOptions(
+            mode="probabilities",
+            axes=job.axes,
+            device=self.state.device,
+            diameter=_diameter(model),
+        )
         self.start(
-            predict_iter, job.data, model, axes=job.axes, device=self.state.device,
-            desc="napari-unet: prediction to correct",
-        )  # fmt: skip
+            segment_iter, job.data, model, options, desc="napari-unet: prediction to correct"
+        )
 
     # -- model / versions -----------------------------------------------------------
     def _on_model_changed(self, model) -> None:
@@ -405,6 +410,7 @@ class FinetunePanel(WorkerPanel):
             preview_every=self.preview_spin.value(),
             should_stop=self._stop.is_set,
             data_name=data_name,
+            diameter=_diameter(model),
             total=cfg.steps,
             desc="napari-unet: fine-tuning",
             activity=False,  # the panel shows steps, rate and time left itself
@@ -503,9 +509,12 @@ class FinetunePanel(WorkerPanel):
             stopped=value.stopped,
         )
         self._set_model(model)
+        rescaled = ", ".join(f"x{f:.2g}" for f in value.scales if f != 1.0)
         self.status.setText(
             f"{'Stopped' if value.stopped else 'Done'}: {self.versions.describe(n)} "
-            f"in {value.seconds:.0f} s. Now using {model.info.name}; 'Revert' goes back."
+            f"in {value.seconds:.0f} s"
+            + (f" (planes rescaled {rescaled} to the model's object size)" if rescaled else "")
+            + f". Now using {model.info.name}; 'Revert' goes back."
         )
 
     def _fill(self, probs) -> None:
@@ -530,3 +539,9 @@ class FinetunePanel(WorkerPanel):
         self.pause_button.setText("Pause")
         self.stop_button.setEnabled(False)
         self._mode = ""
+
+
+def _diameter(model) -> str | None:
+    """Models that record their objects' size see the painted images at that size,
+    measured as the segment panel's *auto* does."""
+    return "auto" if model.info.object_diameter else None

@@ -150,6 +150,7 @@ class Finished:
     steps: int
     seconds: float
     stopped: bool
+    scales: tuple[float, ...] = ()  # the painted planes' rescaling factors (diameter)
 
 
 def finetune_iter(
@@ -162,14 +163,30 @@ def finetune_iter(
     preview_every: int = 0,
     should_stop: Callable[[], bool] | None = None,
     data_name: str = "painted planes",
+    diameter: float | str | None = None,
 ) -> Generator[object, None, Finished]:
     """Fine-tune a copy of ``model`` on painted planes; yields each
     :class:`~napari_unet.core.training.TrainStep` and, every ``preview_every``
     steps, a :class:`Preview` of ``preview = (data, axes, region)``; returns
-    :class:`Finished` (closing the generator discards the run)."""
-    from napari_unet.core.tiling import predict
+    :class:`Finished` (closing the generator discards the run).
+
+    ``diameter`` (pixels or ``"auto"``, for models that record an
+    ``object_diameter``): the planes are rescaled to the model's object size, as
+    segmentation with that diameter does, so that the network learns at the
+    scale it will be used at."""
+    from napari_unet.core.segment import SegmentOptions, segment_at_iter
+    from napari_unet.core.tiling import run_to_end
     from napari_unet.core.training import train_iter
 
+    scales: tuple[float, ...] = ()
+    preview_scale = 1.0
+    if diameter is not None and model.info.object_diameter:
+        scales = tuple(_scale(model, p.image, None, diameter, cfg.device) for p in planes)
+        planes = [rescaled_plane(p, f) for p, f in zip(planes, scales)]
+        typical = float(np.exp(np.mean(np.log(scales))))
+        unpainted = [_resize(u, typical) for u in unpainted]
+        if preview is not None:
+            preview_scale = _scale(model, preview[0], preview[1], diameter, cfg.device)
     before = painted_accuracy(model, planes, device=cfg.device)
     gen = train_iter(
         model,
@@ -191,8 +208,9 @@ def finetune_iter(
         yield step
         if preview is not None and preview_every and step.step % preview_every == 0:
             data, axes, region = preview
-            probs = predict(data, step.snapshot(), axes=axes, region=region, device=cfg.device)
-            yield Preview(step.step, probs.argmax(0).astype(np.uint8) + 1)
+            options = SegmentOptions(mode="labels", axes=axes, region=region, device=cfg.device)
+            labels = run_to_end(segment_at_iter(data, step.snapshot(), options, preview_scale))
+            yield Preview(step.step, labels.astype(np.uint8) + 1)
     return Finished(
         result,
         before,
@@ -200,7 +218,35 @@ def finetune_iter(
         step.step if step is not None else 0,
         step.elapsed if step is not None else 0.0,
         should_stop is not None and should_stop(),
+        scales,
     )
+
+
+def rescaled_plane(plane: PaintedPlane, factor: float) -> PaintedPlane:
+    """``plane`` resized by ``factor`` in Y and X (image linear, paint nearest)."""
+    if factor == 1.0:
+        return plane
+    from napari_unet.core.segment import resize_labels
+
+    image = _resize(plane.image, factor)
+    return PaintedPlane(image, resize_labels(plane.annotation, image.shape[-2:]), plane.source)
+
+
+def _resize(image: np.ndarray, factor: float) -> np.ndarray:
+    from napari_unet.core.segment import resize_image
+
+    return resize_image(image, "YX" if image.ndim == 2 else "CYX", factor)
+
+
+def _scale(model, image, axes, diameter, device) -> float:
+    """The factor segmentation with ``diameter`` would rescale ``image`` by."""
+    from napari_unet.core.segment import SegmentOptions, scale_factor_iter
+    from napari_unet.core.tiling import run_to_end
+
+    if axes is None:
+        axes = "YX" if image.ndim == 2 else "CYX"
+    options = SegmentOptions(axes=axes, device=device, diameter=diameter)
+    return run_to_end(scale_factor_iter(image, model, options))[0]
 
 
 @dataclass

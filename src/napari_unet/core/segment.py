@@ -59,21 +59,31 @@ def segment_iter(image, model, options: SegmentOptions) -> Generator[Progress, N
     if options.mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {options.mode!r}")
     if options.diameter is None:
-        return (yield from _segment_at(image, model, options, 1.0))
+        return (yield from segment_at_iter(image, model, options, 1.0))
+    factor, first = yield from scale_factor_iter(image, model, options)
+    if factor == 1.0 and first is not None and options.mode == "instances":
+        return first
+    return (yield from segment_at_iter(image, model, options, factor))
+
+
+def scale_factor_iter(image, model, options: SegmentOptions):
+    """The factor that gives ``image``'s objects the model's ``object_diameter``
+    (from ``options.diameter``: pixels, or ``"auto"``: measured on a first pass).
+
+    Returns ``(factor, first)``: factors within :data:`SCALE_TOLERANCE` of 1 are 1;
+    ``first`` is the first pass's instances (None without one)."""
     target = model.info.object_diameter
     if not target:
         raise ValueError(
             f"model {model.info.name!r} records no object diameter, so images cannot be "
             "rescaled to it: leave the diameter unset"
         )
+    first = None
     if options.diameter == "auto":
         yield Progress(0, 1, "estimating the object size")
-        first = yield from _segment_at(image, model, replace(options, mode="instances"), 1.0)
+        first = yield from segment_at_iter(image, model, replace(options, mode="instances"), 1.0)
         found = median_diameter(first)
-        if found is None:  # nothing found at the image's own scale: keep that answer
-            factor = 1.0
-        else:
-            factor = target / found
+        factor = 1.0 if found is None else target / found  # nothing found: own scale
     else:
         try:
             diameter = float(options.diameter)
@@ -85,11 +95,7 @@ def segment_iter(image, model, options: SegmentOptions) -> Generator[Progress, N
             raise ValueError(f"diameter must be positive, not {options.diameter!r}")
         factor = target / diameter
     factor = float(np.clip(factor, 0.25, 4.0))
-    if max(factor, 1 / factor) < SCALE_TOLERANCE:
-        factor = 1.0
-        if options.diameter == "auto" and options.mode == "instances":
-            return first
-    return (yield from _segment_at(image, model, options, factor))
+    return (1.0 if max(factor, 1 / factor) < SCALE_TOLERANCE else factor), first
 
 
 def median_diameter(labels: np.ndarray, min_area: int = 10) -> float | None:
@@ -105,22 +111,13 @@ def median_diameter(labels: np.ndarray, min_area: int = 10) -> float | None:
     return float(np.median(np.sqrt(4 * areas / np.pi)))
 
 
-def _segment_at(image, model, options: SegmentOptions, factor: float):
-    """Segment ``image`` resized by ``factor`` in Y and X; results at the image's size."""
+def segment_at_iter(image, model, options: SegmentOptions, factor: float):
+    """Segment ``image`` resized by ``factor`` in Y and X (``options.diameter`` is not
+    used); results at the image's size, ``options.min_size`` in the image's pixels."""
     if factor == 1.0:
         return (yield from _segment(image, model, options))
     ax = resolve_axes(tuple(image.shape), options.axes, model.info.in_channels)
-    zoom = [1.0] * len(image.shape)
-    zoom[ax.axes.index("Y")] = zoom[ax.axes.index("X")] = factor
-    from scipy import ndimage as ndi
-
-    check_dtype(getattr(image, "dtype", np.asarray(image).dtype))
-    data = np.asarray(image)
-    data = data.astype(np.float32) if data.dtype.kind != "f" or data.itemsize < 4 else data
-    if factor < 1:  # anti-aliasing, as skimage.transform.rescale does
-        sigma = [(1 / z - 1) / 2 if z < 1 else 0.0 for z in zoom]
-        data = ndi.gaussian_filter(data, sigma, mode="mirror")
-    small = ndi.zoom(data, zoom, order=1, mode="reflect", grid_mode=True)
+    small = resize_image(image, ax.axes, factor)
     region = options.region
     if region is not None:
         ys, xs = small.shape[ax.axes.index("Y")], small.shape[ax.axes.index("X")]
@@ -139,6 +136,27 @@ def _segment_at(image, model, options: SegmentOptions, factor: float):
         y0, y1, x0, x1 = options.region
         yx = (y1 - y0, x1 - x0)
     return _resize_yx(result, yx, order=1 if options.mode == "probabilities" else 0)
+
+
+def resize_image(image, axes: str, factor: float) -> np.ndarray:
+    """``image`` (axes ``axes``) resized by ``factor`` in Y and X: linear, float32,
+    smoothed first when shrinking (anti-aliasing, as skimage.transform.rescale)."""
+    from scipy import ndimage as ndi
+
+    check_dtype(getattr(image, "dtype", np.asarray(image).dtype))
+    zoom = [1.0] * len(image.shape)
+    zoom[axes.index("Y")] = zoom[axes.index("X")] = factor
+    data = np.asarray(image)
+    data = data.astype(np.float32) if data.dtype.kind != "f" or data.itemsize < 4 else data
+    if factor < 1:
+        sigma = [(1 / z - 1) / 2 if z < 1 else 0.0 for z in zoom]
+        data = ndi.gaussian_filter(data, sigma, mode="mirror")
+    return ndi.zoom(data, zoom, order=1, mode="reflect", grid_mode=True)
+
+
+def resize_labels(labels: np.ndarray, yx: tuple[int, int]) -> np.ndarray:
+    """Integer ``labels`` with their last two axes resized to ``yx`` (nearest)."""
+    return _resize_yx(np.asarray(labels), yx, order=0)
 
 
 def _resize_yx(result: np.ndarray, yx: tuple[int, int], order: int) -> np.ndarray:
