@@ -212,9 +212,9 @@ def _predict_one(image, model, dst: Path, args, label: str) -> None:
     ax = resolve_axes(tuple(image.shape), args.axes, info.in_channels)
     engine_out = "labels" if args.mode == "labels" else "probabilities"
     sink = None
-    diameter = _diameter(getattr(args, "diameter", None), info)
+    diameter = _diameter(args.diameter, info)
     if dst.suffix.lower() == ".zarr":  # streamed at the image's own scale
-        if getattr(args, "diameter", None) not in (None, "off", "none"):
+        if args.diameter is not None and diameter is not None:
             raise ValueError("--diameter rescales the image: write .tif or .npy for it")
         diameter = None
         if args.mode == "instances":
@@ -274,23 +274,14 @@ def _predict_one(image, model, dst: Path, args, label: str) -> None:
     write_image(dst, result)
 
 
-def _diameter(value: str | None, info) -> float | str | None:
-    """``--diameter``: None (off), "auto" or a positive number of pixels."""
+def _diameter(value: str | None, info) -> str | None:
+    """``--diameter``: None (off), "auto", or the pixels as given (SegmentOptions
+    checks them); unset: auto for models that record an object size."""
     if value is None:
         return "auto" if info.object_diameter else None
     if value.lower() in ("off", "none"):
         return None
-    if value.lower() == "auto":
-        return "auto"
-    try:
-        number = float(value)
-    except ValueError:
-        raise ValueError(
-            f"--diameter must be a number of pixels, 'auto' or 'off', not {value!r}"
-        ) from None
-    if not number > 0:
-        raise ValueError(f"--diameter must be positive, not {value}")
-    return number
+    return value.lower()
 
 
 def _base_model(spec: str, classes: str | None):

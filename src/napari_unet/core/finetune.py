@@ -124,8 +124,7 @@ def painted_accuracy(model: LoadedModel, planes: Sequence[PaintedPlane], device=
 
     right = total = 0
     for p in planes:
-        axes = "YX" if p.image.ndim == 2 else "CYX"
-        pred = predict(p.image, model, axes=axes, device=device).argmax(0)
+        pred = predict(p.image, model, axes=_plane_axes(p.image), device=device).argmax(0)
         painted = p.annotation > 0
         right += int((pred[painted] == p.annotation[painted].astype(np.int64) - 1).sum())
         total += int(painted.sum())
@@ -235,7 +234,12 @@ def rescaled_plane(plane: PaintedPlane, factor: float) -> PaintedPlane:
 def _resize(image: np.ndarray, factor: float) -> np.ndarray:
     from napari_unet.core.segment import resize_image
 
-    return resize_image(image, "YX" if image.ndim == 2 else "CYX", factor)
+    return resize_image(image, _plane_axes(image), factor)
+
+
+def _plane_axes(image: np.ndarray) -> str:
+    """Axes of a painted plane's image: ``(Y, X)`` or ``(C, Y, X)``."""
+    return "YX" if image.ndim == 2 else "CYX"
 
 
 def _scale(model, image, axes, diameter, device) -> float:
@@ -243,9 +247,7 @@ def _scale(model, image, axes, diameter, device) -> float:
     from napari_unet.core.segment import SegmentOptions, scale_factor_iter
     from napari_unet.core.tiling import run_to_end
 
-    if axes is None:
-        axes = "YX" if image.ndim == 2 else "CYX"
-    options = SegmentOptions(axes=axes, device=device, diameter=diameter)
+    options = SegmentOptions(axes=axes or _plane_axes(image), device=device, diameter=diameter)
     return run_to_end(scale_factor_iter(image, model, options))[0]
 
 
