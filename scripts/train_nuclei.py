@@ -61,6 +61,7 @@ def build(args) -> tuple:
         border_sigma=5.0,
         boundary_width=args.boundary_width,
         core_fraction=args.core_fraction,
+        core_ramp=args.core_ramp,
         contact_w0=args.contact_w0,
         focus=0.5,
         class_weighting=args.class_weighting,
@@ -83,6 +84,9 @@ def main() -> None:
     p.add_argument("--boundary-width", type=int, default=2, help="inner boundary class width (px)")
     p.add_argument("--border-w0", type=float, default=10.0, help="paper border weight w0")
     p.add_argument("--core-fraction", type=float, default=0.0, help="interior = object cores")
+    p.add_argument(
+        "--core-ramp", type=float, default=0.0, help="soft cores: ramp width (share of depth)"
+    )
     p.add_argument("--contact-w0", type=float, default=0.0, help="weight where nuclei touch")
     p.add_argument("--shift", type=float, help="intensity shift range (default: 0.25)")
     p.add_argument("--zoom", type=float, default=0.3, help="random zoom range")

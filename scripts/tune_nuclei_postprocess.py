@@ -6,7 +6,8 @@ Predicts probabilities once for every training image (never the held-back
 validation images), then tries seed thresholds, the smallest seed size, the
 smallest mean foreground probability of an object, whether unseeded
 foreground regions count and whether seeds are split by their shape
-(``seed_split``), and prints the recipe with the best pooled object
+(``seed_split``) or at the peaks of the interior probability (``seed_peaks``,
+for models trained on soft cores), and prints the recipe with the best pooled object
 F1@0.5. Writes it into the model file with --write.
 """
 
@@ -17,6 +18,7 @@ import itertools
 import os
 from concurrent.futures import ProcessPoolExecutor
 
+import numpy as np
 from _shared_data import MAGNIFICATION_SCALE, magnification, nuclei_split, rescaled
 
 from napari_unet.core import metrics, postprocess
@@ -27,12 +29,21 @@ PAIRS: list = []  # (probabilities, mask) per training image, shared with forked
 FG_T = 0.5  # the foreground threshold users see (CLI --threshold, panel)
 
 
-def pooled_f1(recipe) -> float:
-    tp = fp = fn = 0
+MIN_CONFIDENCE = (0.0, 0.7, 0.75, 0.8, 0.85)
+
+
+def pooled_f1(recipe) -> list[float]:
+    """Pooled F1@0.5 of ``recipe`` with each of MIN_CONFIDENCE (segmented once: the
+    confidence filter only drops whole objects, so it runs on the same labels)."""
+    counts = np.zeros((len(MIN_CONFIDENCE), 3))
     for probs, mask in PAIRS:
-        s = metrics.object_scores(mask, postprocess.instances(probs, recipe, None, FG_T))
-        tp, fp, fn = tp + s["tp"], fp + s["fp"], fn + s["fn"]
-    return 2 * tp / max(1, 2 * tp + fp + fn)
+        lab = postprocess.instances(probs, {**recipe, "min_confidence": 0.0}, None, FG_T)
+        for k, limit in enumerate(MIN_CONFIDENCE):
+            kept = postprocess.drop_unsure(lab, 1.0 - probs[0], limit)
+            s = metrics.object_scores(mask, kept)
+            counts[k] += s["tp"], s["fp"], s["fn"]
+    tp, fp, fn = counts.T
+    return list(2 * tp / np.maximum(1, 2 * tp + fp + fn))
 
 
 def main() -> None:
@@ -46,6 +57,11 @@ def main() -> None:
         action="store_true",
         help="tune on images rescaled by MAGNIFICATION_SCALE (models trained so)",
     )
+    p.add_argument(
+        "--seed-peaks",
+        action="store_true",
+        help="also try seeds at interior-probability peaks (models trained on soft cores)",
+    )
     args = p.parse_args()
     model = load_model(args.model)
     train, _ = nuclei_split()
@@ -54,22 +70,25 @@ def main() -> None:
         train = [rescaled(t, MAGNIFICATION_SCALE[magnification(t[0])]) for t in train]
     PAIRS.extend((predict(image, model, device="cpu"), mask) for _, image, mask in train)
     base = dict(model.info.instances or {"method": "watershed", "seed": 1, "boundary": 2})
-    grid = itertools.product(
-        (0.4, 0.5, 0.6, 0.7), (8, 16), (0.0, 0.7, 0.75, 0.8, 0.85), (0, 20), (0.0, 1.0, 2.0, 3.0)
-    )
-    recipes = [
+    splits = [{"seed_split": h} for h in (0.0, 1.0, 2.0, 3.0)]
+    if args.seed_peaks:
+        splits += [{"seed_split": 0.0, "seed_peaks": h} for h in (0.05, 0.1, 0.2, 0.3)]
+    grid = itertools.product((0.4, 0.5, 0.6, 0.7), (8, 16), (0, 20), splits)
+    base.pop("seed_peaks", None)
+    shapes = [
         {
             **base,
             "seed_threshold": seed_t,
             "min_seed_size": min_seed,
-            "min_confidence": min_conf,
             "unseeded_min_size": unseeded,
-            "seed_split": split,
+            **split,
         }
-        for seed_t, min_seed, min_conf, unseeded, split in grid
+        for seed_t, min_seed, unseeded, split in grid
     ]
     with ProcessPoolExecutor(max(1, args.workers)) as pool:  # forked: workers see PAIRS
-        scores = list(pool.map(pooled_f1, recipes, chunksize=8))
+        per_shape = list(pool.map(pooled_f1, shapes, chunksize=2))
+    recipes = [{**r, "min_confidence": c} for r in shapes for c in MIN_CONFIDENCE]
+    scores = [f for fs in per_shape for f in fs]
     f1 = max(scores)
     recipe = recipes[scores.index(f1)]  # the first of equals
     print(

@@ -38,6 +38,29 @@ def test_seed_split_separates_two_overlapping_discs():
     assert instances(one, {**recipe, "seed_split": 1.0}).max() == 1
 
 
+def test_seed_peaks_split_a_ridge_that_a_threshold_joins():
+    yy, xx = np.mgrid[:40, :70]
+    fg = ((yy - 20) ** 2 + (xx - 22) ** 2 < 13**2) | ((yy - 20) ** 2 + (xx - 46) ** 2 < 13**2)
+
+    # soft-core interior: peaks of 0.95 and 0.9 joined by a ridge of about 0.7 (> seed threshold)
+    def bump(cx, top=0.95):
+        return top * np.exp(-((yy - 20) ** 2 + (xx - cx) ** 2) / (2 * 15.0**2))
+
+    interior = np.maximum(bump(22), bump(46, 0.9)) * fg
+    probs = np.stack([~fg, interior, fg - interior]).astype(np.float32)
+    recipe = {"method": "watershed", "seed": 1, "boundary": 2, "seed_threshold": 0.5}
+    assert interior[20, 34] > 0.6  # the ridge: hard seeds merge
+    assert instances(probs, recipe).max() == 1
+    out = instances(probs, {**recipe, "seed_peaks": 0.1})
+    assert out.max() == 2
+    assert out[20, 22] != out[20, 46] and out[20, 22] > 0 and out[20, 46] > 0
+    np.testing.assert_array_equal(out > 0, fg)
+    # a dip shallower than h keeps one object; a single peak is never split
+    assert instances(probs, {**recipe, "seed_peaks": 0.5}).max() == 1
+    one = np.stack([~fg, bump(34) * fg, fg - bump(34) * fg]).astype(np.float32)
+    assert instances(one, {**recipe, "seed_peaks": 0.1}).max() == 1
+
+
 def test_components_min_size_and_stacks():
     p = np.zeros((2, 2, 20, 20), np.float32)
     p[1, :, 2:8, 2:8] = 1

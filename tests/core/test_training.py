@@ -9,10 +9,11 @@ from napari_unet.core.targets import (
     border_weights,
     class_weights,
     contact_weights,
+    core_share,
     instances_to_classes,
     to_target,
 )
-from napari_unet.core.training import TrainConfig, prepare, train, train_iter
+from napari_unet.core.training import TrainConfig, loss_fn, prepare, train, train_iter
 from napari_unet.io import load_model
 
 
@@ -192,6 +193,52 @@ def test_core_targets_and_contact_weights_separate_touching_objects():
     np.testing.assert_array_equal(target, core)
 
 
+def test_soft_cores_ramp_from_the_edge_to_the_centre_and_dip_at_contacts():
+    inst = np.zeros((20, 40), np.int32)
+    inst[2:18, 2:18] = 1  # 16 x 16: depth 0 on its inner boundary, 7 at the centre
+    inst[2:18, 18:34] = 2  # touches 1 along x = 17 | 18
+    q = core_share(inst, boundary_width=1, core_fraction=0.5, ramp=0.6)
+    assert (q[inst == 0] == -1).all() and q[inst > 0].min() == 0 and q.max() == 1
+    row = q[9, 2:18]  # across object 1: 0 at both edges (x = 17 is the contact), 1 inside
+    assert row[0] == 0 and row[-1] == 0 and row[7] == 1
+    assert (np.diff(row[:8]) >= 0).all() and (np.diff(row[8:]) <= 0).all()
+    assert 0 < row[2] < 1  # the ramp: depth 2 of 7 -> (2/7 - 0.2) / 0.6
+    np.testing.assert_allclose(row[2], (2 / 7 - 0.2) / 0.6, rtol=1e-5)
+    # the hard classes are the soft targets' side of 0.5 (ties at exactly half depth aside)
+    hard = instances_to_classes(inst, 1, 0.5)
+    clear = (inst > 0) & (q != 0.5)
+    np.testing.assert_array_equal((q > 0.5)[clear], (hard == 1)[clear])
+
+
+def test_soft_core_loss_and_training_record_the_ramp(data):
+    logits = torch.zeros(1, 3, 2, 2)
+    logits[0, 1] = 2.0  # p(interior) high everywhere
+    target = torch.tensor([[[1, 1], [2, -1]]])
+    w = torch.ones(1, 2, 2)
+    hard = loss_fn(logits, target, w)
+    share = torch.tensor([[[1.0, 1.0], [0.0, 0.0]]])  # the same as the hard targets
+    np.testing.assert_allclose(
+        float(loss_fn(logits, target, torch.stack([w, share], 1))), float(hard), rtol=1e-6
+    )
+    half = torch.tensor([[[0.5, 0.5], [0.5, 0.5]]])  # half interior: between the two
+    logp = torch.log_softmax(logits[0, :, 0, 0], 0)
+    expected = -(0.5 * logp[1] + 0.5 * logp[2])  # the 3 annotated pixels alike
+    np.testing.assert_allclose(
+        float(loss_fn(logits, target, torch.stack([w, half], 1))), float(expected), rtol=1e-5
+    )
+    image, inst = data
+    base = tiny_model("same")
+    cfg = _cfg(steps=3, core_fraction=0.5, core_ramp=0.6, border_w0=0)
+    sample = prepare(base, [image], [inst], "instances", cfg)[0]
+    assert sample.weights.shape == (2, *sample.target.shape)
+    p = sample.pad
+    np.testing.assert_allclose(sample.weights[1, p:-p, p:-p], core_share(inst, 2, 0.5, 0.6))
+    trained = train(base, [image], [inst], "instances", cfg)
+    assert trained.info.provenance["train_config"]["core_ramp"] == 0.6
+    with pytest.raises(ValueError, match="core_fraction"):
+        prepare(base, [image], [inst], "instances", _cfg(core_fraction=0.0, core_ramp=0.6))
+
+
 def test_contact_weight_reaches_the_loss_weights():
     inst = np.zeros((64, 64), np.int32)
     inst[10:30, 10:30], inst[10:30, 30:50] = 1, 2  # touching along x = 29 | 30
@@ -241,16 +288,15 @@ def test_augment_keeps_image_and_labels_aligned():
     target[10:20, 30:40] = 1
     image = target[None].astype(np.float32) * 5
     for _ in range(10):
+        maps = np.stack([np.ones_like(target, np.float32), target.astype(np.float32)])
         img, t, w = augment(
-            image,
-            target,
-            np.ones_like(target, np.float32),
-            rng,
-            AugmentConfig(intensity=0, noise=0, elastic=1.0, zoom=0.2),
+            image, target, maps, rng, AugmentConfig(intensity=0, noise=0, elastic=1.0, zoom=0.2)
         )
         inside = t == 1
         assert inside.any()
         assert img[0][inside].mean() > img[0][t == 0].mean() + 3
+        assert w.shape == (2, *t.shape)  # float maps (weights, soft targets) follow too
+        assert w[1][inside].mean() > 0.9 and w[1][t == 0].mean() < 0.1
     dy, dx = elastic_field((100, 100), np.random.default_rng(1), sigma=10)
     assert dy.shape == (100, 100) and 2 < dy.std() < 30
     assert np.abs(np.diff(dy, axis=0)).max() < 2  # smooth: from a coarse 3x3 grid

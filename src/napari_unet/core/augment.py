@@ -1,9 +1,10 @@
 """Data augmentation for training patches: flips, 90-degree rotations, intensity
 jitter, noise and the paper's elastic deformation.
 
-Functions take a ``(C, H, W)`` float image and matching ``(H', W')`` arrays
-(target, weights) whose grid is centred in the image's (valid-padding models
-see a larger input than their output); geometry is applied to both alike.
+Functions take a ``(C, H, W)`` float image and a matching ``(H', W')`` target
+and weights (``(H', W')``, or ``(M, H', W')`` for several float maps) whose grid
+is centred in the image's (valid-padding models see a larger input than their
+output); geometry is applied to all alike.
 """
 
 from __future__ import annotations
@@ -46,9 +47,9 @@ def augment(image, target, weights, rng, cfg: AugmentConfig):
     k = rng.integers(4) if cfg.rotations else 0
     flip = cfg.flips and rng.random() < 0.5
     image = np.rot90(image, k, axes=(1, 2))
-    target, weights = np.rot90(target, k), np.rot90(weights, k)
+    target, weights = np.rot90(target, k), np.rot90(weights, k, axes=(-2, -1))
     if flip:
-        image, target, weights = image[:, :, ::-1], target[:, ::-1], weights[:, ::-1]
+        image, target, weights = image[:, :, ::-1], target[:, ::-1], weights[..., ::-1]
     if cfg.intensity > 0:
         c = image.shape[0]
         scale = rng.uniform(1 - cfg.intensity, 1 + cfg.intensity, (c, 1, 1))
@@ -82,5 +83,8 @@ def _warp(image, target, weights, rng, cfg, deform: bool):
     inner = coords[:, oy : oy + th, ox : ox + tw] - np.array([oy, ox])[:, None, None]
     # labels: nearest neighbour; pixels pulled from outside the label grid are ignored
     target = ndi.map_coordinates(target, inner, order=0, mode="constant", cval=-1)
-    weights = ndi.map_coordinates(weights, inner, order=1, mode="nearest")
+    maps = weights.reshape(-1, *weights.shape[-2:])
+    weights = np.stack(
+        [ndi.map_coordinates(m, inner, order=1, mode="nearest") for m in maps]
+    ).reshape(weights.shape)
     return image, target, weights

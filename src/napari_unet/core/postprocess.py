@@ -44,6 +44,12 @@ def instances(
         two touching blobs is split: its seeds become the h-maxima of its
         distance transform (smoothed by a 1-px Gaussian), and the objects grow
         on that distance instead of on the interior probability.
+        With ``recipe["seed_peaks"]`` = h > 0 (probability), for models trained
+        on soft cores (an interior probability that peaks at each object's
+        centre): each seed region's seeds are the h-maxima of the interior
+        probability (smoothed by a 1-px Gaussian) inside it, so two peaks joined
+        by a ridge higher than the seed threshold still make two objects; a
+        region with no such peak stays one seed.
         Foreground regions no seed reaches (small objects drawn all as
         boundary) become objects of their own if they have at least
         ``recipe["unseeded_min_size"]`` pixels (default 0: dropped).
@@ -85,6 +91,8 @@ def _plane_instances(p: np.ndarray, recipe: dict, threshold: float, min_size: in
         energy = -interior
         if float(recipe.get("seed_split", 0)) > 0:
             seeds, energy = _split_seeds(seeds > 0, float(recipe["seed_split"]))
+        elif float(recipe.get("seed_peaks", 0)) > 0:
+            seeds, energy = _peak_seeds(seeds, interior, float(recipe["seed_peaks"]))
         lab = watershed(energy, markers=seeds, mask=foreground)
         lab = _add_unseeded(lab, foreground, int(recipe.get("unseeded_min_size", 0)))
         confidence = 1.0 - p[int(recipe.get("background", 0))]
@@ -94,7 +102,7 @@ def _plane_instances(p: np.ndarray, recipe: dict, threshold: float, min_size: in
     else:
         raise ValueError(f"unknown instance method {method!r}; use 'watershed' or 'components'")
     lab = _remove_small(lab.astype(np.int32), min_size)
-    lab = _remove_unsure(lab, confidence, float(recipe.get("min_confidence", 0.0)))
+    lab = drop_unsure(lab, confidence, float(recipe.get("min_confidence", 0.0)))
     return relabel_sequential(lab)[0].astype(np.int32)
 
 
@@ -108,6 +116,24 @@ def _split_seeds(core: np.ndarray, h: float) -> tuple[np.ndarray, np.ndarray]:
     return seeds, -depth
 
 
+def _peak_seeds(
+    regions: np.ndarray, interior: np.ndarray, h: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """Seeds at the h-maxima of the smoothed interior probability within each seed
+    region (a region without one keeps itself as its seed), and that map negated."""
+    from skimage.morphology import h_maxima
+
+    smooth = ndi.gaussian_filter(interior.astype(np.float32), 1.0)
+    inside = regions > 0
+    peaks, n = ndi.label(h_maxima(np.where(inside, smooth, 0), h).astype(bool) & inside)
+    has_peak = np.zeros(int(regions.max()) + 1, bool)
+    has_peak[np.unique(regions[peaks > 0])] = True
+    has_peak[0] = True
+    rest = ~has_peak[regions]  # regions with no peak of their own: one seed each
+    seeds = np.where(rest, regions + n, peaks)
+    return seeds, -smooth
+
+
 def _add_unseeded(lab: np.ndarray, foreground: np.ndarray, min_size: int) -> np.ndarray:
     if min_size <= 0:
         return lab
@@ -118,7 +144,8 @@ def _add_unseeded(lab: np.ndarray, foreground: np.ndarray, min_size: int) -> np.
     return np.where(rest > 0, rest + lab.max(), lab)
 
 
-def _remove_unsure(lab: np.ndarray, confidence: np.ndarray, min_confidence: float) -> np.ndarray:
+def drop_unsure(lab: np.ndarray, confidence: np.ndarray, min_confidence: float) -> np.ndarray:
+    """``lab`` without the objects whose mean ``confidence`` is under ``min_confidence``."""
     if min_confidence <= 0 or lab.max() == 0:
         return lab
     sums = np.bincount(lab.ravel(), weights=confidence.ravel())

@@ -66,24 +66,58 @@ def instances_to_classes(
     objects' size, so they make clean watershed seeds; the rest of each object
     is boundary.
     """
-    from skimage.segmentation import find_boundaries
-
     inst = np.asarray(inst)
     out = (inst > 0).astype(np.uint8)
-    edge = find_boundaries(inst, mode="inner") & (inst > 0)
-    if core_fraction > 0 and edge.any():
-        depth = ndi.distance_transform_edt(~edge & (inst > 0))
-        ids = np.arange(int(inst.max()) + 1)
-        deepest = np.zeros(len(ids))
-        deepest[1:] = ndi.maximum(depth, inst, ids[1:])
-        edge = (inst > 0) & (
-            (depth < boundary_width) | (depth < core_fraction * deepest[np.clip(inst, 0, None)])
-        )
-    elif boundary_width > 1:
-        grown = ndi.binary_dilation(edge, iterations=boundary_width - 1)
-        edge = grown & (inst > 0)
+    if core_fraction > 0:
+        depth, share = _depth_share(inst)
+        edge = (inst > 0) & ((depth < boundary_width) | (share < core_fraction))
+    else:
+        from skimage.segmentation import find_boundaries
+
+        edge = find_boundaries(inst, mode="inner") & (inst > 0)
+        if boundary_width > 1:
+            edge = ndi.binary_dilation(edge, iterations=boundary_width - 1) & (inst > 0)
     out[edge] = 2
     return out
+
+
+def core_share(
+    inst: np.ndarray, boundary_width: int, core_fraction: float, ramp: float
+) -> np.ndarray:
+    """Soft interior targets: each object pixel's share of *interior* (the rest is boundary).
+
+    The hard split of :func:`instances_to_classes` (interior where the depth is at
+    least ``core_fraction`` of the object's largest depth) becomes a linear ramp
+    from 0 at ``core_fraction - ramp / 2`` to 1 at ``core_fraction + ramp / 2``
+    of the largest depth (0 closer than ``boundary_width`` px to the edge). A
+    network trained on it predicts an interior probability that rises toward
+    each object's centre and dips where touching objects meet, so its peaks
+    separate objects whose hard cores would merge. Returns float32, ``-1`` on
+    background (no soft target there).
+    """
+    inst = np.asarray(inst)
+    depth, share = _depth_share(inst)
+    ramp = max(float(ramp), 1e-6)
+    q = np.clip((share - (core_fraction - ramp / 2)) / ramp, 0.0, 1.0)
+    q[depth < boundary_width] = 0.0
+    return np.where(inst > 0, q, -1.0).astype(np.float32)
+
+
+def _depth_share(inst: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per object pixel: depth (px to the object's edge or to a touching object, 0 on
+    its inner boundary) and depth / the object's largest depth. Both 0 on background."""
+    from skimage.segmentation import find_boundaries
+
+    fg = inst > 0
+    edge = find_boundaries(inst, mode="inner") & fg
+    depth = ndi.distance_transform_edt(~edge & fg) if edge.any() else np.zeros(inst.shape)
+    ids = np.arange(int(inst.max(initial=0)) + 1)
+    deepest = np.zeros(len(ids))
+    if len(ids) > 1:
+        deepest[1:] = ndi.maximum(depth, inst, ids[1:])
+    largest = deepest[np.clip(inst, 0, None)]
+    share = np.divide(depth, largest, out=np.zeros(inst.shape), where=largest > 0)
+    return depth, share
 
 
 DEFAULT_CONVENTION = (2, 0.0)  # (boundary_width, core_fraction) of models with no record

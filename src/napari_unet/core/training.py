@@ -49,6 +49,9 @@ class TrainConfig:
     # own convention (targets.convention: its training provenance, else 2 px / no cores)
     boundary_width: int | None = None
     core_fraction: float | None = None  # interior = object cores deeper than this share
+    # instances with cores: soft interior / boundary targets, a ramp over this share of
+    # the depth around core_fraction (targets.core_share); 0 = hard classes
+    core_ramp: float = 0.0
     contact_w0: float = 0.0  # instances: extra weight where two objects touch (no gap)
     dice: float = 0.0  # weight of a soft Dice term added to cross-entropy
     # forward pass autocast to bfloat16: True, False, or "auto" (where the device runs it
@@ -172,7 +175,12 @@ def prepare(
                 border += tg.border_weights(lab, cfg.border_w0, cfg.border_sigma)
             if cfg.contact_w0 > 0:
                 border += tg.contact_weights(lab, cfg.contact_w0)
-        prepared.append((image, target, border))
+        share = None
+        if kind == "instances" and cfg.core_ramp > 0 and info.num_classes == 3:
+            if not cfg.core_fraction:
+                raise ValueError("core_ramp needs core_fraction > 0 (soft cores)")
+            share = tg.core_share(lab, cfg.boundary_width, cfg.core_fraction, cfg.core_ramp)
+        prepared.append((image, target, border, share))
     if not any((t >= 0).any() for t in all_targets):
         raise ValueError("the labels are empty: annotate some pixels first")
     powers = {"balanced": 1.0, "sqrt": 0.5, "none": 0.0}
@@ -182,10 +190,12 @@ def prepare(
         )
     cw = tg.class_weights(all_targets, info.num_classes, powers[cfg.class_weighting])
     samples = []
-    for image, target, border in prepared:
+    for image, target, border, share in prepared:
         weights = np.where(target >= 0, cw[np.clip(target, 0, None)] + border, 0).astype(
             np.float32
         )
+        if share is not None:  # interior share travels with the weights: (2, H, W)
+            weights = np.stack([weights, share])
         annotated = np.argwhere(target >= 0)
         rare = np.argsort(np.bincount(target[target >= 0], minlength=info.num_classes))
         focus_mask = (
@@ -197,7 +207,7 @@ def prepare(
             _Sample(
                 image=np.pad(image, ((0, 0), (pad, pad), (pad, pad)), mode="reflect"),
                 target=np.pad(target, pad, constant_values=tg.IGNORE),
-                weights=np.pad(weights, pad),
+                weights=np.pad(weights, ((0, 0),) * (weights.ndim - 2) + ((pad, pad),) * 2),
                 focus=np.argwhere(focus_mask & (target >= 0)),
                 annotated=annotated,
                 shape=target.shape,
@@ -235,7 +245,7 @@ class _Sampler:
         image = s.image[:, oy - self.halo : oy - self.halo + self.tile,
                         ox - self.halo : ox - self.halo + self.tile]  # fmt: skip
         target = s.target[oy : oy + self.out, ox : ox + self.out]
-        weights = s.weights[oy : oy + self.out, ox : ox + self.out]
+        weights = s.weights[..., oy : oy + self.out, ox : ox + self.out]
         if aug:
             return augment(image, target, weights, self.rng, self.cfg.augment)
         return image, target, weights
@@ -246,9 +256,22 @@ class _Sampler:
 
 
 def loss_fn(logits, target, weights, dice: float = 0.0) -> torch.Tensor:
-    """Pixel-weighted cross-entropy over annotated pixels (+ optional soft Dice)."""
+    """Pixel-weighted cross-entropy over annotated pixels (+ optional soft Dice).
+
+    ``weights`` is ``(B, H, W)``, or ``(B, 2, H, W)`` with each pixel's interior
+    share (soft cores, :func:`targets.core_share`; ``< 0``: the hard target) second:
+    there the loss is ``-(q log p_interior + (1 - q) log p_boundary)``.
+    """
     valid = target >= 0
+    share = None
+    if weights.ndim == 4:
+        weights, share = weights[:, 0], weights[:, 1]
     ce = F.cross_entropy(logits, target.clamp(min=0), reduction="none")
+    if share is not None:
+        logp = torch.log_softmax(logits, 1)
+        q = share.clamp(min=0)
+        soft = -(q * logp[:, 1] + (1 - q) * logp[:, 2])
+        ce = torch.where(share >= 0, soft, ce)
     w = weights * valid
     loss = (ce * w).sum() / valid.sum().clamp(min=1)
     if dice > 0:
