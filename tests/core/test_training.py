@@ -235,6 +235,12 @@ def test_soft_core_loss_and_training_record_the_ramp(data):
     np.testing.assert_allclose(sample.weights[1, p:-p, p:-p], core_share(inst, 2, 0.5, 0.6))
     trained = train(base, [image], [inst], "instances", cfg)
     assert trained.info.provenance["train_config"]["core_ramp"] == 0.6
+    # continuing it keeps its soft cores, unless told otherwise or the cores go
+    again = prepare(trained, [image], [inst], "instances", TrainConfig(border_w0=0))[0]
+    q = again.pad
+    np.testing.assert_array_equal(again.weights[1, q:-q, q:-q], sample.weights[1, p:-p, p:-p])
+    for other in (TrainConfig(core_ramp=0.0), TrainConfig(core_fraction=0.0)):
+        assert prepare(trained, [image], [inst], "instances", other)[0].weights.ndim == 2
     with pytest.raises(ValueError, match="core_fraction"):
         prepare(base, [image], [inst], "instances", _cfg(core_fraction=0.0, core_ramp=0.6))
 

@@ -50,8 +50,9 @@ class TrainConfig:
     boundary_width: int | None = None
     core_fraction: float | None = None  # interior = object cores deeper than this share
     # instances with cores: soft interior / boundary targets, a ramp over this share of
-    # the depth around core_fraction (targets.core_share); 0 = hard classes
-    core_ramp: float = 0.0
+    # the depth around core_fraction (targets.core_share); 0 = hard classes; None: the
+    # base model's (its training provenance, else 0)
+    core_ramp: float | None = None
     contact_w0: float = 0.0  # instances: extra weight where two objects touch (no gap)
     dice: float = 0.0  # weight of a soft Dice term added to cross-entropy
     # forward pass autocast to bfloat16: True, False, or "auto" (where the device runs it
@@ -285,12 +286,19 @@ def loss_fn(logits, target, weights, dice: float = 0.0) -> torch.Tensor:
 
 
 def with_convention(cfg: TrainConfig, model: LoadedModel) -> TrainConfig:
-    """``cfg`` with an unset boundary width / core fraction taken from the base model."""
+    """``cfg`` with an unset boundary width / core fraction / core ramp taken from the
+    base model (soft cores only where the model's own cores are kept)."""
     width, core = tg.convention(model.info)
+    recorded = (model.info.provenance.get("train_config") or {}).get("core_ramp") or 0.0
+    core = core if cfg.core_fraction is None else float(cfg.core_fraction)
+    ramp = cfg.core_ramp
+    if ramp is None:
+        ramp = float(recorded) if core > 0 else 0.0
     return replace(
         cfg,
         boundary_width=width if cfg.boundary_width is None else int(cfg.boundary_width),
-        core_fraction=core if cfg.core_fraction is None else float(cfg.core_fraction),
+        core_fraction=core,
+        core_ramp=float(ramp),
     )
 
 
