@@ -70,11 +70,11 @@ def main() -> None:
         train = [rescaled(t, MAGNIFICATION_SCALE[magnification(t[0])]) for t in train]
     PAIRS.extend((predict(image, model, device="cpu"), mask) for _, image, mask in train)
     base = dict(model.info.instances or {"method": "watershed", "seed": 1, "boundary": 2})
+    base.pop("seed_peaks", None)  # each grid point sets its own seed splitting
     splits = [{"seed_split": h} for h in (0.0, 1.0, 2.0, 3.0)]
     if args.seed_peaks:
         splits += [{"seed_split": 0.0, "seed_peaks": h} for h in (0.05, 0.1, 0.2, 0.3)]
     grid = itertools.product((0.4, 0.5, 0.6, 0.7), (8, 16), (0, 20), splits)
-    base.pop("seed_peaks", None)
     shapes = [
         {
             **base,

@@ -132,12 +132,21 @@ def convention(info) -> tuple[int, float]:
     bundled ``nuclei`` model's interior is each nucleus's core, and its boundary the
     rest of the nucleus.
     """
-    cfg = info.provenance.get("train_config") or {}
+    cfg = _train_config(info)
     width, core = cfg.get("boundary_width"), cfg.get("core_fraction")
     return (
         DEFAULT_CONVENTION[0] if width is None else int(width),
         DEFAULT_CONVENTION[1] if core is None else float(core),
     )
+
+
+def recorded_core_ramp(info) -> float:
+    """The soft-core ramp a model was trained with (its provenance), else 0 (hard)."""
+    return float(_train_config(info).get("core_ramp") or 0.0)
+
+
+def _train_config(info) -> dict:
+    return info.provenance.get("train_config") or {}
 
 
 def contact_weights(inst: np.ndarray, w0: float = 10.0) -> np.ndarray:

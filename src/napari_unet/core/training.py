@@ -160,6 +160,9 @@ def prepare(
     info = model.info
     cfg = with_convention(cfg, model)
     pad = cfg.patch_size + info.geometry.halo + info.geometry.multiple
+    soft = kind == "instances" and cfg.core_ramp > 0 and info.num_classes == 3
+    if soft and not cfg.core_fraction:
+        raise ValueError("core_ramp needs core_fraction > 0 (soft cores)")
     prepared, all_targets = [], []
     for i, (img, lab) in enumerate(zip(images, labels)):
         image = normalized_plane(model, img, f"image {i}")
@@ -177,9 +180,7 @@ def prepare(
             if cfg.contact_w0 > 0:
                 border += tg.contact_weights(lab, cfg.contact_w0)
         share = None
-        if kind == "instances" and cfg.core_ramp > 0 and info.num_classes == 3:
-            if not cfg.core_fraction:
-                raise ValueError("core_ramp needs core_fraction > 0 (soft cores)")
+        if soft:
             share = tg.core_share(lab, cfg.boundary_width, cfg.core_fraction, cfg.core_ramp)
         prepared.append((image, target, border, share))
     if not any((t >= 0).any() for t in all_targets):
@@ -289,11 +290,10 @@ def with_convention(cfg: TrainConfig, model: LoadedModel) -> TrainConfig:
     """``cfg`` with an unset boundary width / core fraction / core ramp taken from the
     base model (soft cores only where the model's own cores are kept)."""
     width, core = tg.convention(model.info)
-    recorded = (model.info.provenance.get("train_config") or {}).get("core_ramp") or 0.0
     core = core if cfg.core_fraction is None else float(cfg.core_fraction)
     ramp = cfg.core_ramp
     if ramp is None:
-        ramp = float(recorded) if core > 0 else 0.0
+        ramp = tg.recorded_core_ramp(model.info) if core > 0 else 0.0
     return replace(
         cfg,
         boundary_width=width if cfg.boundary_width is None else int(cfg.boundary_width),
