@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
 from _shared_data import nuclei_split  # noqa: E402
@@ -34,12 +34,15 @@ def main() -> None:
     p.add_argument("--rays", type=int, default=32)
     p.add_argument("--scale", type=float, default=1.0, help="distances predicted in these px")
     p.add_argument("--bs", type=int, default=8)
+    p.add_argument("--init", help="continue from these weights (.safetensors)")
     a = p.parse_args()
     torch.set_num_threads(2)
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
     train, _ = nuclei_split()
     net = StarNet(a.rays, scale=a.scale)
+    if a.init:
+        net.load_state_dict(load_file(a.init))
     print(sum(p.numel() for p in net.parameters()), "params", flush=True)
     sampler = Sampler(train, rng, rays=a.rays)
     opt = torch.optim.AdamW(net.parameters(), lr=a.lr, weight_decay=1e-4)
