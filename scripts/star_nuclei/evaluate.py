@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
@@ -37,11 +38,13 @@ def main() -> None:
     p.add_argument("--prob", type=float, default=0.5)
     p.add_argument("--nms", type=float, default=0.4)
     p.add_argument("--overlap", default="iou", choices=["iou", "min"])
-    p.add_argument("--scale", type=float, default=1.0)
+    p.add_argument("--scale", type=float, help="ray unit (default: the file's, else 1)")
     p.add_argument("--threads", type=int, default=2)
     a = p.parse_args()
     torch.set_num_threads(a.threads)
-    net = StarNet(scale=a.scale)
+    with safe_open(a.model, "pt") as fh:
+        scale = a.scale or float((fh.metadata() or {}).get("scale", 1.0))
+    net = StarNet(scale=scale)
     net.load_state_dict(load_file(a.model))
     net.eval()
     train, val = nuclei_split()

@@ -23,6 +23,7 @@ from scipy import ndimage as ndi
 from skimage.draw import polygon
 from torch import nn
 
+from napari_unet.core import normalize as norm
 from napari_unet.core.augment import AugmentConfig, augment
 from napari_unet.model import UNet, UNetConfig
 
@@ -90,7 +91,8 @@ def instances(prob, dist, prob_thresh=0.5, nms_thresh=0.4, grid=1, overlap="iou"
     ys, xs = np.nonzero(mask)
     order = np.argsort(-prob[ys, xs], kind="stable")
     canvas = np.zeros((H, W), np.int32)
-    areas = [0]
+    areas = np.zeros(len(order) + 1, np.int64)  # pixels of kept polygon k (label k)
+    kept = 0
     for i in order:
         y, x = ys[i], xs[i]
         d = dist[:, y, x]
@@ -102,15 +104,16 @@ def instances(prob, dist, prob_thresh=0.5, nms_thresh=0.4, grid=1, overlap="iou"
         taken = owners > 0
         if taken.any():
             ids, cnt = np.unique(owners[taken], return_counts=True)
-            a = np.asarray(areas)[ids]
+            a = areas[ids]
             denom = (n + a - cnt) if overlap == "iou" else np.minimum(n, a)
             if (cnt / denom).max() > nms_thresh:
                 continue
         free = ~taken
         if free.sum() < min_size:
             continue
-        areas.append(n)
-        canvas[rr[free], cc[free]] = len(areas) - 1
+        kept += 1
+        areas[kept] = n
+        canvas[rr[free], cc[free]] = kept
     return canvas
 
 
@@ -133,8 +136,9 @@ class StarNet(nn.Module):
 
 
 def normalized(img):
-    lo, hi = np.percentile(img, (1, 99.8))
-    return ((img.astype(np.float32) - lo) / max(hi - lo, 1e-6)).astype(np.float32)
+    """The bundled nuclei model's input normalisation (percentiles 1 / 99.8)."""
+    plane = np.asarray(img)[None]
+    return norm.apply(plane, *norm.plane_stats(plane.reshape(1, -1), norm.DEFAULT))[0]
 
 
 class Sampler:

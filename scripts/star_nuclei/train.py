@@ -69,7 +69,7 @@ def main() -> None:
             )
         if step % 250 == 0 or frac >= 1:
             state = {k: v.contiguous() for k, v in net.state_dict().items()}
-            save_file(state, a.out + ".tmp")
+            save_file(state, a.out + ".tmp", metadata={"scale": str(a.scale)})
             os.replace(a.out + ".tmp", a.out + ".safetensors")
         if frac >= 1:
             break
