@@ -5,7 +5,7 @@
 Class-balanced training draws membranes thicker than the labels. This predicts
 the training slices (never the held-back ones), picks the p(cell) threshold
 with the lowest pixel error and folds it into the output bias
-(:func:`napari_unet.core.training.calibrate_threshold`), so labels, instances
+(:func:`napari_unet.core.adaptation.calibrate_threshold`), so labels, instances
 and probabilities of the saved model all use it.
 """
 
@@ -17,8 +17,8 @@ import numpy as np
 from _shared_data import isbi_split
 
 from napari_unet.core import metrics
+from napari_unet.core.adaptation import calibrate_threshold
 from napari_unet.core.tiling import predict
-from napari_unet.core.training import calibrate_threshold
 from napari_unet.io.files import load_model, save_model
 
 

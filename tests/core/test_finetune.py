@@ -8,6 +8,7 @@ import torch
 
 from conftest import tiny_model
 from napari_unet.core import synthetic
+from napari_unet.core.adaptation import adapt_norm
 from napari_unet.core.finetune import (
     ModelVersions,
     PaintedPlane,
@@ -16,7 +17,7 @@ from napari_unet.core.finetune import (
     painted_planes,
 )
 from napari_unet.core.targets import instances_to_classes
-from napari_unet.core.training import TrainConfig, adapt_norm, normalized_plane, train, train_iter
+from napari_unet.core.training import TrainConfig, normalized_plane, train, train_iter
 
 CLASSES = ["background", "interior", "boundary"]
 
@@ -147,7 +148,8 @@ def test_finetune_recipe_raises_painted_accuracy_and_leaves_base_alone(case):
 
 
 def test_pseudo_labels_fill_unpainted_pixels_but_never_painted_ones(case):
-    from napari_unet.core.training import _Sampler, add_pseudo_labels, prepare
+    from napari_unet.core.adaptation import add_pseudo_labels
+    from napari_unet.core.training import _Sampler, prepare
 
     image, _, strokes = case
     model = tiny_model("same", depth=2)

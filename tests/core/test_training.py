@@ -309,8 +309,8 @@ def test_augment_keeps_image_and_labels_aligned():
 
 
 def test_calibrate_threshold_moves_the_decision():
+    from napari_unet.core.adaptation import calibrate_threshold
     from napari_unet.core.tiling import predict
-    from napari_unet.core.training import calibrate_threshold
 
     model = tiny_model("same", depth=2, classes=2)
     image = np.random.default_rng(0).random((48, 48)).astype(np.float32)
