@@ -35,6 +35,11 @@ def main() -> None:
     p.add_argument("--scale", type=float, default=1.0, help="distances predicted in these px")
     p.add_argument("--bs", type=int, default=8)
     p.add_argument("--init", help="continue from these weights (.safetensors)")
+    p.add_argument(
+        "--init-unet",
+        help="start the U-Net body from a class model's weights (all but its 1x1 head), "
+        "e.g. runs/n7/checkpoint.safetensors",
+    )
     a = p.parse_args()
     torch.set_num_threads(2)
     torch.manual_seed(0)
@@ -43,6 +48,15 @@ def main() -> None:
     net = StarNet(a.rays, scale=a.scale)
     if a.init:
         net.load_state_dict(load_file(a.init))
+    elif a.init_unet:
+        body = {
+            k: v.float() for k, v in load_file(a.init_unet).items() if not k.startswith("head.")
+        }
+        missing, unexpected = net.unet.load_state_dict(body, strict=False)
+        assert not unexpected and set(missing) == {"head.weight", "head.bias"}, (
+            missing,
+            unexpected,
+        )
     print(sum(p.numel() for p in net.parameters()), "params", flush=True)
     sampler = Sampler(train, rng, rays=a.rays)
     opt = torch.optim.AdamW(net.parameters(), lr=a.lr, weight_decay=1e-4)
