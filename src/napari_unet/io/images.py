@@ -18,36 +18,42 @@ def read_image(path: str | Path):
     """Open an image lazily where the format allows (TIFF and zarr as zarr, NPY memory-mapped)."""
     path = Path(path)
     suffix = path.suffix.lower()
+    if any(p.suffix.lower() == ".zarr" for p in path.parents):
+        suffix = ".zarr"  # an array inside a zarr group: "plate.zarr/raw"
     if not path.exists():
         raise FileNotFoundError(f"no such file: {path}")
     if suffix not in READ_SUFFIXES:
         raise ValueError(f"{path.name}: unsupported image format; use one of {READ_SUFFIXES}")
     try:
-        if suffix in (".tif", ".tiff"):
-            import tifffile
-            import zarr
-
-            store = tifffile.imread(str(path), aszarr=True)
-            arr = zarr.open(store, mode="r")
-            if hasattr(arr, "shape"):
-                return arr
-            return tifffile.imread(str(path))
-        if suffix == ".npy":
-            return np.load(path, mmap_mode="r", allow_pickle=False)
-        if suffix == ".zarr":
-            import zarr
-
-            arr = zarr.open(str(path), mode="r")
-            if not hasattr(arr, "shape"):
-                raise ValueError(f"{path.name}: a zarr group, not an array; pass the array path")
-            return arr
-        from skimage.io import imread
-
-        return imread(str(path))
-    except (ValueError, FileNotFoundError):
+        arr = _open(path, suffix)
+    except FileNotFoundError:
         raise
-    except Exception as err:  # noqa: BLE001 - any decoder error
+    except Exception as err:  # noqa: BLE001 - any decoder error (tifffile's are ValueErrors)
         raise ValueError(f"{path.name}: cannot read image ({err})") from None
+    if not hasattr(arr, "shape"):
+        raise ValueError(f"{path.name}: a zarr group, not an array; pass the array path")
+    return arr
+
+
+def _open(path: Path, suffix: str):
+    if suffix in (".tif", ".tiff"):
+        import tifffile
+        import zarr
+
+        store = tifffile.imread(str(path), aszarr=True)
+        arr = zarr.open(store, mode="r")
+        if hasattr(arr, "shape"):
+            return arr
+        return tifffile.imread(str(path))
+    if suffix == ".npy":
+        return np.load(path, mmap_mode="r", allow_pickle=False)
+    if suffix == ".zarr":
+        import zarr
+
+        return zarr.open(str(path), mode="r")
+    from skimage.io import imread
+
+    return imread(str(path))
 
 
 def write_image(path: str | Path, data: np.ndarray) -> Path:
@@ -58,7 +64,8 @@ def write_image(path: str | Path, data: np.ndarray) -> Path:
         import tifffile
 
         def write(tmp):
-            tifffile.imwrite(tmp, np.asarray(data), compression="zlib")
+            # minisblack: a stack of three or four planes is not an RGB picture
+            tifffile.imwrite(tmp, np.asarray(data), compression="zlib", photometric="minisblack")
 
         return atomic_write(path, write)
     if suffix == ".npy":
@@ -86,9 +93,17 @@ class ZarrOutput:
         )
 
     def commit(self) -> Path:
-        if self.path.exists():
-            shutil.rmtree(self.path) if self.path.is_dir() else self.path.unlink()
-        (self.tmp / "data.zarr").rename(self.path)
+        """Move the finished array into place; an older one at the path is kept until then."""
+        old = None
+        if self.path.exists() or self.path.is_symlink():
+            old = self.tmp / "previous"
+            self.path.rename(old)
+        try:
+            (self.tmp / "data.zarr").rename(self.path)
+        except OSError:
+            if old is not None:
+                old.rename(self.path)
+            raise
         shutil.rmtree(self.tmp, ignore_errors=True)
         return self.path
 

@@ -1,0 +1,66 @@
+"""Reading and writing image files: values survive, bad files say which file and why."""
+
+import numpy as np
+import pytest
+
+from napari_unet.io.images import ZarrOutput, read_image, write_image
+
+
+@pytest.mark.parametrize("suffix", [".tif", ".npy"])
+def test_write_then_read_keeps_values_and_dtype(tmp_path, suffix):
+    data = np.arange(3 * 20 * 30, dtype=np.uint16).reshape(3, 20, 30)
+    path = write_image(tmp_path / f"img{suffix}", data)
+    back = np.asarray(read_image(path))
+    assert back.dtype == np.uint16 and np.array_equal(back, data)
+    assert [p.name for p in tmp_path.iterdir()] == [f"img{suffix}"]  # no temporary left
+
+
+def test_a_corrupt_tiff_names_the_file(tmp_path):
+    path = tmp_path / "scan.tif"
+    path.write_bytes(b"garbage, not a tiff")
+    with pytest.raises(ValueError, match=r"^scan\.tif: cannot read image"):
+        read_image(path)
+
+
+def test_pickled_npy_is_refused(tmp_path):
+    path = tmp_path / "objects.npy"
+    np.save(path, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    with pytest.raises(ValueError, match=r"^objects\.npy: cannot read image"):
+        read_image(path)
+
+
+def test_missing_and_unsupported_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        read_image(tmp_path / "absent.tif")
+    other = tmp_path / "notes.txt"
+    other.write_text("x")
+    with pytest.raises(ValueError, match="unsupported image format"):
+        read_image(other)
+
+
+def test_a_zarr_group_asks_for_the_array(tmp_path):
+    import zarr
+
+    zarr.open_group(str(tmp_path / "g.zarr"), mode="w").create_array(
+        "raw", shape=(4, 4), dtype="u1"
+    )
+    with pytest.raises(ValueError, match="a zarr group, not an array"):
+        read_image(tmp_path / "g.zarr")
+    assert read_image(tmp_path / "g.zarr" / "raw").shape == (4, 4)
+
+
+def test_zarr_output_replaces_an_older_result_only_on_commit(tmp_path):
+    target = tmp_path / "out.zarr"
+    first = ZarrOutput(target, (8, 8), "u2")
+    first.array[:] = 1
+    first.commit()
+    second = ZarrOutput(target, (8, 8), "u2")
+    second.array[:] = 2
+    assert np.asarray(read_image(target)).max() == 1  # old result intact while writing
+    second.discard()
+    assert np.asarray(read_image(target)).max() == 1
+    third = ZarrOutput(target, (8, 8), "u2")
+    third.array[:] = 3
+    third.commit()
+    assert np.asarray(read_image(target)).min() == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.zarr"]
