@@ -63,6 +63,7 @@ def build(args) -> tuple:
         core_fraction=args.core_fraction,
         core_ramp=args.core_ramp,
         dice=args.dice,
+        hard_fraction=args.hard_fraction,
         contact_w0=args.contact_w0,
         focus=0.5,
         class_weighting=args.class_weighting,
@@ -89,6 +90,9 @@ def main() -> None:
         "--core-ramp", type=float, default=0.0, help="soft cores: ramp width (share of depth)"
     )
     p.add_argument("--dice", type=float, default=0.0, help="weight of a soft Dice term")
+    p.add_argument(
+        "--hard-fraction", type=float, default=1.0, help="bootstrapped CE: share of pixels"
+    )
     p.add_argument("--contact-w0", type=float, default=0.0, help="weight where nuclei touch")
     p.add_argument("--shift", type=float, help="intensity shift range (default: 0.25)")
     p.add_argument("--zoom", type=float, default=0.3, help="random zoom range")

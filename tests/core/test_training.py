@@ -363,3 +363,32 @@ def test_bf16_auto_follows_the_device_and_bad_values_are_refused(data):
     assert r.info.provenance["train_config"]["bf16"] is fast_bf16(torch.device("cpu"))
     with pytest.raises(ValueError, match="bf16 must be"):
         train(tiny_model("same", depth=2), [image], [labels], "instances", _cfg(bf16="yes"))
+
+
+def test_bootstrapped_loss_averages_the_hardest_annotated_pixels(data):
+    logits = torch.zeros(1, 3, 2, 3)
+    logits[0, 1] = torch.tensor([[3.0, 0.0, -3.0], [1.0, 2.0, 0.0]])
+    target = torch.tensor([[[1, 1, 1], [0, 2, -1]]])  # one pixel not annotated
+    w = torch.tensor([[[1.0, 1.0, 2.0], [1.0, 1.0, 5.0]]])
+    per = torch.nn.functional.cross_entropy(logits, target.clamp(min=0), reduction="none") * w
+    annotated = per[target >= 0]  # the ignored pixel's weight 5 must not count
+    top2 = annotated.topk(2).values.mean()  # ceil(0.4 * 5) = 2 pixels
+    np.testing.assert_allclose(float(loss_fn(logits, target, w, hard=0.4)), float(top2), rtol=1e-6)
+    np.testing.assert_allclose(
+        float(loss_fn(logits, target, w, hard=1.0)), float(annotated.mean()), rtol=1e-6
+    )
+    assert float(loss_fn(logits, target, w, hard=0.4)) > float(annotated.mean())
+    with pytest.raises(ValueError, match="hard_fraction"):
+        loss_fn(logits, target, w, hard=0.0)
+    image, inst = data
+    with pytest.raises(ValueError, match="hard_fraction"):
+        train(tiny_model("same"), [image], [inst], config=TrainConfig(steps=1, hard_fraction=1.5))
+    gen = train_iter(
+        tiny_model("same"),
+        [image],
+        [inst],
+        "instances",
+        TrainConfig(steps=3, batch_size=2, patch_size=32, hard_fraction=0.25, val_every=0),
+    )
+    losses = [s.loss for s in gen]
+    assert len(losses) == 3 and all(np.isfinite(losses))

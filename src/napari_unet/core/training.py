@@ -56,6 +56,9 @@ class TrainConfig:
     core_ramp: float | None = None
     contact_w0: float = 0.0  # instances: extra weight where two objects touch (no gap)
     dice: float = 0.0  # weight of a soft Dice term added to cross-entropy
+    # bootstrapped cross-entropy: average only this share of each batch's annotated
+    # pixels, the ones with the highest weighted loss (1 = all pixels)
+    hard_fraction: float = 1.0
     # forward pass autocast to bfloat16: True, False, or "auto" (where the device runs it
     # natively, see device.fast_bf16); weights stay float32
     bf16: bool | str = False
@@ -164,6 +167,8 @@ def prepare(
     soft = kind == "instances" and cfg.core_ramp > 0 and info.num_classes == 3
     if soft and not cfg.core_fraction:
         raise ValueError("core_ramp needs core_fraction > 0 (soft cores)")
+    if not 0 < cfg.hard_fraction <= 1:
+        raise ValueError(f"hard_fraction must be in (0, 1], got {cfg.hard_fraction}")
     prepared, all_targets = [], []
     for i, (img, lab) in enumerate(zip(images, labels)):
         image = normalized_plane(model, img, f"image {i}")
@@ -258,13 +263,18 @@ class _Sampler:
         return tuple(torch.from_numpy(np.stack(p)) for p in zip(*parts))
 
 
-def loss_fn(logits, target, weights, dice: float = 0.0) -> torch.Tensor:
+def loss_fn(logits, target, weights, dice: float = 0.0, hard: float = 1.0) -> torch.Tensor:
     """Pixel-weighted cross-entropy over annotated pixels (+ optional soft Dice).
 
     ``weights`` is ``(B, H, W)``, or ``(B, 2, H, W)`` with each pixel's interior
     share (soft cores, :func:`targets.core_share`; ``< 0``: the hard target) second:
     there the loss is ``-(q log p_interior + (1 - q) log p_boundary)``.
+    ``hard < 1``: the cross-entropy is the mean over that share of the annotated
+    pixels with the highest weighted loss (bootstrapped cross-entropy), so pixels
+    the network already gets right stop diluting the few it does not.
     """
+    if not 0 < hard <= 1:
+        raise ValueError(f"hard_fraction must be in (0, 1], got {hard}")
     valid = target >= 0
     share = None
     if weights.ndim == 4:
@@ -276,7 +286,12 @@ def loss_fn(logits, target, weights, dice: float = 0.0) -> torch.Tensor:
         soft = -(q * logp[:, 1] + (1 - q) * logp[:, 2])
         ce = torch.where(share >= 0, soft, ce)
     w = weights * valid
-    loss = (ce * w).sum() / valid.sum().clamp(min=1)
+    if hard < 1:
+        per_pixel = (ce * w)[valid]
+        k = max(1, math.ceil(hard * per_pixel.numel()))
+        loss = per_pixel.topk(k, sorted=False).values.mean() if per_pixel.numel() else ce.sum() * 0
+    else:
+        loss = (ce * w).sum() / valid.sum().clamp(min=1)
     if dice > 0:
         probs = torch.softmax(logits, 1)
         onehot = F.one_hot(target.clamp(min=0), logits.shape[1]).permute(0, 3, 1, 2)
@@ -374,7 +389,7 @@ def train_iter(
         x, t, w = (a.to(dev) for a in sampler.batch(cfg.batch_size))
         with torch.autocast(dev.type, torch.bfloat16, enabled=cfg.bf16):
             logits = net(to_layout(x, net))
-        loss = loss_fn(logits.float(), t, w, cfg.dice)
+        loss = loss_fn(logits.float(), t, w, cfg.dice, cfg.hard_fraction)
         total = loss
         if anchor is not None:
             total = loss + cfg.anchor * sum(((p - p0) ** 2).sum() for p, p0 in zip(params, anchor))
