@@ -34,8 +34,9 @@ def main() -> None:
     p.add_argument("--rays", type=int, default=32)
     p.add_argument("--scale", type=float, default=1.0, help="distances predicted in these px")
     p.add_argument("--bs", type=int, default=8)
-    p.add_argument("--init", help="continue from these weights (.safetensors)")
-    p.add_argument(
+    start = p.add_mutually_exclusive_group()
+    start.add_argument("--init", help="continue from these weights (.safetensors)")
+    start.add_argument(
         "--init-unet",
         help="start the U-Net body from a class model's weights (all but its 1x1 head), "
         "e.g. runs/n7/checkpoint.safetensors",
@@ -53,10 +54,8 @@ def main() -> None:
             k: v.float() for k, v in load_file(a.init_unet).items() if not k.startswith("head.")
         }
         missing, unexpected = net.unet.load_state_dict(body, strict=False)
-        assert not unexpected and set(missing) == {"head.weight", "head.bias"}, (
-            missing,
-            unexpected,
-        )
+        if unexpected or set(missing) != {"head.weight", "head.bias"}:
+            p.error(f"{a.init_unet} is not a depth-4, width-16 class U-Net's weights")
     print(sum(p.numel() for p in net.parameters()), "params", flush=True)
     sampler = Sampler(train, rng, rays=a.rays)
     opt = torch.optim.AdamW(net.parameters(), lr=a.lr, weight_decay=1e-4)

@@ -18,7 +18,7 @@ def read_image(path: str | Path):
     """Open an image lazily where the format allows (TIFF and zarr as zarr, NPY memory-mapped)."""
     path = Path(path)
     suffix = path.suffix.lower()
-    if any(p.suffix.lower() == ".zarr" for p in path.parents):
+    if suffix not in READ_SUFFIXES and any(p.suffix.lower() == ".zarr" for p in path.parents):
         suffix = ".zarr"  # an array inside a zarr group: "plate.zarr/raw"
     if not path.exists():
         raise FileNotFoundError(f"no such file: {path}")
