@@ -20,14 +20,11 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
+from _dense_experiment import add_scores, f1, print_scores  # noqa: E402
 from _shared_data import magnification, nuclei_split  # noqa: E402
 from star import StarNet, instances, predict  # noqa: E402
 
 from napari_unet.core import metrics  # noqa: E402
-
-
-def f1(r: dict) -> float:
-    return 2 * r["tp"] / max(1, 2 * r["tp"] + r["fp"] + r["fn"])
 
 
 def main() -> None:
@@ -55,12 +52,7 @@ def main() -> None:
             pr, d = predict(net, img)
             for s in settings:
                 sc = metrics.object_scores(lab, instances(pr, d, s[0], s[1], a.grid, s[2]))
-                for key in (magnification(name), "overall"):
-                    r = res[s].setdefault(key, dict(tp=0, fp=0, fn=0, iou=0.0))
-                    r["tp"] += sc["tp"]
-                    r["fp"] += sc["fp"]
-                    r["fn"] += sc["fn"]
-                    r["iou"] += sc["sum_matched_iou"]
+                add_scores(res[s], (magnification(name), "overall"), sc)
         return res
 
     t = time.time()
@@ -73,11 +65,7 @@ def main() -> None:
     else:
         best = (a.prob, a.nms, a.overlap)
     res = pool(val, [best])[best]
-    for k, r in sorted(res.items()):
-        print(
-            f"{k:>8}: F1 {f1(r):.3f} tp {r['tp']} fp {r['fp']} fn {r['fn']} "
-            f"mIoU {r['iou'] / max(1, r['tp']):.3f}"
-        )
+    print_scores(res)
     print("setting", best, f"{time.time() - t:.0f}s")
 
 

@@ -19,11 +19,11 @@ import math
 import numpy as np
 import torch
 import torch.nn.functional as F
+from _dense_experiment import normalized, predict_raw
 from scipy import ndimage as ndi
 from skimage.draw import polygon
 from torch import nn
 
-from napari_unet.core import normalize as norm
 from napari_unet.core.augment import AugmentConfig, augment
 from napari_unet.model import UNet, UNetConfig
 
@@ -135,12 +135,6 @@ class StarNet(nn.Module):
         return y
 
 
-def normalized(img):
-    """The bundled nuclei model's input normalisation (percentiles 1 / 99.8)."""
-    plane = np.asarray(img)[None]
-    return norm.apply(plane, *norm.plane_stats(plane.reshape(1, -1), norm.DEFAULT))[0]
-
-
 class Sampler:
     def __init__(self, items, rng, patch=256, margin=32, rays=32, aug=None):
         self.rng, self.patch, self.margin, self.rays = rng, patch, margin, rays
@@ -193,13 +187,7 @@ def star_loss(out, prob, dist, valid, dist_w=0.2, reg=1e-4):
     return lp + dist_w * ld + reg * lr_, float(lp.detach()), float(ld.detach())
 
 
-@torch.no_grad()
 def predict(net, img, pad=64):
-    x = np.pad(normalized(img), pad, mode="reflect")
-    h, w = x.shape
-    H, W = -(-h // 16) * 16, -(-w // 16) * 16
-    x = np.pad(x, ((0, H - h), (0, W - w)), mode="reflect")
-    net.eval()
-    out = net(torch.from_numpy(x)[None, None]).float()[0].numpy()
-    out = out[:, pad : pad + img.shape[0], pad : pad + img.shape[1]]
+    """(object probability, ray distances) on a whole image, mirror-padded."""
+    out = predict_raw(net, img, pad)
     return 1 / (1 + np.exp(-out[0])), np.maximum(out[1:], 0)
