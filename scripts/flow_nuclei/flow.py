@@ -25,6 +25,7 @@ from scipy import ndimage as ndi
 from skimage.segmentation import expand_labels
 
 from napari_unet.core.augment import AugmentConfig, augment
+from napari_unet.core.targets import contact_weights
 from napari_unet.model import UNet, UNetConfig
 
 _OFFSETS = [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1)]
@@ -94,18 +95,6 @@ class FlowNet(torch.nn.Module):
         return self.unet(x.contiguous(memory_format=torch.channels_last))
 
 
-def contact_pixels(lab: np.ndarray) -> np.ndarray:
-    """Object pixels with a 4-neighbour of another object (touching nuclei)."""
-    m = np.zeros(lab.shape, bool)
-    for ax in (0, 1):
-        a, b = np.swapaxes(lab, 0, ax)[:-1], np.swapaxes(lab, 0, ax)[1:]
-        t = (a > 0) & (b > 0) & (a != b)
-        mv = np.swapaxes(m, 0, ax)
-        mv[:-1] |= t
-        mv[1:] |= t
-    return m
-
-
 class Sampler:
     """Augmented 256-px patches; half centred on pixels where two nuclei touch."""
 
@@ -120,7 +109,7 @@ class Sampler:
         self.items = []
         for _, im, lab in items:
             lab = lab.astype(np.int64)
-            cy, cx = np.nonzero(contact_pixels(lab))
+            cy, cx = np.nonzero(contact_weights(lab, 1.0))
             self.items.append(
                 (
                     np.pad(normalized(im), p, mode="reflect"),
