@@ -1,7 +1,8 @@
 """What the star-convex and flow-field nuclei experiments share (scripts/*_nuclei/).
 
 Both train the project's U-Net body with a different output on the shared DAPI
-data, on the CPU, with the bundled model's input normalisation; this module holds
+data, on the CPU (or a lent GPU: ``--device cuda --workers N`` draws the patches in
+N worker processes), with the bundled model's input normalisation; this module holds
 their command-line options, weight initialisation, training loop, whole-image
 prediction and pooled scoring.
 """
@@ -32,6 +33,14 @@ def add_train_args(p, out: str, max_seconds: float) -> None:
     p.add_argument("--max-seconds", type=float, default=max_seconds)
     p.add_argument("--out", default=out)
     p.add_argument("--bs", type=int, default=8)
+    p.add_argument("--device", default="cpu", help="cpu, cuda, ...")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=0,
+        help="draw batches in this many processes (each seeded by its number); "
+        "0: in the training process, as the CPU runs in the model card",
+    )
     start = p.add_mutually_exclusive_group()
     start.add_argument("--init", help="continue from these weights (.safetensors)")
     start.add_argument(
@@ -55,21 +64,57 @@ def init_weights(p, a, net) -> None:
     print(sum(q.numel() for q in net.parameters()), "params", flush=True)
 
 
-def train_loop(net, sampler, loss_fn, a, metadata: dict, parts: tuple[str, str]) -> None:
+class _Batches(torch.utils.data.IterableDataset):
+    """Endless batches from ``sampler``; worker ``i`` draws with seed ``(seed, i)``."""
+
+    def __init__(self, sampler, bs: int, seed: int):
+        super().__init__()
+        self.sampler, self.bs, self.seed = sampler, bs, seed
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        torch.set_num_threads(1)
+        self.sampler.rng = np.random.default_rng([self.seed, info.id if info else 0])
+        while True:
+            yield self.sampler.batch(self.bs)
+
+
+def batches(sampler, a, seed: int = 0):
+    """The training batches: drawn here (``a.workers == 0``) or in worker processes."""
+    if not a.workers:
+        while True:
+            yield sampler.batch(a.bs)
+    loader = torch.utils.data.DataLoader(
+        _Batches(sampler, a.bs, seed),
+        batch_size=None,
+        num_workers=a.workers,
+        pin_memory=a.device != "cpu",
+        prefetch_factor=4,
+    )
+    yield from loader
+
+
+def train_loop(net, sampler, loss_fn, a, metadata: dict, parts: tuple[str, str], prepare=None):
     """AdamW (weight decay 1e-4), lr with 50 warm-up steps and a cosine decay over
-    ``a.steps`` or ``a.max_seconds``, whichever ends first; bfloat16 autocast;
-    the weights go to ``a.out``.safetensors every 250 steps and at the end."""
+    ``a.steps`` or ``a.max_seconds``, whichever ends first; bfloat16 autocast on
+    ``a.device``; ``prepare(batch, device)`` may finish each batch there (e.g. targets
+    computed on the GPU); the weights go to ``a.out``.safetensors every 250 steps and
+    at the end."""
+    dev = torch.device(a.device)
+    net.to(dev)
     opt = torch.optim.AdamW(net.parameters(), lr=a.lr, weight_decay=1e-4)
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     net.train()
+    source = batches(sampler, a)
     for step in range(1, a.steps + 1):
         frac = min(1.0, max(step / a.steps, (time.time() - t0) / a.max_seconds))
         lr = a.lr * min(1, step / 50) * 0.5 * (1 + math.cos(math.pi * frac))
         for g in opt.param_groups:
             g["lr"] = lr
-        x, *targets = sampler.batch(a.bs)
-        with torch.autocast("cpu", torch.bfloat16):
+        batch = [t.to(dev, non_blocking=True) for t in next(source)]
+        x, *targets = prepare(batch, dev) if prepare else batch
+        with torch.autocast(dev.type, torch.bfloat16):
             out = net(x)
         loss, l1, l2 = loss_fn(out.float(), *targets)
         opt.zero_grad()
@@ -82,7 +127,7 @@ def train_loop(net, sampler, loss_fn, a, metadata: dict, parts: tuple[str, str])
                 flush=True,
             )
         if step % 250 == 0 or frac >= 1:
-            state = {k: v.contiguous() for k, v in net.state_dict().items()}
+            state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
             save_file(state, a.out + ".tmp", metadata=metadata)
             os.replace(a.out + ".tmp", a.out + ".safetensors")
         if frac >= 1:

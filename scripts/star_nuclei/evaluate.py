@@ -40,8 +40,9 @@ def main() -> None:
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     with safe_open(a.model, "pt") as fh:
-        scale = a.scale or float((fh.metadata() or {}).get("scale", 1.0))
-    net = StarNet(scale=scale)
+        meta = fh.metadata() or {}
+    scale = a.scale or float(meta.get("scale", 1.0))
+    net = StarNet(width=int(meta.get("width", 16)), scale=scale)
     net.load_state_dict(load_file(a.model))
     net.eval()
     train, val = nuclei_split()

@@ -64,6 +64,44 @@ def star_distances(lab: np.ndarray, rays: int = 32) -> np.ndarray:
     return out
 
 
+def star_distances_torch(lab: torch.Tensor, rays: int = 32, crop: int = 0) -> torch.Tensor:
+    """``star_distances`` for a batch ``(B, H, W)`` of integer labels on any device,
+    for the pixels ``crop`` or more from the edge (rays still see the whole patch).
+
+    At ray step ``t`` each object pixel looks at the label ``rint(t * (dy, dx))``
+    away along each ray (as the NumPy version), all pixels and rays in one gather.
+    """
+    B, H, W = lab.shape
+    dev = lab.device
+    m = H + W  # no ray inside the patch is longer
+    padded = F.pad(lab.int(), (m, m, m, m), value=-2)
+    Hp, Wp = H + 2 * m, W + 2 * m
+    flat = padded.reshape(-1)
+    inner = lab[:, crop : H - crop, crop : W - crop]
+    h, w = inner.shape[1:]
+    pix = torch.nonzero(inner.reshape(-1) > 0).squeeze(1)  # object pixels of the crop
+    b, rem = pix // (h * w), pix % (h * w)
+    base = b * (Hp * Wp) + (rem // w + crop + m) * Wp + (rem % w + crop + m)
+    own = flat[base]
+    th = angles(rays)
+    sin, cos = np.sin(th), np.cos(th)
+    corr = torch.tensor(1 - 0.5 / np.maximum(np.abs(sin), np.abs(cos)), device=dev)
+    corr = corr.float()[:, None]
+    d = torch.zeros((rays, pix.numel()), dtype=torch.float32, device=dev)
+    alive = torch.ones((rays, pix.numel()), dtype=torch.bool, device=dev)
+    for t in range(1, m + 1):
+        off = np.rint(t * sin).astype(np.int64) * Wp + np.rint(t * cos).astype(np.int64)
+        seen = flat[base[None, :] + torch.from_numpy(off).to(dev)[:, None]]
+        stop = alive & (seen != own[None, :])
+        d = torch.where(stop, t - corr, d)
+        alive &= ~stop
+        if t % 8 == 0 and not bool(alive.any()):
+            break
+    out = torch.zeros((rays, B * h * w), dtype=torch.float32, device=dev)
+    out[:, pix] = d
+    return out.reshape(rays, B, h, w).transpose(0, 1)
+
+
 def object_prob(lab: np.ndarray) -> np.ndarray:
     """Each object's distance transform divided by its maximum (StarDist's target)."""
     out = np.zeros(lab.shape, np.float32)
@@ -136,8 +174,15 @@ class StarNet(nn.Module):
 
 
 class Sampler:
-    def __init__(self, items, rng, patch=256, margin=32, rays=32, aug=None):
+    """Augmented 256-px patches with their targets (rays on a 32-px margin).
+
+    ``rays_later``: ``draw`` returns the margin's label patch instead of the rays,
+    for ``rays_on_device`` to compute them where the network trains (a GPU).
+    """
+
+    def __init__(self, items, rng, patch=256, margin=32, rays=32, aug=None, rays_later=False):
         self.rng, self.patch, self.margin, self.rays = rng, patch, margin, rays
+        self.rays_later = rays_later
         self.aug = aug or AugmentConfig(
             intensity=0.25, shift=0.05, noise=0.05, elastic=0.3, zoom=0.3
         )
@@ -164,16 +209,29 @@ class Sampler:
         valid = lb >= 0
         pos = np.where(valid, lb, 0)
         # objects touching ignored pixels keep their rays stopping there (like an image edge)
-        d = star_distances(np.where(valid, lb, -1), self.rays)
-        d[:, ~valid] = 0
-        pr = object_prob(pos)
         m = self.margin
         c = (slice(m, m + self.patch),) * 2
-        return im[:, c[0], c[1]], pr[c], d[:, c[0], c[1]], valid[c]
+        if self.rays_later:
+            d = np.where(valid, lb, -1).astype(np.int32)
+        else:
+            d = star_distances(np.where(valid, lb, -1), self.rays)[:, c[0], c[1]]
+        pr = object_prob(pos)
+        return im[:, c[0], c[1]], pr[c], d, valid[c]
 
     def batch(self, n):
         parts = [self.draw() for _ in range(n)]
         return tuple(torch.from_numpy(np.ascontiguousarray(np.stack(p))) for p in zip(*parts))
+
+
+def rays_on_device(rays: int, margin: int = 32):
+    """``train_loop``'s ``prepare`` for a ``rays_later`` sampler."""
+
+    def prepare(batch, device):
+        x, prob, lab, valid = batch
+        d = star_distances_torch(lab, rays, crop=margin)
+        return x, prob, d, valid
+
+    return prepare
 
 
 def star_loss(out, prob, dist, valid, dist_w=0.2, reg=1e-4):
