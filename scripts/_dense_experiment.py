@@ -94,12 +94,14 @@ def batches(sampler, a, seed: int = 0):
     yield from loader
 
 
-def train_loop(net, sampler, loss_fn, a, metadata: dict, parts: tuple[str, str], prepare=None):
+def train_loop(
+    net, sampler, loss_fn, a, metadata: dict, parts: tuple[str, str], prepare=None
+) -> int:
     """AdamW (weight decay 1e-4), lr with 50 warm-up steps and a cosine decay over
     ``a.steps`` or ``a.max_seconds``, whichever ends first; bfloat16 autocast on
     ``a.device``; ``prepare(batch, device)`` may finish each batch there (e.g. targets
     computed on the GPU); the weights go to ``a.out``.safetensors every 250 steps and
-    at the end."""
+    at the end. Returns the number of steps made."""
     dev = torch.device(a.device)
     net.to(dev)
     opt = torch.optim.AdamW(net.parameters(), lr=a.lr, weight_decay=1e-4)
@@ -133,6 +135,7 @@ def train_loop(net, sampler, loss_fn, a, metadata: dict, parts: tuple[str, str],
         if frac >= 1:
             break
     print("done", step, time.time() - t0, flush=True)
+    return step
 
 
 @torch.no_grad()

@@ -80,7 +80,8 @@ def build(args) -> tuple:
     return model, cfg
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
+    """The recipe's options (also those of scripts/flow_nuclei/train_aux.py)."""
     p = argparse.ArgumentParser()
     add_run_args(p, steps=2400, out=ROOT / "runs" / "nuclei" / "nuclei.safetensors")
     p.add_argument("--boundary-width", type=int, default=2, help="inner boundary class width (px)")
@@ -101,7 +102,11 @@ def main() -> None:
         action="store_true",
         help="train at one nuclear size: rescale each image by MAGNIFICATION_SCALE",
     )
-    args = p.parse_args()
+    return p
+
+
+def main() -> None:
+    args = parser().parse_args()
     train, val = nuclei_split()
     if args.magnification_scale:
         train = [rescaled(t, MAGNIFICATION_SCALE[magnification(t[0])]) for t in train]

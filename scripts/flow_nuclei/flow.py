@@ -144,12 +144,18 @@ class Sampler:
         return tuple(torch.from_numpy(np.ascontiguousarray(np.stack(p))) for p in zip(*parts))
 
 
+def flow_term(out_flow, flow, valid):
+    """Cellpose's flow loss: MSE of the flows (x5) / 2, over the valid pixels."""
+    v = valid.float()
+    mse = ((out_flow - 5 * flow) ** 2).sum(1) / 2
+    return (mse * v).sum() / v.sum().clamp(min=1) / 2
+
+
 def flow_loss(out, flow, fg, valid):
-    """Cellpose's loss: MSE of the flows (x5) / 2 plus BCE of the foreground."""
+    """Cellpose's loss: the flow term plus BCE of the foreground."""
     v = valid.float()
     den = v.sum().clamp(min=1)
-    mse = ((out[:, :2] - 5 * flow) ** 2).sum(1) / 2
-    lf = (mse * v).sum() / den / 2
+    lf = flow_term(out[:, :2], flow, valid)
     bce = F.binary_cross_entropy_with_logits(out[:, 2], fg, reduction="none")
     lp = (bce * v).sum() / den
     return lf + lp, float(lf.detach()), float(lp.detach())
