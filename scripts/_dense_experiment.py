@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _shared_data import nuclei_split
 from safetensors.torch import load_file, save_file
 
 from napari_unet.core import normalize as norm
@@ -27,8 +28,20 @@ def normalized(img) -> np.ndarray:
     return norm.apply(plane, *norm.plane_stats(plane.reshape(1, -1), norm.DEFAULT))[0]
 
 
+def start(p, out: str, max_seconds: float):
+    """Add the shared options, parse them and seed the run (2 CPU threads, seed 0):
+    ``(args, training items, rng)``."""
+    add_train_args(p, out, max_seconds)
+    a = p.parse_args()
+    torch.set_num_threads(2)
+    torch.manual_seed(0)
+    train, _ = nuclei_split()
+    return a, train, np.random.default_rng(0)
+
+
 def add_train_args(p, out: str, max_seconds: float) -> None:
     p.add_argument("--steps", type=int, default=100000)
+    p.add_argument("--width", type=int, default=16, help="the U-Net's base width")
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--max-seconds", type=float, default=max_seconds)
     p.add_argument("--out", default=out)

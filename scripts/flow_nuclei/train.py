@@ -13,24 +13,14 @@ import argparse
 import sys
 from pathlib import Path
 
-import numpy as np
-import torch
-
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
-from _dense_experiment import add_train_args, init_weights, train_loop  # noqa: E402
-from _shared_data import nuclei_split  # noqa: E402
+from _dense_experiment import init_weights, start, train_loop  # noqa: E402
 from flow import FlowNet, Sampler, flow_loss  # noqa: E402
 
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    add_train_args(p, out="runs/flow/flow", max_seconds=3900)
-    p.add_argument("--width", type=int, default=16)
-    a = p.parse_args()
-    torch.set_num_threads(2)
-    torch.manual_seed(0)
-    rng = np.random.default_rng(0)
-    train, _ = nuclei_split()
+    a, train, rng = start(p, out="runs/flow/flow", max_seconds=3900)
     net = FlowNet(a.width)
     init_weights(p, a, net)
     sampler = Sampler(train, rng)

@@ -87,11 +87,13 @@ def star_distances_torch(lab: torch.Tensor, rays: int = 32, crop: int = 0) -> to
     sin, cos = np.sin(th), np.cos(th)
     corr = torch.tensor(1 - 0.5 / np.maximum(np.abs(sin), np.abs(cos)), device=dev)
     corr = corr.float()[:, None]
+    t_ = np.arange(1, m + 1)[:, None]  # every step's offset per ray, sent once: (m, rays)
+    offs = np.rint(t_ * sin).astype(np.int64) * Wp + np.rint(t_ * cos).astype(np.int64)
+    offs = torch.from_numpy(offs).to(dev)
     d = torch.zeros((rays, pix.numel()), dtype=torch.float32, device=dev)
     alive = torch.ones((rays, pix.numel()), dtype=torch.bool, device=dev)
     for t in range(1, m + 1):
-        off = np.rint(t * sin).astype(np.int64) * Wp + np.rint(t * cos).astype(np.int64)
-        seen = flat[base[None, :] + torch.from_numpy(off).to(dev)[:, None]]
+        seen = flat[base[None, :] + offs[t - 1][:, None]]
         stop = alive & (seen != own[None, :])
         d = torch.where(stop, t - corr, d)
         alive &= ~stop
@@ -222,16 +224,10 @@ class Sampler:
         parts = [self.draw() for _ in range(n)]
         return tuple(torch.from_numpy(np.ascontiguousarray(np.stack(p))) for p in zip(*parts))
 
-
-def rays_on_device(rays: int, margin: int = 32):
-    """``train_loop``'s ``prepare`` for a ``rays_later`` sampler."""
-
-    def prepare(batch, device):
+    def rays_on_device(self, batch, device):
+        """``train_loop``'s ``prepare`` for ``rays_later``: the label patches' rays."""
         x, prob, lab, valid = batch
-        d = star_distances_torch(lab, rays, crop=margin)
-        return x, prob, d, valid
-
-    return prepare
+        return x, prob, star_distances_torch(lab, self.rays, crop=self.margin), valid
 
 
 def star_loss(out, prob, dist, valid, dist_w=0.2, reg=1e-4):

@@ -14,33 +14,23 @@ import argparse
 import sys
 from pathlib import Path
 
-import numpy as np
-import torch
-
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
-from _dense_experiment import add_train_args, init_weights, train_loop  # noqa: E402
-from _shared_data import nuclei_split  # noqa: E402
-from star import Sampler, StarNet, rays_on_device, star_loss  # noqa: E402
+from _dense_experiment import init_weights, start, train_loop  # noqa: E402
+from star import Sampler, StarNet, star_loss  # noqa: E402
 
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    add_train_args(p, out="runs/star/star", max_seconds=3500)
     p.add_argument("--rays", type=int, default=32)
     p.add_argument("--scale", type=float, default=1.0, help="distances predicted in these px")
-    p.add_argument("--width", type=int, default=16)
-    a = p.parse_args()
-    torch.set_num_threads(2)
-    torch.manual_seed(0)
-    rng = np.random.default_rng(0)
-    train, _ = nuclei_split()
+    a, train, rng = start(p, out="runs/star/star", max_seconds=3500)
     net = StarNet(a.rays, width=a.width, scale=a.scale)
     init_weights(p, a, net)
     # off the CPU, the rays are computed on the device (a batch costs 0.5 s in NumPy)
     later = a.device != "cpu"
     sampler = Sampler(train, rng, rays=a.rays, rays_later=later)
     meta = {"scale": str(a.scale), "width": str(a.width)}
-    prep = rays_on_device(a.rays) if later else None
+    prep = sampler.rays_on_device if later else None
     train_loop(net, sampler, star_loss, a, meta, ("prob", "dist"), prepare=prep)
 
 
