@@ -9,6 +9,9 @@ fraction of pixels whose membrane / cell class (probability threshold 0.5)
 differs from the label. Rand error: the ISBI 2012 foreground-restricted
 ``1 - V_rand``, with predicted cells as connected components of
 ``p(cell) > threshold`` grown over the predicted membranes.
+``--figure PNG`` draws the annotated and predicted membranes (threshold above) of
+the first two held-back slices' central 256 x 256 windows, enlarged twice (the
+model card's figure).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import argparse
 import json
 
 import numpy as np
+from _figures import overlay, save_grid
 from _shared_data import isbi_split
 from scipy import ndimage as ndi
 
@@ -37,6 +41,7 @@ def main() -> None:
     p.add_argument("--tta", action="store_true")
     p.add_argument("--threshold", type=float, default=0.5)
     p.add_argument("--json")
+    p.add_argument("--figure", help="write the overlay figure (PNG) here")
     args = p.parse_args()
     model = load_model(args.model)
     _, val = isbi_split()
@@ -71,6 +76,14 @@ def main() -> None:
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(result, fh, indent=1)
+    if args.figure:
+        panels = []
+        for (_, image, labels), prob in list(zip(val, probs))[:2]:
+            h, w = image.shape
+            window = slice(h // 2 - 128, h // 2 + 128), slice(w // 2 - 128, w // 2 + 128)
+            truth, pred = labels[window] == 0, prob[window] <= args.threshold
+            panels.append(overlay(image[window], truth, pred, opacity=0.5))
+        save_grid(panels, args.figure, columns=2, zoom=2)
 
 
 if __name__ == "__main__":

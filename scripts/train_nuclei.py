@@ -129,7 +129,7 @@ def main() -> None:
         val_images=[i for _, i, _ in val],
         val_labels=[m for *_, m in val],
         data_name="nuclei_dapi (BitDepth_NucSeg, Mahbod et al. 2021), "
-        f"{len(train)} training images, split seed {args.seed}",
+        f"{len(train)} training images, split seed 0, training seed {args.seed}",
     )
     train_and_save(gen, args.out)
 
