@@ -11,17 +11,19 @@ from pathlib import Path
 
 import numpy as np
 
+from napari_unet.core import normalize as norm
+
 TRUTH = np.array([0.1, 0.9, 0.1])
 MODEL = np.array([1.0, 0.2, 1.0])
 BOTH = np.array([1.0, 1.0, 0.1])
 
 
 def gray(image: np.ndarray) -> np.ndarray:
-    """``image`` scaled by its 1 / 99.8 percentiles to [0, 1], as RGB."""
-    x = np.asarray(image, dtype=np.float32)
-    lo, hi = np.percentile(x, (1.0, 99.8))
-    x = np.clip((x - lo) / max(float(hi - lo), 1e-6), 0.0, 1.0)
-    return np.repeat(x[..., None], 3, axis=-1)
+    """``image`` normalised by percentiles 1 / 99.8 (``normalize.DEFAULT``), clipped to
+    [0, 1], as RGB."""
+    plane = np.asarray(image)[None]
+    x = norm.apply(plane, *norm.plane_stats(plane.reshape(1, -1), norm.DEFAULT))[0]
+    return np.repeat(np.clip(x, 0.0, 1.0)[..., None], 3, axis=-1)
 
 
 def overlay(
