@@ -68,7 +68,7 @@ def main() -> None:
         group = magnification(name)
         if group not in shown or mask.max() > shown[group][2].max():
             shown[group] = (name, image, mask, inst)
-        for key in (magnification(name), "overall"):
+        for key in (group, "overall"):
             d = per[key]
             d["tp"] += s["tp"]
             d["fp"] += s["fp"]
