@@ -95,7 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--bf16",
         action="store_true",
         help="bfloat16 autocast for the forward pass: about 2x faster on CPUs with "
-        "AVX512-BF16 or AMX and on recent GPUs; float32 weights either way",
+        "AVX512-BF16 or AMX and on recent GPUs, emulated and several times slower "
+        "elsewhere (a warning says so); float32 weights either way",
     )
     tr.add_argument(
         "--unlabelled",

@@ -365,6 +365,31 @@ def test_bf16_auto_follows_the_device_and_bad_values_are_refused(data):
         train(tiny_model("same", depth=2), [image], [labels], "instances", _cfg(bf16="yes"))
 
 
+@pytest.mark.parametrize("native", [False, True])
+def test_bf16_forced_on_a_device_without_native_bf16_warns(data, monkeypatch, native):
+    import warnings
+
+    import napari_unet.core.training as training
+
+    monkeypatch.setattr(training, "fast_bf16", lambda device: native)
+    image, labels = data
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        r = train(
+            tiny_model("same", depth=2), [image], [labels], "instances", _cfg(steps=1, bf16=True)
+        )
+    slow = [w for w in caught if "no native bfloat16" in str(w.message)]
+    assert len(slow) == (0 if native else 1)
+    assert r.info.provenance["train_config"]["bf16"] is True  # still done as asked
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        r = train(
+            tiny_model("same", depth=2), [image], [labels], "instances", _cfg(steps=1, bf16="auto")
+        )
+    assert not [w for w in caught if "no native bfloat16" in str(w.message)]
+    assert r.info.provenance["train_config"]["bf16"] is native
+
+
 def test_bootstrapped_loss_averages_the_hardest_annotated_pixels(data):
     logits = torch.zeros(1, 3, 2, 3)
     logits[0, 1] = torch.tensor([[3.0, 0.0, -3.0], [1.0, 2.0, 0.0]])

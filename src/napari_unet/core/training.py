@@ -16,6 +16,7 @@ import copy
 import datetime
 import math
 import time
+import warnings
 from collections.abc import Callable, Generator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 
@@ -356,7 +357,16 @@ def train_iter(
         val = vsampler.batch(cfg.val_patches, aug=False)
     dev = resolve_device(cfg.device)
     # resolved, so that the provenance says what was used
-    cfg = replace(cfg, bf16=fast_bf16(dev) if cfg.bf16 == "auto" else bool(cfg.bf16))
+    native = fast_bf16(dev)
+    if cfg.bf16 is True and not native:
+        warnings.warn(
+            f"bfloat16 autocast was asked for, but {dev} has no native bfloat16 "
+            "(AVX512-BF16 or AMX on a CPU): it is emulated and several times slower than "
+            "float32 here; leave it off (or use bf16='auto')",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    cfg = replace(cfg, bf16=native if cfg.bf16 == "auto" else bool(cfg.bf16))
     net = for_training(copy.deepcopy(model.net), dev)
     start = time.perf_counter()
     if cfg.adapt_norm:
