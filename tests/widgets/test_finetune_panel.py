@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from conftest import tiny_model
+from napari_unet._widgets._layers import viewer_camera
 from napari_unet.core import synthetic
 from napari_unet.core.targets import instances_to_classes
 
@@ -101,8 +102,8 @@ def test_train_adds_a_version_previews_and_leaves_base_and_layers_alone(panel, n
     # the field of view (here the whole 96 x 96 image) of the current plane
     assert preview.data.shape == image.shape and set(np.unique(preview.data)) <= {1, 2, 3}
     # zoomed in: only the visible region is previewed, placed where it is
-    viewer.camera.zoom *= 8
-    viewer.camera.center = (20, 30)
+    viewer_camera(viewer).zoom *= 8
+    viewer_camera(viewer).center = (20, 30)
     job = widget._preview_region(src, state.model)
     y0, y1, x0, x1 = job.region
     assert y1 - y0 < 96 and x1 - x0 < 96 and y0 <= 20 < y1 and x0 <= 30 < x1

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from conftest import tiny_model
+from napari_unet._widgets._layers import viewer_camera
 from napari_unet.core.postprocess import instances
 from napari_unet.core.tiling import predict
 
@@ -199,8 +200,8 @@ def test_visible_region_only(panel, qtbot):
     viewer, widget = panel
     image = np.random.default_rng(6).random((300, 300)).astype(np.float32)
     viewer.add_image(image, name="wide", scale=(2.0, 2.0))
-    viewer.camera.center = (200, 200)  # world coordinates: pixel (100, 100)
-    viewer.camera.zoom = 8
+    viewer_camera(viewer).center = (200, 200)  # world coordinates: pixel (100, 100)
+    viewer_camera(viewer).zoom = 8
     widget.mode_combo.setCurrentText("labels")
     widget.visible_check.setChecked(True)
     _run(qtbot, widget)

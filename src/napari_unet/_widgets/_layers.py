@@ -71,6 +71,13 @@ def _dask_gray(data):
     return (data[..., :3].astype(np.float32) * weights).sum(axis=-1)
 
 
+def viewer_camera(viewer):
+    """The viewer's camera: ``viewer.scene.camera`` from napari 0.9 on (where
+    ``viewer.camera`` is deprecated), ``viewer.camera`` before."""
+    scene = getattr(viewer, "scene", None)
+    return getattr(scene, "camera", None) or viewer.camera
+
+
 def _visible_region(layer, axes, viewer) -> tuple[int, int, int, int]:
     """Data-pixel box of the field of view, from the camera (2D view only)."""
     if viewer is not None and viewer.dims.ndisplay != 2:
@@ -79,8 +86,9 @@ def _visible_region(layer, axes, viewer) -> tuple[int, int, int, int]:
     if viewer is not None:
         size = getattr(getattr(viewer, "canvas", None), "size", None)
         size = size if size is not None else getattr(viewer, "_canvas_size", (600, 800))
-        half = np.asarray(size, float) / viewer.camera.zoom / 2
-        centre = np.asarray(viewer.camera.center[-2:], float)
+        camera = viewer_camera(viewer)
+        half = np.asarray(size, float) / camera.zoom / 2
+        centre = np.asarray(camera.center[-2:], float)
         point = np.asarray(viewer.dims.point, float)
         lo, hi = point.copy(), point.copy()
         lo[-2:], hi[-2:] = centre - half, centre + half
