@@ -174,6 +174,9 @@ def test_save_version_and_start_from_prediction_on_a_stack(panel, qtbot, tmp_pat
     ann = widget.new_annotation_layer()
     ann.data[1, 0:3, 0:3] = 3  # a correction the fill must keep
     widget.start_from_prediction()
+    viewer.dims.set_point(0, 2)  # moving on meanwhile: the fill still lands on plane 1
+    widget.start_from_prediction()  # refused while the first one runs
+    assert "A run is going on" in widget.status.text()
     qtbot.waitUntil(lambda: widget.worker is None, timeout=30000)
     expected = predict(stack[1], state.model).argmax(0) + 1
     filled = ann.data[1]

@@ -126,6 +126,26 @@ def test_cancel_leaves_no_layer(panel, qtbot):
     assert "Cancelled" in widget.status.text()
 
 
+def test_result_follows_the_settings_and_model_of_its_run(panel, qtbot):
+    viewer, widget = panel
+    stack = np.random.default_rng(4).random((6, 200, 200)).astype(np.float32)
+    viewer.add_image(stack, name="stack")
+    widget.mode_combo.setCurrentText("labels")
+    widget.tile_spin.setValue(60)
+    model = widget.state.model
+    widget._on_run()
+    qtbot.waitUntil(lambda: "tile" in widget.status.text(), timeout=20000)
+    # changed while it runs: neither the output kind nor the model of this run change
+    widget.mode_combo.setCurrentText("probabilities")
+    widget.state.model = tiny_model("same")
+    widget._on_run()  # a second run is refused while the first goes on
+    assert "A run is going on" in widget.status.text()
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=60000)
+    assert [layer.name for layer in viewer.layers] == ["stack", "stack [unet labels]"]
+    out = viewer.layers["stack [unet labels]"].data
+    np.testing.assert_array_equal(out[2], predict(stack[2], model).argmax(0))
+
+
 @pytest.mark.parametrize(
     "data, message",
     [

@@ -99,6 +99,8 @@ class WorkerPanel(QWidget):
         from napari.qt.threading import create_worker
         from napari.utils import progress
 
+        if self.busy():
+            return None
         self._progress = progress(total=total, desc=desc) if activity else None
         self._shown = 0.0
         connect = {
@@ -113,6 +115,13 @@ class WorkerPanel(QWidget):
         self.cancel_button.setEnabled(True)
         worker.start()
         return worker
+
+    def busy(self) -> bool:
+        """Whether a run is going on (and then say so): one run per panel at a time."""
+        if self.worker is None:
+            return False
+        self.status.setText("A run is going on: wait for it to end, or press Cancel first.")
+        return True
 
     def _on_worker_yielded(self, value) -> None:
         if self.worker is None or self.worker.abort_requested:

@@ -229,6 +229,8 @@ class FinetunePanel(WorkerPanel):
     def start_from_prediction(self):
         """Fill the unpainted pixels of the current plane with the model's classes."""
         layer, model = self.image_layer(), self.state.model
+        if self.busy():  # its result would be taken for this fill's, or the reverse
+            return
         if layer is None or model is None:
             self.status.setText("Choose an image layer and load a model first.")
             return
@@ -242,7 +244,13 @@ class FinetunePanel(WorkerPanel):
         except ValueError as err:
             self._on_errored(err)
             return
-        self._fill_target = (targets[0], job)
+        # the plane shown now: the user may move on to another while the model runs
+        point = targets[0].world_to_data(self.viewer.dims.point)
+        shape = targets[0].data.shape
+        plane = tuple(
+            int(np.clip(round(point[k]), 0, shape[k] - 1)) for k in range(len(shape) - 2)
+        )
+        self._fill_target = (targets[0], plane)
         self._mode = "fill"
         options = SegmentOptions(
             mode="probabilities",
@@ -518,12 +526,13 @@ class FinetunePanel(WorkerPanel):
         )
 
     def _fill(self, probs) -> None:
-        layer, job = self._fill_target
+        layer, index = self._fill_target
         labels = np.asarray(probs).argmax(0).astype(layer.data.dtype) + 1
         data = np.array(layer.data)
-        point = layer.world_to_data(self.viewer.dims.point)
-        lead = range(data.ndim - 2)  # the current plane of a stack (a view into data)
-        plane = data[tuple(int(np.clip(round(point[k]), 0, data.shape[k] - 1)) for k in lead)]
+        if len(index) != data.ndim - 2 or any(i >= n for i, n in zip(index, data.shape)):
+            self.status.setText(f"'{layer.name}' changed shape meanwhile: nothing was filled.")
+            return
+        plane = data[index]  # the plane shown when the fill started (a view into data)
         labels = labels.reshape(plane.shape)
         empty = plane == 0
         plane[empty] = labels[empty]

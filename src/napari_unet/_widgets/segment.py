@@ -87,6 +87,7 @@ class SegmentPanel(WorkerPanel):
         form.addRow("Object diameter", self.diameter_spin)
         self.form.addLayout(form)
         self._job: LayerJob | None = None
+        self._run: tuple = (None, "")  # (model, output mode) of the run going on
         self.tile_spin.editingFinished.connect(self._on_tile_edited)
         self.mode_combo.currentTextChanged.connect(self._on_mode)
         self.rescale_check.toggled.connect(self.diameter_spin.setEnabled)
@@ -177,8 +178,11 @@ class SegmentPanel(WorkerPanel):
         except ValueError as err:
             self._on_errored(err)
             return
-        self._job = job
         opts = replace(self.options(), axes=job.axes, region=job.region)
+        if self.busy():
+            return
+        # the result is shown as asked now, whatever the controls or the model become meanwhile
+        self._job, self._run = job, (model, opts.mode)
         self.status.setText(f"Segmenting {layer.name}: {job.describe}")
         self.start(segment_iter, job.data, model, opts, desc=f"napari-unet: {layer.name}")
 
@@ -186,9 +190,8 @@ class SegmentPanel(WorkerPanel):
         self.status.setText(progress.message)
 
     def _on_returned(self, result: np.ndarray) -> None:
-        job, model = self._job, self.state.model
+        job, (model, mode) = self._job, self._run
         if job is None or model is None:
             return
-        mode = self.mode_combo.currentText()
         names = add_or_update(self.viewer, job, model, mode, result)
         self.status.setText(f"Done: {', '.join(names)}")
