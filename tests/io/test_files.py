@@ -141,6 +141,22 @@ def test_torchscript_with_and_without_metadata(tmp_path):
     np.testing.assert_allclose(predict(image, bare), ref, atol=1e-6)
 
 
+@pytest.mark.parametrize("meta", ['{"name": 1}', "not json", "[1, 2]", '{"geometry": 5}'])
+def test_bad_metadata_in_any_model_format_is_a_model_file_error(tmp_path, meta):
+    from safetensors.torch import save_file
+
+    model = tiny_model("valid", depth=2)
+    g = model.info.geometry
+    traced = torch.jit.trace(model.net, torch.rand(1, 1, g.min_input, g.min_input))
+    torch.jit.save(traced, str(tmp_path / "m.pt"), _extra_files={TORCHSCRIPT_META: meta})
+    torch.save({"state_dict": model.net.state_dict(), "napari_unet": meta}, tmp_path / "c.pth")
+    state = {k: v.contiguous() for k, v in model.net.state_dict().items()}
+    save_file(state, str(tmp_path / "m.safetensors"), {"napari_unet": meta})
+    for name in ("m.pt", "c.pth", "m.safetensors"):
+        with pytest.raises(ModelFileError, match=f"{name}: invalid napari-unet metadata"):
+            load_model(tmp_path / name)
+
+
 def test_bare_same_padding_torchscript_gets_a_measured_halo(tmp_path):
     model = tiny_model("same", depth=2)
     traced = torch.jit.trace(model.net, torch.rand(1, 1, 64, 64))

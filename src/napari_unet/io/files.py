@@ -158,11 +158,7 @@ def _load_safetensors(path: Path) -> LoadedModel:
         ) from None
     if META_KEY not in meta:
         raise ModelFileError(f"{path.name}: safetensors file without napari-unet metadata")
-    try:
-        info = ModelInfo.from_dict(json.loads(meta[META_KEY]))
-        config = UNetConfig.from_dict(info.architecture or {})
-    except (ValueError, TypeError, KeyError) as err:
-        raise ModelFileError(f"{path.name}: invalid napari-unet metadata ({err})") from None
+    info, config = _parse_metadata(path, meta[META_KEY])
     net = UNet(config)
     state = {k: (v.float() if v.is_floating_point() else v) for k, v in state.items()}
     try:
@@ -178,6 +174,19 @@ def _load_safetensors(path: Path) -> LoadedModel:
     return LoadedModel(net.eval(), info)
 
 
+def _parse_metadata(path: Path, text, architecture: bool = True):
+    """``(ModelInfo, UNetConfig or None)`` from a file's napari-unet metadata (JSON), or a
+    :class:`ModelFileError` naming the file: metadata is input like any other."""
+    try:
+        info = ModelInfo.from_dict(json.loads(text))
+        config = UNetConfig.from_dict(info.architecture or {}) if architecture else None
+    except (ValueError, TypeError, KeyError, AttributeError) as err:
+        raise ModelFileError(
+            f"{path.name}: invalid napari-unet metadata ({type(err).__name__}: {err})"
+        ) from None
+    return info, config
+
+
 def _load_torchscript(path: Path) -> LoadedModel:
     extra = {TORCHSCRIPT_META: ""}
     try:
@@ -187,7 +196,7 @@ def _load_torchscript(path: Path) -> LoadedModel:
         raise ModelFileError(f"{path.name}: cannot load as TorchScript ({msg})") from None
     net.eval()
     if extra[TORCHSCRIPT_META]:
-        info = ModelInfo.from_dict(json.loads(extra[TORCHSCRIPT_META]))
+        info, _ = _parse_metadata(path, extra[TORCHSCRIPT_META], architecture=False)
     else:
         info = probe_network(net, name=path.stem)
     info.source = str(path)
@@ -204,8 +213,8 @@ def _load_pickle(path: Path) -> LoadedModel:
             "refused for safety. Save its state_dict as .safetensors (or TorchScript) instead."
         ) from None
     if isinstance(obj, dict) and isinstance(obj.get(META_KEY), str) and "state_dict" in obj:
-        info = ModelInfo.from_dict(json.loads(obj[META_KEY]))
-        net = UNet(UNetConfig.from_dict(info.architecture or {}))
+        info, config = _parse_metadata(path, obj[META_KEY])
+        net = UNet(config)
         try:
             net.load_state_dict(obj["state_dict"], strict=True)
         except RuntimeError:
