@@ -97,6 +97,12 @@ def test_annotations_that_cannot_train_are_refused(paint, message):
         check_annotations(planes, CLASSES)
 
 
+def test_one_class_models_are_refused_with_a_message():
+    a = np.ones((10, 10), np.uint8)
+    with pytest.raises(ValueError, match="1 output class .*at least two"):
+        check_annotations([PaintedPlane(a.astype(np.float32), a, "x")], ["membrane"])
+
+
 def test_counts_per_class():
     a = np.zeros((10, 10), np.uint8)
     a[0, :3] = 1

@@ -99,6 +99,12 @@ def check_annotations(planes: Sequence[PaintedPlane], classes: Sequence[str]) ->
             "nothing is painted yet: paint a few strokes of each class on the annotation layer"
         )
     k = len(classes)
+    if k < 2:
+        raise ValueError(
+            f"this model has {k} output class{'es' if k != 1 else ''} "
+            f"({', '.join(classes) or 'none'}); fine-tuning paints and trains at least two "
+            "(e.g. background and foreground): load a model with two or more classes"
+        )
     counts = np.zeros(k + 1, np.int64)
     for p in planes:
         top = int(p.annotation.max())
