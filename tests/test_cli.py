@@ -316,3 +316,77 @@ def test_train_new_model_from_json_and_fine_tune_it(tmp_path, capsys):
     )
     assert "labels are empty" in capsys.readouterr().err
     assert not (tmp_path / "y.safetensors").exists()
+
+
+def test_outputs_that_would_replace_an_input_or_each_other_are_refused(
+    tmp_path, model_file, image, capsys
+):
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        tifffile.imwrite(tmp_path / folder / "img.tif", image)
+    out = tmp_path / "out"
+    rc = main(["predict", str(tmp_path / "a/img.tif"), str(tmp_path / "b/img.tif")]
+              + ["-m", str(model_file), "-o", str(out), "-q"])  # fmt: skip
+    assert rc == 1 and "would both be written to" in capsys.readouterr().err
+    assert not out.exists()  # refused before any work
+    src = tmp_path / "a/img.tif"
+    rc = main(["predict", str(src), "-m", str(model_file), "-o", str(src), "-q"])
+    assert rc == 1 and "is an input" in capsys.readouterr().err
+    np.testing.assert_array_equal(tifffile.imread(src), image)
+
+
+def _train_args(tmp_path, out, steps=50):
+    from napari_unet.core import synthetic
+
+    image, labels = synthetic.nuclei((64, 64), n=5, seed=2)
+    tifffile.imwrite(tmp_path / "img.tif", image)
+    tifffile.imwrite(tmp_path / "lab.tif", labels)
+    return ["train", "--images", str(tmp_path / "img.tif"), "--labels", str(tmp_path / "lab.tif"),
+            "-m", '{"depth": 2, "base_width": 4, "padding": "same"}', "--label-kind", "instances",
+            "-o", str(out), "--steps", str(steps), "--patch-size", "32", "--batch-size", "1",
+            "-q"]  # fmt: skip
+
+
+def test_train_refuses_an_unwritable_output_before_training(tmp_path, capsys, monkeypatch):
+    from napari_unet.core import training
+    from napari_unet.io import registry
+
+    def never(*args, **kwargs):
+        raise AssertionError("trained although the output cannot be written")
+
+    monkeypatch.setattr(training, "train_iter", never)
+    bundled = registry.bundled_path(registry.default_model())
+    assert main(_train_args(tmp_path, bundled)) == 1
+    assert "is a bundled model" in capsys.readouterr().err
+    (tmp_path / "dir.safetensors").mkdir()
+    assert main(_train_args(tmp_path, tmp_path / "dir.safetensors")) == 1
+    assert "is a folder" in capsys.readouterr().err
+
+
+def test_first_ctrl_c_stops_training_and_saves_the_result(tmp_path, capsys, monkeypatch):
+    import os
+    import signal
+
+    from napari_unet.core import training
+    from napari_unet.io import load_model
+
+    real = training.train_iter
+
+    def train_iter(*args, **kwargs):
+        """The real generator, with Ctrl-C pressed during step 2."""
+        gen = real(*args, **kwargs)
+        try:
+            while True:
+                step = next(gen)
+                if step.step == 2:
+                    os.kill(os.getpid(), signal.SIGINT)
+                yield step
+        except StopIteration as end:
+            return end.value
+
+    monkeypatch.setattr(training, "train_iter", train_iter)
+    out = tmp_path / "stopped.safetensors"
+    assert main(_train_args(tmp_path, out)) == 0
+    assert "stopped at step 3, saved" in capsys.readouterr().err
+    assert load_model(out).info.provenance["steps"] == 3
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored

@@ -6,7 +6,10 @@ Errors print one line (``napari-unet: error: ...``) and exit with status 1.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import signal
 import sys
+import threading
 from pathlib import Path
 
 MODES = ("probabilities", "labels", "instances")
@@ -188,15 +191,32 @@ def cmd_predict(args) -> int:
 
 
 def _targets(inputs, output, mode) -> list[tuple[str, Path]]:
+    """(input, output file) pairs; refused before any work if an output would replace
+    an input or another input's result."""
     suffix = ".tif"
     if output and len(inputs) == 1 and Path(output).suffix:
-        return [(inputs[0], Path(output))]
-    folder = Path(output) if output else None
-    if folder is not None and folder.suffix:
-        raise ValueError("several inputs need --output to be a folder")
-    return [
-        (src, (folder or Path(src).parent) / f"{Path(src).stem}_{mode}{suffix}") for src in inputs
-    ]
+        pairs = [(inputs[0], Path(output))]
+    else:
+        folder = Path(output) if output else None
+        if folder is not None and folder.suffix:
+            raise ValueError("several inputs need --output to be a folder")
+        pairs = [
+            (src, (folder or Path(src).parent) / f"{Path(src).stem}_{mode}{suffix}")
+            for src in inputs
+        ]
+    sources = {Path(src).resolve(): src for src in inputs}
+    seen: dict[Path, str] = {}
+    for src, dst in pairs:
+        where = dst.resolve()
+        if where in sources:
+            raise ValueError(f"{dst} is an input: the result would replace it")
+        if where in seen:
+            raise ValueError(
+                f"{seen[where]} and {src} would both be written to {dst}: "
+                "give them different names, or one --output folder each"
+            )
+        seen[where] = src
+    return pairs
 
 
 def _predict_one(image, model, dst: Path, args, label: str) -> None:
@@ -324,6 +344,7 @@ def cmd_train(args) -> int:
         raise ValueError(f"{len(args.images)} images but {len(args.labels)} label files")
     if not args.output.endswith(".safetensors"):
         raise ValueError("--output must end in .safetensors")
+    _check_writable(Path(args.output))  # before training, not after it
     model = _base_model(args.model, args.classes)
 
     def load(paths):
@@ -342,6 +363,7 @@ def cmd_train(args) -> int:
     given = {k: v for k, v in given.items() if v is not None}
     make = TrainConfig.finetune if args.finetune else TrainConfig
     cfg = make(**given, device=args.device, seed=args.seed)
+    stop = threading.Event()
     gen = train_iter(
         model,
         load(args.images),
@@ -352,22 +374,66 @@ def cmd_train(args) -> int:
         val_labels=load(args.val_labels),
         data_name=", ".join(Path(p).name for p in args.images),
         unlabelled=load(args.unlabelled),
+        should_stop=stop.is_set,
     )
     bar = tqdm(total=cfg.steps, unit="step", disable=args.quiet, file=sys.stderr)
     try:
-        while True:
-            try:
-                step = next(gen)
-            except StopIteration as stop:
-                result = stop.value
-                break
-            bar.update(1)
-            bar.set_postfix(loss=f"{step.loss:.4f}", **step.metrics)
+        with _first_interrupt_stops(stop):
+            while True:
+                try:
+                    step = next(gen)
+                except StopIteration as end:
+                    result = end.value
+                    break
+                bar.update(1)
+                bar.set_postfix(loss=f"{step.loss:.4f}", **step.metrics)
     finally:
         bar.close()
     save_model(result, args.output)
-    print(f"saved {args.output}", file=sys.stderr)
+    done = f"stopped at step {result.info.provenance.get('steps')}, " if stop.is_set() else ""
+    print(f"{done}saved {args.output}", file=sys.stderr)
     return 0
+
+
+def _check_writable(path: Path) -> None:
+    """Refuse an output that cannot be written (a bundled model, a folder without write
+    permission) before hours of training, not after them."""
+    import tempfile
+
+    from napari_unet.io import registry
+
+    if registry.is_bundled(path):
+        raise ValueError(f"{path.name} is a bundled model: write the result elsewhere")
+    if path.is_dir():
+        raise ValueError(f"{path} is a folder: give a file name ending in .safetensors")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".probe"):
+        pass
+
+
+@contextlib.contextmanager
+def _first_interrupt_stops(stop: threading.Event):
+    """Ctrl-C once: training ends after the current step and its result is saved;
+    twice: abort without saving."""
+
+    def handler(signum, frame):
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+        print(
+            "\nnapari-unet: stopping after this step and saving (Ctrl-C again to abort)",
+            file=sys.stderr,
+        )
+
+    try:
+        previous = signal.signal(signal.SIGINT, handler)
+    except ValueError:  # not the main thread: Ctrl-C keeps its default meaning
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 COMMANDS = {
