@@ -5,6 +5,7 @@ import pytest
 
 from conftest import tiny_model
 from napari_unet._widgets._layers import viewer_camera
+from napari_unet.core.axes import resolve_axes
 from napari_unet.core.postprocess import instances
 from napari_unet.core.tiling import predict
 
@@ -256,3 +257,26 @@ def test_object_size_rescaling_follows_the_model(panel, qtbot, image):
     np.testing.assert_allclose(np.asarray(out), expected[1], atol=1e-5)
     widget.rescale_check.setChecked(False)
     assert widget.options().diameter is None and not widget.diameter_spin.isEnabled()
+
+
+@pytest.mark.parametrize(
+    "shape, scale, translate, placed",
+    [
+        ((40, 50, 2), (2, 3, 1), (10, 20, 0), ((2, 3), (10, 20))),  # YXC, not RGB
+        ((3, 2, 40, 50), (5, 1, 2, 3), (100, 0, 10, 20), ((5, 2, 3), (100, 10, 20))),  # ZCYX
+        ((2, 40, 50), (1, 2, 3), (0, 10, 20), ((2, 3), (10, 20))),  # CYX
+    ],
+)
+def test_results_of_multichannel_layers_land_on_the_image(shape, scale, translate, placed):
+    from napari.layers import Image
+
+    from napari_unet._widgets._layers import _visible_region, job_for_layer
+
+    data = np.random.default_rng(7).random(shape).astype(np.float32)
+    layer = Image(data, rgb=False, scale=scale, translate=translate)
+    model = tiny_model("same", channels=2)
+    job = job_for_layer(layer, model)
+    assert (job.scale, job.translate) == placed
+    if job.axes.endswith("YX"):  # shown in 2D: the region (no viewer: the layer's corner
+        axes = resolve_axes(shape, job.axes, 2)  # pixels) is in Y and X, not C
+        assert _visible_region(layer, axes, None) == (0, 40, 0, 50)

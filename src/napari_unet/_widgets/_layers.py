@@ -40,7 +40,9 @@ def job_for_layer(layer, model, viewer=None, current_plane=False, visible=False)
     else:
         axes = resolve_axes(tuple(data.shape), None, model.info.in_channels)
         spatial_scale = tuple(s for s, a in zip(layer.scale, axes.axes) if a != "C")
-    translate_full = list(layer.translate)[-len(spatial_scale) :]
+    # the layer's own axes but a channel axis (wherever it is: CYX, YXC, ZCYX...)
+    translate_full = [t for t, a in zip(layer.translate, axes.axes) if a != "C"]
+    translate_full = translate_full[-len(spatial_scale) :]
     scale = list(spatial_scale)
     translate = translate_full
     lead = axes.leading
@@ -94,7 +96,7 @@ def _visible_region(layer, axes, viewer) -> tuple[int, int, int, int]:
         lo[-2:], hi[-2:] = centre - half, centre + half
         corners = np.stack([layer.world_to_data(lo), layer.world_to_data(hi)])
         corners = np.sort(corners, axis=0)
-    iy, ix = layer.ndim - 2, layer.ndim - 1
+    iy, ix = axes.axes.index("Y"), axes.axes.index("X")  # layer axes (YXC: not the last two)
     h, w = axes.yx
     y0, y1 = (
         int(np.clip(np.floor(corners[0, iy]), 0, h)),
