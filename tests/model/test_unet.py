@@ -69,3 +69,22 @@ def test_config_round_trip_and_unknown_keys():
     assert UNetConfig.from_dict(c.to_dict()) == c
     with pytest.raises(ValueError, match="unknown U-Net configuration keys"):
         UNetConfig.from_dict({**c.to_dict(), "heads": 2})
+
+
+@pytest.mark.parametrize("norm", ["batch", "none"])
+def test_for_inference_never_moves_or_changes_the_callers_unet(norm):
+    from napari_unet.model.unet import for_inference
+
+    net = UNet(UNetConfig(depth=2, base_width=4, padding="same", norm=norm)).eval()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    x = torch.rand(1, 1, 32, 32)
+    with torch.no_grad():
+        ref = net(x)
+    moved = for_inference(net, torch.device("meta"))  # as to a GPU: a copy goes there
+    assert moved is not net and next(moved.parameters()).device.type == "meta"
+    assert all(p.device.type == "cpu" for p in net.parameters())
+    assert all(p.is_contiguous() for p in net.parameters())  # layout unchanged
+    assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())
+    fast = for_inference(net, torch.device("cpu"))
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x.contiguous(memory_format=torch.channels_last)), ref)

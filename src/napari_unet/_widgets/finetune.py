@@ -324,7 +324,7 @@ class FinetunePanel(WorkerPanel):
                 from napari_unet.io.files import save_model
 
                 save_model(model, path)
-        except (OSError, ValueError) as err:
+        except (OSError, ValueError, RuntimeError) as err:  # RuntimeError: torch (tracing)
             self._on_errored(err)
             return
         self.status.setText(f"Saved {self.versions.versions[row].label} to {path}")

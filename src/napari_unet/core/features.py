@@ -124,7 +124,7 @@ def capture_iter(
     tile, (sy, sx) = _input_tile(image, ax, model, plane, (y0, y1, x0, x1))
     grid = _grid(model.net, model)
     dev = resolve_device(device)
-    net = for_inference(model.net.to(dev), dev)  # a copy for project U-Nets
+    net = for_inference(model.net, dev)  # a copy for project U-Nets
     captured: dict[str, torch.Tensor] = {}
     handles = [getattr(net, name).register_forward_hook(_keep(captured, name)) for name in stages]
     try:

@@ -257,7 +257,7 @@ def predict_iter(
         tile = auto_t
     batch = max(1, int(batch_size or auto_b))
     out = _allocate(out, output, info.num_classes, ax.leading_shape, yx)
-    model = LoadedModel(for_inference(model.net.to(dev), dev), info)
+    model = LoadedModel(for_inference(model.net, dev), info)
     while True:
         grid = (yx[0] + shift[0], yx[1] + shift[1])
         plan = plan_tiles(grid, info.geometry, tile, info.fixed_input)

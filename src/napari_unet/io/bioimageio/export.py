@@ -330,7 +330,7 @@ def export_package(
     out_zip = Path(out_zip)
     if out_zip.suffix != ".zip":
         raise ModelFileError(f"a bioimage.io package is a .zip, got {out_zip.name!r}")
-    net = copy.deepcopy(model.net).float().eval()
+    net = copy.deepcopy(model.net).float().cpu().eval()
     info = replace(model.info, normalization=norm.validate(model.info.normalization))
     names = {
         "torchscript": "weights_torchscript.pt",
