@@ -280,3 +280,26 @@ def test_results_of_multichannel_layers_land_on_the_image(shape, scale, translat
     if job.axes.endswith("YX"):  # shown in 2D: the region (no viewer: the layer's corner
         axes = resolve_axes(shape, job.axes, 2)  # pixels) is in Y and X, not C
         assert _visible_region(layer, axes, None) == (0, 40, 0, 50)
+
+
+def test_a_result_corrected_by_hand_or_a_user_layer_is_never_overwritten(panel, qtbot, image):
+    viewer, widget = panel
+    viewer.add_image(image, name="img")
+    widget.mode_combo.setCurrentText("labels")
+    _run(qtbot, widget)
+    first = viewer.layers["img [unet labels]"]
+    first.data[0:5, 0:5] = 7  # a painted correction (in place, as napari's brush does)
+    corrected = first.data.copy()
+    _run(qtbot, widget)
+    assert viewer.layers["img [unet labels]"] is first
+    np.testing.assert_array_equal(first.data, corrected)
+    assert "img [unet labels] [1]" in widget.status.text() and "kept" in widget.status.text()
+    # an unedited result is updated in place
+    _run(qtbot, widget)
+    assert len(viewer.layers) == 3
+    # a layer of the user's that happens to have a result's name is kept too
+    viewer.add_points(np.zeros((1, 2)), name="img [unet instances]")
+    widget.mode_combo.setCurrentText("instances")
+    _run(qtbot, widget)
+    assert viewer.layers["img [unet instances]"]._type_string == "points"
+    assert "img [unet instances] [1]" in [layer.name for layer in viewer.layers]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -115,39 +117,64 @@ def result_name(source: str, model_name: str, what: str) -> str:
     return f"{source} [{model_name} {what}]"
 
 
-def add_or_update(viewer, job: LayerJob, model, mode: str, result: np.ndarray) -> list[str]:
-    """Show a result; a layer of the same name is updated instead of duplicated."""
+RESULT_KEY = "napari_unet_result"  # layer metadata: checksum of the result as written
+
+
+def add_or_update(
+    viewer, job: LayerJob, model, mode: str, result: np.ndarray
+) -> tuple[list[str], list[str]]:
+    """Show a result; an earlier result of the same name is updated instead of duplicated,
+    unless it was edited since (painted corrections) or is not a result at all: those are
+    kept, and the new result gets a layer of its own. Returns the result layers' names
+    and those of the layers kept."""
     info = model.info
     kw = {"scale": job.scale, "translate": job.translate}
     if mode == "probabilities":
-        names = []
-        for k, cls in enumerate(info.classes):
-            name = result_name(job.layer_name, info.name, cls)
-            cmap = COLORMAPS[k % len(COLORMAPS)]
+        wanted = [result_name(job.layer_name, info.name, c) for c in info.classes]
+        names = [
             _put(
                 viewer,
                 "image",
                 name,
                 result[k],
                 kw,
-                colormap=cmap,
+                colormap=COLORMAPS[k % len(COLORMAPS)],
                 blending="additive",
                 contrast_limits=(0.0, 1.0),
                 visible=k > 0,
             )
-            names.append(name)
-        return names
-    name = result_name(job.layer_name, info.name, mode)
-    _put(viewer, "labels", name, result, kw)
-    return [name]
+            for k, name in enumerate(wanted)
+        ]
+    else:
+        wanted = [result_name(job.layer_name, info.name, mode)]
+        names = [_put(viewer, "labels", wanted[0], result, kw)]
+    return names, [w for w, n in zip(wanted, names) if n != w]
 
 
-def _put(viewer, kind: str, name: str, data, kw: dict, **style) -> None:
-    if name in viewer.layers and viewer.layers[name]._type_string == kind:
-        layer = viewer.layers[name]
-        layer.data = data
-        layer.scale, layer.translate = kw["scale"], kw["translate"]
-        return
-    if name in viewer.layers:
-        viewer.layers.remove(name)
-    getattr(viewer, f"add_{kind}")(data, name=name, **kw, **style)
+def _put(viewer, kind: str, name: str, data, kw: dict, **style) -> str:
+    """Update or add the result layer ``name``; return the name the result got."""
+    family = [
+        layer
+        for layer in viewer.layers
+        if layer.name == name or re.fullmatch(re.escape(name) + r" \[\d+\]", layer.name)
+    ]  # the result and the copies made when it was edited ("name [1]", ...)
+    old = next((la for la in family if la._type_string == kind and _unedited_result(la)), None)
+    if old is not None:
+        old.data = data
+        old.scale, old.translate = kw["scale"], kw["translate"]
+        old.metadata[RESULT_KEY] = _checksum(old.data)
+        return old.name
+    # napari names a layer "name [1]" when "name" is taken
+    layer = getattr(viewer, f"add_{kind}")(data, name=name, **kw, **style)
+    layer.metadata[RESULT_KEY] = _checksum(layer.data)
+    return layer.name
+
+
+def _checksum(data) -> int | None:
+    return zlib.crc32(np.ascontiguousarray(data)) if isinstance(data, np.ndarray) else None
+
+
+def _unedited_result(layer) -> bool:
+    """Whether ``layer`` holds a result exactly as this plugin wrote it."""
+    written = layer.metadata.get(RESULT_KEY)
+    return written is not None and written == _checksum(layer.data)

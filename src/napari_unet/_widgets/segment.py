@@ -193,5 +193,11 @@ class SegmentPanel(WorkerPanel):
         job, (model, mode) = self._job, self._run
         if job is None or model is None:
             return
-        names = add_or_update(self.viewer, job, model, mode, result)
-        self.status.setText(f"Done: {', '.join(names)}")
+        names, kept = add_or_update(self.viewer, job, model, mode, result)
+        note = ""
+        if kept:
+            note = (
+                f" ({', '.join(repr(k) for k in kept)} changed since it was written, or is "
+                "not a result: kept as it is)"
+            )
+        self.status.setText(f"Done: {', '.join(names)}{note}")
