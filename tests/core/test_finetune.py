@@ -284,3 +284,30 @@ def test_finetune_at_the_model_object_size_rescales_planes_and_previews(case, mo
     # models without an object size, or no diameter: the planes' own scale
     plain = run_to_end(finetune_iter(tiny_model("same", depth=2), planes, [], cfg, diameter=12))
     assert plain.scales == () and sizes[-1] == ((128, 128), (128, 128))
+
+
+def test_pairs_are_read_and_checked_inside_the_generator(case):
+    from napari_unet.core.finetune import Collected, Finished, finetune_pairs_iter
+    from napari_unet.core.training import TrainStep
+
+    image, _, strokes = case
+    model = tiny_model("same", depth=2)
+    cfg = TrainConfig.finetune(steps=3, patch_size=64, max_seconds=None, device="cpu")
+    gen = finetune_pairs_iter(model, [(image, np.zeros_like(strokes), "img", "sparse")], cfg)
+    with pytest.raises(ValueError, match="nothing is painted"):  # on the first next()
+        next(gen)
+    gen = finetune_pairs_iter(model, [(image, strokes, "img", "sparse")], cfg)
+    first = next(gen)
+    counts = np.bincount(strokes.ravel(), minlength=4)[1:]
+    assert isinstance(first, Collected) and first.planes == 1
+    assert first.painted == dict(zip(CLASSES, counts.tolist()))
+    steps = []
+    try:
+        while True:
+            steps.append(next(gen))
+    except StopIteration as end:
+        done = end.value
+    assert [s.step for s in steps if isinstance(s, TrainStep)] == [1, 2, 3]
+    assert isinstance(done, Finished) and done.steps == 3
+    assert done.model.info.provenance["training_data"] == first.data_name
+    assert first.data_name.startswith("1 painted plane(s) (") and first.data_name.endswith(": img")

@@ -74,12 +74,15 @@ def test_empty_and_single_class_annotations_are_refused(panel, nuclei, qtbot):
     widget._on_run()
     assert "no annotation layer" in widget.status.text()
     ann = widget.new_annotation_layer()
+    # the paint is read and checked in the worker (large stacks never block the GUI)
     widget._on_run()
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=10000)
     assert "nothing is painted" in widget.status.text()
     ann.data[5:10, 5:10] = 1
     widget._on_run()
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=10000)
     assert "only 'background' is painted" in widget.status.text()
-    assert widget.worker is None and len(widget.versions.versions) == 1
+    assert len(widget.versions.versions) == 1 and widget.run_button.isEnabled()
 
 
 def test_train_adds_a_version_previews_and_leaves_base_and_layers_alone(panel, nuclei, qtbot):

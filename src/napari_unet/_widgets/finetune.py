@@ -28,7 +28,7 @@ from qtpy.QtWidgets import (
 from napari_unet._widgets._base import WorkerPanel
 from napari_unet._widgets._layers import job_for_layer
 from napari_unet._widgets._loss_plot import LossPlot
-from napari_unet.core.finetune import Finished, Preview
+from napari_unet.core.finetune import Collected, Finished, Preview
 
 ANNOTATION_KEY = "napari_unet_annotates"  # layer.metadata: name of the image it annotates
 KIND_KEY = "napari_unet_kind"  # layer.metadata: "sparse" (painted classes) or "instances"
@@ -353,11 +353,10 @@ class FinetunePanel(WorkerPanel):
             device=self.state.device,
         )
 
-    def collect(self, model):
-        """Painted planes of every annotation layer (all images), checked."""
-        from napari_unet.core.finetune import check_annotations, painted_planes
-        from napari_unet.core.targets import convention
-
+    def annotation_pairs(self, model):
+        """``(image data, annotation, image name, kind)`` of every annotation layer (all
+        images): references to the image data (read later, in the worker) and a copy of
+        the paint as it is now (painting on while it trains changes nothing)."""
         layers = self.annotation_layers()
         if not layers:
             raise ValueError("no annotation layer: press 'New annotation layer' and paint")
@@ -369,24 +368,26 @@ class FinetunePanel(WorkerPanel):
                     f"annotation layer {ann.name!r} belongs to image {name!r}, which is gone"
                 )
             job = job_for_layer(self.viewer.layers[name], model, self.viewer)
-            kind = ann.metadata.get(KIND_KEY, "sparse")
-            pairs.append((job.data, np.asarray(ann.data), name, kind))
-        planes, unpainted = painted_planes(
-            pairs,
-            model.info.in_channels,
-            num_classes=model.info.num_classes,
-            convention=convention(model.info),
-        )
-        painted = check_annotations(planes, model.info.classes)
-        return planes, unpainted, painted
+            paint = ann.data.copy() if isinstance(ann.data, np.ndarray) else ann.data
+            pairs.append((job.data, paint, name, ann.metadata.get(KIND_KEY, "sparse")))
+        return pairs
+
+    def collect(self, model):
+        """Painted planes of every annotation layer (all images), checked."""
+        from napari_unet.core.finetune import collect_planes
+
+        planes, unpainted, collected = collect_planes(model, self.annotation_pairs(model))
+        return planes, unpainted, collected.painted
 
     def _on_run(self) -> None:
         layer, model = self.image_layer(), self.state.model
         if self.versions is None or model is None:
             self.status.setText("Load a model in the napari-unet model panel first.")
             return
+        if self.busy():
+            return
         try:
-            planes, unpainted, painted = self.collect(model)
+            pairs = self.annotation_pairs(model)
             cfg = self.config()
             preview = None
             if layer is not None and self.preview_spin.value():
@@ -396,28 +397,22 @@ class FinetunePanel(WorkerPanel):
             return
         self._parent = self.versions.current
         self._run_versions = self.versions
-        self._painted = painted
+        self._painted = {}
         self._preview_job = preview
         self.loss_plot.reset()
         self._stop.clear()
         self._mode = "train"
-        what = ", ".join(f"{v} px {k}" for k, v in painted.items())
-        data_name = f"{len(planes)} painted plane(s) ({what}): " + "; ".join(
-            sorted({p.source for p in planes})
-        )
-        self.status.setText(f"Training on {what}...")
-        from napari_unet.core.finetune import finetune_iter
+        self.status.setText("Reading the annotations...")
+        from napari_unet.core.finetune import finetune_pairs_iter
 
         self.start(
-            finetune_iter,
+            finetune_pairs_iter,
             model,
-            planes,
-            unpainted,
+            pairs,
             cfg,
             preview=None if preview is None else (preview.data, preview.axes, preview.region),
             preview_every=self.preview_spin.value(),
             should_stop=self._stop.is_set,
-            data_name=data_name,
             diameter=_diameter(model),
             total=cfg.steps,
             desc="napari-unet: fine-tuning",
@@ -460,7 +455,11 @@ class FinetunePanel(WorkerPanel):
     def _on_yielded(self, value) -> None:
         from napari_unet.core.training import TrainStep
 
-        if isinstance(value, TrainStep):
+        if isinstance(value, Collected):
+            self._painted = value.painted
+            what = ", ".join(f"{v} px {k}" for k, v in value.painted.items())
+            self.status.setText(f"Training on {what}...")
+        elif isinstance(value, TrainStep):
             if not self.loss_plot.add(value.step, value.loss):
                 return  # the plot and the text refresh together, a few times a second
             rate = value.step / value.elapsed if value.elapsed else 0.0

@@ -227,6 +227,50 @@ def finetune_iter(
     )
 
 
+@dataclass
+class Collected:
+    """The annotations a fine-tuning run found (the first thing it reports)."""
+
+    planes: int
+    painted: dict  # painted pixels per class name
+    data_name: str  # what the provenance calls the training data
+
+
+def collect_planes(model: LoadedModel, pairs: Sequence[tuple]):
+    """Painted planes, unpainted planes, painted pixels per class and a description of
+    ``(image, annotation, name, kind)`` pairs, checked as fine-tuning ``model`` needs."""
+    from napari_unet.core.targets import convention
+
+    planes, unpainted = painted_planes(
+        pairs,
+        model.info.in_channels,
+        num_classes=model.info.num_classes,
+        convention=convention(model.info),
+    )
+    painted = check_annotations(planes, model.info.classes)
+    what = ", ".join(f"{v} px {k}" for k, v in painted.items())
+    sources = "; ".join(sorted({p.source for p in planes}))
+    return (
+        planes,
+        unpainted,
+        Collected(len(planes), painted, f"{len(planes)} painted plane(s) ({what}): {sources}"),
+    )
+
+
+def finetune_pairs_iter(model: LoadedModel, pairs: Sequence[tuple], cfg, **kwargs):
+    """:func:`finetune_iter` on ``(image, annotation, name, kind)`` pairs: the planes are
+    cut and checked first, inside the generator (so in a GUI's worker thread: lazy stacks
+    are read and instance masks turned into classes there, not in the event loop), and
+    reported as a :class:`Collected` before the first step."""
+    planes, unpainted, collected = collect_planes(model, pairs)
+    yield collected
+    return (
+        yield from finetune_iter(
+            model, planes, unpainted, cfg, data_name=collected.data_name, **kwargs
+        )
+    )
+
+
 def rescaled_plane(plane: PaintedPlane, factor: float) -> PaintedPlane:
     """``plane`` resized by ``factor`` in Y and X (image linear, paint nearest)."""
     if factor == 1.0:
