@@ -146,6 +146,7 @@ def test_progress_reaches_total(valid_model):
         (np.zeros((8, 8), bool), "booleans"),
         (np.zeros((8, 8), complex), "dtype complex128"),
         (np.zeros((30, 30, 3)), "RGB"),
+        (np.zeros((30, 30, 2)), "alpha channel"),
     ],
 )
 def test_bad_images_give_clear_errors(image, message, valid_model):
@@ -169,7 +170,15 @@ def test_wrong_output_shape_and_bad_region(valid_model):
         predict(image, valid_model, region=(0, 30, 0, 10))
 
 
-def test_out_of_memory_retries_with_smaller_batches_and_tiles(monkeypatch, valid_model):
+@pytest.mark.parametrize(
+    "message",
+    [
+        "CUDA out of memory. Tried to allocate 2.00 GiB",
+        "[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate "
+        "memory: you tried to allocate 8589934592 bytes. Error code 12",
+    ],
+)
+def test_out_of_memory_retries_with_smaller_batches_and_tiles(message, valid_model):
     import torch
 
     calls = []
@@ -179,7 +188,7 @@ def test_out_of_memory_retries_with_smaller_batches_and_tiles(monkeypatch, valid
         def forward(self, x):
             calls.append(tuple(x.shape))
             if x.shape[0] > 1 or x.shape[-1] > 100:
-                raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+                raise RuntimeError(message)
             return net(x)
 
     flaky = valid_model.with_info()

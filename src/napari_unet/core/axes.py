@@ -122,6 +122,11 @@ def _guess_axes(shape: tuple[int, ...], in_channels: int) -> str:
             f"shape {shape} looks like an RGB(A) image but the model takes one channel; "
             "convert it to grayscale, or pass axes explicitly (e.g. 'ZYX')"
         )
+    if in_channels == 1 and nd == 3 and shape[-1] == 2 and shape[-2] > 4:
+        raise AxesError(
+            f"shape {shape} looks like a grayscale image with an alpha channel; drop the "
+            "alpha channel (image[..., 0]), or pass axes explicitly (e.g. 'ZYX')"
+        )
     return _leading(nd - 2) + "YX"
 
 

@@ -66,6 +66,11 @@ def free_memory(device: torch.device) -> int:
 
 def is_oom(err: BaseException) -> bool:
     """Whether an exception is an out-of-memory error from torch."""
-    if isinstance(err, torch.cuda.OutOfMemoryError):
+    if isinstance(err, (torch.cuda.OutOfMemoryError, MemoryError)):
         return True
-    return isinstance(err, RuntimeError) and "out of memory" in str(err).lower()
+    text = str(err).lower()
+    # CUDA / MPS say "out of memory"; the CPU allocator "DefaultCPUAllocator: can't
+    # allocate memory: you tried to allocate ..."
+    return isinstance(err, RuntimeError) and (
+        "out of memory" in text or "can't allocate memory" in text
+    )
