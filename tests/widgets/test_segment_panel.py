@@ -303,3 +303,18 @@ def test_a_result_corrected_by_hand_or_a_user_layer_is_never_overwritten(panel, 
     _run(qtbot, widget)
     assert viewer.layers["img [unet instances]"]._type_string == "points"
     assert "img [unet instances] [1]" in [layer.name for layer in viewer.layers]
+
+
+def test_image_list_holds_every_input_image_and_follows_renames(panel, qtbot, image):
+    viewer, widget = panel
+    viewer.add_image(image, name="well")
+    viewer.add_image(image, name="well")  # napari calls the second one "well [1]"
+    items = lambda: [widget.layer_combo.itemText(i) for i in range(widget.layer_combo.count())]  # noqa: E731
+    assert items() == ["well", "well [1]"]
+    widget.layer_combo.setCurrentText("well [1]")
+    widget.mode_combo.setCurrentText("probabilities")
+    _run(qtbot, widget)
+    assert "well [1] [unet interior]" in viewer.layers
+    assert items() == ["well", "well [1]"]  # results are not inputs
+    viewer.layers["well [1]"].name = "well B"
+    assert items() == ["well", "well B"]

@@ -61,12 +61,14 @@ class WorkerPanel(QWidget):
     def _on_layers_changed(self, event=None) -> None:
         from napari.layers import Image
 
+        from napari_unet._widgets._layers import is_output
+
         current = self.layer_combo.currentText()
-        names = [
-            layer.name
-            for layer in self.viewer.layers
-            if isinstance(layer, Image) and "[" not in layer.name  # not our own outputs
-        ]
+        names = []
+        for layer in self.viewer.layers:
+            layer.events.name.connect(self._on_layers_changed)  # renamed: listed anew
+            if isinstance(layer, Image) and not is_output(layer):
+                names.append(layer.name)
         self.layer_combo.blockSignals(True)
         self.layer_combo.clear()
         self.layer_combo.addItems(names)

@@ -118,6 +118,12 @@ def result_name(source: str, model_name: str, what: str) -> str:
 
 
 RESULT_KEY = "napari_unet_result"  # layer metadata: checksum of the result as written
+OUTPUT_KEY = "napari_unet_output"  # layer metadata of other outputs (feature maps)
+
+
+def is_output(layer) -> bool:
+    """Whether ``layer`` is one of this plugin's outputs (not an input image)."""
+    return RESULT_KEY in layer.metadata or OUTPUT_KEY in layer.metadata
 
 
 def add_or_update(
@@ -165,7 +171,9 @@ def _put(viewer, kind: str, name: str, data, kw: dict, **style) -> str:
         old.metadata[RESULT_KEY] = _checksum(old.data)
         return old.name
     # napari names a layer "name [1]" when "name" is taken
-    layer = getattr(viewer, f"add_{kind}")(data, name=name, **kw, **style)
+    # marked from the start: panels that list input images hear of it while it is added
+    mark = {RESULT_KEY: _checksum(data)}
+    layer = getattr(viewer, f"add_{kind}")(data, name=name, metadata=mark, **kw, **style)
     layer.metadata[RESULT_KEY] = _checksum(layer.data)
     return layer.name
 

@@ -13,6 +13,7 @@ from qtpy.QtWidgets import (
 )
 
 from napari_unet._widgets._base import WorkerPanel
+from napari_unet._widgets._layers import OUTPUT_KEY
 
 MEMORY_LIMIT_MB = 512
 
@@ -124,23 +125,25 @@ class FeatureMapPanel(WorkerPanel):
                 colormap="inferno",
                 blending="additive",
                 contrast_limits=_limits(fm.data),
-                metadata={"stage": name, "channels": fm.channels.tolist()},
+                metadata={
+                    "stage": name,
+                    "channels": fm.channels.tolist(),
+                    OUTPUT_KEY: "feature map",
+                },
                 # one stage on screen (additive maps of all stages are unreadable, and
                 # hidden layers are cheap to add); the eye icons show the others
                 visible=i == len(maps) - 1,
             )
-            if (
-                layer_name in self.viewer.layers
-                and data.ndim == self.viewer.layers[layer_name].ndim
-            ):
+            old = self.viewer.layers[layer_name] if layer_name in self.viewer.layers else None  # noqa: SIM401
+            if old is not None and OUTPUT_KEY in old.metadata and data.ndim == old.ndim:
                 # update in place: removing a layer from the canvas is slower than adding it
-                layer = self.viewer.layers[layer_name]
-                layer.data = data
+                old.data = data
                 for key in ("scale", "translate", "contrast_limits", "metadata", "visible"):
-                    setattr(layer, key, kw[key])
+                    setattr(old, key, kw[key])
                 continue
-            if layer_name in self.viewer.layers:
-                self.viewer.layers.remove(layer_name)
+            if old is not None and OUTPUT_KEY in old.metadata:
+                self.viewer.layers.remove(old)
+            # a layer of the user's with this name stays: napari names this one "... [1]"
             self.viewer.add_image(data, name=layer_name, **kw)
         self.status.setText(
             f"{len(maps)} stage(s) added, the last one visible (eye icons show the others); "
