@@ -191,6 +191,15 @@ def test_rgb_layer_is_converted_to_gray(panel, qtbot):
     np.testing.assert_array_equal(
         viewer.layers["rgb [unet labels]"].data, predict(gray, tiny_model("valid")).argmax(0)
     )
+    # a stack: nothing is converted until the worker reads a plane
+    from napari_unet._widgets._layers import job_for_layer
+
+    movie = np.random.default_rng(5).integers(0, 255, (50, 64, 64, 3), np.uint8)
+    job = job_for_layer(viewer.add_image(movie, name="movie", rgb=True), widget.state.model)
+    assert hasattr(job.data, "dask") and job.data.shape == (50, 64, 64)
+    np.testing.assert_allclose(
+        np.asarray(job.data[7]), movie[7].astype(np.float32) @ [0.299, 0.587, 0.114], rtol=1e-5
+    )
 
 
 def test_viewer_stays_responsive_during_prediction(panel, qtbot):

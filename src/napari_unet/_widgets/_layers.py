@@ -9,7 +9,6 @@ from dataclasses import dataclass
 import numpy as np
 
 from napari_unet.core.axes import resolve_axes
-from napari_unet.core.segment import rgb_to_gray
 
 COLORMAPS = ["gray", "green", "magenta", "cyan", "yellow", "red", "blue"]
 
@@ -33,7 +32,7 @@ def job_for_layer(layer, model, viewer=None, current_plane=False, visible=False)
     notes = []
     if getattr(layer, "rgb", False):
         if model.info.in_channels == 1:
-            data = rgb_to_gray(data) if not hasattr(data, "dask") else _dask_gray(data)
+            data = _lazy_gray(data)  # converted where it is read (in the worker)
             notes.append("RGB converted to grayscale")
             spatial_scale = tuple(layer.scale)
         else:
@@ -70,7 +69,14 @@ def job_for_layer(layer, model, viewer=None, current_plane=False, visible=False)
     return LayerJob(layer.name, data, axes.axes, region, tuple(scale), tuple(translate), text)
 
 
-def _dask_gray(data):
+def _lazy_gray(data):
+    """Luminance of an RGB(A) layer (ITU-R 601, as ``rgb_to_gray``), computed block by block
+    when read: describing or choosing a layer costs nothing, the GUI thread converts nothing."""
+    import dask.array as da
+
+    if not hasattr(data, "dask"):
+        # one chunk per plane: a plane is read (and converted) at a time
+        data = da.from_array(data, chunks=(1,) * (data.ndim - 3) + tuple(data.shape[-3:]))
     weights = np.array([0.299, 0.587, 0.114], np.float32)
     return (data[..., :3].astype(np.float32) * weights).sum(axis=-1)
 
