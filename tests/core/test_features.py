@@ -78,6 +78,7 @@ def test_top_channels_float16_and_memory_estimate():
     assert set(top.channels) == set(np.argsort(-variances)[:3])
     est = estimate_bytes(model, ["enc1"], (48, 48))
     assert est >= full.data.nbytes
+    assert est * 3 / full.data.shape[0] == estimate_bytes(model, ["enc1"], (48, 48), 3)
 
 
 def test_stage_grid_matches_the_paper_geometry():

@@ -54,4 +54,20 @@ def test_memory_limit_asks_for_fewer_channels(panel, monkeypatch):
     monkeypatch.setattr(fmod, "MEMORY_LIMIT_MB", 0.001)
     widget._on_run()
     assert "MB of feature maps" in widget.status.text() and widget.worker is None
+    widget.channels_spin.setValue(4)  # a few top channels are counted too, not waved through
+    widget._on_run()
+    assert "MB of feature maps" in widget.status.text() and widget.worker is None
     assert len(viewer.layers) == 1
+
+
+def test_a_network_pass_that_cannot_fit_in_memory_is_refused(panel, monkeypatch):
+    import napari_unet.core.device as dmod
+
+    viewer, widget = panel
+    viewer.add_image(np.zeros((64, 64), np.float32), name="img")
+    widget.region_combo.setCurrentText("whole plane")
+    widget.channels_spin.setValue(2)
+    monkeypatch.setattr(dmod, "free_memory", lambda device: 1 << 20)  # 1 MB free
+    widget._on_run()
+    assert "One pass of the network over 64 x 64 pixels needs" in widget.status.text()
+    assert widget.worker is None and len(viewer.layers) == 1

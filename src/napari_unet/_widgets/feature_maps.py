@@ -61,7 +61,8 @@ class FeatureMapPanel(WorkerPanel):
 
     def _on_run(self) -> None:
         from napari_unet._widgets._layers import job_for_layer
-        from napari_unet.core.features import capture_iter, estimate_bytes
+        from napari_unet.core.device import free_memory, resolve_device
+        from napari_unet.core.features import capture_iter, estimate_bytes, forward_bytes
 
         model = self.state.model
         layers = [la for la in [self.image_layer()] if la is not None]
@@ -78,14 +79,24 @@ class FeatureMapPanel(WorkerPanel):
 
         h, w = resolve_axes(tuple(job.data.shape), job.axes, model.info.in_channels).yx
         y0, y1, x0, x1 = job.region or (0, h, 0, w)
-        mb = estimate_bytes(model, self.stages(), (y1 - y0, x1 - x0)) / 2**20
         channels = self.channels_spin.value() or None
+        yx = (y1 - y0, x1 - x0)
+        mb = estimate_bytes(model, self.stages(), yx, channels) / 2**20
         if self.half_check.isChecked():
             mb /= 2
-        if mb > MEMORY_LIMIT_MB and channels is None:
+        if mb > MEMORY_LIMIT_MB:
             self.status.setText(
                 f"This would make {mb:.0f} MB of feature maps (limit {MEMORY_LIMIT_MB} MB): "
                 "choose fewer stages, a few top channels, float16, or a smaller view."
+            )
+            return
+        # the maps come from one untiled pass over the region: it must fit in memory too
+        need, have = forward_bytes(model, yx), free_memory(resolve_device(self.state.device))
+        if need > 0.5 * have:
+            self.status.setText(
+                f"One pass of the network over {yx[0]} x {yx[1]} pixels needs about "
+                f"{need / 2**30:.1f} GB, and {have / 2**30:.1f} GB are free: choose "
+                "'field of view' and zoom in to a smaller region."
             )
             return
         self._job = job

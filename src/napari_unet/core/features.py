@@ -70,8 +70,19 @@ def stage_grid(config) -> dict[str, tuple[float, int]]:
     return grid
 
 
-def estimate_bytes(model: LoadedModel, stages: list[str], yx: tuple[int, int]) -> int:
-    """Bytes of float32 activations :func:`capture` would return for a region."""
+def forward_bytes(model: LoadedModel, yx: tuple[int, int]) -> int:
+    """Peak activation memory of :func:`capture`'s single, untiled forward pass over a
+    region (with its halo), estimated as the tiling engine does (``tiling.auto_tile``)."""
+    width = (model.info.architecture or {}).get("base_width", 64)
+    halo = model.info.geometry.halo
+    return 4 * width * 12 * (yx[0] + 2 * halo) * (yx[1] + 2 * halo)
+
+
+def estimate_bytes(
+    model: LoadedModel, stages: list[str], yx: tuple[int, int], max_channels: int | None = None
+) -> int:
+    """Bytes of float32 activations :func:`capture` would return for a region (of at most
+    ``max_channels`` channels per stage)."""
     arch = model.info.architecture or {}
     width, depth = arch.get("base_width", 64), arch.get("depth", 4)
     total = 0
@@ -83,6 +94,7 @@ def estimate_bytes(model: LoadedModel, stages: list[str], yx: tuple[int, int]) -
         else:
             level = int(name[3:]) if name[3:].isdigit() else 0
             ch, s = width * 2**level, 2**level
+        ch = min(ch, max_channels) if max_channels else ch
         total += ch * (yx[0] // s + 2) * (yx[1] // s + 2) * 4
     return total
 
