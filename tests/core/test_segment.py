@@ -120,6 +120,18 @@ def test_rescaled_results_have_the_image_shape(mode):
     assert region.shape == (*lead, 2, 40, 70)
 
 
+@pytest.mark.parametrize("diameter", [13, 31])
+@pytest.mark.parametrize("mode", ["probabilities", "labels"])
+def test_a_rescaled_region_equals_the_same_pixels_of_the_whole_image(mode, diameter):
+    image = (np.random.default_rng(8).random((2, 150, 170)) * 1000).astype(np.uint16)
+    model = tiny_model("same", object_diameter=20.0)
+    whole = run(image, model, mode=mode, axes="ZYX", diameter=diameter)
+    for region in [(0, 150, 0, 170), (103, 150, 7, 61), (1, 2, 168, 170), (40, 97, 55, 140)]:
+        y0, y1, x0, x1 = region
+        part = run(image, model, mode=mode, axes="ZYX", diameter=diameter, region=region)
+        np.testing.assert_allclose(part, whole[..., y0:y1, x0:x1], atol=1e-5)
+
+
 def test_min_size_counts_pixels_of_the_image_not_of_the_rescaled_one():
     image, labels = disks(radii=(3, 3, 6, 6))  # areas about 29 and 113 px
     inst = run(image, bright_model(24.0), diameter=8, min_size=60)

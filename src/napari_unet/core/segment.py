@@ -3,7 +3,6 @@ or instances. Shared by the command line and the napari widgets."""
 
 from __future__ import annotations
 
-import math
 from collections.abc import Generator
 from dataclasses import dataclass, replace
 
@@ -118,24 +117,47 @@ def segment_at_iter(image, model, options: SegmentOptions, factor: float):
         return (yield from _segment(image, model, options))
     ax = resolve_axes(tuple(image.shape), options.axes, model.info.in_channels)
     small = resize_image(image, ax.axes, factor)
-    region = options.region
-    if region is not None:
-        ys, xs = small.shape[ax.axes.index("Y")], small.shape[ax.axes.index("X")]
-        y0, y1, x0, x1 = region
-        region = (
-            min(int(y0 * factor), ys - 1),
-            min(max(math.ceil(y1 * factor), int(y0 * factor) + 1), ys),
-            min(int(x0 * factor), xs - 1),
-            min(max(math.ceil(x1 * factor), int(x0 * factor) + 1), xs),
-        )
+    order = 1 if options.mode == "probabilities" else 0
     min_size = int(round(options.min_size * factor**2))
-    result = yield from _segment(small, model, replace(options, region=region, min_size=min_size))
-    if region is None:
-        yx = ax.yx
-    else:
-        y0, y1, x0, x1 = options.region
-        yx = (y1 - y0, x1 - x0)
-    return _resize_yx(result, yx, order=1 if options.mode == "probabilities" else 0)
+    if options.region is None:
+        result = yield from _segment(small, model, replace(options, min_size=min_size))
+        return _resize_yx(result, ax.yx, order)
+    # a region: the pixels of the small image that the region's pixels are sampled from
+    # (plus one for interpolation), sampled back exactly as a whole-image result would be
+    n = (small.shape[ax.axes.index("Y")], small.shape[ax.axes.index("X")])
+    y0, y1, x0, x1 = options.region
+    ys, xs = _small_span(y0, y1, ax.yx[0], n[0]), _small_span(x0, x1, ax.yx[1], n[1])
+    options = replace(options, region=(*ys, *xs), min_size=min_size)
+    result = yield from _segment(small, model, options)
+    result = _sample_axis(result, -2, y0, y1, ax.yx[0], n[0], ys[0], order)
+    return _sample_axis(result, -1, x0, x1, ax.yx[1], n[1], xs[0], order)
+
+
+def _small_coordinate(y, full: int, small: int):
+    """Where pixel ``y`` of an axis of ``full`` pixels lies on the same axis resized to
+    ``small`` pixels (the mapping of ``ndimage.zoom(..., grid_mode=True)``)."""
+    return (np.asarray(y, np.float64) + 0.5) * small / full - 0.5
+
+
+def _small_span(a: int, b: int, full: int, small: int) -> tuple[int, int]:
+    lo = int(np.floor(_small_coordinate(a, full, small))) - 1
+    hi = int(np.ceil(_small_coordinate(b - 1, full, small))) + 2
+    return max(0, lo), min(small, max(hi, lo + 1))
+
+
+def _sample_axis(result, axis, a, b, full, small, start, order):
+    """``result`` (an axis of the small image from pixel ``start``) sampled at the
+    original pixels ``a:b`` of that axis: nearest (order 0) or linear, edges clamped."""
+    c = np.clip(_small_coordinate(np.arange(a, b), full, small) - start, 0, result.shape[axis] - 1)
+    if order == 0:
+        return np.take(result, np.floor(c + 0.5).astype(np.intp), axis=axis)
+    lo = np.floor(c).astype(np.intp)
+    hi = np.minimum(lo + 1, result.shape[axis] - 1)
+    w = (c - lo).astype(np.float32)
+    shape = [1] * result.ndim
+    shape[axis] = len(w)
+    w = w.reshape(shape)
+    return np.take(result, lo, axis=axis) * (1 - w) + np.take(result, hi, axis=axis) * w
 
 
 def resize_image(image, axes: str, factor: float) -> np.ndarray:
