@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
 import tifffile
+import torch
 
 from conftest import tiny_model
 from napari_unet.cli import main
@@ -390,3 +391,23 @@ def test_first_ctrl_c_stops_training_and_saves_the_result(tmp_path, capsys, monk
     assert "stopped at step 3, saved" in capsys.readouterr().err
     assert load_model(out).info.provenance["steps"] == 3
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+
+
+def test_train_is_reproducible_from_scratch_and_refuses_bad_settings(tmp_path, capsys):
+    from napari_unet.io import load_model
+
+    for name in ("a", "b"):
+        assert main(_train_args(tmp_path, tmp_path / f"{name}.safetensors", steps=2)) == 0
+    a, b = (load_model(tmp_path / f"{n}.safetensors").net.state_dict() for n in "ab")
+    assert all(torch.equal(a[k], b[k]) for k in a)  # the initial weights are seeded too
+    capsys.readouterr()
+    bad = _train_args(tmp_path, tmp_path / "c.safetensors")
+    assert main([*bad, "--batch-size", "0"]) == 1
+    assert "batch_size must be a whole number of at least 1" in capsys.readouterr().err
+    assert main([*bad, "--val-labels", str(tmp_path / "lab.tif")]) == 1
+    assert "0 validation images but 1 label images" in capsys.readouterr().err
+    # instance masks given as strokes (the default kind): the error says what to do
+    strokes = _train_args(tmp_path, tmp_path / "c.safetensors")
+    strokes[strokes.index("--label-kind") + 1] = "sparse"
+    assert main(strokes) == 1
+    assert "--label-kind instances" in capsys.readouterr().err

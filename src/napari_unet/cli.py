@@ -46,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--diameter",
         help="typical object diameter in the images (px), 'auto' (estimated from a first "
         "pass) or 'off'; the images are rescaled to the model's object size. Default: "
-        "'auto' for models that record an object size (the bundled nuclei model), else off",
+        "'auto' for models that record an object size, else off (the bundled models record none)",
     )
     pr.add_argument("--no-amp", action="store_true", help="no mixed precision on CUDA")
     pr.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
@@ -105,7 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--unlabelled",
         nargs="*",
         default=[],
-        help="images without labels whose statistics the fine-tuned model adapts to",
+        help="images without labels whose statistics the model adapts to (batch-norm "
+        "statistics re-estimated on them and the training images before training)",
     )
     tr.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
     tr.add_argument("--seed", type=int, default=0)
@@ -334,6 +335,7 @@ def _base_model(spec: str, classes: str | None):
 
 def cmd_train(args) -> int:
     import numpy as np
+    import torch
     from tqdm import tqdm
 
     from napari_unet.core.training import TrainConfig, train_iter
@@ -345,6 +347,7 @@ def cmd_train(args) -> int:
     if not args.output.endswith(".safetensors"):
         raise ValueError("--output must end in .safetensors")
     _check_writable(Path(args.output))  # before training, not after it
+    torch.manual_seed(args.seed)  # a new network's initial weights too
     model = _base_model(args.model, args.classes)
 
     def load(paths):
@@ -361,6 +364,8 @@ def cmd_train(args) -> int:
         "bf16": args.bf16 or None,
     }
     given = {k: v for k, v in given.items() if v is not None}
+    if args.unlabelled:  # they are only used to adapt the batch-norm statistics
+        given["adapt_norm"] = True
     make = TrainConfig.finetune if args.finetune else TrainConfig
     cfg = make(**given, device=args.device, seed=args.seed)
     stop = threading.Event()

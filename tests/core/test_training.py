@@ -169,6 +169,17 @@ def test_instances_to_classes_and_border_weights():
     np.testing.assert_allclose(class_weights([target], 3, power=0.0), 1.0, rtol=1e-6)
 
 
+@pytest.mark.parametrize("dtype, top", [(np.uint8, 255), (np.uint16, 65535)])
+def test_contact_weights_of_ids_at_the_dtypes_maximum(dtype, top):
+    inst = np.zeros((12, 12), dtype)
+    inst[2:6, 2:6] = 1
+    inst[7:11, 7:11] = top  # apart from 1: no contact anywhere
+    assert not contact_weights(inst).any()
+    inst[2:6, 6:10] = top  # now touching along x = 5 | 6
+    touching = np.argwhere(contact_weights(inst) > 0)
+    assert set(touching[:, 1]) == {5, 6}
+
+
 def test_core_targets_and_contact_weights_separate_touching_objects():
     inst = np.zeros((20, 40), np.int32)
     inst[2:18, 2:18] = 1  # 16 x 16, depth 8

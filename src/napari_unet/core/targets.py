@@ -48,6 +48,12 @@ def to_target(
         raise ValueError(
             f"labels use class {int(target.max()) + (1 if kind == 'sparse' else 0)} but the "
             f"model has only {num_classes} classes"
+            + (
+                " (are these instance masks, one id per object? then say so: label kind "
+                "'instances', --label-kind instances)"
+                if kind in ("sparse", "classes")
+                else ""
+            )
         )
     if (target < IGNORE).any():
         raise ValueError("labels must not be negative")
@@ -156,7 +162,7 @@ def contact_weights(inst: np.ndarray, w0: float = 10.0) -> np.ndarray:
     objects annotated edge to edge have no gap, and the pixels that separate
     them are these. Returns float32.
     """
-    inst = np.asarray(inst)
+    inst = np.asarray(inst).astype(np.int64, copy=False)  # max() + 1 must not wrap around
     highest = ndi.grey_dilation(inst, size=(3, 3))  # background (0) never wins
     lowest = ndi.grey_erosion(np.where(inst > 0, inst, inst.max() + 1), size=(3, 3))
     touching = (inst > 0) & ((highest > inst) | (lowest < inst))

@@ -65,7 +65,7 @@ class TrainConfig:
     bf16: bool | str = False
     focus: float = 0.5  # share of patches centred on boundaries / minority classes
     augment: AugmentConfig = field(default_factory=AugmentConfig)
-    val_every: int = 100
+    val_every: int = 100  # validation every this many steps (0: at the end only)
     val_patches: int = 16
     seed: int = 0
     device: str = "auto"
@@ -78,6 +78,22 @@ class TrainConfig:
     max_seconds: float | None = None  # wall-time budget; the schedule follows it
     checkpoint: str | None = None  # .safetensors path written every checkpoint_every steps
     checkpoint_every: int = 200
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "patch_size", "val_patches"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a whole number of at least 1, got {value!r}")
+        if (
+            isinstance(self.val_every, bool)
+            or not isinstance(self.val_every, int)
+            or self.val_every < 0
+        ):
+            raise ValueError(f"val_every must be a whole number >= 0, got {self.val_every!r}")
+        if not self.lr > 0:
+            raise ValueError(f"the learning rate must be above 0, got {self.lr!r}")
+        if self.max_seconds is not None and not self.max_seconds > 0:
+            raise ValueError(f"max_seconds must be above 0, got {self.max_seconds!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -349,6 +365,8 @@ def train_iter(
     samples = prepare(model, images, labels, kind, cfg)
     sampler = _Sampler(samples, model, cfg, rng)
     val = None
+    if len(val_images) != len(val_labels):
+        raise ValueError(f"{len(val_images)} validation images but {len(val_labels)} label images")
     if len(val_images):
         vs = prepare(model, val_images, val_labels, kind, cfg)
         vsampler = _Sampler(
@@ -410,7 +428,7 @@ def train_iter(
         last = step == cfg.steps or (cfg.max_seconds is not None and elapsed >= cfg.max_seconds)
         last = last or (should_stop is not None and should_stop())
         metrics = {}
-        if val is not None and (step % cfg.val_every == 0 or last):
+        if val is not None and ((cfg.val_every and step % cfg.val_every == 0) or last):
             metrics = evaluate_patches(net, val, cfg.dice, dev)
             net.train()
         if cfg.checkpoint and step % cfg.checkpoint_every == 0:
