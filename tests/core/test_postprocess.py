@@ -86,6 +86,15 @@ def test_object_scores_counts():
     assert metrics.pixel_iou(true > 0, pred > 0) == 20 / (50 + 16)
 
 
+def test_matching_keeps_a_pair_at_the_threshold_over_two_crossed_pairs_below_it():
+    # IoU(t1, p1) = 0.5 exactly; the crossed pairs (t1, p2) and (t2, p1) have 1/3 each, whose
+    # sum (0.67) beats 0.5: maximising total IoU alone would match nothing at 0.5
+    true = np.array([[1, 1, 1, 1, 1, 1, 2, 2, 0, 0]])
+    pred = np.array([[2, 2, 1, 1, 1, 1, 1, 1, 0, 0]])
+    s = metrics.object_scores(true, pred)
+    assert (s["tp"], s["fp"], s["fn"]) == (1, 1, 1) and s["mean_matched_iou"] == 0.5
+
+
 def test_rand_error_perfect_split_and_merge():
     true = np.zeros((10, 10), int)
     true[:, :5], true[:, 5:] = 1, 2
