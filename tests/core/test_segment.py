@@ -132,6 +132,12 @@ def test_a_rescaled_region_equals_the_same_pixels_of_the_whole_image(mode, diame
         np.testing.assert_allclose(part, whole[..., y0:y1, x0:x1], atol=1e-5)
 
 
+def test_a_thin_image_keeps_a_pixel_when_shrunk():
+    image = (np.random.default_rng(9).random((1, 200)) * 1000).astype(np.uint16)
+    out = run(image, tiny_model("same", object_diameter=10.0), mode="labels", diameter=40)
+    assert out.shape == (1, 200)
+
+
 def test_min_size_counts_pixels_of_the_image_not_of_the_rescaled_one():
     image, labels = disks(radii=(3, 3, 6, 6))  # areas about 29 and 113 px
     inst = run(image, bright_model(24.0), diameter=8, min_size=60)

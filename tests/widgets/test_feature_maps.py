@@ -71,3 +71,21 @@ def test_a_network_pass_that_cannot_fit_in_memory_is_refused(panel, monkeypatch)
     widget._on_run()
     assert "One pass of the network over 64 x 64 pixels needs" in widget.status.text()
     assert widget.worker is None and len(viewer.layers) == 1
+
+
+def test_channels_get_an_axis_of_their_own_beside_a_stack(panel, qtbot):
+    viewer, widget = panel
+    image = np.random.default_rng(1).random((64, 64)).astype(np.float32)
+    viewer.add_image(np.zeros((4, 64, 64), np.float32), name="stack", scale=(5, 1, 1))
+    viewer.add_image(image, name="img")
+    widget.layer_combo.setCurrentText("img")
+    widget.region_combo.setCurrentText("whole plane")
+    widget.stage_list.clearSelection()
+    widget.stage_list.item(0).setSelected(True)  # enc0
+    for _ in range(2):  # the same on a second run (maps are not counted as world axes)
+        widget._on_run()
+        qtbot.waitUntil(lambda: widget.worker is None, timeout=30000)
+        layer = viewer.layers["img [features enc0]"]
+        assert layer.ndim == 4 and layer.data.shape[1] == 1  # C, (Z), Y, X
+        assert viewer.dims.ndim == 4  # the channel slider is not the stack's Z slider
+    np.testing.assert_array_equal(viewer.layers["img"].data, image)

@@ -136,6 +136,9 @@ def test_stop_keeps_cancel_discards(panel, nuclei, qtbot):
     qtbot.waitUntil(lambda: widget.worker is None, timeout=30000)
     assert len(widget.versions.versions) == 1 and state.model is base
     assert "discarded" in widget.status.text()
+    assert not widget.stop_button.isEnabled() and not widget.pause_button.isEnabled()
+    widget._on_stop()  # nothing to stop: the message stays
+    assert "discarded" in widget.status.text()
     widget._on_run()
     qtbot.waitUntil(lambda: len(widget.loss_plot.losses) >= 3, timeout=30000)
     widget._on_pause()
@@ -143,8 +146,7 @@ def test_stop_keeps_cancel_discards(panel, nuclei, qtbot):
     n = len(widget.loss_plot.losses)
     qtbot.wait(300)
     assert len(widget.loss_plot.losses) <= n + 1  # at most the step already on its way
-    widget._on_pause()  # resume
-    widget._on_stop()
+    widget._on_stop()  # while paused: it resumes, so that the run can end
     qtbot.waitUntil(lambda: widget.worker is None, timeout=30000)
     assert len(widget.versions.versions) == 2
     v1 = widget.versions.versions[1]
@@ -244,3 +246,28 @@ def test_a_model_with_an_object_size_sees_painted_images_at_that_size(
     expected = run_to_end(segment_iter(image, state.model, options)).argmax(0) + 1
     np.testing.assert_array_equal(ann.data, expected)
     np.testing.assert_array_equal(src.data, image)
+
+
+def test_annotations_follow_their_image_when_it_is_renamed(panel, nuclei, qtbot):
+    viewer, widget, _ = panel
+    image, strokes = nuclei
+    src, ann = _painted(viewer, widget, image, strokes)
+    src.name = "well B3"
+    assert ann.metadata["napari_unet_annotates"] == "well B3"
+    assert widget.layer_combo.currentText() == "well B3"
+    widget.steps_spin.setValue(3)
+    widget.preview_spin.setValue(0)
+    _train(qtbot, widget)
+    assert len(widget.versions.versions) == 2
+
+
+def test_rotated_or_sheared_layers_are_refused_not_misplaced(panel, nuclei):
+    viewer, widget, _ = panel
+    viewer.add_image(nuclei[0], name="tilted", rotate=30)
+    widget.layer_combo.setCurrentText("tilted")
+    assert widget.new_annotation_layer() is None
+    assert "'tilted' is rotated" in widget.status.text()
+    viewer.add_image(nuclei[0], name="sheared", shear=[0.3])
+    widget.layer_combo.setCurrentText("sheared")
+    assert widget.new_annotation_layer() is None
+    assert "is sheared" in widget.status.text() and len(viewer.layers) == 2

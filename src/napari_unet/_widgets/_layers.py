@@ -28,6 +28,7 @@ class LayerJob:
 
 def job_for_layer(layer, model, viewer=None, current_plane=False, visible=False) -> LayerJob:
     """Map an Image layer to the engine: RGB to gray, channel axis, plane, region."""
+    _check_placement(layer)
     data = layer.data[0] if getattr(layer, "multiscale", False) else layer.data
     notes = []
     if getattr(layer, "rgb", False):
@@ -67,6 +68,27 @@ def job_for_layer(layer, model, viewer=None, current_plane=False, visible=False)
         notes.append(f"visible region {region[1] - region[0]} x {region[3] - region[2]}")
     text = summary + ("; " + ", ".join(notes) if notes else "")
     return LayerJob(layer.name, data, axes.axes, region, tuple(scale), tuple(translate), text)
+
+
+def _check_placement(layer) -> None:
+    """Results, annotation layers and feature maps are placed with the layer's scale and
+    translate; a rotated, sheared or affine-transformed layer is refused rather than
+    answered with outputs (and paint) that do not lie on its pixels."""
+    eye = np.eye(np.asarray(layer.rotate).shape[0])
+    moved = {
+        "rotated": not np.allclose(layer.rotate, eye),
+        "sheared": np.any(np.asarray(layer.shear) != 0),
+        "given an affine transform": not np.allclose(
+            layer.affine.affine_matrix, np.eye(layer.affine.affine_matrix.shape[0])
+        ),
+    }
+    what = [k for k, v in moved.items() if v]
+    if what:
+        raise ValueError(
+            f"layer {layer.name!r} is {' and '.join(what)}: napari-unet places its results "
+            "with a layer's scale and translate only; reset the layer's rotate / shear / "
+            "affine (or resample the image) first"
+        )
 
 
 def _lazy_gray(data):

@@ -125,14 +125,19 @@ class FeatureMapPanel(WorkerPanel):
 
     def _on_returned(self, maps) -> None:
         job = self._job
+        # the channel axis gets a world axis of its own, before those of every other layer
+        # (a 2D image's maps beside a Z-stack would otherwise page channels with Z)
+        world = max([la.ndim for la in self.viewer.layers if OUTPUT_KEY not in la.metadata] or [0])
+        pad = max(0, world - len(job.scale))
         for i, (name, fm) in enumerate(maps.items()):
             scale, translate = fm.world(job.scale[-2:], _origin(job))
             lead = len(job.scale) - 2
             layer_name = f"{job.layer_name} [features {name}]"
-            data = fm.data.reshape((fm.data.shape[0],) + (1,) * lead + fm.data.shape[1:])
+            shape = (fm.data.shape[0],) + (1,) * (pad + lead) + fm.data.shape[1:]
+            data = fm.data.reshape(shape)
             kw = dict(
-                scale=(1.0, *job.scale[:lead], *scale),
-                translate=(0.0, *job.translate[:lead], *translate),
+                scale=(1.0, *(1.0,) * pad, *job.scale[:lead], *scale),
+                translate=(0.0, *(0.0,) * pad, *job.translate[:lead], *translate),
                 colormap="inferno",
                 blending="additive",
                 contrast_limits=_limits(fm.data),

@@ -226,6 +226,18 @@ class FinetunePanel(WorkerPanel):
         )
         self.status.setText(f"'{active.name}' annotates '{layer.name}' as {what}.")
 
+    def _on_layers_changed(self, event=None) -> None:
+        """Annotation layers name their image: they follow it when it is renamed."""
+        before = getattr(self, "_names", {})
+        for layer in self.viewer.layers:
+            old = before.get(id(layer))
+            if old is not None and old != layer.name:
+                for ann in self.viewer.layers:
+                    if ann.metadata.get(ANNOTATION_KEY) == old:
+                        ann.metadata[ANNOTATION_KEY] = layer.name
+        self._names = {id(layer): layer.name for layer in self.viewer.layers}
+        super()._on_layers_changed(event)
+
     def start_from_prediction(self):
         """Fill the unpainted pixels of the current plane with the model's classes."""
         layer, model = self.image_layer(), self.state.model
@@ -430,7 +442,7 @@ class FinetunePanel(WorkerPanel):
             return job_for_layer(layer, model, self.viewer, current_plane=True)
 
     def _on_pause(self) -> None:
-        if self.worker is None:
+        if self.worker is None or self.worker.abort_requested:
             return
         if self.worker.is_paused:
             self.worker.resume()
@@ -442,7 +454,12 @@ class FinetunePanel(WorkerPanel):
             self.status.setText("Paused (time paused does not count).")
 
     def _on_stop(self) -> None:
+        if self.worker is None or self.worker.abort_requested:
+            return
         self._stop.set()
+        if self.worker.is_paused:  # the step to stop after must run
+            self.worker.resume()
+            self.pause_button.setText("Pause")
         self.stop_button.setEnabled(False)
         self.status.setText("Stopping after this step; the result is kept as a version.")
 
@@ -450,6 +467,9 @@ class FinetunePanel(WorkerPanel):
         if self.worker is not None and self.worker.is_paused:
             self.worker.resume()
         super()._on_cancel()
+        self.pause_button.setEnabled(False)
+        self.pause_button.setText("Pause")
+        self.stop_button.setEnabled(False)
         self.status.setText("Cancelled: the run was discarded, the current version is unchanged.")
 
     def _on_yielded(self, value) -> None:

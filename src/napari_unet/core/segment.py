@@ -167,7 +167,8 @@ def resize_image(image, axes: str, factor: float) -> np.ndarray:
 
     check_dtype(getattr(image, "dtype", np.asarray(image).dtype))
     zoom = [1.0] * len(image.shape)
-    zoom[axes.index("Y")] = zoom[axes.index("X")] = factor
+    for a in "YX":  # at least one pixel left of a thin image
+        zoom[axes.index(a)] = max(factor, 1.0 / image.shape[axes.index(a)])
     data = np.asarray(image)
     data = data.astype(np.float32) if data.dtype.kind != "f" or data.itemsize < 4 else data
     if factor < 1:
