@@ -332,7 +332,7 @@ def test_outputs_that_would_replace_an_input_or_each_other_are_refused(
     assert not out.exists()  # refused before any work
     src = tmp_path / "a/img.tif"
     rc = main(["predict", str(src), "-m", str(model_file), "-o", str(src), "-q"])
-    assert rc == 1 and "is an input" in capsys.readouterr().err
+    assert rc == 1 and "is or holds an input" in capsys.readouterr().err
     np.testing.assert_array_equal(tifffile.imread(src), image)
 
 
@@ -411,3 +411,33 @@ def test_train_is_reproducible_from_scratch_and_refuses_bad_settings(tmp_path, c
     strokes[strokes.index("--label-kind") + 1] = "sparse"
     assert main(strokes) == 1
     assert "--label-kind instances" in capsys.readouterr().err
+
+
+def test_predict_checks_inputs_and_outputs_before_any_work(tmp_path, model_file, image, capsys):
+    import zarr
+
+    group = zarr.open_group(str(tmp_path / "grp.zarr"), mode="w")
+    group.create_array("raw", shape=image.shape, dtype=image.dtype)[:] = image
+    rc = main(["predict", str(tmp_path / "grp.zarr" / "raw"), "-m", str(model_file),
+               "--mode", "labels", "-o", str(tmp_path / "grp.zarr"), "-q"])  # fmt: skip
+    assert rc == 1 and "is or holds an input" in capsys.readouterr().err
+    np.testing.assert_array_equal(zarr.open_array(str(tmp_path / "grp.zarr" / "raw"))[:], image)
+    # one missing input: nothing is processed, so no half-done batch
+    tifffile.imwrite(tmp_path / "a.tif", image)
+    out = tmp_path / "out"
+    rc = main(["predict", str(tmp_path / "a.tif"), str(tmp_path / "gone.tif"),
+               "-m", str(model_file), "-o", str(out), "-q"])  # fmt: skip
+    assert rc == 1 and "no such file" in capsys.readouterr().err and not out.exists()
+    # an output folder that cannot be made: refused before the model runs
+    (tmp_path / "plain").write_text("a file, not a folder")
+    rc = main(["predict", str(tmp_path / "a.tif"), "-m", str(model_file),
+               "-o", str(tmp_path / "plain" / "o.tif"), "-q"])  # fmt: skip
+    assert rc == 1 and "cannot write to" in capsys.readouterr().err
+    # an existing folder is a folder, dots in its name or not
+    (tmp_path / "run.2024").mkdir()
+    rc = main(["predict", str(tmp_path / "a.tif"), "-m", str(model_file),
+               "-o", str(tmp_path / "run.2024"), "-q"])  # fmt: skip
+    assert rc == 0 and (tmp_path / "run.2024" / "a_instances.tif").exists()
+    with pytest.raises(SystemExit):  # argparse: out of range
+        main(["predict", str(tmp_path / "a.tif"), "--threshold", "2"])
+    capsys.readouterr()

@@ -29,11 +29,11 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--batch-size", type=int, help="tiles per forward pass")
     pr.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
     pr.add_argument("--axes", help="image axes, e.g. YX, ZYX, CYX, YXC (guessed if omitted)")
-    pr.add_argument("--threshold", type=float, default=0.5, help="instances: foreground")
-    pr.add_argument("--min-size", type=int, default=0, help="instances: smallest object (px)")
+    pr.add_argument("--threshold", type=_share, default=0.5, help="instances: foreground (0 to 1)")
+    pr.add_argument("--min-size", type=_count, default=0, help="instances: smallest object (px)")
     pr.add_argument(
         "--min-confidence",
-        type=float,
+        type=_share,
         help="instances: drop objects whose mean foreground probability is lower "
         "(default: the model's recipe; 0 keeps all, e.g. for dim images)",
     )
@@ -90,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tr.add_argument(
         "--contact-weight",
-        type=float,
+        type=_non_negative,
         help="instances: loss weight on pixels where two objects touch edge to edge "
         "(default 0; the bundled nuclei model used 10)",
     )
@@ -126,6 +126,28 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--license", default="CC-BY-4.0", help="SPDX licence of the weights")
     ex.add_argument("--author", action="append", help="author name (repeat for several)")
     return p
+
+
+def _share(text: str) -> float:
+    """A command-line value between 0 and 1."""
+    value = float(text)
+    if not 0.0 <= value <= 1.0:  # NaN fails too
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text}")
+    return value
+
+
+def _count(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
+    return value
+
+
+def _non_negative(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
+    return value
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -182,8 +204,13 @@ def cmd_export(args) -> int:
 def cmd_predict(args) -> int:
     from napari_unet.io.images import read_image
 
-    model = _model(args.model, getattr(args, "trust_code", False))
+    missing = [src for src in args.inputs if not Path(src).exists()]
+    if missing:
+        raise ValueError(f"no such file: {', '.join(missing)} (nothing was processed)")
     targets = _targets(args.inputs, args.output, args.mode)
+    for folder in sorted({dst.parent for _, dst in targets}):
+        _check_folder(folder)  # before the model runs, not after
+    model = _model(args.model, getattr(args, "trust_code", False))
     for src, dst in targets:
         image = read_image(src)
         _predict_one(image, model, dst, args, label=Path(src).name)
@@ -195,11 +222,14 @@ def _targets(inputs, output, mode) -> list[tuple[str, Path]]:
     """(input, output file) pairs; refused before any work if an output would replace
     an input or another input's result."""
     suffix = ".tif"
-    if output and len(inputs) == 1 and Path(output).suffix:
-        pairs = [(inputs[0], Path(output))]
+    out = Path(output) if output else None
+    # an existing folder is a folder whatever its name ("run.2024"); a .zarr is a result
+    folder_given = out is not None and out.is_dir() and out.suffix.lower() != ".zarr"
+    if out is not None and len(inputs) == 1 and out.suffix and not folder_given:
+        pairs = [(inputs[0], out)]
     else:
-        folder = Path(output) if output else None
-        if folder is not None and folder.suffix:
+        folder = out
+        if folder is not None and folder.suffix and not folder_given:
             raise ValueError("several inputs need --output to be a folder")
         pairs = [
             (src, (folder or Path(src).parent) / f"{Path(src).stem}_{mode}{suffix}")
@@ -209,8 +239,13 @@ def _targets(inputs, output, mode) -> list[tuple[str, Path]]:
     seen: dict[Path, str] = {}
     for src, dst in pairs:
         where = dst.resolve()
-        if where in sources:
-            raise ValueError(f"{dst} is an input: the result would replace it")
+        if where in sources or any(where in s.parents for s in sources):
+            raise ValueError(f"{dst} is or holds an input: the result would replace it")
+        if where.is_dir() and not _is_zarr_array(where):
+            raise ValueError(
+                f"{dst} is a folder or a zarr group, not a result of ours to replace: "
+                "give a new name"
+            )
         if where in seen:
             raise ValueError(
                 f"{seen[where]} and {src} would both be written to {dst}: "
@@ -400,10 +435,33 @@ def cmd_train(args) -> int:
     return 0
 
 
+def _is_zarr_array(path: Path) -> bool:
+    """Whether ``path`` is a zarr array (v2 or v3), which a .zarr output may replace."""
+    import json
+
+    if (path / ".zarray").is_file():
+        return True
+    try:
+        return json.loads((path / "zarr.json").read_text()).get("node_type") == "array"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _check_folder(folder: Path) -> None:
+    """Refuse a folder results cannot be written to (made if missing)."""
+    import tempfile
+
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".napari-unet.", suffix=".probe"):
+            pass
+    except OSError as err:
+        raise ValueError(f"cannot write to {folder}/: {err.strerror or err}") from None
+
+
 def _check_writable(path: Path) -> None:
     """Refuse an output that cannot be written (a bundled model, a folder without write
     permission) before hours of training, not after them."""
-    import tempfile
 
     from napari_unet.io import registry
 
@@ -411,9 +469,7 @@ def _check_writable(path: Path) -> None:
         raise ValueError(f"{path.name} is a bundled model: write the result elsewhere")
     if path.is_dir():
         raise ValueError(f"{path} is a folder: give a file name ending in .safetensors")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".probe"):
-        pass
+    _check_folder(path.parent)
 
 
 @contextlib.contextmanager

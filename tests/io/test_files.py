@@ -61,6 +61,16 @@ def test_bundled_models_are_never_overwritten():
         save_model(tiny_model("same"), target)
 
 
+def test_saved_files_are_readable_by_others_as_the_umask_allows(tmp_path):
+    import os
+    import stat
+
+    path = save_model(tiny_model("same"), tmp_path / "m.safetensors")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o666 & ~umask
+
+
 def test_truncated_and_corrupt_files(tmp_path):
     path = save_model(tiny_model("same"), tmp_path / "m.safetensors")
     data = path.read_bytes()

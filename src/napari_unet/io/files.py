@@ -40,9 +40,11 @@ def atomic_write(path: str | Path, write) -> Path:
     os.close(fd)
     umask = os.umask(0)
     os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would hide the file from other users
     try:
         write(tmp)
+        # mkstemp's 0600 would hide the file from other users; after writing, as some
+        # writers (safetensors) replace the file
+        os.chmod(tmp, 0o666 & ~umask)
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
