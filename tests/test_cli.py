@@ -441,3 +441,12 @@ def test_predict_checks_inputs_and_outputs_before_any_work(tmp_path, model_file,
     with pytest.raises(SystemExit):  # argparse: out of range
         main(["predict", str(tmp_path / "a.tif"), "--threshold", "2"])
     capsys.readouterr()
+
+
+def test_class_names_are_for_new_networks_and_must_be_distinct(tmp_path, model_file, capsys):
+    args = _train_args(tmp_path, tmp_path / "c.safetensors", steps=1)
+    model = args.index("-m") + 1
+    assert main([*args[:model], str(model_file), *args[model + 1 :], "--classes", "a,b,c"]) == 1
+    assert "--classes names the classes of a new network" in capsys.readouterr().err
+    assert main([*args, "--classes", "a,,b"]) == 1
+    assert "distinct, non-empty names" in capsys.readouterr().err

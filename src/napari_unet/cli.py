@@ -352,12 +352,19 @@ def _base_model(spec: str, classes: str | None):
     if text.endswith(".json") and Path(text).exists():
         text = Path(text).read_text()
     if not text.startswith("{"):
+        if classes:
+            raise ValueError(
+                "--classes names the classes of a new network (-m as JSON); "
+                f"{spec} keeps its own: {', '.join(load_model(spec).info.classes)}"
+            )
         return load_model(spec)
     try:
         arch = json.loads(text)
     except json.JSONDecodeError as err:
         raise ValueError(f"--model is not valid JSON: {err}") from None
     names = [c.strip() for c in classes.split(",")] if classes else None
+    if names and (not all(names) or len(set(names)) != len(names)):
+        raise ValueError(f"--classes needs distinct, non-empty names, got {classes!r}")
     if names:
         arch.setdefault("num_classes", len(names))
     config = UNetConfig.from_dict(arch)
