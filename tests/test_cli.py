@@ -450,3 +450,20 @@ def test_class_names_are_for_new_networks_and_must_be_distinct(tmp_path, model_f
     assert "--classes names the classes of a new network" in capsys.readouterr().err
     assert main([*args, "--classes", "a,,b"]) == 1
     assert "distinct, non-empty names" in capsys.readouterr().err
+
+
+def test_axes_recorded_in_ome_and_imagej_tiffs_are_used(tmp_path, model_file, capsys):
+    # two channels for a one-channel model: read as channels (refused), not as two planes
+    stack = (np.random.default_rng(3).random((2, 48, 48)) * 1000).astype(np.uint16)
+    tifffile.imwrite(tmp_path / "c.ome.tif", stack, metadata={"axes": "CYX"})
+    rc = main(["predict", str(tmp_path / "c.ome.tif"), "-m", str(model_file), "-q"])
+    assert rc == 1 and "expects 1 input channel(s) but the image has 2" in capsys.readouterr().err
+    tifffile.imwrite(tmp_path / "z.tif", stack, imagej=True, metadata={"axes": "ZYX"})
+    out = tmp_path / "z_labels.tif"
+    rc = main(["predict", str(tmp_path / "z.tif"), "-m", str(model_file), "--mode", "labels",
+               "-o", str(out), "-q"])  # fmt: skip
+    assert rc == 0 and tifffile.imread(out).shape == (2, 48, 48)
+    # the file's axes give way to --axes
+    rc = main(["predict", str(tmp_path / "c.ome.tif"), "-m", str(model_file), "--axes", "ZYX",
+               "--mode", "labels", "-o", str(tmp_path / "c_labels.tif"), "-q"])  # fmt: skip
+    assert rc == 0

@@ -28,7 +28,11 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--tile", type=int, help="network input tile size (snapped to accepted)")
     pr.add_argument("--batch-size", type=int, help="tiles per forward pass")
     pr.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
-    pr.add_argument("--axes", help="image axes, e.g. YX, ZYX, CYX, YXC (guessed if omitted)")
+    pr.add_argument(
+        "--axes",
+        help="image axes, e.g. YX, ZYX, CYX, YXC (default: as an OME or ImageJ TIFF records "
+        "them, else guessed)",
+    )
     pr.add_argument("--threshold", type=_share, default=0.5, help="instances: foreground (0 to 1)")
     pr.add_argument("--min-size", type=_count, default=0, help="instances: smallest object (px)")
     pr.add_argument(
@@ -202,7 +206,7 @@ def cmd_export(args) -> int:
 
 
 def cmd_predict(args) -> int:
-    from napari_unet.io.images import read_image
+    from napari_unet.io.images import image_axes, read_image
 
     missing = [src for src in args.inputs if not Path(src).exists()]
     if missing:
@@ -213,7 +217,8 @@ def cmd_predict(args) -> int:
     model = _model(args.model, getattr(args, "trust_code", False))
     for src, dst in targets:
         image = read_image(src)
-        _predict_one(image, model, dst, args, label=Path(src).name)
+        axes = args.axes or image_axes(src)  # as the file records them (OME, ImageJ)
+        _predict_one(image, model, dst, args, label=Path(src).name, axes=axes)
         print(f"{src} -> {dst}", file=sys.stderr)
     return 0
 
@@ -255,7 +260,7 @@ def _targets(inputs, output, mode) -> list[tuple[str, Path]]:
     return pairs
 
 
-def _predict_one(image, model, dst: Path, args, label: str) -> None:
+def _predict_one(image, model, dst: Path, args, label: str, axes: str | None = None) -> None:
     from tqdm import tqdm
 
     from napari_unet.core.axes import resolve_axes
@@ -266,7 +271,7 @@ def _predict_one(image, model, dst: Path, args, label: str) -> None:
     if dst.suffix.lower() not in WRITE_SUFFIXES:
         raise ValueError(f"{dst.name}: write .tif, .npy or .zarr")
     info = model.info
-    ax = resolve_axes(tuple(image.shape), args.axes, info.in_channels)
+    ax = resolve_axes(tuple(image.shape), axes, info.in_channels)
     engine_out = "labels" if args.mode == "labels" else "probabilities"
     sink = None
     diameter = _diameter(args.diameter, info)

@@ -35,6 +35,28 @@ def read_image(path: str | Path):
     return arr
 
 
+def image_axes(path: str | Path) -> str | None:
+    """The axes an OME-TIFF or ImageJ TIFF records (e.g. ``"TZCYX"``; RGB samples ``S``
+    read as ``C``), or None where the file says nothing (then they are guessed)."""
+    path = Path(path)
+    if path.suffix.lower() not in (".tif", ".tiff") or not path.is_file():
+        return None
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(str(path)) as tf:
+            if not (tf.is_ome or tf.is_imagej):
+                return None
+            axes = tf.series[0].axes.upper()
+    except Exception:  # noqa: BLE001 - unreadable metadata: guess as for any other file
+        return None
+    if "S" in axes and "C" not in axes:
+        axes = axes.replace("S", "C")
+    if "Y" not in axes or "X" not in axes or len(set(axes)) != len(axes):
+        return None
+    return axes
+
+
 def _open(path: Path, suffix: str):
     if suffix in (".tif", ".tiff"):
         import tifffile
