@@ -467,3 +467,8 @@ def test_axes_recorded_in_ome_and_imagej_tiffs_are_used(tmp_path, model_file, ca
     rc = main(["predict", str(tmp_path / "c.ome.tif"), "-m", str(model_file), "--axes", "ZYX",
                "--mode", "labels", "-o", str(tmp_path / "c_labels.tif"), "-q"])  # fmt: skip
     assert rc == 0
+
+
+def test_an_empty_model_name_is_an_error_not_the_default(capsys):
+    assert main(["info", ""]) == 1
+    assert "the model name is empty" in capsys.readouterr().err

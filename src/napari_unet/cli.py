@@ -170,6 +170,8 @@ def main(argv: list[str] | None = None) -> int:
 def _model(name: str | None, trust_code: bool = False):
     from napari_unet.io import load_model, registry
 
+    if name is not None and not name.strip():
+        raise ValueError("the model name is empty: give a bundled name or a file")
     name = name or registry.default_model()
     if name is None:
         raise ValueError("no bundled model is installed; pass --model FILE")
