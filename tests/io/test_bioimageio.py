@@ -151,6 +151,12 @@ def test_export_refuses_other_networks_and_names(tmp_path, exported):
     assert not list(tmp_path.glob(".*.tmp"))  # written atomically
     with zipfile.ZipFile(out) as zf:
         assert yaml.safe_load(zf.read("bioimageio.yaml"))["license"] == "MIT"
+    with pytest.raises(ModelFileError, match="not an SPDX licence identifier"):
+        export_package(tiny_model("same"), tmp_path / "l.zip", license="not a licence")
+    (tmp_path / "empty.png").write_bytes(b"")
+    with pytest.raises(ModelFileError, match="not a readable cover image"):
+        export_package(tiny_model("same"), tmp_path / "c.zip", cover=tmp_path / "empty.png")
+    assert not (tmp_path / "l.zip").exists() and not (tmp_path / "c.zip").exists()
 
 
 def test_exported_packages_validate_with_bioimageio_spec(exported, no_network):

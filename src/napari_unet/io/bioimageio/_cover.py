@@ -68,4 +68,10 @@ def _cover(cover, x: np.ndarray, y: np.ndarray) -> tuple[str, bytes]:
     path = Path(cover)
     if path.suffix.lower() not in (".png", ".jpg", ".jpeg", ".gif"):
         raise ModelFileError(f"{path.name}: a cover must be a PNG, JPEG or GIF image")
+    try:  # a file the model zoo can show, not an empty or broken one
+        from skimage.io import imread
+
+        imread(str(path))
+    except Exception as err:  # noqa: BLE001 - any decoder error
+        raise ModelFileError(f"{path.name}: not a readable cover image ({err})") from None
     return f"cover{path.suffix.lower()}", path.read_bytes()

@@ -328,6 +328,10 @@ def export_package(
     if not isinstance(model.net, UNet):
         raise ModelFileError("only napari-unet U-Nets can be exported as bioimage.io packages")
     out_zip = Path(out_zip)
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9.+-]*", license or ""):
+        raise ModelFileError(
+            f"{license!r} is not an SPDX licence identifier (e.g. CC-BY-4.0, MIT, BSD-3-Clause)"
+        )
     if out_zip.suffix != ".zip":
         raise ModelFileError(f"a bioimage.io package is a .zip, got {out_zip.name!r}")
     net = copy.deepcopy(model.net).float().cpu().eval()
