@@ -428,3 +428,14 @@ def test_bootstrapped_loss_averages_the_hardest_annotated_pixels(data):
     )
     losses = [s.loss for s in gen]
     assert len(losses) == 3 and all(np.isfinite(losses))
+
+
+def test_huge_patches_and_binary_masks_as_instances_are_caught():
+    image, labels = synthetic.nuclei((64, 64), n=5, seed=3)
+    with pytest.raises(ValueError, match="far larger than the images"):
+        train(
+            tiny_model("same"), [image], [labels], config=TrainConfig(steps=1, patch_size=100000)
+        )
+    binary = np.where(labels > 0, 255, 0).astype(np.uint8)
+    with pytest.warns(UserWarning, match="one id \\(255\\) for .* separate regions"):
+        train(tiny_model("same"), [image], [binary], config=TrainConfig(steps=1, patch_size=32))

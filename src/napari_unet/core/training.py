@@ -180,6 +180,12 @@ def prepare(
         raise ValueError("no training images given")
     info = model.info
     cfg = with_convention(cfg, model)
+    side = max(max(np.shape(lab)[-2:], default=0) for lab in labels)
+    if cfg.patch_size > 4 * max(side, 64):  # images are padded by a patch on every side
+        raise ValueError(
+            f"patch size {cfg.patch_size} px is far larger than the images (at most {side} px "
+            f"a side): choose at most {4 * max(side, 64)}"
+        )
     pad = cfg.patch_size + info.geometry.halo + info.geometry.multiple
     soft = kind == "instances" and cfg.core_ramp > 0 and info.num_classes == 3
     if soft and not cfg.core_fraction:
@@ -194,6 +200,8 @@ def prepare(
             raise ValueError(
                 f"labels {i} have shape {lab.shape} but image {i} is {image.shape[1:]}"
             )
+        if kind == "instances":
+            _warn_if_one_id_for_many_objects(lab, i)
         target = tg.to_target(lab, kind, info.num_classes, cfg.boundary_width, cfg.core_fraction)
         all_targets.append(target)
         border = np.zeros(lab.shape, np.float32)
@@ -317,6 +325,23 @@ def loss_fn(logits, target, weights, dice: float = 0.0, hard: float = 1.0) -> to
         denom = ((probs + onehot) * m).sum((0, 2, 3))
         loss = loss + dice * (1 - ((2 * inter + 1) / (denom + 1)).mean())
     return loss
+
+
+def _warn_if_one_id_for_many_objects(lab: np.ndarray, i: int) -> None:
+    """Instance masks give each object its own id; a binary mask (e.g. 0/255) read as
+    instances is one object, with no borders between touching ones: say so."""
+    from scipy import ndimage as ndi
+
+    ids = np.unique(lab)
+    ids = ids[ids != 0]
+    if len(ids) == 1 and ndi.label(lab == ids[0])[1] > 1:
+        warnings.warn(
+            f"labels {i} use one id ({ids[0]}) for {ndi.label(lab == ids[0])[1]} separate "
+            "regions, read as one object: instance masks give each object its own id; for a "
+            "binary mask of classes use kind 'classes' (--label-kind classes)",
+            UserWarning,
+            stacklevel=3,
+        )
 
 
 def with_convention(cfg: TrainConfig, model: LoadedModel) -> TrainConfig:
