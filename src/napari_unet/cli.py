@@ -132,26 +132,20 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _share(text: str) -> float:
-    """A command-line value between 0 and 1."""
-    value = float(text)
-    if not 0.0 <= value <= 1.0:  # NaN fails too
-        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text}")
-    return value
+def _number(kind, low: float, high: float | None = None):
+    """An argparse type: a ``kind`` (int or float) from ``low`` to ``high`` (NaN refused)."""
+
+    def parse(text: str):
+        value = kind(text)
+        if not (low <= value and (high is None or value <= high)):
+            span = f"between {low:g} and {high:g}" if high is not None else f"{low:g} or more"
+            raise argparse.ArgumentTypeError(f"must be {span}, got {text}")
+        return value
+
+    return parse
 
 
-def _count(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
-    return value
-
-
-def _non_negative(text: str) -> float:
-    value = float(text)
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
-    return value
+_share, _count, _non_negative = _number(float, 0, 1), _number(int, 0), _number(float, 0)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -235,12 +229,10 @@ def _targets(inputs, output, mode) -> list[tuple[str, Path]]:
     if out is not None and len(inputs) == 1 and out.suffix and not folder_given:
         pairs = [(inputs[0], out)]
     else:
-        folder = out
-        if folder is not None and folder.suffix and not folder_given:
+        if out is not None and out.suffix and not folder_given:
             raise ValueError("several inputs need --output to be a folder")
         pairs = [
-            (src, (folder or Path(src).parent) / f"{Path(src).stem}_{mode}{suffix}")
-            for src in inputs
+            (src, (out or Path(src).parent) / f"{Path(src).stem}_{mode}{suffix}") for src in inputs
         ]
     sources = {Path(src).resolve(): src for src in inputs}
     seen: dict[Path, str] = {}
@@ -476,7 +468,6 @@ def _check_folder(folder: Path) -> None:
 def _check_writable(path: Path) -> None:
     """Refuse an output that cannot be written (a bundled model, a folder without write
     permission) before hours of training, not after them."""
-
     from napari_unet.io import registry
 
     if registry.is_bundled(path):

@@ -202,7 +202,8 @@ def _put(viewer, kind: str, name: str, data, kw: dict, **style) -> str:
     # marked from the start: panels that list input images hear of it while it is added
     mark = {RESULT_KEY: _checksum(data)}
     layer = getattr(viewer, f"add_{kind}")(data, name=name, metadata=mark, **kw, **style)
-    layer.metadata[RESULT_KEY] = _checksum(layer.data)
+    if layer.data is not data:  # napari converted it: mark what the layer holds
+        layer.metadata[RESULT_KEY] = _checksum(layer.data)
     return layer.name
 
 

@@ -477,8 +477,7 @@ class FinetunePanel(WorkerPanel):
 
         if isinstance(value, Collected):
             self._painted = value.painted
-            what = ", ".join(f"{v} px {k}" for k, v in value.painted.items())
-            self.status.setText(f"Training on {what}...")
+            self.status.setText(f"Training on {value.what}...")
         elif isinstance(value, TrainStep):
             if not self.loss_plot.add(value.step, value.loss):
                 return  # the plot and the text refresh together, a few times a second

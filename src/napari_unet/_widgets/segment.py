@@ -86,8 +86,8 @@ class SegmentPanel(WorkerPanel):
         )
         form.addRow("Object diameter", self.diameter_spin)
         self.form.addLayout(form)
-        self._job: LayerJob | None = None
-        self._run: tuple = (None, "")  # (model, output mode) of the run going on
+        # the run going on: its layer job, model and output mode
+        self._job: tuple[LayerJob, object, str] | None = None
         self.tile_spin.editingFinished.connect(self._on_tile_edited)
         self.mode_combo.currentTextChanged.connect(self._on_mode)
         self.rescale_check.toggled.connect(self.diameter_spin.setEnabled)
@@ -182,7 +182,7 @@ class SegmentPanel(WorkerPanel):
         if self.busy():
             return
         # the result is shown as asked now, whatever the controls or the model become meanwhile
-        self._job, self._run = job, (model, opts.mode)
+        self._job = (job, model, opts.mode)
         self.status.setText(f"Segmenting {layer.name}: {job.describe}")
         self.start(segment_iter, job.data, model, opts, desc=f"napari-unet: {layer.name}")
 
@@ -190,9 +190,9 @@ class SegmentPanel(WorkerPanel):
         self.status.setText(progress.message)
 
     def _on_returned(self, result: np.ndarray) -> None:
-        job, (model, mode) = self._job, self._run
-        if job is None or model is None:
+        if self._job is None:
             return
+        job, model, mode = self._job
         names, kept = add_or_update(self.viewer, job, model, mode, result)
         note = ""
         if kept:

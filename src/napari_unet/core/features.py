@@ -20,7 +20,12 @@ import torch
 from napari_unet.core import normalize as norm
 from napari_unet.core.axes import resolve_axes
 from napari_unet.core.device import resolve_device
-from napari_unet.core.tiling import Progress, reflect_index, run_to_end
+from napari_unet.core.tiling import (
+    Progress,
+    activation_bytes_per_px,
+    reflect_index,
+    run_to_end,
+)
 from napari_unet.model.info import LoadedModel
 from napari_unet.model.unet import for_inference, to_layout
 
@@ -73,9 +78,8 @@ def stage_grid(config) -> dict[str, tuple[float, int]]:
 def forward_bytes(model: LoadedModel, yx: tuple[int, int]) -> int:
     """Peak activation memory of :func:`capture`'s single, untiled forward pass over a
     region (with its halo), estimated as the tiling engine does (``tiling.auto_tile``)."""
-    width = (model.info.architecture or {}).get("base_width", 64)
     halo = model.info.geometry.halo
-    return 4 * width * 12 * (yx[0] + 2 * halo) * (yx[1] + 2 * halo)
+    return activation_bytes_per_px(model) * (yx[0] + 2 * halo) * (yx[1] + 2 * halo)
 
 
 def estimate_bytes(

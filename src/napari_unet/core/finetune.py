@@ -235,6 +235,11 @@ class Collected:
     painted: dict  # painted pixels per class name
     data_name: str  # what the provenance calls the training data
 
+    @property
+    def what(self) -> str:
+        """``"120 px background, 80 px interior"``."""
+        return ", ".join(f"{v} px {k}" for k, v in self.painted.items())
+
 
 def collect_planes(model: LoadedModel, pairs: Sequence[tuple]):
     """Painted planes, unpainted planes, painted pixels per class and a description of
@@ -247,14 +252,10 @@ def collect_planes(model: LoadedModel, pairs: Sequence[tuple]):
         num_classes=model.info.num_classes,
         convention=convention(model.info),
     )
-    painted = check_annotations(planes, model.info.classes)
-    what = ", ".join(f"{v} px {k}" for k, v in painted.items())
+    collected = Collected(len(planes), check_annotations(planes, model.info.classes), "")
     sources = "; ".join(sorted({p.source for p in planes}))
-    return (
-        planes,
-        unpainted,
-        Collected(len(planes), painted, f"{len(planes)} painted plane(s) ({what}): {sources}"),
-    )
+    collected.data_name = f"{len(planes)} painted plane(s) ({collected.what}): {sources}"
+    return planes, unpainted, collected
 
 
 def finetune_pairs_iter(model: LoadedModel, pairs: Sequence[tuple], cfg, **kwargs):

@@ -80,16 +80,11 @@ class TrainConfig:
     checkpoint_every: int = 200
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "patch_size", "val_patches"):
+        least = {"steps": 1, "batch_size": 1, "patch_size": 1, "val_patches": 1, "val_every": 0}
+        for name, low in least.items():
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a whole number of at least 1, got {value!r}")
-        if (
-            isinstance(self.val_every, bool)
-            or not isinstance(self.val_every, int)
-            or self.val_every < 0
-        ):
-            raise ValueError(f"val_every must be a whole number >= 0, got {self.val_every!r}")
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{name} must be a whole number of at least {low}, got {value!r}")
         if not self.lr > 0:
             raise ValueError(f"the learning rate must be above 0, got {self.lr!r}")
         if self.max_seconds is not None and not self.max_seconds > 0:
@@ -334,9 +329,10 @@ def _warn_if_one_id_for_many_objects(lab: np.ndarray, i: int) -> None:
 
     ids = np.unique(lab)
     ids = ids[ids != 0]
-    if len(ids) == 1 and ndi.label(lab == ids[0])[1] > 1:
+    regions = ndi.label(lab == ids[0])[1] if len(ids) == 1 else 1
+    if regions > 1:
         warnings.warn(
-            f"labels {i} use one id ({ids[0]}) for {ndi.label(lab == ids[0])[1]} separate "
+            f"labels {i} use one id ({ids[0]}) for {regions} separate "
             "regions, read as one object: instance masks give each object its own id; for a "
             "binary mask of classes use kind 'classes' (--label-kind classes)",
             UserWarning,
