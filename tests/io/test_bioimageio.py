@@ -102,7 +102,7 @@ def test_round_trip_predicts_like_the_original(exported, padding):
     assert isinstance(loaded.net, PackageNet)
     assert (info.format, info.classes, info.in_channels) == ("bioimageio", model.info.classes, 1)
     assert info.activation == "softmax" and info.fixed_input is None
-    assert info.normalization == {"mode": "percentile", "low": 1.0, "high": 99.8, "eps": 1e-6}
+    assert info.normalization == {"mode": "percentile", "low": 1.0, "high": 99.8, "eps": 1e-12}
     assert (info.geometry.multiple, info.geometry.shrink, info.geometry.halo) == (
         g.multiple,
         g.shrink,
@@ -453,6 +453,82 @@ def test_load_model_and_cli_handle_packages(tmp_path, capsys):
     assert "10.1007/978-3-319-24574-4_28" in card
     assert load_model(out).info.format == "bioimageio"
     assert main(["export", str(out), "--bioimageio", str(tmp_path / "x.zip")]) == 1
+
+
+def test_round_trip_keeps_dim_images(exported):
+    """The export's eps must not change images whose intensities span ~1e-5 (the
+    engine divides by the spread itself; the spec's default eps 1e-6 changed them)."""
+    model, loaded = tiny_model("same"), load_package(exported["same"])
+    dim = image() * 1e-7
+    np.testing.assert_allclose(
+        predict(dim, loaded, device="cpu"), predict(dim, model, device="cpu"), atol=1e-5
+    )
+
+
+def test_nested_yaml_aliases_load_quickly(tmp_path, exported):
+    """A few hundred bytes of nested aliases describe 10**12 paths; each node is
+    walked once (walking every path took hours)."""
+    with zipfile.ZipFile(exported["same"]) as zf:
+        content = {n: zf.read(n) for n in zf.namelist()}
+    levels = ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
+    levels += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, 12)]
+    text = (
+        content["bioimageio.yaml"].decode()
+        + "\nx_bomb:\n"
+        + "\n".join("  " + line for line in levels)
+    )
+    content["bioimageio.yaml"] = text.encode()
+    with zipfile.ZipFile(tmp_path / "bomb.zip", "w") as zf:
+        for name, data in content.items():
+            zf.writestr(name, data)
+    assert load_package(tmp_path / "bomb.zip").info.format == "bioimageio"
+
+
+@pytest.mark.parametrize(
+    ("edit", "match"),
+    [
+        (lambda r: r["inputs"][0]["axes"][2]["size"].update(step=0), "step 0: both must be"),
+        (lambda r: r["inputs"][0]["axes"][2]["size"].update(step=-8), "step -8: both must be"),
+        (lambda r: r.update(config=["x"]), "'config'.*must be a mapping"),
+        (lambda r: r.update(config={"napari_unet": ["x"]}), "'config'.*must be a mapping"),
+        (
+            lambda r: r.update(config={"napari_unet": {"object_diameter": "big"}}),
+            "'object_diameter' must be a positive number",
+        ),
+    ],
+)
+def test_malformed_description_fields_are_model_file_errors(tmp_path, exported, edit, match):
+    bad = repack(exported["same"], tmp_path / "bad.zip", edit)
+    with pytest.raises(ModelFileError, match=f"bioimageio.yaml: .*{match}"):
+        load_package(bad)
+
+
+def test_a_single_citation_or_author_need_not_be_a_list(tmp_path, exported):
+    def single(rdf):
+        rdf["cite"] = {"text": "One paper", "doi": "10.1/x"}
+        rdf["authors"] = {"name": "Ada"}
+
+    info = load_package(repack(exported["same"], tmp_path / "one.zip", single)).info
+    assert info.provenance["cite"] == "One paper (doi:10.1/x)"
+    assert info.provenance["authors"] == "Ada"
+
+
+def test_zip_and_folder_read_the_same_description(tmp_path, exported):
+    """With both bioimageio.yaml and rdf.yaml, both forms read bioimageio.yaml, whatever
+    the order of the zip's members."""
+    with zipfile.ZipFile(exported["same"]) as zf:
+        content = {n: zf.read(n) for n in zf.namelist()}
+    other = yaml.safe_load(content["bioimageio.yaml"])
+    other["name"] = "the rdf.yaml copy"
+    first = {"rdf.yaml": yaml.safe_dump(other).encode(), **content}
+    with zipfile.ZipFile(tmp_path / "both.zip", "w") as zf:
+        for name, data in first.items():
+            zf.writestr(name, data)
+    folder = tmp_path / "both"
+    with zipfile.ZipFile(tmp_path / "both.zip") as zf:
+        zf.extractall(folder)
+    names = {load_package(p).info.name for p in (tmp_path / "both.zip", folder)}
+    assert names == {yaml.safe_load(content["bioimageio.yaml"])["name"]}
 
 
 # ---------------------------------------------------------------- the real package

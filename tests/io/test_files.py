@@ -182,3 +182,145 @@ def test_zip_that_is_not_a_model(tmp_path):
         zf.writestr("readme.txt", "hello")
     with pytest.raises(ModelFileError, match="not a model file"):
         load_model(tmp_path / "x.zip")
+
+
+def _with_metadata(tmp_path, name, edit, model=None):
+    """A copy of a tiny model's file whose napari-unet metadata ``edit`` changed."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    path = save_model(model or tiny_model("same", depth=2), tmp_path / "src.safetensors")
+    with safe_open(str(path), "pt") as fh:
+        meta = fh.metadata()
+        tensors = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118
+    info = json.loads(meta["napari_unet"])
+    edit(info)
+    out = tmp_path / name
+    save_file(tensors, str(out), {**meta, "napari_unet": json.dumps(info)})
+    return out
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "match"),
+    [
+        ("classes", 5, "'classes' must be a non-empty list"),
+        ("classes", [1, 2, 3], "'classes' must be a non-empty list"),
+        ("normalization", ["percentile"], "'normalization' must be an object"),
+        ("provenance", ["x"], "'provenance' must be an object"),
+        ("object_diameter", "big", "'object_diameter' must be a positive number"),
+        ("activation", "relu", "'activation' must be softmax"),
+        ("in_channels", True, "'in_channels' must be an integer"),
+    ],
+)
+def test_metadata_of_the_wrong_type_names_the_field(tmp_path, key, value, match):
+    path = _with_metadata(tmp_path, "bad.safetensors", lambda info: info.update({key: value}))
+    with pytest.raises(
+        ModelFileError, match=f"bad.safetensors: invalid napari-unet metadata.*{match}"
+    ):
+        load_model(path)
+
+
+@pytest.mark.parametrize(
+    ("edit", "match"),
+    [
+        (lambda i: i["architecture"].update(depth="2"), "depth must be an integer"),
+        (lambda i: i["geometry"].update(multiple=0), "geometry multiple must be >= 1"),
+        (lambda i: i["geometry"].update(halo=-4), "geometry halo must be >= 0"),
+        (lambda i: i.update(classes=["a", "b", "c", "d"]), "disagrees with itself"),
+        (lambda i: i.update(in_channels=3), "disagrees with itself"),
+    ],
+)
+def test_metadata_that_contradicts_itself_or_the_weights_is_refused(tmp_path, edit, match):
+    with pytest.raises(ModelFileError, match=match):
+        load_model(_with_metadata(tmp_path, "bad.safetensors", edit))
+
+
+def test_a_small_file_describing_a_huge_network_is_refused_before_building_it(
+    tmp_path, monkeypatch
+):
+    """Depth 9 at width 512 would need hundreds of GB: the shapes are compared on the
+    meta device first, and no real network is built."""
+    from napari_unet.io import files
+
+    built = []
+    real_unet = files.UNet
+
+    def spy(config):
+        built.append(torch.get_default_device().type)
+        return real_unet(config)
+
+    path = _with_metadata(
+        tmp_path, "huge.safetensors", lambda i: i["architecture"].update(depth=9, base_width=512)
+    )
+    monkeypatch.setattr(files, "UNet", spy)
+    with pytest.raises(ModelFileError, match="do not match the architecture.*missing"):
+        load_model(path)
+    assert built == ["meta"]
+
+
+def test_pickled_checkpoint_whose_weights_are_not_a_dict(tmp_path):
+    model = tiny_model("same", depth=2)
+    meta = json.dumps(model.info.to_dict())
+    for name, state in (("list.pt", [1, 2]), ("tensor.pt", torch.zeros(3))):
+        torch.save({"state_dict": state, "napari_unet": meta}, tmp_path / name)
+        with pytest.raises(ModelFileError, match="not a dict of named tensors"):
+            load_model(tmp_path / name)
+
+
+class _Tuple(torch.nn.Module):
+    def forward(self, x):
+        return x, x
+
+
+class _NoChannel(torch.nn.Module):
+    def forward(self, x):
+        return x[:, 0]
+
+
+class _Upsample(torch.nn.Module):
+    def forward(self, x):
+        return torch.nn.functional.interpolate(x, scale_factor=2.0)
+
+
+class _Thresholded(torch.nn.Module):
+    """A 5x5 mean (halo 2) thresholded inside the network: no gradient reaches the input."""
+
+    def forward(self, x):
+        mean = torch.nn.functional.avg_pool2d(x, 5, stride=1, padding=2)
+        return torch.cat([(mean > 0).float(), (mean <= 0).float()], dim=1)
+
+
+@pytest.mark.parametrize(
+    ("net", "match"),
+    [
+        (_Tuple(), "returns tuple, not one"),
+        (_NoChannel(), "returns a 3-D tensor"),
+        (_Upsample(), "gives a 512 x 512 output"),
+    ],
+)
+def test_torchscript_whose_output_is_not_a_class_map_is_refused(tmp_path, net, match):
+    torch.jit.save(torch.jit.script(net), str(tmp_path / "odd.pt"))
+    with pytest.raises(ModelFileError, match=match):
+        load_model(tmp_path / "odd.pt")
+
+
+def test_thresholded_torchscript_gets_its_halo_by_perturbation(tmp_path):
+    torch.jit.save(torch.jit.script(_Thresholded()), str(tmp_path / "t.pt"))
+    loaded = load_model(tmp_path / "t.pt")
+    assert loaded.info.num_classes == 2
+    assert loaded.info.geometry.halo >= 2
+    image = np.random.default_rng(5).standard_normal((150, 130)).astype(np.float32)
+    whole = predict(image, loaded, tile=512)
+    np.testing.assert_array_equal(predict(image, loaded, tile=64), whole)
+
+
+def test_torchscript_metadata_must_match_the_network(tmp_path):
+    model = tiny_model("valid", depth=2)
+    g = model.info.geometry
+    traced = torch.jit.trace(model.net, torch.rand(1, 1, g.min_input, g.min_input))
+    info = model.info.to_dict()
+    info["classes"] = ["a", "b"]
+    extra = {TORCHSCRIPT_META: json.dumps(info)}
+    torch.jit.save(traced, str(tmp_path / "m.pt"), _extra_files=extra)
+    with pytest.raises(ModelFileError, match=r"returns \(3, .*metadata says \(2, "):
+        load_model(tmp_path / "m.pt")

@@ -10,6 +10,7 @@ with ``torch.load(weights_only=True)``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
@@ -161,19 +162,50 @@ def _load_safetensors(path: Path) -> LoadedModel:
     if META_KEY not in meta:
         raise ModelFileError(f"{path.name}: safetensors file without napari-unet metadata")
     info, config = _parse_metadata(path, meta[META_KEY])
+    net = _build(path, info, config, state)
+    info.geometry = net.geometry
+    info.source = str(path)
+    return LoadedModel(net.eval(), info)
+
+
+def _build(path: Path, info: ModelInfo, config: UNetConfig, state) -> UNet:
+    """The U-Net of ``config`` holding ``state``, after checking, before allocating
+    anything, that the weights and the metadata describe the same network (a small
+    file must not make us build a huge network only to find they differ)."""
+    if not isinstance(state, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
+    ):
+        raise ModelFileError(f"{path.name}: the weights are not a dict of named tensors")
+    if info.in_channels != config.in_channels or info.num_classes != config.num_classes:
+        raise ModelFileError(
+            f"{path.name}: its metadata disagrees with itself: {info.in_channels} input "
+            f"channel(s) and {info.num_classes} classes, but an architecture of "
+            f"{config.in_channels} and {config.num_classes}"
+        )
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in UNet(config).state_dict().items()}
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    shapes = [k for k in expected if k in state and tuple(state[k].shape) != expected[k]]
+    if missing or unexpected or shapes:
+        detail = (
+            f"{len(missing)} missing (e.g. {missing[0]})"
+            if missing
+            else f"{len(unexpected)} unexpected (e.g. {unexpected[0]})"
+            if unexpected
+            else f"{shapes[0]} is {tuple(state[shapes[0]].shape)}, expected {expected[shapes[0]]}"
+        )
+        raise ModelFileError(
+            f"{path.name}: weights do not match the architecture in its metadata: {detail}"
+        )
     net = UNet(config)
     state = {k: (v.float() if v.is_floating_point() else v) for k, v in state.items()}
     try:
         net.load_state_dict(state, strict=True)
-    except RuntimeError as err:
-        first = str(err).splitlines()[1:3]
-        raise ModelFileError(
-            f"{path.name}: weights do not match the architecture in its metadata: "
-            + " ".join(s.strip() for s in first)
-        ) from None
-    info.geometry = net.geometry
-    info.source = str(path)
-    return LoadedModel(net.eval(), info)
+    except RuntimeError as err:  # e.g. a dtype torch cannot copy
+        msg = str(err).strip().splitlines()[0]
+        raise ModelFileError(f"{path.name}: cannot load its weights ({msg})") from None
+    return net
 
 
 def _parse_metadata(path: Path, text, architecture: bool = True):
@@ -197,8 +229,11 @@ def _load_torchscript(path: Path) -> LoadedModel:
         msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ModelFileError(f"{path.name}: cannot load as TorchScript ({msg})") from None
     net.eval()
+    with contextlib.suppress(Exception):  # scripted code may refuse: probing will say
+        net.float()  # the engine feeds float32 tiles
     if extra[TORCHSCRIPT_META]:
         info, _ = _parse_metadata(path, extra[TORCHSCRIPT_META], architecture=False)
+        _check_outputs(net, info, path.name)
     else:
         info = probe_network(net, name=path.stem)
     info.source = str(path)
@@ -216,11 +251,8 @@ def _load_pickle(path: Path) -> LoadedModel:
         ) from None
     if isinstance(obj, dict) and isinstance(obj.get(META_KEY), str) and "state_dict" in obj:
         info, config = _parse_metadata(path, obj[META_KEY])
-        net = UNet(config)
-        try:
-            net.load_state_dict(obj["state_dict"], strict=True)
-        except RuntimeError:
-            raise ModelFileError(f"{path.name}: weights do not match its architecture") from None
+        net = _build(path, info, config, obj["state_dict"])
+        info.geometry = net.geometry
         info.source = str(path)
         return LoadedModel(net.eval(), info)
     raise ModelFileError(
@@ -250,24 +282,85 @@ def _measure_multiple(net, channels: int, base: int, shrink: int) -> int:
     raise ModelFileError("cannot find the network's pooling stride (not translation-equivariant)")
 
 
+def _output(net, x: torch.Tensor, name: str) -> torch.Tensor:
+    """``net(x)``, which must be one ``(N, K, H, W)`` tensor."""
+    with torch.inference_mode():
+        return _checked(net(x), x, name)
+
+
+def _checked(y, x: torch.Tensor, name: str) -> torch.Tensor:
+    if not isinstance(y, torch.Tensor) or y.ndim != 4 or y.shape[0] != x.shape[0]:
+        got = f"a {y.ndim}-D tensor" if isinstance(y, torch.Tensor) else type(y).__name__
+        raise ModelFileError(
+            f"{name}: the network returns {got}, not one (batch, classes, y, x) tensor"
+        )
+    return y
+
+
+def _check_outputs(net, info: ModelInfo, name: str) -> None:
+    """One small forward pass: the network gives the classes and size its metadata says."""
+    g = info.geometry
+    n = info.fixed_input or (g.snap(max(g.min_input, 2 * g.halo + g.multiple), "up"),) * 2
+    try:
+        y = _output(net, torch.zeros(1, info.in_channels, *n), name)
+    except ModelFileError:
+        raise
+    except Exception as err:  # noqa: BLE001
+        msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ModelFileError(
+            f"{name}: the network refuses a {n[0]} x {n[1]} input with {info.in_channels} "
+            f"channel(s), as its metadata describes ({msg})"
+        ) from None
+    want = (info.num_classes, n[0] - g.shrink, n[1] - g.shrink)
+    if tuple(y.shape[1:]) != want:
+        raise ModelFileError(
+            f"{name}: for a {n[0]} x {n[1]} input the network returns {tuple(y.shape[1:])} "
+            f"(classes, y, x), its metadata says {want}"
+        )
+
+
 def probe_network(net, name: str = "model", max_channels: int = 4) -> ModelInfo:
     """Find input channels, classes, accepted sizes and halo of an opaque network."""
-    from napari_unet.model.receptive import measure_halo
+    from napari_unet.model.receptive import NoGradient, measure_halo, perturb_halo
 
     base = 256
+    error = None
     for c in range(1, max_channels + 1):
+        x = torch.zeros(1, c, base, base)
         try:
             with torch.inference_mode():
-                y = net(torch.zeros(1, c, base, base))
-            break
-        except Exception:  # noqa: BLE001, S112 - try the next channel count
+                y = net(x)
+        except Exception as err:  # noqa: BLE001 - try the next channel count
+            error = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             continue
+        y = _checked(y, x, name)
+        break
     else:
-        raise ModelFileError(f"{name}: the network does not accept 2D images with 1-4 channels")
+        raise ModelFileError(
+            f"{name}: the network does not accept 2D float32 images with 1-{max_channels} "
+            f"channels ({error})"
+        )
     shrink = base - y.shape[-1]
+    if y.shape[-2] != y.shape[-1] or shrink < 0 or shrink % 2:
+        raise ModelFileError(
+            f"{name}: a {base} x {base} input gives a {y.shape[-2]} x {y.shape[-1]} output; "
+            "only networks whose output is the input, or the input less a border, are supported"
+        )
     multiple = _measure_multiple(net, c, base, shrink)
     if shrink == 0:
-        halo = measure_halo(net, c, 512 // multiple * multiple, multiple, 0, dtype=torch.float32)
+        size = 512 // multiple * multiple
+        try:
+            halo = measure_halo(net, c, size, multiple, 0, dtype=torch.float32)
+        except NoGradient:  # thresholded output: measure by perturbing the input
+
+            def run(x):
+                return _output(net, torch.from_numpy(x), name).numpy()
+
+            halo = perturb_halo(run, c, (size, size), multiple * 4, 0)
+            if halo is None:
+                raise ModelFileError(
+                    f"{name}: cannot measure the network's halo: it exceeds a {size} px frame"
+                ) from None
         geometry = Geometry(multiple, 0, multiple, 0, halo)
     else:
         geometry = Geometry(multiple, base % multiple, base, shrink, shrink // 2)

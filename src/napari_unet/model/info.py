@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import asdict, dataclass, field, replace
 
 from torch import nn
@@ -70,13 +71,23 @@ class ModelInfo:
 
     @classmethod
     def from_dict(cls, d: dict) -> ModelInfo:
-        """Inverse of :meth:`to_dict`."""
+        """Inverse of :meth:`to_dict`; ``ValueError`` naming the field for values of the
+        wrong type or range (metadata comes from files, like any other input)."""
+        if not isinstance(d, dict):
+            raise ValueError(f"model metadata must be a JSON object, got {type(d).__name__}")
         d = dict(d)
+        if not isinstance(d.get("geometry"), dict):
+            raise ValueError("model metadata has no geometry object")
         d["geometry"] = Geometry(**d["geometry"])
-        if d.get("fixed_input") is not None:
-            d["fixed_input"] = tuple(d["fixed_input"])
         known = set(cls.__dataclass_fields__)
         return cls(**{k: v for k, v in d.items() if k in known})
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.geometry, Geometry):
+            raise ValueError(f"geometry must be a Geometry, got {self.geometry!r:.80}")
+        _check_fields({k: getattr(self, k) for k in _FIELD_CHECKS})
+        if self.fixed_input is not None:
+            self.fixed_input = tuple(int(n) for n in self.fixed_input)
 
     def card(self) -> str:
         """Human-readable model card."""
@@ -112,6 +123,61 @@ class ModelInfo:
         for key, value in self.metrics.items():
             lines.append(f"metric {key}: {value}")
         return "\n".join(lines)
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
+def _positive_numbers(v) -> bool:
+    return isinstance(v, (list, tuple)) and all(_is_number(x) and x > 0 for x in v)
+
+
+# field -> (test, what it must be); None is allowed where the field's default is None
+_FIELD_CHECKS = {
+    "name": (lambda v: isinstance(v, str), "a string"),
+    "classes": (
+        lambda v: isinstance(v, list) and len(v) > 0 and all(isinstance(c, str) for c in v),
+        "a non-empty list of class names",
+    ),
+    "in_channels": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    "normalization": (
+        lambda v: isinstance(v, dict) and isinstance(v.get("mode"), str),
+        "an object with a mode",
+    ),
+    "activation": (lambda v: v in ("softmax", "sigmoid", "none"), "softmax, sigmoid or none"),
+    "architecture": (lambda v: isinstance(v, dict), "an object"),
+    "instances": (lambda v: isinstance(v, dict), "an object"),
+    "pixel_size": (_positive_numbers, "a list of positive numbers"),
+    "description": (lambda v: isinstance(v, str), "a string"),
+    "provenance": (lambda v: isinstance(v, dict), "an object"),
+    "metrics": (lambda v: isinstance(v, dict), "an object"),
+    "source": (lambda v: isinstance(v, str), "a string"),
+    "format": (lambda v: isinstance(v, str), "a string"),
+    "fixed_input": (
+        lambda v: (
+            isinstance(v, (list, tuple)) and len(v) == 2 and all(_is_int(n) and n > 0 for n in v)
+        ),
+        "two positive integers",
+    ),
+    "object_diameter": (lambda v: _is_number(v) and 0 < v < 1e6, "a positive number"),
+}
+
+
+def _check_fields(d: dict) -> None:
+    for key, value in d.items():
+        if value is None and key in _NULLABLE:
+            continue
+        test, what = _FIELD_CHECKS[key]
+        if not test(value):
+            raise ValueError(f"metadata field {key!r} must be {what}, got {value!r:.80}")
+
+
+_NULLABLE = {"architecture", "instances", "pixel_size", "fixed_input", "object_diameter"}
 
 
 @dataclass

@@ -10,6 +10,13 @@ import numpy as np
 import torch
 from torch import nn
 
+_TOL = 1e-7  # relative output change that counts as "depends on" when probing a network
+
+
+class NoGradient(RuntimeError):
+    """The network's output has no usable gradient (thresholded, or dead units):
+    measure its halo by perturbation (:func:`perturb_halo`) instead."""
+
 
 def measure_halo(
     net: nn.Module,
@@ -28,6 +35,7 @@ def measure_halo(
     ``trials`` random inputs in float64; the halo is the furthest input pixel
     with a non-zero gradient. ReLU networks can hide dependencies behind dead
     units, so this is a lower bound that is exact in practice with random data.
+    Raises :class:`NoGradient` when no gradient reaches the input.
 
     Parameters
     ----------
@@ -48,11 +56,17 @@ def measure_halo(
             x = torch.rand(1, in_channels, size, size, generator=gen, dtype=dtype)
             x.requires_grad_(True)
             y = net64(x)
+            if not isinstance(y, torch.Tensor) or not y.requires_grad:
+                raise NoGradient("the network's output carries no gradient")
             c = (y.shape[-1] // 2) // multiple * multiple
             sel = y[..., c : c + multiple, c : c + multiple].sum()
-            (grad,) = torch.autograd.grad(sel, x)
+            (grad,) = torch.autograd.grad(sel, x, allow_unused=True)
+            if grad is None:
+                raise NoGradient("the network's output does not depend on its input")
             support = grad.abs().sum(dim=(0, 1)).detach().numpy() > 0
             ys, xs = np.nonzero(support)
+            if ys.size == 0:  # thresholded outputs or dead units: no gradient anywhere
+                raise NoGradient("the gradient of the network's output is zero")
             # output pixel c..c+multiple-1 sits at input c + shrink/2 + ...
             lo = c + shrink // 2
             hi = lo + multiple - 1
@@ -87,3 +101,49 @@ def structural_halo(config) -> int:
     g = twin.geometry
     size = g.snap(3 * g.halo + 4 * g.multiple, "up")
     return measure_halo(twin, 1, size, g.multiple, g.shrink, trials=1)
+
+
+def _reach(run, x, base, corner, block, tol, rng) -> int:
+    """How far outside a perturbed ``block`` the output changes (a halo estimate)."""
+    cy, cx = corner
+    y = x.copy()
+    y[..., cy : cy + block, cx : cx + block] += rng.standard_normal(
+        (1, x.shape[1], block, block)
+    ).astype(np.float32)
+    changed = np.abs(run(y) - base).max(axis=(0, 1)) > tol
+    rows, cols = np.nonzero(changed.any(axis=1))[0], np.nonzero(changed.any(axis=0))[0]
+    if rows.size == 0:
+        return 0
+    far = (
+        cy - rows.min(),
+        rows.max() - cy - block + 1,
+        cx - cols.min(),
+        cols.max() - cx - block + 1,
+    )
+    return int(max(0, *far))
+
+
+def perturb_halo(run, c: int, hw: tuple, block: int, start: int) -> int | None:
+    """Smallest ``h`` such that replacing every input pixel further than ``h`` from a
+    ``block x block`` square leaves the square's output unchanged (None: frame too small).
+
+    ``run`` maps a float32 ``(1, c, *hw)`` array to the network's output array. Needs no
+    gradient, so it also measures thresholded networks and ONNX sessions.
+    """
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((1, c, *hw)).astype(np.float32)
+    base = run(x)
+    cy, cx = ((n // 2) // block * block for n in hw)
+    room = min(cy, cx, hw[0] - cy - block, hw[1] - cx - block)
+    sel = (Ellipsis, slice(cy, cy + block), slice(cx, cx + block))
+    tol = _TOL * (1 + float(np.abs(base[sel]).max()))
+    # the reach of the block's edge pixels misses a few pixels of other pooling phases
+    h = max(start, _reach(run, x, base, (cy, cx), block, tol, rng) + 4)
+    while h <= room:
+        y = rng.standard_normal(x.shape).astype(np.float32)
+        keep = (Ellipsis, slice(cy - h, cy + block + h), slice(cx - h, cx + block + h))
+        y[keep] = x[keep]
+        if np.abs(run(y)[sel] - base[sel]).max() <= tol:
+            return h
+        h += 4
+    return None

@@ -14,6 +14,7 @@ For the paper's valid-padding U-Net of depth ``d`` (``m = 2**d``):
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import asdict, dataclass
 
 
@@ -41,6 +42,22 @@ class Geometry:
     min_input: int
     shrink: int
     halo: int
+
+    def __post_init__(self) -> None:
+        # geometries are also read from files: refuse what would divide by zero or
+        # give negative sizes later, with a message naming the field
+        lowest = {"multiple": 1, "offset": 0, "min_input": 1, "shrink": 0, "halo": 0}
+        for name, least in lowest.items():
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                raise ValueError(f"geometry {name} must be an integer, got {value!r}")
+            if value < least:
+                raise ValueError(f"geometry {name} must be >= {least}, got {value}")
+            object.__setattr__(self, name, int(value))
+        if self.shrink % 2:
+            raise ValueError(
+                f"geometry shrink must be even (a border per side), got {self.shrink}"
+            )
 
     @property
     def valid(self) -> bool:

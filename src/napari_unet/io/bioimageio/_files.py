@@ -80,7 +80,16 @@ def _rdf_in(label: str, names: list[str]) -> str:
     found = [n for n in names if n in RDF_NAMES or n.endswith(".bioimageio.yaml")]
     if not found:
         raise ModelFileError(f"{label}: no bioimageio.yaml or rdf.yaml in the package")
-    return sorted(found, key=lambda n: (n not in RDF_NAMES, n))[0]
+    return min(found, key=_rdf_rank)
+
+
+def _rdf_rank(name: str) -> tuple:
+    """Which RDF a package uses when it holds several: the shallowest, then
+    ``bioimageio.yaml``, then ``rdf.yaml``, then ``*.bioimageio.yaml`` by name (the same
+    for a folder and its zip, whatever the order of the zip's members)."""
+    base = posixpath.basename(name)
+    known = RDF_NAMES.index(base) if base in RDF_NAMES else len(RDF_NAMES)
+    return name.count("/"), known, base
 
 
 def _open_zip(path: Path) -> tuple[_Files, str]:
@@ -98,7 +107,7 @@ def _open_zip(path: Path) -> tuple[_Files, str]:
     ]
     if not rdfs:
         raise ModelFileError(f"{path.name}: a zip without bioimageio.yaml or rdf.yaml")
-    top = min(rdfs, key=lambda n: (n.count("/"), posixpath.basename(n) not in RDF_NAMES))
+    top = min(rdfs, key=_rdf_rank)
     prefix = top.rsplit("/", 1)[0] + "/" if "/" in top else ""
     members = frozenset(n for n in names if not n.endswith("/"))
     return _Files(path, prefix, members), top[len(prefix) :]

@@ -11,9 +11,8 @@ import torch
 from napari_unet.io.bioimageio._processing import PackageNet, _Bare, _runner
 from napari_unet.io.bioimageio._rdf import _Axis, _Tensor
 from napari_unet.io.files import ModelFileError
+from napari_unet.model.receptive import NoGradient, perturb_halo
 from napari_unet.model.shapes import Geometry
-
-_TOL = 1e-7  # relative output change that counts as "depends on" when probing a network
 
 
 @dataclass(frozen=True)
@@ -138,49 +137,6 @@ def _find_multiple(run, c: int, hw: tuple, margin: int, candidates: tuple) -> in
     return None
 
 
-def _reach(run, x, base, corner, block, tol, rng) -> int:
-    """How far outside a perturbed ``block`` the output changes (a halo estimate)."""
-    cy, cx = corner
-    y = x.copy()
-    y[..., cy : cy + block, cx : cx + block] += rng.standard_normal(
-        (1, x.shape[1], block, block)
-    ).astype(np.float32)
-    changed = np.abs(run(y) - base).max(axis=(0, 1)) > tol
-    rows, cols = np.nonzero(changed.any(axis=1))[0], np.nonzero(changed.any(axis=0))[0]
-    if rows.size == 0:
-        return 0
-    far = (
-        cy - rows.min(),
-        rows.max() - cy - block + 1,
-        cx - cols.min(),
-        cols.max() - cx - block + 1,
-    )
-    return int(max(0, *far))
-
-
-def _perturb_halo(run, c: int, hw: tuple, block: int, start: int) -> int | None:
-    """Smallest ``h`` such that replacing every input pixel further than ``h`` from a
-    ``block x block`` square leaves the square's output unchanged (None: frame too small).
-    """
-    rng = np.random.default_rng(0)
-    x = rng.standard_normal((1, c, *hw)).astype(np.float32)
-    base = run(x)
-    cy, cx = ((n // 2) // block * block for n in hw)
-    room = min(cy, cx, hw[0] - cy - block, hw[1] - cx - block)
-    sel = (Ellipsis, slice(cy, cy + block), slice(cx, cx + block))
-    tol = _TOL * (1 + float(np.abs(base[sel]).max()))
-    # the reach of the block's edge pixels misses a few pixels of other pooling phases
-    h = max(start, _reach(run, x, base, (cy, cx), block, tol, rng) + 4)
-    while h <= room:
-        y = rng.standard_normal(x.shape).astype(np.float32)
-        keep = (Ellipsis, slice(cy - h, cy + block + h), slice(cx - h, cx + block + h))
-        y[keep] = x[keep]
-        if np.abs(run(y)[sel] - base[sel]).max() <= tol:
-            return h
-        h += 4
-    return None
-
-
 def _grad_halo(net: PackageNet, c: int, size: int, block: int) -> int | None:
     """:func:`measure_halo` on the bare weights; None when the frame was too small."""
     from napari_unet.model.receptive import measure_halo
@@ -196,9 +152,12 @@ def _adaptive_halo(net, run, torch_weights: bool, c: int, sizes, start: int, blo
     n = sizes(2 * start + 3 * block)
     for _ in range(4):
         if torch_weights:
-            h = _grad_halo(net, c, n, block)
-        else:
-            h = _perturb_halo(run, c, (n, n), block, start)
+            try:
+                h = _grad_halo(net, c, n, block)
+            except NoGradient:  # e.g. an in-graph threshold: perturb the input instead
+                torch_weights = False
+        if not torch_weights:
+            h = perturb_halo(run, c, (n, n), block, start)
         if h is not None:
             return h
         n = sizes(2 * n)
@@ -276,7 +235,7 @@ def _relaxed_geometry(net: PackageNet, run, d: _Declared):
 
 
 def _fixed_geometry(run, d: _Declared):
-    measured = _perturb_halo(run, d.channels, d.fixed, 64, d.halo)
+    measured = perturb_halo(run, d.channels, d.fixed, 64, d.halo)
     margin = 2 * max(measured or 0, d.halo)
     m = _find_multiple(run, d.channels, d.fixed, margin, (8, 16, 32, 64, 128))
     notes = {} if m else {"tiling": "not translation-equivariant: tiles may show seams"}

@@ -31,15 +31,19 @@ def _citation(c) -> str:
     return " ".join(str(c.get("text", "")).split()) + (f" ({ref})" if ref else "")
 
 
+def _listed(value) -> list:
+    return value if isinstance(value, list) else [value]
+
+
 def _provenance(spec: _Spec, fmt: str, entry: dict, notes: dict) -> dict:
     rdf = spec.rdf
     p = {}
     if rdf.get("authors"):
-        p["authors"] = ", ".join(_person(a) for a in rdf["authors"])
+        p["authors"] = ", ".join(_person(a) for a in _listed(rdf["authors"]))
     if rdf.get("license"):
         p["license"] = str(rdf["license"])
     if rdf.get("cite"):
-        p["cite"] = "; ".join(_citation(c) for c in rdf["cite"])
+        p["cite"] = "; ".join(_citation(c) for c in _listed(rdf["cite"]))
     p["weights"] = f"{fmt} ({entry['source']})"
     p["bioimageio"] = f"format {spec.version}" + (f", id {rdf['id']}" if rdf.get("id") else "")
     p.update(notes)
@@ -90,6 +94,7 @@ def load_package(source, trust_code: bool = False, weights_format: str | None = 
     """
     files, rdf_name = _open(source)
     spec = _parse(_read_rdf(files, rdf_name), rdf_name)
+    config = _own_config(spec.rdf, rdf_name)  # before the slow geometry measurement
     _check_hashes(files, spec)
     fmt, entry = _choose_weights(spec, files, weights_format, trust_code)
     inp, out = spec.inputs[0], spec.outputs[0]
@@ -100,24 +105,35 @@ def load_package(source, trust_code: bool = False, weights_format: str | None = 
     net = PackageNet(core, spec, files, pre, post, _single_sample(inp, out)).eval()
     geometry, fixed, notes = _geometry(net, fmt != "onnx", declared)
     rdf = spec.rdf
-    config = (rdf.get("config") or {}).get("napari_unet") or {}
-    info = ModelInfo(
-        name=str(rdf.get("name") or Path(source).stem),
-        classes=_classes(out, declared.classes),
-        in_channels=declared.channels,
-        geometry=geometry,
-        normalization=normalization,
-        activation=activation,
-        instances=config.get("instances"),
-        pixel_size=_pixel_size(inp) or config.get("pixel_size"),
-        description=" ".join(str(rdf.get("description", "")).split()),
-        provenance=_provenance(spec, fmt, entry, notes),
-        source=str(source),
-        format="bioimageio",
-        fixed_input=fixed,
-        object_diameter=config.get("object_diameter"),
-    )
+    try:  # the RDF's values are checked like any file's metadata
+        info = ModelInfo(
+            name=str(rdf.get("name") or Path(source).stem),
+            classes=_classes(out, declared.classes),
+            in_channels=declared.channels,
+            geometry=geometry,
+            normalization=normalization,
+            activation=activation,
+            instances=config.get("instances"),
+            pixel_size=_pixel_size(inp) or config.get("pixel_size"),
+            description=" ".join(str(rdf.get("description", "")).split()),
+            provenance=_provenance(spec, fmt, entry, notes),
+            source=str(source),
+            format="bioimageio",
+            fixed_input=fixed,
+            object_diameter=config.get("object_diameter"),
+        )
+    except ValueError as err:
+        raise ModelFileError(f"{rdf_name}: {err}") from None
     return LoadedModel(net, info)
+
+
+def _own_config(rdf: dict, label: str) -> dict:
+    """The RDF's ``config.napari_unet`` (written by this plugin's export), or ``{}``."""
+    config = rdf.get("config") or {}
+    own = config.get("napari_unet") if isinstance(config, dict) else None
+    if not isinstance(config, dict) or not isinstance(own or {}, dict):
+        raise ModelFileError(f"{label}: 'config' (and its 'napari_unet') must be a mapping")
+    return own or {}
 
 
 # ------------------------------------------------------------------- the spec's test

@@ -63,7 +63,9 @@ def _parse(rdf: dict, label: str) -> _Spec:
             )
     except (KeyError, TypeError, ValueError, IndexError, AttributeError) as err:
         if isinstance(err, ModelFileError):
-            raise
+            if str(err).startswith(f"{label}:"):
+                raise
+            raise ModelFileError(f"{label}: {err}") from None
         raise ModelFileError(f"{label}: invalid bioimage.io description ({err!r})") from None
     spec.files = _declared_files(rdf) + spec.files
     if len(spec.inputs) != 1 or len(spec.outputs) != 1:
@@ -74,17 +76,25 @@ def _parse(rdf: dict, label: str) -> _Spec:
     return spec
 
 
-def _declared_files(node) -> list:
-    """Every ``{source, sha256}`` pair in the RDF (0.5 style)."""
-    found = []
-    if isinstance(node, dict):
-        if isinstance(node.get("source"), str) and isinstance(node.get("sha256"), str):
-            found.append((node["source"], node["sha256"]))
-        for value in node.values():
-            found += _declared_files(value)
-    elif isinstance(node, list):
-        for value in node:
-            found += _declared_files(value)
+def _declared_files(rdf) -> list:
+    """Every ``{source, sha256}`` pair in the RDF (0.5 style).
+
+    Each dict or list is visited once: YAML aliases make one node appear under many
+    parents, and walking every path through nested aliases takes exponential time
+    (a few hundred bytes of YAML could hang the loader for hours).
+    """
+    found, seen, todo = [], set(), [rdf]
+    while todo:
+        node = todo.pop()
+        if not isinstance(node, (dict, list)) or id(node) in seen:
+            continue
+        seen.add(id(node))
+        if isinstance(node, dict):
+            if isinstance(node.get("source"), str) and isinstance(node.get("sha256"), str):
+                found.append((node["source"], node["sha256"]))
+            todo.extend(reversed(list(node.values())))
+        else:
+            todo.extend(reversed(node))
     return found
 
 
@@ -119,8 +129,15 @@ def _size_v05(size, n_names):
     if "tensor_id" in size:
         return ("ref", str(size["tensor_id"]), str(size["axis_id"]), int(size.get("offset", 0)))
     if "step" in size:
-        return ("param", int(size["min"]), int(size["step"]))
+        return _param(int(size["min"]), int(size["step"]))
     return None  # data-dependent
+
+
+def _param(lo: int, step: int) -> tuple:
+    """A ``min + n * step`` size; both must be positive (a zero step divides by zero)."""
+    if lo < 1 or step < 1:
+        raise ModelFileError(f"axis size min {lo} and step {step}: both must be >= 1")
+    return ("param", lo, step)
 
 
 def _ops(raw, axes: list, v04: bool) -> list:
@@ -177,7 +194,7 @@ def _axes_v04(t: dict) -> list:
             size = int(shape[i])
         elif "min" in shape:
             step = int(shape["step"][i])
-            size = ("param", int(shape["min"][i]), step) if step else int(shape["min"][i])
+            size = _param(int(shape["min"][i]), step) if step else int(shape["min"][i])
         else:
             size = _ref_v04(shape, i, ch)
         axes.append(_Axis(kind, ch, size, int(halo[i])))

@@ -95,10 +95,15 @@ def _weights_files(net, info: ModelInfo, arch_name: str) -> dict:
     }
 
 
+EXPORT_EPS = 1e-12
+
+
 def _export_preprocessing(spec: dict) -> list:
     ops = [{"id": "ensure_dtype", "kwargs": {"dtype": "float32"}}]
     axes = ["channel", "y", "x"] if spec.get("joint") else ["y", "x"]
-    eps = float(spec.get("eps", 1e-6))
+    # the engine divides by the spread itself (guarding only a zero one); the spec needs
+    # eps > 0, and its default 1e-6 would change dim images (spread ~1e-5) by 10 %
+    eps = float(spec.get("eps", EXPORT_EPS))
     if spec["mode"] == "percentile":
         kwargs = {
             "axes": axes,
