@@ -159,3 +159,46 @@ def test_min_confidence_argument_overrides_the_recipe():
     assert instances(p, recipe, threshold=0.2).max() == 1
     assert instances(p, recipe, threshold=0.2, min_confidence=0.0).max() == 2
     assert recipe["min_confidence"] == 0.6  # the model's recipe is not changed
+
+
+def _two_nuclei():
+    inst = np.zeros((30, 50), np.int32)
+    inst[5:25, 5:25] = 1
+    inst[5:25, 25:45] = 2
+    return inst, _probs_from(inst)  # background, interior, boundary
+
+
+@pytest.mark.parametrize(
+    "order", [(0, 1, 2), (1, 2, 0), (2, 0, 1), (0, 2, 1)], ids=lambda o: "-".join(map(str, o))
+)
+def test_default_recipe_finds_the_classes_by_name_in_any_order(order):
+    """Imported models without a recipe do not all put background first."""
+    names = ["background", "interior", "boundary"]
+    inst, probs = _two_nuclei()
+    out = instances(probs[list(order)], classes=[names[k] for k in order])
+    assert metrics.object_scores(inst, out)["f1"] == 1.0
+
+
+@pytest.mark.parametrize(
+    ("names", "channel"),
+    [(["foreground", "background"], 0), (["background", "nuclei"], 1), (["cells", "edges"], 0)],
+)
+def test_components_take_the_foreground_class_not_the_last(names, channel):
+    inst, probs = _two_nuclei()
+    fg = (inst > 0).astype(np.float32)
+    two = np.zeros((2, *inst.shape), np.float32)
+    two[channel] = fg
+    two[1 - channel] = 1 - fg if "background" in names else (probs[2] > 0.5)
+    out = instances(two, classes=names)
+    assert out.max() == 1 and np.count_nonzero(out) == np.count_nonzero(inst)
+
+
+def test_recipes_may_name_their_classes():
+    inst, probs = _two_nuclei()
+    named = {"method": "watershed", "seed": "Interior", "boundary": "boundary"}
+    out = instances(probs, named, ["background", "interior", "boundary"])
+    assert metrics.object_scores(inst, out)["f1"] == 1.0
+    with pytest.raises(ValueError, match="'cores' is not one of the model's classes"):
+        instances(probs, {**named, "seed": "cores"}, ["background", "interior", "boundary"])
+    with pytest.raises(ValueError, match="seed 5 is not a class index"):
+        instances(probs, {**named, "seed": 5}, ["background", "interior", "boundary"])

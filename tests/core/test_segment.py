@@ -155,3 +155,26 @@ def test_diameter_needs_a_model_that_records_its_object_size():
         run(image, bright_model(), diameter=-3)
     with pytest.raises(ValueError, match="dtype complex64"):
         run(image.astype(np.complex64), bright_model(), diameter=10)
+
+
+def test_a_diameter_beyond_the_rescaling_limit_warns(seen):
+    image, _ = disks()
+    with pytest.warns(UserWarning, match=r"resized by 4 \(the limit\)"):
+        run(image, bright_model(20.0), diameter=2)  # would need 10x
+    assert seen == [(4 * 96, 4 * 128)]
+
+
+def test_median_diameter_counts_each_plane_of_a_stack():
+    """Labels unique across planes (as instances are) or repeated in each: the same."""
+    _, labels = disks(radii=(4, 8, 8, 12))
+    offset = np.stack([labels, np.where(labels > 0, labels + 1000, 0)])
+    repeated = np.stack([labels, labels])
+    assert median_diameter(offset) == pytest.approx(median_diameter(labels))
+    assert median_diameter(repeated) == pytest.approx(median_diameter(labels))
+
+
+def test_rescaling_keeps_the_axes_of_a_thin_image(seen):
+    """The shrunk image is not re-read: a thin (2, 200, 10) stack must stay ZYX."""
+    image = np.random.default_rng(0).random((2, 200, 10)).astype(np.float32)
+    out = run(image, bright_model(20.0), diameter=50, mode="probabilities")  # 10 -> 4 px wide
+    assert out.shape == (3, 2, 200, 10)

@@ -197,3 +197,11 @@ def test_out_of_memory_retries_with_smaller_batches_and_tiles(message, valid_mod
     out = predict(image, flaky, tile=180, batch_size=4)
     np.testing.assert_allclose(out, one_pass(image[None], valid_model), atol=1e-5)
     assert calls[0][0] == 4 and calls[-1][0] == 1 and calls[-1][-1] <= 100
+
+
+def test_integer_output_array_for_probabilities_is_refused(same_model):
+    from napari_unet.core.tiling import predict
+
+    image = np.random.default_rng(0).random((40, 40), dtype=np.float32)
+    with pytest.raises(ValueError, match="dtype uint8; probabilities need a float array"):
+        predict(image, same_model, out=np.zeros((3, 40, 40), np.uint8))

@@ -5,14 +5,65 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage as ndi
 
+_BACKGROUND = ("background", "bg")
+_BOUNDARY = ("boundary", "boundaries", "border", "borders", "contour", "contours", "edge", "edges")
+_FOREGROUND = ("interior", "foreground", "fg", "inside", "object", "objects", "cell", "cells")
+_FOREGROUND += ("nucleus", "nuclei", "mask")
+CLASS_KEYS = ("seed", "boundary", "background", "foreground")  # recipe keys naming a class
+
 
 def default_recipe(classes: list[str]) -> dict:
-    """Instance recipe for a model that has none in its metadata."""
-    names = [c.lower() for c in classes]
-    if "boundary" in names and len(names) >= 3:
-        interior = names.index("interior") if "interior" in names else 1
-        return {"method": "watershed", "seed": interior, "boundary": names.index("boundary")}
-    return {"method": "components", "foreground": len(names) - 1}
+    """Instance recipe for a model that has none in its metadata, found by class name
+    wherever the classes are (imported models do not all put background first)."""
+    names = [str(c).lower() for c in classes]
+
+    def find(words, taken=()):
+        return next((i for i, n in enumerate(names) if n in words and i not in taken), None)
+
+    background, boundary = find(_BACKGROUND), find(_BOUNDARY)
+    if boundary is not None and len(names) >= 3:
+        seed = find(_FOREGROUND, (background, boundary))
+        rest = [i for i in range(len(names)) if i not in (background, boundary, seed)]
+        seed = rest.pop(0) if seed is None else seed
+        background = rest[0] if background is None else background
+        return {
+            "method": "watershed",
+            "seed": seed,
+            "boundary": boundary,
+            "background": background,
+        }
+    foreground = find(_FOREGROUND, (background,))
+    if foreground is None:
+        others = [i for i in range(len(names)) if i != background]
+        foreground = others[-1] if others else len(names) - 1
+    return {"method": "components", "foreground": foreground}
+
+
+def resolve_recipe(recipe: dict, classes: list[str] | None, num_classes: int) -> dict:
+    """``recipe`` with class names (``"seed": "interior"``) turned into indices, and
+    every class index checked against the ``num_classes`` outputs."""
+    out = dict(recipe)
+    lower = [str(c).lower() for c in classes or []]
+    for key in CLASS_KEYS:
+        value = out.get(key)
+        if value is None:
+            continue
+        if isinstance(value, str):
+            if value.lower() not in lower:
+                raise ValueError(
+                    f"instance recipe {key} {value!r} is not one of the model's classes "
+                    f"{list(classes or [])}"
+                )
+            value = lower.index(value.lower())
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+            raise ValueError(f"instance recipe {key} must be a class name or index, got {value!r}")
+        if not 0 <= value < num_classes:
+            raise ValueError(
+                f"instance recipe {key} {value} is not a class index (the model has "
+                f"{num_classes} outputs)"
+            )
+        out[key] = int(value)
+    return out
 
 
 def class_labels(probs: np.ndarray) -> np.ndarray:
@@ -63,7 +114,8 @@ def instances(
     planes of a stack; objects under ``min_size`` pixels are removed. Returns
     int32 ``(..., Y, X)``.
     """
-    recipe = dict(recipe or default_recipe(classes or [str(i) for i in range(probs.shape[0])]))
+    classes = classes or [str(i) for i in range(probs.shape[0])]
+    recipe = resolve_recipe(recipe or default_recipe(classes), classes, probs.shape[0])
     if min_confidence is not None:
         recipe["min_confidence"] = float(min_confidence)
     lead = probs.shape[1:-2]

@@ -3,6 +3,7 @@ or instances. Shared by the command line and the napari widgets."""
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Generator
 from dataclasses import dataclass, replace
 
@@ -32,13 +33,16 @@ class SegmentOptions:
     region: tuple[int, int, int, int] | None = None
     tta: bool = False  # average over mirrored tiles (4x the time)
     # typical object diameter in the image (px), or "auto" (estimated from a first
-    # pass); the image is rescaled so objects have the model's ``object_diameter``.
+    # pass); the image is rescaled so objects have the model's ``object_diameter``,
+    # by at most MAX_SCALE either way (a warning says when that is not enough).
     # None: segment at the image's own scale
     diameter: float | str | None = None
 
 
 # rescaling by less than this factor (either way) is skipped
 SCALE_TOLERANCE = 1.1
+# nor more than this one (4x larger is 16x the pixels)
+MAX_SCALE = 4.0
 
 
 def rgb_to_gray(image: np.ndarray) -> np.ndarray:
@@ -93,8 +97,15 @@ def scale_factor_iter(image, model, options: SegmentOptions):
         if not diameter > 0:
             raise ValueError(f"diameter must be positive, not {options.diameter!r}")
         factor = target / diameter
-    factor = float(np.clip(factor, 0.25, 4.0))
-    return (1.0 if max(factor, 1 / factor) < SCALE_TOLERANCE else factor), first
+    used = float(np.clip(factor, 1 / MAX_SCALE, MAX_SCALE))
+    if used != factor:
+        warnings.warn(
+            f"objects of {target / factor:.1f} px would need the image resized by "
+            f"{factor:.3g} to match the model's {target:.1f} px; resized by {used:.3g} "
+            f"(the limit), so the network sees them at {target * used / factor:.1f} px",
+            stacklevel=2,
+        )
+    return (1.0 if max(used, 1 / used) < SCALE_TOLERANCE else used), first
 
 
 def median_diameter(labels: np.ndarray, min_area: int = 10) -> float | None:
@@ -102,7 +113,9 @@ def median_diameter(labels: np.ndarray, min_area: int = 10) -> float | None:
     counted plane by plane; None when there is no object of ``min_area`` pixels."""
     lab = np.asarray(labels)
     planes = lab.reshape(-1, *lab.shape[-2:]) if lab.ndim > 2 else lab[None]
-    areas = [np.bincount(p.ravel())[1:] for p in planes if p.any()]
+    # np.unique, not bincount: a stack's labels run high (unique across planes), and a
+    # bincount per plane as long as the highest label grew with the square of the planes
+    areas = [np.unique(p[p > 0], return_counts=True)[1] for p in planes if p.any()]
     areas = np.concatenate(areas) if areas else np.zeros(0)
     areas = areas[areas >= min_area]
     if not len(areas):
@@ -117,6 +130,8 @@ def segment_at_iter(image, model, options: SegmentOptions, factor: float):
         return (yield from _segment(image, model, options))
     ax = resolve_axes(tuple(image.shape), options.axes, model.info.in_channels)
     small = resize_image(image, ax.axes, factor)
+    # the small image has the same axes (guessing them again from its shape can differ)
+    options = replace(options, axes=ax.axes)
     order = 1 if options.mode == "probabilities" else 0
     min_size = int(round(options.min_size * factor**2))
     if options.region is None:

@@ -310,6 +310,13 @@ def _allocate(out, output, n_classes, lead, yx):
         return np.zeros(shape, dtype)
     if tuple(out.shape) != shape:
         raise ValueError(f"output array has shape {tuple(out.shape)}, expected {shape}")
+    kind = np.dtype(out.dtype).kind
+    if (output == "probabilities" and kind != "f") or kind not in "uif":
+        # probabilities cast to integers would all be 0
+        raise ValueError(
+            f"output array has dtype {out.dtype}; {output} need "
+            + ("a float array (e.g. float32)" if output == "probabilities" else "integers")
+        )
     return out
 
 
