@@ -83,7 +83,9 @@ def instances(
 ) -> np.ndarray:
     """One label per object from ``(K, ..., Y, X)`` probabilities, plane by plane.
 
-    Recipes (``recipe["method"]``):
+    Recipes (``recipe["method"]``); their class keys (``seed``, ``boundary``,
+    ``background``, ``foreground``) are indices or names from ``classes``, and without
+    a recipe :func:`default_recipe` finds the classes by name:
 
     ``watershed``
         For background / interior / boundary models: seeds are connected regions
