@@ -73,3 +73,16 @@ def test_bioimageio_package_loads_from_the_panel(make_napari_viewer, qtbot, tmp_
     assert panel.state.model is not None
     assert panel.state.model.info.format == "bioimageio"
     assert "bioimageio" in panel.card.toPlainText()
+
+
+def test_panels_opened_from_the_plugins_menu_share_one_model(make_napari_viewer, qtbot):
+    """napari gives each dock widget its own proxy of the viewer; the panels must still
+    share the viewer's model (one state per viewer, not per proxy)."""
+    viewer = make_napari_viewer()
+    _, model_panel = viewer.window.add_plugin_dock_widget("napari-unet", "U-Net model")
+    _, segment = viewer.window.add_plugin_dock_widget("napari-unet", "U-Net segment")
+    _, features = viewer.window.add_plugin_dock_widget("napari-unet", "U-Net feature maps")
+    assert segment.state is model_panel.state is features.state
+    model_panel.state.model = tiny_model("same")
+    viewer.add_image(__import__("numpy").zeros((30, 30)), name="img")
+    assert "30 x 30 pixels" in segment.axes_label.text()

@@ -43,7 +43,17 @@ class ViewerState:
 
 
 def state_for(viewer) -> ViewerState:
-    """The viewer's state, created on first use and dropped with the viewer."""
+    """The viewer's state, created on first use and dropped with the viewer.
+
+    napari hands each dock widget its own proxy of the viewer (``PublicOnlyProxy``
+    when opened from the Plugins menu): the state belongs to the viewer behind it,
+    or every panel would have a model of its own.
+    """
+    while hasattr(type(viewer), "__wrapped__"):  # wrapt proxies, possibly nested
+        inner = object.__getattribute__(viewer, "__wrapped__")
+        if inner is viewer:
+            break
+        viewer = inner
     key = id(viewer)
     state = _STATES.get(key)
     if state is None:
