@@ -327,3 +327,6 @@ def test_image_list_holds_every_input_image_and_follows_renames(panel, qtbot, im
     assert items() == ["well", "well [1]"]  # results are not inputs
     viewer.layers["well [1]"].name = "well B"
     assert items() == ["well", "well B"]
+    # the renamed layer stays the chosen one (not the first in the list)
+    assert widget.layer_combo.currentText() == "well B"
+    assert widget.image_layer() is viewer.layers["well B"]

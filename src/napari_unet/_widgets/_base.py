@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import weakref
 
 from qtpy.QtWidgets import QComboBox, QHBoxLayout, QLabel, QPushButton, QVBoxLayout, QWidget
 
@@ -47,6 +48,8 @@ class WorkerPanel(QWidget):
         """An "Image" row listing the viewer's input image layers, kept up to date."""
         self.layer_combo = QComboBox()
         form.addRow("Image", self.layer_combo)
+        self._chosen = lambda: None  # weak reference to the chosen layer object
+        self.layer_combo.currentTextChanged.connect(self._remember_choice)
         self.layer_combo.currentTextChanged.connect(self._on_layer_choice)
         events = self.viewer.layers.events
         events.inserted.connect(self._on_layers_changed)
@@ -58,12 +61,19 @@ class WorkerPanel(QWidget):
         name = self.layer_combo.currentText()
         return self.viewer.layers[name] if name in self.viewer.layers else None  # noqa: SIM401
 
+    def _remember_choice(self, name: str) -> None:
+        layer = self.image_layer()
+        self._chosen = weakref.ref(layer) if layer is not None else (lambda: None)
+
     def _on_layers_changed(self, event=None) -> None:
         from napari.layers import Image
 
         from napari_unet._widgets._layers import is_output
 
-        current = self.layer_combo.currentText()
+        # the chosen layer, followed by identity: a renamed layer stays chosen (its
+        # old name is gone, and matching names would switch to another layer)
+        chosen = self._chosen()
+        current = chosen.name if chosen is not None and chosen in self.viewer.layers else None
         names = []
         for layer in self.viewer.layers:
             layer.events.name.connect(self._on_layers_changed)  # renamed: listed anew
@@ -75,6 +85,7 @@ class WorkerPanel(QWidget):
         if current in names:
             self.layer_combo.setCurrentText(current)
         self.layer_combo.blockSignals(False)
+        self._remember_choice(self.layer_combo.currentText())
         self._on_layer_choice(self.layer_combo.currentText())
 
     # -- hooks -----------------------------------------------------------------
