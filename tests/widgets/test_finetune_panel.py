@@ -195,6 +195,29 @@ def test_save_version_and_start_from_prediction_on_a_stack(panel, qtbot, tmp_pat
     assert "Saved" in widget.status.text()
 
 
+def test_start_from_prediction_refuses_annotations_of_another_size(panel, qtbot):
+    viewer, widget, _ = panel
+    viewer.add_image(np.random.default_rng(3).random((64, 64)).astype(np.float32), name="img")
+    widget.layer_combo.setCurrentText("img")
+    other = viewer.add_labels(np.zeros((30, 40), np.uint8), name="my labels")
+    viewer.layers.selection.active = other
+    widget.use_selected_labels()
+    widget.start_from_prediction()
+    assert widget.worker is None and "planes of 30 x 40 pixels" in widget.status.text()
+    assert not other.data.any()
+
+
+def test_start_from_prediction_into_a_layer_removed_meanwhile(panel, qtbot):
+    viewer, widget, _ = panel
+    viewer.add_image(np.random.default_rng(3).random((64, 64)).astype(np.float32), name="img")
+    widget.layer_combo.setCurrentText("img")
+    ann = widget.new_annotation_layer()
+    widget.start_from_prediction()
+    viewer.layers.remove(ann)
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=30000)
+    assert "was removed meanwhile" in widget.status.text()
+
+
 def test_existing_instance_mask_layer_trains_as_dense_classes(panel, qtbot):
     from napari_unet.core.targets import instances_to_classes
 

@@ -330,3 +330,37 @@ def test_image_list_holds_every_input_image_and_follows_renames(panel, qtbot, im
     # the renamed layer stays the chosen one (not the first in the list)
     assert widget.layer_combo.currentText() == "well B"
     assert widget.image_layer() is viewer.layers["well B"]
+
+
+def test_a_transposed_view_is_refused_for_the_current_plane(panel, qtbot):
+    """With the axis order rolled the view shows a Z-X plane: 'current plane only' would
+    segment the Y-X plane at the shown Z instead, so it says so and writes nothing."""
+    viewer, widget = panel
+    stack = np.random.default_rng(1).random((6, 40, 50)).astype(np.float32)
+    viewer.add_image(stack, name="stack")
+    viewer.dims.order = (1, 0, 2)
+    widget.plane_check.setChecked(True)
+    widget._on_run()
+    assert "transposed or rolled" in widget.status.text() and widget.worker is None
+    assert [layer.name for layer in viewer.layers] == ["stack"]
+    viewer.dims.order = (0, 1, 2)
+    widget.mode_combo.setCurrentText("labels")
+    _run(qtbot, widget)
+    assert viewer.layers["stack [unet labels]"].data.shape == (1, 40, 50)
+
+
+def test_visible_region_with_y_and_x_swapped_on_screen(panel, qtbot):
+    viewer, widget = panel
+    image = np.random.default_rng(6).random((300, 200)).astype(np.float32)
+    viewer.add_image(image, name="wide")
+    viewer.dims.order = (1, 0)  # X drawn vertically
+    viewer_camera(viewer).center = (150, 50)  # (vertical, horizontal) = (x, y)
+    viewer_camera(viewer).zoom = 8
+    widget.mode_combo.setCurrentText("labels")
+    widget.visible_check.setChecked(True)
+    _run(qtbot, widget)
+    out = viewer.layers["wide [unet labels]"]
+    h, w = out.data.shape
+    y0, x0 = np.asarray(out.translate).astype(int)
+    assert y0 <= 50 < y0 + h and x0 <= 150 < x0 + w
+    assert 0 < h < 300 and 0 < w < 200

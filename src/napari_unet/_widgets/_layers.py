@@ -49,6 +49,8 @@ def job_for_layer(layer, model, viewer=None, current_plane=False, visible=False)
     translate = translate_full
     lead = axes.leading
     summary = axes.describe()
+    if current_plane or visible:
+        _check_view(layer, axes, viewer)
     if current_plane and lead:
         point = layer.world_to_data(viewer.dims.point) if viewer is not None else None
         index = [slice(None)] * len(axes.shape)
@@ -68,6 +70,21 @@ def job_for_layer(layer, model, viewer=None, current_plane=False, visible=False)
         notes.append(f"visible region {region[1] - region[0]} x {region[3] - region[2]}")
     text = summary + ("; " + ", ".join(notes) if notes else "")
     return LayerJob(layer.name, data, axes.axes, region, tuple(scale), tuple(translate), text)
+
+
+def _check_view(layer, axes, viewer) -> None:
+    """'Current plane' and 'visible region' mean the image's Y-X plane as shown: refuse a
+    2D view that shows other axes (napari's transpose / roll of the axis order)."""
+    if viewer is None or viewer.dims.ndisplay != 2:
+        return
+    offset = viewer.dims.ndim - layer.ndim
+    want = {offset + axes.axes.index("Y"), offset + axes.axes.index("X")}
+    if set(viewer.dims.displayed) != want:
+        raise ValueError(
+            "the view shows other axes than the image's Y and X (the axis order was "
+            "transposed or rolled): reset the axis order, or leave 'current plane' and "
+            "'visible region' off to process whole planes"
+        )
 
 
 def _check_placement(layer) -> None:
@@ -123,7 +140,8 @@ def _visible_region(layer, axes, viewer) -> tuple[int, int, int, int]:
         centre = np.asarray(camera.center[-2:], float)
         point = np.asarray(viewer.dims.point, float)
         lo, hi = point.copy(), point.copy()
-        lo[-2:], hi[-2:] = centre - half, centre + half
+        shown = list(viewer.dims.displayed)  # (vertical, horizontal), as the camera's centre
+        lo[shown], hi[shown] = centre - half, centre + half
         corners = np.stack([layer.world_to_data(lo), layer.world_to_data(hi)])
         corners = np.sort(corners, axis=0)
     iy, ix = axes.axes.index("Y"), axes.axes.index("X")  # layer axes (YXC: not the last two)

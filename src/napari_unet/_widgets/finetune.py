@@ -256,9 +256,15 @@ class FinetunePanel(WorkerPanel):
         except ValueError as err:
             self._on_errored(err)
             return
+        shape = targets[0].data.shape
+        if tuple(shape[-2:]) != tuple(np.shape(job.data)[i] for i in _yx(job.axes)):
+            self.status.setText(
+                f"'{targets[0].name}' has planes of {shape[-2]} x {shape[-1]} pixels, not the "
+                f"image's: paint on a layer made for '{layer.name}' (New annotation layer)."
+            )
+            return
         # the plane shown now: the user may move on to another while the model runs
         point = targets[0].world_to_data(self.viewer.dims.point)
-        shape = targets[0].data.shape
         plane = tuple(
             int(np.clip(round(point[k]), 0, shape[k] - 1)) for k in range(len(shape) - 2)
         )
@@ -545,16 +551,26 @@ class FinetunePanel(WorkerPanel):
 
     def _fill(self, probs) -> None:
         layer, index = self._fill_target
-        labels = np.asarray(probs).argmax(0).astype(layer.data.dtype) + 1
-        data = np.array(layer.data)
+        if layer not in self.viewer.layers:
+            self.status.setText(f"'{layer.name}' was removed meanwhile: nothing was filled.")
+            return
+        data = layer.data
+        labels = np.asarray(probs).argmax(0).astype(data.dtype) + 1
         if len(index) != data.ndim - 2 or any(i >= n for i, n in zip(index, data.shape)):
             self.status.setText(f"'{layer.name}' changed shape meanwhile: nothing was filled.")
             return
-        plane = data[index]  # the plane shown when the fill started (a view into data)
-        labels = labels.reshape(plane.shape)
-        empty = plane == 0
-        plane[empty] = labels[empty]
-        layer.data = data
+        plane = np.asarray(data[index])  # the plane shown when the fill started
+        if labels.size != plane.size:
+            self.status.setText(f"'{layer.name}' changed shape meanwhile: nothing was filled.")
+            return
+        filled = np.where(plane == 0, labels.reshape(plane.shape), plane)
+        try:  # only this plane, in place (copying a whole stack stalled the GUI)
+            data[index] = filled
+            layer.refresh()
+        except (TypeError, ValueError):  # read-only data (dask, a read-only array)
+            data = np.array(data)
+            data[index] = filled
+            layer.data = data
         self.status.setText(
             f"'{layer.name}' now holds the model's classes where nothing was painted: "
             "paint over the mistakes, then Train."
@@ -566,6 +582,10 @@ class FinetunePanel(WorkerPanel):
         self.pause_button.setText("Pause")
         self.stop_button.setEnabled(False)
         self._mode = ""
+
+
+def _yx(axes: str) -> tuple[int, int]:
+    return axes.index("Y"), axes.index("X")
 
 
 def _diameter(model) -> str | None:
