@@ -275,7 +275,10 @@ def test_train_new_model_from_json_and_fine_tune_it(tmp_path, capsys):
         == 0
     )
     tuned = load_model(out2).info.provenance
-    assert tuned["base_model"] == "unet"
+    # the file it was trained from, named after its file (not the network it started as)
+    assert tuned["base_model"] == "new (new.safetensors)"
+    assert tuned["lineage"] == "unet -> new (new.safetensors)"
+    assert load_model(out2).info.name == "tuned"
     assert tuned["steps"] == 2
     recipe = tuned["train_config"]
     assert recipe["adapt_norm"] and recipe["pseudo_weight"] > 0 and recipe["max_seconds"] == 30

@@ -113,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
         "statistics re-estimated on them and the training images before training)",
     )
     tr.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
-    tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--seed", type=_number(int, 0, 2**32 - 1), default=0)
     tr.add_argument("--val-images", nargs="*", default=[])
     tr.add_argument("--val-labels", nargs="*", default=[])
     tr.add_argument("--quiet", "-q", action="store_true")
@@ -435,7 +435,8 @@ def cmd_train(args) -> int:
                 bar.set_postfix(loss=f"{step.loss:.4f}", **step.metrics)
     finally:
         bar.close()
-    save_model(result, args.output)
+    # named after its file: it is no longer the model it was trained from
+    save_model(result.with_info(name=Path(args.output).stem), args.output)
     done = f"stopped at step {result.info.provenance.get('steps')}, " if stop.is_set() else ""
     print(f"{done}saved {args.output}", file=sys.stderr)
     return 0

@@ -439,3 +439,76 @@ def test_huge_patches_and_binary_masks_as_instances_are_caught():
     binary = np.where(labels > 0, 255, 0).astype(np.uint8)
     with pytest.warns(UserWarning, match="one id \\(255\\) for .* separate regions"):
         train(tiny_model("same"), [image], [binary], config=TrainConfig(steps=1, patch_size=32))
+
+
+def test_a_diverging_run_is_an_error_and_returns_no_model(data):
+    image, labels = data
+    with pytest.raises(ValueError, match="training diverged by step .* lower the learning rate"):
+        train(tiny_model("same"), [image], [labels], config=_cfg(steps=20, lr=1e8, warmup=0))
+    with pytest.raises(ValueError, match="finite number above 0"):
+        _cfg(lr=float("inf"))
+
+
+def test_only_trainable_u_nets_with_two_classes_are_trained(tmp_path, data):
+    import json
+
+    from napari_unet.io.files import TORCHSCRIPT_META
+
+    image, labels = data
+    model = tiny_model("same", depth=2)
+    traced = torch.jit.trace(model.net, torch.rand(1, 1, 64, 64))
+    extra = {TORCHSCRIPT_META: json.dumps(model.info.to_dict())}
+    torch.jit.save(traced, str(tmp_path / "m.pt"), _extra_files=extra)
+    with pytest.raises(ValueError, match="only napari-unet U-Nets can be trained"):
+        train(load_model(tmp_path / "m.pt"), [image], [labels], config=_cfg(steps=2))
+    one = tiny_model("same", depth=2, classes=1)
+    with pytest.raises(ValueError, match="one output class"):
+        train(one, [image], [labels > 0], "classes", config=_cfg(steps=2))
+
+
+def test_instance_ids_of_any_size_give_the_same_targets(data):
+    """Ids like 3e9 or 2**63 are renumbered (per-id tables of them took tens of GB)."""
+    image, labels = data
+    huge = np.where(labels > 0, labels.astype(np.uint64) + np.uint64(2**63), 0)
+    a = prepare(tiny_model("same"), [image], [labels], "instances", _cfg())[0]
+    b = prepare(tiny_model("same"), [image], [huge], "instances", _cfg())[0]
+    np.testing.assert_array_equal(a.target, b.target)
+    np.testing.assert_array_equal(a.weights, b.weights)
+
+
+def test_patches_focus_on_the_rarest_painted_class():
+    """A class nobody painted is not 'the rarest' (patches then focused on nothing)."""
+    image = np.random.default_rng(0).random((64, 64), dtype=np.float32)
+    strokes = np.zeros((64, 64), np.uint8)
+    strokes[5:30, 5:40] = 1  # background, 875 px
+    strokes[40:44, 40:45] = 2  # interior, 20 px; no boundary painted
+    (sample,) = prepare(tiny_model("same"), [image], [strokes], "sparse", _cfg())
+    assert len(sample.focus) == 20
+
+
+def test_fine_tuned_models_keep_their_lineage_not_their_bases_card(data):
+    image, labels = data
+    base = tiny_model("same", depth=2, name="base")
+    base.info.provenance = {
+        "validation": "11 held-back images",
+        "model_card": "docs/models/base.md",
+        "calibrated_threshold": {"class": "interior", "threshold": 0.3},
+        "license": "BSD-3-Clause",
+    }
+    first = train(base, [image], [labels], config=_cfg(steps=2))
+    second = train(first.with_info(name="first"), [image], [labels], config=_cfg(steps=2))
+    p = second.info.provenance
+    assert p["base_model"] == "first" and p["lineage"] == "base -> first"
+    assert p["license"] == "BSD-3-Clause"
+    assert not {"validation", "model_card", "calibrated_threshold"} & set(p)
+
+
+def test_small_images_fine_tune_with_batch_norm_re_estimated():
+    """A 20 x 20 image: the statistics crops were 16 px, a 1 x 1 bottleneck at depth 4,
+    which batch norm refuses; tiny patches in batches of 1 are refused with a message."""
+    image, labels = synthetic.nuclei((20, 20), n=2, seed=1)
+    model = tiny_model("same", depth=4)
+    cfg = _cfg(steps=2, patch_size=32, batch_size=2, adapt_norm=True, val_every=0)
+    assert train(model, [image], [labels], config=cfg).info.provenance["steps"] == 2
+    with pytest.raises(ValueError, match="batches of 1 leave batch norm one value"):
+        train(model, [image], [labels], config=_cfg(steps=2, patch_size=16, batch_size=1))

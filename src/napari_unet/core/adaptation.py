@@ -43,8 +43,7 @@ def adapt_norm(net, planes: Sequence[np.ndarray], model: LoadedModel, rng, dev, 
     with torch.no_grad():
         for i in order:
             plane = planes[i]
-            h = g.snap(min(512, max(plane.shape[1], g.min_input)), "down")
-            w = g.snap(min(512, max(plane.shape[2], g.min_input)), "down")
+            h, w = (_crop_size(n, g) for n in plane.shape[1:])
             y0 = int(rng.integers(0, max(1, plane.shape[1] - h + 1)))
             x0 = int(rng.integers(0, max(1, plane.shape[2] - w + 1)))
             crop = plane[:, y0 : y0 + h, x0 : x0 + w]
@@ -57,6 +56,14 @@ def adapt_norm(net, planes: Sequence[np.ndarray], model: LoadedModel, rng, dev, 
             net(to_layout(torch.from_numpy(np.ascontiguousarray(crop))[None].to(dev), net))
     for m, mom in zip(bns, saved):
         m.momentum = mom
+
+
+def _crop_size(n: int, g) -> int:
+    """Crop side for the statistics: at most 512 px, and at least two pooling strides
+    (a 1 x 1 bottleneck gives batch norm one value per channel, which it refuses)."""
+    least = max(g.min_input, 2 * g.multiple)
+    size = g.snap(min(512, max(n, least)), "down")
+    return size if size >= least else g.snap(least, "up")
 
 
 def add_pseudo_labels(samples: list[_Sample], model: LoadedModel, cfg: TrainConfig, dev) -> None:

@@ -19,6 +19,7 @@ import time
 import warnings
 from collections.abc import Callable, Generator, Sequence
 from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -85,8 +86,8 @@ class TrainConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"{name} must be a whole number of at least {low}, got {value!r}")
-        if not self.lr > 0:
-            raise ValueError(f"the learning rate must be above 0, got {self.lr!r}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"the learning rate must be a finite number above 0, got {self.lr!r}")
         if self.max_seconds is not None and not self.max_seconds > 0:
             raise ValueError(f"max_seconds must be above 0, got {self.max_seconds!r}")
 
@@ -197,6 +198,7 @@ def prepare(
             )
         if kind == "instances":
             _warn_if_one_id_for_many_objects(lab, i)
+            lab = _sequential(lab)  # ids like 3e9 made per-id tables of tens of GB
         target = tg.to_target(lab, kind, info.num_classes, cfg.boundary_width, cfg.core_fraction)
         all_targets.append(target)
         border = np.zeros(lab.shape, np.float32)
@@ -225,10 +227,10 @@ def prepare(
         if share is not None:  # interior share travels with the weights: (2, H, W)
             weights = np.stack([weights, share])
         annotated = np.argwhere(target >= 0)
-        rare = np.argsort(np.bincount(target[target >= 0], minlength=info.num_classes))
-        focus_mask = (
-            (border > 0.5) | (target == rare[0]) if kind != "classes" else target == rare[0]
-        )
+        # the rarest class that is annotated (an unpainted class would focus on nothing)
+        counts = np.bincount(target[target >= 0], minlength=info.num_classes).astype(float)
+        rare = int(np.argmin(np.where(counts > 0, counts, np.inf)))
+        focus_mask = (border > 0.5) | (target == rare) if kind != "classes" else target == rare
         if kind == "instances":
             focus_mask = (target == 2) | (border > 0.5)
         samples.append(
@@ -258,6 +260,17 @@ class _Sampler:
             self.tile = g.snap(cfg.patch_size, "up")
             self.out = self.tile
         self.halo = (self.tile - self.out) // 2
+        norm_layers = (torch.nn.modules.batchnorm._BatchNorm,)
+        if (
+            cfg.batch_size == 1
+            and self.tile < 2 * g.multiple
+            and any(isinstance(m, norm_layers) for m in model.net.modules())
+        ):
+            raise ValueError(
+                f"patches of {self.tile} px in batches of 1 leave batch norm one value per "
+                f"channel at the network's deepest level: use patches of at least "
+                f"{g.snap(2 * g.multiple, 'up')} px or a batch of 2 or more"
+            )
         counts = np.array([len(s.annotated) for s in samples], float)
         self.p_image = counts / counts.sum()
 
@@ -378,6 +391,7 @@ def train_iter(
     time, for the reports and for ``config.max_seconds``.
     """
     cfg = config or TrainConfig()
+    _check_trainable(model)
     if cfg.bf16 not in (True, False, "auto"):
         raise ValueError(f"bf16 must be True, False or 'auto', not {cfg.bf16!r}")
     rng = np.random.default_rng(cfg.seed)
@@ -442,6 +456,8 @@ def train_iter(
         total = loss
         if anchor is not None:
             total = loss + cfg.anchor * sum(((p - p0) ** 2).sum() for p, p0 in zip(params, anchor))
+        if not torch.isfinite(total):
+            _diverged(step, cfg)
         opt.zero_grad(set_to_none=True)
         total.backward()
         opt.step()
@@ -462,7 +478,43 @@ def train_iter(
         if last:
             break
     net.eval().cpu()
+    if not all(bool(torch.isfinite(p).all()) for p in net.state_dict().values()):
+        _diverged(step, cfg)
     return _result(net, model, cfg, step, data_name, kind, metrics)
+
+
+def _diverged(step: int, cfg: TrainConfig):
+    raise ValueError(
+        f"training diverged by step {step} (the loss or the weights are no longer finite "
+        f"numbers): nothing was saved; lower the learning rate (it was {cfg.lr:g})"
+    )
+
+
+def _check_trainable(model: LoadedModel) -> None:
+    from napari_unet.model.unet import UNet
+
+    if not isinstance(model.net, UNet):
+        raise ValueError(
+            f"only napari-unet U-Nets can be trained; {model.info.name!r} is a "
+            f"{model.info.format} network. Train a napari-unet model (a bundled one, or a new "
+            "network) instead"
+        )
+    if model.info.num_classes < 2:
+        raise ValueError(
+            f"{model.info.name!r} has one output class: training needs at least two "
+            "(e.g. background and foreground)"
+        )
+
+
+def _sequential(lab: np.ndarray) -> np.ndarray:
+    """Instance ids renumbered 1..n (0 stays background), whatever their values."""
+    if lab.dtype.kind not in "ui" or lab.size == 0 or lab.min() < 0:
+        return lab  # refused with a message by targets.to_target
+    ids, inverse = np.unique(lab, return_inverse=True)
+    if ids[-1] == ids.size - 1 and ids[0] == 0:
+        return lab  # already 0..n
+    inverse = inverse.reshape(lab.shape).astype(np.int32)
+    return inverse + 1 if ids[0] != 0 else inverse
 
 
 def normalized_plane(model: LoadedModel, image: np.ndarray, what: str = "image") -> np.ndarray:
@@ -488,10 +540,20 @@ def _checkpoint(net, model, cfg, step, data_name, kind, metrics) -> None:
     net.train()
 
 
+# provenance that stays true of a model trained further (credit); the rest (the base's
+# data, validation, card, calibration...) described the base, not the result
+_KEPT_PROVENANCE = ("authors", "license", "cite")
+
+
 def _result(net, model, cfg, steps, data_name, kind, metrics) -> LoadedModel:
+    base = model.info
+    source = f" ({Path(base.source).name})" if base.source else ""
+    parent = f"{base.name or 'unnamed'}{source}"
+    earlier = base.provenance.get("lineage")
     provenance = {
-        **model.info.provenance,
-        "base_model": model.info.name or model.info.source,
+        **{k: v for k, v in base.provenance.items() if k in _KEPT_PROVENANCE},
+        "base_model": parent,
+        "lineage": f"{earlier} -> {parent}" if earlier else parent,
         "training_data": data_name,
         "label_kind": kind,
         "steps": steps,
