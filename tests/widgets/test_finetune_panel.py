@@ -123,6 +123,30 @@ def test_train_adds_a_version_previews_and_leaves_base_and_layers_alone(panel, n
     assert state.model is v1.model
 
 
+def test_previews_never_write_into_an_edited_or_paired_preview_layer(panel, nuclei, qtbot):
+    viewer, widget, _ = panel
+    image, strokes = nuclei
+    _painted(viewer, widget, image, strokes)
+    _train(qtbot, widget)
+    first = viewer.layers["img [fine-tune preview]"]
+    first.data[0:4, 0:4] = 3  # the user corrects the preview, to train on it
+    first.events.data(value=first.data)
+    corrected = first.data.copy()
+    _train(qtbot, widget)
+    np.testing.assert_array_equal(first.data, corrected)
+    second = viewer.layers["img [fine-tune preview] [1]"]
+    # the panel's own (unedited) preview layer is updated, not multiplied
+    _train(qtbot, widget)
+    assert viewer.layers["img [fine-tune preview] [1]"] is second
+    assert "img [fine-tune preview] [2]" not in viewer.layers
+    # paired as annotations: not written into either
+    viewer.layers.selection.active = second
+    widget.use_selected_labels()
+    before = second.data.copy()
+    _train(qtbot, widget)
+    np.testing.assert_array_equal(second.data, before)
+
+
 def test_stop_keeps_cancel_discards(panel, nuclei, qtbot):
     viewer, widget, state = panel
     image, strokes = nuclei

@@ -103,6 +103,22 @@ def test_stack_current_plane_only_lands_on_its_plane(panel, qtbot):
     np.testing.assert_array_equal(out.data[0], predict(stack[3], tiny_model("valid")).argmax(0))
 
 
+def test_a_plane_result_never_replaces_a_whole_stack_result(panel, qtbot):
+    viewer, widget = panel
+    stack = np.random.default_rng(1).random((4, 40, 50)).astype(np.float32)
+    viewer.add_image(stack, name="stack")
+    widget.mode_combo.setCurrentText("labels")
+    _run(qtbot, widget)
+    whole = viewer.layers["stack [unet labels]"]
+    widget.plane_check.setChecked(True)
+    _run(qtbot, widget)
+    assert whole.data.shape == (4, 40, 50)
+    assert viewer.layers["stack [unet labels] [1]"].data.shape == (1, 40, 50)
+    assert "another extent" in widget.status.text()
+    _run(qtbot, widget)  # the plane result is updated in place, not duplicated
+    assert len(viewer.layers) == 3
+
+
 def test_whole_stack_and_visible_region(panel, qtbot):
     viewer, widget = panel
     stack = np.random.default_rng(2).random((3, 64, 64)).astype(np.float32)

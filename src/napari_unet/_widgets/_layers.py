@@ -175,9 +175,9 @@ def is_output(layer) -> bool:
 def add_or_update(
     viewer, job: LayerJob, model, mode: str, result: np.ndarray
 ) -> tuple[list[str], list[str]]:
-    """Show a result; an earlier result of the same name is updated instead of duplicated,
-    unless it was edited since (painted corrections) or is not a result at all: those are
-    kept, and the new result gets a layer of its own. Returns the result layers' names
+    """Show a result; an earlier result of the same name and shape is updated instead of
+    duplicated, unless it was edited since (painted corrections) or is not a result at all:
+    those are kept, and the new result gets a layer of its own. Returns the result layers' names
     and those of the layers kept."""
     info = model.info
     kw = {"scale": job.scale, "translate": job.translate}
@@ -210,7 +210,18 @@ def _put(viewer, kind: str, name: str, data, kw: dict, **style) -> str:
         for layer in viewer.layers
         if layer.name == name or re.fullmatch(re.escape(name) + r" \[\d+\]", layer.name)
     ]  # the result and the copies made when it was edited ("name [1]", ...)
-    old = next((la for la in family if la._type_string == kind and _unedited_result(la)), None)
+    # updated in place only by a result of the same extent: a plane or a region must not
+    # replace a whole stack's result (it gets a layer of its own)
+    old = next(
+        (
+            la
+            for la in family
+            if la._type_string == kind
+            and _unedited_result(la)
+            and tuple(la.data.shape) == tuple(np.shape(data))
+        ),
+        None,
+    )
     if old is not None:
         old.data = data
         old.scale, old.translate = kw["scale"], kw["translate"]

@@ -10,6 +10,7 @@ and every finished run is a new entry of
 from __future__ import annotations
 
 import threading
+import weakref
 from dataclasses import replace
 
 import numpy as np
@@ -26,7 +27,12 @@ from qtpy.QtWidgets import (
 )
 
 from napari_unet._widgets._base import WorkerPanel
-from napari_unet._widgets._layers import job_for_layer
+from napari_unet._widgets._layers import (
+    RESULT_KEY,
+    _checksum,
+    _unedited_result,
+    job_for_layer,
+)
 from napari_unet._widgets._loss_plot import LossPlot
 from napari_unet.core.finetune import Collected, Finished, Preview
 
@@ -57,6 +63,7 @@ class FinetunePanel(WorkerPanel):
         self._setting_model = False
         self._stop = threading.Event()
         self._preview_job = None
+        self._preview_layer = lambda: None  # weak reference to this panel's preview layer
 
         form = QFormLayout()
         self.add_image_choice(form)
@@ -496,23 +503,32 @@ class FinetunePanel(WorkerPanel):
             self._show_preview(value)
 
     def _show_preview(self, preview: Preview) -> None:
+        """Show the preview in this panel's own preview layer; a layer the user edited or
+        paired as annotations is never written into (a new preview layer is made)."""
         job = self._preview_job
-        name = f"{job.layer_name} [fine-tune preview]"
-        if name in self.viewer.layers:
-            layer = self.viewer.layers[name]
+        layer = self._preview_layer()
+        if (
+            layer is not None
+            and layer in self.viewer.layers
+            and ANNOTATION_KEY not in layer.metadata
+            and _unedited_result(layer)
+        ):
             layer.data = preview.labels
             layer.scale, layer.translate = job.scale, job.translate
         else:
             classes = self.state.model.info.classes
-            self.viewer.add_labels(
+            layer = self.viewer.add_labels(
                 preview.labels,
-                name=name,
+                name=f"{job.layer_name} [fine-tune preview]",
                 scale=job.scale,
                 translate=job.translate,
                 colormap=annotation_colormap(classes),
                 features={"class": ["-", *classes]},
                 opacity=0.5,
+                metadata={RESULT_KEY: None},
             )
+            self._preview_layer = weakref.ref(layer)
+        layer.metadata[RESULT_KEY] = _checksum(layer.data)
 
     def _on_returned(self, value) -> None:
         if getattr(self, "_mode", "") == "fill":

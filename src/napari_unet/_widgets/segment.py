@@ -197,7 +197,7 @@ class SegmentPanel(WorkerPanel):
         note = ""
         if kept:
             note = (
-                f" ({', '.join(repr(k) for k in kept)} changed since it was written, or is "
-                "not a result: kept as it is)"
+                f" ({', '.join(repr(k) for k in kept)} changed since it was written, covers "
+                "another extent, or is not a result: kept as it is)"
             )
         self.status.setText(f"Done: {', '.join(names)}{note}")
