@@ -215,8 +215,19 @@ def test_save_version_and_start_from_prediction_on_a_stack(panel, qtbot, tmp_pat
     widget.version_list.setCurrentRow(0)
     out = tmp_path / "v0.safetensors"
     widget._on_save(str(out))
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=30000)
     assert load_model(out).info.classes == state.model.info.classes
     assert "Saved" in widget.status.text()
+    # a bioimage.io package is written in the worker (tracing took seconds on the GUI)
+    widget._on_save(str(tmp_path / "v0.zip"))
+    assert widget.worker is not None and "Saving" in widget.status.text()
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=60000)
+    assert "Saved" in widget.status.text() and load_model(tmp_path / "v0.zip")
+    from napari_unet.io import registry
+
+    widget._on_save(str(registry.bundled_path("nuclei")))
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=30000)
+    assert "refusing to overwrite the bundled model" in widget.status.text()
 
 
 def test_start_from_prediction_refuses_annotations_of_another_size(panel, qtbot):

@@ -338,21 +338,13 @@ class FinetunePanel(WorkerPanel):
                 f"{model.info.name or 'model'}.safetensors",
                 "napari-unet model (*.safetensors);;bioimage.io package (*.zip)",
             )
-        if not path:
+        if not path or self.busy():
             return
-        try:
-            if str(path).endswith(".zip"):
-                from napari_unet.io.bioimageio import export_package
-
-                export_package(model, path)
-            else:
-                from napari_unet.io.files import save_model
-
-                save_model(model, path)
-        except (OSError, ValueError, RuntimeError) as err:  # RuntimeError: torch (tracing)
-            self._on_errored(err)
-            return
-        self.status.setText(f"Saved {self.versions.versions[row].label} to {path}")
+        # in the worker: a bioimage.io export traces and checks the network (seconds)
+        self._mode = "save"
+        self._saving = (self.versions.versions[row].label, str(path))
+        self.status.setText(f"Saving {self._saving[0]} to {path}...")
+        self.start(_write_model, model, str(path), desc="napari-unet: saving a model")
 
     # -- training ------------------------------------------------------------------
     def config(self):
@@ -534,6 +526,9 @@ class FinetunePanel(WorkerPanel):
         if getattr(self, "_mode", "") == "fill":
             self._fill(value)
             return
+        if getattr(self, "_mode", "") == "save":
+            self.status.setText(f"Saved {self._saving[0]} to {self._saving[1]}")
+            return
         if not isinstance(value, Finished):
             return
         self.loss_plot.draw(force=True)
@@ -598,6 +593,20 @@ class FinetunePanel(WorkerPanel):
         self.pause_button.setText("Pause")
         self.stop_button.setEnabled(False)
         self._mode = ""
+
+
+def _write_model(model, path: str):
+    """Save ``model`` (``.zip``: a bioimage.io package); a generator for the worker."""
+    yield from ()
+    if path.endswith(".zip"):
+        from napari_unet.io.bioimageio import export_package
+
+        export_package(model, path)
+    else:
+        from napari_unet.io.files import save_model
+
+        save_model(model, path)
+    return path
 
 
 def _yx(axes: str) -> tuple[int, int]:
