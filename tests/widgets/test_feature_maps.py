@@ -88,4 +88,8 @@ def test_channels_get_an_axis_of_their_own_beside_a_stack(panel, qtbot):
         layer = viewer.layers["img [features enc0]"]
         assert layer.ndim == 4 and layer.data.shape[1] == 1  # C, (Z), Y, X
         assert viewer.dims.ndim == 4  # the channel slider is not the stack's Z slider
+        # shown at every plane of the stack, as the 2D image is (not only at Z = 0)
+        for z in (0.0, 10.0, 15.0):
+            viewer.dims.set_point(1, z)
+            assert layer._slice.image.view.shape[-2:] == (64, 64), z
     np.testing.assert_array_equal(viewer.layers["img"].data, image)

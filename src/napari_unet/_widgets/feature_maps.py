@@ -129,6 +129,11 @@ class FeatureMapPanel(WorkerPanel):
         # (a 2D image's maps beside a Z-stack would otherwise page channels with Z)
         world = max([la.ndim for la in self.viewer.layers if OUTPUT_KEY not in la.metadata] or [0])
         pad = max(0, world - len(job.scale))
+        # axes the image lacks (a 2D image beside a Z-stack): one pixel stretched over the
+        # whole range of that axis, so the maps show at every plane, as the image does
+        ranges = self.viewer.dims.range[self.viewer.dims.ndim - world :][:pad]
+        pad_scale = tuple(float(r.stop - r.start + (r.step or 1)) for r in ranges)
+        pad_translate = tuple(float(r.start + r.stop) / 2 for r in ranges)
         for i, (name, fm) in enumerate(maps.items()):
             scale, translate = fm.world(job.scale[-2:], _origin(job))
             lead = len(job.scale) - 2
@@ -136,8 +141,8 @@ class FeatureMapPanel(WorkerPanel):
             shape = (fm.data.shape[0],) + (1,) * (pad + lead) + fm.data.shape[1:]
             data = fm.data.reshape(shape)
             kw = dict(
-                scale=(1.0, *(1.0,) * pad, *job.scale[:lead], *scale),
-                translate=(0.0, *(0.0,) * pad, *job.translate[:lead], *translate),
+                scale=(1.0, *pad_scale, *job.scale[:lead], *scale),
+                translate=(0.0, *pad_translate, *job.translate[:lead], *translate),
                 colormap="inferno",
                 blending="additive",
                 contrast_limits=_limits(fm.data),
