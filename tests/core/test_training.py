@@ -512,3 +512,36 @@ def test_small_images_fine_tune_with_batch_norm_re_estimated():
     assert train(model, [image], [labels], config=cfg).info.provenance["steps"] == 2
     with pytest.raises(ValueError, match="batches of 1 leave batch norm one value"):
         train(model, [image], [labels], config=_cfg(steps=2, patch_size=16, batch_size=1))
+
+
+def test_channel_last_images_train_as_they_segment(data):
+    from napari_unet.core.training import normalized_plane
+
+    model = tiny_model("same", depth=2, channels=2)
+    rng = np.random.default_rng(0)
+    cyx = rng.random((2, 40, 48), dtype=np.float32)
+    yxc = np.moveaxis(cyx, 0, -1)
+    np.testing.assert_array_equal(normalized_plane(model, yxc), normalized_plane(model, cyx))
+    with pytest.raises(ValueError, match="image 0: the image is empty"):
+        normalized_plane(tiny_model("same"), np.zeros((0, 5), np.float32), "image 0")
+    with pytest.raises(ValueError, match="train on 2D planes"):
+        normalized_plane(tiny_model("same"), np.zeros((3, 20, 20), np.float32))
+
+
+def test_short_runs_reach_the_learning_rate_and_validation_errors_say_so(data):
+    from napari_unet.core.training import _lr
+
+    cfg = _cfg(steps=5, warmup=20, lr=1e-3)
+    assert max(_lr(cfg, s) for s in range(1, 6)) == pytest.approx(1e-3)
+    assert _lr(_cfg(steps=1000, warmup=20, lr=1e-3), 10) == pytest.approx(5e-4)
+    image, labels = data
+    with pytest.raises(ValueError, match="validation data: the labels are empty"):
+        train(
+            tiny_model("same"),
+            [image],
+            [np.where(labels > 0, 2, 1)],  # painted: background and interior
+            "sparse",
+            config=_cfg(steps=2),
+            val_images=[image],
+            val_labels=[np.zeros_like(labels)],  # nothing painted
+        )

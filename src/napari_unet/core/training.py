@@ -403,7 +403,10 @@ def train_iter(
     if len(val_images) != len(val_labels):
         raise ValueError(f"{len(val_images)} validation images but {len(val_labels)} label images")
     if len(val_images):
-        vs = prepare(model, val_images, val_labels, kind, cfg)
+        try:
+            vs = prepare(model, val_images, val_labels, kind, cfg)
+        except ValueError as err:
+            raise ValueError(f"validation data: {err}") from None
         vsampler = _Sampler(
             vs, model, replace(cfg, focus=0.0), np.random.default_rng(cfg.seed + 1)
         )
@@ -520,14 +523,21 @@ def _sequential(lab: np.ndarray) -> np.ndarray:
 def normalized_plane(model: LoadedModel, image: np.ndarray, what: str = "image") -> np.ndarray:
     """A ``(Y, X)`` or ``(C, Y, X)`` plane checked and normalised as the model expects:
     ``(C, Y, X)`` float32."""
+    from napari_unet.core.axes import resolve_axes
+
     img = np.asarray(image)
     norm.check_dtype(img.dtype)
-    img = img[None] if img.ndim == 2 else img
     c = model.info.in_channels
-    if img.ndim != 3 or img.shape[0] != c:
+    try:  # as segmenting reads it: channels first or last (YXC), an empty image refused
+        ax = resolve_axes(img.shape, None, c)
+    except ValueError as err:
+        raise ValueError(f"{what}: {err}") from None
+    if ax.leading:
         raise ValueError(
-            f"{what} has shape {np.shape(image)}; the model needs (Y, X) or ({c}, Y, X)"
+            f"{what} has shape {np.shape(image)}; the model needs (Y, X), ({c}, Y, X) or "
+            f"(Y, X, {c}): train on 2D planes"
         )
+    img = np.moveaxis(img, ax.axes.index("C"), 0) if "C" in ax.axes else img[None]
     spec = norm.validate(model.info.normalization)
     scale, offset = norm.plane_stats(img.reshape(img.shape[0], -1), spec)
     return norm.apply(img, scale, offset)
@@ -596,11 +606,13 @@ def _trainable(net, cfg: TrainConfig):
 
 
 def _lr(cfg: TrainConfig, step: int, elapsed: float = 0.0) -> float:
-    if step <= cfg.warmup:
-        return cfg.lr * step / max(1, cfg.warmup)
+    # at most a fifth of the run warms up (5 steps with a warm-up of 20 never reached lr)
+    warmup = min(cfg.warmup, cfg.steps // 5)
+    if step <= warmup:
+        return cfg.lr * step / max(1, warmup)
     if cfg.schedule == "constant":
         return cfg.lr
-    t = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    t = (step - warmup) / max(1, cfg.steps - warmup)
     if cfg.max_seconds:
         t = max(t, elapsed / cfg.max_seconds)
     t = min(t, 1.0)
