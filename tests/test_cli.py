@@ -68,6 +68,26 @@ def test_predict_probabilities_labels_instances(tmp_path, model_file, image):
     assert np.abs(tta - ref).max() > 1e-3
 
 
+def test_predict_writes_beside_a_zarr_store_not_into_it(tmp_path, model_file, image):
+    import zarr
+
+    group = zarr.open_group(str(tmp_path / "plate.zarr"), mode="w")
+    group.create_array("raw", shape=image.shape, dtype=image.dtype)[:] = image
+    assert (
+        main(["predict", str(tmp_path / "plate.zarr" / "raw"), "-m", str(model_file), "-q"]) == 0
+    )
+    assert (tmp_path / "plate_raw_instances.tif").is_file()
+    assert sorted(p.name for p in (tmp_path / "plate.zarr").iterdir()) == ["raw", "zarr.json"]
+
+
+@pytest.mark.parametrize("arg", [["--tile", "0"], ["--tile", "-8"], ["--batch-size", "0"]])
+def test_predict_refuses_tiles_and_batches_below_one(tmp_path, model_file, image, arg, capsys):
+    np.save(tmp_path / "i.npy", image)
+    with pytest.raises(SystemExit):
+        main(["predict", str(tmp_path / "i.npy"), "-m", str(model_file), *arg])
+    assert "must be 1 or more" in capsys.readouterr().err
+
+
 def test_predict_npy_stack_to_zarr_and_folder_outputs(tmp_path, model_file, image):
     import zarr
 

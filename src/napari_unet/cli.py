@@ -25,8 +25,10 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--model", "-m", help="bundled model name or model file (default: bundled)")
     pr.add_argument("--output", "-o", help="output file (one input) or folder (several)")
     pr.add_argument("--mode", choices=MODES, default="instances")
-    pr.add_argument("--tile", type=int, help="network input tile size (snapped to accepted)")
-    pr.add_argument("--batch-size", type=int, help="tiles per forward pass")
+    pr.add_argument(
+        "--tile", type=_number(int, 1), help="network input tile size (snapped to accepted)"
+    )
+    pr.add_argument("--batch-size", type=_number(int, 1), help="tiles per forward pass")
     pr.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
     pr.add_argument(
         "--axes",
@@ -219,6 +221,27 @@ def cmd_predict(args) -> int:
     return 0
 
 
+def _zarr_store(src) -> Path | None:
+    """The ``.zarr`` store that holds ``src`` (an array inside a group), if any."""
+    return next((p for p in Path(src).parents if p.suffix.lower() == ".zarr"), None)
+
+
+def _beside(src) -> Path:
+    """Default folder for ``src``'s result: beside it, or beside the zarr store holding it
+    (never inside the user's store)."""
+    store = _zarr_store(src)
+    return store.parent if store is not None else Path(src).parent
+
+
+def _stem(src) -> str:
+    """``plate_raw`` for ``plate.zarr/raw``, the file's stem otherwise."""
+    store = _zarr_store(src)
+    if store is None:
+        return Path(src).stem
+    inner = Path(src).relative_to(store).with_suffix("")
+    return "_".join([store.stem, *inner.parts])
+
+
 def _targets(inputs, output, mode) -> list[tuple[str, Path]]:
     """(input, output file) pairs; refused before any work if an output would replace
     an input or another input's result."""
@@ -231,9 +254,7 @@ def _targets(inputs, output, mode) -> list[tuple[str, Path]]:
     else:
         if out is not None and out.suffix and not folder_given:
             raise ValueError("several inputs need --output to be a folder")
-        pairs = [
-            (src, (out or Path(src).parent) / f"{Path(src).stem}_{mode}{suffix}") for src in inputs
-        ]
+        pairs = [(src, (out or _beside(src)) / f"{_stem(src)}_{mode}{suffix}") for src in inputs]
     sources = {Path(src).resolve(): src for src in inputs}
     seen: dict[Path, str] = {}
     for src, dst in pairs:

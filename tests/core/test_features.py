@@ -47,6 +47,16 @@ def test_head_stage_equals_the_engines_logits_on_the_region():
     np.testing.assert_allclose(probs, predict(image, model)[:, 10:60, 20:90], atol=1e-5)
 
 
+def test_a_stack_needs_one_plane_index_per_leading_axis():
+    stack = np.random.default_rng(0).random((3, 30, 34), dtype=np.float32)
+    model = tiny_model("same", depth=2)
+    for plane in ((), (5,), (-1,), (0, 0)):
+        with pytest.raises(ValueError, match=r"not a plane of this image.*axis Z within \(3,\)"):
+            capture(stack, model, ["head"], axes="ZYX", plane=plane)
+    head = capture(stack, model, ["head"], axes="ZYX", plane=(2,))["head"]
+    np.testing.assert_allclose(head.data, capture(stack[2], model, ["head"])["head"].data)
+
+
 def test_world_placement_uses_the_layer_scale_and_translate():
     model = tiny_model("same", depth=2)
     maps = capture(np.zeros((64, 64), np.float32), model, ["enc1"], region=(8, 40, 8, 40))

@@ -136,6 +136,13 @@ def capture_iter(
     y0, y1, x0, x1 = region if region is not None else (0, h, 0, w)
     if not (0 <= y0 < y1 <= h and 0 <= x0 < x1 <= w):
         raise ValueError(f"region {region} is empty or outside the image {ax.yx}")
+    lead = ax.leading_shape
+    names = "".join(ax.axes[i] for i in ax.leading)
+    if len(plane) != len(lead) or not all(0 <= int(i) < n for i, n in zip(plane, lead)):
+        raise ValueError(
+            f"plane {tuple(plane)} is not a plane of this image: give one index per axis "
+            f"{names or '(none: a 2D image)'} within {lead or '()'}"
+        )
     yield Progress(0, 3, "reading the region with its halo")
     tile, (sy, sx) = _input_tile(image, ax, model, plane, (y0, y1, x0, x1))
     grid = _grid(model.net, model)
