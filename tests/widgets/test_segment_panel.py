@@ -119,6 +119,27 @@ def test_a_plane_result_never_replaces_a_whole_stack_result(panel, qtbot):
     assert len(viewer.layers) == 3
 
 
+def test_current_plane_in_the_3d_view_keeps_the_volume_on_screen(panel, qtbot):
+    """A (T, Z, Y, X) series in 3D: the current time point, with all its Z planes."""
+    viewer, widget = panel
+    series = np.random.default_rng(2).random((2, 3, 40, 50)).astype(np.float32)
+    viewer.add_image(series, name="series")
+    viewer.dims.ndisplay = 3
+    viewer.dims.set_point(0, 1)
+    widget.plane_check.setChecked(True)
+    assert "T=1, all Z" in widget.axes_label.text()  # the description follows the box
+    widget.mode_combo.setCurrentText("labels")
+    _run(qtbot, widget)
+    out = viewer.layers["series [unet labels]"]
+    assert out.data.shape == (1, 3, 40, 50) and tuple(out.translate)[:2] == (1.0, 0.0)
+    np.testing.assert_array_equal(
+        out.data[0, 2], predict(series[1, 2], tiny_model("valid")).argmax(0)
+    )
+    viewer.dims.ndisplay = 2
+    viewer.dims.set_point(0, 0)
+    assert "T=0, Z=" in widget.axes_label.text()  # and the plane shown
+
+
 def test_whole_stack_and_visible_region(panel, qtbot):
     viewer, widget = panel
     stack = np.random.default_rng(2).random((3, 64, 64)).astype(np.float32)

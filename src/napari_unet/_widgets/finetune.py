@@ -253,6 +253,9 @@ class FinetunePanel(WorkerPanel):
         if layer is None or model is None:
             self.status.setText("Choose an image layer and load a model first.")
             return
+        if self.viewer.dims.ndisplay != 2:
+            self.status.setText("Switch to the 2D view: the fill paints the plane shown.")
+            return
         targets = self.annotation_layers(layer.name, "sparse") or [self.new_annotation_layer()]
         if targets[0] is None:
             return

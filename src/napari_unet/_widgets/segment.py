@@ -92,6 +92,11 @@ class SegmentPanel(WorkerPanel):
         self.mode_combo.currentTextChanged.connect(self._on_mode)
         self.rescale_check.toggled.connect(self.diameter_spin.setEnabled)
         self.state.model_changed.connect(self._on_model_changed)
+        # the description says what a run would process: it follows the plane shown
+        self.plane_check.toggled.connect(self._on_layer_choice)
+        self.viewer.dims.events.current_step.connect(self._on_view_changed)
+        self.viewer.dims.events.ndisplay.connect(self._on_view_changed)
+        self.viewer.dims.events.order.connect(self._on_view_changed)
         self._on_layers_changed()
         self._on_mode(self.mode_combo.currentText())
         self._show_recipe(self.state.model)
@@ -99,6 +104,10 @@ class SegmentPanel(WorkerPanel):
     # -- controls --------------------------------------------------------------
     def _on_layer_choice(self, name: str = "") -> None:
         self.axes_label.setText(self._describe())
+
+    def _on_view_changed(self, event=None) -> None:
+        if self.plane_check.isChecked():
+            self.axes_label.setText(self._describe())
 
     def _on_model_changed(self, model) -> None:
         self.axes_label.setText(self._describe())
