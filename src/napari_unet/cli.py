@@ -204,14 +204,15 @@ def cmd_export(args) -> int:
 
 
 def cmd_predict(args) -> int:
+    from napari_unet.io import outputs
     from napari_unet.io.images import image_axes, read_image
 
     missing = [src for src in args.inputs if not Path(src).exists()]
     if missing:
         raise ValueError(f"no such file: {', '.join(missing)} (nothing was processed)")
-    targets = _targets(args.inputs, args.output, args.mode)
+    targets = outputs.targets(args.inputs, args.output, args.mode)
     for folder in sorted({dst.parent for _, dst in targets}):
-        _check_folder(folder)  # before the model runs, not after
+        outputs.check_folder(folder)  # before the model runs, not after
     model = _model(args.model, getattr(args, "trust_code", False))
     for src, dst in targets:
         image = read_image(src)
@@ -219,60 +220,6 @@ def cmd_predict(args) -> int:
         _predict_one(image, model, dst, args, label=Path(src).name, axes=axes)
         print(f"{src} -> {dst}", file=sys.stderr)
     return 0
-
-
-def _zarr_store(src) -> Path | None:
-    """The ``.zarr`` store that holds ``src`` (an array inside a group), if any."""
-    return next((p for p in Path(src).parents if p.suffix.lower() == ".zarr"), None)
-
-
-def _beside(src) -> Path:
-    """Default folder for ``src``'s result: beside it, or beside the zarr store holding it
-    (never inside the user's store)."""
-    store = _zarr_store(src)
-    return store.parent if store is not None else Path(src).parent
-
-
-def _stem(src) -> str:
-    """``plate_raw`` for ``plate.zarr/raw``, the file's stem otherwise."""
-    store = _zarr_store(src)
-    if store is None:
-        return Path(src).stem
-    inner = Path(src).relative_to(store).with_suffix("")
-    return "_".join([store.stem, *inner.parts])
-
-
-def _targets(inputs, output, mode) -> list[tuple[str, Path]]:
-    """(input, output file) pairs; refused before any work if an output would replace
-    an input or another input's result."""
-    suffix = ".tif"
-    out = Path(output) if output else None
-    # an existing folder is a folder whatever its name ("run.2024"); a .zarr is a result
-    folder_given = out is not None and out.is_dir() and out.suffix.lower() != ".zarr"
-    if out is not None and len(inputs) == 1 and out.suffix and not folder_given:
-        pairs = [(inputs[0], out)]
-    else:
-        if out is not None and out.suffix and not folder_given:
-            raise ValueError("several inputs need --output to be a folder")
-        pairs = [(src, (out or _beside(src)) / f"{_stem(src)}_{mode}{suffix}") for src in inputs]
-    sources = {Path(src).resolve(): src for src in inputs}
-    seen: dict[Path, str] = {}
-    for src, dst in pairs:
-        where = dst.resolve()
-        if where in sources or any(where in s.parents for s in sources):
-            raise ValueError(f"{dst} is or holds an input: the result would replace it")
-        if where.is_dir() and not _is_zarr_array(where):
-            raise ValueError(
-                f"{dst} is a folder or a zarr group, not a result of ours to replace: "
-                "give a new name"
-            )
-        if where in seen:
-            raise ValueError(
-                f"{seen[where]} and {src} would both be written to {dst}: "
-                "give them different names, or one --output folder each"
-            )
-        seen[where] = src
-    return pairs
 
 
 def _predict_one(image, model, dst: Path, args, label: str, axes: str | None = None) -> None:
@@ -401,6 +348,7 @@ def cmd_train(args) -> int:
     from tqdm import tqdm
 
     from napari_unet.core.training import TrainConfig, train_iter
+    from napari_unet.io import outputs
     from napari_unet.io.files import save_model
     from napari_unet.io.images import read_image
 
@@ -408,7 +356,7 @@ def cmd_train(args) -> int:
         raise ValueError(f"{len(args.images)} images but {len(args.labels)} label files")
     if not args.output.endswith(".safetensors"):
         raise ValueError("--output must end in .safetensors")
-    _check_writable(Path(args.output))  # before training, not after it
+    outputs.check_writable(Path(args.output))  # before training, not after it
     torch.manual_seed(args.seed)  # a new network's initial weights too
     model = _base_model(args.model, args.classes)
 
@@ -461,42 +409,6 @@ def cmd_train(args) -> int:
     done = f"stopped at step {result.info.provenance.get('steps')}, " if stop.is_set() else ""
     print(f"{done}saved {args.output}", file=sys.stderr)
     return 0
-
-
-def _is_zarr_array(path: Path) -> bool:
-    """Whether ``path`` is a zarr array (v2 or v3), which a .zarr output may replace."""
-    import json
-
-    if (path / ".zarray").is_file():
-        return True
-    try:
-        return json.loads((path / "zarr.json").read_text()).get("node_type") == "array"
-    except (OSError, ValueError, AttributeError):
-        return False
-
-
-def _check_folder(folder: Path) -> None:
-    """Refuse a folder results cannot be written to (made if missing)."""
-    import tempfile
-
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=".napari-unet.", suffix=".probe"):
-            pass
-    except OSError as err:
-        raise ValueError(f"cannot write to {folder}/: {err.strerror or err}") from None
-
-
-def _check_writable(path: Path) -> None:
-    """Refuse an output that cannot be written (a bundled model, a folder without write
-    permission) before hours of training, not after them."""
-    from napari_unet.io import registry
-
-    if registry.is_bundled(path):
-        raise ValueError(f"{path.name} is a bundled model: write the result elsewhere")
-    if path.is_dir():
-        raise ValueError(f"{path} is a folder: give a file name ending in .safetensors")
-    _check_folder(path.parent)
 
 
 @contextlib.contextmanager

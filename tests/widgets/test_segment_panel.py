@@ -103,13 +103,14 @@ def test_stack_current_plane_only_lands_on_its_plane(panel, qtbot):
     np.testing.assert_array_equal(out.data[0], predict(stack[3], tiny_model("valid")).argmax(0))
 
 
-def test_a_plane_result_never_replaces_a_whole_stack_result(panel, qtbot):
+def test_whole_stack_then_a_plane_that_never_replaces_it(panel, qtbot):
     viewer, widget = panel
     stack = np.random.default_rng(1).random((4, 40, 50)).astype(np.float32)
     viewer.add_image(stack, name="stack")
     widget.mode_combo.setCurrentText("labels")
     _run(qtbot, widget)
     whole = viewer.layers["stack [unet labels]"]
+    assert "4 planes, processed one by one" in widget.axes_label.text()
     widget.plane_check.setChecked(True)
     _run(qtbot, widget)
     assert whole.data.shape == (4, 40, 50)
@@ -117,6 +118,13 @@ def test_a_plane_result_never_replaces_a_whole_stack_result(panel, qtbot):
     assert "another extent" in widget.status.text()
     _run(qtbot, widget)  # the plane result is updated in place, not duplicated
     assert len(viewer.layers) == 3
+    # a result paired as fine-tuning annotations is the user's now: never written into
+    from napari_unet._widgets._layers import ANNOTATION_KEY
+
+    plane = viewer.layers["stack [unet labels] [1]"]
+    plane.metadata[ANNOTATION_KEY] = "stack"
+    _run(qtbot, widget)
+    assert len(viewer.layers) == 4 and plane.metadata[ANNOTATION_KEY] == "stack"
 
 
 def test_current_plane_in_the_3d_view_keeps_the_volume_on_screen(panel, qtbot):
@@ -138,16 +146,6 @@ def test_current_plane_in_the_3d_view_keeps_the_volume_on_screen(panel, qtbot):
     viewer.dims.ndisplay = 2
     viewer.dims.set_point(0, 0)
     assert "T=0, Z=" in widget.axes_label.text()  # and the plane shown
-
-
-def test_whole_stack_and_visible_region(panel, qtbot):
-    viewer, widget = panel
-    stack = np.random.default_rng(2).random((3, 64, 64)).astype(np.float32)
-    viewer.add_image(stack, name="s")
-    widget.mode_combo.setCurrentText("labels")
-    _run(qtbot, widget)
-    assert viewer.layers["s [unet labels]"].data.shape == (3, 64, 64)
-    assert "3 planes, processed one by one" in widget.axes_label.text()
 
 
 def test_cancel_leaves_no_layer(panel, qtbot):

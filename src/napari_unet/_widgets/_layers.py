@@ -177,6 +177,7 @@ def result_name(source: str, model_name: str, what: str) -> str:
 
 RESULT_KEY = "napari_unet_result"  # layer metadata: checksum of the result as written
 OUTPUT_KEY = "napari_unet_output"  # layer metadata of other outputs (feature maps)
+ANNOTATION_KEY = "napari_unet_annotates"  # layer metadata: name of the image it annotates
 
 
 def is_output(layer) -> bool:
@@ -229,7 +230,7 @@ def _put(viewer, kind: str, name: str, data, kw: dict, **style) -> str:
             la
             for la in family
             if la._type_string == kind
-            and _unedited_result(la)
+            and overwritable(la)
             and tuple(la.data.shape) == tuple(np.shape(data))
         ),
         None,
@@ -241,14 +242,14 @@ def _put(viewer, kind: str, name: str, data, kw: dict, **style) -> str:
             old.scale = kw["scale"]
         if not np.allclose(old.translate, kw["translate"]):
             old.translate = kw["translate"]
-        old.metadata[RESULT_KEY] = _checksum(old.data)
+        mark_result(old)
         return old.name
     # napari names a layer "name [1]" when "name" is taken
     # marked from the start: panels that list input images hear of it while it is added
     mark = {RESULT_KEY: _checksum(data)}
     layer = getattr(viewer, f"add_{kind}")(data, name=name, metadata=mark, **kw, **style)
     if layer.data is not data:  # napari converted it: mark what the layer holds
-        layer.metadata[RESULT_KEY] = _checksum(layer.data)
+        mark_result(layer)
     return layer.name
 
 
@@ -256,7 +257,14 @@ def _checksum(data) -> int | None:
     return zlib.crc32(np.ascontiguousarray(data)) if isinstance(data, np.ndarray) else None
 
 
-def _unedited_result(layer) -> bool:
-    """Whether ``layer`` holds a result exactly as this plugin wrote it."""
+def mark_result(layer) -> None:
+    """Record ``layer``'s data as this plugin wrote it (see :func:`overwritable`)."""
+    layer.metadata[RESULT_KEY] = _checksum(layer.data)
+
+
+def overwritable(layer) -> bool:
+    """Whether ``layer`` holds a result exactly as this plugin wrote it, and is not
+    paired as annotations: only such a layer may be written into again."""
     written = layer.metadata.get(RESULT_KEY)
-    return written is not None and written == _checksum(layer.data)
+    unedited = written is not None and written == _checksum(layer.data)
+    return unedited and ANNOTATION_KEY not in layer.metadata

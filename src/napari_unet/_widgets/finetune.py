@@ -28,15 +28,16 @@ from qtpy.QtWidgets import (
 
 from napari_unet._widgets._base import WorkerPanel
 from napari_unet._widgets._layers import (
+    ANNOTATION_KEY,
     RESULT_KEY,
-    _checksum,
-    _unedited_result,
     job_for_layer,
+    mark_result,
+    overwritable,
 )
 from napari_unet._widgets._loss_plot import LossPlot
+from napari_unet.core.axes import Axes
 from napari_unet.core.finetune import Collected, Finished, Preview
 
-ANNOTATION_KEY = "napari_unet_annotates"  # layer.metadata: name of the image it annotates
 KIND_KEY = "napari_unet_kind"  # layer.metadata: "sparse" (painted classes) or "instances"
 CLASS_COLORS = ["#4a90d9", "#3cb44b", "#e6194b", "#ffe119", "#f58231", "#911eb4", "#46f0f0"]
 
@@ -267,7 +268,7 @@ class FinetunePanel(WorkerPanel):
             self._on_errored(err)
             return
         shape = targets[0].data.shape
-        if tuple(shape[-2:]) != tuple(np.shape(job.data)[i] for i in _yx(job.axes)):
+        if tuple(shape[-2:]) != Axes(job.axes, tuple(np.shape(job.data))).yx:
             self.status.setText(
                 f"'{targets[0].name}' has planes of {shape[-2]} x {shape[-1]} pixels, not the "
                 f"image's: paint on a layer made for '{layer.name}' (New annotation layer)."
@@ -502,12 +503,7 @@ class FinetunePanel(WorkerPanel):
         paired as annotations is never written into (a new preview layer is made)."""
         job = self._preview_job
         layer = self._preview_layer()
-        if (
-            layer is not None
-            and layer in self.viewer.layers
-            and ANNOTATION_KEY not in layer.metadata
-            and _unedited_result(layer)
-        ):
+        if layer is not None and layer in self.viewer.layers and overwritable(layer):
             layer.data = preview.labels
             layer.scale, layer.translate = job.scale, job.translate
         else:
@@ -523,7 +519,7 @@ class FinetunePanel(WorkerPanel):
                 metadata={RESULT_KEY: None},
             )
             self._preview_layer = weakref.ref(layer)
-        layer.metadata[RESULT_KEY] = _checksum(layer.data)
+        mark_result(layer)
 
     def _on_returned(self, value) -> None:
         if getattr(self, "_mode", "") == "fill":
@@ -570,13 +566,12 @@ class FinetunePanel(WorkerPanel):
             return
         data = layer.data
         labels = np.asarray(probs).argmax(0).astype(data.dtype) + 1
-        if len(index) != data.ndim - 2 or any(i >= n for i, n in zip(index, data.shape)):
+        # the plane shown when the fill started, if the layer still has it at that size
+        fits = len(index) == data.ndim - 2 and all(i < n for i, n in zip(index, data.shape))
+        if not fits or tuple(data.shape[-2:]) != labels.shape[-2:]:
             self.status.setText(f"'{layer.name}' changed shape meanwhile: nothing was filled.")
             return
-        plane = np.asarray(data[index])  # the plane shown when the fill started
-        if labels.size != plane.size:
-            self.status.setText(f"'{layer.name}' changed shape meanwhile: nothing was filled.")
-            return
+        plane = np.asarray(data[index])
         filled = np.where(plane == 0, labels.reshape(plane.shape), plane)
         try:  # only this plane, in place (copying a whole stack stalled the GUI)
             data[index] = filled
@@ -610,10 +605,6 @@ def _write_model(model, path: str):
 
         save_model(model, path)
     return path
-
-
-def _yx(axes: str) -> tuple[int, int]:
-    return axes.index("Y"), axes.index("X")
 
 
 def _diameter(model) -> str | None:

@@ -60,6 +60,32 @@ def to_target(
     return target
 
 
+def sequential_instances(lab: np.ndarray, what: str = "labels") -> np.ndarray:
+    """Instance ids renumbered ``1..n`` (0 stays background) whatever their values (ids
+    like 3e9 made per-id tables of tens of GB), with a warning where a single id covers
+    several separate regions: a binary mask (e.g. 0/255) read as instances is one object,
+    with no borders between touching ones."""
+    import warnings
+
+    lab = np.asarray(lab)
+    renumber = lab.dtype.kind in "ui" and lab.size and lab.min() >= 0  # else to_target says
+    ids, inverse = np.unique(lab, return_inverse=True) if renumber else (np.unique(lab), None)
+    objects = ids[ids != 0]
+    regions = ndi.label(lab == objects[0])[1] if len(objects) == 1 else 1
+    if regions > 1:
+        warnings.warn(
+            f"{what} use one id ({objects[0]}) for {regions} separate "
+            "regions, read as one object: instance masks give each object its own id; for a "
+            "binary mask of classes use kind 'classes' (--label-kind classes)",
+            UserWarning,
+            stacklevel=3,
+        )
+    if inverse is None or (ids[0] == 0 and ids[-1] == ids.size - 1):
+        return lab  # already 0..n (or refused by to_target)
+    inverse = inverse.reshape(lab.shape).astype(np.int32)
+    return inverse + 1 if ids[0] != 0 else inverse
+
+
 def instances_to_classes(
     inst: np.ndarray, boundary_width: int = 2, core_fraction: float = 0.0
 ) -> np.ndarray:

@@ -29,9 +29,10 @@ from napari_unet.core import normalize as norm
 from napari_unet.core import targets as tg
 from napari_unet.core.adaptation import adapt_norm, add_pseudo_labels
 from napari_unet.core.augment import AugmentConfig, augment
+from napari_unet.core.axes import resolve_axes
 from napari_unet.core.device import fast_bf16, resolve_device
 from napari_unet.model.info import LoadedModel
-from napari_unet.model.unet import for_training, to_layout
+from napari_unet.model.unet import UNet, for_training, to_layout
 
 
 @dataclass
@@ -197,8 +198,7 @@ def prepare(
                 f"labels {i} have shape {lab.shape} but image {i} is {image.shape[1:]}"
             )
         if kind == "instances":
-            _warn_if_one_id_for_many_objects(lab, i)
-            lab = _sequential(lab)  # ids like 3e9 made per-id tables of tens of GB
+            lab = tg.sequential_instances(lab, f"labels {i}")
         target = tg.to_target(lab, kind, info.num_classes, cfg.boundary_width, cfg.core_fraction)
         all_targets.append(target)
         border = np.zeros(lab.shape, np.float32)
@@ -333,24 +333,6 @@ def loss_fn(logits, target, weights, dice: float = 0.0, hard: float = 1.0) -> to
         denom = ((probs + onehot) * m).sum((0, 2, 3))
         loss = loss + dice * (1 - ((2 * inter + 1) / (denom + 1)).mean())
     return loss
-
-
-def _warn_if_one_id_for_many_objects(lab: np.ndarray, i: int) -> None:
-    """Instance masks give each object its own id; a binary mask (e.g. 0/255) read as
-    instances is one object, with no borders between touching ones: say so."""
-    from scipy import ndimage as ndi
-
-    ids = np.unique(lab)
-    ids = ids[ids != 0]
-    regions = ndi.label(lab == ids[0])[1] if len(ids) == 1 else 1
-    if regions > 1:
-        warnings.warn(
-            f"labels {i} use one id ({ids[0]}) for {regions} separate "
-            "regions, read as one object: instance masks give each object its own id; for a "
-            "binary mask of classes use kind 'classes' (--label-kind classes)",
-            UserWarning,
-            stacklevel=3,
-        )
 
 
 def with_convention(cfg: TrainConfig, model: LoadedModel) -> TrainConfig:
@@ -494,8 +476,6 @@ def _diverged(step: int, cfg: TrainConfig):
 
 
 def _check_trainable(model: LoadedModel) -> None:
-    from napari_unet.model.unet import UNet
-
     if not isinstance(model.net, UNet):
         raise ValueError(
             f"only napari-unet U-Nets can be trained; {model.info.name!r} is a "
@@ -509,22 +489,9 @@ def _check_trainable(model: LoadedModel) -> None:
         )
 
 
-def _sequential(lab: np.ndarray) -> np.ndarray:
-    """Instance ids renumbered 1..n (0 stays background), whatever their values."""
-    if lab.dtype.kind not in "ui" or lab.size == 0 or lab.min() < 0:
-        return lab  # refused with a message by targets.to_target
-    ids, inverse = np.unique(lab, return_inverse=True)
-    if ids[-1] == ids.size - 1 and ids[0] == 0:
-        return lab  # already 0..n
-    inverse = inverse.reshape(lab.shape).astype(np.int32)
-    return inverse + 1 if ids[0] != 0 else inverse
-
-
 def normalized_plane(model: LoadedModel, image: np.ndarray, what: str = "image") -> np.ndarray:
     """A ``(Y, X)`` or ``(C, Y, X)`` plane checked and normalised as the model expects:
     ``(C, Y, X)`` float32."""
-    from napari_unet.core.axes import resolve_axes
-
     img = np.asarray(image)
     norm.check_dtype(img.dtype)
     c = model.info.in_channels

@@ -203,8 +203,9 @@ def _build(path: Path, info: ModelInfo, config: UNetConfig, state) -> UNet:
     try:
         net.load_state_dict(state, strict=True)
     except RuntimeError as err:  # e.g. a dtype torch cannot copy
-        msg = str(err).strip().splitlines()[0]
-        raise ModelFileError(f"{path.name}: cannot load its weights ({msg})") from None
+        raise ModelFileError(
+            f"{path.name}: cannot load its weights ({_first_line(err)})"
+        ) from None
     return net
 
 
@@ -226,8 +227,9 @@ def _load_torchscript(path: Path) -> LoadedModel:
     try:
         net = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
     except Exception as err:  # noqa: BLE001
-        msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ModelFileError(f"{path.name}: cannot load as TorchScript ({msg})") from None
+        raise ModelFileError(
+            f"{path.name}: cannot load as TorchScript ({_first_line(err)})"
+        ) from None
     net.eval()
     with contextlib.suppress(Exception):  # scripted code may refuse: probing will say
         net.float()  # the engine feeds float32 tiles
@@ -282,6 +284,12 @@ def _measure_multiple(net, channels: int, base: int, shrink: int) -> int:
     raise ModelFileError("cannot find the network's pooling stride (not translation-equivariant)")
 
 
+def _first_line(err: Exception) -> str:
+    """The first line of an error's message (its type where it has none)."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
 def _output(net, x: torch.Tensor, name: str) -> torch.Tensor:
     """``net(x)``, which must be one ``(N, K, H, W)`` tensor."""
     with torch.inference_mode():
@@ -301,16 +309,16 @@ def _check_outputs(net, info: ModelInfo, name: str) -> None:
     """One small forward pass: the network gives the classes and size its metadata says."""
     g = info.geometry
     n = info.fixed_input or (g.snap(max(g.min_input, 2 * g.halo + g.multiple), "up"),) * 2
+    x = torch.zeros(1, info.in_channels, *n)
     try:
-        y = _output(net, torch.zeros(1, info.in_channels, *n), name)
-    except ModelFileError:
-        raise
+        with torch.inference_mode():
+            y = net(x)
     except Exception as err:  # noqa: BLE001
-        msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ModelFileError(
             f"{name}: the network refuses a {n[0]} x {n[1]} input with {info.in_channels} "
-            f"channel(s), as its metadata describes ({msg})"
+            f"channel(s), as its metadata describes ({_first_line(err)})"
         ) from None
+    y = _checked(y, x, name)
     want = (info.num_classes, n[0] - g.shrink, n[1] - g.shrink)
     if tuple(y.shape[1:]) != want:
         raise ModelFileError(
@@ -331,7 +339,7 @@ def probe_network(net, name: str = "model", max_channels: int = 4) -> ModelInfo:
             with torch.inference_mode():
                 y = net(x)
         except Exception as err:  # noqa: BLE001 - try the next channel count
-            error = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            error = _first_line(err)
             continue
         y = _checked(y, x, name)
         break

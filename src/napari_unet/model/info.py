@@ -85,7 +85,13 @@ class ModelInfo:
     def __post_init__(self) -> None:
         if not isinstance(self.geometry, Geometry):
             raise ValueError(f"geometry must be a Geometry, got {self.geometry!r:.80}")
-        _check_fields({k: getattr(self, k) for k in _FIELD_CHECKS})
+        fields = self.__dataclass_fields__
+        for key, (test, what) in _FIELD_CHECKS.items():
+            value = getattr(self, key)
+            if value is None and fields[key].default is None:
+                continue  # optional, and not given
+            if not test(value):
+                raise ValueError(f"metadata field {key!r} must be {what}, got {value!r:.80}")
         if self.fixed_input is not None:
             self.fixed_input = tuple(int(n) for n in self.fixed_input)
 
@@ -137,7 +143,7 @@ def _positive_numbers(v) -> bool:
     return isinstance(v, (list, tuple)) and all(_is_number(x) and x > 0 for x in v)
 
 
-# field -> (test, what it must be); None is allowed where the field's default is None
+# field -> (test, what it must be); None passes where the field's default is None
 _FIELD_CHECKS = {
     "name": (lambda v: isinstance(v, str), "a string"),
     "classes": (
@@ -166,18 +172,6 @@ _FIELD_CHECKS = {
     ),
     "object_diameter": (lambda v: _is_number(v) and 0 < v < 1e6, "a positive number"),
 }
-
-
-def _check_fields(d: dict) -> None:
-    for key, value in d.items():
-        if value is None and key in _NULLABLE:
-            continue
-        test, what = _FIELD_CHECKS[key]
-        if not test(value):
-            raise ValueError(f"metadata field {key!r} must be {what}, got {value!r:.80}")
-
-
-_NULLABLE = {"architecture", "instances", "pixel_size", "fixed_input", "object_diameter"}
 
 
 @dataclass
