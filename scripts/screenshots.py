@@ -28,7 +28,7 @@ OUT = Path(__file__).resolve().parent.parent / "docs" / "images"
 
 def wait(panel, timeout=600):
     t = time.time()
-    while panel.worker is not None and time.time() - t < timeout:
+    while not panel.idle() and time.time() - t < timeout:
         QApplication.processEvents()
         time.sleep(0.02)
     for _ in range(20):

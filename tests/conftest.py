@@ -65,3 +65,11 @@ def one_pass(image: np.ndarray, model) -> np.ndarray:
         p = torch.softmax(model.net.eval()(torch.from_numpy(x[None])), 1)[0].numpy()
     crop = 0 if g.valid else h
     return p[:, crop : crop + H, crop : crop + W]
+
+
+def plugin_viewer(viewer):
+    """The viewer as napari hands it to a dock widget opened from the Plugins menu: a
+    ``PublicOnlyProxy``, through which every layer read is a new proxy object."""
+    from napari.utils._proxies import PublicOnlyProxy
+
+    return PublicOnlyProxy(viewer)

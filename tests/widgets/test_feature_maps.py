@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from conftest import tiny_model
+from conftest import plugin_viewer, tiny_model
 
 pytest.importorskip("napari")
 
@@ -13,7 +13,7 @@ def panel(make_napari_viewer):
 
     viewer = make_napari_viewer()
     state_for(viewer).model = tiny_model("valid", depth=2)
-    return viewer, FeatureMapPanel(viewer)
+    return viewer, FeatureMapPanel(plugin_viewer(viewer))  # as the Plugins menu opens it
 
 
 def test_all_stages_appear_aligned_with_the_image(panel, qtbot):
@@ -25,7 +25,7 @@ def test_all_stages_appear_aligned_with_the_image(panel, qtbot):
     assert widget.stages() == ["enc0", "enc1", "bottleneck", "dec1", "dec0", "head"]
     widget.region_combo.setCurrentText("whole plane")
     widget._on_run()
-    qtbot.waitUntil(lambda: widget.worker is None, timeout=30000)
+    qtbot.waitUntil(widget.idle, timeout=30000)
     ref = capture(image, tiny_model("valid", depth=2))
     for name, fm in ref.items():
         layer = viewer.layers[f"img [features {name}]"]
@@ -38,11 +38,17 @@ def test_all_stages_appear_aligned_with_the_image(panel, qtbot):
     before = {la.name: la for la in viewer.layers}
     widget.channels_spin.setValue(2)
     widget._on_run()
-    qtbot.waitUntil(lambda: widget.worker is None, timeout=30000)
+    qtbot.waitUntil(widget.idle, timeout=30000)
     assert [la.name for la in viewer.layers] == list(before)
     enc0 = viewer.layers["img [features enc0]"]
     assert enc0 is before["img [features enc0]"] and enc0.data.shape[0] == 2
     np.testing.assert_allclose(enc0.data, ref["enc0"].data[enc0.metadata["channels"]], atol=1e-6)
+    # the layers are added one per turn of the event loop (ten at once froze the viewer)
+    widget._on_returned(ref)
+    assert len(widget._pending) == len(ref) - 1 and not widget.idle()
+    assert widget.busy() and "A run is going on" in widget.status.text()
+    qtbot.waitUntil(widget.idle, timeout=10000)
+    assert "6 stage(s) added" in widget.status.text()
 
 
 def test_memory_limit_asks_for_fewer_channels(panel, monkeypatch):
@@ -84,7 +90,7 @@ def test_channels_get_an_axis_of_their_own_beside_a_stack(panel, qtbot):
     widget.stage_list.item(0).setSelected(True)  # enc0
     for _ in range(2):  # the same on a second run (maps are not counted as world axes)
         widget._on_run()
-        qtbot.waitUntil(lambda: widget.worker is None, timeout=30000)
+        qtbot.waitUntil(widget.idle, timeout=30000)
         layer = viewer.layers["img [features enc0]"]
         assert layer.ndim == 4 and layer.data.shape[1] == 1  # C, (Z), Y, X
         assert viewer.dims.ndim == 4  # the channel slider is not the stack's Z slider

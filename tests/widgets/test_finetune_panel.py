@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import tiny_model
+from conftest import plugin_viewer, tiny_model
 from napari_unet._widgets._layers import viewer_camera
 from napari_unet.core import synthetic
 from napari_unet.core.targets import instances_to_classes
@@ -28,7 +28,7 @@ def panel(make_napari_viewer, qtbot):
     state = state_for(viewer)
     state.model = tiny_model("same", depth=2)
     state.device = "cpu"
-    widget = FinetunePanel(viewer)
+    widget = FinetunePanel(plugin_viewer(viewer))  # as the Plugins menu opens it
     viewer.window.add_dock_widget(widget)
     widget.patch_spin.setValue(64)
     widget.steps_spin.setValue(20)
@@ -189,6 +189,35 @@ def test_loading_another_model_during_training_discards_the_run(panel, nuclei, q
     qtbot.waitUntil(lambda: widget.worker is None, timeout=60000)
     assert state.model is other and len(widget.versions.versions) == 1
     assert widget.versions.base is other and "discarded" in widget.status.text()
+
+
+def test_loading_another_model_asks_before_unsaved_versions_are_lost(
+    panel, nuclei, qtbot, tmp_path
+):
+    from napari_unet._widgets.model_panel import ModelPanel
+
+    viewer, widget, state = panel
+    image, strokes = nuclei
+    _painted(viewer, widget, image, strokes)
+    widget.preview_spin.setValue(0)
+    _train(qtbot, widget)
+    assert state.unsaved == ["unet-v1"]
+    widget.version_list.setCurrentRow(1)
+    widget._on_save(str(tmp_path / "v1.safetensors"))
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=30000)
+    assert state.unsaved == []
+    _train(qtbot, widget)
+    assert state.unsaved == ["unet-v2"]
+    loader = ModelPanel(plugin_viewer(viewer))
+    assert loader.status.text() == "In use: unet-v2"
+    loader.model_combo.setCurrentText("nuclei")
+    loader._on_run()  # first press: a warning, nothing loaded
+    assert loader.worker is None and "unsaved versions (unet-v2)" in loader.status.text()
+    assert len(widget.versions.versions) == 3
+    loader._on_run()  # second press confirms
+    qtbot.waitUntil(lambda: loader.worker is None, timeout=30000)
+    assert state.model.info.name == "nuclei" and len(widget.versions.versions) == 1
+    assert "unet-v2 are gone" in widget.status.text() and state.unsaved == []
 
 
 def test_save_version_and_start_from_prediction_on_a_stack(panel, qtbot, tmp_path):

@@ -86,3 +86,25 @@ def test_panels_opened_from_the_plugins_menu_share_one_model(make_napari_viewer,
     model_panel.state.model = tiny_model("same")
     viewer.add_image(__import__("numpy").zeros((30, 30)), name="img")
     assert "30 x 30 pixels" in segment.axes_label.text()
+
+
+def test_panels_opened_from_the_plugins_menu_keep_the_chosen_image(make_napari_viewer):
+    """Through napari's proxy every layer read is a new proxy object: the chosen image
+    must still be followed when layers are added, removed or renamed (it fell back to
+    the first image, so the next run segmented or filled another image)."""
+    import numpy as np
+
+    viewer = make_napari_viewer()
+    _, segment = viewer.window.add_plugin_dock_widget("napari-unet", "U-Net segment")
+    _, finetune = viewer.window.add_plugin_dock_widget("napari-unet", "U-Net fine-tune")
+    viewer.add_image(np.zeros((30, 30)), name="first")
+    second = viewer.add_image(np.ones((30, 30)), name="second")
+    for panel in (segment, finetune):
+        panel.layer_combo.setCurrentText("second")
+    viewer.add_labels(np.zeros((30, 30), np.uint8), name="result")
+    viewer.add_points(name="points")
+    second.name = "renamed"
+    viewer.layers.remove("points")
+    for panel in (segment, finetune):
+        assert panel.layer_combo.currentText() == "renamed"
+        assert panel.image_layer() is second

@@ -3,7 +3,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import tiny_model
+from conftest import plugin_viewer, tiny_model
 from napari_unet._widgets._layers import viewer_camera
 from napari_unet.core.axes import resolve_axes
 from napari_unet.core.postprocess import instances
@@ -19,7 +19,7 @@ def panel(make_napari_viewer, qtbot):
 
     viewer = make_napari_viewer()
     state_for(viewer).model = tiny_model("valid")
-    widget = SegmentPanel(viewer)
+    widget = SegmentPanel(plugin_viewer(viewer))  # as the Plugins menu opens it
     viewer.window.add_dock_widget(widget)
     return viewer, widget
 

@@ -7,7 +7,7 @@ import weakref
 
 from qtpy.QtWidgets import QComboBox, QHBoxLayout, QLabel, QPushButton, QVBoxLayout, QWidget
 
-from napari_unet._widgets._state import state_for
+from napari_unet._widgets._state import real_viewer, state_for
 
 
 class WorkerPanel(QWidget):
@@ -22,8 +22,10 @@ class WorkerPanel(QWidget):
 
     def __init__(self, napari_viewer) -> None:
         super().__init__()
-        self.viewer = napari_viewer
-        self.state = state_for(napari_viewer)
+        # the real viewer: layers read through napari's proxy are new proxies on
+        # every access, so a chosen layer or a preview layer could not be followed
+        self.viewer = real_viewer(napari_viewer)
+        self.state = state_for(self.viewer)
         self.worker = None
         self._progress = None
         layout = QVBoxLayout(self)
@@ -129,9 +131,13 @@ class WorkerPanel(QWidget):
         worker.start()
         return worker
 
+    def idle(self) -> bool:
+        """Whether no run is going on and its results are all shown."""
+        return self.worker is None
+
     def busy(self) -> bool:
         """Whether a run is going on (and then say so): one run per panel at a time."""
-        if self.worker is None:
+        if self.idle():
             return False
         self.status.setText("A run is going on: wait for it to end, or press Cancel first.")
         return True

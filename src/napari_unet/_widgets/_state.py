@@ -22,6 +22,8 @@ class ViewerState:
     def __init__(self) -> None:
         self._model = None
         self._device = "auto"
+        # names of fine-tuned versions not saved yet: loading another model asks first
+        self.unsaved: list[str] = []
 
     @property
     def model(self):
@@ -42,18 +44,29 @@ class ViewerState:
         self.device_changed.emit(value)
 
 
-def state_for(viewer) -> ViewerState:
-    """The viewer's state, created on first use and dropped with the viewer.
+def real_viewer(viewer):
+    """The viewer behind napari's proxies.
 
     napari hands each dock widget its own proxy of the viewer (``PublicOnlyProxy``
-    when opened from the Plugins menu): the state belongs to the viewer behind it,
-    or every panel would have a model of its own.
+    when opened from the Plugins menu), and every layer read through it is a new
+    proxy too: identity, weak references and ``is`` tests on layers only hold on
+    the real objects.
     """
     while hasattr(type(viewer), "__wrapped__"):  # wrapt proxies, possibly nested
         inner = object.__getattribute__(viewer, "__wrapped__")
         if inner is viewer:
             break
         viewer = inner
+    return viewer
+
+
+def state_for(viewer) -> ViewerState:
+    """The viewer's state, created on first use and dropped with the viewer.
+
+    The state belongs to the viewer behind napari's proxies (:func:`real_viewer`),
+    or every panel would have a model of its own.
+    """
+    viewer = real_viewer(viewer)
     key = id(viewer)
     state = _STATES.get(key)
     if state is None:

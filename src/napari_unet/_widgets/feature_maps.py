@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+from qtpy.QtCore import QTimer
 from qtpy.QtWidgets import (
     QAbstractItemView,
     QCheckBox,
@@ -42,6 +43,14 @@ class FeatureMapPanel(WorkerPanel):
         form.addRow("", self.half_check)
         self.form.addLayout(form)
         self._job = None
+        # stage layers still to add, one per turn of the event loop: napari takes about
+        # 0.3 s to add an image layer (its canvas node and controls), so adding ten
+        # stages in one go froze the viewer for 2-3 s
+        self._pending: list[tuple[str, np.ndarray, dict]] = []
+        self._add_timer = QTimer(self)
+        self._add_timer.setSingleShot(True)
+        self._add_timer.setInterval(0)
+        self._add_timer.timeout.connect(self._add_next)
         self.state.model_changed.connect(self._on_model_changed)
         self._on_layers_changed()
         self._on_model_changed(self.state.model)
@@ -155,19 +164,38 @@ class FeatureMapPanel(WorkerPanel):
                 # hidden layers are cheap to add); the eye icons show the others
                 visible=i == len(maps) - 1,
             )
-            old = self.viewer.layers[layer_name] if layer_name in self.viewer.layers else None  # noqa: SIM401
-            if old is not None and OUTPUT_KEY in old.metadata and data.ndim == old.ndim:
-                # update in place: removing a layer from the canvas is slower than adding it
-                old.data = data
-                for key in ("scale", "translate", "contrast_limits", "metadata", "visible"):
-                    setattr(old, key, kw[key])
-                continue
+            self._pending.append((layer_name, data, kw))
+        self._added = 0
+        self._add_next()
+
+    def idle(self) -> bool:
+        return super().idle() and not self._pending
+
+    def _add_next(self) -> None:
+        """Add (or update) the next stage layer, and come back for the one after."""
+        if not self._pending:
+            return
+        layer_name, data, kw = self._pending.pop(0)
+        old = self.viewer.layers[layer_name] if layer_name in self.viewer.layers else None  # noqa: SIM401
+        if old is not None and OUTPUT_KEY in old.metadata and data.ndim == old.ndim:
+            # update in place: removing a layer from the canvas is slower than adding it
+            old.data = data
+            for key in ("scale", "translate", "contrast_limits", "metadata", "visible"):
+                setattr(old, key, kw[key])
+        else:
             if old is not None and OUTPUT_KEY in old.metadata:
                 self.viewer.layers.remove(old)
             # a layer of the user's with this name stays: napari names this one "... [1]"
             self.viewer.add_image(data, name=layer_name, **kw)
+        self._added += 1
+        if self._pending:
+            self.status.setText(
+                f"Adding stage layers: {self._added} of {self._added + len(self._pending)}..."
+            )
+            self._add_timer.start()
+            return
         self.status.setText(
-            f"{len(maps)} stage(s) added, the last one visible (eye icons show the others); "
+            f"{self._added} stage(s) added, the last one visible (eye icons show the others); "
             "the first axis slider picks the channel."
         )
 

@@ -297,11 +297,24 @@ class FinetunePanel(WorkerPanel):
             return
         from napari_unet.core.finetune import ModelVersions
 
+        lost = self.state.unsaved
         self.versions = ModelVersions(model) if model is not None else None
         self._refresh_versions()
+        if lost and model is not None:
+            self.status.setText(
+                f"Another model was loaded ({model.info.name}): the unsaved versions "
+                f"{', '.join(lost)} are gone; fine-tuning now starts from it."
+            )
+        elif model is not None:
+            self.status.setText("")
 
     def _refresh_versions(self) -> None:
         self.version_list.clear()
+        self.state.unsaved = (
+            [v.model.info.name or v.label for v in self.versions.unsaved()]
+            if self.versions
+            else []
+        )
         if self.versions is None:
             return
         for i in range(len(self.versions.versions)):
@@ -346,7 +359,7 @@ class FinetunePanel(WorkerPanel):
             return
         # in the worker: a bioimage.io export traces and checks the network (seconds)
         self._mode = "save"
-        self._saving = (self.versions.versions[row].label, str(path))
+        self._saving = (self.versions.versions[row].label, str(path), self.versions.versions[row])
         self.status.setText(f"Saving {self._saving[0]} to {path}...")
         self.start(_write_model, model, str(path), desc="napari-unet: saving a model")
 
@@ -526,7 +539,10 @@ class FinetunePanel(WorkerPanel):
             self._fill(value)
             return
         if getattr(self, "_mode", "") == "save":
-            self.status.setText(f"Saved {self._saving[0]} to {self._saving[1]}")
+            label, path, version = self._saving
+            version.saved_to = path
+            self._refresh_versions()
+            self.status.setText(f"Saved {label} to {path}")
             return
         if not isinstance(value, Finished):
             return

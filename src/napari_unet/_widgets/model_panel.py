@@ -37,6 +37,7 @@ class ModelPanel(WorkerPanel):
         from napari_unet.core.device import available_devices
         from napari_unet.io import registry
 
+        self._discard = None  # (source, unsaved versions) a second press confirms
         form = QFormLayout()
         self.model_combo = QComboBox()
         self.model_combo.addItems([*registry.bundled_models(), FILE_ENTRY])
@@ -102,6 +103,16 @@ class ModelPanel(WorkerPanel):
         if not source:
             self.status.setText("Choose a model file first.")
             return
+        if self.state.unsaved and self._discard != (source, self.state.unsaved):
+            # a second press with the same choice confirms: nothing is lost silently
+            self._discard = (source, self.state.unsaved)
+            self.status.setText(
+                f"The fine-tune panel has unsaved versions ({', '.join(self.state.unsaved)}); "
+                "loading another model discards them. Save them there first, or press "
+                f"'{self.run_text}' again to discard them."
+            )
+            return
+        self._discard = None
         self.status.setText(f"Loading {source}...")
         self.start(
             load_steps,
@@ -117,3 +128,6 @@ class ModelPanel(WorkerPanel):
 
     def _on_model_changed(self, model) -> None:
         self.card.setPlainText(model.info.card() if model is not None else "")
+        self._discard = None
+        if model is not None:
+            self.status.setText(f"In use: {model.info.name}")

@@ -313,6 +313,7 @@ class Version:
         default_factory=lambda: datetime.datetime.now().isoformat(timespec="seconds")
     )
     details: dict = field(default_factory=dict)  # steps, painted pixels, accuracies
+    saved_to: str = ""  # the last file this version was written to
 
 
 class ModelVersions:
@@ -340,6 +341,10 @@ class ModelVersions:
         self.versions.append(version)
         self.current = n
         return version
+
+    def unsaved(self) -> list[Version]:
+        """The fine-tuned versions never written to a file (lost when the session ends)."""
+        return [v for v in self.versions[1:] if not v.saved_to]
 
     def select(self, index: int) -> LoadedModel:
         if not 0 <= index < len(self.versions):
