@@ -324,3 +324,17 @@ def test_torchscript_metadata_must_match_the_network(tmp_path):
     torch.jit.save(traced, str(tmp_path / "m.pt"), _extra_files=extra)
     with pytest.raises(ModelFileError, match=r"returns \(3, .*metadata says \(2, "):
         load_model(tmp_path / "m.pt")
+
+
+def test_an_unwritable_folder_is_named_not_the_temporary_file(tmp_path, monkeypatch):
+    import tempfile
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(tmp_path / ".m.safetensors.x.tmp"))
+
+    monkeypatch.setattr(tempfile, "mkstemp", refuse)
+    with pytest.raises(
+        OSError, match="cannot write .*m.safetensors: permission denied in the folder"
+    ) as err:
+        save_model(tiny_model("same"), tmp_path / "m.safetensors")
+    assert ".tmp" not in str(err.value)

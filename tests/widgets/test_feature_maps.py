@@ -99,3 +99,22 @@ def test_channels_get_an_axis_of_their_own_beside_a_stack(panel, qtbot):
             viewer.dims.set_point(1, z)
             assert layer._slice.image.view.shape[-2:] == (64, 64), z
     np.testing.assert_array_equal(viewer.layers["img"].data, image)
+
+
+def test_the_3d_view_of_a_stack_is_refused_with_what_to_do(panel, qtbot):
+    """Maps are of one plane: in the 3D view the stack's Z is shown whole (the maps were
+    silently of plane 0), and the field of view has no 2D box."""
+    viewer, widget = panel
+    viewer.add_image(np.random.default_rng(1).random((3, 40, 40)).astype(np.float32), name="s")
+    viewer.dims.set_point(0, 2)
+    viewer.dims.ndisplay = 3
+    widget._on_run()  # 'field of view', the default
+    assert "'field of view' needs the 2D view" in widget.status.text()
+    widget.region_combo.setCurrentText("whole plane")
+    widget._on_run()
+    assert "switch to the 2D view" in widget.status.text() and widget.worker is None
+    assert len(viewer.layers) == 1
+    viewer.dims.ndisplay = 2  # plane 2 as shown
+    widget._on_run()
+    qtbot.waitUntil(widget.idle, timeout=30000)
+    assert viewer.layers["s [features head]"].translate[1] == 2.0

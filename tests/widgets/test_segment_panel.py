@@ -103,6 +103,18 @@ def test_stack_current_plane_only_lands_on_its_plane(panel, qtbot):
     np.testing.assert_array_equal(out.data[0], predict(stack[3], tiny_model("valid")).argmax(0))
 
 
+def test_a_layer_that_is_not_rgb_is_read_as_napari_shows_it(panel, qtbot):
+    """napari shows a non-RGB layer's last two axes as Y and X: a (64, 64, 4) stack is
+    64 planes of 64 x 4 there, not an RGBA image to refuse."""
+    viewer, widget = panel
+    data = np.random.default_rng(0).random((6, 40, 4)).astype(np.float32)
+    viewer.add_image(data, name="thin", rgb=False)
+    assert "40 x 4 pixels; Z: 6 planes" in widget.axes_label.text()
+    widget.mode_combo.setCurrentText("labels")
+    _run(qtbot, widget)
+    assert viewer.layers["thin [unet labels]"].data.shape == (6, 40, 4)
+
+
 def test_whole_stack_then_a_plane_that_never_replaces_it(panel, qtbot):
     viewer, widget = panel
     stack = np.random.default_rng(1).random((4, 40, 50)).astype(np.float32)
@@ -399,3 +411,20 @@ def test_visible_region_with_y_and_x_swapped_on_screen(panel, qtbot):
     y0, x0 = np.asarray(out.translate).astype(int)
     assert y0 <= 50 < y0 + h and x0 <= 150 < x0 + w
     assert 0 < h < 300 and 0 < w < 200
+
+
+def test_a_result_is_dropped_when_its_image_is_removed_or_replaced_meanwhile(panel, qtbot):
+    viewer, widget = panel
+    image = np.random.default_rng(0).random((40, 40)).astype(np.float32)
+    layer = viewer.add_image(image, name="img")
+    widget._on_run()
+    viewer.layers.remove(layer)  # before the worker's result reaches the GUI thread
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=30000)
+    assert "removed while it was segmented" in widget.status.text() and not len(viewer.layers)
+    layer = viewer.add_image(image, name="img")
+    widget._on_run()
+    layer.data = image[:20]
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=30000)
+    assert "data was replaced" in widget.status.text() and len(viewer.layers) == 1
+    _run(qtbot, widget)
+    assert viewer.layers["img [unet instances]"].data.shape == (20, 40)

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from napari_unet.core.axes import resolve_axes
+from napari_unet.core.axes import leading_letters, resolve_axes
 
 COLORMAPS = ["gray", "green", "magenta", "cyan", "yellow", "red", "blue"]
 
@@ -40,7 +40,12 @@ def job_for_layer(layer, model, viewer=None, current_plane=False, visible=False)
             spatial_scale = tuple(layer.scale)
         axes = resolve_axes(tuple(data.shape), None, model.info.in_channels)
     else:
-        axes = resolve_axes(tuple(data.shape), None, model.info.in_channels)
+        # napari shows a layer's last two axes as Y and X; the channel axis of a
+        # multichannel model is guessed (first or last)
+        given = (
+            leading_letters(len(data.shape) - 2) + "YX" if model.info.in_channels == 1 else None
+        )
+        axes = resolve_axes(tuple(data.shape), given, model.info.in_channels)
         spatial_scale = tuple(s for s, a in zip(layer.scale, axes.axes) if a != "C")
     # the layer's own axes but a channel axis (wherever it is: CYX, YXC, ZCYX...)
     translate_full = [t for t, a in zip(layer.translate, axes.axes) if a != "C"]

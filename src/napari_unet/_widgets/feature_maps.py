@@ -79,6 +79,11 @@ class FeatureMapPanel(WorkerPanel):
             self.status.setText("Load a model, pick an image layer and at least one stage.")
             return
         visible = self.region_combo.currentText() == "field of view"
+        if visible and self.viewer.dims.ndisplay != 2:
+            self.status.setText(
+                "'field of view' needs the 2D view: switch to 2D, or choose 'whole plane'."
+            )
+            return
         try:
             job = job_for_layer(layers[0], model, self.viewer, True, visible)
         except ValueError as err:
@@ -86,7 +91,15 @@ class FeatureMapPanel(WorkerPanel):
             return
         from napari_unet.core.axes import resolve_axes
 
-        h, w = resolve_axes(tuple(job.data.shape), job.axes, model.info.in_channels).yx
+        axes = resolve_axes(tuple(job.data.shape), job.axes, model.info.in_channels)
+        if any(n > 1 for n in axes.leading_shape):
+            # the 3D view shows a stack's Z whole: there is no one plane to look into
+            self.status.setText(
+                "Feature maps are of one plane, and the 3D view shows the stack whole: "
+                "switch to the 2D view and pick the plane with the slider."
+            )
+            return
+        h, w = axes.yx
         y0, y1, x0, x1 = job.region or (0, h, 0, w)
         channels = self.channels_spin.value() or None
         yx = (y1 - y0, x1 - x0)

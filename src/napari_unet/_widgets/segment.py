@@ -88,6 +88,7 @@ class SegmentPanel(WorkerPanel):
         self.form.addLayout(form)
         # the run going on: its layer job, model and output mode
         self._job: tuple[LayerJob, object, str] | None = None
+        self._source = None  # (layer, its data) as the run started
         self.tile_spin.editingFinished.connect(self._on_tile_edited)
         self.mode_combo.currentTextChanged.connect(self._on_mode)
         self.rescale_check.toggled.connect(self.diameter_spin.setEnabled)
@@ -192,6 +193,7 @@ class SegmentPanel(WorkerPanel):
             return
         # the result is shown as asked now, whatever the controls or the model become meanwhile
         self._job = (job, model, opts.mode)
+        self._source = (layer, layer.data)  # a result is only shown over what it came from
         self.status.setText(f"Segmenting {layer.name}: {job.describe}")
         self.start(segment_iter, job.data, model, opts, desc=f"napari-unet: {layer.name}")
 
@@ -202,6 +204,19 @@ class SegmentPanel(WorkerPanel):
         if self._job is None:
             return
         job, model, mode = self._job
+        layer, data = self._source
+        self._source = None
+        if not any(la is layer for la in self.viewer.layers):
+            self.status.setText(
+                f"{job.layer_name} was removed while it was segmented: the result was dropped."
+            )
+            return
+        if layer.data is not data:
+            self.status.setText(
+                f"{layer.name}'s data was replaced while it was segmented: the result was "
+                "dropped; press Segment again."
+            )
+            return
         names, kept = add_or_update(self.viewer, job, model, mode, result)
         note = ""
         if kept:

@@ -42,14 +42,17 @@ class Axes:
 
     def describe(self) -> str:
         """One line a user can read, e.g. ``"Z: 31 planes, processed one by one"``."""
-        parts = [f"{a}: {self.shape[i]}" for i, a in enumerate(self.axes) if a not in "CYX"]
+        names = [self.axes[i] for i in self.leading]
         n = int(np.prod(self.leading_shape)) if self.leading else 1
         y, x = self.yx
         text = f"{y} x {x} pixels"
         if "C" in self.axes:
             text += f", {self.channels} channel(s) on axis C"
-        if parts:
-            text += f"; {', '.join(parts)}: {n} planes, processed one by one"
+        if len(names) == 1:
+            text += f"; {names[0]}: {n} planes, processed one by one"
+        elif names:
+            sizes = " x ".join(str(s) for s in self.leading_shape)
+            text += f"; {' x '.join(names)}: {sizes} = {n} planes, processed one by one"
         return text
 
     def read(self, array, lead_index: tuple[int, ...], ys: slice, xs: slice) -> np.ndarray:
@@ -114,9 +117,9 @@ def _guess_axes(shape: tuple[int, ...], in_channels: int) -> str:
     if nd == 2:
         return "YX"
     if in_channels > 1 and shape[-1] == in_channels:
-        return _leading(nd - 3) + "YXC"
+        return leading_letters(nd - 3) + "YXC"
     if in_channels > 1 and shape[-3] == in_channels:
-        return _leading(nd - 3) + "CYX"
+        return leading_letters(nd - 3) + "CYX"
     if in_channels == 1 and nd >= 3 and shape[-1] in (3, 4) and shape[-2] > 4:
         raise AxesError(
             f"shape {shape} looks like an RGB(A) image but the model takes one channel; "
@@ -127,12 +130,12 @@ def _guess_axes(shape: tuple[int, ...], in_channels: int) -> str:
             f"shape {shape} looks like a grayscale image with an alpha channel; drop the "
             "alpha channel (image[..., 0]), or pass axes explicitly (e.g. 'ZYX')"
         )
-    return _leading(nd - 2) + "YX"
+    return leading_letters(nd - 2) + "YX"
 
 
-def _leading(n: int) -> str:
+def leading_letters(n: int) -> str:
     """Letters for ``n`` leading axes: ``Z``, ``TZ``, ``STZ``, ..."""
     letters = "QRSTZ"
     if n > len(letters):
-        raise AxesError(f"too many dimensions ({n + 2}); pass axes explicitly")
+        raise AxesError(f"too many dimensions ({n + 2}): at most {len(letters) + 2} are read")
     return letters[len(letters) - n :]

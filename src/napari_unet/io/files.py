@@ -36,8 +36,13 @@ class ModelFileError(ValueError):
 def atomic_write(path: str | Path, write) -> Path:
     """Call ``write(tmp_path)`` then rename onto ``path``: readers never see half a file."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as err:
+        # name the file asked for and its folder, not the hidden temporary file
+        reason = (err.strerror or type(err).__name__).lower()
+        raise OSError(f"cannot write {path}: {reason} in the folder {path.parent}") from err
     os.close(fd)
     umask = os.umask(0)
     os.umask(umask)
