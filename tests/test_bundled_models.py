@@ -21,6 +21,11 @@ def test_every_bundled_model_is_small_documented_and_loads():
         info = load_model(name).info
         assert info.metrics, f"{name} has no metrics in its metadata"
         assert info.provenance["steps"] > 0 and "training_data" in info.provenance
+        # the weights say under which terms they come and whose data to cite
+        assert info.provenance["license"] and info.provenance["cite"][0]["doi"]
+        assert info.provenance["model_card"] == f"{name}.md beside the weights file"
+    assert load_model("nuclei").info.provenance["license"] == "BSD-3-Clause"
+    assert "non-commercial" in load_model("em-membrane").info.provenance["license"]
 
 
 def test_nuclei_model_segments_the_synthetic_sample():

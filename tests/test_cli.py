@@ -186,7 +186,7 @@ def test_predict_diameter_rescales_for_models_that_record_an_object_size(tmp_pat
     assert main([*args, "--diameter", "off"]) == 0
     np.testing.assert_allclose(tifffile.imread(out), expected(None), atol=1e-5)
     capsys.readouterr()
-    for bad, message in (("huge", "number of pixels"), ("-2", "positive")):
+    for bad, message in (("huge", "takes pixels, 'auto' or 'off'"), ("-2", "positive")):
         assert main([*args, "--diameter", bad]) == 1
         assert message in capsys.readouterr().err
     zarr = ["predict", str(tmp_path / "i.npy"), "-m", str(sized), "-q"]
@@ -495,3 +495,33 @@ def test_axes_recorded_in_ome_and_imagej_tiffs_are_used(tmp_path, model_file, ca
 def test_an_empty_model_name_is_an_error_not_the_default(capsys):
     assert main(["info", ""]) == 1
     assert "the model name is empty" in capsys.readouterr().err
+
+
+def test_output_cut_short_by_a_pipe_ends_quietly(monkeypatch, capsys):
+    """`napari-unet models | head -1` printed '[Errno 32] Broken pipe' and exited 1."""
+    import sys
+
+    def closed(*args, **kwargs):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr("builtins.print", closed)
+    assert main(["models"]) == 141
+    monkeypatch.undo()
+    assert capsys.readouterr().err == ""
+    assert sys.stdout is not None
+
+
+def test_diameter_must_be_pixels_auto_or_off(tmp_path, model_file, image, capsys):
+    """Even for a model that records no object size (it said so, not that 'abc' is no
+    diameter)."""
+    tifffile.imwrite(tmp_path / "i.tif", image)
+    args = [
+        "predict",
+        str(tmp_path / "i.tif"),
+        "-m",
+        str(model_file),
+        "-o",
+        str(tmp_path / "o.tif"),
+    ]
+    assert main([*args, "--diameter", "abc"]) == 1
+    assert "--diameter takes pixels, 'auto' or 'off', got 'abc'" in capsys.readouterr().err

@@ -24,19 +24,40 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("inputs", nargs="+", help="TIFF, PNG, NPY or zarr images")
     pr.add_argument("--model", "-m", help="bundled model name or model file (default: bundled)")
     pr.add_argument("--output", "-o", help="output file (one input) or folder (several)")
-    pr.add_argument("--mode", choices=MODES, default="instances")
+    pr.add_argument(
+        "--mode",
+        choices=MODES,
+        default="instances",
+        help="instances: one label per object; labels: the class of each pixel; "
+        "probabilities: one map per class (default: %(default)s)",
+    )
     pr.add_argument(
         "--tile", type=_number(int, 1), help="network input tile size (snapped to accepted)"
     )
     pr.add_argument("--batch-size", type=_number(int, 1), help="tiles per forward pass")
-    pr.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
+    pr.add_argument(
+        "--device",
+        default="auto",
+        choices=("auto", "cpu", "cuda", "mps"),
+        help="auto: CUDA, then Apple MPS, then the CPU (default: %(default)s)",
+    )
     pr.add_argument(
         "--axes",
         help="image axes, e.g. YX, ZYX, CYX, YXC (default: as an OME or ImageJ TIFF records "
         "them, else guessed)",
     )
-    pr.add_argument("--threshold", type=_share, default=0.5, help="instances: foreground (0 to 1)")
-    pr.add_argument("--min-size", type=_count, default=0, help="instances: smallest object (px)")
+    pr.add_argument(
+        "--threshold",
+        type=_share,
+        default=0.5,
+        help="instances: foreground probability threshold (default: %(default)s)",
+    )
+    pr.add_argument(
+        "--min-size",
+        type=_count,
+        default=0,
+        help="instances: smallest object in pixels (default: %(default)s)",
+    )
     pr.add_argument(
         "--min-confidence",
         type=_share,
@@ -74,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("instances", "classes", "sparse"),
         default="sparse",
         help="instances: one id per object; classes: dense class ids; "
-        "sparse: painted strokes, 0 = not annotated, k = class k-1",
+        "sparse: painted strokes, 0 = not annotated, k = class k-1 (default: %(default)s)",
     )
     tr.add_argument("--classes", help="class names for a new model, comma-separated")
     tr.add_argument(
@@ -129,7 +150,11 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("model", help="bundled model name or model file (.safetensors)")
     ex.add_argument("--bioimageio", required=True, metavar="OUT.zip", help="package to write")
     ex.add_argument("--cover", help="cover image (PNG/JPEG); default: input beside output")
-    ex.add_argument("--license", default="CC-BY-4.0", help="SPDX licence of the weights")
+    ex.add_argument(
+        "--license",
+        default=None,
+        help="SPDX licence of the weights (default: the model's own, else CC-BY-4.0)",
+    )
     ex.add_argument("--author", action="append", help="author name (repeat for several)")
     return p
 
@@ -158,9 +183,23 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("napari-unet: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # e.g. `napari-unet models | head -1`: the reader has enough
+        _quiet_stdout()
+        return 141  # as a tool killed by SIGPIPE, and without a message
     except (ValueError, OSError, MemoryError, RuntimeError) as err:
         print(f"napari-unet: error: {err}", file=sys.stderr)
         return 1
+
+
+def _quiet_stdout() -> None:
+    """Point stdout at /dev/null, so that flushing it at exit raises nothing more."""
+    import os
+
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # no real file behind stdout (tests)
+        pass
 
 
 def _model(name: str | None, trust_code: bool = False):
@@ -305,6 +344,11 @@ def _diameter(value: str | None, info) -> str | None:
         return "auto" if info.object_diameter else None
     if value.lower() in ("off", "none"):
         return None
+    if value.lower() != "auto":
+        try:
+            float(value)
+        except ValueError:
+            raise ValueError(f"--diameter takes pixels, 'auto' or 'off', got {value!r}") from None
     return value.lower()
 
 

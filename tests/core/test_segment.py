@@ -178,3 +178,17 @@ def test_rescaling_keeps_the_axes_of_a_thin_image(seen):
     image = np.random.default_rng(0).random((2, 200, 10)).astype(np.float32)
     out = run(image, bright_model(20.0), diameter=50, mode="probabilities")  # 10 -> 4 px wide
     assert out.shape == (3, 2, 200, 10)
+
+
+def test_segment_in_one_call_is_the_generator_run_to_its_end():
+    from napari_unet.core import synthetic
+    from napari_unet.core.segment import segment
+
+    image, _ = synthetic.nuclei((64, 64), n=6, seed=1)
+    model = tiny_model("same")
+    expected = run_to_end(segment_iter(image, model, SegmentOptions(device="cpu")))
+    np.testing.assert_array_equal(segment(image, model, device="cpu"), expected)
+    labels = segment(image, model, SegmentOptions(mode="labels", device="cpu"))
+    assert labels.shape == image.shape and labels.max() <= 2
+    with pytest.raises(TypeError, match="not both"):
+        segment(image, model, SegmentOptions(), mode="labels")

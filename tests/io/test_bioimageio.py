@@ -141,6 +141,25 @@ def test_exported_package_contents(exported):
     assert "from napari_unet" not in arch and "import napari_unet" not in arch
 
 
+def test_export_takes_the_licence_and_citations_the_weights_record(tmp_path):
+    """The weights' own licence (kept through fine-tuning) and data citations go into
+    the package; terms without an SPDX identifier need one chosen by the user."""
+    model = tiny_model("same")
+    data_paper = {"text": "Someone et al. The data. 2021.", "doi": "10.1000/data"}
+    model.info.provenance.update(license="BSD-3-Clause", cite=[data_paper])
+    with zipfile.ZipFile(export_package(model, tmp_path / "own.zip")) as zf:
+        rdf = yaml.safe_load(zf.read("bioimageio.yaml"))
+    assert rdf["license"] == "BSD-3-Clause"
+    assert [c["doi"] for c in rdf["cite"]] == ["10.1007/978-3-319-24574-4_28", "10.1000/data"]
+    model.info.provenance["license"] = "non-commercial research only"
+    with pytest.raises(ModelFileError, match="no SPDX identifier: save it as a .safetensors"):
+        export_package(model, tmp_path / "nc.zip")
+    assert not (tmp_path / "nc.zip").exists()
+    export_package(model, tmp_path / "nc.zip", license="CC-BY-NC-4.0")
+    with zipfile.ZipFile(tmp_path / "nc.zip") as zf:
+        assert yaml.safe_load(zf.read("bioimageio.yaml"))["license"] == "CC-BY-NC-4.0"
+
+
 def test_export_refuses_other_networks_and_names(tmp_path, exported):
     with pytest.raises(ModelFileError, match="only napari-unet U-Nets"):
         export_package(load_package(exported["same"]), tmp_path / "again.zip")

@@ -64,3 +64,18 @@ def test_zarr_output_replaces_an_older_result_only_on_commit(tmp_path):
     third.commit()
     assert np.asarray(read_image(target)).min() == 3
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.zarr"]
+
+
+def test_a_tiff_is_read_whole_when_tifffile_and_zarr_cannot_talk(tmp_path, monkeypatch):
+    """zarr 2 with a recent tifffile (or zarr 3 with an old one) cannot open tifffile's
+    store; the TIFF is then read into memory instead of failing."""
+    import zarr
+
+    data = np.arange(12 * 10, dtype=np.uint16).reshape(12, 10)
+    write_image(tmp_path / "a.tif", data)
+
+    def cannot(*args, **kwargs):
+        raise TypeError("Unsupported type for store_like: 'ZarrTiffStore'")
+
+    monkeypatch.setattr(zarr, "open", cannot)
+    np.testing.assert_array_equal(np.asarray(read_image(tmp_path / "a.tif")), data)

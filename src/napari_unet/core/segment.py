@@ -12,7 +12,7 @@ import numpy as np
 from napari_unet.core import postprocess
 from napari_unet.core.axes import resolve_axes
 from napari_unet.core.normalize import check_dtype
-from napari_unet.core.tiling import Progress, predict_iter
+from napari_unet.core.tiling import Progress, predict_iter, run_to_end
 
 MODES = ("probabilities", "labels", "instances")
 
@@ -49,6 +49,17 @@ def rgb_to_gray(image: np.ndarray) -> np.ndarray:
     """Luminance (ITU-R 601) of an ``(..., Y, X, 3 or 4)`` RGB(A) image, float32."""
     rgb = np.asarray(image)[..., :3].astype(np.float32)
     return rgb @ np.array([0.299, 0.587, 0.114], np.float32)
+
+
+def segment(image, model, options: SegmentOptions | None = None, **kwargs) -> np.ndarray:
+    """Segment ``image`` in one call, as ``napari-unet predict`` does: instances by default.
+
+    ``segment(image, load_model("nuclei"))`` or, e.g., ``segment(image, model,
+    mode="labels", axes="ZYX")``: the keywords are :class:`SegmentOptions` fields.
+    """
+    if options is not None and kwargs:
+        raise TypeError("give SegmentOptions or keywords, not both")
+    return run_to_end(segment_iter(image, model, options or SegmentOptions(**kwargs)))
 
 
 def segment_iter(image, model, options: SegmentOptions) -> Generator[Progress, None, np.ndarray]:

@@ -62,10 +62,12 @@ def _open(path: Path, suffix: str):
         import tifffile
         import zarr
 
-        store = tifffile.imread(str(path), aszarr=True)
-        arr = zarr.open(store, mode="r")
-        if hasattr(arr, "shape"):
-            return arr
+        try:  # lazily, tile by tile
+            arr = zarr.open(tifffile.imread(str(path), aszarr=True), mode="r")
+            if hasattr(arr, "shape"):
+                return arr
+        except Exception:  # noqa: BLE001 - a tifffile and a zarr that cannot talk (zarr 2
+            pass  # with tifffile >= 2025.x, zarr 3 with older tifffile): read it whole
         return tifffile.imread(str(path))
     if suffix == ".npy":
         return np.load(path, mmap_mode="r", allow_pickle=False)

@@ -270,7 +270,7 @@ def _rdf(net, info: ModelInfo, tensors: tuple, files: dict, names: dict, meta: d
         "description": info.description
         or f"U-Net segmenting {', '.join(info.classes)} (napari-unet)",
         "authors": meta["authors"],
-        "cite": [UNET_CITATION],
+        "cite": _citations(info),
         "license": meta["license"],
         "documentation": "README.md",
         "covers": [meta["cover"]],
@@ -304,8 +304,11 @@ def _tensor_descriptions(info: ModelInfo, g: Geometry) -> tuple[dict, dict]:
     return inputs, outputs
 
 
+DEFAULT_LICENSE = "CC-BY-4.0"  # for weights that record no licence of their own
+
+
 def export_package(
-    model: LoadedModel, out_zip, *, cover=None, license: str = "CC-BY-4.0", authors=None
+    model: LoadedModel, out_zip, *, cover=None, license: str | None = None, authors=None
 ) -> Path:
     """Write a project U-Net as a bioimage.io package (format 0.5.4 zip), atomically.
 
@@ -318,8 +321,11 @@ def export_package(
     cover : str, Path or ndarray, optional
         Cover image (PNG/JPEG/GIF file or an array); default: test input beside
         the prediction.
-    license : str
-        SPDX licence of the weights.
+    license : str, optional
+        SPDX licence of the weights. Default: the model's own
+        (``model.info.provenance["license"]``, kept through fine-tuning), else
+        CC-BY-4.0. A model whose licence has no SPDX identifier (``em-membrane``:
+        the ISBI 2012 data terms) needs one given here that respects it.
     authors : list of str or dict, optional
         Default: ``model.info.provenance["authors"]``, else ``"napari-unet"``.
 
@@ -333,7 +339,15 @@ def export_package(
     if not isinstance(model.net, UNet):
         raise ModelFileError("only napari-unet U-Nets can be exported as bioimage.io packages")
     out_zip = Path(out_zip)
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9.+-]*", license or ""):
+    own = model.info.provenance.get("license")
+    if license is None and own and not _is_spdx(own):
+        raise ModelFileError(
+            f"{model.info.name or 'this model'}'s weights are licensed as {own!r}, which has "
+            "no SPDX identifier: save it as a .safetensors file, or export with a licence "
+            "that respects those terms (napari-unet export --license ...)"
+        )
+    license = license or own or DEFAULT_LICENSE
+    if not _is_spdx(license):
         raise ModelFileError(
             f"{license!r} is not an SPDX licence identifier (e.g. CC-BY-4.0, MIT, BSD-3-Clause)"
         )
@@ -357,6 +371,23 @@ def export_package(
     rdf = _rdf(net, info, tensors, files, names, meta)
     files = {"bioimageio.yaml": _yaml(rdf), **files}
     return atomic_write(out_zip, lambda tmp: _write_zip(tmp, files))
+
+
+def _is_spdx(text) -> bool:
+    return isinstance(text, str) and re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9.+-]*", text) is not None
+
+
+def _citations(info: ModelInfo) -> list[dict]:
+    """The U-Net paper, then what the weights ask to be cited (their data), each once."""
+    cites = [UNET_CITATION]
+    extra = info.provenance.get("cite") or []
+    for entry in extra if isinstance(extra, list) else [extra]:
+        if not isinstance(entry, dict) or not entry.get("text"):
+            continue
+        cite = {k: str(entry[k]) for k in ("text", "doi", "url") if entry.get(k)}
+        if ("doi" in cite or "url" in cite) and cite not in cites:  # the spec needs one
+            cites.append(cite)
+    return cites
 
 
 def _yaml(rdf: dict) -> bytes:
