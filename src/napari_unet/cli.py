@@ -105,7 +105,12 @@ def build_parser() -> argparse.ArgumentParser:
         "pseudo-labels, anchor to the base, 60 s budget); the options below override it",
     )
     tr.add_argument("--steps", type=int, help="optimisation steps (default 500; finetune 400)")
-    tr.add_argument("--seconds", type=float, help="stop after this many seconds of training")
+    tr.add_argument(
+        "--seconds",
+        type=float,
+        help="time budget in seconds: the steps that fit in it (at most --steps) are timed "
+        "first and run, so --steps N (N from the result's provenance) repeats the run",
+    )
     tr.add_argument("--lr", type=float, help="learning rate (default 1e-3)")
     tr.add_argument("--patch-size", type=int, help="patch size (default 256; finetune 128)")
     tr.add_argument("--batch-size", type=int, help="batch size (default 8; finetune 4)")

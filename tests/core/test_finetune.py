@@ -1,6 +1,7 @@
 """The annotate-and-retrain loop's core: painted planes, checks, the recipe, versions."""
 
 import time
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -185,10 +186,16 @@ def test_time_budget_stop_request_and_paused_time(case):
     model = tiny_model("same", depth=2)
     cfg = TrainConfig.finetune(steps=10_000, patch_size=64, max_seconds=1.5, device="cpu")
     steps = []
-    train(model, [image], [strokes], "sparse", cfg, callback=steps.append)
-    assert steps[-1].step < 10_000
-    assert 1.5 <= steps[-1].elapsed < 1.5 + 5 * (steps[-1].elapsed / steps[-1].step) + 1
-    assert steps[-1].eta == 0.0
+    result = train(model, [image], [strokes], "sparse", cfg, callback=steps.append)
+    # the steps that fit were timed first, and the run is a run of that many steps
+    n = steps[-1].step
+    assert n < 10_000 and all(s.steps == n for s in steps) and steps[-1].eta == 0.0
+    assert 0.4 * 1.5 <= steps[-1].elapsed < 1.25 * 1.5 + 2 * steps[-1].elapsed / n
+    assert result.info.provenance["steps"] == result.info.provenance["train_config"]["steps"] == n
+    # so the seed and the step count repeat it exactly, without the budget
+    again = train(model, [image], [strokes], "sparse", replace(cfg, steps=n, max_seconds=None))
+    for k, v in result.net.state_dict().items():
+        assert torch.equal(v, again.net.state_dict()[k]), k
     # a stop request ends the run with a result; time spent paused at yield is not counted
     calls = []
     gen = train_iter(

@@ -34,6 +34,9 @@ from napari_unet.core.device import fast_bf16, resolve_device
 from napari_unet.model.info import LoadedModel
 from napari_unet.model.unet import UNet, for_training, to_layout
 
+# a time-budgeted run stops at this multiple of its budget whatever its planned steps
+OVERRUN = 1.25
+
 
 @dataclass
 class TrainConfig:
@@ -77,7 +80,10 @@ class TrainConfig:
     anchor: float = 0.0  # L2-SP pull of the weights toward the base model's
     pseudo_weight: float = 0.0  # sparse labels: base prediction where confident, this share
     pseudo_threshold: float = 0.9  # ... counted confident above this probability
-    max_seconds: float | None = None  # wall-time budget; the schedule follows it
+    # wall-time budget: the steps that fit in it are timed on a copy of the network
+    # first, then run as a run of that many steps (``steps`` caps them), so the
+    # result is the one ``steps=N`` without a budget gives (N: its provenance steps)
+    max_seconds: float | None = None
     checkpoint: str | None = None  # .safetensors path written every checkpoint_every steps
     checkpoint_every: int = 200
 
@@ -406,7 +412,6 @@ def train_iter(
         )
     cfg = replace(cfg, bf16=native if cfg.bf16 == "auto" else bool(cfg.bf16))
     net = for_training(copy.deepcopy(model.net), dev)
-    start = time.perf_counter()
     if cfg.adapt_norm:
         extra = [
             normalized_plane(model, im, f"unlabelled image {i}") for i, im in enumerate(unlabelled)
@@ -415,6 +420,9 @@ def train_iter(
     if cfg.pseudo_weight > 0 and kind == "sparse":
         add_pseudo_labels(samples, LoadedModel(net.eval(), model.info), cfg, dev)
     net.train()
+    # the budget counts from here: the setup above (seconds) is not training
+    start = time.perf_counter()
+    cfg = replace(cfg, steps=_planned_steps(net, samples, model, cfg, dev))
     params = _trainable(net, cfg)
     anchor = [p.detach().clone() for p in params] if cfg.anchor > 0 else None
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0 if anchor else cfg.weight_decay)
@@ -430,8 +438,7 @@ def train_iter(
         return _result(copy.deepcopy(net).eval(), model, cfg, step, data_name, kind, metrics)
 
     for step in range(1, cfg.steps + 1):
-        elapsed = time.perf_counter() - start - away
-        lr = _lr(cfg, step, elapsed)
+        lr = _lr(cfg, step)
         for group in opt.param_groups:
             group["lr"] = lr
         x, t, w = (a.to(dev) for a in sampler.batch(cfg.batch_size))
@@ -447,7 +454,10 @@ def train_iter(
         total.backward()
         opt.step()
         elapsed = time.perf_counter() - start - away
-        last = step == cfg.steps or (cfg.max_seconds is not None and elapsed >= cfg.max_seconds)
+        # a machine that slowed down a lot since the steps were timed: stop (the
+        # provenance's steps still say how far it went)
+        late = cfg.max_seconds is not None and elapsed >= OVERRUN * cfg.max_seconds
+        last = step == cfg.steps or late
         last = last or (should_stop is not None and should_stop())
         metrics = {}
         if val is not None and ((cfg.val_every and step % cfg.val_every == 0) or last):
@@ -572,17 +582,36 @@ def _trainable(net, cfg: TrainConfig):
     return [p for p in net.parameters() if p.requires_grad]
 
 
-def _lr(cfg: TrainConfig, step: int, elapsed: float = 0.0) -> float:
+def _planned_steps(net, samples, model: LoadedModel, cfg: TrainConfig, dev) -> int:
+    """How many steps fit in ``cfg.max_seconds`` (at most ``cfg.steps``), from three
+    forward and backward passes of a copy of ``net`` on batches of its own: the run's
+    network, random streams and schedule are left as they were."""
+    if cfg.max_seconds is None:
+        return cfg.steps
+    torch_state = torch.get_rng_state()
+    trial = copy.deepcopy(net).train()
+    sampler = _Sampler(samples, model, cfg, np.random.default_rng(cfg.seed + 2))
+    times = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        x, t, w = (a.to(dev) for a in sampler.batch(cfg.batch_size))
+        with torch.autocast(dev.type, torch.bfloat16, enabled=cfg.bf16):
+            logits = trial(to_layout(x, trial))
+        loss_fn(logits.float(), t, w, cfg.dice, cfg.hard_fraction).backward()
+        times.append(time.perf_counter() - t0)
+    torch.set_rng_state(torch_state)
+    per_step = 1.05 * sum(times[1:]) / 2  # the first pass pays for allocations
+    return max(1, min(cfg.steps, int((cfg.max_seconds - sum(times)) / per_step)))
+
+
+def _lr(cfg: TrainConfig, step: int) -> float:
     # at most a fifth of the run warms up (5 steps with a warm-up of 20 never reached lr)
     warmup = min(cfg.warmup, cfg.steps // 5)
     if step <= warmup:
         return cfg.lr * step / max(1, warmup)
     if cfg.schedule == "constant":
         return cfg.lr
-    t = (step - warmup) / max(1, cfg.steps - warmup)
-    if cfg.max_seconds:
-        t = max(t, elapsed / cfg.max_seconds)
-    t = min(t, 1.0)
+    t = min((step - warmup) / max(1, cfg.steps - warmup), 1.0)
     return cfg.lr * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * t)))
 
 
