@@ -55,6 +55,9 @@ def test_a_stack_needs_one_plane_index_per_leading_axis():
             capture(stack, model, ["head"], axes="ZYX", plane=plane)
     head = capture(stack, model, ["head"], axes="ZYX", plane=(2,))["head"]
     np.testing.assert_allclose(head.data, capture(stack[2], model, ["head"])["head"].data)
+    # the input checks of segmenting: a boolean mask is no image here either
+    with pytest.raises(ValueError, match="booleans look like a mask"):
+        capture(stack[0] > 0.5, model, ["head"])
 
 
 def test_world_placement_uses_the_layer_scale_and_translate():

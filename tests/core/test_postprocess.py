@@ -202,3 +202,21 @@ def test_recipes_may_name_their_classes():
         instances(probs, {**named, "seed": "cores"}, ["background", "interior", "boundary"])
     with pytest.raises(ValueError, match="seed 5 is not a class index"):
         instances(probs, {**named, "seed": 5}, ["background", "interior", "boundary"])
+
+
+def test_object_scores_take_any_integer_ids_and_refuse_fractional_ones():
+    from napari_unet.core.targets import border_weights
+
+    true = np.zeros((20, 20), np.uint64)
+    true[2:8, 2:8], true[10:18, 10:18] = 2**63 + 5, 2**64 - 1  # wrapped negative via int64
+    pred = np.zeros((20, 20), np.int32)
+    pred[2:8, 2:8] = 7
+    scores = metrics.object_scores(true, pred)
+    assert (scores["tp"], scores["fp"], scores["fn"]) == (1, 0, 1)
+    assert metrics.object_scores(true, true.astype(np.float64))["f1"] == 1.0  # whole floats
+    with pytest.raises(ValueError, match="whole-number ids"):
+        metrics.object_scores(true, pred + 0.5)
+    # the border weights of huge ids: one table entry per id up to the largest before
+    big = np.where(true > 0, (true > 2**63 + 5).astype(np.int64) + 3_000_000_000, 0)
+    small = np.where(true > 0, (true > 2**63 + 5).astype(np.int64) + 1, 0)
+    np.testing.assert_array_equal(border_weights(big), border_weights(small))

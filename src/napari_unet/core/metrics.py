@@ -9,9 +9,19 @@ from scipy.optimize import linear_sum_assignment
 
 
 def _relabel(lab: np.ndarray) -> np.ndarray:
-    from skimage.segmentation import relabel_sequential
+    """Ids 1..n in the order of the given ids, 0 staying background (any integer ids:
+    uint64 above 2**63 wrapped to negatives through int64, which skimage refuses)."""
+    lab = np.asarray(lab)
+    if lab.dtype.kind == "b":
+        lab = lab.astype(np.uint8)
+    whole = lab.dtype.kind in "iu" or (
+        lab.dtype.kind == "f" and np.array_equal(lab, np.round(lab))
+    )
+    if not whole:
+        raise ValueError(f"label images hold whole-number ids, got dtype {lab.dtype}")
+    from napari_unet.core.targets import renumbered
 
-    return relabel_sequential(np.asarray(lab).astype(np.int64))[0]
+    return renumbered(lab)
 
 
 def iou_matrix(true: np.ndarray, pred: np.ndarray) -> np.ndarray:
@@ -34,7 +44,9 @@ def object_scores(true: np.ndarray, pred: np.ndarray, threshold: float = 0.5) ->
     highest total IoU (Hungarian assignment, as StarDist's ``matching``): maximising
     the total IoU alone could trade one pair at the threshold for two below it.
     Returns ``tp``, ``fp``, ``fn``, ``f1``, ``precision``, ``recall`` and
-    ``mean_matched_iou`` (mean IoU of the matched pairs).
+    ``mean_matched_iou`` (mean IoU of the matched pairs). With no object on either
+    side there is nothing to find: F1 is 0 (StarDist's convention), unlike
+    :func:`pixel_iou`, which calls two empty masks a perfect match (1).
     """
     iou = iou_matrix(true, pred)
     nt, np_ = iou.shape

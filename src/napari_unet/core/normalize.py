@@ -76,6 +76,10 @@ def plane_stats(sample: np.ndarray, spec: dict) -> tuple[np.ndarray, np.ndarray]
     else:
         lo, hi = np.percentile(sample, [spec["low"], spec["high"]], axis=1)
         spread = hi - lo
+        if spec.get("eps") is None:
+            # percentiles that coincide on an image that is not flat (a dark field with a
+            # few bright spots): its full range, not the raw values (scale 1)
+            spread = np.where(spread > 1e-12, spread, sample.max(axis=1) - lo)
     if spec.get("eps") is not None:
         scale = 1.0 / (spread + float(spec["eps"]))
     else:
@@ -85,10 +89,21 @@ def plane_stats(sample: np.ndarray, spec: dict) -> tuple[np.ndarray, np.ndarray]
 
 def apply(block: np.ndarray, scale: np.ndarray, offset: np.ndarray) -> np.ndarray:
     """Normalise a ``(C, y, x)`` block to float32; NaN raises ``ValueError``."""
-    out = block.astype(np.float32, copy=True)
-    out *= scale.astype(np.float32)[:, None, None]
-    out += offset.astype(np.float32)[:, None, None]
+    kind, size = block.dtype.kind, block.dtype.itemsize
+    if (kind == "f" and size > 4) or (kind in "iu" and size > 2):
+        # in float64 first: float32 keeps 7 digits, so values on a large offset
+        # (1e7 + 0..10) would lose their differences before the offset is taken away
+        wide = block.astype(np.float64) * scale[:, None, None] + offset[:, None, None]
+        out = wide.astype(np.float32)
+    else:
+        out = block.astype(np.float32, copy=True)
+        out *= scale.astype(np.float32)[:, None, None]
+        out += offset.astype(np.float32)[:, None, None]
     if not np.isfinite(out).all():
+        if kind != "f" or np.isfinite(block).all():
+            raise ValueError(
+                "the image's values do not fit in float32 once normalised; rescale the image"
+            )
         raise ValueError("the image contains NaN or infinite values; fix or mask them first")
     return out
 

@@ -60,6 +60,17 @@ def to_target(
     return target
 
 
+def renumbered(lab: np.ndarray) -> np.ndarray:
+    """int64 ids ``1..n`` in the order of the given ids, 0 staying 0, for any ids (uint64
+    above 2**63 would wrap to negatives through int64; ids like 3e9 make per-id tables
+    of tens of GB)."""
+    ids, inverse = np.unique(np.asarray(lab), return_inverse=True)
+    objects = ids != 0
+    ranks = np.zeros(len(ids), np.int64)
+    ranks[objects] = np.arange(1, int(objects.sum()) + 1)
+    return ranks[inverse.reshape(np.shape(lab))]
+
+
 def sequential_instances(lab: np.ndarray, what: str = "labels") -> np.ndarray:
     """Instance ids renumbered ``1..n`` (0 stays background) whatever their values (ids
     like 3e9 made per-id tables of tens of GB), with a warning where a single id covers
@@ -202,7 +213,8 @@ def border_weights(inst: np.ndarray, w0: float = 10.0, sigma: float = 5.0) -> np
     the term is large in thin gaps between touching objects. Returns float32
     (0 inside objects and where fewer than two objects are near).
     """
-    inst = np.asarray(inst)
+    # ids 1..n: find_objects keeps one entry per id up to the largest (3e9: MemoryError)
+    inst = renumbered(inst)
     ids = np.unique(inst[inst > 0])
     shape = inst.shape
     d1 = np.full(shape, np.inf, np.float32)

@@ -1,0 +1,45 @@
+"""Intensity normalisation: exact on wide dtypes, sane on degenerate images."""
+
+import numpy as np
+import pytest
+
+from napari_unet.core import normalize as norm
+
+
+def _normalised(plane: np.ndarray, spec=None) -> np.ndarray:
+    block = plane[None]
+    scale, offset = norm.plane_stats(block.reshape(1, -1), spec or norm.DEFAULT)
+    return norm.apply(block, scale, offset)[0]
+
+
+@pytest.mark.parametrize(
+    ("dtype", "base", "levels"),
+    [(np.float64, 1e7, 11), (np.uint32, 10**8, 101), (np.int64, 10**9, 1001)],
+)
+def test_values_on_a_large_offset_keep_their_differences(dtype, base, levels):
+    """float32 keeps 7 digits: cast before the offset was taken away, 1e7 + 0..10 kept
+    11 levels as 11, but 1e9 + 0..1000 fell to 17 distinct values."""
+    steps = np.arange(levels, dtype=np.float64)
+    plane = (base + np.resize(steps, (64, 64))).astype(dtype)
+    out = _normalised(plane, {"mode": "percentile", "low": 0.0, "high": 100.0})
+    assert len(np.unique(out)) == levels
+    expected = (np.resize(steps, (64, 64)) / (levels - 1)).astype(np.float32)
+    np.testing.assert_allclose(out, expected, atol=1e-6)
+
+
+def test_a_dark_field_with_a_few_bright_spots_is_scaled_by_its_range():
+    """Both percentiles 0: the raw values (3000) went into the network before."""
+    plane = np.zeros((96, 96), np.uint16)
+    plane[10:14, 10:14] = 3000  # 16 of 9,216 pixels: above the 99.8th percentile
+    out = _normalised(plane)
+    assert out.max() == pytest.approx(1.0) and out.min() == 0.0
+    assert not _normalised(np.full((8, 8), 7, np.uint16)).any()  # flat: all 0
+
+
+def test_huge_finite_values_are_normalised_and_nan_is_named():
+    plane = np.linspace(0, 1e300, 64 * 64).reshape(64, 64)
+    out = _normalised(plane)
+    assert np.isfinite(out).all() and 0.9 < out.max() < 1.1
+    plane[3, 3] = np.nan
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        _normalised(plane)
