@@ -26,6 +26,28 @@ from napari_unet._widgets.segment import SegmentPanel
 OUT = Path(__file__).resolve().parent.parent / "docs" / "images"
 
 
+def show_whole(viewer, dock) -> None:
+    """Give the panel docked last the height its controls ask for (the dock column
+    otherwise leaves the room to the first panel and scrolls the last one)."""
+    from qtpy.QtCore import Qt
+    from qtpy.QtWidgets import QDockWidget
+
+    QApplication.processEvents()
+    window = viewer.window._qt_window
+    right = Qt.DockWidgetArea.RightDockWidgetArea
+    column = [
+        d
+        for d in window.findChildren(QDockWidget)
+        if d.isVisible() and window.dockWidgetArea(d) == right
+    ]
+    others = [d for d in column if d is not dock]
+    room = sum(d.height() for d in column)
+    want = min(dock.sizeHint().height(), room - sum(d.minimumSizeHint().height() for d in others))
+    share = (room - want) // max(1, len(others))
+    window.resizeDocks([*others, dock], [share] * len(others) + [want], Qt.Orientation.Vertical)
+    QApplication.processEvents()
+
+
 def wait(panel, timeout=600):
     t = time.time()
     while not panel.idle() and time.time() - t < timeout:
@@ -44,7 +66,7 @@ def shoot(sample, model: str, mode: str, name: str, canvas_name: str | None = No
     model_panel = ModelPanel(viewer)
     segment = SegmentPanel(viewer)
     viewer.window.add_dock_widget(model_panel, name="U-Net model", area="right")
-    viewer.window.add_dock_widget(segment, name="U-Net segment", area="right")
+    dock = viewer.window.add_dock_widget(segment, name="U-Net segment", area="right")
     if Path(model).exists():
         model_panel.model_combo.setCurrentText(FILE_ENTRY)
         model_panel.path_edit.setText(model)
@@ -60,6 +82,7 @@ def shoot(sample, model: str, mode: str, name: str, canvas_name: str | None = No
         layer.contour = 2
     layer.opacity = 0.6
     OUT.mkdir(parents=True, exist_ok=True)
+    show_whole(viewer, dock)
     viewer.window.screenshot(str(OUT / name), canvas_only=False)
     if canvas_name:
         viewer.screenshot(str(OUT / canvas_name), canvas_only=True, size=(700, 700))
@@ -75,7 +98,7 @@ def shoot_features(model: str, name: str) -> None:
     model_panel = ModelPanel(viewer)
     panel = FeatureMapPanel(viewer)
     viewer.window.add_dock_widget(model_panel, name="U-Net model", area="right")
-    viewer.window.add_dock_widget(panel, name="U-Net feature maps", area="right")
+    dock = viewer.window.add_dock_widget(panel, name="U-Net feature maps", area="right")
     if Path(model).exists():
         model_panel.model_combo.setCurrentText(FILE_ENTRY)
         model_panel.path_edit.setText(model)
@@ -91,6 +114,7 @@ def shoot_features(model: str, name: str) -> None:
     viewer.layers[0].colormap = "gray"
     viewer.layers[-1].opacity = 0.8
     viewer.dims.set_point(0, 0)
+    show_whole(viewer, dock)
     viewer.window.screenshot(str(OUT / name), canvas_only=False)
     print(f"wrote {name}: {panel.status.text()}")
     viewer.close()
@@ -109,7 +133,7 @@ def shoot_finetune(model: str, name: str, seconds: int) -> None:
     model_panel = ModelPanel(viewer)
     panel = FinetunePanel(viewer)
     viewer.window.add_dock_widget(model_panel, name="U-Net model", area="right")
-    viewer.window.add_dock_widget(panel, name="U-Net fine-tune", area="right")
+    dock = viewer.window.add_dock_widget(panel, name="U-Net fine-tune", area="right")
     model_panel.model_combo.setCurrentText(model)
     model_panel._on_run()
     wait(model_panel)
@@ -122,6 +146,7 @@ def shoot_finetune(model: str, name: str, seconds: int) -> None:
     wait(panel)
     viewer.layers["dim nuclei [fine-tune preview]"].opacity = 0.35
     viewer.layers.move(viewer.layers.index(ann), len(viewer.layers) - 1)
+    show_whole(viewer, dock)
     viewer.window.screenshot(str(OUT / name), canvas_only=False)
     print(f"wrote {name}: {panel.status.text()}")
     viewer.close()

@@ -108,3 +108,26 @@ def test_panels_opened_from_the_plugins_menu_keep_the_chosen_image(make_napari_v
     for panel in (segment, finetune):
         assert panel.layer_combo.currentText() == "renamed"
         assert panel.image_layer() is second
+
+
+def test_four_docked_panels_fit_a_laptop_screen_and_keep_their_text(make_napari_viewer, qtbot):
+    """All four panels docked in one column made napari's window at least 1,915 px high:
+    on a screen of 1,080 the panels were squeezed and wrapped text cut to a line. They
+    scroll now, as wide as their controls, with their text whole."""
+    import numpy as np
+
+    viewer = make_napari_viewer(show=True)
+    panels = [
+        viewer.window.add_plugin_dock_widget("napari-unet", name)[1]
+        for name in ("U-Net model", "U-Net segment", "U-Net feature maps", "U-Net fine-tune")
+    ]
+    panels[0].state.model = tiny_model("same")
+    viewer.add_image(np.zeros((3, 5, 40, 40), np.float32), name="a_rather_long_layer_name" * 2)
+    segment = panels[1]
+    segment.status.setText("Error: " + "a message long enough to wrap over several lines " * 4)
+    qtbot.wait(200)
+    assert viewer.window._qt_window.minimumSizeHint().height() < 1000
+    for label in (segment.axes_label, segment.status):
+        assert label.height() >= label.heightForWidth(label.width())
+    for panel in panels:
+        assert panel._inner.width() >= panel._inner.minimumSizeHint().width()

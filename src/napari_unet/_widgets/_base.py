@@ -5,9 +5,62 @@ from __future__ import annotations
 import time
 import weakref
 
-from qtpy.QtWidgets import QComboBox, QHBoxLayout, QLabel, QPushButton, QVBoxLayout, QWidget
+from qtpy.QtCore import QEvent, QSize, Qt
+from qtpy.QtWidgets import (
+    QComboBox,
+    QFrame,
+    QHBoxLayout,
+    QLabel,
+    QPushButton,
+    QScrollArea,
+    QSizePolicy,
+    QVBoxLayout,
+    QWidget,
+)
 
 from napari_unet._widgets._state import real_viewer, state_for
+
+# the least height of a panel's scrolling controls (above its buttons and status)
+MIN_CONTROLS_HEIGHT = 120
+
+
+class _Scroll(QScrollArea):
+    """A panel's controls: as wide as they need (no sideways scrolling, long layer
+    names are elided, text wraps), as high as they ask when there is room, and
+    scrolling down to ``MIN_CONTROLS_HEIGHT`` when there is not."""
+
+    def __init__(self, inner: QWidget) -> None:
+        super().__init__()
+        self.setWidgetResizable(True)
+        self.setFrameShape(QFrame.Shape.NoFrame)
+        self.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+        # a scroll area asks for all the room there is (Expanding): docked panels
+        # shared the column by that instead of by what they hold
+        self.setSizePolicy(QSizePolicy.Policy.Preferred, QSizePolicy.Policy.Preferred)
+        # the controls are never squeezed below what they ask for: they scroll first
+        inner.setSizePolicy(QSizePolicy.Policy.Preferred, QSizePolicy.Policy.Minimum)
+        self.setWidget(inner)
+        inner.installEventFilter(self)
+
+    def eventFilter(self, obj, event) -> bool:  # noqa: N802 - Qt API
+        # controls added or changed (a model loaded, a message): the panel's size follows
+        if obj is self.widget() and event.type() == QEvent.Type.LayoutRequest:
+            self.updateGeometry()
+        return super().eventFilter(obj, event)
+
+    def _bar(self) -> int:
+        # the bar as styled (napari's theme draws it wider than its size hint says)
+        return (
+            max(self.verticalScrollBar().sizeHint().width(), self.verticalScrollBar().width()) + 2
+        )
+
+    def minimumSizeHint(self) -> QSize:  # noqa: N802 - Qt API
+        hint = self.widget().minimumSizeHint()
+        return QSize(hint.width() + self._bar(), min(hint.height(), MIN_CONTROLS_HEIGHT))
+
+    def sizeHint(self) -> QSize:  # noqa: N802 - Qt API
+        hint = self.widget().sizeHint()
+        return QSize(hint.width() + self._bar(), hint.height())
 
 
 class WorkerPanel(QWidget):
@@ -28,20 +81,28 @@ class WorkerPanel(QWidget):
         self.state = state_for(self.viewer)
         self.worker = None
         self._progress = None
-        layout = QVBoxLayout(self)
+        # the controls scroll when the panel is short (all four panels docked in one
+        # column made napari's window 1,915 px high, and on a smaller screen wrapped
+        # text was cut off); the buttons and the status line stay in sight below them
+        outer = QVBoxLayout(self)
+        self._inner = QWidget()
+        self._scroll = _Scroll(self._inner)
+        outer.addWidget(self._scroll)
+        layout = QVBoxLayout(self._inner)
+        layout.setContentsMargins(0, 0, 0, 0)
         self.form = QVBoxLayout()
         layout.addLayout(self.form)
+        layout.addStretch()
         buttons = QHBoxLayout()
         self.run_button = QPushButton(self.run_text)
         self.cancel_button = QPushButton("Cancel")
         self.cancel_button.setEnabled(False)
         buttons.addWidget(self.run_button)
         buttons.addWidget(self.cancel_button)
-        layout.addLayout(buttons)
+        outer.addLayout(buttons)
         self.status = QLabel("")
         self.status.setWordWrap(True)
-        layout.addWidget(self.status)
-        layout.addStretch()
+        outer.addWidget(self.status)
         self.run_button.clicked.connect(self._on_run)
         self.cancel_button.clicked.connect(self._on_cancel)
 
@@ -49,6 +110,11 @@ class WorkerPanel(QWidget):
     def add_image_choice(self, form) -> QComboBox:
         """An "Image" row listing the viewer's input image layers, kept up to date."""
         self.layer_combo = QComboBox()
+        # a long layer name is elided, not a reason for a wider panel
+        self.layer_combo.setSizeAdjustPolicy(
+            QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon
+        )
+        self.layer_combo.setMinimumContentsLength(12)
         form.addRow("Image", self.layer_combo)
         self._chosen = lambda: None  # weak reference to the chosen layer object
         self.layer_combo.currentTextChanged.connect(self._remember_choice)
