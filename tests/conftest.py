@@ -48,8 +48,13 @@ def same_model():
     return tiny_model("same")
 
 
-def one_pass(image: np.ndarray, model) -> np.ndarray:
-    """Reference: one forward pass over the whole mirrored image (C, Y, X) -> (K, Y, X)."""
+def one_pass(image: np.ndarray, model, tta: bool = False) -> np.ndarray:
+    """Reference: one forward pass over the whole mirrored image (C, Y, X) -> (K, Y, X).
+
+    ``tta``: the mean over the mirrored *canvas* (the padded network input, mirrored
+    back after the pass), which keeps the pooling grid where tiles have it; mirroring
+    the image instead shifts the grid, and real networks answer that by up to 0.14.
+    """
     g = model.info.geometry
     h = g.halo
     c, H, W = image.shape
@@ -60,9 +65,11 @@ def one_pass(image: np.ndarray, model) -> np.ndarray:
     ty, tx = g.snap(H + 2 * h, "up"), g.snap(W + 2 * h, "up")
     canvas = np.pad(image, ((0, 0), (h, ty - H - h), (0, 0)), mode="reflect" if H > 1 else "edge")
     canvas = np.pad(canvas, ((0, 0), (0, 0), (h, tx - W - h)), mode="reflect" if W > 1 else "edge")
-    x = norm.apply(canvas, scale, offset)
+    x = torch.from_numpy(norm.apply(canvas, scale, offset)[None])
+    flips = ((), (-1,), (-2,), (-2, -1)) if tta else ((),)
     with torch.inference_mode():
-        p = torch.softmax(model.net.eval()(torch.from_numpy(x[None])), 1)[0].numpy()
+        net = model.net.eval()
+        p = sum(torch.softmax(net(x.flip(d)), 1).flip(d) for d in flips)[0].numpy() / len(flips)
     crop = 0 if g.valid else h
     return p[:, crop : crop + H, crop : crop + W]
 
