@@ -170,6 +170,7 @@ def test_stop_keeps_cancel_discards(panel, nuclei, qtbot):
     n = len(widget.loss_plot.losses)
     qtbot.wait(300)
     assert len(widget.loss_plot.losses) <= n + 1  # at most the step already on its way
+    assert widget.status.text().startswith("Paused")  # not overwritten by that step
     widget._on_stop()  # while paused: it resumes, so that the run can end
     qtbot.waitUntil(lambda: widget.worker is None, timeout=30000)
     assert len(widget.versions.versions) == 2

@@ -497,13 +497,17 @@ class FinetunePanel(WorkerPanel):
     def _on_yielded(self, value) -> None:
         from napari_unet.core.training import TrainStep
 
+        paused = self.worker is not None and self.worker.is_paused
         if isinstance(value, Collected):
             self._painted = value.painted
-            self.status.setText(f"Training on {value.what}...")
+            if not paused:  # a report on its way when Pause was pressed keeps "Paused"
+                self.status.setText(f"Training on {value.what}...")
         elif isinstance(value, TrainStep):
             if not self.loss_plot.add(value.step, value.loss):
                 return  # the plot and the text refresh together, a few times a second
             rate = value.step / value.elapsed if value.elapsed else 0.0
+            if paused:
+                return
             self.status.setText(
                 f"step {value.step}/{value.steps}, loss {value.loss:.4f}, "
                 f"{rate:.1f} steps/s, about {value.eta:.0f} s left"
