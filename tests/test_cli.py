@@ -302,6 +302,13 @@ def test_train_new_model_from_json_and_fine_tune_it(tmp_path, capsys):
     assert tuned["steps"] == 2
     recipe = tuned["train_config"]
     assert recipe["adapt_norm"] and recipe["pseudo_weight"] > 0 and recipe["max_seconds"] == 30
+    # a stopped run is repeated with --stop-after: the schedule of --steps, ended early
+    args = ["train", "--images", str(tmp_path / "img.tif"), "--labels"]
+    args += [str(tmp_path / "strokes.tif"), "-m", str(out), "--finetune", "-q"]
+    args += ["--steps", "3", "--stop-after", "1", "--patch-size", "48", "--batch-size", "2"]
+    assert main([*args, "-o", str(tmp_path / "s.safetensors")]) == 0
+    stopped = load_model(tmp_path / "s.safetensors").info.provenance
+    assert stopped["steps"] == 1 and stopped["train_config"]["steps"] == 3
     # mismatched lists and an empty annotation fail with one line
     assert (
         main(

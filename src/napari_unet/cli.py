@@ -109,7 +109,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--seconds",
         type=float,
         help="time budget in seconds: the steps that fit in it (at most --steps) are timed "
-        "first and run, so --steps N (N from the result's provenance) repeats the run",
+        "first and run, so --steps N (N: train_config steps in the result's provenance) "
+        "repeats the run",
+    )
+    tr.add_argument(
+        "--stop-after",
+        type=_number(int, 1),
+        help="end after this many of the --steps (repeats a stopped run: its provenance steps)",
     )
     tr.add_argument("--lr", type=float, help="learning rate (default 1e-3)")
     tr.add_argument("--patch-size", type=int, help="patch size (default 256; finetune 128)")
@@ -415,6 +421,7 @@ def cmd_train(args) -> int:
     given = {
         "steps": args.steps,
         "max_seconds": args.seconds,
+        "stop_after": args.stop_after,
         "lr": args.lr,
         "patch_size": args.patch_size,
         "batch_size": args.batch_size,

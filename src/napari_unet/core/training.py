@@ -84,6 +84,9 @@ class TrainConfig:
     # first, then run as a run of that many steps (``steps`` caps them), so the
     # result is the one ``steps=N`` without a budget gives (N: its provenance steps)
     max_seconds: float | None = None
+    # end after this many steps of the schedule: a stopped run (Stop & keep, or a
+    # budget overrun), repeated from its provenance (steps planned, steps made)
+    stop_after: int | None = None
     checkpoint: str | None = None  # .safetensors path written every checkpoint_every steps
     checkpoint_every: int = 200
 
@@ -95,6 +98,14 @@ class TrainConfig:
                 raise ValueError(f"{name} must be a whole number of at least {low}, got {value!r}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"the learning rate must be a finite number above 0, got {self.lr!r}")
+        if self.stop_after is not None and (
+            isinstance(self.stop_after, bool)
+            or not isinstance(self.stop_after, int)
+            or self.stop_after < 1
+        ):
+            raise ValueError(
+                f"stop_after must be a whole number of at least 1, got {self.stop_after!r}"
+            )
         if self.max_seconds is not None and not self.max_seconds > 0:
             raise ValueError(f"max_seconds must be above 0, got {self.max_seconds!r}")
 
@@ -423,9 +434,7 @@ def train_iter(
     # the budget counts from here: the setup above (seconds) is not training
     start = time.perf_counter()
     cfg = replace(cfg, steps=_planned_steps(net, samples, model, cfg, dev))
-    params = _trainable(net, cfg)
-    anchor = [p.detach().clone() for p in params] if cfg.anchor > 0 else None
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0 if anchor else cfg.weight_decay)
+    stepper = _Stepper(net, cfg, dev)
     metrics: dict = {}
     step = 0
     away = 0.0  # seconds spent suspended at ``yield``
@@ -439,25 +448,12 @@ def train_iter(
 
     for step in range(1, cfg.steps + 1):
         lr = _lr(cfg, step)
-        for group in opt.param_groups:
-            group["lr"] = lr
-        x, t, w = (a.to(dev) for a in sampler.batch(cfg.batch_size))
-        with torch.autocast(dev.type, torch.bfloat16, enabled=cfg.bf16):
-            logits = net(to_layout(x, net))
-        loss = loss_fn(logits.float(), t, w, cfg.dice, cfg.hard_fraction)
-        total = loss
-        if anchor is not None:
-            total = loss + cfg.anchor * sum(((p - p0) ** 2).sum() for p, p0 in zip(params, anchor))
-        if not torch.isfinite(total):
-            _diverged(step, cfg)
-        opt.zero_grad(set_to_none=True)
-        total.backward()
-        opt.step()
+        loss = stepper.step(sampler.batch(cfg.batch_size), lr, step)
         elapsed = time.perf_counter() - start - away
         # a machine that slowed down a lot since the steps were timed: stop (the
         # provenance's steps still say how far it went)
         late = cfg.max_seconds is not None and elapsed >= OVERRUN * cfg.max_seconds
-        last = step == cfg.steps or late
+        last = step == cfg.steps or late or step == cfg.stop_after
         last = last or (should_stop is not None and should_stop())
         metrics = {}
         if val is not None and ((cfg.val_every and step % cfg.val_every == 0) or last):
@@ -589,19 +585,46 @@ def _planned_steps(net, samples, model: LoadedModel, cfg: TrainConfig, dev) -> i
     if cfg.max_seconds is None:
         return cfg.steps
     torch_state = torch.get_rng_state()
-    trial = copy.deepcopy(net).train()
+    trial = _Stepper(copy.deepcopy(net).train(), cfg, dev)
     sampler = _Sampler(samples, model, cfg, np.random.default_rng(cfg.seed + 2))
     times = []
-    for _ in range(3):
+    for _ in range(3):  # whole steps, optimiser and anchor included
         t0 = time.perf_counter()
-        x, t, w = (a.to(dev) for a in sampler.batch(cfg.batch_size))
-        with torch.autocast(dev.type, torch.bfloat16, enabled=cfg.bf16):
-            logits = trial(to_layout(x, trial))
-        loss_fn(logits.float(), t, w, cfg.dice, cfg.hard_fraction).backward()
+        trial.step(sampler.batch(cfg.batch_size), cfg.lr, 0)
         times.append(time.perf_counter() - t0)
     torch.set_rng_state(torch_state)
     per_step = 1.05 * sum(times[1:]) / 2  # the first pass pays for allocations
     return max(1, min(cfg.steps, int((cfg.max_seconds - sum(times)) / per_step)))
+
+
+class _Stepper:
+    """One optimisation step of ``net``: forward, loss (with the L2-SP anchor), update."""
+
+    def __init__(self, net, cfg: TrainConfig, dev) -> None:
+        self.net, self.cfg, self.dev = net, cfg, dev
+        self.params = _trainable(net, cfg)
+        self.anchor = [p.detach().clone() for p in self.params] if cfg.anchor > 0 else None
+        decay = 0.0 if self.anchor else cfg.weight_decay
+        self.opt = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=decay)
+
+    def step(self, batch, lr: float, step: int) -> torch.Tensor:
+        cfg, net = self.cfg, self.net
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+        x, t, w = (a.to(self.dev) for a in batch)
+        with torch.autocast(self.dev.type, torch.bfloat16, enabled=cfg.bf16):
+            logits = net(to_layout(x, net))
+        loss = loss_fn(logits.float(), t, w, cfg.dice, cfg.hard_fraction)
+        total = loss
+        if self.anchor is not None:
+            pull = sum(((p - p0) ** 2).sum() for p, p0 in zip(self.params, self.anchor))
+            total = loss + cfg.anchor * pull
+        if not torch.isfinite(total):
+            _diverged(step, cfg)
+        self.opt.zero_grad(set_to_none=True)
+        total.backward()
+        self.opt.step()
+        return loss
 
 
 def _lr(cfg: TrainConfig, step: int) -> float:
