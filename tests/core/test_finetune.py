@@ -330,17 +330,14 @@ def test_pairs_are_read_and_checked_inside_the_generator(case):
 def test_a_stopped_run_is_repeated_by_stop_after(case):
     """Stop & keep after 7 of 20 planned steps: the schedule was that of 20 steps, and
     stop_after=7 repeats it (provenance: train_config steps 20, steps 7)."""
+    from napari_unet.core.tiling import run_to_end
+
     image, _, strokes = case
     model = tiny_model("same", depth=2)
     cfg = TrainConfig.finetune(steps=20, patch_size=64, max_seconds=None, device="cpu")
     made = []
     gen = train_iter(model, [image], [strokes], "sparse", cfg, should_stop=lambda: len(made) >= 6)
-    while True:
-        try:
-            made.append(next(gen))
-        except StopIteration as end:
-            stopped = end.value
-            break
+    stopped = run_to_end(gen, made.append)
     p = stopped.info.provenance
     assert (p["steps"], p["train_config"]["steps"]) == (7, 20)
     again = train(model, [image], [strokes], "sparse", replace(cfg, stop_after=7))
