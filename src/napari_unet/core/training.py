@@ -579,21 +579,24 @@ def _trainable(net, cfg: TrainConfig):
 
 
 def _planned_steps(net, samples, model: LoadedModel, cfg: TrainConfig, dev) -> int:
-    """How many steps fit in ``cfg.max_seconds`` (at most ``cfg.steps``), from three
-    forward and backward passes of a copy of ``net`` on batches of its own: the run's
-    network, random streams and schedule are left as they were."""
+    """How many steps fit in ``cfg.max_seconds`` (at most ``cfg.steps``), from four
+    training steps of a copy of ``net`` on batches of its own: the run's network,
+    random streams and schedule are left as they were."""
     if cfg.max_seconds is None:
         return cfg.steps
     torch_state = torch.get_rng_state()
     trial = _Stepper(copy.deepcopy(net).train(), cfg, dev)
     sampler = _Sampler(samples, model, cfg, np.random.default_rng(cfg.seed + 2))
     times = []
-    for _ in range(3):  # whole steps, optimiser and anchor included
+    for _ in range(4):  # whole steps, optimiser and anchor included
         t0 = time.perf_counter()
         trial.step(sampler.batch(cfg.batch_size), cfg.lr, 0)
         times.append(time.perf_counter() - t0)
     torch.set_rng_state(torch_state)
-    per_step = 1.05 * sum(times[1:]) / 2  # the first pass pays for allocations
+    # the first step pays for allocations; a run that turns out slower stops at
+    # OVERRUN x the budget (and is repeated by stop_after), one that turns out faster
+    # leaves time unused: the median of the others
+    per_step = float(np.median(times[1:]))
     return max(1, min(cfg.steps, int((cfg.max_seconds - sum(times)) / per_step)))
 
 
