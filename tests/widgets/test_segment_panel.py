@@ -273,16 +273,21 @@ def test_viewer_stays_responsive_during_prediction(panel, qtbot):
     assert stall < 0.5 * duration  # the GUI kept processing events throughout
 
 
-def test_visible_region_only(panel, qtbot):
-    viewer, widget = panel
-    image = np.random.default_rng(6).random((300, 300)).astype(np.float32)
-    viewer.add_image(image, name="wide", scale=(2.0, 2.0))
-    viewer_camera(viewer).center = (200, 200)  # world coordinates: pixel (100, 100)
+def _labels_of_view(qtbot, viewer, widget, center):
+    """Class labels of the visible region of the layer 'wide', zoomed in at ``center``."""
+    viewer_camera(viewer).center = center
     viewer_camera(viewer).zoom = 8
     widget.mode_combo.setCurrentText("labels")
     widget.visible_check.setChecked(True)
     _run(qtbot, widget)
-    out = viewer.layers["wide [unet labels]"]
+    return viewer.layers["wide [unet labels]"]
+
+
+def test_visible_region_only(panel, qtbot):
+    viewer, widget = panel
+    image = np.random.default_rng(6).random((300, 300)).astype(np.float32)
+    viewer.add_image(image, name="wide", scale=(2.0, 2.0))
+    out = _labels_of_view(qtbot, viewer, widget, (200, 200))  # world: pixel (100, 100)
     h, w = out.data.shape
     assert 0 < h < 300 and 0 < w < 300
     y0, x0 = (np.asarray(out.translate) / 2).astype(int)
@@ -401,12 +406,7 @@ def test_visible_region_with_y_and_x_swapped_on_screen(panel, qtbot):
     image = np.random.default_rng(6).random((300, 200)).astype(np.float32)
     viewer.add_image(image, name="wide")
     viewer.dims.order = (1, 0)  # X drawn vertically
-    viewer_camera(viewer).center = (150, 50)  # (vertical, horizontal) = (x, y)
-    viewer_camera(viewer).zoom = 8
-    widget.mode_combo.setCurrentText("labels")
-    widget.visible_check.setChecked(True)
-    _run(qtbot, widget)
-    out = viewer.layers["wide [unet labels]"]
+    out = _labels_of_view(qtbot, viewer, widget, (150, 50))  # (vertical, horizontal) = (x, y)
     h, w = out.data.shape
     y0, x0 = np.asarray(out.translate).astype(int)
     assert y0 <= 50 < y0 + h and x0 <= 150 < x0 + w

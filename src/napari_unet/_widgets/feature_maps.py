@@ -47,6 +47,7 @@ class FeatureMapPanel(WorkerPanel):
         # 0.3 s to add an image layer (its canvas node and controls), so adding ten
         # stages in one go froze the viewer for 2-3 s
         self._pending: list[tuple[str, np.ndarray, dict]] = []
+        self._added = 0  # of the last run's stage layers
         self._add_timer = QTimer(self)
         self._add_timer.setSingleShot(True)
         self._add_timer.setInterval(0)

@@ -359,8 +359,8 @@ class FinetunePanel(WorkerPanel):
             return
         # in the worker: a bioimage.io export traces and checks the network (seconds)
         self._mode = "save"
-        self._saving = (self.versions.versions[row].label, str(path), self.versions.versions[row])
-        self.status.setText(f"Saving {self._saving[0]} to {path}...")
+        self._saving = (self.versions.versions[row], str(path))
+        self.status.setText(f"Saving {self._saving[0].label} to {path}...")
         self.start(_write_model, model, str(path), desc="napari-unet: saving a model")
 
     # -- training ------------------------------------------------------------------
@@ -543,10 +543,10 @@ class FinetunePanel(WorkerPanel):
             self._fill(value)
             return
         if getattr(self, "_mode", "") == "save":
-            label, path, version = self._saving
+            version, path = self._saving
             version.saved_to = path
             self._refresh_versions()
-            self.status.setText(f"Saved {label} to {path}")
+            self.status.setText(f"Saved {version.label} to {path}")
             return
         if not isinstance(value, Finished):
             return

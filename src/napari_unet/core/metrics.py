@@ -12,9 +12,7 @@ def _relabel(lab: np.ndarray) -> np.ndarray:
     """Ids 1..n in the order of the given ids, 0 staying background (any integer ids:
     uint64 above 2**63 wrapped to negatives through int64, which skimage refuses)."""
     lab = np.asarray(lab)
-    if lab.dtype.kind == "b":
-        lab = lab.astype(np.uint8)
-    whole = lab.dtype.kind in "iu" or (
+    whole = lab.dtype.kind in "biu" or (
         lab.dtype.kind == "f" and np.array_equal(lab, np.round(lab))
     )
     if not whole:

@@ -126,9 +126,11 @@ class ModelInfo:
         for key, value in self.provenance.items():
             if key == "cite" and isinstance(value, list):  # one reference per line
                 for entry in value:
-                    ref = entry if not isinstance(entry, dict) else entry.get("text", "")
-                    link = entry.get("doi") or entry.get("url") if isinstance(entry, dict) else ""
-                    lines.append(f"{'cite:':<14} {ref}" + (f" ({link})" if link else ""))
+                    entry = entry if isinstance(entry, dict) else {"text": entry}
+                    link = entry.get("doi") or entry.get("url")
+                    lines.append(
+                        f"{'cite:':<14} {entry.get('text', '')}" + (f" ({link})" if link else "")
+                    )
             elif key != "train_config":
                 lines.append(f"{key + ':':<14} {value}")
         for key, value in self.metrics.items():
