@@ -118,3 +118,37 @@ def test_the_3d_view_of_a_stack_is_refused_with_what_to_do(panel, qtbot):
     widget._on_run()
     qtbot.waitUntil(widget.idle, timeout=30000)
     assert viewer.layers["s [features head]"].translate[1] == 2.0
+
+
+@pytest.mark.parametrize("rgb", [False, True])
+def test_multichannel_images_show_the_maps_of_their_plane(make_napari_viewer, qtbot, rgb):
+    """The channel axis is not a plane axis (every multichannel image failed with 'plane
+    (0,) is not a plane of this image')."""
+    from napari_unet._widgets._state import state_for
+    from napari_unet._widgets.feature_maps import FeatureMapPanel
+    from napari_unet.core.features import capture
+
+    viewer = make_napari_viewer()
+    rng = np.random.default_rng(3)
+    if rgb:  # Y, X, RGB for a three-channel model
+        model = tiny_model("same", depth=2, channels=3)
+        data = rng.random((40, 48, 3)).astype(np.float32)
+        plane, axes = data, "YXC"
+    else:  # C, Z, Y, X for a two-channel model, at Z = 2
+        model = tiny_model("same", depth=2, channels=2)
+        data = rng.random((2, 3, 40, 48)).astype(np.float32)
+        plane, axes = data[:, 2], "CYX"
+    state_for(viewer).model = model
+    widget = FeatureMapPanel(plugin_viewer(viewer))
+    viewer.add_image(data, name="img", rgb=rgb)
+    if not rgb:
+        viewer.dims.set_point(1, 2)
+    widget.region_combo.setCurrentText("whole plane")
+    widget._on_run()
+    qtbot.waitUntil(widget.idle, timeout=30000)
+    assert "stage(s) added" in widget.status.text(), widget.status.text()
+    ref = capture(plane, model, axes=axes)
+    layer = viewer.layers["img [features enc0]"]
+    np.testing.assert_allclose(layer.data.reshape(ref["enc0"].data.shape), ref["enc0"].data, atol=1e-5)
+    if not rgb:
+        assert layer.translate[-3] == 2.0  # on the plane it came from

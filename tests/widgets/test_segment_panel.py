@@ -221,10 +221,15 @@ def test_wrong_channel_count_is_explained(make_napari_viewer):
     state_for(viewer).model = tiny_model("same", channels=2)
     widget = SegmentPanel(viewer)
     viewer.add_image(np.zeros((5, 30, 30), np.float32), name="three")
-    assert "expects 2 input channel(s)" in widget._describe()
+    assert "the model takes 2 channels, and no axis" in widget._describe()
     widget._on_run()
-    assert "expects 2 input channel(s)" in widget.status.text()
+    assert "the model takes 2 channels, and no axis" in widget.status.text()
     assert len(viewer.layers) == 1
+    # channels last, not RGB: napari shows 30 x 2 as the image, so it is refused, not
+    # answered with results lying on the image's X and channel axes
+    viewer.add_image(np.zeros((30, 30, 2), np.float32), name="yxc")
+    widget.layer_combo.setCurrentText("yxc")
+    assert "its last two axes (30 x 2)" in widget._describe()
 
 
 def test_rgb_layer_is_converted_to_gray(panel, qtbot):
@@ -323,8 +328,9 @@ def test_object_size_rescaling_follows_the_model(panel, qtbot, image):
 @pytest.mark.parametrize(
     "shape, scale, translate, placed",
     [
-        ((40, 50, 2), (2, 3, 1), (10, 20, 0), ((2, 3), (10, 20))),  # YXC, not RGB
         ((3, 2, 40, 50), (5, 1, 2, 3), (100, 0, 10, 20), ((5, 2, 3), (100, 10, 20))),  # ZCYX
+        ((2, 3, 40, 50), (1, 5, 2, 3), (0, 100, 10, 20), ((5, 2, 3), (100, 10, 20))),  # CZYX
+        ((2, 2, 40, 50), (1, 5, 2, 3), (0, 100, 10, 20), ((1, 2, 3), (0, 10, 20))),  # C nearest
         ((2, 40, 50), (1, 2, 3), (0, 10, 20), ((2, 3), (10, 20))),  # CYX
     ],
 )

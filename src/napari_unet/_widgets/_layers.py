@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from napari_unet.core.axes import leading_letters, resolve_axes
+from napari_unet.core.axes import AxesError, leading_letters, resolve_axes
 
 COLORMAPS = ["gray", "green", "magenta", "cyan", "yellow", "red", "blue"]
 
@@ -40,12 +40,9 @@ def job_for_layer(layer, model, viewer=None, current_plane=False, visible=False)
             spatial_scale = tuple(layer.scale)
         axes = resolve_axes(tuple(data.shape), None, model.info.in_channels)
     else:
-        # napari shows a layer's last two axes as Y and X; the channel axis of a
-        # multichannel model is guessed (first or last)
-        given = (
-            leading_letters(len(data.shape) - 2) + "YX" if model.info.in_channels == 1 else None
+        axes = resolve_axes(
+            tuple(data.shape), layer_axes(data.shape, model.info.in_channels), model.info.in_channels
         )
-        axes = resolve_axes(tuple(data.shape), given, model.info.in_channels)
         spatial_scale = tuple(s for s, a in zip(layer.scale, axes.axes) if a != "C")
     # the layer's own axes but a channel axis (wherever it is: CYX, YXC, ZCYX...)
     translate_full = [t for t, a in zip(layer.translate, axes.axes) if a != "C"]
@@ -86,6 +83,29 @@ def job_for_layer(layer, model, viewer=None, current_plane=False, visible=False)
         notes.append(f"visible region {region[1] - region[0]} x {region[3] - region[2]}")
     text = summary + ("; " + ", ".join(notes) if notes else "")
     return LayerJob(layer.name, data, axes.axes, region, tuple(scale), tuple(translate), text)
+
+
+def layer_axes(shape, in_channels: int) -> str:
+    """The axes of a (not RGB) layer as napari shows it: its last two axes are the image's
+    Y and X; for a multichannel model, the channel axis is the axis before them with as
+    many planes as the model takes channels (the nearest to Y and X if several have)."""
+    n = len(shape) - 2
+    if n < 0:
+        return "YX"  # refused by resolve_axes with its own message
+    if in_channels == 1:
+        return leading_letters(n) + "YX"
+    have = [i for i in range(n) if shape[i] == in_channels]
+    if not have:
+        raise AxesError(
+            f"the model takes {in_channels} channels, and no axis of this layer (shape "
+            f"{tuple(shape)}) before the image plane has {in_channels}: napari shows its last "
+            f"two axes ({shape[-2]} x {shape[-1]}) as the image. Open the image with its "
+            "channels as one axis before Y and X (channels opened as separate layers, or "
+            "last as in Y, X, C, are not read as one multichannel image)"
+        )
+    letters = list(leading_letters(n - 1))
+    letters.insert(have[-1], "C")
+    return "".join(letters) + "YX"
 
 
 def _check_view(layer, axes, viewer) -> None:

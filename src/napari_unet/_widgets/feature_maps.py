@@ -123,7 +123,9 @@ class FeatureMapPanel(WorkerPanel):
             )
             return
         self._job = job
-        plane = tuple(0 for _ in range(len(job.data.shape) - 2))
+        # the job holds one plane (current plane): index 0 of each leading axis, not of
+        # the channel axis
+        plane = tuple(0 for _ in axes.leading)
         kwargs = dict(
             axes=job.axes,
             plane=plane,
