@@ -149,6 +149,8 @@ def test_multichannel_images_show_the_maps_of_their_plane(make_napari_viewer, qt
     assert "stage(s) added" in widget.status.text(), widget.status.text()
     ref = capture(plane, model, axes=axes)
     layer = viewer.layers["img [features enc0]"]
-    np.testing.assert_allclose(layer.data.reshape(ref["enc0"].data.shape), ref["enc0"].data, atol=1e-5)
+    np.testing.assert_allclose(
+        layer.data.reshape(ref["enc0"].data.shape), ref["enc0"].data, atol=1e-5
+    )
     if not rgb:
         assert layer.translate[-3] == 2.0  # on the plane it came from

@@ -41,7 +41,9 @@ def job_for_layer(layer, model, viewer=None, current_plane=False, visible=False)
         axes = resolve_axes(tuple(data.shape), None, model.info.in_channels)
     else:
         axes = resolve_axes(
-            tuple(data.shape), layer_axes(data.shape, model.info.in_channels), model.info.in_channels
+            tuple(data.shape),
+            layer_axes(data.shape, model.info.in_channels),
+            model.info.in_channels,
         )
         spatial_scale = tuple(s for s, a in zip(layer.scale, axes.axes) if a != "C")
     # the layer's own axes but a channel axis (wherever it is: CYX, YXC, ZCYX...)
