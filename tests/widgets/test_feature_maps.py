@@ -51,6 +51,26 @@ def test_all_stages_appear_aligned_with_the_image(panel, qtbot):
     assert "6 stage(s) added" in widget.status.text()
 
 
+def test_stage_choice_stays_for_a_version_of_the_same_network(panel, qtbot):
+    viewer, widget = panel
+    widget.stage_list.clearSelection()
+    widget.stage_list.item(1).setSelected(True)
+    widget.state.model = tiny_model("valid", depth=2, seed=4)  # e.g. a fine-tuned version
+    assert widget.stages() == ["enc1"]
+    widget.state.model = tiny_model("valid", depth=3)  # another network: all its stages
+    assert len(widget.stages()) == 8
+
+
+def test_maps_of_an_image_removed_meanwhile_are_dropped(panel, qtbot):
+    viewer, widget = panel
+    viewer.add_image(np.zeros((48, 48), np.float32), name="img")
+    widget.region_combo.setCurrentText("whole plane")
+    widget._on_run()
+    viewer.layers.remove("img")
+    qtbot.waitUntil(widget.idle, timeout=30000)
+    assert len(viewer.layers) == 0 and "its feature maps were dropped" in widget.status.text()
+
+
 def test_memory_limit_asks_for_fewer_channels(panel, monkeypatch):
     import napari_unet._widgets.feature_maps as fmod
 

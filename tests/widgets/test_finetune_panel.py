@@ -359,3 +359,68 @@ def test_rotated_or_sheared_layers_are_refused_not_misplaced(panel, nuclei):
     widget.layer_combo.setCurrentText("sheared")
     assert widget.new_annotation_layer() is None
     assert "is sheared" in widget.status.text() and len(viewer.layers) == 2
+
+
+def test_closing_the_panel_cancels_its_run_and_keeps_the_versions(panel, nuclei, qtbot):
+    """napari's close button takes the panel out of its dock (no closeEvent): the run went
+    on, and its result later became the viewer's model from a panel no one could see."""
+    from napari_unet._widgets.finetune import FinetunePanel
+    from napari_unet._widgets.model_panel import ModelPanel
+
+    viewer, widget, state = panel
+    image, strokes = nuclei
+    _painted(viewer, widget, image, strokes)
+    widget.preview_spin.setValue(0)
+    _train(qtbot, widget)
+    v1 = state.model
+    assert v1.info.name == "unet-v1" and state.unsaved == ["unet-v1"]
+    widget.seconds_spin.setValue(30)
+    widget.steps_spin.setValue(5000)
+    widget._on_run()
+    assert state.training
+    loader = ModelPanel(plugin_viewer(viewer))
+    loader.model_combo.setCurrentText("nuclei")
+    loader._on_run()  # first press: it asks, the run goes on
+    assert loader.worker is None and "fine-tune run is going on" in loader.status.text()
+    assert "unsaved versions (unet-v1)" in loader.status.text()
+    qtbot.waitUntil(lambda: len(widget.loss_plot.losses) >= 2, timeout=30000)
+    worker = widget.worker
+    viewer.window.remove_dock_widget(widget)  # what the panel's close button does
+    assert worker.abort_requested
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=30000)
+    assert state.model is v1 and len(state.versions.versions) == 2 and not state.training
+    assert [la.name for la in viewer.layers] == ["img", "img annotations"]
+    reopened = FinetunePanel(plugin_viewer(viewer))  # the versions are still there
+    assert reopened.version_list.count() == 2 and reopened.versions is state.versions
+    reopened.version_list.setCurrentRow(0)
+    reopened._on_use()
+    assert state.model is state.versions.versions[0].model
+    assert len(state.versions.versions) == 2  # the closed panel did not start anew
+
+
+def test_a_save_cannot_be_cancelled_half_way(panel, nuclei, qtbot, tmp_path):
+    viewer, widget, state = panel
+    widget._on_save(str(tmp_path / "base.safetensors"))
+    assert widget.worker is not None and not widget.cancel_button.isEnabled()
+    widget._on_cancel()  # nothing to cancel: the file is written, and said to be
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=30000)
+    assert (tmp_path / "base.safetensors").exists()
+    assert widget.status.text().startswith("Saved ")
+    assert state.versions.versions[0].saved_to == str(tmp_path / "base.safetensors")
+
+
+def test_the_save_dialog_s_file_type_gives_a_bare_name_its_suffix(
+    panel, qtbot, tmp_path, monkeypatch
+):
+    import napari_unet._widgets.finetune as fmod
+    from napari_unet._widgets.finetune import _with_suffix
+
+    viewer, widget, state = panel
+    chosen = str(tmp_path / "typed"), "bioimage.io package (*.zip)"
+    monkeypatch.setattr(fmod.QFileDialog, "getSaveFileName", lambda *a, **k: chosen)
+    widget._on_save()
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=60000)
+    assert (tmp_path / "typed.zip").is_file(), widget.status.text()
+    assert _with_suffix("/a/m.ZIP", ".safetensors") == "/a/m.zip"
+    assert _with_suffix("/a/m.v2", ".safetensors") == "/a/m.v2.safetensors"
+    assert _with_suffix("", ".zip") == ""

@@ -63,6 +63,11 @@ def test_min_confidence_follows_the_model_and_reaches_the_result(panel, qtbot, i
     widget.confidence_spin.setValue(0.5)
     _run(qtbot, widget)
     assert viewer.layers["img [unet instances]"].data.max() == 1
+    # a fine-tuned version (same recipe) keeps what the user set; another recipe resets it
+    widget.state.model = tiny_model("valid", seed=1, instances=recipe, name="unet-v1")
+    assert widget.confidence_spin.value() == 0.5
+    widget.state.model = tiny_model("valid", instances={**recipe, "min_confidence": 0.7})
+    assert widget.confidence_spin.value() == 0.7
 
 
 def test_probabilities_and_rerun_updates_instead_of_duplicating(panel, qtbot, image):

@@ -100,11 +100,20 @@ class WorkerPanel(QWidget):
         buttons.addWidget(self.run_button)
         buttons.addWidget(self.cancel_button)
         outer.addLayout(buttons)
+        self._outer = outer
         self.status = QLabel("")
         self.status.setWordWrap(True)
         outer.addWidget(self.status)
         self.run_button.clicked.connect(self._on_run)
         self.cancel_button.clicked.connect(self._on_cancel)
+
+    def add_button_row(self, *widgets: QWidget) -> None:
+        """A row of buttons under Run / Cancel, in sight however the controls scroll
+        (the controls a run needs, such as Pause)."""
+        row = QHBoxLayout()
+        for w in widgets:
+            row.addWidget(w)
+        self._outer.insertLayout(self._outer.indexOf(self.status), row)
 
     # -- the input image layer --------------------------------------------------
     def add_image_choice(self, form) -> QComboBox:
@@ -250,3 +259,22 @@ class WorkerPanel(QWidget):
         if self.worker is not None:
             self.worker.quit()
         super().closeEvent(event)
+
+    def event(self, event) -> bool:
+        # napari's close button takes a panel out of its dock (no closeEvent comes): a
+        # closed panel's run went on, and added its results, or swapped the viewer's model
+        if event.type() == QEvent.Type.ParentChange:
+            if self.parent() is not None:
+                self._docked = True
+            elif getattr(self, "_docked", False):
+                self._docked = False
+                self._on_closed()
+        return super().event(event)
+
+    def _on_closed(self) -> None:
+        """The panel was closed: a run going on is cancelled, and says so."""
+        if self.worker is not None and not self.worker.abort_requested:
+            from napari.utils.notifications import show_info
+
+            self._on_cancel()
+            show_info(f"napari-unet: a panel was closed during its run. {self.status.text()}")

@@ -43,6 +43,7 @@ class FeatureMapPanel(WorkerPanel):
         form.addRow("", self.half_check)
         self.form.addLayout(form)
         self._job = None
+        self._source = None
         # stage layers still to add, one per turn of the event loop: napari takes about
         # 0.3 s to add an image layer (its canvas node and controls), so adding ten
         # stages in one go froze the viewer for 2-3 s
@@ -59,10 +60,12 @@ class FeatureMapPanel(WorkerPanel):
     def _on_model_changed(self, model) -> None:
         from napari_unet.core.features import stage_names
 
+        names = stage_names(model.net) if model is not None else []
+        before = [self.stage_list.item(i).text() for i in range(self.stage_list.count())]
+        if names == before:
+            return  # the same stages (a fine-tuned version): the user's choice stays
         self.stage_list.clear()
-        if model is None:
-            return
-        self.stage_list.addItems(stage_names(model.net))
+        self.stage_list.addItems(names)
         for i in range(self.stage_list.count()):
             self.stage_list.item(i).setSelected(True)
 
@@ -123,6 +126,7 @@ class FeatureMapPanel(WorkerPanel):
             )
             return
         self._job = job
+        self._source = (layers[0], layers[0].data)  # maps are only shown over their image
         # the job holds one plane (current plane): index 0 of each leading axis, not of
         # the channel axis
         plane = tuple(0 for _ in axes.leading)
@@ -150,6 +154,16 @@ class FeatureMapPanel(WorkerPanel):
 
     def _on_returned(self, maps) -> None:
         job = self._job
+        layer, data = self._source or (None, None)
+        self._source = None
+        if layer is not None and (
+            not any(la is layer for la in self.viewer.layers) or layer.data is not data
+        ):
+            self.status.setText(
+                f"{job.layer_name} was removed or its data replaced meanwhile: its feature "
+                "maps were dropped."
+            )
+            return
         # the channel axis gets a world axis of its own, before those of every other layer
         # (a 2D image's maps beside a Z-stack would otherwise page channels with Z)
         world = max([la.ndim for la in self.viewer.layers if OUTPUT_KEY not in la.metadata] or [0])
@@ -186,6 +200,10 @@ class FeatureMapPanel(WorkerPanel):
 
     def idle(self) -> bool:
         return super().idle() and not self._pending
+
+    def _on_closed(self) -> None:
+        self._pending.clear()  # stage layers not added yet stay out
+        super()._on_closed()
 
     def _add_next(self) -> None:
         """Add (or update) the next stage layer, and come back for the one after."""

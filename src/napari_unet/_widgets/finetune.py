@@ -12,6 +12,7 @@ from __future__ import annotations
 import threading
 import weakref
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 from qtpy.QtWidgets import (
@@ -60,8 +61,8 @@ class FinetunePanel(WorkerPanel):
         super().__init__(napari_viewer)
         from napari_unet.core.finetune import ModelVersions  # noqa: F401 - core import check
 
-        self.versions = None
         self._setting_model = False
+        self._mode = ""  # what the worker does: "train", "fill" or "save"
         self._stop = threading.Event()
         self._preview_job = None
         self._preview_layer = lambda: None  # weak reference to this panel's preview layer
@@ -139,10 +140,9 @@ class FinetunePanel(WorkerPanel):
         self.stop_button.setToolTip("End training now and keep what it learned as a version")
         self.stop_button.setEnabled(False)
         self.cancel_button.setToolTip("End training and discard this run")
-        buttons = QHBoxLayout()
-        buttons.addWidget(self.pause_button)
-        buttons.addWidget(self.stop_button)
-        self.form.addLayout(buttons)
+        # in sight during a run, beside Train and Cancel (in the scrolled controls they
+        # were hidden when four panels shared the dock)
+        self.add_button_row(self.pause_button, self.stop_button)
 
         self.version_list = QListWidget()
         self.version_list.setMaximumHeight(110)
@@ -292,21 +292,44 @@ class FinetunePanel(WorkerPanel):
         )
 
     # -- model / versions -----------------------------------------------------------
+    @property
+    def versions(self):
+        """The viewer's fine-tuned versions (kept in its state: a closed and reopened
+        panel finds them again)."""
+        return self.state.versions
+
+    @versions.setter
+    def versions(self, value) -> None:
+        self.state.versions = value
+
     def _on_model_changed(self, model) -> None:
         if self._setting_model:
             return
         from napari_unet.core.finetune import ModelVersions
 
+        if self.versions is not None and any(v.model is model for v in self.versions.versions):
+            self._refresh_versions()  # one of the versions (this panel reopened): kept
+            return
+        running = self.worker is not None and self._mode in ("train", "fill")
+        if running:  # it learns from, or predicts with, the model that is gone
+            self._on_cancel()
         lost = self.state.unsaved
         self.versions = ModelVersions(model) if model is not None else None
         self._refresh_versions()
-        if lost and model is not None:
-            self.status.setText(
+        if model is None:
+            return
+        text = ""
+        if running:
+            text = (
+                f"Another model was loaded ({model.info.name}): the run going on was "
+                "discarded (train again on the new model). "
+            )
+        if lost:
+            text += (
                 f"Another model was loaded ({model.info.name}): the unsaved versions "
                 f"{', '.join(lost)} are gone; fine-tuning now starts from it."
             )
-        elif model is not None:
-            self.status.setText("")
+        self.status.setText(text.strip())
 
     def _refresh_versions(self) -> None:
         self.version_list.clear()
@@ -349,19 +372,23 @@ class FinetunePanel(WorkerPanel):
         row = max(0, self.version_list.currentRow())
         model = self.versions.versions[row].model
         if not path:
-            path, _ = QFileDialog.getSaveFileName(
+            path, chosen = QFileDialog.getSaveFileName(
                 self,
                 "Save model version",
                 f"{model.info.name or 'model'}.safetensors",
                 "napari-unet model (*.safetensors);;bioimage.io package (*.zip)",
             )
+            path = _with_suffix(path, ".zip" if "*.zip" in chosen else ".safetensors")
         if not path or self.busy():
             return
         # in the worker: a bioimage.io export traces and checks the network (seconds)
         self._mode = "save"
         self._saving = (self.versions.versions[row], str(path))
         self.status.setText(f"Saving {self._saving[0].label} to {path}...")
-        self.start(_write_model, model, str(path), desc="napari-unet: saving a model")
+        if self.start(_write_model, model, str(path), desc="napari-unet: saving a model"):
+            # the file is written in one go, into a temporary file renamed at the end:
+            # there is nothing to cancel (a cancelled save wrote its file all the same)
+            self.cancel_button.setEnabled(False)
 
     # -- training ------------------------------------------------------------------
     def config(self):
@@ -436,6 +463,7 @@ class FinetunePanel(WorkerPanel):
         self.loss_plot.reset()
         self._stop.clear()
         self._mode = "train"
+        self.state.training = True
         self.status.setText("Reading the annotations...")
         from napari_unet.core.finetune import finetune_pairs_iter
 
@@ -488,11 +516,22 @@ class FinetunePanel(WorkerPanel):
     def _on_cancel(self) -> None:
         if self.worker is not None and self.worker.is_paused:
             self.worker.resume()
+        if self.worker is None or self._mode == "save":
+            return
         super()._on_cancel()
         self.pause_button.setEnabled(False)
         self.pause_button.setText("Pause")
         self.stop_button.setEnabled(False)
-        self.status.setText("Cancelled: the run was discarded, the current version is unchanged.")
+        if self._mode == "fill":
+            self.status.setText("Cancelled: nothing was filled.")
+        else:
+            self.status.setText(
+                "Cancelled: the run was discarded, the current version is unchanged."
+            )
+
+    def _on_closed(self) -> None:
+        self.state.model_changed.disconnect(self._on_model_changed)
+        super()._on_closed()  # a run is cancelled; a save goes on to the end
 
     def _on_yielded(self, value) -> None:
         from napari_unet.core.training import TrainStep
@@ -539,10 +578,10 @@ class FinetunePanel(WorkerPanel):
         mark_result(layer)
 
     def _on_returned(self, value) -> None:
-        if getattr(self, "_mode", "") == "fill":
+        if self._mode == "fill":
             self._fill(value)
             return
-        if getattr(self, "_mode", "") == "save":
+        if self._mode == "save":
             version, path = self._saving
             version.saved_to = path
             self._refresh_versions()
@@ -607,16 +646,29 @@ class FinetunePanel(WorkerPanel):
 
     def _on_finished(self) -> None:
         super()._on_finished()
+        if self._mode == "train":
+            self.state.training = False
         self.pause_button.setEnabled(False)
         self.pause_button.setText("Pause")
         self.stop_button.setEnabled(False)
         self._mode = ""
 
 
+def _with_suffix(path: str, suffix: str) -> str:
+    """A name typed without a model suffix gets the one of the chosen file type (Qt's
+    dialog does not add it everywhere); ``.ZIP`` or ``.SafeTensors`` are spelled out."""
+    if not path:
+        return path
+    p = Path(path)
+    if p.suffix.lower() in (".zip", ".safetensors"):
+        return str(p.with_suffix(p.suffix.lower()))
+    return str(p.with_name(p.name + suffix))
+
+
 def _write_model(model, path: str):
     """Save ``model`` (``.zip``: a bioimage.io package); a generator for the worker."""
     yield from ()
-    if path.endswith(".zip"):
+    if path.lower().endswith(".zip"):
         from napari_unet.io.bioimageio import export_package
 
         export_package(model, path)

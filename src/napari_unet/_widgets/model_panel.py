@@ -103,13 +103,22 @@ class ModelPanel(WorkerPanel):
         if not source:
             self.status.setText("Choose a model file first.")
             return
-        if self.state.unsaved and self._discard != (source, self.state.unsaved):
+        at_stake = []
+        if self.state.training:
+            at_stake.append("a fine-tune run is going on (loading another model cancels it)")
+        if self.state.unsaved:
+            at_stake.append(
+                f"the fine-tune panel has unsaved versions ({', '.join(self.state.unsaved)}); "
+                "loading another model discards them"
+            )
+        key = (source, tuple(self.state.unsaved), self.state.training)
+        if at_stake and self._discard != key:
             # a second press with the same choice confirms: nothing is lost silently
-            self._discard = (source, self.state.unsaved)
+            self._discard = key
             self.status.setText(
-                f"The fine-tune panel has unsaved versions ({', '.join(self.state.unsaved)}); "
-                "loading another model discards them. Save them there first, or press "
-                f"'{self.run_text}' again to discard them."
+                "; ".join(at_stake).capitalize()
+                + ". Save them (or let the run end) there first, or press "
+                f"'{self.run_text}' again to go ahead."
             )
             return
         self._discard = None

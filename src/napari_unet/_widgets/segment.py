@@ -116,6 +116,11 @@ class SegmentPanel(WorkerPanel):
 
     def _show_recipe(self, model) -> None:
         recipe = (model.info.instances or {}) if model is not None else {}
+        diameter = model.info.object_diameter if model is not None else None
+        shown = (repr(sorted(recipe.items())), diameter)
+        if shown == getattr(self, "_recipe_shown", None):
+            return  # the same recipe (a fine-tuned version of it): the user's settings stay
+        self._recipe_shown = shown
         self.confidence_spin.setValue(float(recipe.get("min_confidence", 0.0)))
         sized = model is not None and bool(model.info.object_diameter)
         self.rescale_check.setChecked(sized)
