@@ -392,6 +392,18 @@ def test_train_refuses_an_unwritable_output_before_training(tmp_path, capsys, mo
     (tmp_path / "dir.safetensors").mkdir()
     assert main(_train_args(tmp_path, tmp_path / "dir.safetensors")) == 1
     assert "is a folder" in capsys.readouterr().err
+    # the base model is never replaced by its fine-tuned self (nor an image by a model)
+    base = tmp_path / "base.safetensors"
+    from napari_unet.io.files import save_model
+
+    save_model(tiny_model("same"), base)
+    before = base.read_bytes()
+    args = _train_args(tmp_path, base)
+    args[args.index("-m") + 1] = str(base)
+    assert main(args) == 1
+    assert "is one of the inputs" in capsys.readouterr().err and base.read_bytes() == before
+    assert main(["export", str(base), "--bioimageio", str(base)]) == 1
+    assert "is one of the inputs" in capsys.readouterr().err and base.read_bytes() == before
 
 
 def test_first_ctrl_c_stops_training_and_saves_the_result(tmp_path, capsys, monkeypatch):

@@ -243,8 +243,10 @@ def cmd_info(args) -> int:
 
 
 def cmd_export(args) -> int:
+    from napari_unet.io import outputs
     from napari_unet.io.bioimageio import export_package
 
+    outputs.check_writable(Path(args.bioimageio), [args.model])
     model = _model(args.model)
     out = export_package(
         model, args.bioimageio, cover=args.cover, license=args.license, authors=args.author
@@ -411,7 +413,8 @@ def cmd_train(args) -> int:
         raise ValueError(f"{len(args.images)} images but {len(args.labels)} label files")
     if not args.output.endswith(".safetensors"):
         raise ValueError("--output must end in .safetensors")
-    outputs.check_writable(Path(args.output))  # before training, not after it
+    # before training, not after it; the base model, images and labels are never replaced
+    outputs.check_writable(Path(args.output), [args.model, *args.images, *args.labels])
     torch.manual_seed(args.seed)  # a new network's initial weights too
     model = _base_model(args.model, args.classes)
 

@@ -177,6 +177,22 @@ def test_bare_same_padding_torchscript_gets_a_measured_halo(tmp_path):
     np.testing.assert_allclose(predict(image, bare, tile=64), predict(image, model), atol=1e-5)
 
 
+@pytest.mark.parametrize("padding, depth", [("valid", 3), ("valid", 4), ("same", 4)])
+def test_bare_torchscript_of_a_deep_u_net_gets_its_grid_and_halo(tmp_path, padding, depth):
+    """A 256 px probe is off a valid network's grid (it answers, 2 px off centre), and a
+    same-padding network's 94 px halo reaches past a 64 px comparison margin: traces of
+    both bundled models were refused or mis-measured."""
+    model = tiny_model(padding, depth=depth)
+    g = model.info.geometry
+    traced = torch.jit.trace(model.net, torch.rand(1, 1, g.min_input, g.min_input))
+    torch.jit.save(traced, str(tmp_path / "bare.pt"))
+    bare = load_model(tmp_path / "bare.pt")
+    assert bare.info.geometry == g
+    image = np.random.default_rng(5).random((150, 131), dtype=np.float32)
+    tile = g.snap(2 * g.halo + 3 * g.multiple, "up")
+    np.testing.assert_allclose(predict(image, bare, tile=tile), predict(image, model), atol=1e-5)
+
+
 def test_zip_that_is_not_a_model(tmp_path):
     with zipfile.ZipFile(tmp_path / "x.zip", "w") as zf:
         zf.writestr("readme.txt", "hello")

@@ -78,11 +78,16 @@ def check_folder(folder: Path) -> None:
         raise ValueError(f"cannot write to {folder}/: {err.strerror or err}") from None
 
 
-def check_writable(path: Path) -> None:
+def check_writable(path: Path, protect=()) -> None:
     """Refuse an output that cannot be written (a bundled model, a folder without write
-    permission) before hours of training, not after them."""
+    permission) or must not be (one of the files in ``protect``: the base model, the
+    images and labels) before hours of training, not after them."""
     if registry.is_bundled(path):
         raise ValueError(f"{path.name} is a bundled model: write the result elsewhere")
+    for given in protect:
+        given = Path(given)
+        if given.exists() and path.exists() and path.resolve() == given.resolve():
+            raise ValueError(f"{path} is one of the inputs ({given}): write the result elsewhere")
     if path.is_dir():
-        raise ValueError(f"{path} is a folder: give a file name ending in .safetensors")
+        raise ValueError(f"{path} is a folder: give a file name")
     check_folder(path.parent)
