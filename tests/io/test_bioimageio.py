@@ -392,6 +392,25 @@ def test_sha256_mismatch_names_the_file(tmp_path, exported):
         load_package(folder / "bioimageio.yaml")
 
 
+def test_corrupt_and_oversized_zip_members_are_model_file_errors(tmp_path, exported, monkeypatch):
+    import napari_unet.io.bioimageio._files as files_mod
+
+    # one byte of the stored (deflated) weights flipped: a CRC error, not a traceback
+    data = bytearray(Path(exported["same"]).read_bytes())
+    with zipfile.ZipFile(exported["same"]) as zf:
+        info = zf.getinfo("weights_torchscript.pt")
+    start = info.header_offset + 30 + len(info.filename.encode()) + len(info.extra)
+    data[start + info.compress_size // 2] ^= 0xFF
+    (tmp_path / "crc.zip").write_bytes(bytes(data))
+    with pytest.raises(ModelFileError, match=r"crc\.zip: weights_torchscript\.pt is corrupt"):
+        load_package(tmp_path / "crc.zip")
+    # a member that unpacks to more than may be read is refused before it is read; its
+    # sha256 is taken in chunks
+    monkeypatch.setattr(files_mod, "MAX_READ", 1000)
+    with pytest.raises(ModelFileError, match=r"more than a package file may hold"):
+        load_package(exported["same"])
+
+
 def test_unsafe_paths_are_refused(tmp_path, exported):
     for member in ("../evil.txt", "/etc/evil.txt"):
         path = tmp_path / "evil.zip"

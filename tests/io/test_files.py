@@ -221,7 +221,11 @@ def _with_metadata(tmp_path, name, edit, model=None):
     [
         ("classes", 5, "'classes' must be a non-empty list"),
         ("classes", [1, 2, 3], "'classes' must be a non-empty list"),
-        ("normalization", ["percentile"], "'normalization' must be an object"),
+        ("normalization", ["percentile"], "'normalization' must be a normalisation spec"),
+        # numbers that are not: a TypeError deep in predict and export before
+        ("normalization", {"mode": "percentile", "low": "x", "high": None}, "normalisation spec"),
+        ("normalization", {"mode": "fixed", "scale": float("nan")}, "normalisation spec"),
+        ("normalization", {"mode": "zscore", "eps": -1}, "normalisation spec"),
         ("provenance", ["x"], "'provenance' must be an object"),
         ("object_diameter", "big", "'object_diameter' must be a positive number"),
         ("activation", "relu", "'activation' must be softmax"),

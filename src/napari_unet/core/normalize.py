@@ -19,6 +19,8 @@ Optional keys (bioimage.io packages): ``eps`` divides by ``spread + eps``
 
 from __future__ import annotations
 
+import numbers
+
 import numpy as np
 
 DEFAULT = {"mode": "percentile", "low": 1.0, "high": 99.8}
@@ -26,7 +28,10 @@ MODES = ("percentile", "zscore", "fixed", "none")
 
 
 def validate(spec: dict | None) -> dict:
-    """Return a complete spec, raising ``ValueError`` for an unknown mode."""
+    """Return a complete spec, raising ``ValueError`` for an unknown mode or a value that
+    is not a finite number where one belongs (a model file's metadata is not trusted)."""
+    if spec is not None and not isinstance(spec, dict):
+        raise ValueError(f"a normalisation spec is an object, got {spec!r:.80}")
     spec = dict(DEFAULT if spec is None else spec)
     mode = spec.get("mode")
     if mode not in MODES:
@@ -34,13 +39,21 @@ def validate(spec: dict | None) -> dict:
     if mode == "percentile":
         spec.setdefault("low", 1.0)
         spec.setdefault("high", 99.8)
-        if not 0 <= spec["low"] < spec["high"] <= 100:
-            raise ValueError(f"percentiles must satisfy 0 <= low < high <= 100, got {spec}")
     if mode == "fixed":
         spec.setdefault("scale", 1.0)
         spec.setdefault("offset", 0.0)
-        if spec["scale"] == 0:
-            raise ValueError("fixed normalisation needs a non-zero scale")
+    for key in ("low", "high", "scale", "offset", "eps"):
+        value = spec.get(key)
+        if value is None and key == "eps" or key not in spec:
+            continue
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not np.isfinite(value):
+            raise ValueError(f"normalisation {key!r} must be a finite number, got {value!r:.40}")
+    if mode == "percentile" and not 0 <= spec["low"] < spec["high"] <= 100:
+        raise ValueError(f"percentiles must satisfy 0 <= low < high <= 100, got {spec}")
+    if mode == "fixed" and spec["scale"] == 0:
+        raise ValueError("fixed normalisation needs a non-zero scale")
+    if spec.get("eps") is not None and spec["eps"] < 0:
+        raise ValueError(f"normalisation eps must not be negative, got {spec['eps']}")
     return spec
 
 

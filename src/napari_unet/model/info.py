@@ -146,6 +146,16 @@ def _is_number(v) -> bool:
     return isinstance(v, numbers.Real) and not isinstance(v, bool)
 
 
+def _valid_normalization(v) -> bool:
+    from napari_unet.core.normalize import validate
+
+    try:
+        validate(v)
+    except (ValueError, TypeError):
+        return False
+    return isinstance(v, dict)
+
+
 def _positive_numbers(v) -> bool:
     return isinstance(v, (list, tuple)) and all(_is_number(x) and x > 0 for x in v)
 
@@ -158,10 +168,7 @@ _FIELD_CHECKS = {
         "a non-empty list of class names",
     ),
     "in_channels": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
-    "normalization": (
-        lambda v: isinstance(v, dict) and isinstance(v.get("mode"), str),
-        "an object with a mode",
-    ),
+    "normalization": (_valid_normalization, "a normalisation spec (mode and numbers)"),
     "activation": (lambda v: v in ("softmax", "sigmoid", "none"), "softmax, sigmoid or none"),
     "architecture": (lambda v: isinstance(v, dict), "an object"),
     "instances": (lambda v: isinstance(v, dict), "an object"),

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import posixpath
 import re
 import zipfile
+import zlib
 from pathlib import Path
 
 from napari_unet.io.files import ModelFileError
 
 RDF_NAMES = ("bioimageio.yaml", "rdf.yaml")
+# the largest package file read into memory (weights, tensors, the RDF)
+MAX_READ = 2 << 30
 
 
 class _Files:
@@ -27,11 +31,54 @@ class _Files:
         return self._local(name).is_file()
 
     def read(self, name: str) -> bytes:
+        """A file's bytes; one larger than ``MAX_READ`` unpacked is refused (a zip bomb
+        declaring gigabytes was unpacked whole before its sha256 was checked)."""
+        with self._stream(name) as (size, fh):
+            if size > MAX_READ:
+                raise ModelFileError(
+                    f"{name}: {size / 2**30:.1f} GiB unpacked, more than a package file may "
+                    f"hold ({MAX_READ / 2**30:.0f} GiB); refused"
+                )
+            return self._guarded(name, fh.read)
+
+    def sha256(self, name: str) -> str:
+        """A file's sha256, read in chunks (whatever its size, memory stays small)."""
+        digest = hashlib.sha256()
+        with self._stream(name) as (_, fh):
+            for chunk in iter(lambda: self._guarded(name, fh.read, 1 << 20), b""):
+                digest.update(chunk)
+        return digest.hexdigest()
+
+    @contextlib.contextmanager
+    def _stream(self, name: str):
         name = _safe_name(name)
-        if self.is_zip:
-            with zipfile.ZipFile(self.path) as zf:
-                return zf.read(self.prefix + name)
-        return self._local(name).read_bytes()
+        if not self.is_zip:
+            path = self._local(name)
+            with open(path, "rb") as fh:
+                yield path.stat().st_size, fh
+            return
+        try:
+            zf = zipfile.ZipFile(self.path)
+        except (zipfile.BadZipFile, OSError) as err:
+            raise ModelFileError(f"{self.path.name}: cannot open ({_first_line(err)})") from None
+        with zf:
+            try:
+                info = zf.getinfo(self.prefix + name)
+                fh = zf.open(info)
+            except (KeyError, zipfile.BadZipFile, NotImplementedError) as err:
+                raise ModelFileError(
+                    f"{self.path.name}: {name} cannot be read ({_first_line(err)})"
+                ) from None
+            with fh:
+                yield info.file_size, fh
+
+    def _guarded(self, name: str, read, *args):
+        try:
+            return read(*args)
+        except (zipfile.BadZipFile, zlib.error, EOFError) as err:
+            raise ModelFileError(
+                f"{self.path.name}: {name} is corrupt ({_first_line(err)})"
+            ) from None
 
     def _local(self, name: str) -> Path:
         root = self.path.resolve()

@@ -30,7 +30,7 @@ def _check_hashes(files: _Files, spec: _Spec) -> None:
     for name, sha in spec.files:
         if _is_remote(name) or not files.has(name):
             continue
-        if _sha256(files.read(name)) != str(sha).lower():
+        if files.sha256(name) != str(sha).lower():
             raise ModelFileError(
                 f"{name}: sha256 does not match the package description (changed or corrupt)"
             )
