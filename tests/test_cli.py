@@ -470,6 +470,31 @@ def test_predict_checks_inputs_and_outputs_before_any_work(tmp_path, model_file,
     rc = main(["predict", str(tmp_path / "a.tif"), str(tmp_path / "gone.tif"),
                "-m", str(model_file), "-o", str(out), "-q"])  # fmt: skip
     assert rc == 1 and "no such file" in capsys.readouterr().err and not out.exists()
+    # an input or output it cannot read or write, seen by its name: before the first result
+    (tmp_path / "b.jpg").write_bytes(b"jpeg")
+    for args in (["b.jpg"], ["-o", str(out / "x.png")], ["--mode", "instances", "-o",
+                 str(tmp_path / "i.zarr")]):  # fmt: skip
+        if args[0] == "b.jpg":
+            args = [str(tmp_path / "b.jpg"), "-o", str(out)]
+        rc = main(["predict", str(tmp_path / "a.tif"), *args, "-m", str(model_file), "-q"])
+        assert rc == 1 and not out.exists() and not (tmp_path / "i.zarr").exists()
+        err = capsys.readouterr().err
+        assert any(w in err for w in ("unsupported", "write .tif", "TIFF")), err
+    # nothing is written into the zarr store that holds an input
+    for dst in ("grp.zarr/seg.zarr", "grp.zarr/raw/x.tif"):
+        rc = main(["predict", str(tmp_path / "grp.zarr" / "raw"), "-m", str(model_file),
+                   "--mode", "labels", "-o", str(tmp_path / dst), "-q"])  # fmt: skip
+        assert rc == 1 and "inside the zarr store grp.zarr" in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "grp.zarr").iterdir()) == ["raw", "zarr.json"]
+    # a corrupt compressed tile, read lazily while the tiles run: one line, the file named
+    tifffile.imwrite(tmp_path / "t.tif", image, tile=(16, 16), compression="zlib")
+    with tifffile.TiffFile(tmp_path / "t.tif") as tf:
+        offset = tf.pages[0].dataoffsets[1]
+    data = bytearray((tmp_path / "t.tif").read_bytes())
+    data[offset : offset + 8] = b"\xff" * 8
+    (tmp_path / "t.tif").write_bytes(bytes(data))
+    rc = main(["predict", str(tmp_path / "t.tif"), "-m", str(model_file), "-q"])
+    assert rc == 1 and "t.tif: its image data is corrupt" in capsys.readouterr().err
     # an output folder that cannot be made: refused before the model runs
     (tmp_path / "plain").write_text("a file, not a folder")
     rc = main(["predict", str(tmp_path / "a.tif"), "-m", str(model_file),

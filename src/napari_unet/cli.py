@@ -10,6 +10,7 @@ import contextlib
 import signal
 import sys
 import threading
+import zlib
 from pathlib import Path
 
 MODES = ("probabilities", "labels", "instances")
@@ -257,21 +258,41 @@ def cmd_export(args) -> int:
 
 def cmd_predict(args) -> int:
     from napari_unet.io import outputs
-    from napari_unet.io.images import image_axes, read_image
+    from napari_unet.io.images import check_readable, image_axes, read_image
 
     missing = [src for src in args.inputs if not Path(src).exists()]
     if missing:
         raise ValueError(f"no such file: {', '.join(missing)} (nothing was processed)")
     targets = outputs.targets(args.inputs, args.output, args.mode)
+    # before the model runs and any result is written, not after the first ones
+    for src, dst in targets:
+        check_readable(src)
+        _check_target(dst, args)
     for folder in sorted({dst.parent for _, dst in targets}):
-        outputs.check_folder(folder)  # before the model runs, not after
+        outputs.check_folder(folder)
     model = _model(args.model, getattr(args, "trust_code", False))
     for src, dst in targets:
         image = read_image(src)
         axes = args.axes or image_axes(src)  # as the file records them (OME, ImageJ)
-        _predict_one(image, model, dst, args, label=Path(src).name, axes=axes)
+        try:
+            _predict_one(image, model, dst, args, label=Path(src).name, axes=axes)
+        except zlib.error as err:  # read lazily, tile by tile: a corrupt tile shows here
+            raise ValueError(f"{src}: its image data is corrupt ({err})") from None
         print(f"{src} -> {dst}", file=sys.stderr)
     return 0
+
+
+def _check_target(dst: Path, args) -> None:
+    """Outputs the command cannot write, refused by their name before any work."""
+    from napari_unet.io.images import WRITE_SUFFIXES
+
+    if dst.suffix.lower() not in WRITE_SUFFIXES:
+        raise ValueError(f"{dst.name}: write .tif, .npy or .zarr")
+    if dst.suffix.lower() == ".zarr":
+        if args.mode == "instances":
+            raise ValueError("instances are written as TIFF; use --mode labels for zarr output")
+        if args.diameter is not None and args.diameter.lower() not in ("off", "none"):
+            raise ValueError("--diameter rescales the image: write .tif or .npy for it")
 
 
 def _predict_one(image, model, dst: Path, args, label: str, axes: str | None = None) -> None:

@@ -153,6 +153,8 @@ def test_diameter_needs_a_model_that_records_its_object_size():
         run(image, bright_model(), diameter="big")
     with pytest.raises(ValueError, match="positive"):
         run(image, bright_model(), diameter=-3)
+    with pytest.raises(ValueError, match="positive number"):  # inf: a division by zero
+        run(image, bright_model(), diameter=float("inf"))
     with pytest.raises(ValueError, match="dtype complex64"):
         run(image.astype(np.complex64), bright_model(), diameter=10)
 

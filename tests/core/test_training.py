@@ -130,12 +130,19 @@ def test_cancel_mid_training_leaves_base_intact(data):
         (np.zeros((32, 64), np.uint8), "sparse", "have shape"),
         (np.zeros((64, 64), np.float32), "sparse", "must be integers"),
         (np.ones((64, 64), np.uint8), "blobs", "label kind must be one of"),
+        # -1 is the ignore value inside: a user's -1 trained silently while -2 was refused
+        (np.r_[np.full((32, 64), -1), np.ones((32, 64))].astype(np.int16), "classes", "negative"),
     ],
 )
 def test_bad_labels_give_clear_errors(labels, kind, message):
     image = np.random.default_rng(0).random((64, 64), dtype=np.float32)
     with pytest.raises(ValueError, match=message):
         train(tiny_model("same"), [image], [labels], kind, _cfg(steps=1))
+
+
+def test_an_endless_time_budget_is_refused():
+    with pytest.raises(ValueError, match="finite"):
+        _cfg(max_seconds=float("inf"))
 
 
 def test_single_painted_class_still_trains():

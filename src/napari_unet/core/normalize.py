@@ -46,7 +46,11 @@ def validate(spec: dict | None) -> dict:
         value = spec.get(key)
         if value is None and key == "eps" or key not in spec:
             continue
-        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not np.isfinite(value):
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, numbers.Real)
+            or not np.isfinite(value)
+        ):
             raise ValueError(f"normalisation {key!r} must be a finite number, got {value!r:.40}")
     if mode == "percentile" and not 0 <= spec["low"] < spec["high"] <= 100:
         raise ValueError(f"percentiles must satisfy 0 <= low < high <= 100, got {spec}")

@@ -105,8 +105,8 @@ def scale_factor_iter(image, model, options: SegmentOptions):
             raise ValueError(
                 f"diameter must be a number of pixels or 'auto', not {options.diameter!r}"
             ) from None
-        if not diameter > 0:
-            raise ValueError(f"diameter must be positive, not {options.diameter!r}")
+        if not 0 < diameter < float("inf"):
+            raise ValueError(f"diameter must be a positive number, not {options.diameter!r}")
         factor = target / diameter
     used = float(np.clip(factor, 1 / MAX_SCALE, MAX_SCALE))
     if used != factor:

@@ -34,6 +34,9 @@ def to_target(
     labels = np.asarray(labels)
     if labels.dtype.kind not in "uib":
         raise ValueError(f"labels must be integers, got dtype {labels.dtype}")
+    if labels.dtype.kind == "i" and labels.size and labels.min() < 0:
+        # -1 is the ignore value inside, but not a label a user gives: refused like -2
+        raise ValueError("labels must not be negative")
     if kind == "classes":
         target = labels.astype(np.int64)
     elif kind == "sparse":

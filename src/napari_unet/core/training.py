@@ -106,8 +106,11 @@ class TrainConfig:
             raise ValueError(
                 f"stop_after must be a whole number of at least 1, got {self.stop_after!r}"
             )
-        if self.max_seconds is not None and not self.max_seconds > 0:
-            raise ValueError(f"max_seconds must be above 0, got {self.max_seconds!r}")
+        if self.max_seconds is not None and not 0 < self.max_seconds < float("inf"):
+            raise ValueError(
+                f"max_seconds must be above 0 and finite (or None: no time limit), got "
+                f"{self.max_seconds!r}"
+            )
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -14,12 +14,28 @@ READ_SUFFIXES = (".tif", ".tiff", ".png", ".npy", ".zarr")
 WRITE_SUFFIXES = (".tif", ".tiff", ".npy", ".zarr")
 
 
-def read_image(path: str | Path):
-    """Open an image lazily where the format allows (TIFF and zarr as zarr, NPY memory-mapped)."""
-    path = Path(path)
+def _suffix(path: Path) -> str:
     suffix = path.suffix.lower()
     if suffix not in READ_SUFFIXES and any(p.suffix.lower() == ".zarr" for p in path.parents):
         suffix = ".zarr"  # an array inside a zarr group: "plate.zarr/raw"
+    return suffix
+
+
+def check_readable(path: str | Path) -> None:
+    """Refuse, before any work, an input that :func:`read_image` would refuse by its name
+    or kind (a format it does not read, a zarr group rather than an array)."""
+    path = Path(path)
+    suffix = _suffix(path)
+    if suffix not in READ_SUFFIXES:
+        raise ValueError(f"{path.name}: unsupported image format; use one of {READ_SUFFIXES}")
+    if suffix == ".zarr":
+        read_image(path)  # opened lazily: cheap
+
+
+def read_image(path: str | Path):
+    """Open an image lazily where the format allows (TIFF and zarr as zarr, NPY memory-mapped)."""
+    path = Path(path)
+    suffix = _suffix(path)
     if not path.exists():
         raise FileNotFoundError(f"no such file: {path}")
     if suffix not in READ_SUFFIXES:

@@ -39,11 +39,24 @@ def targets(inputs, output, mode) -> list[tuple[str, Path]]:
             folder, stem = _default_place(src)
             pairs.append((src, (out or folder) / f"{stem}_{mode}{suffix}"))
     sources = {Path(src).resolve(): src for src in inputs}
+    # the zarr stores that hold inputs (a store, or an array inside one): never written into
+    stores = {
+        store
+        for s in sources
+        for store in (s, *s.parents)
+        if store.suffix.lower() == ".zarr" and store.is_dir()
+    }
     seen: dict[Path, str] = {}
     for src, dst in pairs:
         where = dst.resolve()
         if where in sources or any(where in s.parents for s in sources):
             raise ValueError(f"{dst} is or holds an input: the result would replace it")
+        store = next((st for st in stores if st in where.parents), None)
+        if store is not None:
+            raise ValueError(
+                f"{dst} lies inside the zarr store {store.name}, which holds an input: "
+                "write the result beside it"
+            )
         if where.is_dir() and not _is_zarr_array(where):
             raise ValueError(
                 f"{dst} is a folder or a zarr group, not a result of ours to replace: "
