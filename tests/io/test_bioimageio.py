@@ -420,7 +420,11 @@ def test_unsafe_paths_are_refused(tmp_path, exported):
             dst.writestr(member, b"x")
         with pytest.raises(ModelFileError, match="unsafe member"):
             load_package(path)
-        assert not is_package(path)
+        # still a package (it has a description): load_model says why it is refused,
+        # not "not a model file this plugin reads"
+        assert is_package(path)
+        with pytest.raises(ModelFileError, match="unsafe member"):
+            load_model(path)
 
     def outside(rdf):
         rdf["weights"]["torchscript"]["source"] = "../w.pt"

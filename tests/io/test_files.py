@@ -193,6 +193,18 @@ def test_bare_torchscript_of_a_deep_u_net_gets_its_grid_and_halo(tmp_path, paddi
     np.testing.assert_allclose(predict(image, bare, tile=tile), predict(image, model), atol=1e-5)
 
 
+def test_weights_holding_nan_are_refused(tmp_path):
+    model = tiny_model("same", depth=2)
+    with torch.no_grad():
+        next(model.net.parameters())[0] = float("nan")
+    save_model(model, tmp_path / "nan.safetensors")
+    with pytest.raises(ModelFileError, match="nan.safetensors: the weights hold NaN"):
+        load_model(tmp_path / "nan.safetensors")
+    torch.jit.save(torch.jit.trace(model.net, torch.rand(1, 1, 32, 32)), str(tmp_path / "n.pt"))
+    with pytest.raises(ModelFileError, match="n.pt: the weights hold NaN"):
+        load_model(tmp_path / "n.pt")
+
+
 def test_zip_that_is_not_a_model(tmp_path):
     with zipfile.ZipFile(tmp_path / "x.zip", "w") as zf:
         zf.writestr("readme.txt", "hello")
@@ -227,6 +239,8 @@ def _with_metadata(tmp_path, name, edit, model=None):
         ("normalization", {"mode": "fixed", "scale": float("nan")}, "normalisation spec"),
         ("normalization", {"mode": "zscore", "eps": -1}, "normalisation spec"),
         ("provenance", ["x"], "'provenance' must be an object"),
+        ("in_channels", 100000, "'in_channels' must be an integer from 1 to 1024"),
+        ("fixed_input", [30000, 30000], "'fixed_input' must be two integers from 1 to 16384"),
         ("object_diameter", "big", "'object_diameter' must be a positive number"),
         ("activation", "relu", "'activation' must be softmax"),
         ("in_channels", True, "'in_channels' must be an integer"),
@@ -258,8 +272,8 @@ def test_metadata_that_contradicts_itself_or_the_weights_is_refused(tmp_path, ed
 def test_a_small_file_describing_a_huge_network_is_refused_before_building_it(
     tmp_path, monkeypatch
 ):
-    """Depth 9 at width 512 would need hundreds of GB: the shapes are compared on the
-    meta device first, and no real network is built."""
+    """Depth 8 at width 1024 would need terabytes: the shapes are compared on the meta
+    device first, and no real network is built (depth 9 is refused by its number)."""
     from napari_unet.io import files
 
     built = []
@@ -270,7 +284,7 @@ def test_a_small_file_describing_a_huge_network_is_refused_before_building_it(
         return real_unet(config)
 
     path = _with_metadata(
-        tmp_path, "huge.safetensors", lambda i: i["architecture"].update(depth=9, base_width=512)
+        tmp_path, "huge.safetensors", lambda i: i["architecture"].update(depth=8, base_width=1024)
     )
     monkeypatch.setattr(files, "UNet", spy)
     with pytest.raises(ModelFileError, match="do not match the architecture.*missing"):

@@ -55,9 +55,10 @@ def test_options_change_the_network(norm):
     [
         ({"padding": "reflect"}, "padding must be one of"),
         ({"norm": "layer"}, "norm must be one of"),
-        ({"depth": 0}, "depth must be an integer >= 1"),
-        ({"depth": "4"}, "depth must be an integer >= 1"),
-        ({"base_width": True}, "base_width must be an integer >= 1"),
+        ({"depth": 0}, "depth must be an integer from 1 to 8"),
+        ({"depth": "4"}, "depth must be an integer from 1 to 8"),
+        ({"base_width": True}, "base_width must be an integer from 1 to 1024"),
+        ({"base_width": 2**40}, "base_width must be an integer from 1 to 1024"),
         ({"dropout": "0.1"}, "dropout must be a number"),
         ({"dropout": 1.5}, "dropout must be in"),
     ],

@@ -104,19 +104,33 @@ def load_model(source: str | Path, trust_code: bool = False) -> LoadedModel:
     from napari_unet.io import bioimageio
 
     if registry.bundled_path(str(source)) is None and bioimageio.is_package(source):
-        return bioimageio.load_package(source, trust_code=trust_code)
-    path = _resolve(source)
-    kind = _sniff(path)
-    if kind == "safetensors":
-        return _load_safetensors(path)
-    if kind == "torchscript":
-        return _load_torchscript(path)
-    if kind == "pickle":
-        return _load_pickle(path)
-    raise ModelFileError(
-        f"{path.name}: not a model file this plugin reads "
-        "(napari-unet .safetensors or TorchScript .pt)"
-    )
+        model = bioimageio.load_package(source, trust_code=trust_code)
+    else:
+        path = _resolve(source)
+        kind = _sniff(path)
+        if kind == "safetensors":
+            model = _load_safetensors(path)
+        elif kind == "torchscript":
+            model = _load_torchscript(path)
+        elif kind == "pickle":
+            model = _load_pickle(path)
+        else:
+            raise ModelFileError(
+                f"{path.name}: not a model file this plugin reads "
+                "(napari-unet .safetensors or TorchScript .pt)"
+            )
+    _check_finite(model.net, Path(str(source)).name)
+    return model
+
+
+def _check_finite(net, name: str) -> None:
+    """Refuse weights holding NaN or infinity: every prediction would be NaN (written as
+    a result without a word) and so would every fine-tuned version."""
+    if not isinstance(net, torch.nn.Module):
+        return
+    for key, tensor in [*net.named_parameters(), *net.named_buffers()]:
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise ModelFileError(f"{name}: the weights hold NaN or infinite values ({key})")
 
 
 def _resolve(source) -> Path:
@@ -236,6 +250,7 @@ def _load_torchscript(path: Path) -> LoadedModel:
             f"{path.name}: cannot load as TorchScript ({_first_line(err)})"
         ) from None
     net.eval()
+    _check_finite(net, path.name)  # before the probing passes, which NaN would derail
     with contextlib.suppress(Exception):  # scripted code may refuse: probing will say
         net.float()  # the engine feeds float32 tiles
     if extra[TORCHSCRIPT_META]:

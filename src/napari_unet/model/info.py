@@ -167,7 +167,8 @@ _FIELD_CHECKS = {
         lambda v: isinstance(v, list) and len(v) > 0 and all(isinstance(c, str) for c in v),
         "a non-empty list of class names",
     ),
-    "in_channels": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    # bounds: sizes from a file are allocated (a probe tensor of 100,000 channels was 17 GB)
+    "in_channels": (lambda v: _is_int(v) and 1 <= v <= 1024, "an integer from 1 to 1024"),
     "normalization": (_valid_normalization, "a normalisation spec (mode and numbers)"),
     "activation": (lambda v: v in ("softmax", "sigmoid", "none"), "softmax, sigmoid or none"),
     "architecture": (lambda v: isinstance(v, dict), "an object"),
@@ -180,9 +181,11 @@ _FIELD_CHECKS = {
     "format": (lambda v: isinstance(v, str), "a string"),
     "fixed_input": (
         lambda v: (
-            isinstance(v, (list, tuple)) and len(v) == 2 and all(_is_int(n) and n > 0 for n in v)
+            isinstance(v, (list, tuple))
+            and len(v) == 2
+            and all(_is_int(n) and 0 < n <= 16384 for n in v)
         ),
-        "two positive integers",
+        "two integers from 1 to 16384",
     ),
     "object_diameter": (lambda v: _is_number(v) and 0 < v < 1e6, "a positive number"),
 }

@@ -46,10 +46,17 @@ class UNetConfig:
             raise ValueError(f"padding must be one of {PADDINGS}, got {self.padding!r}")
         if self.norm not in NORMS:
             raise ValueError(f"norm must be one of {NORMS}, got {self.norm!r}")
-        for name in ("in_channels", "num_classes", "depth", "base_width"):
+        # bounds: a configuration read from a file is built (base_width 2**40 overflowed
+        # the allocator instead of being refused)
+        limits = {"in_channels": 1024, "num_classes": 1024, "depth": 8, "base_width": 1024}
+        for name, most in limits.items():
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, numbers.Integral)
+                or not 1 <= value <= most
+            ):
+                raise ValueError(f"{name} must be an integer from 1 to {most}, got {value!r}")
         if isinstance(self.dropout, bool) or not isinstance(self.dropout, numbers.Real):
             raise ValueError(f"dropout must be a number, got {self.dropout!r}")
         if not 0.0 <= self.dropout < 1.0:

@@ -177,8 +177,13 @@ def is_package(source) -> bool:
         if path.is_file() and path.suffix in (".yaml", ".yml"):
             return True
         if path.is_file() and zipfile.is_zipfile(path):
-            _open_zip(path)
-            return True
+            # a description inside makes it a package: whatever else is wrong with it (an
+            # unsafe member name) is then said by the loader, not "not a model file"
+            with zipfile.ZipFile(path) as zf:
+                names = zf.namelist()
+            return any(
+                posixpath.basename(n) in RDF_NAMES or n.endswith(".bioimageio.yaml") for n in names
+            )
     except (OSError, ModelFileError, zipfile.BadZipFile):
         return False
     return False
