@@ -304,6 +304,13 @@ def test_visible_region_only(panel, qtbot):
     assert y0 <= 100 < y0 + h and x0 <= 100 < x0 + w
     full = predict(image, tiny_model("valid")).argmax(0)
     np.testing.assert_array_equal(out.data, full[y0 : y0 + h, x0 : x0 + w])
+    # the description says so, and follows the view
+    assert f"visible region {h} x {w}" in widget.axes_label.text()
+    viewer_camera(viewer).zoom = 16
+    assert f"visible region {h} x {w}" not in widget.axes_label.text()
+    assert "visible region" in widget.axes_label.text()
+    widget.visible_check.setChecked(False)
+    assert "visible region" not in widget.axes_label.text()
 
 
 def test_object_size_rescaling_follows_the_model(panel, qtbot, image):
@@ -439,3 +446,12 @@ def test_a_result_is_dropped_when_its_image_is_removed_or_replaced_meanwhile(pan
     assert "data was replaced" in widget.status.text() and len(viewer.layers) == 1
     _run(qtbot, widget)
     assert viewer.layers["img [unet instances]"].data.shape == (20, 40)
+
+
+def test_an_image_renamed_meanwhile_gets_a_result_under_its_new_name(panel, qtbot):
+    viewer, widget = panel
+    layer = viewer.add_image(np.random.default_rng(0).random((40, 40)), name="before")
+    widget._on_run()
+    layer.name = "after"
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=30000)
+    assert [la.name for la in viewer.layers] == ["after", "after [unet instances]"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 from qtpy.QtWidgets import (
     QCheckBox,
@@ -95,6 +97,9 @@ class SegmentPanel(WorkerPanel):
         self.state.model_changed.connect(self._on_model_changed)
         # the description says what a run would process: it follows the plane shown
         self.plane_check.toggled.connect(self._on_layer_choice)
+        self.visible_check.toggled.connect(self._on_layer_choice)
+        self.viewer.camera.events.center.connect(self._on_camera)
+        self.viewer.camera.events.zoom.connect(self._on_camera)
         self.viewer.dims.events.current_step.connect(self._on_view_changed)
         self.viewer.dims.events.ndisplay.connect(self._on_view_changed)
         self.viewer.dims.events.order.connect(self._on_view_changed)
@@ -107,7 +112,11 @@ class SegmentPanel(WorkerPanel):
         self.axes_label.setText(self._describe())
 
     def _on_view_changed(self, event=None) -> None:
-        if self.plane_check.isChecked():
+        if self.plane_check.isChecked() or self.visible_check.isChecked():
+            self.axes_label.setText(self._describe())
+
+    def _on_camera(self, event=None) -> None:
+        if self.visible_check.isChecked():  # the region said follows the view
             self.axes_label.setText(self._describe())
 
     def _on_model_changed(self, model) -> None:
@@ -150,7 +159,13 @@ class SegmentPanel(WorkerPanel):
         if model is None:
             return "Load a model in the napari-unet model panel."
         try:
-            return job_for_layer(layer, model, self.viewer, self.plane_check.isChecked()).describe
+            return job_for_layer(
+                layer,
+                model,
+                self.viewer,
+                self.plane_check.isChecked(),
+                self.visible_check.isChecked(),
+            ).describe
         except ValueError as err:
             return f"Cannot segment this layer: {err}"
 
@@ -174,8 +189,6 @@ class SegmentPanel(WorkerPanel):
         )
 
     def _on_run(self) -> None:
-        from dataclasses import replace
-
         from napari_unet.core.segment import segment_iter
 
         layer, model = self.image_layer(), self.state.model
@@ -222,6 +235,8 @@ class SegmentPanel(WorkerPanel):
                 "dropped; press Segment again."
             )
             return
+        # named after the image as it is called now (renamed meanwhile: its new name)
+        job = replace(job, layer_name=layer.name)
         names, kept = add_or_update(self.viewer, job, model, mode, result)
         note = ""
         if kept:
