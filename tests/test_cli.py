@@ -309,6 +309,9 @@ def test_train_new_model_from_json_and_fine_tune_it(tmp_path, capsys):
     assert main([*args, "-o", str(tmp_path / "s.safetensors")]) == 0
     stopped = load_model(tmp_path / "s.safetensors").info.provenance
     assert stopped["steps"] == 1 and stopped["train_config"]["steps"] == 3
+    # without --seconds, --steps is not re-timed against the recipe's 60 s budget (a
+    # slower machine would plan fewer steps, and the replay would differ)
+    assert stopped["train_config"]["max_seconds"] is None
     # mismatched lists and an empty annotation fail with one line
     assert (
         main(

@@ -103,7 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--finetune",
         action="store_true",
         help="few-annotation fine-tuning recipe (batch-norm re-estimation, confident "
-        "pseudo-labels, anchor to the base, 60 s budget); the options below override it",
+        "pseudo-labels, anchor to the base, 60 s budget, or none when --steps is given "
+        "without --seconds); the options below override it",
     )
     tr.add_argument("--steps", type=int, help="optimisation steps (default 500; finetune 400)")
     tr.add_argument(
@@ -454,6 +455,10 @@ def cmd_train(args) -> int:
         "bf16": args.bf16 or None,
     }
     given = {k: v for k, v in given.items() if v is not None}
+    if args.finetune and args.steps is not None and args.seconds is None:
+        # --steps N repeats a run exactly: the recipe's 60 s budget would time the steps
+        # again on this machine, and plan fewer where it is slower
+        given["max_seconds"] = None
     if args.unlabelled:  # they are only used to adapt the batch-norm statistics
         given["adapt_norm"] = True
     make = TrainConfig.finetune if args.finetune else TrainConfig

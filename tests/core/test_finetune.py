@@ -345,3 +345,14 @@ def test_a_stopped_run_is_repeated_by_stop_after(case):
         assert torch.equal(v, again.net.state_dict()[k]), k
     with pytest.raises(ValueError, match="stop_after must be a whole number"):
         TrainConfig(stop_after=0)
+
+
+def test_instance_masks_with_huge_ids_are_renumbered_before_their_targets():
+    """Ids like 3e9 made per-id tables of tens of GB (the GUI's 'Use selected Labels
+    layer'); above 2**63 they failed."""
+    image, labels = synthetic.nuclei((64, 64), n=5, seed=1)
+    for offset in (3_000_000_000, 2**63 + 5):
+        huge = np.where(labels > 0, labels.astype(np.uint64) + np.uint64(offset), 0)
+        planes, _ = painted_planes([(image, huge, "img", "instances")], 1, convention=(1, 0.5))
+        ref, _ = painted_planes([(image, labels, "img", "instances")], 1, convention=(1, 0.5))
+        np.testing.assert_array_equal(planes[0].annotation, ref[0].annotation)

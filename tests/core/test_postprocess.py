@@ -220,3 +220,14 @@ def test_object_scores_take_any_integer_ids_and_refuse_fractional_ones():
     big = np.where(true > 0, (true > 2**63 + 5).astype(np.int64) + 3_000_000_000, 0)
     small = np.where(true > 0, (true > 2**63 + 5).astype(np.int64) + 1, 0)
     np.testing.assert_array_equal(border_weights(big), border_weights(small))
+
+
+def test_scores_refuse_images_of_different_shapes():
+    """They were broadcast, or a transposed prediction scored F1 0, without a word."""
+    true = np.zeros((10, 20), np.int32)
+    true[2:5, 3:9] = 1
+    for pred in (true.T, np.stack([true] * 3), true[:1]):
+        for score in (metrics.object_scores, metrics.pixel_iou, metrics.pixel_error):
+            with pytest.raises(ValueError, match="the truth has shape \\(10, 20\\)"):
+                score(true, pred)
+    assert metrics.object_scores(true, true)["f1"] == 1.0

@@ -1,3 +1,5 @@
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -454,6 +456,53 @@ def test_a_diverging_run_is_an_error_and_returns_no_model(data):
         train(tiny_model("same"), [image], [labels], config=_cfg(steps=20, lr=1e8, warmup=0))
     with pytest.raises(ValueError, match="finite number above 0"):
         _cfg(lr=float("inf"))
+
+
+def test_a_network_that_predicts_nan_is_never_returned_or_checkpointed(data, tmp_path):
+    """Finite weights can still overflow: one step at lr 1e6 gave a model whose every
+    prediction was NaN, returned and saved as done; checkpoints of diverged networks
+    were written although the error said nothing was saved."""
+    image, labels = data
+    with pytest.raises(ValueError, match="training diverged by step 1"):
+        train(tiny_model("same"), [image], [labels], config=_cfg(steps=1, lr=1e6, warmup=0))
+    ckpt = tmp_path / "c.safetensors"
+    cfg = _cfg(steps=3, lr=1e8, warmup=0, checkpoint=str(ckpt), checkpoint_every=1)
+    with pytest.raises(ValueError, match="training diverged"):
+        train(tiny_model("same"), [image], [labels], config=cfg)
+    assert not ckpt.exists()
+
+
+def test_a_frozen_encoder_is_frozen_for_its_run_only(data):
+    image, labels = data
+    base = tiny_model("same")
+    cfg = _cfg(steps=5, freeze_encoder=True)
+    frozen = train(base, [image], [labels], config=cfg)
+    for name, value in base.net.enc0.state_dict().items():  # batch-norm statistics too
+        assert torch.equal(frozen.net.enc0.state_dict()[name], value), name
+    assert all(p.requires_grad for p in frozen.net.parameters())
+    again = train(frozen, [image], [labels], config=replace(cfg, freeze_encoder=False))
+    # trained again without freezing, the encoder learns (it stayed frozen before)
+    assert not torch.equal(next(again.net.enc0.parameters()), next(frozen.net.enc0.parameters()))
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"checkpoint_every": 0}, "checkpoint_every"),
+        ({"checkpoint": "c.pt"}, "end in .safetensors"),
+        ({"seed": -1}, "seed"),
+        ({"schedule": "linear"}, "schedule"),
+        ({"dice": float("nan")}, "dice"),
+        ({"anchor": -1.0}, "anchor"),
+        ({"pseudo_threshold": 5.0}, "pseudo_threshold"),
+        ({"weight_decay": -1e-4}, "weight_decay"),
+    ],
+)
+def test_settings_out_of_range_are_refused_up_front(change, message):
+    with pytest.raises(ValueError, match=message):
+        _cfg(**change)
+    with pytest.raises(ValueError, match="augmentation zoom"):
+        AugmentConfig(zoom=1.0)
 
 
 def test_only_trainable_u_nets_with_two_classes_are_trained(tmp_path, data):

@@ -9,6 +9,7 @@ output); geometry is applied to all alike.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,6 +29,22 @@ class AugmentConfig:
     elastic_sigma: float = 10.0  # px, std of displacements on the coarse grid
     elastic_grid: int = 3
     zoom: float = 0.0  # random isotropic zoom in [1 - zoom, 1 + zoom] (object size)
+
+    def __post_init__(self) -> None:
+        limits = {"intensity": None, "noise": None, "elastic": 1.0, "zoom": 0.9}
+        limits.update({"elastic_sigma": None, "shift": None})
+        for name, top in limits.items():
+            value = getattr(self, name)
+            if value is None and name == "shift":
+                continue
+            bad = isinstance(value, bool) or not isinstance(value, (int, float))
+            if bad or not math.isfinite(value) or value < 0 or (top is not None and value > top):
+                what = f"from 0 to {top}" if top is not None else "a finite number >= 0"
+                raise ValueError(f"augmentation {name} must be {what}, got {value!r}")
+        if isinstance(self.elastic_grid, bool) or not isinstance(self.elastic_grid, int):
+            raise ValueError(f"elastic_grid must be a whole number, got {self.elastic_grid!r}")
+        if self.elastic_grid < 2:
+            raise ValueError(f"elastic_grid must be at least 2, got {self.elastic_grid}")
 
 
 def elastic_field(shape, rng, sigma: float, grid: int = 3) -> tuple[np.ndarray, np.ndarray]:

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from napari_unet.core.axes import resolve_axes
-from napari_unet.core.targets import DEFAULT_CONVENTION, to_target
+from napari_unet.core.targets import DEFAULT_CONVENTION, renumbered, to_target
 from napari_unet.model.info import LoadedModel
 
 
@@ -80,7 +80,9 @@ def painted_planes(
                 paint = paint.T
             where = f"{name} {list(lead)}" if lead else name
             if kind == "instances" and paint.any():
-                paint = to_target(paint, "instances", num_classes, *convention) + 1
+                # ids renumbered 1..n first, as training does (ids like 3e9 made per-id
+                # tables of tens of GB; above 2**63 they failed)
+                paint = to_target(renumbered(paint), "instances", num_classes, *convention) + 1
                 paint = paint.astype(np.uint8)
             if paint.any():
                 plane = ax.read(image, lead, *full)

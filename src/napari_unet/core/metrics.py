@@ -22,8 +22,19 @@ def _relabel(lab: np.ndarray) -> np.ndarray:
     return renumbered(lab)
 
 
+def _same_shape(true, pred) -> None:
+    """Scores compare pixel for pixel: different shapes were broadcast, or transposed
+    images scored as a poor match, without a word."""
+    if np.shape(true) != np.shape(pred):
+        raise ValueError(
+            f"the truth has shape {np.shape(true)} and the prediction {np.shape(pred)}: "
+            "score images of the same shape"
+        )
+
+
 def iou_matrix(true: np.ndarray, pred: np.ndarray) -> np.ndarray:
     """IoU between every true (rows) and predicted (columns) object, background excluded."""
+    _same_shape(true, pred)
     t, p = _relabel(true), _relabel(pred)
     nt, np_ = int(t.max()), int(p.max())
     overlap = np.bincount(t.ravel() * (np_ + 1) + p.ravel(), minlength=(nt + 1) * (np_ + 1))
@@ -72,6 +83,7 @@ def object_scores(true: np.ndarray, pred: np.ndarray, threshold: float = 0.5) ->
 
 def pixel_iou(true_fg: np.ndarray, pred_fg: np.ndarray) -> float:
     """IoU of two foreground masks."""
+    _same_shape(true_fg, pred_fg)
     t, p = np.asarray(true_fg, bool), np.asarray(pred_fg, bool)
     union = np.count_nonzero(t | p)
     return np.count_nonzero(t & p) / union if union else 1.0
@@ -83,6 +95,7 @@ def pixel_error(true: np.ndarray, pred: np.ndarray) -> float:
     This is the Hamming-distance pixel error of Jain et al. 2010; the ISBI 2012
     leaderboard's "pixel error" is :func:`isbi_pixel_error` instead.
     """
+    _same_shape(true, pred)
     return float(np.mean(np.asarray(true, bool) != np.asarray(pred, bool)))
 
 

@@ -229,7 +229,10 @@ def predict_iter(
         ``"probabilities"``: float32 array ``(K, *leading, Y, X)``, one map per
         class; ``"labels"``: uint8 array ``(*leading, Y, X)`` of class indices.
     out : array-like, optional
-        Preallocated output of that shape (numpy, or zarr for huge images).
+        Preallocated output of that shape (numpy, or zarr for huge images). Tiles are
+        written into it as they are done: a run cancelled (the generator closed) or
+        failed part-way leaves the tiles done so far, so give a scratch array (the
+        command line writes into a temporary zarr store, renamed into place at the end).
     region : (y0, y1, x0, x1), optional
         Predict only this region of every plane, with real image context.
     tta : bool

@@ -106,6 +106,35 @@ class TrainConfig:
             raise ValueError(
                 f"stop_after must be a whole number of at least 1, got {self.stop_after!r}"
             )
+        if (
+            isinstance(self.checkpoint_every, bool)
+            or not isinstance(self.checkpoint_every, int)
+            or self.checkpoint_every < 1
+        ):
+            raise ValueError(
+                f"checkpoint_every must be a whole number of at least 1, got "
+                f"{self.checkpoint_every!r}"
+            )
+        if self.checkpoint is not None and not str(self.checkpoint).endswith(".safetensors"):
+            raise ValueError(f"checkpoint files end in .safetensors, got {self.checkpoint!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"seed must be a whole number of at least 0, got {self.seed!r}")
+        if self.schedule not in ("cosine", "constant"):
+            raise ValueError(f"schedule must be 'cosine' or 'constant', got {self.schedule!r}")
+        # weights and shares: finite, not negative (a NaN Dice weight was silently no Dice)
+        shares = {"pseudo_threshold": 1.0, "pseudo_weight": None, "dice": None}
+        for name in ("weight_decay", "anchor", "border_w0", "contact_w0", *shares):
+            value = getattr(self, name)
+            top = shares.get(name)
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, (int, float))
+                or not math.isfinite(value)
+                or value < 0
+                or (top is not None and value > top)
+            ):
+                what = f"between 0 and {top}" if top is not None else "a finite number >= 0"
+                raise ValueError(f"{name} must be {what}, got {value!r}")
         if self.max_seconds is not None and not 0 < self.max_seconds < float("inf"):
             raise ValueError(
                 f"max_seconds must be above 0 and finite (or None: no time limit), got "
@@ -434,6 +463,11 @@ def train_iter(
     if cfg.pseudo_weight > 0 and kind == "sparse":
         add_pseudo_labels(samples, LoadedModel(net.eval(), model.info), cfg, dev)
     net.train()
+    # one fixed patch the network must still answer with finite numbers (finite weights
+    # can overflow: lr 1e6 gave a model whose every prediction was NaN, saved as done)
+    probe = _Sampler(
+        samples, model, replace(cfg, focus=0.0), np.random.default_rng(cfg.seed + 3)
+    ).batch(1, aug=False)[0]
     # the budget counts from here: the setup above (seconds) is not training
     start = time.perf_counter()
     cfg = replace(cfg, steps=_planned_steps(net, samples, model, cfg, dev))
@@ -463,6 +497,8 @@ def train_iter(
             metrics = evaluate_patches(net, val, cfg.dice, dev)
             net.train()
         if cfg.checkpoint and step % cfg.checkpoint_every == 0:
+            if not _healthy(net, probe, dev):  # a checkpoint is never a diverged network
+                _diverged(step, cfg)
             _checkpoint(net, model, cfg, step, data_name, kind, metrics)
         suspended = time.perf_counter()
         yield TrainStep(
@@ -472,9 +508,25 @@ def train_iter(
         if last:
             break
     net.eval().cpu()
-    if not all(bool(torch.isfinite(p).all()) for p in net.state_dict().values()):
+    if not _healthy(net, probe, torch.device("cpu")):
         _diverged(step, cfg)
+    for p in net.parameters():  # a frozen encoder is frozen for this run only
+        p.requires_grad_(True)
     return _result(net, model, cfg, step, data_name, kind, metrics)
+
+
+def _healthy(net, probe: torch.Tensor, dev) -> bool:
+    """Finite weights, and finite outputs for ``probe`` in eval mode (as it predicts)."""
+    if not all(bool(torch.isfinite(p).all()) for p in net.state_dict().values()):
+        return False
+    was = net.training
+    net.eval()
+    try:
+        with torch.inference_mode():
+            out = net(to_layout(probe.to(dev), net))
+    finally:
+        net.train(was)
+    return bool(torch.isfinite(out).all())
 
 
 def _diverged(step: int, cfg: TrainConfig):
@@ -571,14 +623,19 @@ def evaluate_patches(net, batch, dice: float, dev) -> dict:
 
 
 def _trainable(net, cfg: TrainConfig):
+    for p in net.parameters():  # whatever an earlier run or the caller left
+        p.requires_grad_(True)
     if not cfg.freeze_encoder:
         return list(net.parameters())
-    names = getattr(net, "stage_names", [])
-    frozen = [n for n in names if n.startswith("enc")]
-    for name in frozen:
-        for p in getattr(net, name).parameters():
-            p.requires_grad_(False)
+    for p in _frozen(net).parameters():
+        p.requires_grad_(False)
     return [p for p in net.parameters() if p.requires_grad]
+
+
+def _frozen(net) -> torch.nn.ModuleList:
+    """The encoder stages (frozen by ``freeze_encoder``)."""
+    names = getattr(net, "stage_names", [])
+    return torch.nn.ModuleList(getattr(net, n) for n in names if n.startswith("enc"))
 
 
 def _planned_steps(net, samples, model: LoadedModel, cfg: TrainConfig, dev) -> int:
@@ -618,6 +675,8 @@ class _Stepper:
         for group in self.opt.param_groups:
             group["lr"] = lr
         x, t, w = (a.to(self.dev) for a in batch)
+        if cfg.freeze_encoder:  # its batch-norm statistics stay as they are too
+            _frozen(net).eval()
         with torch.autocast(self.dev.type, torch.bfloat16, enabled=cfg.bf16):
             logits = net(to_layout(x, net))
         loss = loss_fn(logits.float(), t, w, cfg.dice, cfg.hard_fraction)
