@@ -139,7 +139,9 @@ def _plane_instances(p: np.ndarray, recipe: dict, threshold: float, min_size: in
     if method == "watershed":
         interior = p[int(recipe.get("seed", 1))]
         seed_t = float(recipe.get("seed_threshold", threshold))
-        foreground = (1.0 - p[int(recipe.get("background", 0))]) > threshold
+        # one float plane for both the foreground and the objects' confidence
+        confidence = 1.0 - p[int(recipe.get("background", 0))]
+        foreground = confidence > threshold
         seeds, _ = ndi.label((interior > seed_t) & foreground)
         seeds = _remove_small(seeds, int(recipe.get("min_seed_size", 4)))
         energy = -interior
@@ -148,14 +150,15 @@ def _plane_instances(p: np.ndarray, recipe: dict, threshold: float, min_size: in
         elif float(recipe.get("seed_peaks", 0)) > 0:
             seeds, energy = _peak_seeds(seeds, interior, float(recipe["seed_peaks"]))
         lab = watershed(energy, markers=seeds, mask=foreground)
+        del energy, seeds
         lab = _add_unseeded(lab, foreground, int(recipe.get("unseeded_min_size", 0)))
-        confidence = 1.0 - p[int(recipe.get("background", 0))]
+        del foreground
     elif method == "components":
         confidence = p[int(recipe.get("foreground", p.shape[0] - 1))]
         lab, _ = ndi.label(confidence > threshold)
     else:
         raise ValueError(f"unknown instance method {method!r}; use 'watershed' or 'components'")
-    lab = _remove_small(lab.astype(np.int32), min_size)
+    lab = _remove_small(lab.astype(np.int32, copy=False), min_size)
     lab = drop_unsure(lab, confidence, float(recipe.get("min_confidence", 0.0)))
     return relabel_sequential(lab)[0].astype(np.int32)
 
