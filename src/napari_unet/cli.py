@@ -33,7 +33,10 @@ def build_parser() -> argparse.ArgumentParser:
         "probabilities: one map per class (default: %(default)s)",
     )
     pr.add_argument(
-        "--tile", type=_number(int, 1), help="network input tile size (snapped to accepted)"
+        "--tile",
+        type=_number(int, 1),
+        help="network input tile size (snapped to an accepted one, at least twice the halo "
+        "plus one pooling step, e.g. 208 for nuclei; larger tiles waste less on the halo)",
     )
     pr.add_argument("--batch-size", type=_number(int, 1), help="tiles per forward pass")
     pr.add_argument(

@@ -455,3 +455,16 @@ def test_an_image_renamed_meanwhile_gets_a_result_under_its_new_name(panel, qtbo
     layer.name = "after"
     qtbot.waitUntil(lambda: widget.worker is None, timeout=30000)
     assert [la.name for la in viewer.layers] == ["after", "after [unet instances]"]
+
+
+def test_a_tile_size_typed_in_shows_as_the_run_will_use_it(panel):
+    from napari_unet.core.tiling import plan_tiles
+
+    viewer, widget = panel
+    g = widget.state.model.info.geometry
+    for typed in (8, 2 * g.halo + 3 * g.multiple + 5):
+        widget.tile_spin.setValue(typed)
+        widget._on_tile_edited()
+        shown = widget.tile_spin.value()
+        assert shown == plan_tiles((1000, 1000), g, typed).y.tile, typed
+        assert g.snap(shown, "nearest") == shown

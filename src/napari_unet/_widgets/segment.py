@@ -150,7 +150,12 @@ class SegmentPanel(WorkerPanel):
         model = self.state.model
         t = self.tile_spin.value()
         if model is not None and t and model.info.fixed_input is None:
-            self.tile_spin.setValue(model.info.geometry.snap(t, "nearest"))
+            from napari_unet.core.tiling import smallest_tile
+
+            # as the run will use it: an accepted size, at least twice the halo plus one
+            # pooling step (100 px showed as 96 and ran as 208 for nuclei)
+            g = model.info.geometry
+            self.tile_spin.setValue(max(smallest_tile(g), g.snap(t, "nearest")))
 
     def _describe(self) -> str:
         layer, model = self.image_layer(), self.state.model

@@ -107,6 +107,12 @@ def auto_plan_size(yx: tuple[int, int], g: Geometry, max_area: float) -> tuple[i
     return best[1], best[2]
 
 
+def smallest_tile(g: Geometry) -> int:
+    """The smallest input tile worth running: twice the halo plus one pooling step of
+    useful output (a smaller ``tile`` asked for is raised to it)."""
+    return g.snap(2 * g.halo + g.multiple, "up")
+
+
 def plan_axis(n: int, g: Geometry, tile: int | None, fixed: int | None = None) -> AxisPlan:
     """Tile an axis of ``n`` pixels with input tiles of about ``tile`` pixels.
 
@@ -126,7 +132,7 @@ def plan_axis(n: int, g: Geometry, tile: int | None, fixed: int | None = None) -
                 f"the model's fixed input size {fixed} leaves no room for its halo {g.halo}"
             )
     else:
-        t_min = g.snap(2 * g.halo + m, "up")
+        t_min = smallest_tile(g)
         t_need = g.snap(n + 2 * g.halo, "up")
         t = t_need if tile is None else max(t_min, g.snap(max(int(tile), 1), "down") or t_min)
         t = min(t, t_need)
