@@ -424,3 +424,30 @@ def test_the_save_dialog_s_file_type_gives_a_bare_name_its_suffix(
     assert _with_suffix("/a/m.ZIP", ".safetensors") == "/a/m.zip"
     assert _with_suffix("/a/m.v2", ".safetensors") == "/a/m.v2.safetensors"
     assert _with_suffix("", ".zip") == ""
+
+
+def test_the_viewer_keeps_the_books_while_the_panel_is_closed(panel, nuclei, qtbot, tmp_path):
+    """A save finishing after its panel was closed stayed 'unsaved'; another model loaded
+    while the panel was closed left the discarded versions asked about again and again."""
+    import gc
+
+    viewer, widget, state = panel
+    image, strokes = nuclei
+    _painted(viewer, widget, image, strokes)
+    widget.preview_spin.setValue(0)
+    _train(qtbot, widget)
+    assert state.unsaved == ["unet-v1"]
+    widget.version_list.setCurrentRow(1)
+    widget._on_save(str(tmp_path / "v1.safetensors"))
+    worker = widget.worker
+    viewer.window.remove_dock_widget(widget)  # closed while the file is written
+    del widget
+    gc.collect()
+    qtbot.waitUntil(lambda: not worker.is_running, timeout=30000)
+    qtbot.waitUntil(lambda: state.unsaved == [], timeout=5000)
+    assert state.versions.versions[1].saved_to == str(tmp_path / "v1.safetensors")
+    state.versions.versions[1].saved_to = ""  # as if never saved
+    state.record_unsaved()
+    assert state.unsaved == ["unet-v1"]
+    state.model = tiny_model("same", depth=2, seed=3)  # loaded with no fine-tune panel open
+    assert state.versions is None and state.unsaved == []

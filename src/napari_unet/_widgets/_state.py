@@ -38,6 +38,16 @@ class ViewerState:
     def model(self, value) -> None:
         self._model = value
         self.model_changed.emit(value)
+        # a model that is none of the fine-tuned versions (another model loaded, while no
+        # fine-tune panel was open to start its versions anew): the versions are gone
+        if self.versions is not None and not any(v.model is value for v in self.versions.versions):
+            self.versions = None
+            self.unsaved = []
+
+    def record_unsaved(self) -> None:
+        """``unsaved`` from the versions (after a version was added or saved)."""
+        versions = self.versions.unsaved() if self.versions is not None else []
+        self.unsaved = [v.model.info.name or v.label for v in versions]
 
     @property
     def device(self) -> str:

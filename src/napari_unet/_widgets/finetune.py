@@ -12,6 +12,7 @@ from __future__ import annotations
 import threading
 import weakref
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -310,8 +311,8 @@ class FinetunePanel(WorkerPanel):
         if self.versions is not None and any(v.model is model for v in self.versions.versions):
             self._refresh_versions()  # one of the versions (this panel reopened): kept
             return
-        running = self.worker is not None and self._mode in ("train", "fill")
-        if running:  # it learns from, or predicts with, the model that is gone
+        running = self._mode if self.worker is not None else ""
+        if running in ("train", "fill"):  # it learns from, or predicts with, a model gone
             self._on_cancel()
         lost = self.state.unsaved
         self.versions = ModelVersions(model) if model is not None else None
@@ -319,10 +320,15 @@ class FinetunePanel(WorkerPanel):
         if model is None:
             return
         text = ""
-        if running:
+        if running == "train":
             text = (
                 f"Another model was loaded ({model.info.name}): the run going on was "
                 "discarded (train again on the new model). "
+            )
+        elif running == "fill":
+            text = (
+                f"Another model was loaded ({model.info.name}): nothing was filled (press "
+                "'Start from prediction' again for the new model's answer). "
             )
         if lost:
             text += (
@@ -333,11 +339,7 @@ class FinetunePanel(WorkerPanel):
 
     def _refresh_versions(self) -> None:
         self.version_list.clear()
-        self.state.unsaved = (
-            [v.model.info.name or v.label for v in self.versions.unsaved()]
-            if self.versions
-            else []
-        )
+        self.state.record_unsaved()
         if self.versions is None:
             return
         for i in range(len(self.versions.versions)):
@@ -385,10 +387,14 @@ class FinetunePanel(WorkerPanel):
         self._mode = "save"
         self._saving = (self.versions.versions[row], str(path))
         self.status.setText(f"Saving {self._saving[0].label} to {path}...")
-        if self.start(_write_model, model, str(path), desc="napari-unet: saving a model"):
+        worker = self.start(_write_model, model, str(path), desc="napari-unet: saving a model")
+        if worker:
             # the file is written in one go, into a temporary file renamed at the end:
             # there is nothing to cancel (a cancelled save wrote its file all the same)
             self.cancel_button.setEnabled(False)
+            # recorded by the viewer's state, not only by this panel: closed meanwhile,
+            # the version saved stayed "unsaved"
+            worker.returned.connect(partial(_record_save, self.state, self._saving))
 
     # -- training ------------------------------------------------------------------
     def config(self):
@@ -652,6 +658,12 @@ class FinetunePanel(WorkerPanel):
         self.pause_button.setText("Pause")
         self.stop_button.setEnabled(False)
         self._mode = ""
+
+
+def _record_save(state, saving, _result=None) -> None:
+    version, path = saving
+    version.saved_to = path
+    state.record_unsaved()
 
 
 def _with_suffix(path: str, suffix: str) -> str:

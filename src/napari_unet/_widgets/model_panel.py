@@ -103,21 +103,23 @@ class ModelPanel(WorkerPanel):
         if not source:
             self.status.setText("Choose a model file first.")
             return
-        at_stake = []
+        at_stake, first = [], []
         if self.state.training:
             at_stake.append("a fine-tune run is going on (loading another model cancels it)")
+            first.append("let the run end")
         if self.state.unsaved:
             at_stake.append(
                 f"the fine-tune panel has unsaved versions ({', '.join(self.state.unsaved)}); "
                 "loading another model discards them"
             )
+            first.append("save the versions")
         key = (source, tuple(self.state.unsaved), self.state.training)
         if at_stake and self._discard != key:
             # a second press with the same choice confirms: nothing is lost silently
             self._discard = key
             self.status.setText(
                 "; ".join(at_stake).capitalize()
-                + ". Save them (or let the run end) there first, or press "
+                + f". {' and '.join(first).capitalize()} there first, or press "
                 f"'{self.run_text}' again to go ahead."
             )
             return

@@ -15,7 +15,7 @@ from qtpy.QtWidgets import (
 )
 
 from napari_unet._widgets._base import WorkerPanel
-from napari_unet._widgets._layers import LayerJob, add_or_update, job_for_layer
+from napari_unet._widgets._layers import LayerJob, add_or_update, job_for_layer, viewer_camera
 
 
 class SegmentPanel(WorkerPanel):
@@ -98,8 +98,9 @@ class SegmentPanel(WorkerPanel):
         # the description says what a run would process: it follows the plane shown
         self.plane_check.toggled.connect(self._on_layer_choice)
         self.visible_check.toggled.connect(self._on_layer_choice)
-        self.viewer.camera.events.center.connect(self._on_camera)
-        self.viewer.camera.events.zoom.connect(self._on_camera)
+        camera = viewer_camera(self.viewer)
+        camera.events.center.connect(self._on_camera)
+        camera.events.zoom.connect(self._on_camera)
         self.viewer.dims.events.current_step.connect(self._on_view_changed)
         self.viewer.dims.events.ndisplay.connect(self._on_view_changed)
         self.viewer.dims.events.order.connect(self._on_view_changed)
