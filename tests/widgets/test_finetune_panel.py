@@ -50,6 +50,18 @@ def _train(qtbot, widget, timeout=60000):
     qtbot.waitUntil(lambda: widget.worker is None, timeout=timeout)
 
 
+def _save_a_trained_v1(qtbot, viewer, widget, state, nuclei, path):
+    """Strokes painted, a run trained (unet-v1, unsaved), then saved to ``path``: the
+    save is started, not waited for."""
+    image, strokes = nuclei
+    _painted(viewer, widget, image, strokes)
+    widget.preview_spin.setValue(0)
+    _train(qtbot, widget)
+    assert state.unsaved == ["unet-v1"]
+    widget.version_list.setCurrentRow(1)
+    widget._on_save(str(path))
+
+
 def test_annotation_layer_has_class_names_and_colours(panel, nuclei):
     viewer, widget, _ = panel
     image, _ = nuclei
@@ -198,13 +210,7 @@ def test_loading_another_model_asks_before_unsaved_versions_are_lost(
     from napari_unet._widgets.model_panel import ModelPanel
 
     viewer, widget, state = panel
-    image, strokes = nuclei
-    _painted(viewer, widget, image, strokes)
-    widget.preview_spin.setValue(0)
-    _train(qtbot, widget)
-    assert state.unsaved == ["unet-v1"]
-    widget.version_list.setCurrentRow(1)
-    widget._on_save(str(tmp_path / "v1.safetensors"))
+    _save_a_trained_v1(qtbot, viewer, widget, state, nuclei, tmp_path / "v1.safetensors")
     qtbot.waitUntil(lambda: widget.worker is None, timeout=30000)
     assert state.unsaved == []
     _train(qtbot, widget)
@@ -432,13 +438,7 @@ def test_the_viewer_keeps_the_books_while_the_panel_is_closed(panel, nuclei, qtb
     import gc
 
     viewer, widget, state = panel
-    image, strokes = nuclei
-    _painted(viewer, widget, image, strokes)
-    widget.preview_spin.setValue(0)
-    _train(qtbot, widget)
-    assert state.unsaved == ["unet-v1"]
-    widget.version_list.setCurrentRow(1)
-    widget._on_save(str(tmp_path / "v1.safetensors"))
+    _save_a_trained_v1(qtbot, viewer, widget, state, nuclei, tmp_path / "v1.safetensors")
     worker = widget.worker
     viewer.window.remove_dock_widget(widget)  # closed while the file is written
     del widget

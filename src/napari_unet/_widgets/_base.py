@@ -81,6 +81,7 @@ class WorkerPanel(QWidget):
         self.state = state_for(self.viewer)
         self.worker = None
         self._progress = None
+        self._docked = False  # set once napari docks the panel (see event)
         # the controls scroll when the panel is short (all four panels docked in one
         # column made napari's window 1,915 px high, and on a smaller screen wrapped
         # text was cut off); the buttons and the status line stay in sight below them
@@ -206,6 +207,14 @@ class WorkerPanel(QWidget):
         worker.start()
         return worker
 
+    def source_lost(self, source) -> str:
+        """Why a run's results no longer belong over ``source`` ((layer, its data) as the
+        run started): ``"removed"``, ``"replaced"`` (new data), or ``""`` (still there)."""
+        layer, data = source
+        if not any(la is layer for la in self.viewer.layers):
+            return "removed"
+        return "replaced" if layer.data is not data else ""
+
     def idle(self) -> bool:
         """Whether no run is going on and its results are all shown."""
         return self.worker is None
@@ -266,7 +275,7 @@ class WorkerPanel(QWidget):
         if event.type() == QEvent.Type.ParentChange:
             if self.parent() is not None:
                 self._docked = True
-            elif getattr(self, "_docked", False):
+            elif self._docked:
                 self._docked = False
                 self._on_closed()
         return super().event(event)

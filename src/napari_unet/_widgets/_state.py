@@ -40,7 +40,7 @@ class ViewerState:
         self.model_changed.emit(value)
         # a model that is none of the fine-tuned versions (another model loaded, while no
         # fine-tune panel was open to start its versions anew): the versions are gone
-        if self.versions is not None and not any(v.model is value for v in self.versions.versions):
+        if self.versions is not None and not self.versions.holds(value):
             self.versions = None
             self.unsaved = []
 

@@ -154,11 +154,8 @@ class FeatureMapPanel(WorkerPanel):
 
     def _on_returned(self, maps) -> None:
         job = self._job
-        layer, data = self._source or (None, None)
-        self._source = None
-        if layer is not None and (
-            not any(la is layer for la in self.viewer.layers) or layer.data is not data
-        ):
+        source, self._source = self._source, None
+        if source is not None and self.source_lost(source):
             self.status.setText(
                 f"{job.layer_name} was removed or its data replaced meanwhile: its feature "
                 "maps were dropped."

@@ -308,7 +308,7 @@ class FinetunePanel(WorkerPanel):
             return
         from napari_unet.core.finetune import ModelVersions
 
-        if self.versions is not None and any(v.model is model for v in self.versions.versions):
+        if self.versions is not None and self.versions.holds(model):
             self._refresh_versions()  # one of the versions (this panel reopened): kept
             return
         running = self._mode if self.worker is not None else ""
@@ -319,23 +319,21 @@ class FinetunePanel(WorkerPanel):
         self._refresh_versions()
         if model is None:
             return
-        text = ""
+        what = []
         if running == "train":
-            text = (
-                f"Another model was loaded ({model.info.name}): the run going on was "
-                "discarded (train again on the new model). "
-            )
+            what.append("the run going on was discarded (train again on the new model)")
         elif running == "fill":
-            text = (
-                f"Another model was loaded ({model.info.name}): nothing was filled (press "
-                "'Start from prediction' again for the new model's answer). "
-            )
+            what.append("nothing was filled (press 'Start from prediction' again for its answer)")
         if lost:
-            text += (
-                f"Another model was loaded ({model.info.name}): the unsaved versions "
-                f"{', '.join(lost)} are gone; fine-tuning now starts from it."
+            what.append(
+                f"the unsaved versions {', '.join(lost)} are gone; fine-tuning now starts from it"
             )
-        self.status.setText(text.strip())
+        if what:
+            self.status.setText(
+                f"Another model was loaded ({model.info.name}): {'; '.join(what)}."
+            )
+        else:
+            self.status.setText("")
 
     def _refresh_versions(self) -> None:
         self.version_list.clear()
@@ -588,9 +586,9 @@ class FinetunePanel(WorkerPanel):
             self._fill(value)
             return
         if self._mode == "save":
-            version, path = self._saving
-            version.saved_to = path
+            _record_save(self.state, self._saving)
             self._refresh_versions()
+            version, path = self._saving
             self.status.setText(f"Saved {version.label} to {path}")
             return
         if not isinstance(value, Finished):

@@ -91,6 +91,7 @@ class SegmentPanel(WorkerPanel):
         # the run going on: its layer job, model and output mode
         self._job: tuple[LayerJob, object, str] | None = None
         self._source = None  # (layer, its data) as the run started
+        self._recipe_shown = None  # the instance recipe and object size last shown
         self.tile_spin.editingFinished.connect(self._on_tile_edited)
         self.mode_combo.currentTextChanged.connect(self._on_mode)
         self.rescale_check.toggled.connect(self.diameter_spin.setEnabled)
@@ -128,7 +129,7 @@ class SegmentPanel(WorkerPanel):
         recipe = (model.info.instances or {}) if model is not None else {}
         diameter = model.info.object_diameter if model is not None else None
         shown = (repr(sorted(recipe.items())), diameter)
-        if shown == getattr(self, "_recipe_shown", None):
+        if shown == self._recipe_shown:
             return  # the same recipe (a fine-tuned version of it): the user's settings stay
         self._recipe_shown = shown
         self.confidence_spin.setValue(float(recipe.get("min_confidence", 0.0)))
@@ -228,14 +229,14 @@ class SegmentPanel(WorkerPanel):
         if self._job is None:
             return
         job, model, mode = self._job
-        layer, data = self._source
+        layer, lost = self._source[0], self.source_lost(self._source)
         self._source = None
-        if not any(la is layer for la in self.viewer.layers):
+        if lost == "removed":
             self.status.setText(
                 f"{job.layer_name} was removed while it was segmented: the result was dropped."
             )
             return
-        if layer.data is not data:
+        if lost == "replaced":
             self.status.setText(
                 f"{layer.name}'s data was replaced while it was segmented: the result was "
                 "dropped; press Segment again."

@@ -31,11 +31,11 @@ class AugmentConfig:
     zoom: float = 0.0  # random isotropic zoom in [1 - zoom, 1 + zoom] (object size)
 
     def __post_init__(self) -> None:
-        limits = {"intensity": None, "noise": None, "elastic": 1.0, "zoom": 0.9}
-        limits.update({"elastic_sigma": None, "shift": None})
+        limits = {"intensity": None, "shift": None, "noise": None, "elastic": 1.0}
+        limits.update(elastic_sigma=None, zoom=0.9)  # name: largest value (None: any)
         for name, top in limits.items():
             value = getattr(self, name)
-            if value is None and name == "shift":
+            if value is None and name == "shift":  # shift None: the intensity's
                 continue
             bad = isinstance(value, bool) or not isinstance(value, (int, float))
             if bad or not math.isfinite(value) or value < 0 or (top is not None and value > top):

@@ -344,6 +344,10 @@ class ModelVersions:
         self.current = n
         return version
 
+    def holds(self, model) -> bool:
+        """Whether ``model`` is one of these versions (the very object)."""
+        return any(v.model is model for v in self.versions)
+
     def unsaved(self) -> list[Version]:
         """The fine-tuned versions never written to a file (lost when the session ends)."""
         return [v for v in self.versions[1:] if not v.saved_to]

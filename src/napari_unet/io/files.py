@@ -119,7 +119,8 @@ def load_model(source: str | Path, trust_code: bool = False) -> LoadedModel:
                 f"{path.name}: not a model file this plugin reads "
                 "(napari-unet .safetensors or TorchScript .pt)"
             )
-    _check_finite(model.net, Path(str(source)).name)
+    if model.info.format != "torchscript":  # _load_torchscript checks before it probes
+        _check_finite(model.net, Path(str(source)).name)
     return model
 
 
