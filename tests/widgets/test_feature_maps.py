@@ -174,3 +174,31 @@ def test_multichannel_images_show_the_maps_of_their_plane(make_napari_viewer, qt
     )
     if not rgb:
         assert layer.translate[-3] == 2.0  # on the plane it came from
+
+
+def test_maps_of_a_z_c_y_x_plane_show_on_that_plane_at_every_channel(make_napari_viewer, qtbot):
+    """Z, C, Y, X: the maps' plane axes are Z and a channel plane stretched over C (they
+    lay on the C axis, shown nowhere)."""
+    from napari_unet._widgets._state import state_for
+    from napari_unet._widgets.feature_maps import FeatureMapPanel
+    from napari_unet.core.features import capture
+
+    viewer = make_napari_viewer()
+    model = tiny_model("same", depth=2, channels=2)
+    data = np.random.default_rng(4).random((3, 2, 40, 48)).astype(np.float32)
+    state_for(viewer).model = model
+    widget = FeatureMapPanel(plugin_viewer(viewer))
+    viewer.add_image(data, name="img", scale=(4, 1, 1, 1))
+    viewer.dims.set_point(0, 8)  # z = 2
+    widget.region_combo.setCurrentText("whole plane")
+    widget._on_run()
+    qtbot.waitUntil(widget.idle, timeout=30000)
+    layer = viewer.layers["img [features enc0]"]
+    ref = capture(data[2], model, axes="CYX")
+    np.testing.assert_allclose(
+        layer.data.reshape(ref["enc0"].data.shape), ref["enc0"].data, atol=1e-5
+    )
+    for c in (0, 1):
+        viewer.dims.set_point(2, c)  # (the maps added an axis before the image's)
+        point = np.round(layer.world_to_data(viewer.dims.point)).astype(int)
+        assert point[1:3].tolist() == [0, 0]  # (its Z plane, its channel plane)

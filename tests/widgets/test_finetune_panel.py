@@ -451,3 +451,50 @@ def test_the_viewer_keeps_the_books_while_the_panel_is_closed(panel, nuclei, qtb
     assert state.unsaved == ["unet-v1"]
     state.model = tiny_model("same", depth=2, seed=3)  # loaded with no fine-tune panel open
     assert state.versions is None and state.unsaved == []
+
+
+@pytest.mark.parametrize("order", ["ZCYX", "CZYX"])
+def test_multichannel_stacks_are_annotated_and_trained_on_the_planes_shown(panel, qtbot, order):
+    """The annotation layer lies on the image's planes whatever the channel axis, and
+    training reads the image with the axes the segment panel uses."""
+    viewer, widget, state = panel
+    state.model = tiny_model("same", depth=2, channels=2)
+    rng = np.random.default_rng(6)
+    zc = rng.random((3, 2, 48, 48)).astype(np.float32)
+    data = zc if order == "ZCYX" else zc.transpose(1, 0, 2, 3)
+    viewer.add_image(data.copy(), name="img")
+    widget.layer_combo.setCurrentText("img")
+    ann = widget.new_annotation_layer()
+    assert ann.data.shape == ((3, 1, 48, 48) if order == "ZCYX" else (3, 48, 48))
+    # painted where the viewer shows z = 2 (at channel 1 for Z, C, Y, X)
+    point = (2, 1, 20, 30) if order == "ZCYX" else (1, 2, 20, 30)
+    index = tuple(np.round(ann.world_to_data(point)).astype(int))
+    assert index[0] == 2 and index[-2:] == (20, 30)
+    plane = ann.data[index[:-2]]
+    plane[10:20, 10:20], plane[30:40, 30:40] = 1, 2
+    ann.refresh()
+    planes, _, painted = widget.collect(state.model)
+    assert len(planes) == 1 and painted == {"background": 100, "interior": 100}
+    np.testing.assert_array_equal(planes[0].image, zc[2])  # (C, Y, X) of plane z = 2
+    widget.steps_spin.setValue(3)
+    widget.preview_spin.setValue(0)
+    _train(qtbot, widget)
+    assert state.model.info.name == "unet-v1", widget.status.text()
+    np.testing.assert_array_equal(viewer.layers["img"].data, data)
+
+
+def test_a_failed_start_from_prediction_leaves_no_empty_layer(panel, qtbot):
+    viewer, widget, _ = panel
+    image = np.random.default_rng(3).random((64, 64)).astype(np.float32)
+    image[5, 5] = np.inf
+    viewer.add_image(image, name="img")
+    widget.layer_combo.setCurrentText("img")
+    widget.start_from_prediction()
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=30000)
+    assert "Error" in widget.status.text()
+    assert [la.name for la in viewer.layers] == ["img"]
+    # a layer the user has keeps existing, painted or not
+    ann = widget.new_annotation_layer()
+    widget.start_from_prediction()
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=30000)
+    assert ann in viewer.layers

@@ -340,9 +340,11 @@ def test_object_size_rescaling_follows_the_model(panel, qtbot, image):
 @pytest.mark.parametrize(
     "shape, scale, translate, placed",
     [
-        ((3, 2, 40, 50), (5, 1, 2, 3), (100, 0, 10, 20), ((5, 2, 3), (100, 10, 20))),  # ZCYX
+        # Z, C, Y, X: outputs get one channel plane stretched over the two channels
+        ((3, 2, 40, 50), (5, 1, 2, 3), (100, 0, 10, 20), ((5, 2, 2, 3), (100, 0.5, 10, 20))),
         ((2, 3, 40, 50), (1, 5, 2, 3), (0, 100, 10, 20), ((5, 2, 3), (100, 10, 20))),  # CZYX
-        ((2, 2, 40, 50), (1, 5, 2, 3), (0, 100, 10, 20), ((1, 2, 3), (0, 10, 20))),  # C nearest
+        # C nearest Y and X (Z, C, Y, X)
+        ((2, 2, 40, 50), (1, 5, 2, 3), (0, 100, 10, 20), ((1, 10, 2, 3), (0, 102.5, 10, 20))),
         ((2, 40, 50), (1, 2, 3), (0, 10, 20), ((2, 3), (10, 20))),  # CYX
     ],
 )
@@ -468,3 +470,117 @@ def test_a_tile_size_typed_in_shows_as_the_run_will_use_it(panel):
         shown = widget.tile_spin.value()
         assert shown == plan_tiles((1000, 1000), g, typed).y.tile, typed
         assert g.snap(shown, "nearest") == shown
+
+
+def test_results_of_a_z_c_y_x_layer_show_on_its_planes_at_every_channel(panel, qtbot):
+    """napari lines layers up by their last axes: a (Z, Y, X) result of a (Z, C, Y, X)
+    image would put its Z on the image's C (plane 0 shown at z = 3, channel 0)."""
+    viewer, widget = panel
+    data = np.random.default_rng(3).random((4, 2, 40, 48)).astype(np.float32)
+    src = viewer.add_image(data, name="zc", scale=(5, 1, 2, 3), translate=(100, 0, 10, 20))
+    widget.state.model = tiny_model("same", channels=2)
+    widget.layer_combo.setCurrentText("zc")
+    widget.mode_combo.setCurrentText("labels")
+    _run(qtbot, widget)
+    out = viewer.layers["zc [unet labels]"]
+    assert out.data.shape == (4, 1, 40, 48)
+    expected = predict(data, widget.state.model, axes="ZCYX").argmax(0)
+    np.testing.assert_array_equal(out.data[:, 0], expected)
+    for z in range(4):
+        for c in range(2):
+            viewer.dims.point = (100 + 5 * z, c, 10 + 2 * 7, 20 + 3 * 9)
+            assert np.round(src.world_to_data(viewer.dims.point)).tolist() == [z, c, 7, 9]
+            assert np.round(out.world_to_data(viewer.dims.point)).tolist() == [z, 0, 7, 9]
+    # current plane: the plane shown, placed on it
+    widget.plane_check.setChecked(True)
+    viewer.dims.point = (100 + 5 * 2, 1, 10, 20)
+    _run(qtbot, widget)
+    plane = viewer.layers["zc [unet labels] [1]"]
+    assert plane.data.shape == (1, 1, 40, 48)
+    np.testing.assert_array_equal(plane.data[0, 0], expected[2])
+    assert np.round(plane.world_to_data(viewer.dims.point)).tolist() == [0, 0, 0, 0]
+
+
+def test_another_plane_gets_a_result_layer_of_its_own(panel, qtbot):
+    viewer, widget = panel
+    data = np.random.default_rng(4).random((4, 40, 48)).astype(np.float32)
+    viewer.add_image(data, name="stack")
+    widget.mode_combo.setCurrentText("labels")
+    widget.plane_check.setChecked(True)
+    viewer.dims.set_current_step(0, 1)
+    _run(qtbot, widget)
+    viewer.dims.set_current_step(0, 3)
+    _run(qtbot, widget)
+    first, second = viewer.layers["stack [unet labels]"], viewer.layers["stack [unet labels] [1]"]
+    assert (first.translate[0], second.translate[0]) == (1, 3)
+    # the same plane again updates its own layer
+    _run(qtbot, widget)
+    assert len(viewer.layers) == 3
+
+
+def test_current_plane_refuses_a_plane_napari_does_not_show(panel, qtbot):
+    viewer, widget = panel
+    viewer.add_image(np.zeros((8, 30, 30), np.float32), name="far", translate=(0, 0, 0))
+    viewer.add_image(np.zeros((3, 30, 30), np.float32), name="near", translate=(-3, 0, 0))
+    widget.layer_combo.setCurrentText("near")
+    widget.plane_check.setChecked(True)
+    viewer.dims.set_current_step(0, 6)  # 'near' ends at Z = -1: napari shows none of it
+    widget._on_run()
+    assert widget.worker is None
+    assert "has no plane at the viewer's Z position" in widget.status.text()
+    assert [la.name for la in viewer.layers] == ["far", "near"]
+
+
+def test_units_of_the_image_carry_over_to_its_results_and_its_plane(panel, qtbot):
+    viewer, widget = panel
+    if not hasattr(viewer.dims, "units"):
+        pytest.skip("napari < 0.6 has no layer units")
+    rng = np.random.default_rng(5)
+    um = viewer.add_image(
+        rng.random((6, 30, 30)).astype(np.float32), name="um", scale=(2, 0.5, 0.5), units="um"
+    )
+    viewer.add_image(
+        rng.random((6, 30, 30)).astype(np.float32), name="nm", scale=(1000, 500, 500), units="nm"
+    )
+    assert viewer.layers.extent.units is not None  # consistent: both shown in nm
+    widget.layer_combo.setCurrentText("um")
+    widget.mode_combo.setCurrentText("labels")
+    widget.plane_check.setChecked(True)
+    viewer.dims.point = (6000, 5000, 5000)  # nm: plane 3 of 'um', as napari shows it
+    assert "Z=3" in widget.axes_label.text()
+    _run(qtbot, widget)
+    out = viewer.layers["um [unet labels]"]
+    assert tuple(str(u) for u in out.units) == tuple(str(u) for u in um.units)
+    assert viewer.layers.extent.units is not None  # still consistent
+    assert out.translate[0] == 6.0
+
+
+def test_rgb_layers_and_multichannel_models(panel, qtbot):
+    viewer, widget = panel
+    rgba = (np.random.default_rng(8).random((40, 48, 4)) * 255).astype(np.uint8)
+    viewer.add_image(rgba, name="rgba", rgb=True)
+    widget.state.model = tiny_model("same", channels=3)
+    widget.layer_combo.setCurrentText("rgba")
+    widget.mode_combo.setCurrentText("labels")
+    assert "alpha channel left out" in widget.axes_label.text()
+    _run(qtbot, widget)
+    expected = predict(rgba[..., :3], widget.state.model, axes="YXC").argmax(0)
+    np.testing.assert_array_equal(viewer.layers["rgba [unet labels]"].data, expected)
+    widget.state.model = tiny_model("same", channels=2)
+    widget._on_run()
+    assert widget.worker is None
+    assert "is an RGB image (3 colour channels), but the model takes 2" in widget.status.text()
+
+
+def test_a_zarr_layer_is_read_in_the_worker_not_when_a_plane_is_chosen(panel):
+    zarr = pytest.importorskip("zarr")
+    from napari_unet._widgets._layers import job_for_layer
+
+    viewer, widget = panel
+    store = zarr.zeros((5, 64, 64), chunks=(1, 32, 32), dtype="float32")
+    store[3] = 1.0
+    layer = viewer.add_image(store, name="z")
+    viewer.dims.set_current_step(0, 3)
+    job = job_for_layer(layer, widget.state.model, viewer, current_plane=True)
+    assert hasattr(job.data, "dask") and job.data.shape == (1, 64, 64)  # not read yet
+    assert float(np.asarray(job.data).mean()) == 1.0

@@ -24,21 +24,56 @@ class LayerJob:
     scale: tuple[float, ...]
     translate: tuple[float, ...]
     describe: str
+    # where outputs get a one-plane channel axis (Z, C, Y, X: results (Z, 1, Y, X)), so
+    # that napari, which lines layers up by their last axes, puts their Z on the image's Z
+    channel_at: int | None = None
+    units: tuple | None = None  # the layer's units (napari >= 0.6), channel axis as above
+
+    def expand(self, array):
+        """``array`` (the image's axes without channels) shaped for its output layer."""
+        return array if self.channel_at is None else np.expand_dims(array, self.channel_at)
+
+    def collapse(self, array):
+        """An output layer's data (see :meth:`expand`) back on the image's axes."""
+        if self.channel_at is None or np.ndim(array) != len(self.scale):
+            return array  # (a Labels layer of the user's without the channel axis)
+        return array[(slice(None),) * self.channel_at + (0,)]
+
+    def placement(self) -> dict:
+        """``scale``, ``translate`` (and ``units``) of an output layer."""
+        kw = {"scale": self.scale, "translate": self.translate}
+        if self.units is not None:
+            kw["units"] = self.units
+        return kw
 
 
 def job_for_layer(layer, model, viewer=None, current_plane=False, visible=False) -> LayerJob:
     """Map an Image layer to the engine: RGB to gray, channel axis, plane, region."""
     _check_placement(layer)
     data = layer.data[0] if getattr(layer, "multiscale", False) else layer.data
+    # indexed lazily: a zarr plane or region is read in the worker, not here
+    data = _lazy(data)
+    full_shape = tuple(data.shape)
     notes = []
     if getattr(layer, "rgb", False):
-        if model.info.in_channels == 1:
+        channels = model.info.in_channels
+        lead = leading_letters(len(full_shape) - 3)
+        spatial_scale = tuple(layer.scale)
+        if channels == 1:
             data = _lazy_gray(data)  # converted where it is read (in the worker)
             notes.append("RGB converted to grayscale")
-            spatial_scale = tuple(layer.scale)
+            axes = resolve_axes(tuple(data.shape), lead + "YX", 1)
+        elif channels == 3:
+            if full_shape[-1] == 4:
+                data = data[..., :3]
+                notes.append("alpha channel left out")
+            axes = resolve_axes(tuple(data.shape), lead + "YXC", 3)
         else:
-            spatial_scale = tuple(layer.scale)
-        axes = resolve_axes(tuple(data.shape), None, model.info.in_channels)
+            raise AxesError(
+                f"layer {layer.name!r} is an RGB image (3 colour channels), but the model "
+                f"takes {channels} channels: open the image with its channels as one axis "
+                "before Y and X (not as RGB), or load a model for this image"
+            )
     else:
         axes = resolve_axes(
             tuple(data.shape),
@@ -55,8 +90,9 @@ def job_for_layer(layer, model, viewer=None, current_plane=False, visible=False)
     summary = axes.describe()
     if current_plane or visible:
         _check_view(layer, axes, viewer)
+    layer_axes_ = axes.axes
     if current_plane and lead:
-        point = layer.world_to_data(viewer.dims.point) if viewer is not None else None
+        point = world_to_layer(layer, viewer, viewer.dims.point) if viewer is not None else None
         # in the 3D view the axes on screen are shown whole: they stay whole (a hidden
         # slider position of a displayed Z would pick one arbitrary plane)
         shown = set()
@@ -67,7 +103,14 @@ def job_for_layer(layer, model, viewer=None, current_plane=False, visible=False)
         for k, pos in enumerate(lead):
             if pos in shown:
                 continue
-            i = int(np.clip(round(point[pos]) if point is not None else 0, 0, axes.shape[pos] - 1))
+            i = round(point[pos]) if point is not None else 0
+            if not 0 <= i < axes.shape[pos]:
+                raise ValueError(
+                    f"layer {layer.name!r} has no plane at the viewer's {axes.axes[pos]} "
+                    f"position (its {axes.axes[pos]} planes are 0-{axes.shape[pos] - 1}, the "
+                    f"viewer is at {point[pos]:.1f}), so napari shows none of it: move the "
+                    "slider onto the image, or leave 'current plane' off"
+                )
             index[pos] = slice(i, i + 1)
             translate[k] = translate[k] + i * scale[k]
         data = data[tuple(index)]
@@ -84,7 +127,50 @@ def job_for_layer(layer, model, viewer=None, current_plane=False, visible=False)
         translate[-1] += region[2] * scale[-1]
         notes.append(f"visible region {region[1] - region[0]} x {region[3] - region[2]}")
     text = summary + ("; " + ", ".join(notes) if notes else "")
-    return LayerJob(layer.name, data, axes.axes, region, tuple(scale), tuple(translate), text)
+    units = getattr(layer, "units", None)  # napari >= 0.6
+    if units is not None and not getattr(layer, "rgb", False):
+        units = [u for u, a in zip(units, layer_axes_) if a != "C"]
+    channel_at = layer_axes_.index("C") if "C" in layer_axes_ else None
+    if channel_at == 0 or getattr(layer, "rgb", False):
+        channel_at = None  # (C, Z, Y, X): outputs (Z, Y, X) line up with its last axes
+    if channel_at is not None:
+        # one plane stretched over all the channels: the output shows at every channel
+        n, step = full_shape[channel_at], layer.scale[channel_at]
+        scale.insert(channel_at, n * step)
+        translate.insert(channel_at, layer.translate[channel_at] + (n - 1) / 2 * step)
+        if units is not None:
+            units.insert(channel_at, layer.units[channel_at])
+    units = None if units is None else tuple(units)
+    return LayerJob(
+        layer.name,
+        data,
+        axes.axes,
+        region,
+        tuple(scale),
+        tuple(translate),
+        text,
+        channel_at,
+        units,
+    )
+
+
+def world_to_layer(layer, viewer, point) -> np.ndarray:
+    """``layer.world_to_data`` of a viewer position, with the unit conversion napari's own
+    slicing applies (a layer in um beside one in nm is shown in nm: the viewer's position
+    is in nm, the layer's scale in um)."""
+    point = np.asarray(point, float).copy()
+    units = getattr(layer, "units", None)
+    world = getattr(getattr(viewer, "dims", None), "units", None)
+    if units is not None and world is not None and len(world) >= len(units):
+        import pint
+
+        reg = pint.get_application_registry()
+        factors = [
+            reg.get_base_units(w)[0] / reg.get_base_units(u)[0]
+            for w, u in zip(world[-len(units) :], units)
+        ]
+        point[-len(units) :] *= np.asarray(factors, float)
+    return np.asarray(layer.world_to_data(point))
 
 
 def layer_axes(shape, in_channels: int) -> str:
@@ -146,6 +232,17 @@ def _check_placement(layer) -> None:
         )
 
 
+def _lazy(data):
+    """``data`` as is if indexing it reads nothing (numpy views, dask); other arrays
+    (zarr, HDF5...) wrapped in dask, so a plane or region is read only when computed."""
+    if isinstance(data, np.ndarray) or hasattr(data, "dask"):
+        return data
+    import dask.array as da
+
+    chunks = getattr(data, "chunks", None) or "auto"
+    return da.from_array(data, chunks=chunks, name=False)  # (no hashing of the data)
+
+
 def _lazy_gray(data):
     """Luminance of an RGB(A) layer (ITU-R 601, as ``rgb_to_gray``), computed block by block
     when read: describing or choosing a layer costs nothing, the GUI thread converts nothing."""
@@ -181,7 +278,7 @@ def _visible_region(layer, axes, viewer) -> tuple[int, int, int, int]:
         lo, hi = point.copy(), point.copy()
         shown = list(viewer.dims.displayed)  # (vertical, horizontal), as the camera's centre
         lo[shown], hi[shown] = centre - half, centre + half
-        corners = np.stack([layer.world_to_data(lo), layer.world_to_data(hi)])
+        corners = np.stack([world_to_layer(layer, viewer, lo), world_to_layer(layer, viewer, hi)])
         corners = np.sort(corners, axis=0)
     iy, ix = axes.axes.index("Y"), axes.axes.index("X")  # layer axes (YXC: not the last two)
     h, w = axes.yx
@@ -220,7 +317,8 @@ def add_or_update(
     those are kept, and the new result gets a layer of its own. Returns the result layers' names
     and those of the layers kept."""
     info = model.info
-    kw = {"scale": job.scale, "translate": job.translate}
+    kw = job.placement()
+    result = np.asarray(result) if mode != "probabilities" else result
     if mode == "probabilities":
         wanted = [result_name(job.layer_name, info.name, c) for c in info.classes]
         names = [
@@ -228,7 +326,7 @@ def add_or_update(
                 viewer,
                 "image",
                 name,
-                result[k],
+                job.expand(result[k]),
                 kw,
                 colormap=COLORMAPS[k % len(COLORMAPS)],
                 blending="additive",
@@ -239,7 +337,7 @@ def add_or_update(
         ]
     else:
         wanted = [result_name(job.layer_name, info.name, mode)]
-        names = [_put(viewer, "labels", wanted[0], result, kw)]
+        names = [_put(viewer, "labels", wanted[0], job.expand(result), kw)]
     return names, [w for w, n in zip(wanted, names) if n != w]
 
 
@@ -259,6 +357,7 @@ def _put(viewer, kind: str, name: str, data, kw: dict, **style) -> str:
             if la._type_string == kind
             and overwritable(la)
             and tuple(la.data.shape) == tuple(np.shape(data))
+            and np.allclose(la.translate, kw["translate"])  # (another plane: its own layer)
         ),
         None,
     )
@@ -267,8 +366,8 @@ def _put(viewer, kind: str, name: str, data, kw: dict, **style) -> str:
         # each assignment re-slices the layer (about 1 s for 8000^2): only what changed
         if not np.allclose(old.scale, kw["scale"]):
             old.scale = kw["scale"]
-        if not np.allclose(old.translate, kw["translate"]):
-            old.translate = kw["translate"]
+        if "units" in kw and tuple(old.units) != tuple(kw["units"]):
+            old.units = kw["units"]
         mark_result(old)
         return old.name
     # napari names a layer "name [1]" when "name" is taken

@@ -170,6 +170,10 @@ class FeatureMapPanel(WorkerPanel):
         ranges = self.viewer.dims.range[self.viewer.dims.ndim - world :][:pad]
         pad_scale = tuple(float(r.stop - r.start + (r.step or 1)) for r in ranges)
         pad_translate = tuple(float(r.start + r.stop) / 2 for r in ranges)
+        units = {}
+        if job.units is not None:  # the image's units (mixed units misplace layers)
+            world_units = tuple(self.viewer.dims.units)[self.viewer.dims.ndim - world :][:pad]
+            units = {"units": ("pixel", *world_units, *job.units)}
         for i, (name, fm) in enumerate(maps.items()):
             scale, translate = fm.world(job.scale[-2:], _origin(job))
             lead = len(job.scale) - 2
@@ -182,6 +186,7 @@ class FeatureMapPanel(WorkerPanel):
                 colormap="inferno",
                 blending="additive",
                 contrast_limits=_limits(fm.data),
+                **units,
                 metadata={
                     "stage": name,
                     "channels": fm.channels.tolist(),
@@ -211,8 +216,9 @@ class FeatureMapPanel(WorkerPanel):
         if old is not None and OUTPUT_KEY in old.metadata and data.ndim == old.ndim:
             # update in place: removing a layer from the canvas is slower than adding it
             old.data = data
-            for key in ("scale", "translate", "contrast_limits", "metadata", "visible"):
-                setattr(old, key, kw[key])
+            for key in ("scale", "translate", "units", "contrast_limits", "metadata", "visible"):
+                if key in kw:
+                    setattr(old, key, kw[key])
         else:
             if old is not None and OUTPUT_KEY in old.metadata:
                 self.viewer.layers.remove(old)

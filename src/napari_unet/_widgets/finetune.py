@@ -35,6 +35,7 @@ from napari_unet._widgets._layers import (
     job_for_layer,
     mark_result,
     overwritable,
+    world_to_layer,
 )
 from napari_unet._widgets._loss_plot import LossPlot
 from napari_unet.core.axes import Axes
@@ -64,6 +65,7 @@ class FinetunePanel(WorkerPanel):
 
         self._setting_model = False
         self._mode = ""  # what the worker does: "train", "fill" or "save"
+        self._fill_made = None  # an annotation layer made by "Start from prediction"
         self._stop = threading.Event()
         self._preview_job = None
         self._preview_layer = lambda: None  # weak reference to this panel's preview layer
@@ -192,7 +194,7 @@ class FinetunePanel(WorkerPanel):
         except ValueError as err:
             self._on_errored(err)
             return None
-        shape = tuple(n for n, a in zip(job.data.shape, job.axes) if a != "C")
+        shape = job.expand(np.empty(_spatial(job), np.uint8)).shape
         classes = model.info.classes
         name = f"{layer.name} annotations"
         n = 1
@@ -203,8 +205,7 @@ class FinetunePanel(WorkerPanel):
         labels = self.viewer.add_labels(
             np.zeros(shape, np.uint8),
             name=name,
-            scale=job.scale,
-            translate=job.translate,
+            **job.placement(),
             features=features,
             colormap=annotation_colormap(classes),
             metadata={ANNOTATION_KEY: layer.name},
@@ -258,15 +259,18 @@ class FinetunePanel(WorkerPanel):
         if self.viewer.dims.ndisplay != 2:
             self.status.setText("Switch to the 2D view: the fill paints the plane shown.")
             return
-        targets = self.annotation_layers(layer.name, "sparse") or [self.new_annotation_layer()]
-        if targets[0] is None:
-            return
         from napari_unet.core.segment import SegmentOptions, segment_iter
 
-        try:
+        try:  # checked before an annotation layer is made for it
             job = job_for_layer(layer, model, self.viewer, current_plane=True)
         except ValueError as err:
             self._on_errored(err)
+            return
+        targets = self.annotation_layers(layer.name, "sparse")
+        # a layer made for this fill goes again if the fill fails or is cancelled
+        self._fill_made = None if targets else self.new_annotation_layer()
+        targets = targets or [self._fill_made]
+        if targets[0] is None:
             return
         shape = targets[0].data.shape
         if tuple(shape[-2:]) != Axes(job.axes, tuple(np.shape(job.data))).yx:
@@ -276,7 +280,7 @@ class FinetunePanel(WorkerPanel):
             )
             return
         # the plane shown now: the user may move on to another while the model runs
-        point = targets[0].world_to_data(self.viewer.dims.point)
+        point = world_to_layer(targets[0], self.viewer, self.viewer.dims.point)
         plane = tuple(
             int(np.clip(round(point[k]), 0, shape[k] - 1)) for k in range(len(shape) - 2)
         )
@@ -433,8 +437,10 @@ class FinetunePanel(WorkerPanel):
                     f"annotation layer {ann.name!r} belongs to image {name!r}, which is gone"
                 )
             job = job_for_layer(self.viewer.layers[name], model, self.viewer)
-            paint = ann.data.copy() if isinstance(ann.data, np.ndarray) else ann.data
-            pairs.append((job.data, paint, name, ann.metadata.get(KIND_KEY, "sparse")))
+            paint = job.collapse(ann.data)
+            paint = paint.copy() if isinstance(paint, np.ndarray) else paint
+            # the image's axes as the segment panel reads them (C, Z, Y, X; thin stacks)
+            pairs.append((job.data, paint, name, ann.metadata.get(KIND_KEY, "sparse"), job.axes))
         return pairs
 
     def collect(self, model):
@@ -564,15 +570,15 @@ class FinetunePanel(WorkerPanel):
         job = self._preview_job
         layer = self._preview_layer()
         if layer is not None and layer in self.viewer.layers and overwritable(layer):
-            layer.data = preview.labels
-            layer.scale, layer.translate = job.scale, job.translate
+            layer.data = job.expand(preview.labels)
+            for key, value in job.placement().items():
+                setattr(layer, key, value)
         else:
             classes = self.state.model.info.classes
             layer = self.viewer.add_labels(
-                preview.labels,
+                job.expand(preview.labels),
                 name=f"{job.layer_name} [fine-tune preview]",
-                scale=job.scale,
-                translate=job.translate,
+                **job.placement(),
                 colormap=annotation_colormap(classes),
                 features={"class": ["-", *classes]},
                 opacity=0.5,
@@ -650,6 +656,9 @@ class FinetunePanel(WorkerPanel):
 
     def _on_finished(self) -> None:
         super()._on_finished()
+        made, self._fill_made = self._fill_made, None
+        if made is not None and made in self.viewer.layers and not np.any(made.data):
+            self.viewer.layers.remove(made)  # made for a fill that failed: nothing in it
         if self._mode == "train":
             self.state.training = False
         self.pause_button.setEnabled(False)
@@ -693,3 +702,8 @@ def _diameter(model) -> str | None:
     """Models that record their objects' size see the painted images at that size,
     measured as the segment panel's *auto* does."""
     return "auto" if model.info.object_diameter else None
+
+
+def _spatial(job) -> tuple[int, ...]:
+    """The shape of ``job``'s image without its channel axis."""
+    return tuple(n for n, a in zip(np.shape(job.data), job.axes) if a != "C")

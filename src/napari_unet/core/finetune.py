@@ -40,9 +40,10 @@ def painted_planes(
     num_classes: int = 3,
     convention: tuple[int, float] = DEFAULT_CONVENTION,
 ) -> tuple[list[PaintedPlane], list[np.ndarray]]:
-    """Split ``(image, annotation, name[, kind])`` pairs into painted 2D planes.
+    """Split ``(image, annotation, name[, kind[, axes]])`` pairs into painted 2D planes.
 
-    The annotation has the image's shape without its channel axis. ``kind`` is
+    The annotation has the image's shape without its channel axis. A pair's ``axes``
+    (e.g. ``"CZYX"``) override ``axes`` (default: guessed from the shape). ``kind`` is
     ``"sparse"`` (default: ``0`` = not annotated, ``k`` = class ``k - 1``) or
     ``"instances"`` (a dense instance mask, ``0`` = background: its non-empty planes
     become background / interior / boundary paint covering the whole plane, drawn
@@ -59,7 +60,7 @@ def painted_planes(
         if kind not in ("sparse", "instances"):
             raise ValueError(f"annotation kind must be 'sparse' or 'instances', got {kind!r}")
         image, annotation = np.asarray(image), np.asarray(annotation)
-        ax = resolve_axes(image.shape, axes, in_channels)
+        ax = resolve_axes(image.shape, pair[4] if len(pair) > 4 else axes, in_channels)
         spatial_axes = [a for a in ax.axes if a != "C"]
         spatial = tuple(s for s, a in zip(image.shape, ax.axes) if a != "C")
         if annotation.shape != spatial:
