@@ -572,3 +572,54 @@ def test_diameter_must_be_pixels_auto_or_off(tmp_path, model_file, image, capsys
     ]
     assert main([*args, "--diameter", "abc"]) == 1
     assert "--diameter takes pixels, 'auto' or 'off', got 'abc'" in capsys.readouterr().err
+
+
+def test_a_batch_stops_before_any_result_for_an_input_the_model_cannot_take(
+    tmp_path, model_file, image, capsys
+):
+    tifffile.imwrite(tmp_path / "a.tif", image)
+    np.save(tmp_path / "mask.npy", image > 500)  # a mask, not an image
+    out = tmp_path / "out"
+    rc = main(["predict", str(tmp_path / "a.tif"), str(tmp_path / "mask.npy"),
+               "-m", str(model_file), "-o", str(out), "-q"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert rc == 1 and "mask.npy" in err and "nothing was processed" in err, err
+    assert not out.exists()
+    # a folder of images, a corrupt TIFF, and an extension-less output that is a file
+    (tmp_path / "folder").mkdir()
+    rc = main(["predict", str(tmp_path / "folder"), "-m", str(model_file), "-q"])
+    assert rc == 1 and "is a folder: pass its images, e.g. folder/*.tif" in capsys.readouterr().err
+    (tmp_path / "bad.tif").write_bytes(b"II*\x00garbage" * 10)
+    rc = main(["predict", str(tmp_path / "bad.tif"), "-m", str(model_file), "-q"])
+    err = capsys.readouterr().err
+    assert rc == 1 and "bad.tif: cannot read image" in err and "shape (0,)" not in err, err
+    (tmp_path / "notes").write_text("a file")
+    rc = main(["predict", str(tmp_path / "a.tif"), "-m", str(model_file),
+               "-o", str(tmp_path / "notes"), "-q"])  # fmt: skip
+    assert rc == 1 and "is a file; give the result a name" in capsys.readouterr().err
+
+
+def test_a_zarr_result_of_a_model_with_an_object_size_warns_it_is_not_rescaled(
+    tmp_path, image, capsys
+):
+    model = save_model(tiny_model("valid", object_diameter=20.0), tmp_path / "d.safetensors")
+    tifffile.imwrite(tmp_path / "a.tif", image)
+    args = ["predict", str(tmp_path / "a.tif"), "-m", str(model), "--mode", "labels", "-q"]
+    assert main([*args, "-o", str(tmp_path / "a.zarr")]) == 0
+    assert "a .zarr result is segmented at the image's own scale" in capsys.readouterr().err
+    assert main([*args, "-o", str(tmp_path / "b.zarr"), "--diameter", "off"]) == 0
+    assert "own scale" not in capsys.readouterr().err
+
+
+def test_a_y_x_1_image_is_one_grayscale_plane(tmp_path, model_file, image):
+    tifffile.imwrite(tmp_path / "yx1.tif", image[..., None], photometric="minisblack")
+    np.save(tmp_path / "yx1.npy", image[..., None])
+    tifffile.imwrite(tmp_path / "yx.tif", image)
+    for name in ("yx", "yx1", "yx1.npy"):
+        src = tmp_path / (name if name.endswith(".npy") else f"{name}.tif")
+        dst = tmp_path / f"{src.stem}_{src.suffix[1:]}_out.tif"
+        assert main(["predict", str(src), "-m", str(model_file), "-o", str(dst), "-q"]) == 0
+    ref = tifffile.imread(tmp_path / "yx_tif_out.tif")
+    assert ref.shape == image.shape
+    for name in ("yx1_tif_out.tif", "yx1_npy_out.tif"):
+        np.testing.assert_array_equal(tifffile.imread(tmp_path / name), ref)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import signal
 import sys
 import threading
@@ -272,9 +273,22 @@ def cmd_predict(args) -> int:
     for src, dst in targets:
         check_readable(src)
         _check_target(dst, args)
+    model = _model(args.model, getattr(args, "trust_code", False))
+    for src, _ in targets:  # opened lazily: an input the model cannot take stops the batch
+        _check_input(read_image(src), args.axes or image_axes(src), model, src)
     for folder in sorted({dst.parent for _, dst in targets}):
         outputs.check_folder(folder)
-    model = _model(args.model, getattr(args, "trust_code", False))
+    if (
+        args.diameter is None
+        and model.info.object_diameter
+        and any(dst.suffix.lower() == ".zarr" for _, dst in targets)
+    ):
+        print(
+            f"warning: {model.info.name} records an object size, but a .zarr result is "
+            "segmented at the image's own scale (write .tif or .npy to rescale; "
+            "--diameter off says so and silences this)",
+            file=sys.stderr,
+        )
     for src, dst in targets:
         image = read_image(src)
         axes = args.axes or image_axes(src)  # as the file records them (OME, ImageJ)
@@ -284,6 +298,18 @@ def cmd_predict(args) -> int:
             raise ValueError(f"{src}: its image data is corrupt ({err})") from None
         print(f"{src} -> {dst}", file=sys.stderr)
     return 0
+
+
+def _check_input(image, axes, model, src) -> None:
+    """Axes and dtype of an input, checked before the first image is segmented."""
+    from napari_unet.core.axes import resolve_axes
+    from napari_unet.core.normalize import check_dtype
+
+    try:
+        resolve_axes(tuple(image.shape), axes, model.info.in_channels)
+        check_dtype(image.dtype)
+    except ValueError as err:
+        raise ValueError(f"{src}: {err} (nothing was processed)") from None
 
 
 def _check_target(dst: Path, args) -> None:
@@ -504,8 +530,18 @@ def _first_interrupt_stops(stop: threading.Event):
     """Ctrl-C once: training ends after the current step and its result is saved;
     twice: abort without saving."""
 
+    # Python runs a handler once for presses that come while one torch operation runs
+    # (a step of seconds): the wakeup pipe gets a byte per press, so they are counted
+    read_end, write_end = os.pipe()
+    os.set_blocking(read_end, False)
+    os.set_blocking(write_end, False)
+
     def handler(signum, frame):
-        if stop.is_set():
+        try:
+            presses = os.read(read_end, 64).count(bytes([signal.SIGINT]))
+        except BlockingIOError:
+            presses = 0
+        if stop.is_set() or presses > 1:
             raise KeyboardInterrupt
         stop.set()
         print(
@@ -515,13 +551,19 @@ def _first_interrupt_stops(stop: threading.Event):
 
     try:
         previous = signal.signal(signal.SIGINT, handler)
+        previous_fd = signal.set_wakeup_fd(write_end, warn_on_full_buffer=False)
     except ValueError:  # not the main thread: Ctrl-C keeps its default meaning
+        os.close(read_end)
+        os.close(write_end)
         yield
         return
     try:
         yield
     finally:
+        signal.set_wakeup_fd(previous_fd)
         signal.signal(signal.SIGINT, previous)
+        os.close(read_end)
+        os.close(write_end)
 
 
 COMMANDS = {

@@ -92,6 +92,8 @@ def test_top_channels_float16_and_memory_estimate():
     est = estimate_bytes(model, ["enc1"], (48, 48))
     assert est >= full.data.nbytes
     assert est * 3 / full.data.shape[0] == estimate_bytes(model, ["enc1"], (48, 48), 3)
+    with pytest.raises(ValueError, match="max_channels must be a whole number from 1"):
+        capture(image, model, ["enc1"], max_channels=-1)
 
 
 def test_stage_grid_matches_the_paper_geometry():

@@ -95,6 +95,18 @@ def test_matching_keeps_a_pair_at_the_threshold_over_two_crossed_pairs_below_it(
     assert (s["tp"], s["fp"], s["fn"]) == (1, 1, 1) and s["mean_matched_iou"] == 0.5
 
 
+def test_matching_takes_the_best_pair_above_the_threshold_not_one_pulled_by_a_pair_below():
+    # IoU (true x pred): [[0, 0.227], [0.304, 0.433]]; at 0.3 one pair can match: the best,
+    # (t2, p2) at 0.433, not (t2, p1) at 0.304 that (t1, p2)'s 0.227 pulled the assignment to
+    true = np.array([[0] * 8 + [2] * 21 + [0] * 4 + [1] * 5 + [0] * 2])
+    pred = np.array([[0] * 6 + [1] * 9 + [0] + [2] * 22 + [0] * 2])
+    np.testing.assert_allclose(
+        metrics.iou_matrix(true, pred), [[0, 5 / 22], [7 / 23, 13 / 30]], atol=1e-12
+    )
+    s = metrics.object_scores(true, pred, threshold=0.3)
+    assert s["tp"] == 1 and abs(s["mean_matched_iou"] - 13 / 30) < 1e-12
+
+
 def test_rand_error_perfect_split_and_merge():
     true = np.zeros((10, 10), int)
     true[:, :5], true[:, 5:] = 1, 2

@@ -9,7 +9,7 @@ import torch
 from conftest import tiny_model
 from napari_unet.core import segment as seg
 from napari_unet.core.metrics import object_scores
-from napari_unet.core.segment import SegmentOptions, median_diameter, segment_iter
+from napari_unet.core.segment import SegmentOptions, median_diameter, segment, segment_iter
 from napari_unet.core.tiling import run_to_end
 
 
@@ -194,3 +194,28 @@ def test_segment_in_one_call_is_the_generator_run_to_its_end():
     assert labels.shape == image.shape and labels.max() <= 2
     with pytest.raises(TypeError, match="not both"):
         segment(image, model, SegmentOptions(), mode="labels")
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"threshold": float("nan")}, "threshold must be from 0 to 1"),
+        ({"threshold": 2.0}, "threshold must be from 0 to 1"),
+        ({"min_confidence": 5.0}, "min_confidence must be from 0 to 1"),
+        ({"min_size": -1}, "min_size must be at least 0"),
+        ({"tile": 0}, "tile must be at least 1"),
+        ({"batch_size": 2.5}, "batch_size must be a whole number"),
+        ({"mode": "masks"}, "mode must be one of"),
+    ],
+)
+def test_segment_options_refuse_values_that_would_answer_nothing(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        SegmentOptions(**kwargs)
+
+
+def test_a_nested_list_and_a_y_x_1_array_segment_as_the_2d_image():
+    model = tiny_model("same")
+    image = np.random.default_rng(2).random((40, 48)).astype(np.float32)
+    ref = segment(image, model, mode="labels")
+    np.testing.assert_array_equal(segment(image.tolist(), model, mode="labels"), ref)
+    np.testing.assert_array_equal(segment(image[..., None], model, mode="labels"), ref)

@@ -582,6 +582,11 @@ def test_channel_last_images_train_as_they_segment(data):
         normalized_plane(tiny_model("same"), np.zeros((0, 5), np.float32), "image 0")
     with pytest.raises(ValueError, match="train on 2D planes"):
         normalized_plane(tiny_model("same"), np.zeros((3, 20, 20), np.float32))
+    # (1, Y, X) and (Y, X, 1): one plane of a one-channel image, as the message says
+    gray = rng.random((20, 24), dtype=np.float32)
+    one = normalized_plane(tiny_model("same"), gray)
+    for shaped in (gray[None], gray[..., None]):
+        np.testing.assert_array_equal(normalized_plane(tiny_model("same"), shaped), one)
 
 
 def test_short_runs_reach_the_learning_rate_and_validation_errors_say_so(data):

@@ -81,8 +81,9 @@ def resolve_axes(shape: tuple[int, ...], axes: str | None, in_channels: int) -> 
     """Check or guess the axes of an image for a model with ``in_channels`` inputs.
 
     With ``axes=None``: 2D is ``YX``; for a multichannel model a first or last
-    axis equal to ``in_channels`` is ``C`` (last first, as RGB); every other
-    axis before ``YX`` is a leading axis (``Z``, ``T``, ...).
+    axis equal to ``in_channels`` is ``C`` (last first, as RGB); a last axis of 1
+    is the channel of a one-channel image (``Y, X, 1``); every other axis before
+    ``YX`` is a leading axis (``Z``, ``T``, ...).
     """
     shape = tuple(int(s) for s in shape)
     if len(shape) < 2:
@@ -120,6 +121,10 @@ def _guess_axes(shape: tuple[int, ...], in_channels: int) -> str:
         return leading_letters(nd - 3) + "YXC"
     if in_channels > 1 and shape[-3] == in_channels:
         return leading_letters(nd - 3) + "CYX"
+    if in_channels == 1 and nd >= 3 and shape[-1] == 1 and shape[-2] > 1:
+        # (Y, X, 1), as Keras-style arrays and many TIFF writers store a grayscale image
+        # (read as Y planes of Y x 1 pixels, it took 20x the time and gave nonsense)
+        return leading_letters(nd - 3) + "YXC"
     if in_channels == 1 and nd >= 3 and shape[-1] in (3, 4) and shape[-2] > 4:
         raise AxesError(
             f"shape {shape} looks like an RGB(A) image but the model takes one channel; "

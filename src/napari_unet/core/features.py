@@ -126,6 +126,16 @@ def capture_iter(
             "hooks); feature maps need a napari-unet model or a bioimage.io package with "
             "pytorch_state_dict weights (tick 'trust package code')"
         )
+    if max_channels is not None and (
+        isinstance(max_channels, bool)
+        or not isinstance(max_channels, (int, np.integer))
+        or max_channels < 1
+    ):
+        raise ValueError(
+            f"max_channels must be a whole number from 1 (or None), got {max_channels!r}"
+        )
+    if not hasattr(image, "shape"):  # a nested list, say
+        image = np.asarray(image)
     names = stage_names(model.net)
     stages = list(stages or names)
     unknown = [s for s in stages if s not in names]

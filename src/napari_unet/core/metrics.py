@@ -60,8 +60,9 @@ def object_scores(true: np.ndarray, pred: np.ndarray, threshold: float = 0.5) ->
     iou = iou_matrix(true, pred)
     nt, np_ = iou.shape
     if nt and np_:
-        # a pair at the threshold outweighs any sum of IoUs (< 1 in all)
-        gain = (iou >= threshold) + iou / (2 * max(nt, np_))
+        # a pair at the threshold outweighs any sum of IoUs (< 1 in all); a pair under it
+        # counts nothing (its IoU pulled the assignment from a better pair above it)
+        gain = np.where(iou >= threshold, 1 + iou / (2 * max(nt, np_)), 0.0)
         rows, cols = linear_sum_assignment(-gain)
         matched = iou[rows, cols]
         matched = matched[matched >= threshold]

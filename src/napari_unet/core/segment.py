@@ -38,6 +38,26 @@ class SegmentOptions:
     # None: segment at the image's own scale
     diameter: float | str | None = None
 
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        for name in ("threshold", "min_confidence"):
+            value = getattr(self, name)
+            if value is None and name == "min_confidence":
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(f"{name} must be a number from 0 to 1, got {value!r}")
+            if not 0 <= value <= 1:  # (NaN fails too)
+                raise ValueError(f"{name} must be from 0 to 1 (a probability), got {value!r}")
+        for name, least in (("min_size", 0), ("tile", 1), ("batch_size", 1)):
+            value = getattr(self, name)
+            if value is None and name != "min_size":
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+                raise ValueError(f"{name} must be a whole number, got {value!r}")
+            if value < least:
+                raise ValueError(f"{name} must be at least {least}, got {value}")
+
 
 # rescaling by less than this factor (either way) is skipped
 SCALE_TOLERANCE = 1.1
@@ -70,8 +90,8 @@ def segment_iter(image, model, options: SegmentOptions) -> Generator[Progress, N
     ``options.diameter`` the network sees the image rescaled so that its objects
     have the size the model was trained on; results come back at the image's size.
     """
-    if options.mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {options.mode!r}")
+    if not hasattr(image, "shape"):  # a nested list, say
+        image = np.asarray(image)
     if options.diameter is None:
         return (yield from segment_at_iter(image, model, options, 1.0))
     factor, first = yield from scale_factor_iter(image, model, options)

@@ -544,6 +544,9 @@ def normalized_plane(model: LoadedModel, image: np.ndarray, what: str = "image")
         ax = resolve_axes(img.shape, None, c)
     except ValueError as err:
         raise ValueError(f"{what}: {err}") from None
+    if ax.leading and int(np.prod(ax.leading_shape)) == 1:  # (1, Y, X): one plane
+        img = img.reshape([n for n, a in zip(img.shape, ax.axes) if a in "CYX"])
+        ax = resolve_axes(img.shape, "".join(a for a in ax.axes if a in "CYX"), c)
     if ax.leading:
         raise ValueError(
             f"{what} has shape {np.shape(image)}; the model needs (Y, X), ({c}, Y, X) or "

@@ -26,6 +26,11 @@ def check_readable(path: str | Path) -> None:
     or kind (a format it does not read, a zarr group rather than an array)."""
     path = Path(path)
     suffix = _suffix(path)
+    if path.is_dir() and suffix != ".zarr":
+        raise ValueError(
+            f"{path.name} is a folder: pass its images, e.g. {path.name}/*.tif "
+            "(a folder is read as an image only if it is a zarr array, named .zarr)"
+        )
     if suffix not in READ_SUFFIXES:
         raise ValueError(f"{path.name}: unsupported image format; use one of {READ_SUFFIXES}")
     if suffix == ".zarr":
@@ -48,6 +53,9 @@ def read_image(path: str | Path):
         raise ValueError(f"{path.name}: cannot read image ({err})") from None
     if not hasattr(arr, "shape"):
         raise ValueError(f"{path.name}: a zarr group, not an array; pass the array path")
+    if suffix in (".tif", ".tiff") and (len(arr.shape) < 2 or 0 in arr.shape):
+        # tifffile answers a TIFF whose pages cannot be found with an empty array
+        raise ValueError(f"{path.name}: cannot read image (no image data: a corrupt TIFF?)")
     return arr
 
 
@@ -75,8 +83,13 @@ def image_axes(path: str | Path) -> str | None:
 
 def _open(path: Path, suffix: str):
     if suffix in (".tif", ".tiff"):
+        import logging
+
         import tifffile
         import zarr
+
+        # a corrupt file is refused in one line (read_image), not logged page by page
+        logging.getLogger("tifffile").setLevel(logging.ERROR)
 
         try:  # lazily, tile by tile
             arr = zarr.open(tifffile.imread(str(path), aszarr=True), mode="r")

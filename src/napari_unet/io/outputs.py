@@ -29,6 +29,11 @@ def targets(inputs, output, mode) -> list[tuple[str, Path]]:
     out = Path(output) if output else None
     # an existing folder is a folder whatever its name ("run.2024"); a .zarr is a result
     folder_given = out is not None and out.is_dir() and out.suffix.lower() != ".zarr"
+    if out is not None and not out.suffix and out.exists() and not out.is_dir():
+        raise ValueError(
+            f"--output {out}: a name without an extension is a folder for the results, and "
+            f"{out} is a file; give the result a name with its type (e.g. {out}.tif)"
+        )
     if out is not None and len(inputs) == 1 and out.suffix and not folder_given:
         pairs = [(inputs[0], out)]
     else:
