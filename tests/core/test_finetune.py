@@ -261,6 +261,17 @@ def test_finetune_iter_reports_previews_and_accuracy_and_stops_on_request(case):
     assert isinstance(result, Finished) and result.stopped and result.steps == 11
     assert result.accuracy_before == pytest.approx(painted_accuracy(model, planes))
     assert result.accuracy_after == pytest.approx(painted_accuracy(result.model, planes))
+    # Stop pressed after the last step ended nothing early: not "stopped"
+    cfg = TrainConfig.finetune(steps=3, patch_size=64, max_seconds=None, device="cpu")
+    seen.clear()
+    gen = finetune_iter(
+        model, planes, [], cfg,
+        should_stop=lambda: sum(isinstance(v, TrainStep) for v in seen) >= 3,
+    )  # fmt: skip
+    from napari_unet.core.tiling import run_to_end
+
+    result = run_to_end(gen, seen.append)
+    assert result.steps == 3 and not result.stopped
 
 
 def test_finetune_at_the_model_object_size_rescales_planes_and_previews(case, monkeypatch):

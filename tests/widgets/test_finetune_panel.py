@@ -244,10 +244,14 @@ def test_save_version_and_start_from_prediction_on_a_stack(panel, qtbot, tmp_pat
     assert "A run is going on" in widget.status.text()
     qtbot.waitUntil(lambda: widget.worker is None, timeout=30000)
     expected = predict(stack[1], state.model).argmax(0) + 1
-    filled = ann.data[1]
+    filled = ann.data[1].copy()
     assert (filled[0:3, 0:3] == 3).all()
     np.testing.assert_array_equal(filled[3:], expected[3:])
     assert not ann.data[0].any() and not ann.data[2].any()
+    ann.undo()  # the fill is one step of the layer's undo history
+    assert (ann.data[1] == 0).sum() == ann.data[1].size - 9 and (ann.data[1, 0:3, 0:3] == 3).all()
+    ann.redo()
+    np.testing.assert_array_equal(ann.data[1], filled)
     widget.version_list.setCurrentRow(0)
     out = tmp_path / "v0.safetensors"
     widget._on_save(str(out))
@@ -498,3 +502,20 @@ def test_a_failed_start_from_prediction_leaves_no_empty_layer(panel, qtbot):
     widget.start_from_prediction()
     qtbot.waitUntil(lambda: widget.worker is None, timeout=30000)
     assert ann in viewer.layers
+
+
+def test_a_version_is_never_saved_over_the_base_model_s_file(panel, nuclei, qtbot, tmp_path):
+    from napari_unet.io import load_model, save_model
+
+    viewer, widget, state = panel
+    base_file = save_model(tiny_model("same", depth=2), tmp_path / "base.safetensors")
+    before = base_file.read_bytes()
+    state.model = load_model(base_file)
+    image, strokes = nuclei
+    _painted(viewer, widget, image, strokes)
+    widget.preview_spin.setValue(0)
+    _train(qtbot, widget)
+    widget.version_list.setCurrentRow(1)
+    widget._on_save(str(tmp_path / "." / "base.safetensors"))
+    assert widget.worker is None and "never overwritten" in widget.status.text()
+    assert base_file.read_bytes() == before

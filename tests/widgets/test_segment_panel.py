@@ -584,3 +584,18 @@ def test_a_zarr_layer_is_read_in_the_worker_not_when_a_plane_is_chosen(panel):
     job = job_for_layer(layer, widget.state.model, viewer, current_plane=True)
     assert hasattr(job.data, "dask") and job.data.shape == (1, 64, 64)  # not read yet
     assert float(np.asarray(job.data).mean()) == 1.0
+
+
+def test_a_runtime_error_in_a_run_is_shown_and_the_panel_is_free_again(panel, qtbot):
+    """napari's worker takes a RuntimeError (torch's out of memory) for its own deletion
+    and ends without 'errored' or 'finished': the panel waited for ever."""
+    viewer, widget = panel
+
+    def run():
+        yield from ()
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried 9 GB")
+
+    widget.start(run)
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=10000)
+    assert widget.status.text().startswith("Error: out of memory: use a smaller batch")
+    assert widget.run_button.isEnabled()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import time
 import weakref
 
@@ -200,7 +201,9 @@ class WorkerPanel(QWidget):
             "errored": self._on_errored,  # handled here: shown, not re-raised
             "finished": self._on_finished,
         }
-        worker = create_worker(gen_func, *args, _start_thread=False, _connect=connect, **kwargs)
+        worker = create_worker(
+            _reporting(gen_func), *args, _start_thread=False, _connect=connect, **kwargs
+        )
         self.worker = worker
         self.run_button.setEnabled(False)
         self.cancel_button.setEnabled(True)
@@ -287,3 +290,28 @@ class WorkerPanel(QWidget):
 
             self._on_cancel()
             show_info(f"napari-unet: a panel was closed during its run. {self.status.text()}")
+
+
+class RunError(Exception):
+    """A RuntimeError raised in a run (torch's out-of-memory among them), passed on as
+    an error that the panel shows."""
+
+
+def _reporting(gen_func):
+    """``gen_func`` with its RuntimeErrors raised as :class:`RunError`: napari's worker
+    takes a RuntimeError for its own deletion, ends without 'errored' or 'finished', and
+    the panel waited for a run that was over (out of memory: until napari restarted)."""
+
+    @functools.wraps(gen_func)
+    def run(*args, **kwargs):
+        try:
+            return (yield from gen_func(*args, **kwargs))
+        except RuntimeError as err:
+            text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            if "allocate" in text or "out of memory" in text.lower():
+                text = (
+                    f"out of memory: use a smaller batch, patch or tile size (or the CPU) ({text})"
+                )
+            raise RunError(text) from err
+
+    return run

@@ -385,6 +385,13 @@ class FinetunePanel(WorkerPanel):
             path = _with_suffix(path, ".zip" if "*.zip" in chosen else ".safetensors")
         if not path or self.busy():
             return
+        base = self.versions.base.info.source
+        if base and Path(base).exists() and Path(path).resolve() == Path(base).resolve():
+            self.status.setText(
+                f"{path} is the file the base model was loaded from, which is never "
+                "overwritten: save the version under another name."
+            )
+            return
         # in the worker: a bioimage.io export traces and checks the network (seconds)
         self._mode = "save"
         self._saving = (self.versions.versions[row], str(path))
@@ -546,10 +553,11 @@ class FinetunePanel(WorkerPanel):
     def _on_yielded(self, value) -> None:
         from napari_unet.core.training import TrainStep
 
-        paused = self.worker is not None and self.worker.is_paused
+        # a report on its way when Pause or Stop was pressed keeps "Paused" / "Stopping"
+        paused = self.worker is not None and self.worker.is_paused or self._stop.is_set()
         if isinstance(value, Collected):
             self._painted = value.painted
-            if not paused:  # a report on its way when Pause was pressed keeps "Paused"
+            if not paused:
                 self.status.setText(f"Training on {value.what}...")
         elif isinstance(value, TrainStep):
             if not self.loss_plot.add(value.step, value.loss):
@@ -568,6 +576,8 @@ class FinetunePanel(WorkerPanel):
         """Show the preview in this panel's own preview layer; a layer the user edited or
         paired as annotations is never written into (a new preview layer is made)."""
         job = self._preview_job
+        if job.layer_name not in self.viewer.layers:  # the image was removed meanwhile
+            return
         layer = self._preview_layer()
         if layer is not None and layer in self.viewer.layers and overwritable(layer):
             layer.data = job.expand(preview.labels)
@@ -641,13 +651,16 @@ class FinetunePanel(WorkerPanel):
             self.status.setText(f"'{layer.name}' changed shape meanwhile: nothing was filled.")
             return
         plane = np.asarray(data[index])
-        filled = np.where(plane == 0, labels.reshape(plane.shape), plane)
-        try:  # only this plane, in place (copying a whole stack stalled the GUI)
-            data[index] = filled
-            layer.refresh()
-        except (TypeError, ValueError):  # read-only data (dask, a read-only array)
+        labels = labels.reshape(plane.shape)
+        empty = np.nonzero(plane == 0)
+        where = tuple(np.full(len(empty[0]), i) for i in index) + empty
+        try:  # only this plane, in place (copying a whole stack stalled the GUI), as one
+            # step of the layer's undo history (Ctrl-Z undid the stroke before it instead)
+            with layer.block_history():
+                layer.data_setitem(where, labels[empty])
+        except (TypeError, ValueError, NotImplementedError):  # read-only data (dask...)
             data = np.array(data)
-            data[index] = filled
+            data[index] = np.where(plane == 0, labels, plane)
             layer.data = data
         self.status.setText(
             f"'{layer.name}' now holds the model's classes where nothing was painted: "

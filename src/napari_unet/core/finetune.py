@@ -225,7 +225,8 @@ def finetune_iter(
         painted_accuracy(result, planes, device=cfg.device),
         step.step if step is not None else 0,
         step.elapsed if step is not None else 0.0,
-        should_stop is not None and should_stop(),
+        # ended early by Stop (a Stop after the last step ended nothing)
+        should_stop is not None and should_stop() and (step is None or step.step < step.steps),
         scales,
     )
 
