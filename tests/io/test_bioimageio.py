@@ -178,6 +178,34 @@ def test_export_refuses_other_networks_and_names(tmp_path, exported):
     assert not (tmp_path / "l.zip").exists() and not (tmp_path / "c.zip").exists()
 
 
+def test_fixed_normalisation_and_metrics_survive_export_and_group_norm_is_refused(tmp_path):
+    """A 'fixed' normalisation is exported as scale_linear: the test output must include
+    it (the package failed its own test by 1), and the metrics come back on import."""
+    from napari_unet.model.info import wrap_unet
+    from napari_unet.model.unet import UNet, UNetConfig
+
+    model = tiny_model("same", normalization={"mode": "fixed", "offset": 10.0, "scale": 50.0})
+    model.info.metrics = {"f1@0.5": 0.9}
+    out = export_package(model, tmp_path / "fixed.zip")
+    back = load_package(out)
+    assert run_test_tensors(back) <= 1e-4
+    assert back.info.metrics == {"f1@0.5": 0.9}
+    x = image()
+    np.testing.assert_allclose(
+        predict(x, back, device="cpu"), predict(x, model, device="cpu"), atol=1e-4
+    )
+    gn = wrap_unet(
+        UNet(
+            UNetConfig(
+                in_channels=1, num_classes=2, depth=2, base_width=8, padding="same", norm="group"
+            )
+        )
+    )
+    with pytest.raises(ModelFileError, match="group normalisation .* save it as a .safetensors"):
+        export_package(gn, tmp_path / "gn.zip")
+    assert not (tmp_path / "gn.zip").exists()
+
+
 def test_exported_packages_validate_with_bioimageio_spec(exported, no_network):
     spec = pytest.importorskip("bioimageio.spec")
     for path in exported.values():
@@ -507,23 +535,57 @@ def test_round_trip_keeps_dim_images(exported):
     )
 
 
-def test_nested_yaml_aliases_load_quickly(tmp_path, exported):
-    """A few hundred bytes of nested aliases describe 10**12 paths; each node is
-    walked once (walking every path took hours)."""
+@pytest.mark.parametrize("used", [False, True])
+def test_nested_yaml_aliases_are_refused_before_they_are_expanded(tmp_path, exported, used):
+    """A few hundred bytes of nested aliases describe 10**12 entries: walking every path
+    took hours, and turning the authors into text (a used bomb) gigabytes. The expanded
+    size is counted, each node once, and the description refused."""
     with zipfile.ZipFile(exported["same"]) as zf:
         content = {n: zf.read(n) for n in zf.namelist()}
     levels = ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
     levels += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, 12)]
-    text = (
-        content["bioimageio.yaml"].decode()
-        + "\nx_bomb:\n"
-        + "\n".join("  " + line for line in levels)
-    )
+    rdf = yaml.safe_load(content["bioimageio.yaml"])
+    if used:
+        del rdf["authors"]  # given below as the bomb
+    rdf = yaml.safe_dump(rdf, sort_keys=False)
+    text = rdf + "\nx_bomb:\n" + "\n".join("  " + line for line in levels)
+    if used:
+        text += "\nauthors: *a11\n"
     content["bioimageio.yaml"] = text.encode()
     with zipfile.ZipFile(tmp_path / "bomb.zip", "w") as zf:
         for name, data in content.items():
             zf.writestr(name, data)
-    assert load_package(tmp_path / "bomb.zip").info.format == "bioimageio"
+    with pytest.raises(ModelFileError, match="YAML aliases expand to more than 1,000,000"):
+        load_package(tmp_path / "bomb.zip")
+
+
+def test_an_oversized_description_is_refused_unread(tmp_path, exported):
+    from napari_unet.io.bioimageio import _files
+
+    with zipfile.ZipFile(exported["same"]) as zf:
+        content = {n: zf.read(n) for n in zf.namelist()}
+    content["bioimageio.yaml"] += b"\n# " + b"x" * (_files.MAX_RDF + 1)
+    with zipfile.ZipFile(tmp_path / "big.zip", "w", zipfile.ZIP_DEFLATED) as zf:
+        for name, data in content.items():
+            zf.writestr(name, data)
+    with pytest.raises(ModelFileError, match="bioimageio.yaml: 4.0 MiB unpacked, more than"):
+        load_package(tmp_path / "big.zip")
+
+
+@pytest.mark.parametrize(
+    ("edit", "match"),
+    [
+        (lambda r: r["outputs"][0]["axes"][2].update(halo=100000), "a halo of 100000"),
+        (
+            lambda r: r["inputs"][0]["axes"][2]["size"].update(min=10**9),
+            "a smallest input size of",
+        ),
+    ],
+)
+def test_declared_sizes_are_bounded_before_they_size_an_array(tmp_path, exported, edit, match):
+    bad = repack(exported["same"], tmp_path / "bad.zip", edit)
+    with pytest.raises(ModelFileError, match=f"the package declares {match}"):
+        load_package(bad)
 
 
 @pytest.mark.parametrize(

@@ -1,3 +1,4 @@
+import copy
 import json
 import pickle
 import zipfile
@@ -211,8 +212,32 @@ def test_weights_holding_nan_are_refused(tmp_path):
 def test_zip_that_is_not_a_model(tmp_path):
     with zipfile.ZipFile(tmp_path / "x.zip", "w") as zf:
         zf.writestr("readme.txt", "hello")
-    with pytest.raises(ModelFileError, match="not a model file"):
+    with pytest.raises(ModelFileError, match="x.zip: a zip file .* holds no bioimage.io model"):
         load_model(tmp_path / "x.zip")
+    data = (tmp_path / "x.zip").read_bytes()
+    (tmp_path / "cut.zip").write_bytes(data[: len(data) // 2])  # truncated: no directory
+    with pytest.raises(ModelFileError, match="cut.zip: a zip file that is corrupt or truncated"):
+        load_model(tmp_path / "cut.zip")
+
+
+def test_weights_that_answer_nan_or_are_not_floats_are_refused(tmp_path):
+    model = tiny_model("same", depth=2)
+    broken = copy.deepcopy(model.net)
+    broken.enc0[1].running_var.fill_(-1.0)  # finite, but every answer is NaN
+    path = save_model(type(model)(broken, model.info), tmp_path / "negvar.safetensors")
+    with pytest.raises(ModelFileError, match="negvar.safetensors: the network answers NaN"):
+        load_model(path)
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    good = save_model(model, tmp_path / "good.safetensors")
+    with safe_open(str(good), framework="pt") as fh:
+        meta = fh.metadata()
+    state = load_file(str(good))
+    state["head.weight"] = state["head.weight"].to(torch.int8)
+    save_file(state, str(tmp_path / "int8.safetensors"), metadata=meta)
+    with pytest.raises(ModelFileError, match="weight head.weight is torch.int8, not floating"):
+        load_model(tmp_path / "int8.safetensors")
 
 
 def _with_metadata(tmp_path, name, edit, model=None):

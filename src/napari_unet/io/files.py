@@ -101,6 +101,21 @@ def load_model(source: str | Path, trust_code: bool = False) -> LoadedModel:
     :func:`napari_unet.io.bioimageio.load_package`). Raises
     :class:`ModelFileError` with a one-line reason for anything else.
     """
+    name = Path(str(source)).name
+    try:
+        model = _load(source, trust_code)
+    except (RuntimeError, MemoryError) as err:  # (RecursionError is a RuntimeError)
+        # torch's allocator refusing sizes a file declares, recursion in nested metadata:
+        # one line naming the file (a RuntimeError also stopped the GUI's worker dead)
+        raise ModelFileError(f"{name}: cannot load it ({_first_line(err)})") from None
+    except ModelFileError as err:
+        if name in str(err):
+            raise
+        raise ModelFileError(f"{name}: {err}") from None  # which file, in a batch or a panel
+    return model
+
+
+def _load(source, trust_code: bool) -> LoadedModel:
     from napari_unet.io import bioimageio
 
     if registry.bundled_path(str(source)) is None and bioimageio.is_package(source):
@@ -114,6 +129,11 @@ def load_model(source: str | Path, trust_code: bool = False) -> LoadedModel:
             model = _load_torchscript(path)
         elif kind == "pickle":
             model = _load_pickle(path)
+        elif kind == "zip":
+            raise ModelFileError(
+                f"{path.name}: a zip file that is corrupt or truncated, or holds no "
+                "bioimage.io model description (rdf.yaml / bioimageio.yaml)"
+            )
         else:
             raise ModelFileError(
                 f"{path.name}: not a model file this plugin reads "
@@ -121,7 +141,27 @@ def load_model(source: str | Path, trust_code: bool = False) -> LoadedModel:
             )
     if model.info.format != "torchscript":  # _load_torchscript checks before it probes
         _check_finite(model.net, Path(str(source)).name)
+    _check_answers(model, Path(str(source)).name)
     return model
+
+
+def _check_answers(model: LoadedModel, name: str) -> None:
+    """Refuse a network that answers NaN or infinity to an ordinary input (finite
+    weights can: a negative batch-norm variance), whose every prediction would be NaN,
+    written without a word. One pass at the smallest size it takes."""
+    g, net = model.info.geometry, model.net
+    if g is None or not isinstance(net, torch.nn.Module):
+        return
+    size = model.info.fixed_input or (g.min_input, g.min_input)
+    x = torch.rand((1, model.info.in_channels, *size), generator=torch.Generator().manual_seed(0))
+    device = next(iter(net.parameters()), torch.zeros(0)).device
+    with torch.no_grad():
+        out = net(x.to(device))
+    if isinstance(out, torch.Tensor) and not bool(torch.isfinite(out).all()):
+        raise ModelFileError(
+            f"{name}: the network answers NaN or infinity to an ordinary image (broken "
+            "weights or statistics, e.g. a negative batch-norm variance); not loaded"
+        )
 
 
 def _check_finite(net, name: str) -> None:
@@ -157,12 +197,12 @@ def _sniff(path: Path) -> str:
             with zipfile.ZipFile(path) as zf:
                 names = zf.namelist()
         except zipfile.BadZipFile:
-            return "unknown"
+            return "zip"
         if any("/code/" in n or n.endswith("constants.pkl") for n in names):
             return "torchscript"
         if any(n.endswith("data.pkl") for n in names):
             return "pickle"
-        return "unknown"
+        return "zip"
     if head[:1] == b"\x80":
         return "pickle"
     return "unknown"
@@ -217,6 +257,13 @@ def _build(path: Path, info: ModelInfo, config: UNetConfig, state) -> UNet:
         )
         raise ModelFileError(
             f"{path.name}: weights do not match the architecture in its metadata: {detail}"
+        )
+    ints = [
+        k for k in expected if "num_batches_tracked" not in k and not state[k].is_floating_point()
+    ]
+    if ints:
+        raise ModelFileError(
+            f"{path.name}: weight {ints[0]} is {state[ints[0]].dtype}, not floating point"
         )
     net = UNet(config)
     state = {k: (v.float() if v.is_floating_point() else v) for k, v in state.items()}
@@ -301,6 +348,11 @@ def _measure_multiple(net, channels: int, base: int, shrink: int) -> int:
                 ref = net(x[..., :size, :size])
             except Exception:  # noqa: BLE001, S112 - a size the network refuses
                 continue
+            if isinstance(ref, torch.Tensor) and not bool(torch.isfinite(ref).all()):
+                raise ModelFileError(
+                    "the network answers NaN or infinity to an ordinary image (broken "
+                    "weights or statistics); not loaded"
+                )
             for m in (1, 2, 4, 8, 16, 32, 64):
                 lo, hi = margin, ref.shape[-1] - m - margin
                 if hi - lo < 8:

@@ -13,8 +13,13 @@ from pathlib import Path
 from napari_unet.io.files import ModelFileError
 
 RDF_NAMES = ("bioimageio.yaml", "rdf.yaml")
-# the largest package file read into memory (weights, tensors, the RDF)
+# the largest package file read into memory (weights, tensors)
 MAX_READ = 2 << 30
+# the largest RDF: real ones are kilobytes (a 1.9 GB one in a 7 MB zip was parsed for minutes)
+MAX_RDF = 4 << 20
+# the most entries an RDF may expand to once its YAML aliases are followed (a 3 KB file of
+# nested aliases expands to billions, and turning them into text took gigabytes)
+MAX_RDF_ENTRIES = 1_000_000
 
 
 class _Files:
@@ -30,14 +35,16 @@ class _Files:
             return self.prefix + name in self.members
         return self._local(name).is_file()
 
-    def read(self, name: str) -> bytes:
-        """A file's bytes; one larger than ``MAX_READ`` unpacked is refused (a zip bomb
-        declaring gigabytes was unpacked whole before its sha256 was checked)."""
+    def read(self, name: str, limit: int | None = None) -> bytes:
+        """A file's bytes; one larger than ``limit`` (default ``MAX_READ``) unpacked is
+        refused (a zip bomb declaring gigabytes was unpacked whole before its sha256 was
+        checked)."""
+        limit = MAX_READ if limit is None else limit
         with self._stream(name) as (size, fh):
-            if size > MAX_READ:
+            if size > limit:
                 raise ModelFileError(
-                    f"{name}: {size / 2**30:.1f} GiB unpacked, more than a package file may "
-                    f"hold ({MAX_READ / 2**30:.0f} GiB); refused"
+                    f"{name}: {size / 2**20:.1f} MiB unpacked, more than a package file "
+                    f"may hold ({limit / 2**20:.0f} MiB); refused"
                 )
             return self._guarded(name, fh.read)
 
@@ -193,12 +200,39 @@ def _read_rdf(files: _Files, name: str) -> dict:
     import yaml
 
     try:
-        rdf = yaml.safe_load(files.read(name))
+        rdf = yaml.safe_load(files.read(name, MAX_RDF))
     except yaml.YAMLError as err:
         raise ModelFileError(f"{name}: not valid YAML ({str(err).splitlines()[0]})") from None
+    except RecursionError:
+        raise ModelFileError(f"{name}: nested too deeply to be a model description") from None
+    if _expanded_size(rdf, {}) > MAX_RDF_ENTRIES:
+        raise ModelFileError(
+            f"{name}: its YAML aliases expand to more than {MAX_RDF_ENTRIES:,} entries; "
+            "not a model description"
+        )
     if not isinstance(rdf, dict) or rdf.get("type") != "model":
         raise ModelFileError(f"{name}: not a bioimage.io model description (type: model)")
     return rdf
+
+
+def _expanded_size(node, seen: dict, depth: int = 0) -> int:
+    """How many entries ``node`` holds with every alias followed (each shared object is
+    counted once per use, but walked once: the count itself stays cheap)."""
+    if depth > 200:
+        raise ModelFileError("the package description is nested too deeply")
+    if not isinstance(node, (dict, list)):
+        return 1
+    key = id(node)
+    if key not in seen:
+        seen[key] = 0  # (a cycle counts as nothing more)
+        items = [*node.keys(), *node.values()] if isinstance(node, dict) else node
+        total = 1
+        for item in items:
+            total += _expanded_size(item, seen, depth + 1)
+            if total > MAX_RDF_ENTRIES:
+                break
+        seen[key] = total
+    return seen[key]
 
 
 def _read_checked(files: _Files, name: str, sha: str | None, what: str) -> bytes:

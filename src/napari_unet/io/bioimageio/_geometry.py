@@ -105,9 +105,24 @@ def _declared(inp: _Tensor, out: _Tensor) -> _Declared:
     else:
         raise ModelFileError(f"input {inp.id!r}: spatial sizes {sizes} are not supported")
     halo = max(_axis_of(out, k).halo for k in "yx")
-    return _Declared(
+    declared = _Declared(
         fixed, lo, step, _shrink(inp, out, fixed), halo, _channels(inp, None), _channels(out, inp)
     )
+    # checked before any of them sizes an array (200,000 channels took 2 minutes and 20 GB
+    # to be refused by numpy; a halo of 1000 px, 4 minutes to measure)
+    for what, value, least, top in (
+        ("input channels:", declared.channels, 1, 1024),
+        ("output channels:", declared.classes, 1, 1024),
+        ("a halo of", halo, 0, 512),
+        ("a smallest input size of", lo, 1, 16384),
+        ("an input size step of", step, 0, 16384),
+        ("an output shrink of", declared.shrink, 0, 16384),
+    ):
+        if not least <= value <= top:
+            raise ModelFileError(
+                f"the package declares {what} {value}; napari-unet takes {least} to {top}"
+            )
+    return declared
 
 
 def _shift_equal(a: np.ndarray, b: np.ndarray, m: int, margin: int) -> bool:

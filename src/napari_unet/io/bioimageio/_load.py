@@ -121,6 +121,7 @@ def load_package(source, trust_code: bool = False, weights_format: str | None = 
             format="bioimageio",
             fixed_input=fixed,
             object_diameter=config.get("object_diameter"),
+            metrics=config.get("metrics") or {},
         )
     except ValueError as err:
         raise ModelFileError(f"{rdf_name}: {err}") from None

@@ -21,7 +21,7 @@ from napari_unet.core import normalize as norm
 from napari_unet.io.bioimageio._cover import _cover
 from napari_unet.io.bioimageio._files import _sha256
 from napari_unet.io.bioimageio._load import _device, _direct
-from napari_unet.io.bioimageio._processing import _split_post, _split_pre
+from napari_unet.io.bioimageio._processing import _Pointwise, _split_post, _split_pre
 from napari_unet.io.bioimageio._rdf import ENGINE_IN, ENGINE_OUT, _tensor_v05
 from napari_unet.io.bioimageio._weights import _exec_source
 from napari_unet.io.files import TORCHSCRIPT_META, ModelFileError, atomic_write
@@ -159,11 +159,14 @@ def _test_tensors(net, info: ModelInfo, tensors: tuple[dict, dict]) -> tuple:
     """Test input and the output of the same direct path :func:`run_test_tensors` uses."""
     inp = _tensor_v05(tensors[0], "raw", "preprocessing")
     out = _tensor_v05(tensors[1], "prediction", "postprocessing")
-    normalization, _ = _split_pre(inp, info.in_channels)
-    activation, _ = _split_post(out)
+    normalization, pre = _split_pre(inp, info.in_channels)
+    activation, post = _split_post(out)
     spec_info = replace(info, normalization=normalization, activation=activation)
     x = _test_input(info, net.geometry)
-    y = _direct(net, _device(net), spec_info, x, ENGINE_IN, ENGINE_OUT)
+    # the pointwise steps too (a 'fixed' normalisation is exported as scale_linear: the
+    # test output was computed without it, and the package failed its own test)
+    pre, post = _Pointwise(pre), _Pointwise(post)
+    y = _direct(lambda t: post(net(pre(t))), _device(net), spec_info, x, ENGINE_IN, ENGINE_OUT)
     return x, y.astype(np.float32)
 
 
@@ -171,6 +174,9 @@ def _npy(a: np.ndarray) -> bytes:
     buf = io.BytesIO()
     np.save(buf, a, allow_pickle=False)
     return buf.getvalue()
+
+
+_NOT_IN_README = ("train_config", "model_card")
 
 
 def _readme(info: ModelInfo, g: Geometry, names: dict) -> str:
@@ -208,7 +214,10 @@ def _readme(info: ModelInfo, g: Geometry, names: dict) -> str:
         "of the whole tensor, one forward pass, post-processing), as the bioimage.io spec",
         "runs it; napari-unet checks it with `napari_unet.io.bioimageio.run_test_tensors`.",
     ]
-    extra = [f"- {k}: {v}" for k, v in info.provenance.items() if k != "train_config"]
+    extra = [f"- {k}: {v}" for k, v in info.provenance.items() if k not in _NOT_IN_README]
+    if info.provenance.get("model_card"):  # a file of the project, not of this package
+        card = str(info.provenance["model_card"]).split()[0]
+        extra.append(f"- model card: {card} in napari-unet's docs/models/ (not in this package)")
     extra += [f"- {k}: {v}" for k, v in info.metrics.items()]
     if extra:
         lines += ["", "## Training and evaluation", "", *extra]
@@ -338,6 +347,12 @@ def export_package(
 
     if not isinstance(model.net, UNet):
         raise ModelFileError("only napari-unet U-Nets can be exported as bioimage.io packages")
+    if model.net.config.norm == "group":
+        raise ModelFileError(
+            "a U-Net with group normalisation sees the whole input at once (no halo), so "
+            "no package of it can be tiled or have its geometry checked; save it as a "
+            ".safetensors file"
+        )
     out_zip = Path(out_zip)
     own = model.info.provenance.get("license")
     if license is None and own and not _is_spdx(own):
