@@ -202,3 +202,19 @@ def test_maps_of_a_z_c_y_x_plane_show_on_that_plane_at_every_channel(make_napari
         viewer.dims.set_point(2, c)  # (the maps added an axis before the image's)
         point = np.round(layer.world_to_data(viewer.dims.point)).astype(int)
         assert point[1:3].tolist() == [0, 0]  # (its Z plane, its channel plane)
+
+
+def test_a_network_that_cannot_be_looked_into_offers_no_stages(panel, tmp_path):
+    """TorchScript (bare, or inside a bioimage.io package) has no forward hooks: the panel
+    says so up front instead of listing stages and failing with torch's words."""
+    import torch
+
+    viewer, widget = panel
+    model = tiny_model("valid", depth=2)
+    traced = torch.jit.trace(model.net.eval(), torch.rand(1, 1, 48, 48))
+    widget.state.model = type(model)(traced, model.info)
+    assert widget.stage_list.count() == 0 and not widget.run_button.isEnabled()
+    assert "TorchScript or ONNX" in widget.status.text()
+    widget.state.model = tiny_model("valid", depth=2)
+    assert widget.stage_list.count() == 6 and widget.run_button.isEnabled()
+    assert widget.status.text() == ""

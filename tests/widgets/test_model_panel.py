@@ -39,6 +39,7 @@ def test_bad_file_gives_message_and_keeps_previous_model(make_napari_viewer, qtb
     panel._on_run()
     qtbot.waitUntil(lambda: panel.worker is None, timeout=20000)
     assert "corrupt or truncated" in panel.status.text()
+    assert panel.status.text().endswith(f"(still using {before.info.name})")
     assert panel.state.model is before
 
 
@@ -57,6 +58,24 @@ def test_device_choice_goes_to_state(make_napari_viewer):
     panel = ModelPanel(make_napari_viewer())
     panel.device_combo.setCurrentText("cpu")
     assert panel.state.device == "cpu"
+
+
+def test_a_reopened_panel_shows_the_model_and_device_in_use(make_napari_viewer, tmp_path):
+    from napari_unet._widgets.model_panel import FILE_ENTRY, ModelPanel
+    from napari_unet.io import load_model
+
+    viewer = make_napari_viewer()
+    panel = ModelPanel(viewer)
+    panel.device_combo.setCurrentText("cpu")
+    panel.state.model = load_model("em-membrane")
+    again = ModelPanel(viewer)
+    assert again.model_combo.currentText() == "em-membrane"
+    assert again.device_combo.currentText() == "cpu"
+    path = save_model(tiny_model("valid"), tmp_path / "mine.safetensors")
+    panel.state.model = load_model(path)
+    third = ModelPanel(viewer)
+    assert third.model_combo.currentText() == FILE_ENTRY
+    assert third.path_edit.text() == str(path) and third.path_edit.isEnabled()
 
 
 def test_bioimageio_package_loads_from_the_panel(make_napari_viewer, qtbot, tmp_path):

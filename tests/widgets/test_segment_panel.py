@@ -319,7 +319,7 @@ def test_object_size_rescaling_follows_the_model(panel, qtbot, image):
 
     viewer, widget = panel
     assert not widget.rescale_check.isEnabled() and widget.options().diameter is None
-    assert "records none" in widget.rescale_check.text()
+    assert "records no size" in widget.rescale_check.text()
     widget.state.model = tiny_model("same", object_diameter=20.0)
     assert widget.rescale_check.isChecked() and "(20 px)" in widget.rescale_check.text()
     assert widget.options().diameter == "auto"
@@ -374,7 +374,8 @@ def test_a_result_corrected_by_hand_or_a_user_layer_is_never_overwritten(panel, 
     _run(qtbot, widget)
     assert viewer.layers["img [unet labels]"] is first
     np.testing.assert_array_equal(first.data, corrected)
-    assert "img [unet labels] [1]" in widget.status.text() and "kept" in widget.status.text()
+    assert "img [unet labels] [1]" in widget.status.text()
+    assert "'img [unet labels]', edited since it was written" in widget.status.text()
     # an unedited result is updated in place
     _run(qtbot, widget)
     assert len(viewer.layers) == 3
@@ -513,6 +514,7 @@ def test_another_plane_gets_a_result_layer_of_its_own(panel, qtbot):
     _run(qtbot, widget)
     first, second = viewer.layers["stack [unet labels]"], viewer.layers["stack [unet labels] [1]"]
     assert (first.translate[0], second.translate[0]) == (1, 3)
+    assert "'stack [unet labels]', it covers another extent" in widget.status.text()
     # the same plane again updates its own layer
     _run(qtbot, widget)
     assert len(viewer.layers) == 3
@@ -599,3 +601,13 @@ def test_a_runtime_error_in_a_run_is_shown_and_the_panel_is_free_again(panel, qt
     qtbot.waitUntil(lambda: widget.worker is None, timeout=10000)
     assert widget.status.text().startswith("Error: out of memory: use a smaller batch")
     assert widget.run_button.isEnabled()
+
+
+def test_a_typed_tile_size_follows_a_model_change(panel):
+    viewer, widget = panel
+    widget.state.model = tiny_model("same", depth=2)  # sizes 4 k
+    widget.tile_spin.setValue(101)
+    widget._on_tile_edited()
+    assert widget.tile_spin.value() == 100
+    widget.state.model = tiny_model("same", depth=3)  # sizes 8 k
+    assert widget.tile_spin.value() % 8 == 0 and abs(widget.tile_spin.value() - 100) <= 4

@@ -61,7 +61,9 @@ class _Scroll(QScrollArea):
 
     def sizeHint(self) -> QSize:  # noqa: N802 - Qt API
         hint = self.widget().sizeHint()
-        return QSize(hint.width() + self._bar(), hint.height())
+        # napari's theme draws a frame despite NoFrame: without it the bar showed, to
+        # scroll 2 px
+        return QSize(hint.width() + self._bar(), hint.height() + 2 * self.frameWidth())
 
 
 class WorkerPanel(QWidget):

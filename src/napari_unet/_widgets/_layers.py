@@ -315,7 +315,7 @@ def add_or_update(
     """Show a result; an earlier result of the same name and shape is updated instead of
     duplicated, unless it was edited since (painted corrections) or is not a result at all:
     those are kept, and the new result gets a layer of its own. Returns the result layers' names
-    and those of the layers kept."""
+    and, for the layers kept, ``(name, why)``."""
     info = model.info
     kw = job.placement()
     result = np.asarray(result) if mode != "probabilities" else result
@@ -338,7 +338,18 @@ def add_or_update(
     else:
         wanted = [result_name(job.layer_name, info.name, mode)]
         names = [_put(viewer, "labels", wanted[0], job.expand(result), kw)]
-    return names, [w for w, n in zip(wanted, names) if n != w]
+    return names, [(w, _why_kept(viewer.layers[w], kw)) for w, n in zip(wanted, names) if n != w]
+
+
+def _why_kept(layer, kw: dict) -> str:
+    """Why a new result did not go into ``layer``, the one of its name."""
+    if RESULT_KEY not in layer.metadata:
+        return "not a result of napari-unet"
+    if ANNOTATION_KEY in layer.metadata:
+        return "used as annotations"
+    if not overwritable(layer):
+        return "edited since it was written"
+    return "it covers another extent (stack, plane or region)"
 
 
 def _put(viewer, kind: str, name: str, data, kw: dict, **style) -> str:

@@ -58,9 +58,16 @@ class FeatureMapPanel(WorkerPanel):
         self._on_model_changed(self.state.model)
 
     def _on_model_changed(self, model) -> None:
-        from napari_unet.core.features import stage_names
+        from napari_unet.core.features import OPAQUE, inspectable, stage_names
 
-        names = stage_names(model.net) if model is not None else []
+        opaque = model is not None and not inspectable(model.net)
+        # no stages to offer of a network that cannot be looked into: say why instead
+        names = stage_names(model.net) if model is not None and not opaque else []
+        self.run_button.setEnabled(not opaque and self.worker is None)
+        if opaque:
+            self.status.setText(f"{model.info.name or 'This model'}: {OPAQUE}.")
+        elif self.status.text().endswith(f"{OPAQUE}."):
+            self.status.setText("")
         before = [self.stage_list.item(i).text() for i in range(self.stage_list.count())]
         if names == before:
             return  # the same stages (a fine-tuned version): the user's choice stays

@@ -120,7 +120,12 @@ class FinetunePanel(WorkerPanel):
         self.adapt_check = QCheckBox("Adapt normalisation to these images")
         self.adapt_check.setChecked(True)
         form.addRow("", self.adapt_check)
-        self.pseudo_check = QCheckBox("Keep confident predictions where unpainted")
+        # (short: checkboxes do not wrap, and the dock is as wide as its widest one)
+        self.pseudo_check = QCheckBox("Keep confident predictions")
+        self.pseudo_check.setToolTip(
+            "Where nothing is painted, the model's own confident prediction (p >= 0.9) is "
+            "kept as a weak target, so a few strokes do not unlearn the rest."
+        )
         self.pseudo_check.setChecked(True)
         form.addRow("", self.pseudo_check)
         self.freeze_check = QCheckBox("Freeze encoder")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from qtpy.QtWidgets import (
     QCheckBox,
     QComboBox,
@@ -52,7 +54,7 @@ class ModelPanel(WorkerPanel):
         row.addWidget(self.path_edit)
         row.addWidget(browse)
         form.addRow("File", row)
-        self.trust_check = QCheckBox("Trust this package's code (bioimage.io state dict)")
+        self.trust_check = QCheckBox("Trust package code (bioimage.io)")
         self.trust_check.setToolTip(
             "Some bioimage.io packages ship their network as Python source. It runs only if "
             "you trust where the package comes from."
@@ -61,6 +63,8 @@ class ModelPanel(WorkerPanel):
         self.device_combo = QComboBox()
         devices = available_devices()
         self.device_combo.addItems([f"auto ({devices[0]})", *devices])
+        if self.state.device in devices:  # a reopened panel shows the device in use
+            self.device_combo.setCurrentText(self.state.device)
         form.addRow("Device", self.device_combo)
         self.form.addLayout(form)
         self.card = QPlainTextEdit()
@@ -72,9 +76,25 @@ class ModelPanel(WorkerPanel):
         self.model_combo.currentTextChanged.connect(self._on_model_choice)
         self.device_combo.currentTextChanged.connect(self._on_device)
         self.state.model_changed.connect(self._on_model_changed)
-        self._on_model_choice(self.model_combo.currentText())
-        if self.state.model is not None:
+        if self.state.model is not None:  # a reopened panel: the model in use
+            self._show_source(self.state.model)
             self._on_model_changed(self.state.model)
+        self._on_model_choice(self.model_combo.currentText())
+
+    def _show_source(self, model) -> None:
+        """Choose where ``model`` came from: its bundled name or its file (a fine-tuned
+        version, from no file, leaves the choice as it is)."""
+        from napari_unet.io import registry
+
+        source = model.info.source
+        if not source:
+            return
+        for name in registry.bundled_models():
+            if Path(str(registry.bundled_path(name))) == Path(source):
+                self.model_combo.setCurrentText(name)
+                return
+        self.model_combo.setCurrentText(FILE_ENTRY)
+        self.path_edit.setText(source)
 
     def source(self) -> str:
         """What to load: a bundled name or the file path."""
@@ -132,6 +152,12 @@ class ModelPanel(WorkerPanel):
             total=1,
             desc="napari-unet: loading model",
         )
+
+    def _on_errored(self, err: Exception) -> None:
+        super()._on_errored(err)
+        model = self.state.model
+        if model is not None:  # the card below is still that model's
+            self.status.setText(f"{self.status.text()} (still using {model.info.name})")
 
     def _on_returned(self, model) -> None:
         self.state.model = model

@@ -124,6 +124,7 @@ class SegmentPanel(WorkerPanel):
     def _on_model_changed(self, model) -> None:
         self.axes_label.setText(self._describe())
         self._show_recipe(model)
+        self._on_tile_edited()  # a size the new model takes (208 for nuclei ran as 204)
 
     def _show_recipe(self, model) -> None:
         recipe = (model.info.instances or {}) if model is not None else {}
@@ -137,10 +138,12 @@ class SegmentPanel(WorkerPanel):
         self.rescale_check.setChecked(sized)
         self.rescale_check.setEnabled(sized)
         self.diameter_spin.setEnabled(sized)
+        # short: a checkbox does not wrap, and a wide one made the dock push napari's
+        # canvas to 0 px in its default window
         self.rescale_check.setText(
-            f"Rescale to the model's object size ({model.info.object_diameter:.0f} px)"
+            f"Rescale to model's object size ({model.info.object_diameter:.0f} px)"
             if sized
-            else "Rescale to the model's object size (this model records none)"
+            else "Rescale (model records no size)"
         )
 
     def _on_mode(self, mode: str) -> None:
@@ -247,8 +250,5 @@ class SegmentPanel(WorkerPanel):
         names, kept = add_or_update(self.viewer, job, model, mode, result)
         note = ""
         if kept:
-            note = (
-                f" ({', '.join(repr(k) for k in kept)} changed since it was written, covers "
-                "another extent, or is not a result: kept as it is)"
-            )
+            note = " (kept as they are: " + "; ".join(f"{k!r}, {why}" for k, why in kept) + ")"
         self.status.setText(f"Done: {', '.join(names)}{note}")

@@ -50,6 +50,25 @@ class FeatureMap:
         )
 
 
+OPAQUE = (
+    "this network's weights are TorchScript or ONNX, which do not let napari-unet look "
+    "inside them (no forward hooks); feature maps need a napari-unet model or a "
+    "bioimage.io package with pytorch_state_dict weights (tick 'Trust package code' in "
+    "the model panel)"
+)
+
+
+def inspectable(net) -> bool:
+    """Whether forward hooks see ``net``'s stages: not when it is, or runs its weights
+    as, TorchScript or ONNX (a bioimage.io package's wrapper around them has only
+    'pre', 'core' and 'post')."""
+    if not isinstance(net, torch.nn.Module):
+        return False
+    return not any(
+        isinstance(m, torch.jit.ScriptModule) or getattr(m, "opaque", False) for m in net.modules()
+    )
+
+
 def stage_names(net) -> list[str]:
     """Stages of a network: a U-Net's named stages, else its top-level modules."""
     names = getattr(net, "stage_names", None)
@@ -120,12 +139,8 @@ def capture_iter(
     ``max_channels`` keeps the channels with the highest activation variance
     (ranked per stage); ``dtype=np.float16`` halves the memory.
     """
-    if isinstance(model.net, torch.jit.ScriptModule):
-        raise ValueError(
-            "TorchScript networks do not let napari-unet look inside them (no forward "
-            "hooks); feature maps need a napari-unet model or a bioimage.io package with "
-            "pytorch_state_dict weights (tick 'trust package code')"
-        )
+    if not inspectable(model.net):
+        raise ValueError(OPAQUE)
     if max_channels is not None and (
         isinstance(max_channels, bool)
         or not isinstance(max_channels, (int, np.integer))

@@ -152,6 +152,8 @@ def _state_dict_net(data: bytes, entry: dict, files: _Files) -> nn.Module:
 class OnnxNet(nn.Module):
     """ONNX weights run by onnxruntime behind an ``nn.Module``: torch tensors in and out."""
 
+    opaque = True  # no stages to look into (core.features.inspectable)
+
     def __init__(self, data: bytes, name: str = "weights.onnx") -> None:
         super().__init__()
         import onnxruntime as ort
