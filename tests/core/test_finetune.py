@@ -154,6 +154,50 @@ def test_finetune_recipe_raises_painted_accuracy_and_leaves_base_alone(case):
     assert result.info.provenance["train_config"]["adapt_norm"] is True
 
 
+def test_painted_accuracy_predicts_only_around_the_paint_and_agrees_with_the_plane(case):
+    from napari_unet.core.tiling import predict
+
+    image, _, strokes = case
+    model = tiny_model("valid", depth=2)
+    y, x = np.argwhere(strokes > 0)[len(np.argwhere(strokes > 0)) // 2]
+    few = np.zeros_like(strokes)  # a few of the strokes, away from the image's corner
+    few[y - 8 : y + 8, x - 8 : x + 8] = strokes[y - 8 : y + 8, x - 8 : x + 8]
+    assert few.any()
+    for annotation in (strokes, few):
+        painted = annotation > 0
+        pred = predict(image, model).argmax(0)
+        expected = np.mean(pred[painted] == annotation[painted].astype(np.int64) - 1)
+        got = painted_accuracy(model, [PaintedPlane(image, annotation, "img")])
+        assert got == pytest.approx(expected, abs=1e-12)
+
+
+def test_a_run_reports_its_setup_stages_before_each_one(case):
+    """Reports between the stages of seconds before the first step: a GUI's Cancel
+    is seen there (it waited 20 s on a 2048^2 plane)."""
+    from napari_unet.core.finetune import finetune_iter
+    from napari_unet.core.training import Phase, TrainStep
+
+    image, _, strokes = case
+    cfg = TrainConfig.finetune(steps=2, patch_size=64, max_seconds=None, device="cpu")
+    gen = finetune_iter(tiny_model("same", depth=2), [PaintedPlane(image, strokes, "i")], [], cfg)
+    reports = []
+    while True:
+        try:
+            reports.append(next(gen))
+        except StopIteration:
+            break
+    kinds = [r.message if isinstance(r, Phase) else type(r).__name__ for r in reports]
+    assert kinds == [
+        "checking the painted pixels",
+        "re-estimating the normalisation",
+        "predicting the unpainted pixels",
+        "TrainStep",
+        "TrainStep",
+        "checking the result on the painted pixels",
+    ]
+    assert all(isinstance(r, (Phase, TrainStep)) for r in reports)
+
+
 def test_pseudo_labels_fill_unpainted_pixels_but_never_painted_ones(case):
     from napari_unet.core.adaptation import add_pseudo_labels
     from napari_unet.core.training import _Sampler, prepare

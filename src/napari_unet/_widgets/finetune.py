@@ -292,7 +292,7 @@ class FinetunePanel(WorkerPanel):
         self._fill_target = (targets[0], plane)
         self._mode = "fill"
         options = SegmentOptions(
-            mode="probabilities",
+            mode="labels",  # the classes, computed in the worker (not the GUI thread)
             axes=job.axes,
             device=self.state.device,
             diameter=_diameter(model),
@@ -556,7 +556,7 @@ class FinetunePanel(WorkerPanel):
         super()._on_closed()  # a run is cancelled; a save goes on to the end
 
     def _on_yielded(self, value) -> None:
-        from napari_unet.core.training import TrainStep
+        from napari_unet.core.training import Phase, TrainStep
 
         # a report on its way when Pause or Stop was pressed keeps "Paused" / "Stopping"
         paused = self.worker is not None and self.worker.is_paused or self._stop.is_set()
@@ -576,6 +576,9 @@ class FinetunePanel(WorkerPanel):
             )
         elif isinstance(value, Preview):
             self._show_preview(value)
+        elif isinstance(value, Phase) and not paused:
+            what = ", ".join(f"{v} px {k}" for k, v in self._painted.items())
+            self.status.setText(f"{value.message.capitalize()}... ({what})")
 
     def _show_preview(self, preview: Preview) -> None:
         """Show the preview in this panel's own preview layer; a layer the user edited or
@@ -643,13 +646,13 @@ class FinetunePanel(WorkerPanel):
             + f". Now using {model.info.name}; 'Revert' goes back."
         )
 
-    def _fill(self, probs) -> None:
+    def _fill(self, classes) -> None:
         layer, index = self._fill_target
         if layer not in self.viewer.layers:
             self.status.setText(f"'{layer.name}' was removed meanwhile: nothing was filled.")
             return
         data = layer.data
-        labels = np.asarray(probs).argmax(0).astype(data.dtype) + 1
+        labels = np.asarray(classes).astype(data.dtype) + 1
         # the plane shown when the fill started, if the layer still has it at that size
         fits = len(index) == data.ndim - 2 and all(i < n for i, n in zip(index, data.shape))
         if not fits or tuple(data.shape[-2:]) != labels.shape[-2:]:

@@ -160,6 +160,14 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class Phase:
+    """A setup stage of a run, reported before it starts (with ``phases=True``): stages
+    of seconds between reports left a GUI's Cancel unseen for 20 s."""
+
+    message: str
+
+
+@dataclass(frozen=True)
 class TrainStep:
     """One optimisation step's report."""
 
@@ -395,8 +403,13 @@ def train_iter(
     data_name: str = "arrays",
     unlabelled: Sequence[np.ndarray] = (),
     should_stop: Callable[[], bool] | None = None,
-) -> Generator[TrainStep, None, LoadedModel]:
+    phases: bool = False,
+) -> Generator[TrainStep | Phase, None, LoadedModel]:
     """Train a copy of ``model``; yields a :class:`TrainStep` per step, returns the copy.
+
+    ``phases=True`` also yields a :class:`Phase` before each setup stage (normalisation
+    re-estimation, predictions for the unpainted pixels, timing the steps), so that a
+    caller can report them and stop there.
 
     ``unlabelled`` images (same layout as ``images``) only take part in the
     batch-norm re-estimation (``config.adapt_norm``): e.g. the other planes of
@@ -439,12 +452,16 @@ def train_iter(
         )
     cfg = replace(cfg, bf16=native if cfg.bf16 == "auto" else bool(cfg.bf16))
     net = for_training(copy.deepcopy(model.net), dev)
+    if cfg.adapt_norm and phases:
+        yield Phase("re-estimating the normalisation")
     if cfg.adapt_norm:
         extra = [
             normalized_plane(model, im, f"unlabelled image {i}") for i, im in enumerate(unlabelled)
         ]
         adapt_norm(net, [s.unpadded() for s in samples] + extra, model, rng, dev)
     if cfg.pseudo_weight > 0 and kind == "sparse":
+        if phases:
+            yield Phase("predicting the unpainted pixels")
         add_pseudo_labels(samples, LoadedModel(net.eval(), model.info), cfg, dev)
     net.train()
     # one fixed patch the network must still answer with finite numbers (finite weights
@@ -452,6 +469,8 @@ def train_iter(
     probe = _Sampler(
         samples, model, replace(cfg, focus=0.0), np.random.default_rng(cfg.seed + 3)
     ).batch(1, aug=False)[0]
+    if phases and cfg.max_seconds is not None:
+        yield Phase("timing the steps")
     # the budget counts from here: the setup above (seconds) is not training
     start = time.perf_counter()
     cfg = replace(cfg, steps=_planned_steps(net, samples, model, cfg, dev))
