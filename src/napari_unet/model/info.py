@@ -134,8 +134,20 @@ class ModelInfo:
             elif key != "train_config":
                 lines.append(f"{key + ':':<14} {value}")
         for key, value in self.metrics.items():
-            lines.append(f"metric {key}: {value}")
+            lines.append(f"metric {key}: {_readable(value)}")
         return "\n".join(lines)
+
+
+def _readable(value) -> str:
+    """A metric as a person reads it: ``f1@0.5 0.833, pixel_iou 0.805`` for a dict,
+    numbers to four significant digits."""
+    if isinstance(value, dict):
+        return ", ".join(f"{k} {_readable(v)}" for k, v in value.items())
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, (list, tuple)):
+        return ", ".join(_readable(v) for v in value)
+    return str(value)
 
 
 def _is_int(v) -> bool:
