@@ -152,6 +152,27 @@ def test_torchscript_with_and_without_metadata(tmp_path):
     np.testing.assert_allclose(predict(image, bare), ref, atol=1e-6)
 
 
+@pytest.mark.parametrize("padding", ["same", "valid"])
+def test_a_torchscript_whose_metadata_understates_the_halo_is_refused(tmp_path, padding):
+    """Too small a halo makes tiles show seams (0 for the nuclei network: 0.72 off)."""
+    model = tiny_model(padding, depth=2)
+    g = model.info.geometry
+    traced = torch.jit.trace(model.net, torch.rand(1, 1, g.min_input + 16, g.min_input + 16))
+    info = model.info.to_dict()
+    torch.jit.save(
+        traced, str(tmp_path / "ok.pt"), _extra_files={TORCHSCRIPT_META: json.dumps(info)}
+    )
+    assert load_model(tmp_path / "ok.pt").info.geometry.halo == g.halo
+    info["geometry"]["halo"] = g.halo - 4
+    torch.jit.save(
+        traced, str(tmp_path / "lie.pt"), _extra_files={TORCHSCRIPT_META: json.dumps(info)}
+    )
+    with pytest.raises(
+        ModelFileError, match=f"lie.pt: its metadata declares a halo of {g.halo - 4} px"
+    ):
+        load_model(tmp_path / "lie.pt")
+
+
 @pytest.mark.parametrize("meta", ['{"name": 1}', "not json", "[1, 2]", '{"geometry": 5}'])
 def test_bad_metadata_in_any_model_format_is_a_model_file_error(tmp_path, meta):
     from safetensors.torch import save_file

@@ -304,6 +304,7 @@ def _load_torchscript(path: Path) -> LoadedModel:
     if extra[TORCHSCRIPT_META]:
         info, _ = _parse_metadata(path, extra[TORCHSCRIPT_META], architecture=False)
         _check_outputs(net, info, path.name)
+        _check_halo(net, info, path.name)
     else:
         info = probe_network(net, name=path.stem)
     info.source = str(path)
@@ -453,6 +454,36 @@ def _check_outputs(net, info: ModelInfo, name: str) -> None:
         raise ModelFileError(
             f"{name}: for a {n[0]} x {n[1]} input the network returns {tuple(y.shape[1:])} "
             f"(classes, y, x), its metadata says {want}"
+        )
+
+
+def _check_halo(net, info: ModelInfo, name: str) -> None:
+    """The halo a TorchScript file's metadata declares, checked against the network's
+    gradient: too small a halo makes tiles show seams (a file saying 0 for the nuclei
+    network differed from the real model by 0.72)."""
+    from napari_unet.model.receptive import NoGradient, measure_halo
+
+    g = info.geometry
+    if info.fixed_input is not None:
+        return  # one tile is the whole input: no seams to make
+    if g.shrink:  # valid padding: the context is the border the output loses (checked)
+        if g.halo != g.shrink // 2:
+            raise ModelFileError(
+                f"{name}: its metadata declares a halo of {g.halo} px, but the network's "
+                f"output is {g.shrink} px smaller than its input (a halo of {g.shrink // 2})"
+            )
+        return
+    size = g.snap(max(g.min_input, 2 * g.halo + 4 * g.multiple), "up")
+    try:
+        halo = measure_halo(
+            net, info.in_channels, size, g.multiple, 0, trials=1, dtype=torch.float32
+        )
+    except NoGradient:
+        return  # no gradient through the trace: nothing to check it with
+    if halo > g.halo:
+        raise ModelFileError(
+            f"{name}: its metadata declares a halo of {g.halo} px, but the network's "
+            f"output depends on pixels {halo} px away: tiles would show seams"
         )
 
 
