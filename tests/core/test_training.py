@@ -587,6 +587,13 @@ def test_channel_last_images_train_as_they_segment(data):
     one = normalized_plane(tiny_model("same"), gray)
     for shaped in (gray[None], gray[..., None]):
         np.testing.assert_array_equal(normalized_plane(tiny_model("same"), shaped), one)
+    # ... and their labels may be (1, Y, X) or (Y, X, 1) too
+    from napari_unet.core.training import prepare
+
+    labels = (gray > 0.5).astype(np.uint8)
+    cfg = _cfg(steps=1, patch_size=16)
+    for img, lab in ((gray[None], labels[None]), (gray[..., None], labels[..., None])):
+        assert prepare(tiny_model("same"), [img], [lab], "classes", cfg)
 
 
 def test_short_runs_reach_the_learning_rate_and_validation_errors_say_so(data):

@@ -218,3 +218,20 @@ def test_a_network_that_cannot_be_looked_into_offers_no_stages(panel, tmp_path):
     widget.state.model = tiny_model("valid", depth=2)
     assert widget.stage_list.count() == 6 and widget.run_button.isEnabled()
     assert widget.status.text() == ""
+
+
+def test_maps_are_added_when_the_layers_units_disagree(panel, qtbot):
+    """Layers in um beside one without units: napari drops the units (dims.units None),
+    and the maps are added without them (placing them failed on None)."""
+    viewer, widget = panel
+    rng = np.random.default_rng(0)
+    viewer.add_image(
+        rng.random((48, 48)).astype(np.float32), name="um", scale=(0.5, 0.5), units="um"
+    )
+    viewer.add_image(rng.random((48, 48)).astype(np.float32), name="px")
+    widget.layer_combo.setCurrentText("um")
+    widget.region_combo.setCurrentText("whole plane")
+    widget._on_run()
+    qtbot.waitUntil(widget.idle, timeout=30000)
+    assert "stage(s) added" in widget.status.text(), widget.status.text()
+    assert "um [features head]" in viewer.layers

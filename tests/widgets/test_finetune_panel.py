@@ -519,3 +519,24 @@ def test_a_version_is_never_saved_over_the_base_model_s_file(panel, nuclei, qtbo
     widget._on_save(str(tmp_path / "." / "base.safetensors"))
     assert widget.worker is None and "never overwritten" in widget.status.text()
     assert base_file.read_bytes() == before
+
+
+def test_a_fill_of_a_z_c_y_x_image_lands_on_the_plane_shown(panel, qtbot, monkeypatch):
+    """In the panel's own layer (Z, 1, Y, X) and in a (Z, Y, X) Labels layer of the
+    user's, which napari lines up by its last axes (its planes then follow C)."""
+    from napari_unet._widgets import finetune
+
+    viewer, widget, state = panel
+    state.model = tiny_model("same", depth=2, channels=2)
+    data = np.random.default_rng(6).random((3, 2, 32, 32)).astype(np.float32)
+    viewer.add_image(data, name="img")
+    widget.layer_combo.setCurrentText("img")
+    viewer.dims.point = (2, 0, 10, 10)  # z = 2, channel 0
+    mine = viewer.add_labels(np.zeros((3, 32, 32), np.uint8), name="mine")
+    viewer.layers.selection.active = mine
+    widget.use_selected_labels()
+    monkeypatch.setattr(finetune, "UNDOABLE_FILL", 10)  # a plane past it: written directly
+    widget.start_from_prediction()
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=30000)
+    assert mine.data[2].all() and not mine.data[:2].any(), widget.status.text()
+    assert "not in the undo history" in widget.status.text()

@@ -1,4 +1,5 @@
 import time
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -611,3 +612,38 @@ def test_a_typed_tile_size_follows_a_model_change(panel):
     assert widget.tile_spin.value() == 100
     widget.state.model = tiny_model("same", depth=3)  # sizes 8 k
     assert widget.tile_spin.value() % 8 == 0 and abs(widget.tile_spin.value() - 100) <= 4
+
+
+def test_a_region_at_a_far_stage_position_gets_its_own_layer(panel, qtbot):
+    """Translates compared to a hundredth of a pixel: at 42000 um with 0.1 um pixels a
+    relative tolerance let a region 3 px away go into the first one's layer."""
+    from napari_unet._widgets._layers import add_or_update, job_for_layer
+
+    viewer, widget = panel
+    image = viewer.add_image(
+        np.zeros((40, 40), np.float32), name="scan", scale=(0.1, 0.1), translate=(35000, 42000)
+    )
+    model = widget.state.model
+    job = job_for_layer(image, model)
+    result = np.zeros((40, 40), np.uint8)
+    add_or_update(viewer, job, model, "labels", result)
+    moved = replace(job, translate=(35000.0, 42000.3))
+    names, kept = add_or_update(viewer, moved, model, "labels", result)
+    assert names == ["scan [unet labels] [1]"] and kept
+    assert viewer.layers["scan [unet labels] [1]"].translate[1] == pytest.approx(42000.3)
+    assert viewer.layers["scan [unet labels]"].translate[1] == 42000
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"threshold": np.float32(0.5)},
+        {"min_confidence": np.float16(0.25)},
+        {"min_size": 10.0},
+        {"min_size": np.int64(3)},
+    ],
+)
+def test_numpy_numbers_are_settings_too(kwargs):
+    from napari_unet.core.segment import SegmentOptions
+
+    SegmentOptions(**kwargs)

@@ -178,9 +178,11 @@ class FeatureMapPanel(WorkerPanel):
         pad_scale = tuple(float(r.stop - r.start + (r.step or 1)) for r in ranges)
         pad_translate = tuple(float(r.start + r.stop) / 2 for r in ranges)
         units = {}
-        if job.units is not None:  # the image's units (mixed units misplace layers)
-            world_units = tuple(self.viewer.dims.units)[self.viewer.dims.ndim - world :][:pad]
-            units = {"units": ("pixel", *world_units, *job.units)}
+        world_units = getattr(self.viewer.dims, "units", None)  # None: inconsistent
+        if job.units is not None and world_units is not None:
+            # the image's units (mixed units misplace layers)
+            pad_units = tuple(world_units)[self.viewer.dims.ndim - world :][:pad]
+            units = {"units": ("pixel", *pad_units, *job.units)}
         for i, (name, fm) in enumerate(maps.items()):
             scale, translate = fm.world(job.scale[-2:], _origin(job))
             lead = len(job.scale) - 2

@@ -35,7 +35,6 @@ from napari_unet._widgets._layers import (
     job_for_layer,
     mark_result,
     overwritable,
-    world_to_layer,
 )
 from napari_unet._widgets._loss_plot import LossPlot
 from napari_unet.core.axes import Axes
@@ -284,12 +283,13 @@ class FinetunePanel(WorkerPanel):
                 f"image's: paint on a layer made for '{layer.name}' (New annotation layer)."
             )
             return
-        # the plane shown now: the user may move on to another while the model runs
-        point = world_to_layer(targets[0], self.viewer, self.viewer.dims.point)
-        plane = tuple(
-            int(np.clip(round(point[k]), 0, shape[k] - 1)) for k in range(len(shape) - 2)
-        )
-        self._fill_target = (targets[0], plane)
+        # the image's plane shown now (the user may move on while the model runs), in
+        # the annotation layer: with the one-plane channel axis of a Z, C, Y, X image's
+        # layers or, for a layer of the user's, without it
+        plane = list(job.plane or ())
+        if job.channel_at is not None and len(shape) == len(plane) + 3:
+            plane.insert(job.channel_at, 0)
+        self._fill_target = (targets[0], tuple(plane))
         self._mode = "fill"
         options = SegmentOptions(
             mode="labels",  # the classes, computed in the worker (not the GUI thread)
@@ -661,18 +661,25 @@ class FinetunePanel(WorkerPanel):
         plane = np.asarray(data[index])
         labels = labels.reshape(plane.shape)
         empty = np.nonzero(plane == 0)
-        where = tuple(np.full(len(empty[0]), i) for i in index) + empty
-        try:  # only this plane, in place (copying a whole stack stalled the GUI), as one
-            # step of the layer's undo history (Ctrl-Z undid the stroke before it instead)
-            with layer.block_history():
-                layer.data_setitem(where, labels[empty])
+        undoable = len(empty[0]) <= UNDOABLE_FILL
+        try:  # only this plane, in place (copying a whole stack stalled the GUI)
+            if undoable:  # one step of the layer's undo history (Ctrl-Z undid the stroke
+                # before it); napari keeps every pixel's index and value for it
+                where = tuple(np.full(len(empty[0]), i) for i in index) + empty
+                with layer.block_history():
+                    layer.data_setitem(where, labels[empty])
+            else:  # (4096^2: 4 s on the GUI thread and 436 MB of undo history)
+                data[index] = np.where(plane == 0, labels, plane)
+                layer.refresh()
         except (TypeError, ValueError, NotImplementedError):  # read-only data (dask...)
             data = np.array(data)
             data[index] = np.where(plane == 0, labels, plane)
             layer.data = data
+            undoable = False
         self.status.setText(
             f"'{layer.name}' now holds the model's classes where nothing was painted: "
             "paint over the mistakes, then Train."
+            + ("" if undoable else " (A fill this large is not in the undo history.)")
         )
 
     def _on_finished(self) -> None:
@@ -686,6 +693,11 @@ class FinetunePanel(WorkerPanel):
         self.pause_button.setText("Pause")
         self.stop_button.setEnabled(False)
         self._mode = ""
+
+
+# the most pixels a fill writes through napari's undo history (about 1 s and 100 MB of
+# history per 4 million pixels); larger fills are written directly
+UNDOABLE_FILL = 1 << 21
 
 
 def _record_save(state, saving, _result=None) -> None:

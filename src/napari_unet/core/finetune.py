@@ -183,7 +183,9 @@ def finetune_iter(
     data_name: str = "painted planes",
     diameter: float | str | None = None,
 ) -> Generator[object, None, Finished]:
-    """Fine-tune a copy of ``model`` on painted planes; yields each
+    """Fine-tune a copy of ``model`` on painted planes; yields a
+    :class:`~napari_unet.core.training.Phase` before each setup stage (checking the
+    paint, normalisation, pseudo-labels, ...), each
     :class:`~napari_unet.core.training.TrainStep` and, every ``preview_every``
     steps, a :class:`Preview` of ``preview = (data, axes, region)``; returns
     :class:`Finished` (closing the generator discards the run).

@@ -3,6 +3,7 @@ or instances. Shared by the command line and the napari widgets."""
 
 from __future__ import annotations
 
+import numbers
 import warnings
 from collections.abc import Generator
 from dataclasses import dataclass, replace
@@ -45,7 +46,7 @@ class SegmentOptions:
             value = getattr(self, name)
             if value is None and name == "min_confidence":
                 continue
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
+            if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
                 raise ValueError(f"{name} must be a number from 0 to 1, got {value!r}")
             if not 0 <= value <= 1:  # (NaN fails too)
                 raise ValueError(f"{name} must be from 0 to 1 (a probability), got {value!r}")
@@ -53,7 +54,8 @@ class SegmentOptions:
             value = getattr(self, name)
             if value is None and name != "min_size":
                 continue
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+            whole = isinstance(value, numbers.Real) and float(value).is_integer()
+            if isinstance(value, (bool, np.bool_)) or not whole:
                 raise ValueError(f"{name} must be a whole number, got {value!r}")
             if value < least:
                 raise ValueError(f"{name} must be at least {least}, got {value}")

@@ -234,9 +234,12 @@ def prepare(
     for i, (img, lab) in enumerate(zip(images, labels)):
         image = normalized_plane(model, img, f"image {i}")
         lab = np.asarray(lab)
+        if lab.ndim == 3 and 1 in (lab.shape[0], lab.shape[-1]) and lab.size == image[0].size:
+            lab = lab.reshape(image.shape[1:])  # (1, Y, X) or (Y, X, 1), as images may be
         if lab.shape != image.shape[1:]:
             raise ValueError(
-                f"labels {i} have shape {lab.shape} but image {i} is {image.shape[1:]}"
+                f"labels {i} have shape {np.shape(labels[i])} but image {i}'s plane is "
+                f"{image.shape[1:]} (from {np.shape(img)})"
             )
         if kind == "instances":
             lab = tg.sequential_instances(lab, f"labels {i}")
