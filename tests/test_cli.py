@@ -623,3 +623,33 @@ def test_a_y_x_1_image_is_one_grayscale_plane(tmp_path, model_file, image):
     assert ref.shape == image.shape
     for name in ("yx1_tif_out.tif", "yx1_npy_out.tif"):
         np.testing.assert_array_equal(tifffile.imread(tmp_path / name), ref)
+
+
+def test_a_new_three_class_network_on_instance_masks_gets_their_classes(tmp_path, capsys):
+    """Its instances come from the watershed of background / interior / boundary: named
+    class0..class2, the boundary class was taken as the objects (F1 0)."""
+    from napari_unet.core.postprocess import default_recipe
+    from napari_unet.io import load_model
+
+    args = _train_args(tmp_path, tmp_path / "three.safetensors", steps=2)
+    args[args.index("-m") + 1] = (
+        '{"depth": 2, "base_width": 4, "padding": "same", "num_classes": 3}'
+    )
+    assert main(args) == 0
+    info = load_model(tmp_path / "three.safetensors").info
+    assert info.classes == ["background", "interior", "boundary"]
+    assert default_recipe(info.classes)["method"] == "watershed"
+    # a time budget plans the steps first: how to repeat the run is printed
+    capsys.readouterr()
+    args = [*args, "--seconds", "2"]
+    args[args.index("-o") + 1] = str(tmp_path / "timed.safetensors")
+    assert main(args) == 0
+    prov = load_model(tmp_path / "timed.safetensors").info.provenance
+    planned = prov["train_config"]["steps"]
+    err = capsys.readouterr().err
+    assert f"{prov['steps']} of {planned} planned steps; to repeat this run exactly: " in err
+    assert f"--steps {planned}" in err
+    # an output named only by its extension is refused before training
+    args[args.index("-o") + 1] = str(tmp_path / ".safetensors")
+    assert main(args) == 1
+    assert "a file name ending in .safetensors" in capsys.readouterr().err

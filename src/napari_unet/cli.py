@@ -462,12 +462,18 @@ def cmd_train(args) -> int:
 
     if len(args.images) != len(args.labels):
         raise ValueError(f"{len(args.images)} images but {len(args.labels)} label files")
-    if not args.output.endswith(".safetensors"):
-        raise ValueError("--output must end in .safetensors")
+    if Path(args.output).suffix != ".safetensors":  # (".safetensors" alone has none)
+        raise ValueError("--output must be a file name ending in .safetensors")
     # before training, not after it; the base model, images and labels are never replaced
     outputs.check_writable(Path(args.output), [args.model, *args.images, *args.labels])
     torch.manual_seed(args.seed)  # a new network's initial weights too
-    model = _base_model(args.model, args.classes)
+    classes = args.classes
+    new = classes is None and args.label_kind == "instances" and not _is_model(args.model)
+    if new and _num_classes(args.model.strip()) == 3:
+        # instance masks become these three classes: a new network says so, and its
+        # instances come from the watershed of them (class2 was taken as the objects)
+        classes = "background,interior,boundary"
+    model = _base_model(args.model, classes)
 
     def load(paths):
         return [np.asarray(read_image(p)) for p in paths]
@@ -505,7 +511,7 @@ def cmd_train(args) -> int:
         unlabelled=load(args.unlabelled),
         should_stop=stop.is_set,
     )
-    bar = tqdm(total=cfg.steps, unit="step", disable=args.quiet, file=sys.stderr)
+    bar = tqdm(total=None, unit="step", disable=args.quiet, file=sys.stderr)
     try:
         with _first_interrupt_stops(stop):
             while True:
@@ -514,15 +520,41 @@ def cmd_train(args) -> int:
                 except StopIteration as end:
                     result = end.value
                     break
+                bar.total = step.steps  # as planned (a time budget plans them first)
                 bar.update(1)
                 bar.set_postfix(loss=f"{step.loss:.4f}", **step.metrics)
     finally:
         bar.close()
     # named after its file: it is no longer the model it was trained from
     save_model(result.with_info(name=Path(args.output).stem), args.output)
-    done = f"stopped at step {result.info.provenance.get('steps')}, " if stop.is_set() else ""
+    made = result.info.provenance.get("steps")
+    planned = (result.info.provenance.get("train_config") or {}).get("steps", made)
+    done = f"stopped at step {made}, " if stop.is_set() else ""
     print(f"{done}saved {args.output}", file=sys.stderr)
+    if made != planned or args.seconds is not None or args.finetune:
+        print(
+            f"{made} of {planned} planned steps; to repeat this run exactly: --seed "
+            f"{args.seed} --steps {planned}"
+            + (f" --stop-after {made}" if made != planned else ""),
+            file=sys.stderr,
+        )
     return 0
+
+
+def _is_model(spec: str) -> bool:
+    """Whether ``--model`` names a model (bundled or a file), not a new network's JSON."""
+    text = spec.strip()
+    return not (text.startswith("{") or (text.endswith(".json") and Path(text).exists()))
+
+
+def _num_classes(text: str):
+    import json
+
+    try:
+        arch = json.loads(Path(text).read_text() if text.endswith(".json") else text)
+    except (OSError, ValueError):
+        return None  # said by _base_model
+    return arch.get("num_classes", 2) if isinstance(arch, dict) else None  # (UNetConfig's)
 
 
 @contextlib.contextmanager

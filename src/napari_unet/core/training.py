@@ -257,6 +257,22 @@ def prepare(
         prepared.append((image, target, border, share))
     if not any((t >= 0).any() for t in all_targets):
         raise ValueError("the labels are empty: annotate some pixels first")
+    seen = np.unique(np.concatenate([np.unique(t[t >= 0]) for t in all_targets]))
+    pseudo = kind == "sparse" and cfg.pseudo_weight > 0  # (the model's answer adds the rest)
+    if len(seen) < 2 and not pseudo:
+        # trained on one class, the network learns to answer it everywhere (a 0/1 mask
+        # read as strokes turned every cell pixel into membrane)
+        only = info.classes[int(seen[0])] if int(seen[0]) < len(info.classes) else seen[0]
+        hint = (
+            " A dense mask? Strokes count 0 as 'not annotated' and k as class k - 1: "
+            "use --label-kind classes (0 = the first class) or instances."
+            if kind == "sparse"
+            else ""
+        )
+        raise ValueError(
+            f"the labels hold only one class ({only!r}): annotate at least two, or the "
+            f"network learns one answer.{hint}"
+        )
     powers = {"balanced": 1.0, "sqrt": 0.5, "none": 0.0}
     if cfg.class_weighting not in powers:
         raise ValueError(
