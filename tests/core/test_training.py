@@ -622,3 +622,19 @@ def test_short_runs_reach_the_learning_rate_and_validation_errors_say_so(data):
             val_images=[image],
             val_labels=[np.zeros_like(labels)],  # nothing painted
         )
+
+
+def test_a_0_255_mask_is_told_how_to_become_classes_or_instances():
+    """ISBI's labels are 0 / 255: as classes, as strokes and as instances, each message
+    sent the user to another kind that failed or trained one object."""
+    from napari_unet.core.targets import sequential_instances, to_target
+
+    mask = np.zeros((20, 20), np.uint8)
+    mask[2:8, 2:8] = mask[12:18, 12:18] = 255
+    for kind in ("classes", "sparse"):
+        with pytest.raises(
+            ValueError, match="a binary mask of 0 and 255.*as 0 / 1 \\(mask > 0\\)"
+        ):
+            to_target(mask, kind, 2)
+    with pytest.warns(UserWarning, match="scipy.ndimage.label\\(mask > 0\\).*as 0 / 1"):
+        sequential_instances(mask)

@@ -613,7 +613,8 @@ def test_a_single_citation_or_author_need_not_be_a_list(tmp_path, exported):
         rdf["authors"] = {"name": "Ada"}
 
     info = load_package(repack(exported["same"], tmp_path / "one.zip", single)).info
-    assert info.provenance["cite"] == "One paper (doi:10.1/x)"
+    assert info.provenance["cite"] == [{"text": "One paper", "doi": "10.1/x"}]
+    assert "cite:          One paper (10.1/x)" in info.card()
     assert info.provenance["authors"] == "Ada"
 
 

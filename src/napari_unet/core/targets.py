@@ -48,15 +48,24 @@ def to_target(
     else:
         raise ValueError(f"label kind must be one of {LABEL_KINDS}, got {kind!r}")
     if target.max(initial=IGNORE) >= num_classes:
-        raise ValueError(
-            f"labels use class {int(target.max()) + (1 if kind == 'sparse' else 0)} but the "
-            f"model has only {num_classes} classes"
-            + (
+        values = np.unique(labels)
+        binary = len(values) == 2 and values[0] == 0  # e.g. 0 / 255
+        if binary and kind in ("sparse", "classes"):
+            hint = (
+                f" (a binary mask of 0 and {values[1]}? classes are numbered 0, 1, ...: write "
+                f"it as 0 / 1 (mask > 0) for --label-kind classes; to separate touching "
+                "objects, number each object 1, 2, ... and use --label-kind instances)"
+            )
+        elif kind in ("sparse", "classes"):
+            hint = (
                 " (are these instance masks, one id per object? then say so: label kind "
                 "'instances', --label-kind instances)"
-                if kind in ("sparse", "classes")
-                else ""
             )
+        else:
+            hint = ""
+        raise ValueError(
+            f"labels use class {int(target.max()) + (1 if kind == 'sparse' else 0)} but the "
+            f"model has only {num_classes} classes{hint}"
         )
     if (target < IGNORE).any():
         raise ValueError("labels must not be negative")
@@ -89,8 +98,9 @@ def sequential_instances(lab: np.ndarray, what: str = "labels") -> np.ndarray:
     if regions > 1:
         warnings.warn(
             f"{what} use one id ({objects[0]}) for {regions} separate "
-            "regions, read as one object: instance masks give each object its own id; for a "
-            "binary mask of classes use kind 'classes' (--label-kind classes)",
+            "regions, read as one object: instance masks give each object its own id "
+            "(e.g. scipy.ndimage.label(mask > 0)); for a binary mask of classes write it as "
+            "0 / 1 and use kind 'classes' (--label-kind classes)",
             UserWarning,
             stacklevel=3,
         )

@@ -24,11 +24,16 @@ def _person(a) -> str:
     return str(name).split(";")[0].strip()
 
 
-def _citation(c) -> str:
+def _citation(c) -> dict:
+    """A reference as the weights files keep them (``text`` and ``doi`` or ``url``): the
+    card shows one per line (joined into one string, they ran together)."""
     if not isinstance(c, dict):
-        return str(c)
-    ref = f"doi:{c['doi']}" if c.get("doi") else c.get("url", "")
-    return " ".join(str(c.get("text", "")).split()) + (f" ({ref})" if ref else "")
+        return {"text": " ".join(str(c).split())}
+    out = {"text": " ".join(str(c.get("text", "")).split())}
+    for key in ("doi", "url"):
+        if c.get(key):
+            out[key] = str(c[key])
+    return out
 
 
 def _listed(value) -> list:
@@ -43,7 +48,7 @@ def _provenance(spec: _Spec, fmt: str, entry: dict, notes: dict) -> dict:
     if rdf.get("license"):
         p["license"] = str(rdf["license"])
     if rdf.get("cite"):
-        p["cite"] = "; ".join(_citation(c) for c in _listed(rdf["cite"]))
+        p["cite"] = [_citation(c) for c in _listed(rdf["cite"])]
     p["weights"] = f"{fmt} ({entry['source']})"
     p["bioimageio"] = f"format {spec.version}" + (f", id {rdf['id']}" if rdf.get("id") else "")
     p.update(notes)
