@@ -297,7 +297,8 @@ def test_train_new_model_from_json_and_fine_tune_it(tmp_path, capsys):
     tuned = load_model(out2).info.provenance
     # the file it was trained from, named after its file (not the network it started as)
     assert tuned["base_model"] == "new (new.safetensors)"
-    assert tuned["lineage"] == "unet -> new (new.safetensors)"
+    assert tuned["lineage"] == "none (random weights) -> new (new.safetensors)"
+    assert load_model(out).info.provenance["base_model"] == "none (random weights)"
     assert load_model(out2).info.name == "tuned"
     assert tuned["steps"] == 2
     recipe = tuned["train_config"]

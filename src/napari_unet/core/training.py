@@ -612,6 +612,8 @@ def _result(net, model, cfg, steps, data_name, kind, metrics) -> LoadedModel:
     base = model.info
     source = f" ({Path(base.source).name})" if base.source else ""
     parent = f"{base.name or 'unnamed'}{source}"
+    if not base.source and not base.provenance:  # a new network: no base to name
+        parent = "none (random weights)"
     earlier = base.provenance.get("lineage")
     provenance = {
         **{k: v for k, v in base.provenance.items() if k in _KEPT_PROVENANCE},
