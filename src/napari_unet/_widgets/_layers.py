@@ -34,6 +34,13 @@ class LayerJob:
         """``array`` (the image's axes without channels) shaped for its output layer."""
         return array if self.channel_at is None else np.expand_dims(array, self.channel_at)
 
+    def output_shape(self) -> tuple[int, ...]:
+        """The shape of an output layer: the image's without its channels, see :meth:`expand`."""
+        shape = [n for n, a in zip(np.shape(self.data), self.axes) if a != "C"]
+        if self.channel_at is not None:
+            shape.insert(self.channel_at, 1)
+        return tuple(shape)
+
     def collapse(self, array):
         """An output layer's data (see :meth:`expand`) back on the image's axes."""
         if self.channel_at is None or np.ndim(array) != len(self.scale):
@@ -332,10 +339,9 @@ def add_or_update(
     and, for the layers kept, ``(name, why)``."""
     info = model.info
     kw = job.placement()
-    result = np.asarray(result) if mode != "probabilities" else result
     if mode == "probabilities":
         wanted = [result_name(job.layer_name, info.name, c) for c in info.classes]
-        names = [
+        put = [
             _put(
                 viewer,
                 "image",
@@ -351,45 +357,46 @@ def add_or_update(
         ]
     else:
         wanted = [result_name(job.layer_name, info.name, mode)]
-        names = [_put(viewer, "labels", wanted[0], job.expand(result), kw)]
-    return names, [(w, _why_kept(viewer.layers[w], kw)) for w, n in zip(wanted, names) if n != w]
+        put = [_put(viewer, "labels", wanted[0], job.expand(result), kw)]
+    return [n for n, _ in put], [(w, why) for w, (n, why) in zip(wanted, put) if n != w]
 
 
-def _why_kept(layer, kw: dict) -> str:
-    """Why a new result did not go into ``layer``, the one of its name."""
-    if RESULT_KEY not in layer.metadata:
+def _refusal(layer, kind: str, data, kw: dict) -> str:
+    """Why ``layer`` cannot take a new result (``""``: it can). Updated in place only by a
+    result of the same extent: a plane or a region must not replace a whole stack's
+    result. The checksum of what the layer holds (seconds for large ones) comes last."""
+    if layer._type_string != kind or RESULT_KEY not in layer.metadata:
         return "not a result of napari-unet"
     if ANNOTATION_KEY in layer.metadata:
         return "used as annotations"
+    # translates to a hundredth of a pixel, not relative to the translate: at a stage
+    # position of 42000 um, 0.42 um was 4 px
+    same_place = np.allclose(
+        layer.translate, kw["translate"], rtol=0, atol=0.01 * np.abs(kw["scale"]).min()
+    )
+    if tuple(layer.data.shape) != tuple(np.shape(data)) or not same_place:
+        return "it covers another extent (stack, plane or region)"
     if not overwritable(layer):
         return "edited since it was written"
-    return "it covers another extent (stack, plane or region)"
+    return ""
 
 
-def _put(viewer, kind: str, name: str, data, kw: dict, **style) -> str:
-    """Update or add the result layer ``name``; return the name the result got."""
+def _put(viewer, kind: str, name: str, data, kw: dict, **style) -> tuple[str, str]:
+    """Update or add the result layer ``name``; return the name the result got and, when
+    that is not ``name``, why the layer ``name`` was kept."""
     family = [
         layer
         for layer in viewer.layers
         if layer.name == name or re.fullmatch(re.escape(name) + r" \[\d+\]", layer.name)
     ]  # the result and the copies made when it was edited ("name [1]", ...)
-    # updated in place only by a result of the same extent: a plane or a region must not
-    # replace a whole stack's result (it gets a layer of its own)
-    old = next(
-        (
-            la
-            for la in family
-            if la._type_string == kind
-            and overwritable(la)
-            and tuple(la.data.shape) == tuple(np.shape(data))
-            # (another plane or region: its own layer; to a hundredth of a pixel, not
-            # relative to the translate: at a stage position of 42000 um, 0.42 um was 4 px)
-            and np.allclose(
-                la.translate, kw["translate"], rtol=0, atol=0.01 * np.abs(kw["scale"]).min()
-            )
-        ),
-        None,
-    )
+    old, why = None, ""
+    for layer in family:
+        refused = _refusal(layer, kind, data, kw)
+        if not refused:
+            old = layer
+            break
+        if layer.name == name:
+            why = refused
     if old is not None:
         old.data = data
         # each assignment re-slices the layer (about 1 s for 8000^2): only what changed
@@ -398,14 +405,14 @@ def _put(viewer, kind: str, name: str, data, kw: dict, **style) -> str:
         if "units" in kw and tuple(old.units) != tuple(kw["units"]):
             old.units = kw["units"]
         mark_result(old)
-        return old.name
+        return old.name, ""
     # napari names a layer "name [1]" when "name" is taken
     # marked from the start: panels that list input images hear of it while it is added
     mark = {RESULT_KEY: _checksum(data)}
     layer = getattr(viewer, f"add_{kind}")(data, name=name, metadata=mark, **kw, **style)
     if layer.data is not data:  # napari converted it: mark what the layer holds
         mark_result(layer)
-    return layer.name
+    return layer.name, why
 
 
 def _checksum(data) -> int | None:

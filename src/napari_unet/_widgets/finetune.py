@@ -198,7 +198,7 @@ class FinetunePanel(WorkerPanel):
         except ValueError as err:
             self._on_errored(err)
             return None
-        shape = job.expand(np.empty(_spatial(job), np.uint8)).shape
+        shape = job.output_shape()
         classes = model.info.classes
         name = f"{layer.name} annotations"
         n = 1
@@ -480,7 +480,7 @@ class FinetunePanel(WorkerPanel):
             return
         self._parent = self.versions.current
         self._run_versions = self.versions
-        self._painted = {}
+        self._painted, self._what = {}, ""
         self._preview_job = preview
         self.loss_plot.reset()
         self._stop.clear()
@@ -561,7 +561,7 @@ class FinetunePanel(WorkerPanel):
         # a report on its way when Pause or Stop was pressed keeps "Paused" / "Stopping"
         paused = self.worker is not None and self.worker.is_paused or self._stop.is_set()
         if isinstance(value, Collected):
-            self._painted = value.painted
+            self._painted, self._what = value.painted, value.what
             if not paused:
                 self.status.setText(f"Training on {value.what}...")
         elif isinstance(value, TrainStep):
@@ -577,8 +577,7 @@ class FinetunePanel(WorkerPanel):
         elif isinstance(value, Preview):
             self._show_preview(value)
         elif isinstance(value, Phase) and not paused:
-            what = ", ".join(f"{v} px {k}" for k, v in self._painted.items())
-            self.status.setText(f"{value.message.capitalize()}... ({what})")
+            self.status.setText(f"{value.message.capitalize()}... ({self._what})")
 
     def _show_preview(self, preview: Preview) -> None:
         """Show the preview in this panel's own preview layer; a layer the user edited or
@@ -735,8 +734,3 @@ def _diameter(model) -> str | None:
     """Models that record their objects' size see the painted images at that size,
     measured as the segment panel's *auto* does."""
     return "auto" if model.info.object_diameter else None
-
-
-def _spatial(job) -> tuple[int, ...]:
-    """The shape of ``job``'s image without its channel axis."""
-    return tuple(n for n, a in zip(np.shape(job.data), job.axes) if a != "C")

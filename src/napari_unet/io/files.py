@@ -103,7 +103,7 @@ def load_model(source: str | Path, trust_code: bool = False) -> LoadedModel:
     """
     name = Path(str(source)).name
     try:
-        model = _load(source, trust_code)
+        model = _load(source, trust_code, name)
     except (RuntimeError, MemoryError) as err:  # (RecursionError is a RuntimeError)
         # torch's allocator refusing sizes a file declares, recursion in nested metadata:
         # one line naming the file (a RuntimeError also stopped the GUI's worker dead)
@@ -115,7 +115,7 @@ def load_model(source: str | Path, trust_code: bool = False) -> LoadedModel:
     return model
 
 
-def _load(source, trust_code: bool) -> LoadedModel:
+def _load(source, trust_code: bool, name: str) -> LoadedModel:
     from napari_unet.io import bioimageio
 
     if registry.bundled_path(str(source)) is None and bioimageio.is_package(source):
@@ -140,8 +140,8 @@ def _load(source, trust_code: bool) -> LoadedModel:
                 "(napari-unet .safetensors or TorchScript .pt)"
             )
     if model.info.format != "torchscript":  # _load_torchscript checks before it probes
-        _check_finite(model.net, Path(str(source)).name)
-    _check_answers(model, Path(str(source)).name)
+        _check_finite(model.net, name)
+    _check_answers(model, name)
     return model
 
 
@@ -156,11 +156,17 @@ def _check_answers(model: LoadedModel, name: str) -> None:
     x = torch.rand((1, model.info.in_channels, *size), generator=torch.Generator().manual_seed(0))
     device = next(iter(net.parameters()), torch.zeros(0)).device
     with torch.no_grad():
-        out = net(x.to(device))
+        _refuse_nan(net(x.to(device)), name)
+
+
+def _refuse_nan(out, name: str = "") -> None:
+    """Refuse a network whose answer ``out`` to an ordinary input holds NaN or infinity
+    (``name``: the file; :func:`load_model` names it where it is not given)."""
     if isinstance(out, torch.Tensor) and not bool(torch.isfinite(out).all()):
         raise ModelFileError(
-            f"{name}: the network answers NaN or infinity to an ordinary image (broken "
-            "weights or statistics, e.g. a negative batch-norm variance); not loaded"
+            (f"{name}: " if name else "")
+            + "the network answers NaN or infinity to an ordinary image (broken weights "
+            "or statistics, e.g. a negative batch-norm variance); not loaded"
         )
 
 
@@ -349,11 +355,7 @@ def _measure_multiple(net, channels: int, base: int, shrink: int) -> int:
                 ref = net(x[..., :size, :size])
             except Exception:  # noqa: BLE001, S112 - a size the network refuses
                 continue
-            if isinstance(ref, torch.Tensor) and not bool(torch.isfinite(ref).all()):
-                raise ModelFileError(
-                    "the network answers NaN or infinity to an ordinary image (broken "
-                    "weights or statistics); not loaded"
-                )
+            _refuse_nan(ref)
             for m in (1, 2, 4, 8, 16, 32, 64):
                 lo, hi = margin, ref.shape[-1] - m - margin
                 if hi - lo < 8:
