@@ -140,7 +140,7 @@ def shoot_finetune(model: str, name: str, seconds: int) -> None:
     panel.layer_combo.setCurrentText("dim nuclei")
     ann = panel.new_annotation_layer()
     ann.data = synthetic.strokes(instances_to_classes(truth, 1), 300, seed=0)
-    panel.seconds_spin.setValue(seconds)
+    panel.settings.seconds_spin.setValue(seconds)
     panel.preview_spin.setValue(40)
     panel._on_run()
     wait(panel)

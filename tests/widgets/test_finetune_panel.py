@@ -30,8 +30,8 @@ def panel(make_napari_viewer, qtbot):
     state.device = "cpu"
     widget = FinetunePanel(plugin_viewer(viewer))  # as the Plugins menu opens it
     viewer.window.add_dock_widget(widget)
-    widget.patch_spin.setValue(64)
-    widget.steps_spin.setValue(20)
+    widget.settings.patch_spin.setValue(64)
+    widget.settings.steps_spin.setValue(20)
     widget.preview_spin.setValue(10)
     return viewer, widget, state
 
@@ -163,7 +163,7 @@ def test_stop_keeps_cancel_discards(panel, nuclei, qtbot):
     viewer, widget, state = panel
     image, strokes = nuclei
     _painted(viewer, widget, image, strokes)
-    widget.steps_spin.setValue(5000)
+    widget.settings.steps_spin.setValue(5000)
     widget.preview_spin.setValue(0)
     base = state.model
     widget._on_run()
@@ -309,7 +309,7 @@ def test_existing_instance_mask_layer_trains_as_dense_classes(panel, qtbot):
     expected = instances_to_classes(labels) + 1
     np.testing.assert_array_equal(planes[0].annotation, expected)
     assert sum(painted.values()) == labels.size  # dense: every pixel is a target
-    widget.steps_spin.setValue(5)
+    widget.settings.steps_spin.setValue(5)
     widget.preview_spin.setValue(0)
     _train(qtbot, widget)
     assert len(widget.versions.versions) == 2
@@ -353,7 +353,7 @@ def test_annotations_follow_their_image_when_it_is_renamed(panel, nuclei, qtbot)
     src.name = "well B3"
     assert ann.metadata["napari_unet_annotates"] == "well B3"
     assert widget.layer_combo.currentText() == "well B3"
-    widget.steps_spin.setValue(3)
+    widget.settings.steps_spin.setValue(3)
     widget.preview_spin.setValue(0)
     _train(qtbot, widget)
     assert len(widget.versions.versions) == 2
@@ -384,8 +384,8 @@ def test_closing_the_panel_cancels_its_run_and_keeps_the_versions(panel, nuclei,
     _train(qtbot, widget)
     v1 = state.model
     assert v1.info.name == "unet-v1" and state.unsaved == ["unet-v1"]
-    widget.seconds_spin.setValue(30)
-    widget.steps_spin.setValue(5000)
+    widget.settings.seconds_spin.setValue(30)
+    widget.settings.steps_spin.setValue(5000)
     widget._on_run()
     assert state.training
     loader = ModelPanel(plugin_viewer(viewer))
@@ -422,8 +422,8 @@ def test_a_save_cannot_be_cancelled_half_way(panel, nuclei, qtbot, tmp_path):
 def test_the_save_dialog_s_file_type_gives_a_bare_name_its_suffix(
     panel, qtbot, tmp_path, monkeypatch
 ):
-    import napari_unet._widgets.finetune as fmod
-    from napari_unet._widgets.finetune import _with_suffix
+    import napari_unet._widgets._versions as fmod
+    from napari_unet._widgets._versions import with_suffix as _with_suffix
 
     viewer, widget, state = panel
     chosen = str(tmp_path / "typed"), "bioimage.io package (*.zip)"
@@ -480,7 +480,7 @@ def test_multichannel_stacks_are_annotated_and_trained_on_the_planes_shown(panel
     planes, _, painted = widget.collect(state.model)
     assert len(planes) == 1 and painted == {"background": 100, "interior": 100}
     np.testing.assert_array_equal(planes[0].image, zc[2])  # (C, Y, X) of plane z = 2
-    widget.steps_spin.setValue(3)
+    widget.settings.steps_spin.setValue(3)
     widget.preview_spin.setValue(0)
     _train(qtbot, widget)
     assert state.model.info.name == "unet-v1", widget.status.text()
@@ -524,7 +524,7 @@ def test_a_version_is_never_saved_over_the_base_model_s_file(panel, nuclei, qtbo
 def test_a_fill_of_a_z_c_y_x_image_lands_on_the_plane_shown(panel, qtbot, monkeypatch):
     """In the panel's own layer (Z, 1, Y, X) and in a (Z, Y, X) Labels layer of the
     user's, which napari lines up by its last axes (its planes then follow C)."""
-    from napari_unet._widgets import finetune
+    from napari_unet._widgets import _annotations
 
     viewer, widget, state = panel
     state.model = tiny_model("same", depth=2, channels=2)
@@ -535,7 +535,7 @@ def test_a_fill_of_a_z_c_y_x_image_lands_on_the_plane_shown(panel, qtbot, monkey
     mine = viewer.add_labels(np.zeros((3, 32, 32), np.uint8), name="mine")
     viewer.layers.selection.active = mine
     widget.use_selected_labels()
-    monkeypatch.setattr(finetune, "UNDOABLE_FILL", 10)  # a plane past it: written directly
+    monkeypatch.setattr(_annotations, "UNDOABLE_FILL", 10)  # a plane past it: written directly
     widget.start_from_prediction()
     qtbot.waitUntil(lambda: widget.worker is None, timeout=30000)
     assert mine.data[2].all() and not mine.data[:2].any(), widget.status.text()

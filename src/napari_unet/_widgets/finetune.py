@@ -12,22 +12,17 @@ from __future__ import annotations
 import threading
 import weakref
 from dataclasses import replace
-from functools import partial
-from pathlib import Path
 
 import numpy as np
 from qtpy.QtWidgets import (
-    QCheckBox,
     QComboBox,
-    QDoubleSpinBox,
-    QFileDialog,
     QFormLayout,
     QHBoxLayout,
-    QListWidget,
     QPushButton,
     QSpinBox,
 )
 
+from napari_unet._widgets import _annotations as ann
 from napari_unet._widgets._base import WorkerPanel
 from napari_unet._widgets._layers import (
     ANNOTATION_KEY,
@@ -37,23 +32,13 @@ from napari_unet._widgets._layers import (
     overwritable,
 )
 from napari_unet._widgets._loss_plot import LossPlot
+from napari_unet._widgets._train_form import TrainForm
+from napari_unet._widgets._versions import VersionControls, record_save
 from napari_unet.core.axes import Axes
 from napari_unet.core.finetune import Collected, Finished, Preview
 
-KIND_KEY = "napari_unet_kind"  # layer.metadata: "sparse" (painted classes) or "instances"
-CLASS_COLORS = ["#4a90d9", "#3cb44b", "#e6194b", "#ffe119", "#f58231", "#911eb4", "#46f0f0"]
 
-
-def annotation_colormap(classes):
-    from napari.utils.colormaps import DirectLabelColormap
-
-    colors = {0: "transparent", None: "transparent"}
-    for k in range(len(classes)):
-        colors[k + 1] = CLASS_COLORS[k % len(CLASS_COLORS)]
-    return DirectLabelColormap(color_dict=colors)
-
-
-class FinetunePanel(WorkerPanel):
+class FinetunePanel(VersionControls, WorkerPanel):
     """Annotate and retrain: sparse strokes on Labels layers fine-tune the current model."""
 
     run_text = "Train"
@@ -62,7 +47,6 @@ class FinetunePanel(WorkerPanel):
         super().__init__(napari_viewer)
         from napari_unet.core.finetune import ModelVersions  # noqa: F401 - core import check
 
-        self._setting_model = False
         self._mode = ""  # what the worker does: "train", "fill" or "save"
         self._fill_made = None  # an annotation layer made by "Start from prediction"
         self._stop = threading.Event()
@@ -71,9 +55,30 @@ class FinetunePanel(WorkerPanel):
 
         form = QFormLayout()
         self.add_image_choice(form)
+        self._build_annotation_rows(form)
+        self.settings = TrainForm(form)
+        self.preview_spin = QSpinBox()
+        self.preview_spin.setRange(0, 10000)
+        self.preview_spin.setValue(50)
+        self.preview_spin.setSpecialValueText("off")
+        form.addRow("Preview every (steps)", self.preview_spin)
+        self.form.addLayout(form)
+        self.loss_plot = LossPlot()
+        self.form.addWidget(self.loss_plot.widget)
+        self._build_run_buttons()
+        self.build_versions(self.form)
+        self._on_layers_changed()
+        self._on_model_changed(self.state.model)
+
+    def _build_annotation_rows(self, form) -> None:
         row = QHBoxLayout()
         self.new_button = QPushButton("New annotation layer")
+        self.new_button.setToolTip("A Labels layer over the chosen image to paint classes on")
         self.fill_button = QPushButton("Start from prediction")
+        self.fill_button.setToolTip(
+            "Fill the unpainted pixels of the plane shown with the model's answer, "
+            "to correct by painting over its mistakes"
+        )
         row.addWidget(self.new_button)
         row.addWidget(self.fill_button)
         form.addRow(row)
@@ -88,59 +93,11 @@ class FinetunePanel(WorkerPanel):
         row.addWidget(self.pair_button)
         row.addWidget(self.kind_combo)
         form.addRow(row)
-        self.seconds_spin = QSpinBox()
-        self.seconds_spin.setRange(5, 36000)
-        self.seconds_spin.setValue(60)
-        self.seconds_spin.setSuffix(" s")
-        form.addRow("Time budget", self.seconds_spin)
-        self.steps_spin = QSpinBox()
-        self.steps_spin.setRange(1, 100000)
-        self.steps_spin.setValue(400)
-        form.addRow("Max. steps", self.steps_spin)
-        self.lr_spin = QDoubleSpinBox()
-        self.lr_spin.setDecimals(5)
-        self.lr_spin.setRange(1e-5, 1e-1)
-        self.lr_spin.setSingleStep(1e-4)
-        self.lr_spin.setValue(1e-3)
-        form.addRow("Learning rate", self.lr_spin)
-        self.batch_spin = QSpinBox()
-        self.batch_spin.setRange(1, 64)
-        self.batch_spin.setValue(4)
-        form.addRow("Batch size", self.batch_spin)
-        self.patch_spin = QSpinBox()
-        self.patch_spin.setRange(32, 1024)
-        self.patch_spin.setSingleStep(32)
-        self.patch_spin.setValue(128)
-        self.patch_spin.setSuffix(" px")
-        form.addRow("Patch size", self.patch_spin)
-        self.augment_check = QCheckBox("Augment (flips, rotations, intensity)")
-        self.augment_check.setChecked(True)
-        form.addRow("", self.augment_check)
-        self.adapt_check = QCheckBox("Adapt normalisation to these images")
-        self.adapt_check.setChecked(True)
-        form.addRow("", self.adapt_check)
-        # (short: checkboxes do not wrap, and the dock is as wide as its widest one)
-        self.pseudo_check = QCheckBox("Keep confident predictions")
-        self.pseudo_check.setToolTip(
-            "Where nothing is painted, the model's own confident prediction (p >= 0.9) is "
-            "kept as a weak target, so a few strokes do not unlearn the rest."
-        )
-        self.pseudo_check.setChecked(True)
-        form.addRow("", self.pseudo_check)
-        self.freeze_check = QCheckBox("Freeze encoder")
-        form.addRow("", self.freeze_check)
-        self.weights_combo = QComboBox()
-        self.weights_combo.addItems(["balanced", "sqrt", "none"])
-        form.addRow("Class weights", self.weights_combo)
-        self.preview_spin = QSpinBox()
-        self.preview_spin.setRange(0, 10000)
-        self.preview_spin.setValue(50)
-        self.preview_spin.setSpecialValueText("off")
-        form.addRow("Preview every (steps)", self.preview_spin)
-        self.form.addLayout(form)
-        self.loss_plot = LossPlot()
-        self.form.addWidget(self.loss_plot.widget)
+        self.new_button.clicked.connect(self.new_annotation_layer)
+        self.fill_button.clicked.connect(self.start_from_prediction)
+        self.pair_button.clicked.connect(self.use_selected_labels)
 
+    def _build_run_buttons(self) -> None:
         self.pause_button = QPushButton("Pause")
         self.pause_button.setEnabled(False)
         self.stop_button = QPushButton("Stop && keep")
@@ -150,42 +107,12 @@ class FinetunePanel(WorkerPanel):
         # in sight during a run, beside Train and Cancel (in the scrolled controls they
         # were hidden when four panels shared the dock)
         self.add_button_row(self.pause_button, self.stop_button)
-
-        self.version_list = QListWidget()
-        self.version_list.setMaximumHeight(110)
-        self.form.addWidget(self.version_list)
-        vrow = QHBoxLayout()
-        self.use_button = QPushButton("Use selected")
-        self.revert_button = QPushButton("Revert")
-        self.save_button = QPushButton("Save selected...")
-        for b in (self.use_button, self.revert_button, self.save_button):
-            vrow.addWidget(b)
-        self.form.addLayout(vrow)
-
-        self.new_button.clicked.connect(self.new_annotation_layer)
-        self.fill_button.clicked.connect(self.start_from_prediction)
-        self.pair_button.clicked.connect(self.use_selected_labels)
         self.pause_button.clicked.connect(self._on_pause)
         self.stop_button.clicked.connect(self._on_stop)
-        self.use_button.clicked.connect(self._on_use)
-        self.revert_button.clicked.connect(self._on_revert)
-        self.save_button.clicked.connect(self._on_save)
-        self.state.model_changed.connect(self._on_model_changed)
-        self._on_layers_changed()
-        self._on_model_changed(self.state.model)
 
     # -- layers ------------------------------------------------------------------
     def annotation_layers(self, image_name: str | None = None, kind: str | None = None):
-        from napari.layers import Labels
-
-        return [
-            layer
-            for layer in self.viewer.layers
-            if isinstance(layer, Labels)
-            and layer.metadata.get(ANNOTATION_KEY)
-            and (image_name is None or layer.metadata[ANNOTATION_KEY] == image_name)
-            and (kind is None or layer.metadata.get(KIND_KEY, "sparse") == kind)
-        ]
+        return ann.annotation_layers(self.viewer, image_name, kind)
 
     def new_annotation_layer(self):
         """A Labels layer for the chosen image: 0 = not annotated, k = class k - 1."""
@@ -198,28 +125,10 @@ class FinetunePanel(WorkerPanel):
         except ValueError as err:
             self._on_errored(err)
             return None
-        shape = job.output_shape()
-        classes = model.info.classes
-        name = f"{layer.name} annotations"
-        n = 1
-        while name in self.viewer.layers:
-            n += 1
-            name = f"{layer.name} annotations {n}"
-        features = {"class": ["not annotated", *classes]}
-        labels = self.viewer.add_labels(
-            np.zeros(shape, np.uint8),
-            name=name,
-            **job.placement(),
-            features=features,
-            colormap=annotation_colormap(classes),
-            metadata={ANNOTATION_KEY: layer.name},
-            opacity=0.8,
+        labels, message = ann.add_annotation_layer(
+            self.viewer, layer.name, job, model.info.classes
         )
-        labels.mode = "paint"
-        labels.brush_size = 3
-        labels.selected_label = min(2, len(classes))
-        legend = ", ".join(f"{k + 1} = {c}" for k, c in enumerate(classes))
-        self.status.setText(f"Paint on '{name}': {legend} (0 = not annotated).")
+        self.status.setText(message)
         return labels
 
     def use_selected_labels(self):
@@ -231,25 +140,11 @@ class FinetunePanel(WorkerPanel):
             self.status.setText("Choose the image above and select a Labels layer in the list.")
             return
         kind = "instances" if "instance" in self.kind_combo.currentText() else "sparse"
-        active.metadata[ANNOTATION_KEY] = layer.name
-        active.metadata[KIND_KEY] = kind
-        what = (
-            "instance masks (0 = background; every plane with objects is used in full)"
-            if kind == "instances"
-            else "painted classes (0 = not annotated, k = class k - 1)"
-        )
-        self.status.setText(f"'{active.name}' annotates '{layer.name}' as {what}.")
+        self.status.setText(ann.pair_labels(active, layer.name, kind))
 
     def _on_layers_changed(self, event=None) -> None:
         """Annotation layers name their image: they follow it when it is renamed."""
-        before = getattr(self, "_names", {})
-        for layer in self.viewer.layers:
-            old = before.get(id(layer))
-            if old is not None and old != layer.name:
-                for ann in self.viewer.layers:
-                    if ann.metadata.get(ANNOTATION_KEY) == old:
-                        ann.metadata[ANNOTATION_KEY] = layer.name
-        self._names = {id(layer): layer.name for layer in self.viewer.layers}
+        self._names = ann.follow_renames(self.viewer, getattr(self, "_names", {}))
         super()._on_layers_changed(event)
 
     def start_from_prediction(self):
@@ -283,13 +178,7 @@ class FinetunePanel(WorkerPanel):
                 f"image's: paint on a layer made for '{layer.name}' (New annotation layer)."
             )
             return
-        # the image's plane shown now (the user may move on while the model runs), in
-        # the annotation layer: with the one-plane channel axis of a Z, C, Y, X image's
-        # layers or, for a layer of the user's, without it
-        plane = list(job.plane or ())
-        if job.channel_at is not None and len(shape) == len(plane) + 3:
-            plane.insert(job.channel_at, 0)
-        self._fill_target = (targets[0], tuple(plane))
+        self._fill_target = (targets[0], ann.fill_plane_index(job, shape))
         self._mode = "fill"
         options = SegmentOptions(
             mode="labels",  # the classes, computed in the worker (not the GUI thread)
@@ -301,138 +190,9 @@ class FinetunePanel(WorkerPanel):
             segment_iter, job.data, model, options, desc="napari-unet: prediction to correct"
         )
 
-    # -- model / versions -----------------------------------------------------------
-    @property
-    def versions(self):
-        """The viewer's fine-tuned versions (kept in its state: a closed and reopened
-        panel finds them again)."""
-        return self.state.versions
-
-    @versions.setter
-    def versions(self, value) -> None:
-        self.state.versions = value
-
-    def _on_model_changed(self, model) -> None:
-        if self._setting_model:
-            return
-        from napari_unet.core.finetune import ModelVersions
-
-        if self.versions is not None and self.versions.holds(model):
-            self._refresh_versions()  # one of the versions (this panel reopened): kept
-            return
-        running = self._mode if self.worker is not None else ""
-        if running in ("train", "fill"):  # it learns from, or predicts with, a model gone
-            self._on_cancel()
-        lost = self.state.unsaved
-        self.versions = ModelVersions(model) if model is not None else None
-        self._refresh_versions()
-        if model is None:
-            return
-        what = []
-        if running == "train":
-            what.append("the run going on was discarded (train again on the new model)")
-        elif running == "fill":
-            what.append("nothing was filled (press 'Start from prediction' again for its answer)")
-        if lost:
-            what.append(
-                f"the unsaved versions {', '.join(lost)} are gone; fine-tuning now starts from it"
-            )
-        if what:
-            self.status.setText(
-                f"Another model was loaded ({model.info.name}): {'; '.join(what)}."
-            )
-        else:
-            self.status.setText("")
-
-    def _refresh_versions(self) -> None:
-        self.version_list.clear()
-        self.state.record_unsaved()
-        if self.versions is None:
-            return
-        for i in range(len(self.versions.versions)):
-            mark = "* " if i == self.versions.current else "  "
-            self.version_list.addItem(mark + self.versions.describe(i))
-        self.version_list.setCurrentRow(self.versions.current)
-
-    def _set_model(self, model) -> None:
-        self._setting_model = True
-        try:
-            self.state.model = model
-        finally:
-            self._setting_model = False
-        self._refresh_versions()
-
-    def _on_use(self) -> None:
-        if self.versions is None:
-            return
-        row = max(0, self.version_list.currentRow())
-        self._set_model(self.versions.select(row))
-        self.status.setText(f"Using {self.versions.versions[row].label}.")
-
-    def _on_revert(self) -> None:
-        if self.versions is None:
-            return
-        self._set_model(self.versions.revert())
-        self.status.setText(f"Reverted to {self.versions.versions[self.versions.current].label}.")
-
-    def _on_save(self, path: str | None = None) -> None:
-        if self.versions is None:
-            return
-        row = max(0, self.version_list.currentRow())
-        model = self.versions.versions[row].model
-        if not path:
-            path, chosen = QFileDialog.getSaveFileName(
-                self,
-                "Save model version",
-                f"{model.info.name or 'model'}.safetensors",
-                "napari-unet model (*.safetensors);;bioimage.io package (*.zip)",
-            )
-            path = _with_suffix(path, ".zip" if "*.zip" in chosen else ".safetensors")
-        if not path or self.busy():
-            return
-        base = self.versions.base.info.source
-        if base and Path(base).exists() and Path(path).resolve() == Path(base).resolve():
-            self.status.setText(
-                f"{path} is the file the base model was loaded from, which is never "
-                "overwritten: save the version under another name."
-            )
-            return
-        # in the worker: a bioimage.io export traces and checks the network (seconds)
-        self._mode = "save"
-        self._saving = (self.versions.versions[row], str(path))
-        self.status.setText(f"Saving {self._saving[0].label} to {path}...")
-        worker = self.start(_write_model, model, str(path), desc="napari-unet: saving a model")
-        if worker:
-            # the file is written in one go, into a temporary file renamed at the end:
-            # there is nothing to cancel (a cancelled save wrote its file all the same)
-            self.cancel_button.setEnabled(False)
-            # recorded by the viewer's state, not only by this panel: closed meanwhile,
-            # the version saved stayed "unsaved"
-            worker.returned.connect(partial(_record_save, self.state, self._saving))
-
     # -- training ------------------------------------------------------------------
     def config(self):
-        from napari_unet.core.augment import AugmentConfig
-        from napari_unet.core.training import TrainConfig
-
-        aug = (
-            AugmentConfig(intensity=0.2, noise=0.03)
-            if self.augment_check.isChecked()
-            else AugmentConfig(flips=False, rotations=False, intensity=0.0, noise=0.0)
-        )
-        return TrainConfig.finetune(
-            steps=self.steps_spin.value(),
-            max_seconds=float(self.seconds_spin.value()),
-            lr=self.lr_spin.value(),
-            batch_size=self.batch_spin.value(),
-            patch_size=self.patch_spin.value(),
-            augment=aug,
-            adapt_norm=self.adapt_check.isChecked(),
-            pseudo_weight=0.5 if self.pseudo_check.isChecked() else 0.0,
-            freeze_encoder=self.freeze_check.isChecked(),
-            class_weighting=self.weights_combo.currentText(),
-            device=self.state.device,
-        )
+        return self.settings.config(self.state.device)
 
     def annotation_pairs(self, model):
         """``(image data, annotation, image name, kind)`` of every annotation layer (all
@@ -442,17 +202,19 @@ class FinetunePanel(WorkerPanel):
         if not layers:
             raise ValueError("no annotation layer: press 'New annotation layer' and paint")
         pairs = []
-        for ann in layers:
-            name = ann.metadata[ANNOTATION_KEY]
+        for labels in layers:
+            name = labels.metadata[ANNOTATION_KEY]
             if name not in self.viewer.layers:
                 raise ValueError(
-                    f"annotation layer {ann.name!r} belongs to image {name!r}, which is gone"
+                    f"annotation layer {labels.name!r} belongs to image {name!r}, which is gone"
                 )
             job = job_for_layer(self.viewer.layers[name], model, self.viewer)
-            paint = job.collapse(ann.data)
+            paint = job.collapse(labels.data)
             paint = paint.copy() if isinstance(paint, np.ndarray) else paint
             # the image's axes as the segment panel reads them (C, Z, Y, X; thin stacks)
-            pairs.append((job.data, paint, name, ann.metadata.get(KIND_KEY, "sparse"), job.axes))
+            pairs.append(
+                (job.data, paint, name, labels.metadata.get(ann.KIND_KEY, "sparse"), job.axes)
+            )
         return pairs
 
     def collect(self, model):
@@ -596,7 +358,7 @@ class FinetunePanel(WorkerPanel):
                 job.expand(preview.labels),
                 name=f"{job.layer_name} [fine-tune preview]",
                 **job.placement(),
-                colormap=annotation_colormap(classes),
+                colormap=ann.annotation_colormap(classes),
                 features={"class": ["-", *classes]},
                 opacity=0.5,
                 metadata={RESULT_KEY: None},
@@ -609,7 +371,7 @@ class FinetunePanel(WorkerPanel):
             self._fill(value)
             return
         if self._mode == "save":
-            _record_save(self.state, self._saving)
+            record_save(self.state, self._saving)
             self._refresh_versions()
             version, path = self._saving
             self.status.setText(f"Saved {version.label} to {path}")
@@ -650,36 +412,7 @@ class FinetunePanel(WorkerPanel):
         if layer not in self.viewer.layers:
             self.status.setText(f"'{layer.name}' was removed meanwhile: nothing was filled.")
             return
-        data = layer.data
-        labels = np.asarray(classes).astype(data.dtype) + 1
-        # the plane shown when the fill started, if the layer still has it at that size
-        fits = len(index) == data.ndim - 2 and all(i < n for i, n in zip(index, data.shape))
-        if not fits or tuple(data.shape[-2:]) != labels.shape[-2:]:
-            self.status.setText(f"'{layer.name}' changed shape meanwhile: nothing was filled.")
-            return
-        plane = np.asarray(data[index])
-        labels = labels.reshape(plane.shape)
-        empty = np.nonzero(plane == 0)
-        undoable = len(empty[0]) <= UNDOABLE_FILL
-        try:  # only this plane, in place (copying a whole stack stalled the GUI)
-            if undoable:  # one step of the layer's undo history (Ctrl-Z undid the stroke
-                # before it); napari keeps every pixel's index and value for it
-                where = tuple(np.full(len(empty[0]), i) for i in index) + empty
-                with layer.block_history():
-                    layer.data_setitem(where, labels[empty])
-            else:  # (4096^2: 4 s on the GUI thread and 436 MB of undo history)
-                data[index] = np.where(plane == 0, labels, plane)
-                layer.refresh()
-        except (TypeError, ValueError, NotImplementedError):  # read-only data (dask...)
-            data = np.array(data)
-            data[index] = np.where(plane == 0, labels, plane)
-            layer.data = data
-            undoable = False
-        self.status.setText(
-            f"'{layer.name}' now holds the model's classes where nothing was painted: "
-            "paint over the mistakes, then Train."
-            + ("" if undoable else " (A fill this large is not in the undo history.)")
-        )
+        self.status.setText(ann.fill_plane(layer, index, classes))
 
     def _on_finished(self) -> None:
         super()._on_finished()
@@ -692,42 +425,6 @@ class FinetunePanel(WorkerPanel):
         self.pause_button.setText("Pause")
         self.stop_button.setEnabled(False)
         self._mode = ""
-
-
-# the most pixels a fill writes through napari's undo history (about 1 s and 100 MB of
-# history per 4 million pixels); larger fills are written directly
-UNDOABLE_FILL = 1 << 21
-
-
-def _record_save(state, saving, _result=None) -> None:
-    version, path = saving
-    version.saved_to = path
-    state.record_unsaved()
-
-
-def _with_suffix(path: str, suffix: str) -> str:
-    """A name typed without a model suffix gets the one of the chosen file type (Qt's
-    dialog does not add it everywhere); ``.ZIP`` or ``.SafeTensors`` are spelled out."""
-    if not path:
-        return path
-    p = Path(path)
-    if p.suffix.lower() in (".zip", ".safetensors"):
-        return str(p.with_suffix(p.suffix.lower()))
-    return str(p.with_name(p.name + suffix))
-
-
-def _write_model(model, path: str):
-    """Save ``model`` (``.zip``: a bioimage.io package); a generator for the worker."""
-    yield from ()
-    if path.lower().endswith(".zip"):
-        from napari_unet.io.bioimageio import export_package
-
-        export_package(model, path)
-    else:
-        from napari_unet.io.files import save_model
-
-        save_model(model, path)
-    return path
 
 
 def _diameter(model) -> str | None:

@@ -1,0 +1,136 @@
+"""Annotation layers of the fine-tune panel: made, paired, followed and filled.
+
+An annotation layer is a napari Labels layer whose metadata names the image it
+annotates (``ANNOTATION_KEY``) and how it is read (``KIND_KEY``): painted classes
+(0 = not annotated, k = class k - 1) or instance masks.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from napari_unet._widgets._layers import ANNOTATION_KEY
+
+KIND_KEY = "napari_unet_kind"  # layer.metadata: "sparse" (painted classes) or "instances"
+CLASS_COLORS = ["#4a90d9", "#3cb44b", "#e6194b", "#ffe119", "#f58231", "#911eb4", "#46f0f0"]
+
+# the most pixels a fill writes through napari's undo history (about 1 s and 100 MB of
+# history per 4 million pixels); larger fills are written directly
+UNDOABLE_FILL = 1 << 21
+
+
+def annotation_colormap(classes):
+    """Class k + 1 in its own colour, 0 (not annotated) transparent."""
+    from napari.utils.colormaps import DirectLabelColormap
+
+    colors = {0: "transparent", None: "transparent"}
+    for k in range(len(classes)):
+        colors[k + 1] = CLASS_COLORS[k % len(CLASS_COLORS)]
+    return DirectLabelColormap(color_dict=colors)
+
+
+def annotation_layers(viewer, image_name: str | None = None, kind: str | None = None):
+    """The viewer's annotation layers (of one image, of one kind)."""
+    from napari.layers import Labels
+
+    return [
+        layer
+        for layer in viewer.layers
+        if isinstance(layer, Labels)
+        and layer.metadata.get(ANNOTATION_KEY)
+        and (image_name is None or layer.metadata[ANNOTATION_KEY] == image_name)
+        and (kind is None or layer.metadata.get(KIND_KEY, "sparse") == kind)
+    ]
+
+
+def add_annotation_layer(viewer, image_name: str, job, classes):
+    """A new, empty annotation layer over ``job``'s image, in paint mode;
+    returns it and the message that says what to paint."""
+    name = f"{image_name} annotations"
+    n = 1
+    while name in viewer.layers:
+        n += 1
+        name = f"{image_name} annotations {n}"
+    labels = viewer.add_labels(
+        np.zeros(job.output_shape(), np.uint8),
+        name=name,
+        **job.placement(),
+        features={"class": ["not annotated", *classes]},
+        colormap=annotation_colormap(classes),
+        metadata={ANNOTATION_KEY: image_name},
+        opacity=0.8,
+    )
+    labels.mode = "paint"
+    labels.brush_size = 3
+    labels.selected_label = min(2, len(classes))
+    legend = ", ".join(f"{k + 1} = {c}" for k, c in enumerate(classes))
+    return labels, f"Paint on '{name}': {legend} (0 = not annotated)."
+
+
+def pair_labels(labels, image_name: str, kind: str) -> str:
+    """Make the user's Labels layer annotate ``image_name`` as ``kind``; says how."""
+    labels.metadata[ANNOTATION_KEY] = image_name
+    labels.metadata[KIND_KEY] = kind
+    what = (
+        "instance masks (0 = background; every plane with objects is used in full)"
+        if kind == "instances"
+        else "painted classes (0 = not annotated, k = class k - 1)"
+    )
+    return f"'{labels.name}' annotates '{image_name}' as {what}."
+
+
+def follow_renames(viewer, before: dict) -> dict:
+    """Annotation layers follow their image when it is renamed: ``before`` maps
+    ``id(layer)`` to its name as last seen; returns the map as it is now."""
+    for layer in viewer.layers:
+        old = before.get(id(layer))
+        if old is not None and old != layer.name:
+            for ann in viewer.layers:
+                if ann.metadata.get(ANNOTATION_KEY) == old:
+                    ann.metadata[ANNOTATION_KEY] = layer.name
+    return {id(layer): layer.name for layer in viewer.layers}
+
+
+def fill_plane_index(job, shape) -> tuple:
+    """The plane ``job`` reads (the one shown when the fill started: the user may move
+    on while the model runs) as an index of an annotation layer of ``shape``: with the
+    one-plane channel axis of a Z, C, Y, X image's layers or, for a layer of the user's,
+    without it."""
+    plane = list(job.plane or ())
+    if job.channel_at is not None and len(shape) == len(plane) + 3:
+        plane.insert(job.channel_at, 0)
+    return tuple(plane)
+
+
+def fill_plane(layer, index: tuple, classes) -> str:
+    """Write ``classes`` + 1 where plane ``index`` of ``layer`` is 0 (not annotated);
+    painted pixels are kept. Returns the message for the user."""
+    data = layer.data
+    labels = np.asarray(classes).astype(data.dtype) + 1
+    # the plane shown when the fill started, if the layer still has it at that size
+    fits = len(index) == data.ndim - 2 and all(i < n for i, n in zip(index, data.shape))
+    if not fits or tuple(data.shape[-2:]) != labels.shape[-2:]:
+        return f"'{layer.name}' changed shape meanwhile: nothing was filled."
+    plane = np.asarray(data[index])
+    labels = labels.reshape(plane.shape)
+    empty = np.nonzero(plane == 0)
+    undoable = len(empty[0]) <= UNDOABLE_FILL
+    try:  # only this plane, in place (copying a whole stack stalled the GUI)
+        if undoable:  # one step of the layer's undo history (Ctrl-Z undid the stroke
+            # before it); napari keeps every pixel's index and value for it
+            where = tuple(np.full(len(empty[0]), i) for i in index) + empty
+            with layer.block_history():
+                layer.data_setitem(where, labels[empty])
+        else:  # (4096^2: 4 s on the GUI thread and 436 MB of undo history)
+            data[index] = np.where(plane == 0, labels, plane)
+            layer.refresh()
+    except (TypeError, ValueError, NotImplementedError):  # read-only data (dask...)
+        data = np.array(data)
+        data[index] = np.where(plane == 0, labels, plane)
+        layer.data = data
+        undoable = False
+    return (
+        f"'{layer.name}' now holds the model's classes where nothing was painted: "
+        "paint over the mistakes, then Train."
+        + ("" if undoable else " (A fill this large is not in the undo history.)")
+    )
