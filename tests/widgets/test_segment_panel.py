@@ -3,6 +3,7 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
+import torch
 
 from conftest import plugin_viewer, tiny_model
 from napari_unet._widgets._layers import viewer_camera
@@ -647,3 +648,36 @@ def test_numpy_numbers_are_settings_too(kwargs):
     from napari_unet.core.segment import SegmentOptions
 
     SegmentOptions(**kwargs)
+
+
+class _Slow(torch.nn.Module):
+    """A layer that takes a while and counts its calls."""
+
+    calls = 0
+
+    def forward(self, x):
+        type(self).calls += 1
+        time.sleep(0.05)
+        return x
+
+
+def test_cancel_stops_inside_a_tile(panel, qtbot):
+    """Cancel does not wait for the tile: the network stops before its next layer."""
+    from napari_unet.model.info import LoadedModel
+
+    viewer, widget = panel
+    info = tiny_model("same").info
+    net = torch.nn.Sequential(*[_Slow() for _ in range(200)], torch.nn.Conv2d(1, 3, 1)).eval()
+    widget.state.model = LoadedModel(net, info)
+    viewer.add_image(np.random.default_rng(5).random((64, 64)).astype(np.float32), name="img")
+    widget.layer_combo.setCurrentText("img")
+    widget.tile_spin.setValue(0)  # one tile
+    _Slow.calls = 0
+    widget._on_run()
+    qtbot.waitUntil(lambda: _Slow.calls >= 5, timeout=20000)
+    widget._on_cancel()
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=20000)
+    assert _Slow.calls < 100  # of the 200 layers of the tile's one forward pass
+    assert [layer.name for layer in viewer.layers] == ["img"]
+    assert "Cancelled" in widget.status.text()
+    assert all(not m._forward_pre_hooks for m in net.modules())

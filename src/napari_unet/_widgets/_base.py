@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import threading
 import time
 import weakref
 
@@ -83,6 +84,9 @@ class WorkerPanel(QWidget):
         self.viewer = real_viewer(napari_viewer)
         self.state = state_for(self.viewer)
         self.worker = None
+        # set by Cancel: runs that take it as their ``should_stop`` stop within a layer
+        # of the network, not at the end of a tile (seconds on a CPU)
+        self.abort = threading.Event()
         self._progress = None
         self._docked = False  # set once napari docks the panel (see event)
         # the controls scroll when the panel is short (all four panels docked in one
@@ -195,6 +199,7 @@ class WorkerPanel(QWidget):
 
         if self.busy():
             return None
+        self.abort.clear()
         self._progress = progress(total=total, desc=desc) if activity else None
         self._shown = 0.0
         connect = {
@@ -250,6 +255,7 @@ class WorkerPanel(QWidget):
 
     def _on_cancel(self) -> None:
         if self.worker is not None:
+            self.abort.set()
             self.worker.quit()
             self.status.setText("Cancelled: nothing was changed.")
             self.cancel_button.setEnabled(False)
@@ -271,6 +277,7 @@ class WorkerPanel(QWidget):
 
     def closeEvent(self, event) -> None:  # noqa: N802 - Qt API
         if self.worker is not None:
+            self.abort.set()
             self.worker.quit()
         super().closeEvent(event)
 

@@ -144,6 +144,7 @@ class FeatureMapPanel(WorkerPanel):
             max_channels=channels,
             device=self.state.device,
             dtype=np.float16 if self.half_check.isChecked() else np.float32,
+            should_stop=self.abort.is_set,
         )
         self.start(
             capture_iter,

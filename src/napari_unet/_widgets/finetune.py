@@ -185,6 +185,7 @@ class FinetunePanel(VersionControls, WorkerPanel):
             axes=job.axes,
             device=self.state.device,
             diameter=_diameter(model),
+            should_stop=self.abort.is_set,
         )
         self.start(
             segment_iter, job.data, model, options, desc="napari-unet: prediction to correct"

@@ -196,6 +196,7 @@ class SegmentPanel(WorkerPanel):
             diameter=(self.diameter_spin.value() or "auto")
             if self.rescale_check.isChecked()
             else None,
+            should_stop=self.abort.is_set,
         )
 
     def _on_run(self) -> None:

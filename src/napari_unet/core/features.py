@@ -19,6 +19,7 @@ import torch
 
 from napari_unet.core import normalize as norm
 from napari_unet.core.axes import resolve_axes
+from napari_unet.core.cancel import Cancelled, stoppable
 from napari_unet.core.device import resolve_device
 from napari_unet.core.tiling import (
     Progress,
@@ -133,11 +134,14 @@ def capture_iter(
     max_channels: int | None = None,
     dtype=np.float32,
     device="auto",
+    should_stop=None,
 ) -> Generator[Progress, None, dict[str, FeatureMap]]:
     """Yield progress; return ``{stage: FeatureMap}`` for a region of one plane.
 
     ``max_channels`` keeps the channels with the highest activation variance
-    (ranked per stage); ``dtype=np.float16`` halves the memory.
+    (ranked per stage); ``dtype=np.float16`` halves the memory. ``should_stop`` is
+    checked before every layer: once true, the capture reports once more and raises
+    :class:`~napari_unet.core.cancel.Cancelled`.
     """
     if not inspectable(model.net):
         raise ValueError(OPAQUE)
@@ -176,13 +180,19 @@ def capture_iter(
     net = for_inference(model.net, dev)  # a copy for project U-Nets
     captured: dict[str, torch.Tensor] = {}
     handles = [getattr(net, name).register_forward_hook(_keep(captured, name)) for name in stages]
+    cancelled = False
     try:
         yield Progress(1, 3, "running the network")
-        with torch.inference_mode():
+        with stoppable(net, should_stop), torch.inference_mode():
             net(to_layout(torch.from_numpy(tile[None]).to(dev), net))
+    except Cancelled:
+        cancelled = True
     finally:
         for handle in handles:
             handle.remove()
+    if cancelled:  # (hooks gone first: a cancelled napari worker stops at this report)
+        yield Progress(1, 3, "cancelled")
+        raise Cancelled("cancelled")
     yield Progress(2, 3, "placing feature maps")
     out = {}
     for name in stages:

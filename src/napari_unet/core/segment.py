@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import numbers
 import warnings
-from collections.abc import Generator
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Generator
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -38,6 +38,9 @@ class SegmentOptions:
     # by at most MAX_SCALE either way (a warning says when that is not enough).
     # None: segment at the image's own scale
     diameter: float | str | None = None
+    # checked before every layer of the network: once true, the run raises
+    # core.cancel.Cancelled within moments instead of finishing its tile (napari's Cancel)
+    should_stop: Callable[[], bool] | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -252,6 +255,7 @@ def _segment(image, model, options: SegmentOptions):
         output=engine,
         region=options.region,
         tta=options.tta,
+        should_stop=options.should_stop,
     )
     if options.mode == "instances":
         yield Progress(1, 1, "finding objects")

@@ -30,6 +30,7 @@ import torch
 
 from napari_unet.core import normalize as norm
 from napari_unet.core.axes import resolve_axes
+from napari_unet.core.cancel import Cancelled, stoppable
 from napari_unet.core.device import free_memory, is_oom, resolve_device
 from napari_unet.model.info import LoadedModel
 from napari_unet.model.shapes import Geometry
@@ -212,6 +213,7 @@ def predict_iter(
     out=None,
     region: tuple[int, int, int, int] | None = None,
     tta: bool = False,
+    should_stop=None,
 ) -> Generator[Progress, None, np.ndarray]:
     """Segment ``image`` tile by tile, yielding :class:`Progress` after each batch.
 
@@ -245,6 +247,11 @@ def predict_iter(
         Test-time augmentation: every tile is also predicted mirrored left-right,
         up-down and both, and the four results are averaged (4x the time;
         smoother, usually slightly better maps).
+    should_stop : callable, optional
+        Checked before every layer of the network (by this thread): once it returns
+        True, the run reports once more and raises
+        :class:`~napari_unet.core.cancel.Cancelled` (a cancelled napari worker stops at
+        that report), instead of finishing the tile.
 
     Returns
     -------
@@ -279,6 +286,7 @@ def predict_iter(
         runner = _Runner(
             image, ax, model, plan, spec, dev, amp, output, out, start, shift, tta=tta
         )
+        runner.should_stop = should_stop
         try:
             result = yield from runner.run(batch)
             return result
@@ -340,6 +348,7 @@ class _Runner:
         self.start, self.shift, self.tta = start, shift, tta
         self.amp = amp and dev.type == "cuda"
         self._stats: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
+        self.should_stop = None
 
     def jobs(self):
         planes = itertools.product(*(range(n) for n in self.ax.leading_shape))
@@ -357,7 +366,13 @@ class _Runner:
         while pending:
             chunk, rest = pending[:batch], pending[batch:]
             try:
+                if self.should_stop is not None and self.should_stop():
+                    raise Cancelled("cancelled")
                 probs = self._forward([self._read_tile(*job) for job in chunk])
+            except Cancelled:
+                # a napari worker whose Cancel was pressed stops at this report
+                yield Progress(done, total, "cancelled")
+                raise
             except Exception as err:  # noqa: BLE001 - only OOM is handled
                 if not is_oom(err):
                     raise
@@ -410,7 +425,11 @@ class _Runner:
 
     def _net(self, x: torch.Tensor) -> torch.Tensor:
         x = to_layout(x, self.model.net)
-        with torch.inference_mode(), torch.autocast("cuda", torch.float16, enabled=self.amp):
+        with (
+            stoppable(self.model.net, self.should_stop),
+            torch.inference_mode(),
+            torch.autocast("cuda", torch.float16, enabled=self.amp),
+        ):
             return self.model.net(x).float()
 
     def _activate(self, logits: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,46 @@
+"""Stopping a forward pass part-way: Cancel is not kept waiting for a whole tile.
+
+Progress generators stop between their reports; a large tile on a CPU takes seconds,
+so :func:`stoppable` also checks a ``should_stop`` callable before every layer of the
+network and raises :class:`Cancelled` there.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from contextlib import contextmanager
+
+import torch
+
+
+class Cancelled(Exception):
+    """A run stopped because its ``should_stop`` said so."""
+
+
+@contextmanager
+def stoppable(net, should_stop: Callable[[], bool] | None):
+    """Within this block, ``net``'s forward pass raises :class:`Cancelled` before the
+    next layer once ``should_stop()`` is true.
+
+    Only calls made by this thread are stopped: the network may be shared with another
+    panel's run. Networks without module hooks (TorchScript, ONNX) stop between calls.
+    """
+    if should_stop is None or not isinstance(net, torch.nn.Module):
+        yield
+        return
+    if isinstance(net, torch.jit.ScriptModule):
+        yield
+        return
+    thread = threading.get_ident()
+
+    def check(module, args) -> None:
+        if threading.get_ident() == thread and should_stop():
+            raise Cancelled("cancelled")
+
+    handles = [m.register_forward_pre_hook(check) for m in net.modules()]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
