@@ -191,6 +191,27 @@ def test_stop_keeps_cancel_discards(panel, nuclei, qtbot):
     assert state.model is v1.model
 
 
+def test_stop_or_resume_before_a_pause_takes_effect(panel, nuclei, qtbot):
+    """Pause is taken after the step going on: Stop or Resume pressed before then used
+    to leave the run paused for good ('Stopping...' with nothing running)."""
+    viewer, widget, state = panel
+    image, strokes = nuclei
+    _painted(viewer, widget, image, strokes)
+    widget.settings.steps_spin.setValue(5000)
+    widget.preview_spin.setValue(0)
+    widget._on_run()
+    widget._on_pause()  # still reading the annotations: the pause is pending
+    assert widget.status.text().startswith("Pausing")
+    widget._on_pause()  # Resume before it took effect
+    qtbot.waitUntil(lambda: len(widget.loss_plot.losses) >= 3, timeout=30000)
+    assert not widget.worker.is_paused and widget.pause_button.text() == "Pause"
+    widget._on_pause()
+    widget._on_stop()  # before the pause took effect
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=30000)
+    assert len(widget.versions.versions) == 2 and widget.versions.versions[1].details["stopped"]
+    assert widget.status.text().startswith("Stopped")
+
+
 def test_loading_another_model_during_training_discards_the_run(panel, nuclei, qtbot):
     viewer, widget, state = panel
     image, strokes = nuclei

@@ -22,6 +22,7 @@ from qtpy.QtWidgets import (
 
 from napari_unet._widgets._state import real_viewer, state_for
 
+CANCELLING = "Cancelling: stopping the run..."
 # the least height of a panel's scrolling controls (above its buttons and status)
 MIN_CONTROLS_HEIGHT = 120
 
@@ -257,8 +258,15 @@ class WorkerPanel(QWidget):
         if self.worker is not None:
             self.abort.set()
             self.worker.quit()
-            self.status.setText("Cancelled: nothing was changed.")
+            # the run stops at its next layer or step: until it has, the panel says so
+            # (Run stays off until then)
+            self._cancelled_text = self.cancelled_text()
+            self.status.setText(CANCELLING)
             self.cancel_button.setEnabled(False)
+
+    def cancelled_text(self) -> str:
+        """What the status line says once a cancelled run has stopped."""
+        return "Cancelled: nothing was changed."
 
     def _on_errored(self, err: Exception) -> None:
         from napari.utils.notifications import show_error
@@ -268,6 +276,8 @@ class WorkerPanel(QWidget):
         show_error(f"napari-unet: {message}")
 
     def _on_finished(self) -> None:
+        if self.status.text() == CANCELLING:  # (unless something said more meanwhile)
+            self.status.setText(self._cancelled_text)
         if self._progress is not None:
             self._progress.close()
             self._progress = None

@@ -50,6 +50,7 @@ class FinetunePanel(VersionControls, WorkerPanel):
         self._mode = ""  # what the worker does: "train", "fill" or "save"
         self._fill_made = None  # an annotation layer made by "Start from prediction"
         self._stop = threading.Event()
+        self._want_pause = False  # Pause pressed (the worker pauses after its step)
         self._preview_job = None
         self._preview_layer = lambda: None  # weak reference to this panel's preview layer
 
@@ -252,7 +253,8 @@ class FinetunePanel(VersionControls, WorkerPanel):
         self.status.setText("Reading the annotations...")
         from napari_unet.core.finetune import finetune_pairs_iter
 
-        self.start(
+        self._want_pause = False
+        worker = self.start(
             finetune_pairs_iter,
             model,
             pairs,
@@ -265,6 +267,9 @@ class FinetunePanel(VersionControls, WorkerPanel):
             desc="napari-unet: fine-tuning",
             activity=False,  # the panel shows steps, rate and time left itself
         )
+        if worker is None:
+            return
+        worker.paused.connect(self._on_worker_paused)
         self.pause_button.setEnabled(True)
         self.stop_button.setEnabled(True)
 
@@ -277,42 +282,52 @@ class FinetunePanel(VersionControls, WorkerPanel):
             return job_for_layer(layer, model, self.viewer, current_plane=True)
 
     def _on_pause(self) -> None:
+        """Pause after the step going on, or resume. Goes by what was asked, not by
+        ``worker.is_paused``, which turns true only once the step is over."""
         if self.worker is None or self.worker.abort_requested:
             return
-        if self.worker.is_paused:
-            self.worker.resume()
-            self.pause_button.setText("Pause")
-            self.status.setText("Resumed.")
-        else:
+        self._want_pause = not self._want_pause
+        if self._want_pause:
             self.worker.pause()
             self.pause_button.setText("Resume")
+            self.status.setText("Pausing after this step...")
+        else:
+            self.worker.resume()  # (a pause still pending is undone when it comes)
+            self.pause_button.setText("Pause")
+            self.status.setText("Resumed.")
+
+    def _on_worker_paused(self) -> None:
+        if self.worker is None:
+            return
+        if self._want_pause:
             self.status.setText("Paused (time paused does not count).")
+        else:  # Resume, Stop or Cancel came before the pause took effect
+            self.worker.resume()
 
     def _on_stop(self) -> None:
         if self.worker is None or self.worker.abort_requested:
             return
         self._stop.set()
-        if self.worker.is_paused:  # the step to stop after must run
+        if self._want_pause:  # the step to stop after must run
+            self._want_pause = False
             self.worker.resume()
             self.pause_button.setText("Pause")
         self.stop_button.setEnabled(False)
         self.status.setText("Stopping after this step; the result is kept as a version.")
 
     def _on_cancel(self) -> None:
-        if self.worker is not None and self.worker.is_paused:
-            self.worker.resume()
         if self.worker is None or self._mode == "save":
             return
+        self._want_pause = False  # (a paused worker sees Cancel without resuming)
         super()._on_cancel()
         self.pause_button.setEnabled(False)
         self.pause_button.setText("Pause")
         self.stop_button.setEnabled(False)
+
+    def cancelled_text(self) -> str:
         if self._mode == "fill":
-            self.status.setText("Cancelled: nothing was filled.")
-        else:
-            self.status.setText(
-                "Cancelled: the run was discarded, the current version is unchanged."
-            )
+            return "Cancelled: nothing was filled."
+        return "Cancelled: the run was discarded, the current version is unchanged."
 
     def _on_closed(self) -> None:
         self.state.model_changed.disconnect(self._on_model_changed)
@@ -322,7 +337,7 @@ class FinetunePanel(VersionControls, WorkerPanel):
         from napari_unet.core.training import Phase, TrainStep
 
         # a report on its way when Pause or Stop was pressed keeps "Paused" / "Stopping"
-        paused = self.worker is not None and self.worker.is_paused or self._stop.is_set()
+        paused = self._want_pause or self._stop.is_set()
         if isinstance(value, Collected):
             self._painted, self._what = value.painted, value.what
             if not paused:
