@@ -561,3 +561,49 @@ def test_a_fill_of_a_z_c_y_x_image_lands_on_the_plane_shown(panel, qtbot, monkey
     qtbot.waitUntil(lambda: widget.worker is None, timeout=30000)
     assert mine.data[2].all() and not mine.data[:2].any(), widget.status.text()
     assert "not in the undo history" in widget.status.text()
+
+
+def test_annotations_painted_for_other_classes_are_refused(panel, nuclei, qtbot):
+    """Strokes painted for background / interior / boundary trained em-membrane's
+    membrane / cell without a word (background strokes became membrane)."""
+    viewer, widget, state = panel
+    image, strokes = nuclei
+    _, ann = _painted(viewer, widget, image, strokes)
+    state.model = tiny_model("same", depth=2, classes=2, seed=1)
+    state.model.info.classes = ["membrane", "cell"]
+    widget._on_run()
+    assert widget.worker is None
+    text = widget.status.text()
+    assert "painted for the classes background, interior, boundary" in text
+    assert "membrane, cell" in text
+    # a fill for the new model makes its own layer, and leaves the old one as it was
+    before = ann.data.copy()
+    widget.start_from_prediction()
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=30000)
+    np.testing.assert_array_equal(ann.data, before)
+    made = widget.annotation_layers("img")[-1]
+    assert made is not ann and list(made.features["class"])[1:] == ["membrane", "cell"]
+    assert set(np.unique(made.data)) <= {1, 2}
+
+
+def test_a_class_labels_result_trains_the_classes_it_shows(panel):
+    """The segment panel's class labels are class + 1, like annotation layers: paired
+    as painted classes, they teach the classes they show (they were one class off)."""
+    from napari_unet._widgets._layers import add_or_update, job_for_layer
+
+    viewer, widget, state = panel
+    rng = np.random.default_rng(7)
+    src = viewer.add_image(rng.random((48, 48)).astype(np.float32), name="img")
+    widget.layer_combo.setCurrentText("img")
+    classes = rng.integers(0, 3, (48, 48)).astype(np.uint8)  # as segment_iter's labels
+    job = job_for_layer(src, state.model, viewer)
+    names, _ = add_or_update(viewer, job, state.model, "labels", classes)
+    result = viewer.layers[names[0]]
+    np.testing.assert_array_equal(result.data, classes + 1)
+    assert list(result.features["class"]) == ["-", "background", "interior", "boundary"]
+    assert result.colormap.map(np.array([1]))[0][3] > 0  # the first class is drawn
+    viewer.layers.selection.active = result
+    widget.use_selected_labels()
+    _, _, painted = widget.collect(state.model)
+    counts = np.bincount(classes.ravel(), minlength=3)
+    assert [painted.get(c, 0) for c in ("background", "interior", "boundary")] == list(counts)

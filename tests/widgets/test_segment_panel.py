@@ -107,7 +107,9 @@ def test_stack_current_plane_only_lands_on_its_plane(panel, qtbot):
     out = viewer.layers["stack [unet labels]"]
     assert out.data.shape == (1, 40, 50)
     assert tuple(out.translate) == (6.0, 0.0, 0.0)
-    np.testing.assert_array_equal(out.data[0], predict(stack[3], tiny_model("valid")).argmax(0))
+    np.testing.assert_array_equal(
+        out.data[0], predict(stack[3], tiny_model("valid")).argmax(0) + 1
+    )
 
 
 def test_a_layer_that_is_not_rgb_is_read_as_napari_shows_it(panel, qtbot):
@@ -160,7 +162,7 @@ def test_current_plane_in_the_3d_view_keeps_the_volume_on_screen(panel, qtbot):
     out = viewer.layers["series [unet labels]"]
     assert out.data.shape == (1, 3, 40, 50) and tuple(out.translate)[:2] == (1.0, 0.0)
     np.testing.assert_array_equal(
-        out.data[0, 2], predict(series[1, 2], tiny_model("valid")).argmax(0)
+        out.data[0, 2], predict(series[1, 2], tiny_model("valid")).argmax(0) + 1
     )
     viewer.dims.ndisplay = 2
     viewer.dims.set_point(0, 0)
@@ -198,7 +200,7 @@ def test_result_follows_the_settings_and_model_of_its_run(panel, qtbot):
     qtbot.waitUntil(lambda: widget.worker is None, timeout=60000)
     assert [layer.name for layer in viewer.layers] == ["stack", "stack [unet labels]"]
     out = viewer.layers["stack [unet labels]"].data
-    np.testing.assert_array_equal(out[2], predict(stack[2], model).argmax(0))
+    np.testing.assert_array_equal(out[2], predict(stack[2], model).argmax(0) + 1)
 
 
 @pytest.mark.parametrize(
@@ -248,7 +250,7 @@ def test_rgb_layer_is_converted_to_gray(panel, qtbot):
     _run(qtbot, widget)
     gray = rgb.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
     np.testing.assert_array_equal(
-        viewer.layers["rgb [unet labels]"].data, predict(gray, tiny_model("valid")).argmax(0)
+        viewer.layers["rgb [unet labels]"].data, predict(gray, tiny_model("valid")).argmax(0) + 1
     )
     # a stack: nothing is converted until the worker reads a plane
     from napari_unet._widgets._layers import job_for_layer
@@ -304,7 +306,7 @@ def test_visible_region_only(panel, qtbot):
     assert 0 < h < 300 and 0 < w < 300
     y0, x0 = (np.asarray(out.translate) / 2).astype(int)
     assert y0 <= 100 < y0 + h and x0 <= 100 < x0 + w
-    full = predict(image, tiny_model("valid")).argmax(0)
+    full = predict(image, tiny_model("valid")).argmax(0) + 1
     np.testing.assert_array_equal(out.data, full[y0 : y0 + h, x0 : x0 + w])
     # the description says so, and follows the view
     assert f"visible region {h} x {w}" in widget.axes_label.text()
@@ -487,7 +489,7 @@ def test_results_of_a_z_c_y_x_layer_show_on_its_planes_at_every_channel(panel, q
     _run(qtbot, widget)
     out = viewer.layers["zc [unet labels]"]
     assert out.data.shape == (4, 1, 40, 48)
-    expected = predict(data, widget.state.model, axes="ZCYX").argmax(0)
+    expected = predict(data, widget.state.model, axes="ZCYX").argmax(0) + 1
     np.testing.assert_array_equal(out.data[:, 0], expected)
     for z in range(4):
         for c in range(2):
@@ -568,7 +570,7 @@ def test_rgb_layers_and_multichannel_models(panel, qtbot):
     widget.mode_combo.setCurrentText("labels")
     assert "alpha channel left out" in widget.axes_label.text()
     _run(qtbot, widget)
-    expected = predict(rgba[..., :3], widget.state.model, axes="YXC").argmax(0)
+    expected = predict(rgba[..., :3], widget.state.model, axes="YXC").argmax(0) + 1
     np.testing.assert_array_equal(viewer.layers["rgba [unet labels]"].data, expected)
     widget.state.model = tiny_model("same", channels=2)
     widget._on_run()

@@ -134,3 +134,20 @@ def fill_plane(layer, index: tuple, classes) -> str:
         "paint over the mistakes, then Train."
         + ("" if undoable else " (A fill this large is not in the undo history.)")
     )
+
+
+def classes_mismatch(labels, classes) -> str:
+    """Why ``labels``' painted classes are not ``classes`` (``""``: they are, or the
+    layer does not name them). Layers made by napari-unet (annotations, class-label
+    results) name value k in ``features["class"][k]``."""
+    features = getattr(labels, "features", None)
+    if features is None or "class" not in features.columns or len(features) < 2:
+        return ""
+    named = [str(c) for c in list(features["class"])[1:]]
+    if named == [str(c) for c in classes]:
+        return ""
+    return (
+        f"'{labels.name}' was painted for the classes {', '.join(named)}, but the model in "
+        f"use has {', '.join(map(str, classes))}: load the model it was painted for, or "
+        "paint on a new annotation layer"
+    )

@@ -333,7 +333,8 @@ def is_output(layer) -> bool:
 def add_or_update(
     viewer, job: LayerJob, model, mode: str, result: np.ndarray
 ) -> tuple[list[str], list[str]]:
-    """Show a result; an earlier result of the same name and shape is updated instead of
+    """Show a result (class labels as class + 1, named in the layer's features); an
+    earlier result of the same name and shape is updated instead of
     duplicated, unless it was edited since (painted corrections) or is not a result at all:
     those are kept, and the new result gets a layer of its own. Returns the result layers' names
     and, for the layers kept, ``(name, why)``."""
@@ -355,6 +356,20 @@ def add_or_update(
             )
             for k, name in enumerate(wanted)
         ]
+    elif mode == "labels":
+        from napari_unet._widgets._annotations import annotation_colormap
+
+        # class k is label k + 1, as in annotation layers: 0 (drawn transparent) would
+        # hide the first class (em-membrane's membranes), and the layer, corrected by
+        # painting, trains the classes it shows ('Use selected Labels layer')
+        wanted = [result_name(job.layer_name, info.name, mode)]
+        dtype = np.uint8 if info.num_classes < 255 else np.uint16
+        data = job.expand(np.asarray(result).astype(dtype) + 1)
+        style = dict(
+            features={"class": ["-", *info.classes]},
+            colormap=annotation_colormap(info.classes),
+        )
+        put = [_put(viewer, "labels", wanted[0], data, kw, **style)]
     else:
         wanted = [result_name(job.layer_name, info.name, mode)]
         put = [_put(viewer, "labels", wanted[0], job.expand(result), kw)]

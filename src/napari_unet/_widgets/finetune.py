@@ -166,7 +166,11 @@ class FinetunePanel(VersionControls, WorkerPanel):
         except ValueError as err:
             self._on_errored(err)
             return
-        targets = self.annotation_layers(layer.name, "sparse")
+        targets = [  # (a layer painted for another model's classes is left alone)
+            t
+            for t in self.annotation_layers(layer.name, "sparse")
+            if not ann.classes_mismatch(t, model.info.classes)
+        ]
         # a layer made for this fill goes again if the fill fails or is cancelled
         self._fill_made = None if targets else self.new_annotation_layer()
         targets = targets or [self._fill_made]
@@ -210,13 +214,15 @@ class FinetunePanel(VersionControls, WorkerPanel):
                 raise ValueError(
                     f"annotation layer {labels.name!r} belongs to image {name!r}, which is gone"
                 )
+            kind = labels.metadata.get(ann.KIND_KEY, "sparse")
+            mismatch = ann.classes_mismatch(labels, model.info.classes) if kind == "sparse" else ""
+            if mismatch:
+                raise ValueError(mismatch)
             job = job_for_layer(self.viewer.layers[name], model, self.viewer)
             paint = job.collapse(labels.data)
             paint = paint.copy() if isinstance(paint, np.ndarray) else paint
             # the image's axes as the segment panel reads them (C, Z, Y, X; thin stacks)
-            pairs.append(
-                (job.data, paint, name, labels.metadata.get(ann.KIND_KEY, "sparse"), job.axes)
-            )
+            pairs.append((job.data, paint, name, kind, job.axes))
         return pairs
 
     def collect(self, model):
