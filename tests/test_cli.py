@@ -654,3 +654,19 @@ def test_a_new_three_class_network_on_instance_masks_gets_their_classes(tmp_path
     args[args.index("-o") + 1] = str(tmp_path / ".safetensors")
     assert main(args) == 1
     assert "a file name ending in .safetensors" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("module", ["napari_unet", "napari_unet.cli"])
+def test_python_dash_m_runs_the_command(module, tmp_path):
+    """`python -m napari_unet.cli train ...` did nothing and exited 0."""
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-m", module, "info", str(tmp_path / "missing.safetensors")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 1
+    assert "napari-unet: error" in done.stderr and "missing.safetensors" in done.stderr

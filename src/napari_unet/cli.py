@@ -605,3 +605,7 @@ COMMANDS = {
     "train": cmd_train,
     "export": cmd_export,
 }
+
+
+if __name__ == "__main__":  # python -m napari_unet.cli ... (as napari-unet ...)
+    sys.exit(main())

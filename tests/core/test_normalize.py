@@ -43,3 +43,16 @@ def test_huge_finite_values_are_normalised_and_nan_is_named():
     plane[3, 3] = np.nan
     with pytest.raises(ValueError, match="NaN or infinite"):
         _normalised(plane)
+
+
+@pytest.mark.parametrize("mode", ["percentile", "zscore"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_tiny_values_are_normalised_like_any_others(mode, dtype):
+    """Flatness was an absolute spread of 1e-12: an image scaled by 1e-16 (values around
+    1e-13) went into the network unscaled, about 0 everywhere, and no object was found."""
+    plane = np.random.default_rng(0).random((64, 64)) * 9 + 1
+    spec = {**norm.DEFAULT, "mode": mode} if mode == "zscore" else None
+    reference = _normalised(plane.astype(dtype), spec)
+    tiny = _normalised((plane * 4e-14).astype(dtype), spec)
+    np.testing.assert_allclose(tiny, reference, atol=1e-4)
+    assert not _normalised(np.full((8, 8), 3e-14, dtype), spec).any()  # flat: still all 0

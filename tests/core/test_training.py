@@ -566,6 +566,8 @@ def test_fine_tuned_models_keep_their_lineage_not_their_bases_card(data):
     assert p["base_model"] == "first" and p["lineage"] == "base -> first"
     assert p["license"] == "BSD-3-Clause"
     assert not {"validation", "model_card", "calibrated_threshold"} & set(p)
+    # the card says how many steps were planned (what `train --steps` repeats the run by)
+    assert "steps planned: 2" in second.info.card().splitlines()
 
 
 def test_small_images_fine_tune_with_batch_norm_re_estimated():
@@ -638,3 +640,18 @@ def test_a_0_255_mask_is_told_how_to_become_classes_or_instances():
             to_target(mask, kind, 2)
     with pytest.warns(UserWarning, match="scipy.ndimage.label\\(mask > 0\\).*as 0 / 1"):
         sequential_instances(mask)
+
+
+def test_a_config_is_rebuilt_from_its_own_dict():
+    """TrainConfig(**cfg.to_dict()) (a model's provenance has that form) kept augment a
+    dict, and the first training step failed on 'dict' object has no attribute 'elastic'."""
+    from napari_unet.core.augment import AugmentConfig
+    from napari_unet.core.training import TrainConfig
+
+    cfg = TrainConfig.finetune(steps=7, augment=AugmentConfig(elastic=0.3, intensity=0.1))
+    again = TrainConfig(**cfg.to_dict())
+    assert again == cfg and isinstance(again.augment, AugmentConfig)
+    with pytest.raises(ValueError, match="unknown augmentation setting"):
+        TrainConfig(augment={"flip": True})
+    with pytest.raises(ValueError, match="augment must be"):
+        TrainConfig(augment=0.5)

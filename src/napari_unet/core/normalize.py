@@ -96,12 +96,19 @@ def plane_stats(sample: np.ndarray, spec: dict) -> tuple[np.ndarray, np.ndarray]
         if spec.get("eps") is None:
             # percentiles that coincide on an image that is not flat (a dark field with a
             # few bright spots): its full range, not the raw values (scale 1)
-            spread = np.where(spread > 1e-12, spread, sample.max(axis=1) - lo)
+            spread = np.where(_flat(spread, sample), sample.max(axis=1) - lo, spread)
     if spec.get("eps") is not None:
         scale = 1.0 / (spread + float(spec["eps"]))
     else:
-        scale = 1.0 / np.where(spread > 1e-12, spread, 1.0)
+        scale = 1.0 / np.where(_flat(spread, sample), 1.0, spread)
     return scale, -lo * scale
+
+
+def _flat(spread: np.ndarray, sample: np.ndarray) -> np.ndarray:
+    """Whether each channel's ``spread`` is nothing next to its values (relative, not
+    absolute: an image of values around 1e-13 has a spread of 1e-13 and is not flat)."""
+    size = np.abs(sample).max(axis=1)
+    return spread <= np.maximum(size * 1e-9, np.finfo(np.float64).tiny)
 
 
 def apply(block: np.ndarray, scale: np.ndarray, offset: np.ndarray) -> np.ndarray:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import warnings
 from collections.abc import Generator
 from dataclasses import dataclass
 
@@ -279,9 +280,20 @@ def predict_iter(
     batch = max(1, int(batch_size or auto_b))
     out = _allocate(out, output, info.num_classes, ax.leading_shape, yx)
     model = LoadedModel(for_inference(model.net, dev), info)
+    warned = False
     while True:
         grid = (yx[0] + shift[0], yx[1] + shift[1])
         plan = plan_tiles(grid, info.geometry, tile, info.fixed_input)
+        if plan.n_tiles > 1 and not warned and normalises_per_tile(model.net):
+            warned = True
+            warnings.warn(
+                f"{info.name or 'this network'} normalises each tile on its own (group or "
+                f"instance normalisation): its result depends on the tile size and may "
+                f"show seams between the {plan.n_tiles} tiles of each plane; a tile as "
+                f"large as the image ({grid[0]} x {grid[1]} plus the halo) gives the "
+                "whole-image result",
+                stacklevel=2,
+            )
         start = (y0 - shift[0], x0 - shift[1])
         runner = _Runner(
             image, ax, model, plan, spec, dev, amp, output, out, start, shift, tta=tta
@@ -297,6 +309,18 @@ def predict_iter(
                     "out of memory even with one tile per batch at the smallest tile size"
                 ) from None
             tile = smaller
+
+
+def normalises_per_tile(net) -> bool:
+    """Whether ``net`` has layers whose statistics come from their input (group or
+    instance norm), so that tiles are not seamless."""
+    if not isinstance(net, torch.nn.Module):
+        return False
+    kinds = (torch.nn.GroupNorm, torch.nn.InstanceNorm1d, torch.nn.InstanceNorm2d)
+    return any(
+        isinstance(m, kinds) and not getattr(m, "track_running_stats", False)
+        for m in net.modules()
+    )
 
 
 def run_to_end(gen, callback=None):

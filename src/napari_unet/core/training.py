@@ -18,7 +18,7 @@ import math
 import time
 import warnings
 from collections.abc import Callable, Generator, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -91,6 +91,16 @@ class TrainConfig:
     checkpoint_every: int = 200
 
     def __post_init__(self) -> None:
+        if isinstance(self.augment, dict):  # as to_dict() and a model's provenance have it
+            known = {f.name for f in fields(AugmentConfig)}
+            unknown = sorted(set(self.augment) - known)
+            if unknown:
+                raise ValueError(
+                    f"unknown augmentation setting(s) {unknown}; known: {sorted(known)}"
+                )
+            self.augment = AugmentConfig(**self.augment)
+        elif not isinstance(self.augment, AugmentConfig):
+            raise ValueError(f"augment must be an AugmentConfig or a dict, got {self.augment!r}")
         least = {"steps": 1, "batch_size": 1, "patch_size": 1, "val_patches": 1, "val_every": 0}
         least.update(checkpoint_every=1, seed=0, stop_after=1)  # stop_after: None = off
         for name, low in least.items():

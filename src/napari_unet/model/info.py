@@ -133,6 +133,9 @@ class ModelInfo:
                     )
             elif key != "train_config":
                 lines.append(f"{key + ':':<14} {value}")
+            elif isinstance(value, dict) and _is_int(value.get("steps")):
+                # what `train --steps PLANNED` needs to repeat a budgeted or stopped run
+                lines.append(f"{'steps planned:':<14} {value['steps']}")
         for key, value in self.metrics.items():
             lines.append(f"metric {key}: {_readable(value)}")
         return "\n".join(lines)
