@@ -21,6 +21,17 @@ def _check(text: str, checked: bool = True, tip: str = "") -> QCheckBox:
     return check
 
 
+TIPS = {
+    "seconds_spin": "How long a run may take: the steps that fit are timed first, so a "
+    "version can be repeated exactly (time paused does not count)",
+    "steps_spin": "The most training steps a run makes, whatever the time budget",
+    "lr_spin": "How far each step moves the weights: lower it if the loss jumps about, "
+    "raise it if it hardly falls",
+    "batch_spin": "Patches per step: more is steadier and slower",
+    "patch_spin": "Side of the square patches cut around painted pixels for each step",
+}
+
+
 class TrainForm:
     """Time budget, steps, learning rate, batch and patch size, augmentation and the
     other fine-tuning switches, as rows of a ``QFormLayout``."""
@@ -65,6 +76,8 @@ class TrainForm:
             "1 / its painted share, 'sqrt' by its square root, 'none' not at all"
         )
         form.addRow("Class weights", self.weights_combo)
+        for name, tip in TIPS.items():
+            getattr(self, name).setToolTip(tip)
 
     def config(self, device: str):
         """The settings as a ``TrainConfig`` for fine-tuning on ``device``."""

@@ -105,6 +105,7 @@ class VersionControls:
         self.versions = ModelVersions(model) if model is not None else None
         self._refresh_versions()
         if model is None:
+            self.status.setText("Load a model in the model panel, then paint annotations.")
             return
         what = []
         if running == "train":

@@ -41,6 +41,18 @@ class FeatureMapPanel(WorkerPanel):
         form.addRow("Top channels", self.channels_spin)
         self.half_check = QCheckBox("float16 (half the memory)")
         form.addRow("", self.half_check)
+        self.stage_list.setToolTip(
+            "The network's stages, from the first encoder level (enc0, full resolution) "
+            "down to the bottleneck and back up the decoder (dec...) to the output (head); "
+            "each becomes an image layer over the input, one channel per plane"
+        )
+        self.region_combo.setToolTip(
+            "field of view: the part of the plane in view (quick); whole plane: all of it"
+        )
+        self.channels_spin.setToolTip(
+            "Keep only this many channels per stage, those whose activation varies most; "
+            "all: every channel"
+        )
         self.form.addLayout(form)
         self._job = None
         self._source = None
@@ -60,6 +72,10 @@ class FeatureMapPanel(WorkerPanel):
     def _on_model_changed(self, model) -> None:
         from napari_unet.core.features import OPAQUE, inspectable, stage_names
 
+        if model is None:
+            self.status.setText("Load a model in the model panel: its stages are listed here.")
+        elif self.status.text().startswith("Load a model"):
+            self.status.setText("")
         opaque = model is not None and not inspectable(model.net)
         # no stages to offer of a network that cannot be looked into: say why instead
         names = stage_names(model.net) if model is not None and not opaque else []

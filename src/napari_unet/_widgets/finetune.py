@@ -62,6 +62,10 @@ class FinetunePanel(VersionControls, WorkerPanel):
         self.preview_spin.setRange(0, 10000)
         self.preview_spin.setValue(50)
         self.preview_spin.setSpecialValueText("off")
+        self.preview_spin.setToolTip(
+            "Every this many steps, the plane shown is segmented with the weights so far "
+            "into a preview layer; off: no previews (a little faster)"
+        )
         form.addRow("Preview every (steps)", self.preview_spin)
         self.form.addLayout(form)
         self.loss_plot = LossPlot()
@@ -91,6 +95,10 @@ class FinetunePanel(VersionControls, WorkerPanel):
         )
         self.kind_combo = QComboBox()
         self.kind_combo.addItems(["as painted classes", "as instance masks"])
+        self.kind_combo.setToolTip(
+            "painted classes: 0 = not annotated, k = class k - 1 (as annotation layers); "
+            "instance masks: 0 = background, one value per object"
+        )
         row.addWidget(self.pair_button)
         row.addWidget(self.kind_combo)
         form.addRow(row)

@@ -65,6 +65,10 @@ class ModelPanel(WorkerPanel):
         self.device_combo.addItems([f"auto ({devices[0]})", *devices])
         if self.state.device in devices:  # a reopened panel shows the device in use
             self.device_combo.setCurrentText(self.state.device)
+        self.device_combo.setToolTip(
+            "Where the network runs, for every panel of this viewer; auto: a GPU if there "
+            "is one (CUDA or Apple MPS), else the CPU"
+        )
         form.addRow("Device", self.device_combo)
         self.form.addLayout(form)
         self.card = QPlainTextEdit()

@@ -17,6 +17,21 @@ from qtpy.QtWidgets import (
 from napari_unet._widgets._base import WorkerPanel
 from napari_unet._widgets._layers import LayerJob, add_or_update, job_for_layer, viewer_camera
 
+# what the controls without a self-explaining text do
+TIPS = {
+    "mode_combo": "instances: one label per object; labels: the class of each pixel "
+    "(class k as label k + 1, named on hover); probabilities: one map per class",
+    "tile_spin": "Network input per tile, snapped to a size the network accepts; auto: as "
+    "large as memory allows. Smaller tiles use less memory, with the same result",
+    "batch_spin": "Tiles per pass of the network; auto: from the GPU's free memory, 1 on the CPU",
+    "amp_check": "Half precision on an NVIDIA GPU: faster, probabilities within about "
+    "0.001; the CPU always computes in full precision",
+    "plane_check": "Only the plane shown (Z, time...), not the whole stack",
+    "visible_check": "Only the part of the image in view: quick answers on large images",
+    "threshold_spin": "Foreground probability above which a pixel belongs to an object",
+    "min_size_spin": "Objects with fewer pixels are dropped",
+}
+
 
 class SegmentPanel(WorkerPanel):
     """Segment an image layer with the viewer's model; results appear as new layers."""
@@ -88,6 +103,8 @@ class SegmentPanel(WorkerPanel):
         )
         form.addRow("Object diameter", self.diameter_spin)
         self.form.addLayout(form)
+        for name, tip in TIPS.items():
+            getattr(self, name).setToolTip(tip)
         # the run going on: its layer job, model and output mode
         self._job: tuple[LayerJob, object, str] | None = None
         self._source = None  # (layer, its data) as the run started
