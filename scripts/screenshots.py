@@ -45,7 +45,10 @@ def show_whole(viewer, dock) -> None:
     want = min(dock.sizeHint().height(), room - sum(d.minimumSizeHint().height() for d in others))
     share = (room - want) // max(1, len(others))
     window.resizeDocks([*others, dock], [share] * len(others) + [want], Qt.Orientation.Vertical)
-    QApplication.processEvents()
+    # the scroll areas settle over a few turns of the event loop (after one, a scroll bar
+    # shown for the old height still covered the controls' right edge in the shot)
+    for _ in range(5):
+        QApplication.processEvents()
 
 
 def wait(panel, timeout=600):

@@ -21,7 +21,13 @@ TRUST_HELP = "allow a bioimage.io package's architecture code to run (only if yo
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="napari-unet", description="U-Net segmentation")
     sub = p.add_subparsers(dest="command", required=True)
+    _add_predict(sub)
+    _add_train(sub)
+    _add_model_commands(sub)
+    return p
 
+
+def _add_predict(sub) -> None:
     pr = sub.add_parser("predict", help="segment images with overlap-tile inference")
     pr.add_argument("inputs", nargs="+", help="TIFF, PNG, NPY or zarr images")
     pr.add_argument("--model", "-m", help="bundled model name or model file (default: bundled)")
@@ -84,6 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     pr.add_argument("--trust-code", action="store_true", help=TRUST_HELP)
 
+
+def _add_train(sub) -> None:
     tr = sub.add_parser("train", help="train or fine-tune a U-Net on image / label files")
     tr.add_argument("--images", nargs="+", required=True, help="training images (2D)")
     tr.add_argument("--labels", nargs="+", required=True, help="label images, same order")
@@ -152,12 +160,31 @@ def build_parser() -> argparse.ArgumentParser:
         help="images without labels whose statistics the model adapts to (batch-norm "
         "statistics re-estimated on them and the training images before training)",
     )
-    tr.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
-    tr.add_argument("--seed", type=_number(int, 0, 2**32 - 1), default=0)
-    tr.add_argument("--val-images", nargs="*", default=[])
-    tr.add_argument("--val-labels", nargs="*", default=[])
-    tr.add_argument("--quiet", "-q", action="store_true")
+    tr.add_argument(
+        "--device",
+        default="auto",
+        choices=("auto", "cpu", "cuda", "mps"),
+        help="auto: CUDA, then Apple MPS, then the CPU (default: %(default)s)",
+    )
+    tr.add_argument(
+        "--seed",
+        type=_number(int, 0, 2**32 - 1),
+        default=0,
+        help="random seed of patches, augmentation and new weights: the same seed, data "
+        "and steps repeat a run on the CPU (default: %(default)s)",
+    )
+    tr.add_argument(
+        "--val-images",
+        nargs="*",
+        default=[],
+        help="held-back images to report validation loss and accuracy on (default: none)",
+    )
+    tr.add_argument("--val-labels", nargs="*", default=[], help="their labels, same order")
+    tr.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
 
+
+def _add_model_commands(sub) -> None:
+    """``models``, ``info`` and ``export``."""
     sub.add_parser("models", help="list bundled models")
     info = sub.add_parser("info", help="print a model's card")
     info.add_argument("model", help="bundled model name, model file or bioimage.io package")
@@ -173,7 +200,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="SPDX licence of the weights (default: the model's own, else CC-BY-4.0)",
     )
     ex.add_argument("--author", action="append", help="author name (repeat for several)")
-    return p
 
 
 def _number(kind, low: float, high: float | None = None):
