@@ -62,73 +62,19 @@ def job_for_layer(layer, model, viewer=None, current_plane=False, visible=False)
     # indexed lazily: a zarr plane or region is read in the worker, not here
     data = _lazy(data, bool(getattr(layer, "rgb", False)))
     full_shape = tuple(data.shape)
-    notes = []
-    if getattr(layer, "rgb", False):
-        channels = model.info.in_channels
-        lead = leading_letters(len(full_shape) - 3)
-        spatial_scale = tuple(layer.scale)
-        if channels == 1:
-            data = _lazy_gray(data)  # converted where it is read (in the worker)
-            notes.append("RGB converted to grayscale")
-            axes = resolve_axes(tuple(data.shape), lead + "YX", 1)
-        elif channels == 3:
-            if full_shape[-1] == 4:
-                data = data[..., :3]
-                notes.append("alpha channel left out")
-            axes = resolve_axes(tuple(data.shape), lead + "YXC", 3)
-        else:
-            raise AxesError(
-                f"layer {layer.name!r} is an RGB image (3 colour channels), but the model "
-                f"takes {channels} channels: open the image with its channels as one axis "
-                "before Y and X (not as RGB), or load a model for this image"
-            )
-    else:
-        axes = resolve_axes(
-            tuple(data.shape),
-            layer_axes(data.shape, model.info.in_channels),
-            model.info.in_channels,
-        )
-        spatial_scale = tuple(s for s, a in zip(layer.scale, axes.axes) if a != "C")
+    data, axes, spatial_scale, notes = _read_axes(layer, data, model)
     # the layer's own axes but a channel axis (wherever it is: CYX, YXC, ZCYX...)
-    translate_full = [t for t, a in zip(layer.translate, axes.axes) if a != "C"]
-    translate_full = translate_full[-len(spatial_scale) :]
+    translate = [t for t, a in zip(layer.translate, axes.axes) if a != "C"]
+    translate = translate[-len(spatial_scale) :]
     scale = list(spatial_scale)
-    translate = translate_full
-    lead = axes.leading
     summary = axes.describe()
     if current_plane or visible:
         _check_view(layer, axes, viewer)
     layer_axes_ = axes.axes
     plane = None
-    if current_plane and lead:
-        point = world_to_layer(layer, viewer, viewer.dims.point) if viewer is not None else None
-        # in the 3D view the axes on screen are shown whole: they stay whole (a hidden
-        # slider position of a displayed Z would pick one arbitrary plane)
-        shown = set()
-        if viewer is not None and viewer.dims.ndisplay == 3:
-            offset = viewer.dims.ndim - layer.ndim
-            shown = {pos for pos in lead if offset + pos in set(viewer.dims.displayed)}
-        index = [slice(None)] * len(axes.shape)
-        for k, pos in enumerate(lead):
-            if pos in shown:
-                continue
-            i = round(point[pos]) if point is not None else 0
-            if not 0 <= i < axes.shape[pos]:
-                raise ValueError(
-                    f"layer {layer.name!r} has no plane at the viewer's {axes.axes[pos]} "
-                    f"position (its {axes.axes[pos]} planes are 0-{axes.shape[pos] - 1}, the "
-                    f"viewer is at {point[pos]:.1f}), so napari shows none of it: move the "
-                    "slider onto the image, or leave 'current plane' off"
-                )
-            index[pos] = slice(i, i + 1)
-            translate[k] = translate[k] + i * scale[k]
-        data = data[tuple(index)]
-        plane = tuple(index[p].start or 0 for p in lead)
-        where = ", ".join(
-            f"{axes.axes[p]}={index[p].start}" if p not in shown else f"all {axes.axes[p]}"
-            for p in lead
-        )
-        notes.append(f"current plane only ({where})")
+    if current_plane and axes.leading:
+        data, plane, note = _current_plane(layer, viewer, axes, data, translate, scale)
+        notes.append(note)
         axes = resolve_axes(tuple(data.shape), axes.axes, model.info.in_channels)
     region = None
     if visible:
@@ -163,6 +109,70 @@ def job_for_layer(layer, model, viewer=None, current_plane=False, visible=False)
         units,
         plane,
     )
+
+
+def _read_axes(layer, data, model):
+    """``(data, axes, scale of the axes but C, notes)``: how the model reads the layer
+    (RGB to gray or 3 channels, a channel axis where the model takes several)."""
+    notes = []
+    if not getattr(layer, "rgb", False):
+        axes = resolve_axes(
+            tuple(data.shape),
+            layer_axes(data.shape, model.info.in_channels),
+            model.info.in_channels,
+        )
+        spatial_scale = tuple(s for s, a in zip(layer.scale, axes.axes) if a != "C")
+        return data, axes, spatial_scale, notes
+    channels = model.info.in_channels
+    lead = leading_letters(len(data.shape) - 3)
+    if channels == 1:
+        data = _lazy_gray(data)  # converted where it is read (in the worker)
+        notes.append("RGB converted to grayscale")
+        axes = resolve_axes(tuple(data.shape), lead + "YX", 1)
+    elif channels == 3:
+        if data.shape[-1] == 4:
+            data = data[..., :3]
+            notes.append("alpha channel left out")
+        axes = resolve_axes(tuple(data.shape), lead + "YXC", 3)
+    else:
+        raise AxesError(
+            f"layer {layer.name!r} is an RGB image (3 colour channels), but the model "
+            f"takes {channels} channels: open the image with its channels as one axis "
+            "before Y and X (not as RGB), or load a model for this image"
+        )
+    return data, axes, tuple(layer.scale), notes
+
+
+def _current_plane(layer, viewer, axes, data, translate: list, scale: list):
+    """The plane the viewer shows: ``(its data, its index, a note)``; ``translate`` is
+    moved onto it. In the 3D view the axes on screen stay whole."""
+    lead = axes.leading
+    point = world_to_layer(layer, viewer, viewer.dims.point) if viewer is not None else None
+    # (a hidden slider position of a displayed Z would pick one arbitrary plane)
+    shown = set()
+    if viewer is not None and viewer.dims.ndisplay == 3:
+        offset = viewer.dims.ndim - layer.ndim
+        shown = {pos for pos in lead if offset + pos in set(viewer.dims.displayed)}
+    index = [slice(None)] * len(axes.shape)
+    for k, pos in enumerate(lead):
+        if pos in shown:
+            continue
+        i = round(point[pos]) if point is not None else 0
+        if not 0 <= i < axes.shape[pos]:
+            raise ValueError(
+                f"layer {layer.name!r} has no plane at the viewer's {axes.axes[pos]} "
+                f"position (its {axes.axes[pos]} planes are 0-{axes.shape[pos] - 1}, the "
+                f"viewer is at {point[pos]:.1f}), so napari shows none of it: move the "
+                "slider onto the image, or leave 'current plane' off"
+            )
+        index[pos] = slice(i, i + 1)
+        translate[k] = translate[k] + i * scale[k]
+    plane = tuple(index[p].start or 0 for p in lead)
+    where = ", ".join(
+        f"{axes.axes[p]}={index[p].start}" if p not in shown else f"all {axes.axes[p]}"
+        for p in lead
+    )
+    return data[tuple(index)], plane, f"current plane only ({where})"
 
 
 def world_to_layer(layer, viewer, point) -> np.ndarray:
