@@ -456,30 +456,9 @@ def train_iter(
     cfg = with_convention(cfg, model)
     samples = prepare(model, images, labels, kind, cfg)
     sampler = _Sampler(samples, model, cfg, rng)
-    val = None
-    if len(val_images) != len(val_labels):
-        raise ValueError(f"{len(val_images)} validation images but {len(val_labels)} label images")
-    if len(val_images):
-        try:
-            vs = prepare(model, val_images, val_labels, kind, cfg)
-        except ValueError as err:
-            raise ValueError(f"validation data: {err}") from None
-        vsampler = _Sampler(
-            vs, model, replace(cfg, focus=0.0), np.random.default_rng(cfg.seed + 1)
-        )
-        val = vsampler.batch(cfg.val_patches, aug=False)
+    val = _validation_batch(model, val_images, val_labels, kind, cfg)
     dev = resolve_device(cfg.device)
-    # resolved, so that the provenance says what was used
-    native = fast_bf16(dev)
-    if cfg.bf16 is True and not native:
-        warnings.warn(
-            f"bfloat16 autocast was asked for, but {dev} has no native bfloat16 "
-            "(AVX512-BF16 or AMX on a CPU): it is emulated and several times slower than "
-            "float32 here; leave it off (or use bf16='auto')",
-            RuntimeWarning,
-            stacklevel=2,
-        )
-    cfg = replace(cfg, bf16=native if cfg.bf16 == "auto" else bool(cfg.bf16))
+    cfg = _resolve_bf16(cfg, dev)  # resolved, so that the provenance says what was used
     net = for_training(copy.deepcopy(model.net), dev)
     if cfg.adapt_norm and phases:
         yield Phase("re-estimating the normalisation")
@@ -545,6 +524,34 @@ def train_iter(
     for p in net.parameters():  # a frozen encoder is frozen for this run only
         p.requires_grad_(True)
     return _result(net, model, cfg, step, data_name, kind, metrics)
+
+
+def _validation_batch(model, val_images, val_labels, kind: str, cfg: TrainConfig):
+    """The fixed validation patches of ``val_images`` (None without any)."""
+    if len(val_images) != len(val_labels):
+        raise ValueError(f"{len(val_images)} validation images but {len(val_labels)} label images")
+    if not len(val_images):
+        return None
+    try:
+        vs = prepare(model, val_images, val_labels, kind, cfg)
+    except ValueError as err:
+        raise ValueError(f"validation data: {err}") from None
+    vsampler = _Sampler(vs, model, replace(cfg, focus=0.0), np.random.default_rng(cfg.seed + 1))
+    return vsampler.batch(cfg.val_patches, aug=False)
+
+
+def _resolve_bf16(cfg: TrainConfig, dev) -> TrainConfig:
+    """``cfg`` with ``bf16`` True or False for ``dev`` ("auto": where it is native)."""
+    native = fast_bf16(dev)
+    if cfg.bf16 is True and not native:
+        warnings.warn(
+            f"bfloat16 autocast was asked for, but {dev} has no native bfloat16 "
+            "(AVX512-BF16 or AMX on a CPU): it is emulated and several times slower than "
+            "float32 here; leave it off (or use bf16='auto')",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    return replace(cfg, bf16=native if cfg.bf16 == "auto" else bool(cfg.bf16))
 
 
 def _healthy(net, probe: torch.Tensor, dev) -> bool:
