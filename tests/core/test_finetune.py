@@ -315,7 +315,7 @@ def test_finetune_iter_reports_previews_and_accuracy_and_stops_on_request(case):
     from napari_unet.core.tiling import run_to_end
 
     result = run_to_end(gen, seen.append)
-    assert result.steps == 3 and not result.stopped
+    assert result.steps == 3 and not result.stopped and result.planned == 3
 
 
 def test_finetune_at_the_model_object_size_rescales_planes_and_previews(case, monkeypatch):

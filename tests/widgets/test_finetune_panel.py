@@ -607,3 +607,18 @@ def test_a_class_labels_result_trains_the_classes_it_shows(panel):
     _, _, painted = widget.collect(state.model)
     counts = np.bincount(classes.ravel(), minlength=3)
     assert [painted.get(c, 0) for c in ("background", "interior", "boundary")] == list(counts)
+
+
+def test_a_run_cut_short_by_its_budget_says_so():
+    """A 10 s budget made 5 of 6 planned steps and said 'Done' as if all were made."""
+    from napari_unet._widgets.finetune import _short_of_plan
+    from napari_unet.core.finetune import Finished
+
+    model = tiny_model("same")
+    cut = Finished(model, 0.5, 0.6, steps=5, seconds=13.0, stopped=False, planned=6)
+    assert "ran out after 5 of the 6 steps planned" in _short_of_plan(cut)
+    for done in (
+        Finished(model, 0.5, 0.6, steps=6, seconds=9.0, stopped=False, planned=6),
+        Finished(model, 0.5, 0.6, steps=3, seconds=4.0, stopped=True, planned=6),  # Stop
+    ):
+        assert _short_of_plan(done) == ""

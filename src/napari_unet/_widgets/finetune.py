@@ -435,6 +435,7 @@ class FinetunePanel(VersionControls, WorkerPanel):
             f"in {value.seconds:.0f} s"
             + (f" (planes rescaled {rescaled} to the model's object size)" if rescaled else "")
             + f". Now using {model.info.name}; 'Revert' goes back."
+            + _short_of_plan(value)
         )
 
     def _fill(self, classes) -> None:
@@ -455,6 +456,16 @@ class FinetunePanel(VersionControls, WorkerPanel):
         self.pause_button.setText("Pause")
         self.stop_button.setEnabled(False)
         self._mode = ""
+
+
+def _short_of_plan(value: Finished) -> str:
+    """Says so when the time budget ran out before the steps planned for it."""
+    if value.stopped or not value.planned or value.steps >= value.planned:
+        return ""
+    return (
+        f" The time budget ran out after {value.steps} of the {value.planned} steps planned "
+        "(the machine was slower than when they were timed)."
+    )
 
 
 def _diameter(model) -> str | None:

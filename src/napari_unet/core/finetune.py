@@ -169,6 +169,7 @@ class Finished:
     seconds: float
     stopped: bool
     scales: tuple[float, ...] = ()  # the painted planes' rescaling factors (diameter)
+    planned: int = 0  # the steps planned (fewer were made when the time budget ran out)
 
 
 def finetune_iter(
@@ -246,6 +247,7 @@ def finetune_iter(
         # ended early by Stop (a Stop after the last step ended nothing)
         should_stop is not None and should_stop() and (step is None or step.step < step.steps),
         scales,
+        step.steps if step is not None else 0,
     )
 
 
