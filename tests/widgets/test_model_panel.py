@@ -150,3 +150,52 @@ def test_four_docked_panels_fit_a_laptop_screen_and_keep_their_text(make_napari_
         assert label.height() >= label.heightForWidth(label.width())
     for panel in panels:
         assert panel._inner.width() >= panel._inner.minimumSizeHint().width()
+
+
+def _ended_not_delivered():
+    """Wait for the worker threads to end without turning the event loop: their
+    results are queued, not yet delivered (what a busy GUI sees)."""
+    from qtpy.QtCore import QThreadPool
+
+    assert QThreadPool.globalInstance().waitForDone(30000)
+
+
+def test_cancel_after_the_load_ended_keeps_the_model(make_napari_viewer, qtbot, tmp_path):
+    """Cancel pressed while the loaded model was on its way swapped the model all the same."""
+    from napari_unet._widgets.model_panel import FILE_ENTRY, ModelPanel
+
+    path = save_model(tiny_model("valid"), tmp_path / "mine.safetensors")
+    panel = ModelPanel(make_napari_viewer())
+    before = tiny_model("same")
+    panel.state.model = before
+    panel.model_combo.setCurrentText(FILE_ENTRY)
+    panel.path_edit.setText(str(path))
+    panel._on_run()
+    _ended_not_delivered()
+    panel._on_cancel()
+    qtbot.waitUntil(lambda: panel.worker is None, timeout=20000)
+    assert panel.state.model is before
+    assert panel.status.text().startswith("Cancelled")
+
+
+def test_a_run_started_while_loading_is_not_discarded(make_napari_viewer, qtbot, tmp_path):
+    """The question 'loading discards your run' was asked only when Load was pressed: a
+    run started (or a version made) while the model loaded was discarded silently."""
+    from napari_unet._widgets.model_panel import FILE_ENTRY, ModelPanel
+
+    path = save_model(tiny_model("valid"), tmp_path / "mine.safetensors")
+    panel = ModelPanel(make_napari_viewer())
+    before = tiny_model("same")
+    panel.state.model = before
+    panel.model_combo.setCurrentText(FILE_ENTRY)
+    panel.path_edit.setText(str(path))
+    panel._on_run()
+    _ended_not_delivered()
+    panel.state.training = True  # Train pressed in the fine-tune panel meanwhile
+    qtbot.waitUntil(lambda: panel.worker is None, timeout=20000)
+    assert panel.state.model is before
+    assert "a fine-tune run started while it loaded" in panel.status.text()
+    panel.state.training = False
+    panel._on_run()  # nothing at stake any more: it loads and switches
+    qtbot.waitUntil(lambda: panel.worker is None, timeout=20000)
+    assert panel.state.model is not before

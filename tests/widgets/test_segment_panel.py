@@ -683,3 +683,18 @@ def test_cancel_stops_inside_a_tile(panel, qtbot):
     assert [layer.name for layer in viewer.layers] == ["img"]
     assert "Cancelled" in widget.status.text()
     assert all(not m._forward_pre_hooks for m in net.modules())
+
+
+def test_cancel_after_the_run_ended_adds_nothing(panel, qtbot):
+    """The result already on its way when Cancel was pressed was added all the same."""
+    from qtpy.QtCore import QThreadPool
+
+    viewer, widget = panel
+    viewer.add_image(np.random.default_rng(8).random((40, 40)).astype(np.float32), name="img")
+    widget.layer_combo.setCurrentText("img")
+    widget._on_run()
+    assert QThreadPool.globalInstance().waitForDone(30000)  # ended, result not delivered
+    widget._on_cancel()
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=20000)
+    assert [layer.name for layer in viewer.layers] == ["img"]
+    assert widget.status.text() == "Cancelled: nothing was changed."

@@ -205,8 +205,8 @@ class WorkerPanel(QWidget):
         self._shown = 0.0
         connect = {
             "yielded": self._on_worker_yielded,
-            "returned": self._on_returned,
-            "errored": self._on_errored,  # handled here: shown, not re-raised
+            "returned": self._on_worker_returned,
+            "errored": self._on_worker_errored,  # handled here: shown, not re-raised
             "finished": self._on_finished,
         }
         worker = create_worker(
@@ -253,6 +253,20 @@ class WorkerPanel(QWidget):
             self._progress.n = done
             self._progress.refresh()
         self._on_yielded(value)
+
+    def _on_worker_returned(self, value) -> None:
+        # a result already on its way when Cancel was pressed (the run had just ended):
+        # cancelled means nothing is added, whatever the timing
+        if self.abort.is_set():
+            return
+        self._on_returned(value)
+
+    def _on_worker_errored(self, err: Exception) -> None:
+        from napari_unet.core.cancel import Cancelled
+
+        if isinstance(err, Cancelled) and self.abort.is_set():
+            return  # the run stopped as asked: the finished handler says so
+        self._on_errored(err)
 
     def _on_cancel(self) -> None:
         if self.worker is not None:

@@ -40,6 +40,7 @@ class ModelPanel(WorkerPanel):
         from napari_unet.io import registry
 
         self._discard = None  # (source, unsaved versions) a second press confirms
+        self._agreed: tuple[set, bool] = (set(), False)  # what a load may discard
         form = QFormLayout()
         self.model_combo = QComboBox()
         self.model_combo.addItems([*registry.bundled_models(), FILE_ENTRY])
@@ -148,6 +149,9 @@ class ModelPanel(WorkerPanel):
             )
             return
         self._discard = None
+        # what the user agreed to lose: anything more by the time the model arrives (a
+        # run started, a version made meanwhile) is not discarded without asking
+        self._agreed = (set(self.state.unsaved), self.state.training)
         self.status.setText(f"Loading {source}...")
         self.start(
             load_steps,
@@ -164,6 +168,20 @@ class ModelPanel(WorkerPanel):
             self.status.setText(f"{self.status.text()} (still using {model.info.name})")
 
     def _on_returned(self, model) -> None:
+        unsaved, training = self._agreed
+        new = [v for v in self.state.unsaved if v not in unsaved]
+        what = []
+        if self.state.training and not training:
+            what.append("a fine-tune run started")
+        if new:
+            what.append(f"the fine-tune panel made the unsaved version(s) {', '.join(new)}")
+        if what:
+            self.status.setText(
+                f"Loaded {model.info.name} but kept {self.state.model.info.name}: "
+                f"{' and '.join(what)} while it loaded. Press '{self.run_text}' again to "
+                "switch (you will be asked first)."
+            )
+            return
         self.state.model = model
         self.status.setText(f"Loaded {model.info.name}.")
 
