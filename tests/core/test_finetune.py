@@ -299,7 +299,8 @@ def test_finetune_iter_reports_previews_and_accuracy_and_stops_on_request(case):
             result = done.value
             break
     previews = [v for v in seen if isinstance(v, Preview)]
-    assert [p.step for p in previews] == [5, 10]
+    # (the stop asked for after step 10 skips its preview: it is heard there)
+    assert [p.step for p in previews] == [5]
     assert previews[0].labels.shape == (40, 50) and set(np.unique(previews[0].labels)) <= {1, 2, 3}
     # asked while suspended after step 10: the step under way (11) is the last one
     assert isinstance(result, Finished) and result.stopped and result.steps == 11
@@ -411,3 +412,43 @@ def test_instance_masks_with_huge_ids_are_renumbered_before_their_targets():
         planes, _ = painted_planes([(image, huge, "img", "instances")], 1, convention=(1, 0.5))
         ref, _ = painted_planes([(image, labels, "img", "instances")], 1, convention=(1, 0.5))
         np.testing.assert_array_equal(planes[0].annotation, ref[0].annotation)
+
+
+def test_a_stop_during_setup_or_a_preview_is_heard_at_once(case):
+    """Stop was heard only after the first step: pressed while the painted pixels were
+    checked (a whole-plane prediction), it took 36 s on 2048^2; during a preview, 5 s."""
+    from napari_unet.core.cancel import Cancelled
+    from napari_unet.core.finetune import Finished, Preview, finetune_iter
+    from napari_unet.core.training import STOPPED_EARLY, TrainStep
+
+    image, _, strokes = case
+    model = tiny_model("same", depth=2)
+    planes = [PaintedPlane(image, strokes, "img")]
+    cfg = TrainConfig.finetune(steps=1000, patch_size=64, max_seconds=None, device="cpu")
+    asked = []
+
+    def at_once() -> bool:
+        asked.append(1)
+        return True
+
+    with pytest.raises(Cancelled, match=STOPPED_EARLY):
+        list(finetune_iter(model, planes, [], cfg, should_stop=at_once))
+    assert len(asked) == 1  # before the first tile of the check of the painted pixels
+    # Stop pressed as the preview of step 2 begins: no preview, the run ends with a result
+    seen = []
+    stop = {"now": False}
+    gen = finetune_iter(
+        model, planes, [], cfg, preview=(image, "YX", None), preview_every=2,
+        should_stop=lambda: stop["now"],
+    )  # fmt: skip
+    while True:
+        try:
+            report = next(gen)
+        except StopIteration as done:
+            result = done.value
+            break
+        seen.append(report)
+        if isinstance(report, TrainStep) and report.step == 2:
+            stop["now"] = True
+    assert not any(isinstance(v, Preview) for v in seen)
+    assert isinstance(result, Finished) and result.stopped and result.steps == 3

@@ -622,3 +622,19 @@ def test_a_run_cut_short_by_its_budget_says_so():
         Finished(model, 0.5, 0.6, steps=3, seconds=4.0, stopped=True, planned=6),  # Stop
     ):
         assert _short_of_plan(done) == ""
+
+
+def test_stop_before_the_first_step_keeps_nothing_and_says_so(panel, nuclei, qtbot):
+    viewer, widget, state = panel
+    image, strokes = nuclei
+    _painted(viewer, widget, image, strokes)
+    widget.preview_spin.setValue(0)
+    base = state.model
+    widget._on_run()
+    widget._on_stop()  # while the annotations are read and checked
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=30000)
+    assert len(widget.versions.versions) == 1 and state.model is base
+    assert widget.status.text() == (
+        "Stopped before the first training step: nothing was learned; "
+        "the current version is unchanged."
+    )

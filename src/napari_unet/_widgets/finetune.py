@@ -275,7 +275,7 @@ class FinetunePanel(VersionControls, WorkerPanel):
             cfg,
             preview=None if preview is None else (preview.data, preview.axes, preview.region),
             preview_every=self.preview_spin.value(),
-            should_stop=self._stop.is_set,
+            should_stop=self._should_stop,
             diameter=_diameter(model),
             total=cfg.steps,
             desc="napari-unet: fine-tuning",
@@ -309,6 +309,20 @@ class FinetunePanel(VersionControls, WorkerPanel):
             self.worker.resume()  # (a pause still pending is undone when it comes)
             self.pause_button.setText("Pause")
             self.status.setText("Resumed.")
+
+    def _should_stop(self) -> bool:
+        """Stop & keep, or Cancel: either ends the step, preview or setup going on (the
+        worker then drops a cancelled run at its next report)."""
+        return self._stop.is_set() or self.abort.is_set()
+
+    def _on_errored(self, err: Exception) -> None:
+        from napari_unet.core.cancel import Cancelled
+
+        if isinstance(err, Cancelled):  # Stop pressed before the first step
+            what = str(err) if str(err) != "cancelled" else "stopped before the run began"
+            self.status.setText(f"{what.capitalize()}; the current version is unchanged.")
+            return
+        super()._on_errored(err)
 
     def _on_worker_paused(self) -> None:
         if self.worker is None:

@@ -66,8 +66,11 @@ def _crop_size(n: int, g) -> int:
     return size if size >= least else g.snap(least, "up")
 
 
-def add_pseudo_labels(samples: list[_Sample], model: LoadedModel, cfg: TrainConfig, dev) -> None:
-    """Fill unpainted pixels with the model's prediction where it is confident.
+def add_pseudo_labels(
+    samples: list[_Sample], model: LoadedModel, cfg: TrainConfig, dev, should_stop=None
+) -> None:
+    """Fill unpainted pixels with the model's prediction where it is confident
+    (``should_stop``: see :func:`~napari_unet.core.tiling.predict_iter`).
 
     Their total weight per image is ``cfg.pseudo_weight`` times the painted
     pixels' total, so a few strokes are not drowned by a million pseudo-labels
@@ -77,7 +80,9 @@ def add_pseudo_labels(samples: list[_Sample], model: LoadedModel, cfg: TrainConf
 
     plain = LoadedModel(model.net, replace(model.info, normalization={"mode": "none"}))
     for s in samples:
-        probs = predict(s.unpadded(), plain, axes="CYX", device=dev, amp=False)
+        probs = predict(
+            s.unpadded(), plain, axes="CYX", device=dev, amp=False, should_stop=should_stop
+        )
         conf, guess = probs.max(0), probs.argmax(0)
         p = s.pad
         target = s.target[p:-p, p:-p]

@@ -127,8 +127,11 @@ def check_annotations(planes: Sequence[PaintedPlane], classes: Sequence[str]) ->
     return painted
 
 
-def painted_accuracy(model: LoadedModel, planes: Sequence[PaintedPlane], device="cpu") -> float:
-    """Share of painted pixels whose predicted class is the painted one."""
+def painted_accuracy(
+    model: LoadedModel, planes: Sequence[PaintedPlane], device="cpu", should_stop=None
+) -> float:
+    """Share of painted pixels whose predicted class is the painted one
+    (``should_stop``: see :func:`~napari_unet.core.tiling.predict_iter`)."""
     from napari_unet.core.tiling import predict
 
     right = total = 0
@@ -141,7 +144,12 @@ def painted_accuracy(model: LoadedModel, planes: Sequence[PaintedPlane], device=
         ys, xs = np.nonzero(painted)
         box = (int(ys.min()), int(ys.max()) + 1, int(xs.min()), int(xs.max()) + 1)
         pred = predict(
-            p.image, model, axes=_plane_axes(p.image), device=device, region=box
+            p.image,
+            model,
+            axes=_plane_axes(p.image),
+            device=device,
+            region=box,
+            should_stop=should_stop,
         ).argmax(0)
         inside = painted[box[0] : box[1], box[2] : box[3]]
         truth = p.annotation[box[0] : box[1], box[2] : box[3]][inside].astype(np.int64) - 1
@@ -195,9 +203,10 @@ def finetune_iter(
     ``object_diameter``): the planes are rescaled to the model's object size, as
     segmentation with that diameter does, so that the network learns at the
     scale it will be used at."""
+    from napari_unet.core.cancel import Cancelled
     from napari_unet.core.segment import SegmentOptions, segment_at_iter
     from napari_unet.core.tiling import run_to_end
-    from napari_unet.core.training import Phase, train_iter
+    from napari_unet.core.training import STOPPED_EARLY, Phase, train_iter
 
     scales: tuple[float, ...] = ()
     preview_scale = 1.0
@@ -209,7 +218,10 @@ def finetune_iter(
         if preview is not None:
             preview_scale = _scale(model, preview[0], preview[1], diameter, cfg.device)
     yield Phase("checking the painted pixels")
-    before = painted_accuracy(model, planes, device=cfg.device)
+    try:
+        before = painted_accuracy(model, planes, device=cfg.device, should_stop=should_stop)
+    except Cancelled:
+        raise Cancelled(STOPPED_EARLY) from None
     gen = train_iter(
         model,
         [p.image for p in planes],
@@ -234,8 +246,13 @@ def finetune_iter(
         step = report
         if preview is not None and preview_every and step.step % preview_every == 0:
             data, axes, region = preview
-            options = SegmentOptions(mode="labels", axes=axes, region=region, device=cfg.device)
-            labels = run_to_end(segment_at_iter(data, step.snapshot(), options, preview_scale))
+            options = SegmentOptions(
+                "labels", axes=axes, region=region, device=cfg.device, should_stop=should_stop
+            )
+            try:
+                labels = run_to_end(segment_at_iter(data, step.snapshot(), options, preview_scale))
+            except Cancelled:  # Stop (or Cancel) during a preview: no preview, the run ends
+                continue
             yield Preview(step.step, labels.astype(np.uint8) + 1)
     yield Phase("checking the result on the painted pixels")
     return Finished(

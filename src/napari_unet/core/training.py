@@ -30,12 +30,14 @@ from napari_unet.core import targets as tg
 from napari_unet.core.adaptation import adapt_norm, add_pseudo_labels
 from napari_unet.core.augment import AugmentConfig, augment
 from napari_unet.core.axes import resolve_axes
+from napari_unet.core.cancel import Cancelled
 from napari_unet.core.device import fast_bf16, resolve_device
 from napari_unet.model.info import LoadedModel
 from napari_unet.model.unet import UNet, for_training, to_layout
 
 # a time-budgeted run stops at this multiple of its budget whatever its planned steps
 OVERRUN = 1.25
+STOPPED_EARLY = "stopped before the first training step: nothing was learned"
 
 
 @dataclass
@@ -470,7 +472,7 @@ def train_iter(
     if cfg.pseudo_weight > 0 and kind == "sparse":
         if phases:
             yield Phase("predicting the unpainted pixels")
-        add_pseudo_labels(samples, LoadedModel(net.eval(), model.info), cfg, dev)
+        add_pseudo_labels(samples, LoadedModel(net.eval(), model.info), cfg, dev, should_stop)
     net.train()
     # one fixed patch the network must still answer with finite numbers (finite weights
     # can overflow: lr 1e6 gave a model whose every prediction was NaN, saved as done)
@@ -479,6 +481,8 @@ def train_iter(
     ).batch(1, aug=False)[0]
     if phases and cfg.max_seconds is not None:
         yield Phase("timing the steps")
+    if should_stop is not None and should_stop():  # (setup takes seconds: asked meanwhile)
+        raise Cancelled(STOPPED_EARLY)
     # the budget counts from here: the setup above (seconds) is not training
     start = time.perf_counter()
     cfg = replace(cfg, steps=_planned_steps(net, samples, model, cfg, dev))
