@@ -235,3 +235,45 @@ def test_maps_are_added_when_the_layers_units_disagree(panel, qtbot):
     qtbot.waitUntil(widget.idle, timeout=30000)
     assert "stage(s) added" in widget.status.text(), widget.status.text()
     assert "um [features head]" in viewer.layers
+
+
+def _adding(qtbot, widget):
+    widget._on_run()
+    qtbot.waitUntil(lambda: "Adding stage layers" in widget.status.text(), timeout=30000)
+
+
+def _maps(viewer):
+    return [la.name for la in viewer.layers if "[features" in la.name]
+
+
+def test_stage_layers_stop_coming_when_their_image_goes(panel, qtbot):
+    """The stage layers added one by one kept coming over an image that was gone; Run
+    looked ready meanwhile but said 'a run is going on', and Cancel was off."""
+    viewer, widget = panel
+    viewer.add_image(np.random.default_rng(1).random((48, 48)).astype(np.float32), name="img")
+    _adding(qtbot, widget)
+    assert not widget.run_button.isEnabled() and widget.cancel_button.isEnabled()
+    viewer.layers.remove("img")
+    qtbot.waitUntil(widget.idle, timeout=10000)
+    assert "img was removed" in widget.status.text()
+    assert 1 <= len(_maps(viewer)) < 6 and widget.run_button.isEnabled()
+    # Cancel while they are added: the rest stay out
+    viewer.add_image(np.zeros((48, 48), np.float32), name="other")
+    _adding(qtbot, widget)
+    before = len(_maps(viewer))
+    widget._on_cancel()
+    assert widget.idle() and widget.status.text().startswith("Cancelled: ")
+    assert "left out" in widget.status.text()
+    qtbot.wait(200)
+    assert len(_maps(viewer)) == before  # none added after Cancel
+    assert widget.run_button.isEnabled() and not widget.cancel_button.isEnabled()
+
+
+def test_stage_layers_take_the_image_s_new_name(panel, qtbot):
+    viewer, widget = panel
+    viewer.add_image(np.random.default_rng(2).random((48, 48)).astype(np.float32), name="img")
+    widget._on_run()
+    viewer.layers["img"].name = "renamed"  # during the capture
+    qtbot.waitUntil(widget.idle, timeout=30000)
+    assert len(_maps(viewer)) == 6
+    assert all(name.startswith("renamed [features ") for name in _maps(viewer))

@@ -59,7 +59,8 @@ class FeatureMapPanel(WorkerPanel):
         # stage layers still to add, one per turn of the event loop: napari takes about
         # 0.3 s to add an image layer (its canvas node and controls), so adding ten
         # stages in one go froze the viewer for 2-3 s
-        self._pending: list[tuple[str, np.ndarray, dict]] = []
+        self._pending: list[tuple[str, np.ndarray, dict]] = []  # (stage, data, layer kw)
+        self._adding_for = None  # (image layer, its data) whose maps are being added
         self._added = 0  # of the last run's stage layers
         self._add_timer = QTimer(self)
         self._add_timer.setSingleShot(True)
@@ -79,7 +80,7 @@ class FeatureMapPanel(WorkerPanel):
         opaque = model is not None and not inspectable(model.net)
         # no stages to offer of a network that cannot be looked into: say why instead
         names = stage_names(model.net) if model is not None and not opaque else []
-        self.run_button.setEnabled(not opaque and self.worker is None)
+        self._enable_run()
         if opaque:
             self.status.setText(f"{model.info.name or 'This model'}: {OPAQUE}.")
         elif self.status.text().endswith(f"{OPAQUE}."):
@@ -200,10 +201,10 @@ class FeatureMapPanel(WorkerPanel):
             # the image's units (mixed units misplace layers)
             pad_units = tuple(world_units)[self.viewer.dims.ndim - world :][:pad]
             units = {"units": ("pixel", *pad_units, *job.units)}
+        self._adding_for = source  # followed while the layers are added (renamed, removed)
         for i, (name, fm) in enumerate(maps.items()):
             scale, translate = fm.world(job.scale[-2:], _origin(job))
             lead = len(job.scale) - 2
-            layer_name = f"{job.layer_name} [features {name}]"
             shape = (fm.data.shape[0],) + (1,) * (pad + lead) + fm.data.shape[1:]
             data = fm.data.reshape(shape)
             kw = dict(
@@ -222,7 +223,7 @@ class FeatureMapPanel(WorkerPanel):
                 # hidden layers are cheap to add); the eye icons show the others
                 visible=i == len(maps) - 1,
             )
-            self._pending.append((layer_name, data, kw))
+            self._pending.append((name, data, kw))
         self._added = 0
         self._add_next()
 
@@ -233,11 +234,51 @@ class FeatureMapPanel(WorkerPanel):
         self._pending.clear()  # stage layers not added yet stay out
         super()._on_closed()
 
+    def _on_finished(self) -> None:
+        super()._on_finished()
+        if self._pending:  # stage layers still being added: Cancel stops that, Run waits
+            self.run_button.setEnabled(False)
+            self.cancel_button.setEnabled(True)
+
+    def _on_cancel(self) -> None:
+        if self.worker is None and self._pending:
+            left = len(self._pending)
+            self._end_adding(
+                f"Cancelled: {self._added} stage layer(s) added, the other {left} left out."
+            )
+            return
+        super()._on_cancel()
+
+    def _end_adding(self, text: str) -> None:
+        self._pending.clear()
+        self._add_timer.stop()
+        self.status.setText(text)
+        self.cancel_button.setEnabled(False)
+        self._enable_run()
+
+    def _enable_run(self) -> None:
+        """Run is on when nothing is going on and the model can be looked into."""
+        from napari_unet.core.features import inspectable
+
+        model = self.state.model
+        opaque = model is not None and not inspectable(model.net)
+        self.run_button.setEnabled(self.worker is None and not self._pending and not opaque)
+
     def _add_next(self) -> None:
         """Add (or update) the next stage layer, and come back for the one after."""
         if not self._pending:
             return
-        layer_name, data, kw = self._pending.pop(0)
+        source = self._adding_for
+        if source is not None and self.source_lost(source):  # removed since they arrived
+            self._end_adding(
+                f"{source[0].name} was removed or its data replaced meanwhile: its other "
+                "feature maps were dropped."
+            )
+            return
+        stage, data, kw = self._pending.pop(0)
+        # the image's name now (renamed during the capture or the adds)
+        image = source[0].name if source is not None else self._job.layer_name
+        layer_name = f"{image} [features {stage}]"
         old = self.viewer.layers[layer_name] if layer_name in self.viewer.layers else None  # noqa: SIM401
         if old is not None and OUTPUT_KEY in old.metadata and data.ndim == old.ndim:
             # update in place: removing a layer from the canvas is slower than adding it
@@ -257,7 +298,7 @@ class FeatureMapPanel(WorkerPanel):
             )
             self._add_timer.start()
             return
-        self.status.setText(
+        self._end_adding(
             f"{self._added} stage(s) added, the last one visible (eye icons show the others); "
             "the first axis slider picks the channel."
         )
