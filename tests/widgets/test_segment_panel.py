@@ -698,3 +698,22 @@ def test_cancel_after_the_run_ended_adds_nothing(panel, qtbot):
     qtbot.waitUntil(lambda: widget.worker is None, timeout=20000)
     assert [layer.name for layer in viewer.layers] == ["img"]
     assert widget.status.text() == "Cancelled: nothing was changed."
+
+
+def test_redo_after_an_update_in_place_brings_back_nothing_old(panel, qtbot):
+    """A stroke painted into a result and undone came back with Redo after the result
+    was updated in place: written into the new result."""
+    viewer, widget = panel
+    viewer.add_image(np.random.default_rng(9).random((40, 40)).astype(np.float32), name="img")
+    widget.layer_combo.setCurrentText("img")
+    widget.mode_combo.setCurrentText("labels")
+    _run(qtbot, widget)
+    out = viewer.layers["img [unet labels]"]
+    out.paint((5, 5), 77)
+    out.undo()  # back to the result as written: it may be updated in place
+    _run(qtbot, widget)
+    assert viewer.layers["img [unet labels]"] is out
+    written = out.data.copy()
+    out.redo()
+    np.testing.assert_array_equal(out.data, written)
+    assert 77 not in out.data

@@ -424,6 +424,11 @@ def _put(viewer, kind: str, name: str, data, kw: dict, **style) -> tuple[str, st
             why = refused
     if old is not None:
         old.data = data
+        # the undo history was of the old result: a redo wrote an undone stroke of it into
+        # the new one (napari 0.9 keeps the history when a Labels layer's data is replaced)
+        reset = getattr(old, "_reset_history", None)
+        if callable(reset):
+            reset()
         # each assignment re-slices the layer (about 1 s for 8000^2): only what changed
         if not np.allclose(old.scale, kw["scale"]):
             old.scale = kw["scale"]
