@@ -452,3 +452,21 @@ def test_a_stop_during_setup_or_a_preview_is_heard_at_once(case):
             stop["now"] = True
     assert not any(isinstance(v, Preview) for v in seen)
     assert isinstance(result, Finished) and result.stopped and result.steps == 3
+
+
+def test_a_pause_asked_during_a_preview_drops_only_the_preview(case):
+    """Pause waited for the preview being predicted (6 s on a 2048^2 plane)."""
+    from napari_unet.core.finetune import Finished, Preview, finetune_iter
+    from napari_unet.core.tiling import run_to_end
+
+    image, _, strokes = case
+    planes = [PaintedPlane(image, strokes, "img")]
+    cfg = TrainConfig.finetune(steps=4, patch_size=64, max_seconds=None, device="cpu")
+    seen = []
+    gen = finetune_iter(
+        tiny_model("same", depth=2), planes, [], cfg, preview=(image, "YX", None),
+        preview_every=2, skip_preview=lambda: True,
+    )  # fmt: skip
+    result = run_to_end(gen, seen.append)
+    assert not any(isinstance(v, Preview) for v in seen)
+    assert isinstance(result, Finished) and result.steps == 4 and not result.stopped

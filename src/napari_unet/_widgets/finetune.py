@@ -276,6 +276,7 @@ class FinetunePanel(VersionControls, WorkerPanel):
             preview=None if preview is None else (preview.data, preview.axes, preview.region),
             preview_every=self.preview_spin.value(),
             should_stop=self._should_stop,
+            skip_preview=self._pausing,
             diameter=_diameter(model),
             total=cfg.steps,
             desc="napari-unet: fine-tuning",
@@ -314,6 +315,9 @@ class FinetunePanel(VersionControls, WorkerPanel):
         """Stop & keep, or Cancel: either ends the step, preview or setup going on (the
         worker then drops a cancelled run at its next report)."""
         return self._stop.is_set() or self.abort.is_set()
+
+    def _pausing(self) -> bool:
+        return self._want_pause
 
     def _on_errored(self, err: Exception) -> None:
         from napari_unet.core.cancel import Cancelled

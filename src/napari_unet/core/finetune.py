@@ -191,6 +191,7 @@ def finetune_iter(
     should_stop: Callable[[], bool] | None = None,
     data_name: str = "painted planes",
     diameter: float | str | None = None,
+    skip_preview: Callable[[], bool] | None = None,
 ) -> Generator[object, None, Finished]:
     """Fine-tune a copy of ``model`` on painted planes; yields a
     :class:`~napari_unet.core.training.Phase` before each setup stage (checking the
@@ -202,7 +203,10 @@ def finetune_iter(
     ``diameter`` (pixels or ``"auto"``, for models that record an
     ``object_diameter``): the planes are rescaled to the model's object size, as
     segmentation with that diameter does, so that the network learns at the
-    scale it will be used at."""
+    scale it will be used at.
+
+    ``skip_preview()`` returning True during a preview drops it (the run goes on): a
+    caller's Pause is not kept waiting for a whole-plane prediction."""
     from napari_unet.core.cancel import Cancelled
     from napari_unet.core.segment import SegmentOptions, segment_at_iter
     from napari_unet.core.tiling import run_to_end
@@ -247,11 +251,15 @@ def finetune_iter(
         if preview is not None and preview_every and step.step % preview_every == 0:
             data, axes, region = preview
             options = SegmentOptions(
-                "labels", axes=axes, region=region, device=cfg.device, should_stop=should_stop
+                "labels",
+                axes=axes,
+                region=region,
+                device=cfg.device,
+                should_stop=_either(should_stop, skip_preview),
             )
             try:
                 labels = run_to_end(segment_at_iter(data, step.snapshot(), options, preview_scale))
-            except Cancelled:  # Stop (or Cancel) during a preview: no preview, the run ends
+            except Cancelled:  # Stop, Cancel or Pause during a preview: no preview
                 continue
             yield Preview(step.step, labels.astype(np.uint8) + 1)
     yield Phase("checking the result on the painted pixels")
@@ -311,6 +319,12 @@ def finetune_pairs_iter(model: LoadedModel, pairs: Sequence[tuple], cfg, **kwarg
             model, planes, unpainted, cfg, data_name=collected.data_name, **kwargs
         )
     )
+
+
+def _either(*asks):
+    """A ``should_stop`` that is true when any of ``asks`` (None: never) is."""
+    asks = [a for a in asks if a is not None]
+    return (lambda: any(a() for a in asks)) if asks else None
 
 
 def rescaled_plane(plane: PaintedPlane, factor: float) -> PaintedPlane:
