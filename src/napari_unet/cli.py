@@ -36,8 +36,9 @@ def _add_predict(sub) -> None:
         "--mode",
         choices=MODES,
         default="instances",
-        help="instances: one label per object; labels: the class of each pixel; "
-        "probabilities: one map per class (default: %(default)s)",
+        help="instances: one label per object; labels: the class index of each pixel, "
+        "from 0 (napari's segment panel shows class k as label k + 1, as painted "
+        "annotations have it); probabilities: one map per class (default: %(default)s)",
     )
     pr.add_argument(
         "--tile",
@@ -107,7 +108,8 @@ def _add_train(sub) -> None:
         "--label-kind",
         choices=("instances", "classes", "sparse"),
         default="sparse",
-        help="instances: one id per object; classes: dense class ids; "
+        help="instances: one id per object; classes: dense class ids from 0 (as predict "
+        "--mode labels writes them); "
         "sparse: painted strokes, 0 = not annotated, k = class k-1 (default: %(default)s)",
     )
     tr.add_argument("--classes", help="class names for a new model, comma-separated")

@@ -470,3 +470,22 @@ def test_a_pause_asked_during_a_preview_drops_only_the_preview(case):
     result = run_to_end(gen, seen.append)
     assert not any(isinstance(v, Preview) for v in seen)
     assert isinstance(result, Finished) and result.steps == 4 and not result.stopped
+
+
+def test_a_stop_while_the_steps_are_timed_keeps_nothing(case):
+    """Stop pressed while the steps were timed (four steps of a copy) made a 1-step run."""
+    from napari_unet.core.cancel import Cancelled
+    from napari_unet.core.training import STOPPED_EARLY, Phase
+
+    image, _, strokes = case
+    cfg = TrainConfig.finetune(steps=500, patch_size=64, max_seconds=30.0, device="cpu")
+    timing = []
+    gen = train_iter(
+        tiny_model("same", depth=2), [image], [strokes], "sparse", cfg,
+        should_stop=lambda: bool(timing), phases=True,
+    )  # fmt: skip
+    with pytest.raises(Cancelled, match=STOPPED_EARLY):
+        for report in gen:
+            if isinstance(report, Phase) and report.message == "timing the steps":
+                timing.append(report)  # Stop pressed now
+    assert timing

@@ -56,3 +56,13 @@ def test_tiny_values_are_normalised_like_any_others(mode, dtype):
     tiny = _normalised((plane * 4e-14).astype(dtype), spec)
     np.testing.assert_allclose(tiny, reference, atol=1e-4)
     assert not _normalised(np.full((8, 8), 3e-14, dtype), spec).any()  # flat: still all 0
+
+
+def test_a_few_extreme_pixels_do_not_make_an_image_flat():
+    """Flatness relative to the largest value took a 3 x 3 block of 1e10 (a no-data
+    value) for the scale of the image: everything else went in as about 0."""
+    plane = np.random.default_rng(1).random((128, 128)).astype(np.float32) * 0.9
+    spiked = plane.copy()
+    spiked[:3, :3] = 1e10
+    out = _normalised(spiked)
+    np.testing.assert_allclose(out[10:, 10:], _normalised(plane)[10:, 10:], atol=0.02)

@@ -638,3 +638,23 @@ def test_stop_before_the_first_step_keeps_nothing_and_says_so(panel, nuclei, qtb
         "Stopped before the first training step: nothing was learned; "
         "the current version is unchanged."
     )
+
+
+def test_a_labels_result_updated_in_place_names_the_new_model_s_classes(panel):
+    """Another model of the same name with other classes updated the layer's labels
+    but left the old class names (hover, and the class check of fine-tuning)."""
+    from napari_unet._widgets._layers import add_or_update, job_for_layer
+
+    viewer, widget, state = panel
+    src = viewer.add_image(np.zeros((32, 32), np.float32), name="img")
+    first = tiny_model("same", depth=2)
+    add_or_update(viewer, job_for_layer(src, first, viewer), first, "labels", np.zeros((32, 32)))
+    other = tiny_model("same", depth=2, classes=2, seed=1)
+    other.info.classes = ["background", "membrane"]
+    names, _ = add_or_update(
+        viewer, job_for_layer(src, other, viewer), other, "labels", np.ones((32, 32))
+    )
+    layer = viewer.layers[names[0]]
+    assert names == ["img [unet labels]"] and len(viewer.layers) == 2  # updated in place
+    assert list(layer.features["class"]) == ["-", "background", "membrane"]
+    assert (layer.data == 2).all() and layer.colormap.map(np.array([2]))[0][3] > 0

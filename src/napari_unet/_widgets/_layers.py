@@ -423,12 +423,12 @@ def _put(viewer, kind: str, name: str, data, kw: dict, **style) -> tuple[str, st
         if layer.name == name:
             why = refused
     if old is not None:
-        old.data = data
-        # the undo history was of the old result: a redo wrote an undone stroke of it into
-        # the new one (napari 0.9 keeps the history when a Labels layer's data is replaced)
-        reset = getattr(old, "_reset_history", None)
-        if callable(reset):
-            reset()
+        replace_data(old, data)
+        if kind == "labels":  # the classes of this run's model (another model of the
+            # same name may have other classes): names on hover and colours
+            for key in ("features", "colormap"):
+                if key in style:
+                    setattr(old, key, style[key])
         # each assignment re-slices the layer (about 1 s for 8000^2): only what changed
         if not np.allclose(old.scale, kw["scale"]):
             old.scale = kw["scale"]
@@ -443,6 +443,16 @@ def _put(viewer, kind: str, name: str, data, kw: dict, **style) -> tuple[str, st
     if layer.data is not data:  # napari converted it: mark what the layer holds
         mark_result(layer)
     return layer.name, why
+
+
+def replace_data(layer, data) -> None:
+    """Give ``layer`` new data and a fresh undo history: the history was of the old
+    data, and a Redo wrote a stroke undone on it into the new one (napari 0.9 keeps a
+    Labels layer's history when its data is replaced)."""
+    layer.data = data
+    reset = getattr(layer, "_reset_history", None)
+    if callable(reset):
+        reset()
 
 
 def _checksum(data) -> int | None:

@@ -30,6 +30,7 @@ from napari_unet._widgets._layers import (
     job_for_layer,
     mark_result,
     overwritable,
+    replace_data,
 )
 from napari_unet._widgets._loss_plot import LossPlot
 from napari_unet._widgets._train_form import TrainForm
@@ -397,7 +398,7 @@ class FinetunePanel(VersionControls, WorkerPanel):
             return
         layer = self._preview_layer()
         if layer is not None and layer in self.viewer.layers and overwritable(layer):
-            layer.data = job.expand(preview.labels)
+            replace_data(layer, job.expand(preview.labels))
             for key, value in job.placement().items():
                 setattr(layer, key, value)
         else:

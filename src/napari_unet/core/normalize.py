@@ -96,18 +96,19 @@ def plane_stats(sample: np.ndarray, spec: dict) -> tuple[np.ndarray, np.ndarray]
         if spec.get("eps") is None:
             # percentiles that coincide on an image that is not flat (a dark field with a
             # few bright spots): its full range, not the raw values (scale 1)
-            spread = np.where(_flat(spread, sample), sample.max(axis=1) - lo, spread)
+            spread = np.where(_flat(spread, lo), sample.max(axis=1) - lo, spread)
     if spec.get("eps") is not None:
         scale = 1.0 / (spread + float(spec["eps"]))
     else:
-        scale = 1.0 / np.where(_flat(spread, sample), 1.0, spread)
+        scale = 1.0 / np.where(_flat(spread, lo), 1.0, spread)
     return scale, -lo * scale
 
 
-def _flat(spread: np.ndarray, sample: np.ndarray) -> np.ndarray:
-    """Whether each channel's ``spread`` is nothing next to its values (relative, not
-    absolute: an image of values around 1e-13 has a spread of 1e-13 and is not flat)."""
-    size = np.abs(sample).max(axis=1)
+def _flat(spread: np.ndarray, lo: np.ndarray) -> np.ndarray:
+    """Whether each channel's ``spread`` is nothing next to the values it spans from
+    ``lo`` (relative, not absolute: values around 1e-13 spread over 1e-13 are not flat;
+    a few extreme pixels beyond the percentiles do not count)."""
+    size = np.maximum(np.abs(lo), np.abs(lo + spread))
     return spread <= np.maximum(size * 1e-9, np.finfo(np.float64).tiny)
 
 

@@ -472,7 +472,10 @@ def train_iter(
     if cfg.pseudo_weight > 0 and kind == "sparse":
         if phases:
             yield Phase("predicting the unpainted pixels")
-        add_pseudo_labels(samples, LoadedModel(net.eval(), model.info), cfg, dev, should_stop)
+        try:
+            add_pseudo_labels(samples, LoadedModel(net.eval(), model.info), cfg, dev, should_stop)
+        except Cancelled:
+            raise Cancelled(STOPPED_EARLY) from None
     net.train()
     # one fixed patch the network must still answer with finite numbers (finite weights
     # can overflow: lr 1e6 gave a model whose every prediction was NaN, saved as done)
@@ -481,11 +484,11 @@ def train_iter(
     ).batch(1, aug=False)[0]
     if phases and cfg.max_seconds is not None:
         yield Phase("timing the steps")
-    if should_stop is not None and should_stop():  # (setup takes seconds: asked meanwhile)
-        raise Cancelled(STOPPED_EARLY)
     # the budget counts from here: the setup above (seconds) is not training
     start = time.perf_counter()
     cfg = replace(cfg, steps=_planned_steps(net, samples, model, cfg, dev))
+    if should_stop is not None and should_stop():  # (setup takes seconds: asked meanwhile)
+        raise Cancelled(STOPPED_EARLY)
     stepper = _Stepper(net, cfg, dev)
     metrics: dict = {}
     step = 0
