@@ -658,3 +658,15 @@ def test_a_labels_result_updated_in_place_names_the_new_model_s_classes(panel):
     assert names == ["img [unet labels]"] and len(viewer.layers) == 2  # updated in place
     assert list(layer.features["class"]) == ["-", "background", "membrane"]
     assert (layer.data == 2).all() and layer.colormap.map(np.array([2]))[0][3] > 0
+
+
+def test_the_loss_plot_starts_empty_and_is_cleared_for_a_new_run(qtbot):
+    from napari_unet._widgets._loss_plot import LossPlot
+
+    plot = LossPlot(min_interval=0.0)
+    assert plot._ax.get_xlim() == (0, 10) and plot._ax.get_ylim() == (0, 1)
+    for step in range(1, 30):
+        plot.add(step, 1.0 / step)
+    assert len(plot._line.get_xdata()) == 29 and plot._ax.get_xlim()[1] > 10
+    plot.reset()
+    assert len(plot._line.get_xdata()) == 0 and plot._ax.get_xlim() == (0, 10)

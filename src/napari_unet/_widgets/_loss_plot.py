@@ -23,9 +23,19 @@ class LossPlot:
         (self._line,) = self._ax.plot([], [], lw=1, color="#3c78d8")
         self.widget = FigureCanvasQTAgg(fig)
         self.widget.setMinimumHeight(130)
+        self._empty()
+
+    def _empty(self) -> None:
+        # positive axes until there is a curve (matplotlib's empty default is -0.04..0.04)
+        self._line.set_data([], [])
+        self._ax.set_xlim(0, 10)
+        self._ax.set_ylim(0, 1)
 
     def reset(self) -> None:
+        """No curve: a new run starts (the last run's curve stayed on screen before)."""
         self.losses = []
+        self._empty()
+        self.widget.draw_idle()
 
     def add(self, step: int, loss: float) -> bool:
         """Record a step; True if the curve was redrawn (not within ``min_interval``)."""
@@ -40,6 +50,7 @@ class LossPlot:
         if self.losses:
             x, y = zip(*self.losses)
             self._line.set_data(x, y)
+            self._ax.set_autoscale_on(True)  # (the empty axes' fixed limits turned it off)
             self._ax.relim()
             self._ax.autoscale_view()
         self.widget.draw_idle()
