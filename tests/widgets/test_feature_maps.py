@@ -237,6 +237,15 @@ def test_maps_are_added_when_the_layers_units_disagree(panel, qtbot):
     assert "um [features head]" in viewer.layers
 
 
+class _Ended:
+    """A worker that has returned its result but not yet said 'finished'."""
+
+    abort_requested = False
+
+    def quit(self) -> None:
+        self.abort_requested = True
+
+
 def _adding(qtbot, widget):
     widget._on_run()
     qtbot.waitUntil(lambda: "Adding stage layers" in widget.status.text(), timeout=30000)
@@ -261,8 +270,15 @@ def test_stage_layers_stop_coming_when_their_image_goes(panel, qtbot):
     viewer.add_image(np.zeros((48, 48), np.float32), name="other")
     _adding(qtbot, widget)
     before = len(_maps(viewer))
+    finished = widget.worker  # (its 'finished' may still be on its way, as in a busy GUI)
+    widget.worker = widget.worker or _Ended()
     widget._on_cancel()
-    assert widget.idle() and widget.status.text().startswith("Cancelled: ")
+    assert not widget._pending and widget.status.text().startswith("Cancelled: ")
+    widget.worker = finished
+    if finished is None:
+        widget._on_finished()  # as the worker's 'finished' would
+    qtbot.waitUntil(widget.idle, timeout=10000)
+    assert widget.status.text().startswith("Cancelled: ")
     assert "left out" in widget.status.text()
     qtbot.wait(200)
     assert len(_maps(viewer)) == before  # none added after Cancel

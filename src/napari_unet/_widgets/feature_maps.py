@@ -241,7 +241,9 @@ class FeatureMapPanel(WorkerPanel):
             self.cancel_button.setEnabled(True)
 
     def _on_cancel(self) -> None:
-        if self.worker is None and self._pending:
+        # (maps being added: the capture is over, though its worker may not have said
+        # 'finished' yet)
+        if self._pending:
             left = len(self._pending)
             self._end_adding(
                 f"Cancelled: {self._added} stage layer(s) added, the other {left} left out."
