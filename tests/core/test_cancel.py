@@ -12,7 +12,7 @@ from conftest import tiny_model
 from napari_unet.core.cancel import Cancelled, stoppable
 from napari_unet.core.features import capture_iter
 from napari_unet.core.segment import SegmentOptions, segment_iter
-from napari_unet.core.tiling import predict_iter
+from napari_unet.core.tiling import predict_iter, run_to_end
 
 
 def _hooks(net) -> int:
@@ -60,16 +60,8 @@ def test_segment_options_carry_the_stop_flag_to_the_network():
         list(gen)
     # without the flag set, the same run ends with its result
     stop.clear()
-    result = list_result(segment_iter(image, model, SegmentOptions("labels", device="cpu")))
+    result = run_to_end(segment_iter(image, model, SegmentOptions("labels", device="cpu")))
     assert result.shape == (48, 48)
-
-
-def list_result(gen):
-    try:
-        while True:
-            next(gen)
-    except StopIteration as stop:
-        return stop.value
 
 
 def test_only_the_thread_that_asked_is_stopped():
@@ -115,5 +107,5 @@ def test_a_feature_capture_stops_and_removes_its_hooks():
     assert messages[-1] == "cancelled"
     assert _hooks(model.net) == 0
     # and without a stop, every stage comes back
-    maps = list_result(capture_iter(image, model, device="cpu"))
+    maps = run_to_end(capture_iter(image, model, device="cpu"))
     assert set(maps) and all(m.data.size for m in maps.values())

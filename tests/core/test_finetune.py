@@ -419,6 +419,7 @@ def test_a_stop_during_setup_or_a_preview_is_heard_at_once(case):
     checked (a whole-plane prediction), it took 36 s on 2048^2; during a preview, 5 s."""
     from napari_unet.core.cancel import Cancelled
     from napari_unet.core.finetune import Finished, Preview, finetune_iter
+    from napari_unet.core.tiling import run_to_end
     from napari_unet.core.training import STOPPED_EARLY, TrainStep
 
     image, _, strokes = case
@@ -441,15 +442,13 @@ def test_a_stop_during_setup_or_a_preview_is_heard_at_once(case):
         model, planes, [], cfg, preview=(image, "YX", None), preview_every=2,
         should_stop=lambda: stop["now"],
     )  # fmt: skip
-    while True:
-        try:
-            report = next(gen)
-        except StopIteration as done:
-            result = done.value
-            break
+
+    def on_report(report) -> None:
         seen.append(report)
         if isinstance(report, TrainStep) and report.step == 2:
-            stop["now"] = True
+            stop["now"] = True  # Stop pressed as the preview of step 2 begins
+
+    result = run_to_end(gen, on_report)
     assert not any(isinstance(v, Preview) for v in seen)
     assert isinstance(result, Finished) and result.stopped and result.steps == 3
 

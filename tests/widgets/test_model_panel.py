@@ -160,18 +160,25 @@ def _ended_not_delivered():
     assert QThreadPool.globalInstance().waitForDone(30000)
 
 
-def test_cancel_after_the_load_ended_keeps_the_model(make_napari_viewer, qtbot, tmp_path):
-    """Cancel pressed while the loaded model was on its way swapped the model all the same."""
+def _loaded_not_delivered(viewer, tmp_path):
+    """A model panel whose load of a file has ended, its model not yet delivered;
+    returns the panel and the model in use before."""
     from napari_unet._widgets.model_panel import FILE_ENTRY, ModelPanel
 
     path = save_model(tiny_model("valid"), tmp_path / "mine.safetensors")
-    panel = ModelPanel(make_napari_viewer())
+    panel = ModelPanel(viewer)
     before = tiny_model("same")
     panel.state.model = before
     panel.model_combo.setCurrentText(FILE_ENTRY)
     panel.path_edit.setText(str(path))
     panel._on_run()
     _ended_not_delivered()
+    return panel, before
+
+
+def test_cancel_after_the_load_ended_keeps_the_model(make_napari_viewer, qtbot, tmp_path):
+    """Cancel pressed while the loaded model was on its way swapped the model all the same."""
+    panel, before = _loaded_not_delivered(make_napari_viewer(), tmp_path)
     panel._on_cancel()
     qtbot.waitUntil(lambda: panel.worker is None, timeout=20000)
     assert panel.state.model is before
@@ -181,16 +188,7 @@ def test_cancel_after_the_load_ended_keeps_the_model(make_napari_viewer, qtbot, 
 def test_a_run_started_while_loading_is_not_discarded(make_napari_viewer, qtbot, tmp_path):
     """The question 'loading discards your run' was asked only when Load was pressed: a
     run started (or a version made) while the model loaded was discarded silently."""
-    from napari_unet._widgets.model_panel import FILE_ENTRY, ModelPanel
-
-    path = save_model(tiny_model("valid"), tmp_path / "mine.safetensors")
-    panel = ModelPanel(make_napari_viewer())
-    before = tiny_model("same")
-    panel.state.model = before
-    panel.model_combo.setCurrentText(FILE_ENTRY)
-    panel.path_edit.setText(str(path))
-    panel._on_run()
-    _ended_not_delivered()
+    panel, before = _loaded_not_delivered(make_napari_viewer(), tmp_path)
     panel.state.training = True  # Train pressed in the fine-tune panel meanwhile
     qtbot.waitUntil(lambda: panel.worker is None, timeout=20000)
     assert panel.state.model is before

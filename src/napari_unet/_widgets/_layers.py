@@ -366,23 +366,22 @@ def add_or_update(
             )
             for k, name in enumerate(wanted)
         ]
-    elif mode == "labels":
-        from napari_unet._widgets._annotations import annotation_colormap
-
-        # class k is label k + 1, as in annotation layers: 0 (drawn transparent) would
-        # hide the first class (em-membrane's membranes), and the layer, corrected by
-        # painting, trains the classes it shows ('Use selected Labels layer')
-        wanted = [result_name(job.layer_name, info.name, mode)]
-        dtype = np.uint8 if info.num_classes < 255 else np.uint16
-        data = job.expand(np.asarray(result).astype(dtype) + 1)
-        style = dict(
-            features={"class": ["-", *info.classes]},
-            colormap=annotation_colormap(info.classes),
-        )
-        put = [_put(viewer, "labels", wanted[0], data, kw, **style)]
     else:
         wanted = [result_name(job.layer_name, info.name, mode)]
-        put = [_put(viewer, "labels", wanted[0], job.expand(result), kw)]
+        style = {}
+        if mode == "labels":
+            from napari_unet._widgets._annotations import annotation_colormap
+
+            # class k is label k + 1, as in annotation layers: 0 (drawn transparent) would
+            # hide the first class (em-membrane's membranes), and the layer, corrected by
+            # painting, trains the classes it shows ('Use selected Labels layer')
+            dtype = np.uint8 if info.num_classes < 255 else np.uint16
+            result = np.asarray(result).astype(dtype) + 1
+            style = dict(
+                features={"class": ["-", *info.classes]},
+                colormap=annotation_colormap(info.classes),
+            )
+        put = [_put(viewer, "labels", wanted[0], job.expand(result), kw, **style)]
     return [n for n, _ in put], [(w, why) for w, (n, why) in zip(wanted, put) if n != w]
 
 

@@ -323,9 +323,8 @@ class FinetunePanel(VersionControls, WorkerPanel):
     def _on_errored(self, err: Exception) -> None:
         from napari_unet.core.cancel import Cancelled
 
-        if isinstance(err, Cancelled):  # Stop pressed before the first step
-            what = str(err) if str(err) != "cancelled" else "stopped before the run began"
-            self.status.setText(f"{what.capitalize()}; the current version is unchanged.")
+        if isinstance(err, Cancelled):  # Stop pressed before the first step (STOPPED_EARLY)
+            self.status.setText(f"{str(err).capitalize()}; the current version is unchanged.")
             return
         super()._on_errored(err)
 

@@ -26,10 +26,8 @@ def stoppable(net, should_stop: Callable[[], bool] | None):
     Only calls made by this thread are stopped: the network may be shared with another
     panel's run. Networks without module hooks (TorchScript, ONNX) stop between calls.
     """
-    if should_stop is None or not isinstance(net, torch.nn.Module):
-        yield
-        return
-    if isinstance(net, torch.jit.ScriptModule):
+    hookable = isinstance(net, torch.nn.Module) and not isinstance(net, torch.jit.ScriptModule)
+    if should_stop is None or not hookable:
         yield
         return
     thread = threading.get_ident()

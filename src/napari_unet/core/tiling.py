@@ -296,9 +296,8 @@ def predict_iter(
             )
         start = (y0 - shift[0], x0 - shift[1])
         runner = _Runner(
-            image, ax, model, plan, spec, dev, amp, output, out, start, shift, tta=tta
+            image, ax, model, plan, spec, dev, amp, output, out, start, shift, tta, should_stop
         )
-        runner.should_stop = should_stop
         try:
             result = yield from runner.run(batch)
             return result
@@ -365,14 +364,27 @@ class _Runner:
     """One pass over all tiles of all planes with a fixed plan."""
 
     def __init__(
-        self, image, ax, model, plan, spec, dev, amp, output, out, start, shift, tta=False
+        self,
+        image,
+        ax,
+        model,
+        plan,
+        spec,
+        dev,
+        amp,
+        output,
+        out,
+        start,
+        shift,
+        tta=False,
+        should_stop=None,
     ):
         self.image, self.ax, self.model, self.plan = image, ax, model, plan
         self.spec, self.dev, self.output, self.out = spec, dev, output, out
         self.start, self.shift, self.tta = start, shift, tta
         self.amp = amp and dev.type == "cuda"
         self._stats: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
-        self.should_stop = None
+        self.should_stop = should_stop
 
     def jobs(self):
         planes = itertools.product(*(range(n) for n in self.ax.leading_shape))
