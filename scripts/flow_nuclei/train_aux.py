@@ -29,6 +29,7 @@ from _shared_data import nuclei_split  # noqa: E402
 from flow import flow_term, flows_from_potential, heat_potential  # noqa: E402
 from train_nuclei import build, parser  # noqa: E402
 
+from napari_unet.core import samples as samples_mod  # noqa: E402
 from napari_unet.core import training  # noqa: E402
 from napari_unet.io.files import save_model  # noqa: E402
 from napari_unet.model import UNet  # noqa: E402
@@ -73,7 +74,9 @@ def main() -> None:
     samples = training.prepare(model, [i for _, i, _ in train], labels, "instances", cfg)
     for s, lab in zip(samples, labels):  # the potential travels with the weights
         s.weights = np.stack([s.weights, np.pad(heat_potential(lab), s.pad)])
-    sampler = AuxSampler(training._Sampler(samples, model, cfg, np.random.default_rng(args.seed)))
+    sampler = AuxSampler(
+        samples_mod.PatchSampler(samples, model, cfg, np.random.default_rng(args.seed))
+    )
     arch = model.net.config
     torch.manual_seed(args.seed)
     net = UNet(dataclasses.replace(arch, num_classes=5)).to(memory_format=torch.channels_last)

@@ -200,7 +200,7 @@ def test_a_run_reports_its_setup_stages_before_each_one(case):
 
 def test_pseudo_labels_fill_unpainted_pixels_but_never_painted_ones(case):
     from napari_unet.core.adaptation import add_pseudo_labels
-    from napari_unet.core.training import _Sampler, prepare
+    from napari_unet.core.samples import PatchSampler, prepare
 
     image, _, strokes = case
     model = tiny_model("same", depth=2)
@@ -222,7 +222,7 @@ def test_pseudo_labels_fill_unpainted_pixels_but_never_painted_ones(case):
     # their total weight is pseudo_weight times the painted pixels' weight
     ratio = w[~painted].sum() / w[painted].sum()
     assert ratio == pytest.approx(cfg.pseudo_weight, rel=1e-4)
-    assert len(_Sampler([sample], model, cfg, np.random.default_rng(0)).samples) == 1
+    assert len(PatchSampler([sample], model, cfg, np.random.default_rng(0)).samples) == 1
 
 
 def test_time_budget_stop_request_and_paused_time(case):

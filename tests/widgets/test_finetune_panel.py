@@ -340,14 +340,16 @@ def test_existing_instance_mask_layer_trains_as_dense_classes(panel, qtbot):
 def test_a_model_with_an_object_size_sees_painted_images_at_that_size(
     panel, nuclei, qtbot, monkeypatch
 ):
-    from napari_unet._widgets import finetune
+    from napari_unet._widgets import _annotation_controls, finetune
     from napari_unet.core.segment import SegmentOptions, segment_iter
     from napari_unet.core.tiling import run_to_end
 
     # a random network's objects say little: a fixed diameter instead of "auto"
-    assert finetune._diameter(tiny_model("same", object_diameter=24.0)) == "auto"
-    assert finetune._diameter(tiny_model("same")) is None
-    monkeypatch.setattr(finetune, "_diameter", lambda m: 12.0 if m.info.object_diameter else None)
+    assert finetune.diameter_option(tiny_model("same", object_diameter=24.0)) == "auto"
+    assert finetune.diameter_option(tiny_model("same")) is None
+    fixed = lambda m: 12.0 if m.info.object_diameter else None  # noqa: E731
+    monkeypatch.setattr(finetune, "diameter_option", fixed)  # training
+    monkeypatch.setattr(_annotation_controls, "diameter_option", fixed)  # the fill
     viewer, widget, state = panel
     image, strokes = nuclei
     state.model = tiny_model("same", depth=2, object_diameter=24.0)
@@ -589,7 +591,8 @@ def test_annotations_painted_for_other_classes_are_refused(panel, nuclei, qtbot)
 def test_a_class_labels_result_trains_the_classes_it_shows(panel):
     """The segment panel's class labels are class + 1, like annotation layers: paired
     as painted classes, they teach the classes they show (they were one class off)."""
-    from napari_unet._widgets._layers import add_or_update, job_for_layer
+    from napari_unet._widgets._layers import job_for_layer
+    from napari_unet._widgets._results import add_or_update
 
     viewer, widget, state = panel
     rng = np.random.default_rng(7)
@@ -643,7 +646,8 @@ def test_stop_before_the_first_step_keeps_nothing_and_says_so(panel, nuclei, qtb
 def test_a_labels_result_updated_in_place_names_the_new_model_s_classes(panel):
     """Another model of the same name with other classes updated the layer's labels
     but left the old class names (hover, and the class check of fine-tuning)."""
-    from napari_unet._widgets._layers import add_or_update, job_for_layer
+    from napari_unet._widgets._layers import job_for_layer
+    from napari_unet._widgets._results import add_or_update
 
     viewer, widget, state = panel
     src = viewer.add_image(np.zeros((32, 32), np.float32), name="img")

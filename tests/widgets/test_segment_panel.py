@@ -140,7 +140,7 @@ def test_whole_stack_then_a_plane_that_never_replaces_it(panel, qtbot):
     _run(qtbot, widget)  # the plane result is updated in place, not duplicated
     assert len(viewer.layers) == 3
     # a result paired as fine-tuning annotations is the user's now: never written into
-    from napari_unet._widgets._layers import ANNOTATION_KEY
+    from napari_unet._widgets._results import ANNOTATION_KEY
 
     plane = viewer.layers["stack [unet labels] [1]"]
     plane.metadata[ANNOTATION_KEY] = "stack"
@@ -620,7 +620,8 @@ def test_a_typed_tile_size_follows_a_model_change(panel):
 def test_a_region_at_a_far_stage_position_gets_its_own_layer(panel, qtbot):
     """Translates compared to a hundredth of a pixel: at 42000 um with 0.1 um pixels a
     relative tolerance let a region 3 px away go into the first one's layer."""
-    from napari_unet._widgets._layers import add_or_update, job_for_layer
+    from napari_unet._widgets._layers import job_for_layer
+    from napari_unet._widgets._results import add_or_update
 
     viewer, widget = panel
     image = viewer.add_image(

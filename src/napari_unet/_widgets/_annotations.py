@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from napari_unet._widgets._layers import ANNOTATION_KEY
+from napari_unet._widgets._results import ANNOTATION_KEY
 
 KIND_KEY = "napari_unet_kind"  # layer.metadata: "sparse" (painted classes) or "instances"
 CLASS_COLORS = ["#4a90d9", "#3cb44b", "#e6194b", "#ffe119", "#f58231", "#911eb4", "#46f0f0"]

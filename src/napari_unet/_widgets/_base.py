@@ -154,7 +154,7 @@ class WorkerPanel(QWidget):
     def _on_layers_changed(self, event=None) -> None:
         from napari.layers import Image
 
-        from napari_unet._widgets._layers import is_output
+        from napari_unet._widgets._results import is_output
 
         # the chosen layer, followed by identity: a renamed layer stays chosen (its
         # old name is gone, and matching names would switch to another layer)

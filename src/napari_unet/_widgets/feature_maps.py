@@ -14,7 +14,7 @@ from qtpy.QtWidgets import (
 )
 
 from napari_unet._widgets._base import WorkerPanel
-from napari_unet._widgets._layers import OUTPUT_KEY
+from napari_unet._widgets._results import OUTPUT_KEY
 
 MEMORY_LIMIT_MB = 512
 

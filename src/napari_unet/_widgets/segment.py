@@ -15,7 +15,8 @@ from qtpy.QtWidgets import (
 )
 
 from napari_unet._widgets._base import WorkerPanel
-from napari_unet._widgets._layers import LayerJob, add_or_update, job_for_layer, viewer_camera
+from napari_unet._widgets._layers import LayerJob, job_for_layer, viewer_camera
+from napari_unet._widgets._results import add_or_update
 
 # what the controls without a self-explaining text do
 TIPS = {

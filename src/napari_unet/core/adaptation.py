@@ -20,7 +20,8 @@ from napari_unet.model.info import LoadedModel
 from napari_unet.model.unet import to_layout
 
 if TYPE_CHECKING:
-    from napari_unet.core.training import TrainConfig, _Sample
+    from napari_unet.core.samples import Sample
+    from napari_unet.core.train_config import TrainConfig
 
 
 def adapt_norm(net, planes: Sequence[np.ndarray], model: LoadedModel, rng, dev, crops=16):
@@ -67,7 +68,7 @@ def _crop_size(n: int, g) -> int:
 
 
 def add_pseudo_labels(
-    samples: list[_Sample], model: LoadedModel, cfg: TrainConfig, dev, should_stop=None
+    samples: list[Sample], model: LoadedModel, cfg: TrainConfig, dev, should_stop=None
 ) -> None:
     """Fill unpainted pixels with the model's prediction where it is confident
     (``should_stop``: see :func:`~napari_unet.core.tiling.predict_iter`).

@@ -55,44 +55,55 @@ def painted_planes(
 
     planes, unpainted = [], []
     for pair in pairs:
-        image, annotation, name = pair[:3]
-        kind = pair[3] if len(pair) > 3 else "sparse"
-        if kind not in ("sparse", "instances"):
-            raise ValueError(f"annotation kind must be 'sparse' or 'instances', got {kind!r}")
-        image, annotation = np.asarray(image), np.asarray(annotation)
-        ax = resolve_axes(image.shape, pair[4] if len(pair) > 4 else axes, in_channels)
+        image, annotation, name, kind, ax = _checked_pair(pair, axes, in_channels)
         spatial_axes = [a for a in ax.axes if a != "C"]
-        spatial = tuple(s for s, a in zip(image.shape, ax.axes) if a != "C")
-        if annotation.shape != spatial:
-            raise ValueError(
-                f"annotations of {name!r} have shape {annotation.shape} but the image's "
-                f"pixels are {spatial}: paint on a layer made for this image"
-            )
-        if annotation.dtype.kind not in "uib":
-            raise ValueError(f"annotations must be integer labels, got {annotation.dtype}")
-        if annotation.size and annotation.min() < 0:
-            raise ValueError(f"annotations of {name!r} contain negative labels")
         full = (slice(None), slice(None))
         for lead in np.ndindex(*ax.leading_shape):
-            it = iter(lead)
-            index = tuple(slice(None) if a in "YX" else next(it) for a in spatial_axes)
-            paint = np.asarray(annotation[index])
-            if spatial_axes.index("X") < spatial_axes.index("Y"):
-                paint = paint.T
-            where = f"{name} {list(lead)}" if lead else name
-            if kind == "instances" and paint.any():
-                # ids renumbered 1..n first, as training does (ids like 3e9 made per-id
-                # tables of tens of GB; above 2**63 they failed)
-                paint = to_target(renumbered(paint), "instances", num_classes, *convention) + 1
-                paint = paint.astype(np.uint8)
-            if paint.any():
+            paint = _paint(annotation, lead, spatial_axes, kind, num_classes, convention)
+            if paint.any() or len(unpainted) < 16:
                 plane = ax.read(image, lead, *full)
                 plane = plane[0] if plane.shape[0] == 1 else plane
-                planes.append(PaintedPlane(plane, paint, where))
+            if paint.any():
+                planes.append(PaintedPlane(plane, paint, f"{name} {list(lead)}" if lead else name))
             elif len(unpainted) < 16:
-                plane = ax.read(image, lead, *full)
-                unpainted.append(plane[0] if plane.shape[0] == 1 else plane)
+                unpainted.append(plane)
     return planes, unpainted
+
+
+def _checked_pair(pair: tuple, axes: str | None, in_channels: int):
+    """``(image, annotation, name, kind, axes)`` of a pair, its annotation checked."""
+    image, annotation, name = pair[:3]
+    kind = pair[3] if len(pair) > 3 else "sparse"
+    if kind not in ("sparse", "instances"):
+        raise ValueError(f"annotation kind must be 'sparse' or 'instances', got {kind!r}")
+    image, annotation = np.asarray(image), np.asarray(annotation)
+    ax = resolve_axes(image.shape, pair[4] if len(pair) > 4 else axes, in_channels)
+    spatial = tuple(s for s, a in zip(image.shape, ax.axes) if a != "C")
+    if annotation.shape != spatial:
+        raise ValueError(
+            f"annotations of {name!r} have shape {annotation.shape} but the image's "
+            f"pixels are {spatial}: paint on a layer made for this image"
+        )
+    if annotation.dtype.kind not in "uib":
+        raise ValueError(f"annotations must be integer labels, got {annotation.dtype}")
+    if annotation.size and annotation.min() < 0:
+        raise ValueError(f"annotations of {name!r} contain negative labels")
+    return image, annotation, name, kind, ax
+
+
+def _paint(annotation, lead: tuple, spatial_axes: list, kind: str, num_classes: int, convention):
+    """The ``(Y, X)`` paint of one plane (``0`` = not painted, ``k`` = class ``k - 1``)."""
+    it = iter(lead)
+    index = tuple(slice(None) if a in "YX" else next(it) for a in spatial_axes)
+    paint = np.asarray(annotation[index])
+    if spatial_axes.index("X") < spatial_axes.index("Y"):
+        paint = paint.T
+    if kind == "instances" and paint.any():
+        # ids renumbered 1..n first, as training does (ids like 3e9 made per-id
+        # tables of tens of GB; above 2**63 they failed)
+        paint = to_target(renumbered(paint), "instances", num_classes, *convention) + 1
+        paint = paint.astype(np.uint8)
+    return paint
 
 
 def check_annotations(planes: Sequence[PaintedPlane], classes: Sequence[str]) -> dict:
@@ -208,8 +219,6 @@ def finetune_iter(
     ``skip_preview()`` returning True during a preview drops it (the run goes on): a
     caller's Pause is not kept waiting for a whole-plane prediction."""
     from napari_unet.core.cancel import Cancelled
-    from napari_unet.core.segment import SegmentOptions, segment_at_iter
-    from napari_unet.core.tiling import run_to_end
     from napari_unet.core.training import STOPPED_EARLY, Phase, train_iter
 
     scales: tuple[float, ...] = ()
@@ -221,6 +230,7 @@ def finetune_iter(
         unpainted = [_resize(u, typical) for u in unpainted]
         if preview is not None:
             preview_scale = _scale(model, preview[0], preview[1], diameter, cfg.device)
+    stops_preview = _either(should_stop, skip_preview)
     yield Phase("checking the painted pixels")
     try:
         before = painted_accuracy(model, planes, device=cfg.device, should_stop=should_stop)
@@ -249,31 +259,35 @@ def finetune_iter(
             continue
         step = report
         if preview is not None and preview_every and step.step % preview_every == 0:
-            data, axes, region = preview
-            options = SegmentOptions(
-                "labels",
-                axes=axes,
-                region=region,
-                device=cfg.device,
-                should_stop=_either(should_stop, skip_preview),
-            )
-            try:
-                labels = run_to_end(segment_at_iter(data, step.snapshot(), options, preview_scale))
-            except Cancelled:  # Stop, Cancel or Pause during a preview: no preview
-                continue
-            yield Preview(step.step, labels.astype(np.uint8) + 1)
+            shown = _preview(step, preview, preview_scale, cfg.device, stops_preview)
+            if shown is not None:
+                yield shown
     yield Phase("checking the result on the painted pixels")
-    return Finished(
-        result,
-        before,
-        painted_accuracy(result, planes, device=cfg.device),
-        step.step if step is not None else 0,
-        step.elapsed if step is not None else 0.0,
-        # ended early by Stop (a Stop after the last step ended nothing)
-        should_stop is not None and should_stop() and (step is None or step.step < step.steps),
-        scales,
-        step.steps if step is not None else 0,
+    after = painted_accuracy(result, planes, device=cfg.device)
+    # ended early by Stop (a Stop after the last step ended nothing)
+    stopped = should_stop is not None and should_stop()
+    if step is None:
+        return Finished(result, before, after, 0, 0.0, stopped, scales, 0)
+    stopped = stopped and step.step < step.steps
+    return Finished(result, before, after, step.step, step.elapsed, stopped, scales, step.steps)
+
+
+def _preview(step, preview: tuple, scale: float, device, should_stop) -> Preview | None:
+    """The labels of ``preview = (data, axes, region)`` by the network at ``step``
+    (None when ``should_stop()``: Stop, Cancel or Pause during a preview)."""
+    from napari_unet.core.cancel import Cancelled
+    from napari_unet.core.segment import SegmentOptions, segment_at_iter
+    from napari_unet.core.tiling import run_to_end
+
+    data, axes, region = preview
+    options = SegmentOptions(
+        "labels", axes=axes, region=region, device=device, should_stop=should_stop
     )
+    try:
+        labels = run_to_end(segment_at_iter(data, step.snapshot(), options, scale))
+    except Cancelled:
+        return None
+    return Preview(step.step, labels.astype(np.uint8) + 1)
 
 
 @dataclass

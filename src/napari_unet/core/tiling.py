@@ -263,15 +263,11 @@ def predict_iter(
     info = model.info
     norm.check_dtype(getattr(image, "dtype", np.asarray(image).dtype))
     ax = resolve_axes(tuple(image.shape), axes, info.in_channels)
-    full = ax.yx
-    y0, y1, x0, x1 = region if region is not None else (0, full[0], 0, full[1])
-    if not (0 <= y0 < y1 <= full[0] and 0 <= x0 < x1 <= full[1]):
-        raise ValueError(f"region {region} is empty or outside the image {full}")
+    y0, x0, yx = _checked_region(region, ax.yx)
     # tiles stay on the image's pooling grid, so a region equals the same
     # pixels of a whole-image prediction
     m = info.geometry.multiple
     shift = (y0 % m, x0 % m)
-    yx = (y1 - y0, x1 - x0)
     dev = resolve_device(device)
     spec = norm.validate(info.normalization)
     auto_t, auto_b = auto_tile(model, dev, yx)
@@ -286,14 +282,7 @@ def predict_iter(
         plan = plan_tiles(grid, info.geometry, tile, info.fixed_input)
         if plan.n_tiles > 1 and not warned and normalises_per_tile(model.net):
             warned = True
-            warnings.warn(
-                f"{info.name or 'this network'} normalises each tile on its own (group or "
-                f"instance normalisation): its result depends on the tile size and may "
-                f"show seams between the {plan.n_tiles} tiles of each plane; a tile as "
-                f"large as the image ({grid[0]} x {grid[1]} plus the halo) gives the "
-                "whole-image result",
-                stacklevel=2,
-            )
+            _warn_per_tile(info.name, plan.n_tiles, grid)
         start = (y0 - shift[0], x0 - shift[1])
         runner = _Runner(
             image, ax, model, plan, spec, dev, amp, output, out, start, shift, tta, should_stop
@@ -308,6 +297,25 @@ def predict_iter(
                     "out of memory even with one tile per batch at the smallest tile size"
                 ) from None
             tile = smaller
+
+
+def _checked_region(region, full: tuple[int, int]) -> tuple[int, int, tuple[int, int]]:
+    """The region's top-left corner and size (the whole plane when None)."""
+    y0, y1, x0, x1 = region if region is not None else (0, full[0], 0, full[1])
+    if not (0 <= y0 < y1 <= full[0] and 0 <= x0 < x1 <= full[1]):
+        raise ValueError(f"region {region} is empty or outside the image {full}")
+    return y0, x0, (y1 - y0, x1 - x0)
+
+
+def _warn_per_tile(name: str, n_tiles: int, grid: tuple[int, int]) -> None:
+    warnings.warn(
+        f"{name or 'this network'} normalises each tile on its own (group or "
+        f"instance normalisation): its result depends on the tile size and may "
+        f"show seams between the {n_tiles} tiles of each plane; a tile as "
+        f"large as the image ({grid[0]} x {grid[1]} plus the halo) gives the "
+        "whole-image result",
+        stacklevel=3,
+    )
 
 
 def normalises_per_tile(net) -> bool:

@@ -18,354 +18,26 @@ import math
 import time
 import warnings
 from collections.abc import Callable, Generator, Sequence
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from napari_unet.core import normalize as norm
-from napari_unet.core import targets as tg
 from napari_unet.core.adaptation import adapt_norm, add_pseudo_labels
-from napari_unet.core.augment import AugmentConfig, augment
-from napari_unet.core.axes import resolve_axes
 from napari_unet.core.cancel import Cancelled
 from napari_unet.core.device import fast_bf16, resolve_device
+from napari_unet.core.samples import PatchSampler, normalized_plane, prepare, with_convention
+from napari_unet.core.train_config import (
+    OVERRUN,
+    STOPPED_EARLY,
+    Phase,
+    TrainConfig,
+    TrainStep,
+)
 from napari_unet.model.info import LoadedModel
 from napari_unet.model.unet import UNet, for_training, to_layout
-
-# a time-budgeted run stops at this multiple of its budget whatever its planned steps
-OVERRUN = 1.25
-STOPPED_EARLY = "stopped before the first training step: nothing was learned"
-
-
-@dataclass
-class TrainConfig:
-    """Training hyper-parameters (defaults suit fine-tuning a bundled model)."""
-
-    steps: int = 500
-    lr: float = 1e-3
-    batch_size: int = 8
-    patch_size: int = 256
-    weight_decay: float = 1e-4
-    warmup: int = 20
-    schedule: str = "cosine"  # or "constant"
-    class_weighting: str = "balanced"  # "balanced" (1 / frequency), "sqrt" or "none"
-    border_w0: float = 10.0  # paper's separation weight (instance labels); 0 = off
-    border_sigma: float = 5.0
-    # instance labels -> classes (targets.instances_to_classes); None: the base model's
-    # own convention (targets.convention: its training provenance, else 2 px / no cores)
-    boundary_width: int | None = None
-    core_fraction: float | None = None  # interior = object cores deeper than this share
-    # instances with cores: soft interior / boundary targets, a ramp over this share of
-    # the depth around core_fraction (targets.core_share); 0 = hard classes; None: the
-    # base model's (its training provenance, else 0)
-    core_ramp: float | None = None
-    contact_w0: float = 0.0  # instances: extra weight where two objects touch (no gap)
-    dice: float = 0.0  # weight of a soft Dice term added to cross-entropy
-    # bootstrapped cross-entropy: average only this share of each batch's annotated
-    # pixels, the ones with the highest weighted loss (1 = all pixels)
-    hard_fraction: float = 1.0
-    # forward pass autocast to bfloat16: True, False, or "auto" (where the device runs it
-    # natively, see device.fast_bf16); weights stay float32
-    bf16: bool | str = False
-    focus: float = 0.5  # share of patches centred on boundaries / minority classes
-    augment: AugmentConfig = field(default_factory=AugmentConfig)
-    val_every: int = 100  # validation every this many steps (0: at the end only)
-    val_patches: int = 16
-    seed: int = 0
-    device: str = "auto"
-    freeze_encoder: bool = False
-    # fine-tuning on few annotations (see TrainConfig.finetune):
-    adapt_norm: bool = False  # re-estimate batch-norm statistics on the images first
-    anchor: float = 0.0  # L2-SP pull of the weights toward the base model's
-    pseudo_weight: float = 0.0  # sparse labels: base prediction where confident, this share
-    pseudo_threshold: float = 0.9  # ... counted confident above this probability
-    # wall-time budget: the steps that fit in it are timed on a copy of the network
-    # first, then run as a run of that many steps (``steps`` caps them), so the
-    # result is the one ``steps=N`` without a budget gives (N: its provenance steps)
-    max_seconds: float | None = None
-    # end after this many steps of the schedule: a stopped run (Stop & keep, or a
-    # budget overrun), repeated from its provenance (steps planned, steps made)
-    stop_after: int | None = None
-    checkpoint: str | None = None  # .safetensors path written every checkpoint_every steps
-    checkpoint_every: int = 200
-
-    def __post_init__(self) -> None:
-        if isinstance(self.augment, dict):  # as to_dict() and a model's provenance have it
-            known = {f.name for f in fields(AugmentConfig)}
-            unknown = sorted(set(self.augment) - known)
-            if unknown:
-                raise ValueError(
-                    f"unknown augmentation setting(s) {unknown}; known: {sorted(known)}"
-                )
-            self.augment = AugmentConfig(**self.augment)
-        elif not isinstance(self.augment, AugmentConfig):
-            raise ValueError(f"augment must be an AugmentConfig or a dict, got {self.augment!r}")
-        least = {"steps": 1, "batch_size": 1, "patch_size": 1, "val_patches": 1, "val_every": 0}
-        least.update(checkpoint_every=1, seed=0, stop_after=1)  # stop_after: None = off
-        for name, low in least.items():
-            value = getattr(self, name)
-            if name == "stop_after" and value is None:
-                continue
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"{name} must be a whole number of at least {low}, got {value!r}")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise ValueError(f"the learning rate must be a finite number above 0, got {self.lr!r}")
-        if self.checkpoint is not None and not str(self.checkpoint).endswith(".safetensors"):
-            raise ValueError(f"checkpoint files end in .safetensors, got {self.checkpoint!r}")
-        if self.schedule not in ("cosine", "constant"):
-            raise ValueError(f"schedule must be 'cosine' or 'constant', got {self.schedule!r}")
-        # weights and shares: finite, not negative (a NaN Dice weight was silently no Dice)
-        shares = {"pseudo_threshold": 1.0, "pseudo_weight": None, "dice": None}
-        for name in ("weight_decay", "anchor", "border_w0", "contact_w0", *shares):
-            value = getattr(self, name)
-            top = shares.get(name)
-            if (
-                isinstance(value, bool)
-                or not isinstance(value, (int, float))
-                or not math.isfinite(value)
-                or value < 0
-                or (top is not None and value > top)
-            ):
-                what = f"between 0 and {top}" if top is not None else "a finite number >= 0"
-                raise ValueError(f"{name} must be {what}, got {value!r}")
-        if self.max_seconds is not None and not 0 < self.max_seconds < float("inf"):
-            raise ValueError(
-                f"max_seconds must be above 0 and finite (or None: no time limit), got "
-                f"{self.max_seconds!r}"
-            )
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def finetune(cls, **overrides) -> TrainConfig:
-        """Defaults for the annotate-and-retrain loop (few strokes, seconds to minutes).
-
-        Chosen by ``benchmarks/finetune.py``: batch-norm statistics re-estimated on
-        the user's images, strokes class-balanced, the base model's confident
-        prediction kept where nothing is painted, weights anchored to the base,
-        bfloat16 autocast where the device runs it natively.
-        """
-        base = dict(
-            steps=400,
-            lr=1e-3,
-            batch_size=4,
-            patch_size=128,
-            warmup=10,
-            border_w0=0.0,
-            focus=0.0,
-            val_every=50,
-            adapt_norm=True,
-            anchor=1e-2,
-            pseudo_weight=0.5,
-            max_seconds=60.0,
-            augment=AugmentConfig(intensity=0.2, noise=0.03),
-            # bfloat16 where the hardware runs it natively: 1.4x the steps in the
-            # same budget on this project's CPU, F1 as good or better (benchmark)
-            bf16="auto",
-        )
-        base.update(overrides)
-        return cls(**base)
-
-
-@dataclass(frozen=True)
-class Phase:
-    """A setup stage of a run, reported before it starts (with ``phases=True``): stages
-    of seconds between reports left a GUI's Cancel unseen for 20 s."""
-
-    message: str
-
-
-@dataclass(frozen=True)
-class TrainStep:
-    """One optimisation step's report."""
-
-    step: int
-    steps: int
-    loss: float
-    lr: float
-    elapsed: float
-    metrics: dict = field(default_factory=dict)
-    budget: float | None = None  # the run's time budget in seconds, if any
-    snapshot: Callable[[], LoadedModel] | None = field(default=None, repr=False, compare=False)
-
-    @property
-    def eta(self) -> float:
-        """Seconds left at the current pace (or of the time budget, if sooner)."""
-        left = self.elapsed / self.step * (self.steps - self.step) if self.step else math.nan
-        if self.budget is not None:
-            left = min(left, max(0.0, self.budget - self.elapsed))
-        return left
-
-
-@dataclass
-class _Sample:
-    image: np.ndarray  # (C, H + 2p, W + 2p) normalised, mirrored by p
-    target: np.ndarray  # (H + 2p, W + 2p) int64, -1 outside / not annotated
-    weights: np.ndarray  # (H + 2p, W + 2p) float32 per-pixel weights
-    focus: np.ndarray  # (n, 2) pixel coordinates worth sampling more often
-    annotated: np.ndarray  # (n, 2) annotated pixel coordinates (sparse labels)
-    shape: tuple[int, int]
-    pad: int
-
-    def unpadded(self) -> np.ndarray:
-        p = self.pad
-        return self.image[:, p:-p, p:-p]
-
-
-def prepare(
-    model: LoadedModel,
-    images: Sequence[np.ndarray],
-    labels: Sequence[np.ndarray],
-    kind: str,
-    cfg: TrainConfig,
-) -> list[_Sample]:
-    """Normalise images, convert labels, compute weights and sampling points."""
-    if len(images) != len(labels):
-        raise ValueError(f"{len(images)} images but {len(labels)} label images")
-    if not images:
-        raise ValueError("no training images given")
-    info = model.info
-    cfg = with_convention(cfg, model)
-    side = max(max(np.shape(lab)[-2:], default=0) for lab in labels)
-    if cfg.patch_size > 4 * max(side, 64):  # images are padded by a patch on every side
-        raise ValueError(
-            f"patch size {cfg.patch_size} px is far larger than the images (at most {side} px "
-            f"a side): choose at most {4 * max(side, 64)}"
-        )
-    pad = cfg.patch_size + info.geometry.halo + info.geometry.multiple
-    soft = kind == "instances" and cfg.core_ramp > 0 and info.num_classes == 3
-    if soft and not cfg.core_fraction:
-        raise ValueError("core_ramp needs core_fraction > 0 (soft cores)")
-    if not 0 < cfg.hard_fraction <= 1:
-        raise ValueError(f"hard_fraction must be in (0, 1], got {cfg.hard_fraction}")
-    prepared, all_targets = [], []
-    for i, (img, lab) in enumerate(zip(images, labels)):
-        image = normalized_plane(model, img, f"image {i}")
-        lab = np.asarray(lab)
-        if lab.ndim == 3 and 1 in (lab.shape[0], lab.shape[-1]) and lab.size == image[0].size:
-            lab = lab.reshape(image.shape[1:])  # (1, Y, X) or (Y, X, 1), as images may be
-        if lab.shape != image.shape[1:]:
-            raise ValueError(
-                f"labels {i} have shape {np.shape(labels[i])} but image {i}'s plane is "
-                f"{image.shape[1:]} (from {np.shape(img)})"
-            )
-        if kind == "instances":
-            lab = tg.sequential_instances(lab, f"labels {i}")
-        target = tg.to_target(lab, kind, info.num_classes, cfg.boundary_width, cfg.core_fraction)
-        all_targets.append(target)
-        border = np.zeros(lab.shape, np.float32)
-        if kind == "instances":
-            if cfg.border_w0 > 0:
-                border += tg.border_weights(lab, cfg.border_w0, cfg.border_sigma)
-            if cfg.contact_w0 > 0:
-                border += tg.contact_weights(lab, cfg.contact_w0)
-        share = None
-        if soft:
-            share = tg.core_share(lab, cfg.boundary_width, cfg.core_fraction, cfg.core_ramp)
-        prepared.append((image, target, border, share))
-    if not any((t >= 0).any() for t in all_targets):
-        raise ValueError("the labels are empty: annotate some pixels first")
-    seen = np.unique(np.concatenate([np.unique(t[t >= 0]) for t in all_targets]))
-    pseudo = kind == "sparse" and cfg.pseudo_weight > 0  # (the model's answer adds the rest)
-    if len(seen) < 2 and not pseudo:
-        # trained on one class, the network learns to answer it everywhere (a 0/1 mask
-        # read as strokes turned every cell pixel into membrane)
-        only = info.classes[int(seen[0])] if int(seen[0]) < len(info.classes) else seen[0]
-        hint = (
-            " A dense mask? Strokes count 0 as 'not annotated' and k as class k - 1: "
-            "use --label-kind classes (0 = the first class) or instances."
-            if kind == "sparse"
-            else ""
-        )
-        raise ValueError(
-            f"the labels hold only one class ({only!r}): annotate at least two, or the "
-            f"network learns one answer.{hint}"
-        )
-    powers = {"balanced": 1.0, "sqrt": 0.5, "none": 0.0}
-    if cfg.class_weighting not in powers:
-        raise ValueError(
-            f"class_weighting must be one of {list(powers)}, not {cfg.class_weighting!r}"
-        )
-    cw = tg.class_weights(all_targets, info.num_classes, powers[cfg.class_weighting])
-    samples = []
-    for image, target, border, share in prepared:
-        weights = np.where(target >= 0, cw[np.clip(target, 0, None)] + border, 0).astype(
-            np.float32
-        )
-        if share is not None:  # interior share travels with the weights: (2, H, W)
-            weights = np.stack([weights, share])
-        annotated = np.argwhere(target >= 0)
-        # the rarest class that is annotated (an unpainted class would focus on nothing)
-        counts = np.bincount(target[target >= 0], minlength=info.num_classes).astype(float)
-        rare = int(np.argmin(np.where(counts > 0, counts, np.inf)))
-        focus_mask = (border > 0.5) | (target == rare) if kind != "classes" else target == rare
-        if kind == "instances":
-            focus_mask = (target == 2) | (border > 0.5)
-        samples.append(
-            _Sample(
-                image=np.pad(image, ((0, 0), (pad, pad), (pad, pad)), mode="reflect"),
-                target=np.pad(target, pad, constant_values=tg.IGNORE),
-                weights=np.pad(weights, ((0, 0),) * (weights.ndim - 2) + ((pad, pad),) * 2),
-                focus=np.argwhere(focus_mask & (target >= 0)),
-                annotated=annotated,
-                shape=target.shape,
-                pad=pad,
-            )
-        )
-    return samples
-
-
-class _Sampler:
-    """Draws training patches: input with halo, target and weights of the output size."""
-
-    def __init__(self, samples: list[_Sample], model: LoadedModel, cfg: TrainConfig, rng):
-        self.samples, self.cfg, self.rng = samples, cfg, rng
-        g = model.info.geometry
-        if g.valid:
-            self.tile = g.snap(cfg.patch_size + 2 * g.halo, "up")
-            self.out = g.output_size(self.tile)
-        else:
-            self.tile = g.snap(cfg.patch_size, "up")
-            self.out = self.tile
-        self.halo = (self.tile - self.out) // 2
-        norm_layers = (torch.nn.modules.batchnorm._BatchNorm,)
-        if (
-            cfg.batch_size == 1
-            and self.tile < 2 * g.multiple
-            and any(isinstance(m, norm_layers) for m in model.net.modules())
-        ):
-            raise ValueError(
-                f"patches of {self.tile} px in batches of 1 leave batch norm one value per "
-                f"channel at the network's deepest level: use patches of at least "
-                f"{g.snap(2 * g.multiple, 'up')} px or a batch of 2 or more"
-            )
-        counts = np.array([len(s.annotated) for s in samples], float)
-        self.p_image = counts / counts.sum()
-
-    def draw(self, aug: bool = True):
-        i = self.rng.choice(len(self.samples), p=self.p_image)
-        s = self.samples[i]
-        pool = s.focus if len(s.focus) and self.rng.random() < self.cfg.focus else s.annotated
-        cy, cx = pool[self.rng.integers(len(pool))]
-        oy = cy - self.out // 2 + self.rng.integers(-self.out // 4, self.out // 4 + 1)
-        ox = cx - self.out // 2 + self.rng.integers(-self.out // 4, self.out // 4 + 1)
-        oy = int(np.clip(oy, -self.out // 2, s.shape[0] - self.out // 2)) + s.pad
-        ox = int(np.clip(ox, -self.out // 2, s.shape[1] - self.out // 2)) + s.pad
-        image = s.image[:, oy - self.halo : oy - self.halo + self.tile,
-                        ox - self.halo : ox - self.halo + self.tile]  # fmt: skip
-        target = s.target[oy : oy + self.out, ox : ox + self.out]
-        weights = s.weights[..., oy : oy + self.out, ox : ox + self.out]
-        if aug:
-            return augment(image, target, weights, self.rng, self.cfg.augment)
-        return image, target, weights
-
-    def batch(self, n: int, aug: bool = True):
-        parts = [self.draw(aug) for _ in range(n)]
-        return tuple(torch.from_numpy(np.stack(p)) for p in zip(*parts))
 
 
 def loss_fn(logits, target, weights, dice: float = 0.0, hard: float = 1.0) -> torch.Tensor:
@@ -407,22 +79,6 @@ def loss_fn(logits, target, weights, dice: float = 0.0, hard: float = 1.0) -> to
     return loss
 
 
-def with_convention(cfg: TrainConfig, model: LoadedModel) -> TrainConfig:
-    """``cfg`` with an unset boundary width / core fraction / core ramp taken from the
-    base model (soft cores only where the model's own cores are kept)."""
-    width, core = tg.convention(model.info)
-    core = core if cfg.core_fraction is None else float(cfg.core_fraction)
-    ramp = cfg.core_ramp
-    if ramp is None:
-        ramp = tg.recorded_core_ramp(model.info) if core > 0 else 0.0
-    return replace(
-        cfg,
-        boundary_width=width if cfg.boundary_width is None else int(cfg.boundary_width),
-        core_fraction=core,
-        core_ramp=float(ramp),
-    )
-
-
 def train_iter(
     model: LoadedModel,
     images: Sequence[np.ndarray],
@@ -457,80 +113,123 @@ def train_iter(
     torch.manual_seed(cfg.seed)
     cfg = with_convention(cfg, model)
     samples = prepare(model, images, labels, kind, cfg)
-    sampler = _Sampler(samples, model, cfg, rng)
+    sampler = PatchSampler(samples, model, cfg, rng)
     val = _validation_batch(model, val_images, val_labels, kind, cfg)
     dev = resolve_device(cfg.device)
     cfg = _resolve_bf16(cfg, dev)  # resolved, so that the provenance says what was used
-    net = for_training(copy.deepcopy(model.net), dev)
-    if cfg.adapt_norm and phases:
-        yield Phase("re-estimating the normalisation")
-    if cfg.adapt_norm:
-        extra = [
-            normalized_plane(model, im, f"unlabelled image {i}") for i, im in enumerate(unlabelled)
-        ]
-        adapt_norm(net, [s.unpadded() for s in samples] + extra, model, rng, dev)
-    if cfg.pseudo_weight > 0 and kind == "sparse":
-        if phases:
-            yield Phase("predicting the unpainted pixels")
-        try:
-            add_pseudo_labels(samples, LoadedModel(net.eval(), model.info), cfg, dev, should_stop)
-        except Cancelled:
-            raise Cancelled(STOPPED_EARLY) from None
-    net.train()
+    run = _Run(for_training(copy.deepcopy(model.net), dev), model, cfg, dev, data_name, kind)
+    yield from run.adapt(samples, unlabelled, rng, should_stop, phases)
+    run.net.train()
     # one fixed patch the network must still answer with finite numbers (finite weights
     # can overflow: lr 1e6 gave a model whose every prediction was NaN, saved as done)
-    probe = _Sampler(
+    run.probe = PatchSampler(
         samples, model, replace(cfg, focus=0.0), np.random.default_rng(cfg.seed + 3)
     ).batch(1, aug=False)[0]
     if phases and cfg.max_seconds is not None:
         yield Phase("timing the steps")
     # the budget counts from here: the setup above (seconds) is not training
     start = time.perf_counter()
-    cfg = replace(cfg, steps=_planned_steps(net, samples, model, cfg, dev))
+    run.cfg = replace(cfg, steps=_planned_steps(run.net, samples, model, cfg, dev))
     if should_stop is not None and should_stop():  # (setup takes seconds: asked meanwhile)
         raise Cancelled(STOPPED_EARLY)
-    stepper = _Stepper(net, cfg, dev)
-    metrics: dict = {}
-    step = 0
-    away = 0.0  # seconds spent suspended at ``yield``
+    yield from run.steps(sampler, val, should_stop, start)
+    return run.finish()
 
-    def snapshot() -> LoadedModel:
+
+@dataclass
+class _Run:
+    """One training run's network and state, as its steps and reports see them."""
+
+    net: torch.nn.Module
+    model: LoadedModel  # the base (never modified)
+    cfg: TrainConfig
+    dev: torch.device
+    data_name: str
+    kind: str
+    probe: torch.Tensor | None = None  # a fixed input whose output must stay finite
+    step: int = 0
+    metrics: dict = field(default_factory=dict)
+
+    def adapt(self, samples, unlabelled, rng, should_stop, phases: bool):
+        """Batch-norm re-estimation and the base model's answer for unpainted pixels,
+        as ``cfg`` asks (each announced by a :class:`Phase` with ``phases``)."""
+        cfg, model = self.cfg, self.model
+        if cfg.adapt_norm:
+            if phases:
+                yield Phase("re-estimating the normalisation")
+            extra = [
+                normalized_plane(model, im, f"unlabelled image {i}")
+                for i, im in enumerate(unlabelled)
+            ]
+            adapt_norm(self.net, [s.unpadded() for s in samples] + extra, model, rng, self.dev)
+        if cfg.pseudo_weight > 0 and self.kind == "sparse":
+            if phases:
+                yield Phase("predicting the unpainted pixels")
+            base = LoadedModel(self.net.eval(), model.info)
+            try:
+                add_pseudo_labels(samples, base, cfg, self.dev, should_stop)
+            except Cancelled:
+                raise Cancelled(STOPPED_EARLY) from None
+
+    def steps(self, sampler, val, should_stop, start: float) -> Generator[TrainStep, None, None]:
+        """The optimisation steps, a :class:`TrainStep` after each."""
+        cfg, net = self.cfg, self.net
+        stepper = _Stepper(net, cfg, self.dev)
+        away = 0.0  # seconds spent suspended at ``yield``
+        for step in range(1, cfg.steps + 1):
+            self.step = step
+            lr = _lr(cfg, step)
+            loss = stepper.step(sampler.batch(cfg.batch_size), lr, step)
+            elapsed = time.perf_counter() - start - away
+            last = _last_step(cfg, step, elapsed, should_stop)
+            self.metrics = {}
+            if val is not None and ((cfg.val_every and step % cfg.val_every == 0) or last):
+                self.metrics = evaluate_patches(net, val, cfg.dice, self.dev)
+                net.train()
+            if cfg.checkpoint and step % cfg.checkpoint_every == 0:
+                if not _healthy(net, self.probe, self.dev):  # never a diverged network
+                    _diverged(step, cfg)
+                _checkpoint(self.result(net), cfg.checkpoint)
+                net.train()
+            suspended = time.perf_counter()
+            loss = float(loss.detach())
+            yield TrainStep(
+                step, cfg.steps, loss, lr, elapsed, self.metrics, cfg.max_seconds, self.snapshot
+            )
+            away += time.perf_counter() - suspended
+            if last:
+                break
+
+    def snapshot(self) -> LoadedModel:
         """An eval-mode copy of the network as it is now (for live previews).
 
         Call it while the generator is suspended at the step of interest.
         """
-        return _result(copy.deepcopy(net).eval(), model, cfg, step, data_name, kind, metrics)
+        return self.result(copy.deepcopy(self.net).eval())
 
-    for step in range(1, cfg.steps + 1):
-        lr = _lr(cfg, step)
-        loss = stepper.step(sampler.batch(cfg.batch_size), lr, step)
-        elapsed = time.perf_counter() - start - away
-        # a machine that slowed down a lot since the steps were timed: stop (the
-        # provenance's steps still say how far it went)
-        late = cfg.max_seconds is not None and elapsed >= OVERRUN * cfg.max_seconds
-        last = step == cfg.steps or late or step == cfg.stop_after
-        last = last or (should_stop is not None and should_stop())
-        metrics = {}
-        if val is not None and ((cfg.val_every and step % cfg.val_every == 0) or last):
-            metrics = evaluate_patches(net, val, cfg.dice, dev)
-            net.train()
-        if cfg.checkpoint and step % cfg.checkpoint_every == 0:
-            if not _healthy(net, probe, dev):  # a checkpoint is never a diverged network
-                _diverged(step, cfg)
-            _checkpoint(net, model, cfg, step, data_name, kind, metrics)
-        suspended = time.perf_counter()
-        yield TrainStep(
-            step, cfg.steps, float(loss.detach()), lr, elapsed, metrics, cfg.max_seconds, snapshot
+    def result(self, net) -> LoadedModel:
+        """``net`` as a model trained by this run so far, with its provenance."""
+        return _result(
+            net, self.model, self.cfg, self.step, self.data_name, self.kind, self.metrics
         )
-        away += time.perf_counter() - suspended
-        if last:
-            break
-    net.eval().cpu()
-    if not _healthy(net, probe, torch.device("cpu")):
-        _diverged(step, cfg)
-    for p in net.parameters():  # a frozen encoder is frozen for this run only
-        p.requires_grad_(True)
-    return _result(net, model, cfg, step, data_name, kind, metrics)
+
+    def finish(self) -> LoadedModel:
+        """The trained model, on the CPU (refused if it diverged)."""
+        net = self.net.eval().cpu()
+        if not _healthy(net, self.probe, torch.device("cpu")):
+            _diverged(self.step, self.cfg)
+        for p in net.parameters():  # a frozen encoder is frozen for this run only
+            p.requires_grad_(True)
+        return self.result(net)
+
+
+def _last_step(cfg: TrainConfig, step: int, elapsed: float, should_stop) -> bool:
+    """The run ends after this step: planned, stopped, or on a machine that slowed down a
+    lot since the steps were timed (the provenance's steps still say how far it went)."""
+    late = cfg.max_seconds is not None and elapsed >= OVERRUN * cfg.max_seconds
+    if step == cfg.steps or late or step == cfg.stop_after:
+        return True
+    return should_stop is not None and should_stop()
 
 
 def _validation_batch(model, val_images, val_labels, kind: str, cfg: TrainConfig):
@@ -543,7 +242,9 @@ def _validation_batch(model, val_images, val_labels, kind: str, cfg: TrainConfig
         vs = prepare(model, val_images, val_labels, kind, cfg)
     except ValueError as err:
         raise ValueError(f"validation data: {err}") from None
-    vsampler = _Sampler(vs, model, replace(cfg, focus=0.0), np.random.default_rng(cfg.seed + 1))
+    vsampler = PatchSampler(
+        vs, model, replace(cfg, focus=0.0), np.random.default_rng(cfg.seed + 1)
+    )
     return vsampler.batch(cfg.val_patches, aug=False)
 
 
@@ -596,35 +297,10 @@ def _check_trainable(model: LoadedModel) -> None:
         )
 
 
-def normalized_plane(model: LoadedModel, image: np.ndarray, what: str = "image") -> np.ndarray:
-    """A ``(Y, X)`` or ``(C, Y, X)`` plane checked and normalised as the model expects:
-    ``(C, Y, X)`` float32."""
-    img = np.asarray(image)
-    norm.check_dtype(img.dtype)
-    c = model.info.in_channels
-    try:  # as segmenting reads it: channels first or last (YXC), an empty image refused
-        ax = resolve_axes(img.shape, None, c)
-    except ValueError as err:
-        raise ValueError(f"{what}: {err}") from None
-    if ax.leading and int(np.prod(ax.leading_shape)) == 1:  # (1, Y, X): one plane
-        img = img.reshape([n for n, a in zip(img.shape, ax.axes) if a in "CYX"])
-        ax = resolve_axes(img.shape, "".join(a for a in ax.axes if a in "CYX"), c)
-    if ax.leading:
-        raise ValueError(
-            f"{what} has shape {np.shape(image)}; the model needs (Y, X), ({c}, Y, X) or "
-            f"(Y, X, {c}): train on 2D planes"
-        )
-    img = np.moveaxis(img, ax.axes.index("C"), 0) if "C" in ax.axes else img[None]
-    spec = norm.validate(model.info.normalization)
-    scale, offset = norm.plane_stats(img.reshape(img.shape[0], -1), spec)
-    return norm.apply(img, scale, offset)
-
-
-def _checkpoint(net, model, cfg, step, data_name, kind, metrics) -> None:
+def _checkpoint(model: LoadedModel, path: str) -> None:
     from napari_unet.io.files import save_model
 
-    save_model(_result(net, model, cfg, step, data_name, kind, metrics), cfg.checkpoint)
-    net.train()
+    save_model(model, path)
 
 
 # provenance that stays true of a model trained further (credit); the rest (the base's
@@ -697,7 +373,7 @@ def _planned_steps(net, samples, model: LoadedModel, cfg: TrainConfig, dev) -> i
         return cfg.steps
     torch_state = torch.get_rng_state()
     trial = _Stepper(copy.deepcopy(net).train(), cfg, dev)
-    sampler = _Sampler(samples, model, cfg, np.random.default_rng(cfg.seed + 2))
+    sampler = PatchSampler(samples, model, cfg, np.random.default_rng(cfg.seed + 2))
     times = []
     for _ in range(4):  # whole steps, optimiser and anchor included
         t0 = time.perf_counter()

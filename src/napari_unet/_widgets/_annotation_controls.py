@@ -1,0 +1,169 @@
+"""The fine-tune panel's annotation rows: annotation layers made, paired, followed
+through renames, filled with the model's answer, and read for training."""
+
+from __future__ import annotations
+
+import numpy as np
+from qtpy.QtWidgets import QComboBox, QHBoxLayout, QPushButton
+
+from napari_unet._widgets import _annotations as ann
+from napari_unet._widgets._layers import job_for_layer
+from napari_unet._widgets._results import ANNOTATION_KEY
+from napari_unet.core.axes import Axes
+
+
+class AnnotationControls:
+    """Mixin of :class:`~napari_unet._widgets.finetune.FinetunePanel` (a WorkerPanel)."""
+
+    def _build_annotation_rows(self, form) -> None:
+        row = QHBoxLayout()
+        self.new_button = QPushButton("New annotation layer")
+        self.new_button.setToolTip("A Labels layer over the chosen image to paint classes on")
+        self.fill_button = QPushButton("Start from prediction")
+        self.fill_button.setToolTip(
+            "Fill the unpainted pixels of the plane shown with the model's answer, "
+            "to correct by painting over its mistakes"
+        )
+        row.addWidget(self.new_button)
+        row.addWidget(self.fill_button)
+        form.addRow(row)
+        row = QHBoxLayout()
+        self.pair_button = QPushButton("Use selected Labels layer")
+        self.pair_button.setToolTip(
+            "Train on a Labels layer you already have (selected in the layer list), "
+            "for the chosen image"
+        )
+        self.kind_combo = QComboBox()
+        self.kind_combo.addItems(["as painted classes", "as instance masks"])
+        self.kind_combo.setToolTip(
+            "painted classes: 0 = not annotated, k = class k - 1 (as annotation layers); "
+            "instance masks: 0 = background, one value per object"
+        )
+        row.addWidget(self.pair_button)
+        row.addWidget(self.kind_combo)
+        form.addRow(row)
+        self.new_button.clicked.connect(self.new_annotation_layer)
+        self.fill_button.clicked.connect(self.start_from_prediction)
+        self.pair_button.clicked.connect(self.use_selected_labels)
+
+    def annotation_layers(self, image_name: str | None = None, kind: str | None = None):
+        return ann.annotation_layers(self.viewer, image_name, kind)
+
+    def new_annotation_layer(self):
+        """A Labels layer for the chosen image: 0 = not annotated, k = class k - 1."""
+        layer, model = self.image_layer(), self.state.model
+        if layer is None or model is None:
+            self.status.setText("Choose an image layer and load a model first.")
+            return None
+        try:
+            job = job_for_layer(layer, model, self.viewer)
+        except ValueError as err:
+            self._on_errored(err)
+            return None
+        labels, message = ann.add_annotation_layer(
+            self.viewer, layer.name, job, model.info.classes
+        )
+        self.status.setText(message)
+        return labels
+
+    def use_selected_labels(self):
+        """Pair the selected Labels layer with the chosen image (classes or instances)."""
+        from napari.layers import Labels
+
+        layer, active = self.image_layer(), self.viewer.layers.selection.active
+        if layer is None or not isinstance(active, Labels):
+            self.status.setText("Choose the image above and select a Labels layer in the list.")
+            return
+        kind = "instances" if "instance" in self.kind_combo.currentText() else "sparse"
+        self.status.setText(ann.pair_labels(active, layer.name, kind))
+
+    def _on_layers_changed(self, event=None) -> None:
+        """Annotation layers name their image: they follow it when it is renamed."""
+        self._names = ann.follow_renames(self.viewer, getattr(self, "_names", {}))
+        super()._on_layers_changed(event)
+
+    def start_from_prediction(self):
+        """Fill the unpainted pixels of the current plane with the model's classes."""
+        layer, model = self.image_layer(), self.state.model
+        if self.busy():  # its result would be taken for this fill's, or the reverse
+            return
+        if layer is None or model is None:
+            self.status.setText("Choose an image layer and load a model first.")
+            return
+        if self.viewer.dims.ndisplay != 2:
+            self.status.setText("Switch to the 2D view: the fill paints the plane shown.")
+            return
+        from napari_unet.core.segment import SegmentOptions, segment_iter
+
+        try:  # checked before an annotation layer is made for it
+            job = job_for_layer(layer, model, self.viewer, current_plane=True)
+        except ValueError as err:
+            self._on_errored(err)
+            return
+        targets = [  # (a layer painted for another model's classes is left alone)
+            t
+            for t in self.annotation_layers(layer.name, "sparse")
+            if not ann.classes_mismatch(t, model.info.classes)
+        ]
+        # a layer made for this fill goes again if the fill fails or is cancelled
+        self._fill_made = None if targets else self.new_annotation_layer()
+        targets = targets or [self._fill_made]
+        if targets[0] is None:
+            return
+        shape = targets[0].data.shape
+        if tuple(shape[-2:]) != Axes(job.axes, tuple(np.shape(job.data))).yx:
+            self.status.setText(
+                f"'{targets[0].name}' has planes of {shape[-2]} x {shape[-1]} pixels, not the "
+                f"image's: paint on a layer made for '{layer.name}' (New annotation layer)."
+            )
+            return
+        self._fill_target = (targets[0], ann.fill_plane_index(job, shape))
+        self._mode = "fill"
+        options = SegmentOptions(
+            mode="labels",  # the classes, computed in the worker (not the GUI thread)
+            axes=job.axes,
+            device=self.state.device,
+            diameter=diameter_option(model),
+            should_stop=self.abort.is_set,
+        )
+        self.start(
+            segment_iter, job.data, model, options, desc="napari-unet: prediction to correct"
+        )
+
+    def annotation_pairs(self, model):
+        """``(image data, annotation, image name, kind)`` of every annotation layer (all
+        images): references to the image data (read later, in the worker) and a copy of
+        the paint as it is now (painting on while it trains changes nothing)."""
+        layers = self.annotation_layers()
+        if not layers:
+            raise ValueError("no annotation layer: press 'New annotation layer' and paint")
+        pairs = []
+        for labels in layers:
+            name = labels.metadata[ANNOTATION_KEY]
+            if name not in self.viewer.layers:
+                raise ValueError(
+                    f"annotation layer {labels.name!r} belongs to image {name!r}, which is gone"
+                )
+            kind = labels.metadata.get(ann.KIND_KEY, "sparse")
+            mismatch = ann.classes_mismatch(labels, model.info.classes) if kind == "sparse" else ""
+            if mismatch:
+                raise ValueError(mismatch)
+            job = job_for_layer(self.viewer.layers[name], model, self.viewer)
+            paint = job.collapse(labels.data)
+            paint = paint.copy() if isinstance(paint, np.ndarray) else paint
+            # the image's axes as the segment panel reads them (C, Z, Y, X; thin stacks)
+            pairs.append((job.data, paint, name, kind, job.axes))
+        return pairs
+
+    def _fill(self, classes) -> None:
+        layer, index = self._fill_target
+        if layer not in self.viewer.layers:
+            self.status.setText(f"'{layer.name}' was removed meanwhile: nothing was filled.")
+            return
+        self.status.setText(ann.fill_plane(layer, index, classes))
+
+
+def diameter_option(model) -> str | None:
+    """Models that record their objects' size see the painted images at that size,
+    measured as the segment panel's *auto* does."""
+    return "auto" if model.info.object_diameter else None

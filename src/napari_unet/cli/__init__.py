@@ -1,0 +1,51 @@
+"""Command line: ``napari-unet predict | train | models | info | export``.
+
+Errors print one line (``napari-unet: error: ...``) and exit with status 1.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from napari_unet.cli._models import cmd_export, cmd_info, cmd_models
+from napari_unet.cli._parser import build_parser
+from napari_unet.cli._predict import cmd_predict
+from napari_unet.cli._train import cmd_train
+
+__all__ = ["COMMANDS", "build_parser", "main"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``napari-unet`` console script."""
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except KeyboardInterrupt:
+        print("napari-unet: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # e.g. `napari-unet models | head -1`: the reader has enough
+        _quiet_stdout()
+        return 141  # as a tool killed by SIGPIPE, and without a message
+    except (ValueError, OSError, MemoryError, RuntimeError) as err:
+        print(f"napari-unet: error: {err}", file=sys.stderr)
+        return 1
+
+
+def _quiet_stdout() -> None:
+    """Point stdout at /dev/null, so that flushing it at exit raises nothing more."""
+    import os
+
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # no real file behind stdout (tests)
+        pass
+
+
+COMMANDS = {
+    "predict": cmd_predict,
+    "models": cmd_models,
+    "info": cmd_info,
+    "train": cmd_train,
+    "export": cmd_export,
+}

@@ -1,0 +1,48 @@
+"""``napari-unet models | info | export``: list, describe and export models."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+
+def model_by_name(name: str | None, trust_code: bool = False):
+    from napari_unet.io import load_model, registry
+
+    if name is not None and not name.strip():
+        raise ValueError("the model name is empty: give a bundled name or a file")
+    name = name or registry.default_model()
+    if name is None:
+        raise ValueError("no bundled model is installed; pass --model FILE")
+    return load_model(name, trust_code=trust_code)
+
+
+def cmd_models(args) -> int:
+    from napari_unet.io import load_model, registry
+
+    models = registry.bundled_models()
+    if not models:
+        print("no bundled models installed")
+    for name in models:
+        info = load_model(name).info
+        default = " (default)" if name == registry.default_model() else ""
+        print(f"{name}{default}: {info.description or ', '.join(info.classes)}")
+    return 0
+
+
+def cmd_info(args) -> int:
+    print(model_by_name(args.model, getattr(args, "trust_code", False)).info.card())
+    return 0
+
+
+def cmd_export(args) -> int:
+    from napari_unet.io import outputs
+    from napari_unet.io.bioimageio import export_package
+
+    outputs.check_writable(Path(args.bioimageio), [args.model])
+    model = model_by_name(args.model)
+    out = export_package(
+        model, args.bioimageio, cover=args.cover, license=args.license, authors=args.author
+    )
+    print(f"wrote {out}", file=sys.stderr)
+    return 0

@@ -1,0 +1,174 @@
+"""``napari-unet predict``: segment image files with overlap-tile inference."""
+
+from __future__ import annotations
+
+import sys
+import zlib
+from pathlib import Path
+
+from napari_unet.cli._models import model_by_name
+
+
+def cmd_predict(args) -> int:
+    from napari_unet.io import outputs
+    from napari_unet.io.images import check_readable, image_axes, read_image
+
+    missing = [src for src in args.inputs if not Path(src).exists()]
+    if missing:
+        raise ValueError(f"no such file: {', '.join(missing)} (nothing was processed)")
+    targets = outputs.targets(args.inputs, args.output, args.mode)
+    # before the model runs and any result is written, not after the first ones
+    for src, dst in targets:
+        check_readable(src)
+        _check_target(dst, args)
+    model = model_by_name(args.model, getattr(args, "trust_code", False))
+    for src, _ in targets:  # opened lazily: an input the model cannot take stops the batch
+        _check_input(read_image(src), args.axes or image_axes(src), model, src)
+    for folder in sorted({dst.parent for _, dst in targets}):
+        outputs.check_folder(folder)
+    if (
+        args.diameter is None
+        and model.info.object_diameter
+        and any(dst.suffix.lower() == ".zarr" for _, dst in targets)
+    ):
+        print(
+            f"warning: {model.info.name} records an object size, but a .zarr result is "
+            "segmented at the image's own scale (write .tif or .npy to rescale; "
+            "--diameter off says so and silences this)",
+            file=sys.stderr,
+        )
+    for src, dst in targets:
+        image = read_image(src)
+        axes = args.axes or image_axes(src)  # as the file records them (OME, ImageJ)
+        try:
+            _predict_one(image, model, dst, args, label=Path(src).name, axes=axes)
+        except zlib.error as err:  # read lazily, tile by tile: a corrupt tile shows here
+            raise ValueError(f"{src}: its image data is corrupt ({err})") from None
+        print(f"{src} -> {dst}", file=sys.stderr)
+    return 0
+
+
+def _check_input(image, axes, model, src) -> None:
+    """Axes and dtype of an input, checked before the first image is segmented."""
+    from napari_unet.core.axes import resolve_axes
+    from napari_unet.core.normalize import check_dtype
+
+    try:
+        resolve_axes(tuple(image.shape), axes, model.info.in_channels)
+        check_dtype(image.dtype)
+    except ValueError as err:
+        raise ValueError(f"{src}: {err} (nothing was processed)") from None
+
+
+def _check_target(dst: Path, args) -> None:
+    """Outputs the command cannot write, refused by their name before any work."""
+    from napari_unet.io.images import WRITE_SUFFIXES
+
+    if dst.suffix.lower() not in WRITE_SUFFIXES:
+        raise ValueError(f"{dst.name}: write .tif, .npy or .zarr")
+    if dst.suffix.lower() == ".zarr":
+        if args.mode == "instances":
+            raise ValueError("instances are written as TIFF; use --mode labels for zarr output")
+        if args.diameter is not None and args.diameter.lower() not in ("off", "none"):
+            raise ValueError("--diameter rescales the image: write .tif or .npy for it")
+
+
+def _predict_one(image, model, dst: Path, args, label: str, axes: str | None = None) -> None:
+    from napari_unet.core.axes import resolve_axes
+    from napari_unet.io.images import WRITE_SUFFIXES, write_image
+
+    if dst.suffix.lower() not in WRITE_SUFFIXES:
+        raise ValueError(f"{dst.name}: write .tif, .npy or .zarr")
+    ax = resolve_axes(tuple(image.shape), axes, model.info.in_channels)
+    if dst.suffix.lower() == ".zarr":  # streamed at the image's own scale
+        _predict_to_zarr(image, model, ax, dst, args, label)
+        return
+    write_image(dst, _with_bar(_segment(image, model, ax, args), label, args.quiet))
+
+
+def _segment(image, model, ax, args):
+    """The segmentation generator the options ask for (in memory)."""
+    from napari_unet.core.segment import SegmentOptions, segment_iter
+
+    options = SegmentOptions(
+        mode=args.mode,
+        axes=ax.axes,
+        tile=args.tile,
+        batch_size=args.batch_size,
+        device=args.device,
+        amp=not args.no_amp,
+        threshold=args.threshold,
+        min_size=args.min_size,
+        min_confidence=args.min_confidence,
+        tta=args.tta,
+        diameter=_diameter(args.diameter, model.info),
+    )
+    return segment_iter(image, model, options)
+
+
+def _predict_to_zarr(image, model, ax, dst: Path, args, label: str) -> None:
+    """Class maps or labels streamed into a zarr store, which appears only when done."""
+    from napari_unet.core.tiling import predict_iter
+    from napari_unet.io.images import ZarrOutput
+
+    info = model.info
+    if args.diameter is not None and _diameter(args.diameter, info) is not None:
+        raise ValueError("--diameter rescales the image: write .tif or .npy for it")
+    if args.mode == "instances":
+        raise ValueError("instances are written as TIFF; use --mode labels for zarr output")
+    engine_out = "labels" if args.mode == "labels" else "probabilities"
+    shape = (*ax.leading_shape, *ax.yx)
+    if engine_out == "probabilities":
+        shape = (info.num_classes, *shape)
+    sink = ZarrOutput(dst, shape, "float32" if engine_out == "probabilities" else "uint8")
+    try:
+        gen = predict_iter(
+            image,
+            model,
+            axes=ax.axes,
+            tile=args.tile,
+            batch_size=args.batch_size,
+            device=args.device,
+            amp=not args.no_amp,
+            tta=args.tta,
+            output=engine_out,
+            out=sink.array,
+        )
+        _with_bar(gen, label, args.quiet)
+    except BaseException:
+        sink.discard()
+        raise
+    sink.commit()
+
+
+def _with_bar(gen, label: str, quiet: bool):
+    """Run a tiling generator to its end under a progress bar of tiles; its result."""
+    from tqdm import tqdm
+
+    bar = tqdm(desc=label, unit="tile", disable=quiet, file=sys.stderr)
+    try:
+        while True:
+            try:
+                progress = next(gen)
+            except StopIteration as stop:
+                return stop.value
+            bar.total = progress.total
+            bar.n = progress.done
+            bar.refresh()
+    finally:
+        bar.close()
+
+
+def _diameter(value: str | None, info) -> str | None:
+    """``--diameter``: None (off), "auto", or the pixels as given (SegmentOptions
+    checks them); unset: auto for models that record an object size."""
+    if value is None:
+        return "auto" if info.object_diameter else None
+    if value.lower() in ("off", "none"):
+        return None
+    if value.lower() != "auto":
+        try:
+            float(value)
+        except ValueError:
+            raise ValueError(f"--diameter takes pixels, 'auto' or 'off', got {value!r}") from None
+    return value.lower()

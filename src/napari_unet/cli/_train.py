@@ -1,0 +1,213 @@
+"""``napari-unet train``: train or fine-tune a U-Net on image / label files."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+
+
+def _base_model(spec: str, classes: str | None):
+    import json
+
+    from napari_unet.io import load_model
+    from napari_unet.model import UNet, UNetConfig
+    from napari_unet.model.info import wrap_unet
+
+    text = spec.strip()
+    if text.endswith(".json") and Path(text).exists():
+        text = Path(text).read_text()
+    if not text.startswith("{"):
+        if classes:
+            raise ValueError(
+                "--classes names the classes of a new network (-m as JSON); "
+                f"{spec} keeps its own: {', '.join(load_model(spec).info.classes)}"
+            )
+        return load_model(spec)
+    try:
+        arch = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"--model is not valid JSON: {err}") from None
+    names = [c.strip() for c in classes.split(",")] if classes else None
+    if names and (not all(names) or len(set(names)) != len(names)):
+        raise ValueError(f"--classes needs distinct, non-empty names, got {classes!r}")
+    if names:
+        arch.setdefault("num_classes", len(names))
+    config = UNetConfig.from_dict(arch)
+    if names and len(names) != config.num_classes:
+        raise ValueError(f"{len(names)} class names for {config.num_classes} classes")
+    return wrap_unet(
+        UNet(config), name=Path(spec).stem if spec.endswith(".json") else "unet", classes=names
+    )
+
+
+def cmd_train(args) -> int:
+    import numpy as np
+    import torch
+
+    from napari_unet.core.training import train_iter
+    from napari_unet.io import outputs
+    from napari_unet.io.files import save_model
+    from napari_unet.io.images import read_image
+
+    if len(args.images) != len(args.labels):
+        raise ValueError(f"{len(args.images)} images but {len(args.labels)} label files")
+    if Path(args.output).suffix != ".safetensors":  # (".safetensors" alone has none)
+        raise ValueError("--output must be a file name ending in .safetensors")
+    # before training, not after it; the base model, images and labels are never replaced
+    outputs.check_writable(Path(args.output), [args.model, *args.images, *args.labels])
+    torch.manual_seed(args.seed)  # a new network's initial weights too
+    model = _base_model(args.model, _classes(args))
+
+    def load(paths):
+        return [np.asarray(read_image(p)) for p in paths]
+
+    stop = threading.Event()
+    gen = train_iter(
+        model,
+        load(args.images),
+        load(args.labels),
+        args.label_kind,
+        _config(args),
+        val_images=load(args.val_images),
+        val_labels=load(args.val_labels),
+        data_name=", ".join(Path(p).name for p in args.images),
+        unlabelled=load(args.unlabelled),
+        should_stop=stop.is_set,
+    )
+    result = _run_with_bar(gen, stop, args.quiet)
+    # named after its file: it is no longer the model it was trained from
+    save_model(result.with_info(name=Path(args.output).stem), args.output)
+    _report(result, args, stop.is_set())
+    return 0
+
+
+def _classes(args) -> str | None:
+    """``--classes``, or the three classes that instance masks become for a new network
+    of three outputs (its instances then come from their watershed; class2 was taken as
+    the objects)."""
+    new = args.classes is None and args.label_kind == "instances" and not _is_model(args.model)
+    if new and _num_classes(args.model.strip()) == 3:
+        return "background,interior,boundary"
+    return args.classes
+
+
+def _config(args):
+    """The :class:`TrainConfig` the options ask for (the fine-tuning recipe's with
+    ``--finetune``)."""
+    from napari_unet.core.training import TrainConfig
+
+    given = {
+        "steps": args.steps,
+        "max_seconds": args.seconds,
+        "stop_after": args.stop_after,
+        "lr": args.lr,
+        "patch_size": args.patch_size,
+        "batch_size": args.batch_size,
+        "class_weighting": args.class_weights,
+        "contact_w0": args.contact_weight,
+        "bf16": args.bf16 or None,
+    }
+    given = {k: v for k, v in given.items() if v is not None}
+    if args.finetune and args.steps is not None and args.seconds is None:
+        # --steps N repeats a run exactly: the recipe's 60 s budget would time the steps
+        # again on this machine, and plan fewer where it is slower
+        given["max_seconds"] = None
+    if args.unlabelled:  # they are only used to adapt the batch-norm statistics
+        given["adapt_norm"] = True
+    make = TrainConfig.finetune if args.finetune else TrainConfig
+    return make(**given, device=args.device, seed=args.seed)
+
+
+def _run_with_bar(gen, stop: threading.Event, quiet: bool):
+    """Run training to its end under a progress bar (Ctrl-C once: stop and keep)."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=None, unit="step", disable=quiet, file=sys.stderr)
+    try:
+        with _first_interrupt_stops(stop):
+            while True:
+                try:
+                    step = next(gen)
+                except StopIteration as end:
+                    return end.value
+                bar.total = step.steps  # as planned (a time budget plans them first)
+                bar.update(1)
+                bar.set_postfix(loss=f"{step.loss:.4f}", **step.metrics)
+    finally:
+        bar.close()
+
+
+def _report(result, args, stopped: bool) -> None:
+    """Where the model went, and how to repeat the run when it was not the one asked."""
+    made = result.info.provenance.get("steps")
+    planned = (result.info.provenance.get("train_config") or {}).get("steps", made)
+    done = f"stopped at step {made}, " if stopped else ""
+    print(f"{done}saved {args.output}", file=sys.stderr)
+    if made != planned or args.seconds is not None or args.finetune:
+        print(
+            f"{made} of {planned} planned steps; to repeat this run exactly: --seed "
+            f"{args.seed} --steps {planned}"
+            + (f" --stop-after {made}" if made != planned else ""),
+            file=sys.stderr,
+        )
+
+
+def _is_model(spec: str) -> bool:
+    """Whether ``--model`` names a model (bundled or a file), not a new network's JSON."""
+    text = spec.strip()
+    return not (text.startswith("{") or (text.endswith(".json") and Path(text).exists()))
+
+
+def _num_classes(text: str):
+    import json
+
+    try:
+        arch = json.loads(Path(text).read_text() if text.endswith(".json") else text)
+    except (OSError, ValueError):
+        return None  # said by _base_model
+    return arch.get("num_classes", 2) if isinstance(arch, dict) else None  # (UNetConfig's)
+
+
+@contextlib.contextmanager
+def _first_interrupt_stops(stop: threading.Event):
+    """Ctrl-C once: training ends after the current step and its result is saved;
+    twice: abort without saving."""
+
+    # Python runs a handler once for presses that come while one torch operation runs
+    # (a step of seconds): the wakeup pipe gets a byte per press, so they are counted
+    read_end, write_end = os.pipe()
+    os.set_blocking(read_end, False)
+    os.set_blocking(write_end, False)
+
+    def handler(signum, frame):
+        try:
+            presses = os.read(read_end, 64).count(bytes([signal.SIGINT]))
+        except BlockingIOError:
+            presses = 0
+        if stop.is_set() or presses > 1:
+            raise KeyboardInterrupt
+        stop.set()
+        print(
+            "\nnapari-unet: stopping after this step and saving (Ctrl-C again to abort)",
+            file=sys.stderr,
+        )
+
+    try:
+        previous = signal.signal(signal.SIGINT, handler)
+        previous_fd = signal.set_wakeup_fd(write_end, warn_on_full_buffer=False)
+    except ValueError:  # not the main thread: Ctrl-C keeps its default meaning
+        os.close(read_end)
+        os.close(write_end)
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.set_wakeup_fd(previous_fd)
+        signal.signal(signal.SIGINT, previous)
+        os.close(read_end)
+        os.close(write_end)

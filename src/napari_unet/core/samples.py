@@ -1,0 +1,247 @@
+"""Training data as the network sees it: images normalised and mirrored, labels turned
+into class targets with per-pixel weights (:func:`prepare`), and random patches drawn
+from them with the halo a valid-padding network needs (:class:`PatchSampler`)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+
+import numpy as np
+import torch
+
+from napari_unet.core import normalize as norm
+from napari_unet.core import targets as tg
+from napari_unet.core.augment import augment
+from napari_unet.core.axes import resolve_axes
+from napari_unet.core.train_config import TrainConfig
+from napari_unet.model.info import LoadedModel
+
+
+@dataclass
+class Sample:
+    image: np.ndarray  # (C, H + 2p, W + 2p) normalised, mirrored by p
+    target: np.ndarray  # (H + 2p, W + 2p) int64, -1 outside / not annotated
+    weights: np.ndarray  # (H + 2p, W + 2p) float32 per-pixel weights
+    focus: np.ndarray  # (n, 2) pixel coordinates worth sampling more often
+    annotated: np.ndarray  # (n, 2) annotated pixel coordinates (sparse labels)
+    shape: tuple[int, int]
+    pad: int
+
+    def unpadded(self) -> np.ndarray:
+        p = self.pad
+        return self.image[:, p:-p, p:-p]
+
+
+def with_convention(cfg: TrainConfig, model: LoadedModel) -> TrainConfig:
+    """``cfg`` with an unset boundary width / core fraction / core ramp taken from the
+    base model (soft cores only where the model's own cores are kept)."""
+    width, core = tg.convention(model.info)
+    core = core if cfg.core_fraction is None else float(cfg.core_fraction)
+    ramp = cfg.core_ramp
+    if ramp is None:
+        ramp = tg.recorded_core_ramp(model.info) if core > 0 else 0.0
+    return replace(
+        cfg,
+        boundary_width=width if cfg.boundary_width is None else int(cfg.boundary_width),
+        core_fraction=core,
+        core_ramp=float(ramp),
+    )
+
+
+def normalized_plane(model: LoadedModel, image: np.ndarray, what: str = "image") -> np.ndarray:
+    """A ``(Y, X)`` or ``(C, Y, X)`` plane checked and normalised as the model expects:
+    ``(C, Y, X)`` float32."""
+    img = np.asarray(image)
+    norm.check_dtype(img.dtype)
+    c = model.info.in_channels
+    try:  # as segmenting reads it: channels first or last (YXC), an empty image refused
+        ax = resolve_axes(img.shape, None, c)
+    except ValueError as err:
+        raise ValueError(f"{what}: {err}") from None
+    if ax.leading and int(np.prod(ax.leading_shape)) == 1:  # (1, Y, X): one plane
+        img = img.reshape([n for n, a in zip(img.shape, ax.axes) if a in "CYX"])
+        ax = resolve_axes(img.shape, "".join(a for a in ax.axes if a in "CYX"), c)
+    if ax.leading:
+        raise ValueError(
+            f"{what} has shape {np.shape(image)}; the model needs (Y, X), ({c}, Y, X) or "
+            f"(Y, X, {c}): train on 2D planes"
+        )
+    img = np.moveaxis(img, ax.axes.index("C"), 0) if "C" in ax.axes else img[None]
+    spec = norm.validate(model.info.normalization)
+    scale, offset = norm.plane_stats(img.reshape(img.shape[0], -1), spec)
+    return norm.apply(img, scale, offset)
+
+
+def prepare(
+    model: LoadedModel,
+    images: Sequence[np.ndarray],
+    labels: Sequence[np.ndarray],
+    kind: str,
+    cfg: TrainConfig,
+) -> list[Sample]:
+    """Normalise images, convert labels, compute weights and sampling points."""
+    if len(images) != len(labels):
+        raise ValueError(f"{len(images)} images but {len(labels)} label images")
+    if not images:
+        raise ValueError("no training images given")
+    info = model.info
+    cfg = with_convention(cfg, model)
+    side = max(max(np.shape(lab)[-2:], default=0) for lab in labels)
+    if cfg.patch_size > 4 * max(side, 64):  # images are padded by a patch on every side
+        raise ValueError(
+            f"patch size {cfg.patch_size} px is far larger than the images (at most {side} px "
+            f"a side): choose at most {4 * max(side, 64)}"
+        )
+    soft = kind == "instances" and cfg.core_ramp > 0 and info.num_classes == 3
+    if soft and not cfg.core_fraction:
+        raise ValueError("core_ramp needs core_fraction > 0 (soft cores)")
+    if not 0 < cfg.hard_fraction <= 1:
+        raise ValueError(f"hard_fraction must be in (0, 1], got {cfg.hard_fraction}")
+    powers = {"balanced": 1.0, "sqrt": 0.5, "none": 0.0}
+    if cfg.class_weighting not in powers:
+        raise ValueError(
+            f"class_weighting must be one of {list(powers)}, not {cfg.class_weighting!r}"
+        )
+    planes = [
+        _plane(model, img, lab, i, kind, cfg, soft)
+        for i, (img, lab) in enumerate(zip(images, labels))
+    ]
+    targets = [p.target for p in planes]
+    _check_classes(targets, info.classes, kind, cfg)
+    cw = tg.class_weights(targets, info.num_classes, powers[cfg.class_weighting])
+    pad = cfg.patch_size + info.geometry.halo + info.geometry.multiple
+    return [_sample(p, cw, kind, info.num_classes, pad) for p in planes]
+
+
+@dataclass
+class _Plane:
+    """One training image before padding: its targets and the extra weights on them."""
+
+    image: np.ndarray  # (C, H, W) normalised
+    target: np.ndarray  # (H, W) class, -1 = not annotated
+    border: np.ndarray  # (H, W) separation and contact weights (instance labels)
+    share: np.ndarray | None  # (H, W) interior share (soft cores), else None
+
+
+def _plane(model, img, lab, i: int, kind: str, cfg: TrainConfig, soft: bool) -> _Plane:
+    image = normalized_plane(model, img, f"image {i}")
+    shape = np.shape(lab)
+    lab = np.asarray(lab)
+    if lab.ndim == 3 and 1 in (lab.shape[0], lab.shape[-1]) and lab.size == image[0].size:
+        lab = lab.reshape(image.shape[1:])  # (1, Y, X) or (Y, X, 1), as images may be
+    if lab.shape != image.shape[1:]:
+        raise ValueError(
+            f"labels {i} have shape {shape} but image {i}'s plane is "
+            f"{image.shape[1:]} (from {np.shape(img)})"
+        )
+    if kind == "instances":
+        lab = tg.sequential_instances(lab, f"labels {i}")
+    num_classes = model.info.num_classes
+    target = tg.to_target(lab, kind, num_classes, cfg.boundary_width, cfg.core_fraction)
+    border = np.zeros(lab.shape, np.float32)
+    if kind == "instances":
+        if cfg.border_w0 > 0:
+            border += tg.border_weights(lab, cfg.border_w0, cfg.border_sigma)
+        if cfg.contact_w0 > 0:
+            border += tg.contact_weights(lab, cfg.contact_w0)
+    share = None
+    if soft:
+        share = tg.core_share(lab, cfg.boundary_width, cfg.core_fraction, cfg.core_ramp)
+    return _Plane(image, target, border, share)
+
+
+def _check_classes(targets, classes, kind: str, cfg: TrainConfig) -> None:
+    """Refuse labels with nothing annotated, or with one class only: trained on one
+    class, the network learns to answer it everywhere (a 0/1 mask read as strokes
+    turned every cell pixel into membrane)."""
+    if not any((t >= 0).any() for t in targets):
+        raise ValueError("the labels are empty: annotate some pixels first")
+    seen = np.unique(np.concatenate([np.unique(t[t >= 0]) for t in targets]))
+    pseudo = kind == "sparse" and cfg.pseudo_weight > 0  # (the model's answer adds the rest)
+    if len(seen) >= 2 or pseudo:
+        return
+    only = classes[int(seen[0])] if int(seen[0]) < len(classes) else seen[0]
+    hint = (
+        " A dense mask? Strokes count 0 as 'not annotated' and k as class k - 1: "
+        "use --label-kind classes (0 = the first class) or instances."
+        if kind == "sparse"
+        else ""
+    )
+    raise ValueError(
+        f"the labels hold only one class ({only!r}): annotate at least two, or the "
+        f"network learns one answer.{hint}"
+    )
+
+
+def _sample(plane: _Plane, cw: np.ndarray, kind: str, num_classes: int, pad: int) -> Sample:
+    """``plane`` mirrored by ``pad``, with class-weighted pixel weights and the pixels
+    worth sampling more often (boundaries, touching objects, the rarest class)."""
+    target, border = plane.target, plane.border
+    weights = np.where(target >= 0, cw[np.clip(target, 0, None)] + border, 0).astype(np.float32)
+    if plane.share is not None:  # interior share travels with the weights: (2, H, W)
+        weights = np.stack([weights, plane.share])
+    if kind == "instances":
+        focus_mask = (target == 2) | (border > 0.5)
+    else:  # the rarest class that is annotated (an unpainted class would focus on nothing)
+        counts = np.bincount(target[target >= 0], minlength=num_classes).astype(float)
+        rare = int(np.argmin(np.where(counts > 0, counts, np.inf)))
+        focus_mask = (border > 0.5) | (target == rare) if kind != "classes" else target == rare
+    return Sample(
+        image=np.pad(plane.image, ((0, 0), (pad, pad), (pad, pad)), mode="reflect"),
+        target=np.pad(target, pad, constant_values=tg.IGNORE),
+        weights=np.pad(weights, ((0, 0),) * (weights.ndim - 2) + ((pad, pad),) * 2),
+        focus=np.argwhere(focus_mask & (target >= 0)),
+        annotated=np.argwhere(target >= 0),
+        shape=target.shape,
+        pad=pad,
+    )
+
+
+class PatchSampler:
+    """Draws training patches: input with halo, target and weights of the output size."""
+
+    def __init__(self, samples: list[Sample], model: LoadedModel, cfg: TrainConfig, rng):
+        self.samples, self.cfg, self.rng = samples, cfg, rng
+        g = model.info.geometry
+        if g.valid:
+            self.tile = g.snap(cfg.patch_size + 2 * g.halo, "up")
+            self.out = g.output_size(self.tile)
+        else:
+            self.tile = g.snap(cfg.patch_size, "up")
+            self.out = self.tile
+        self.halo = (self.tile - self.out) // 2
+        norm_layers = (torch.nn.modules.batchnorm._BatchNorm,)
+        if (
+            cfg.batch_size == 1
+            and self.tile < 2 * g.multiple
+            and any(isinstance(m, norm_layers) for m in model.net.modules())
+        ):
+            raise ValueError(
+                f"patches of {self.tile} px in batches of 1 leave batch norm one value per "
+                f"channel at the network's deepest level: use patches of at least "
+                f"{g.snap(2 * g.multiple, 'up')} px or a batch of 2 or more"
+            )
+        counts = np.array([len(s.annotated) for s in samples], float)
+        self.p_image = counts / counts.sum()
+
+    def draw(self, aug: bool = True):
+        i = self.rng.choice(len(self.samples), p=self.p_image)
+        s = self.samples[i]
+        pool = s.focus if len(s.focus) and self.rng.random() < self.cfg.focus else s.annotated
+        cy, cx = pool[self.rng.integers(len(pool))]
+        oy = cy - self.out // 2 + self.rng.integers(-self.out // 4, self.out // 4 + 1)
+        ox = cx - self.out // 2 + self.rng.integers(-self.out // 4, self.out // 4 + 1)
+        oy = int(np.clip(oy, -self.out // 2, s.shape[0] - self.out // 2)) + s.pad
+        ox = int(np.clip(ox, -self.out // 2, s.shape[1] - self.out // 2)) + s.pad
+        image = s.image[:, oy - self.halo : oy - self.halo + self.tile,
+                        ox - self.halo : ox - self.halo + self.tile]  # fmt: skip
+        target = s.target[oy : oy + self.out, ox : ox + self.out]
+        weights = s.weights[..., oy : oy + self.out, ox : ox + self.out]
+        if aug:
+            return augment(image, target, weights, self.rng, self.cfg.augment)
+        return image, target, weights
+
+    def batch(self, n: int, aug: bool = True):
+        parts = [self.draw(aug) for _ in range(n)]
+        return tuple(torch.from_numpy(np.stack(p)) for p in zip(*parts))
