@@ -95,6 +95,25 @@ def test_torchscript_networks_stop_between_tiles():
     assert len(asked) == 2
 
 
+def test_a_bioimageio_package_segments_with_a_stop_flag_and_stops(tmp_path):
+    """A package's network is a module around a TorchScript one, which refuses hooks
+    (every package failed in the panels, which pass a stop flag): the wrapper is hooked,
+    the scripted network inside it is not."""
+    from napari_unet.io.bioimageio import export_package, load_package
+
+    model = load_package(export_package(tiny_model("same"), tmp_path / "tiny.zip"))
+    assert any(isinstance(m, torch.jit.ScriptModule) for m in model.net.modules())
+    image = np.random.default_rng(4).random((64, 64)).astype(np.float32)
+    free = run_to_end(segment_iter(image, model, SegmentOptions("labels", device="cpu")))
+    options = SegmentOptions("labels", device="cpu", should_stop=lambda: False)
+    np.testing.assert_array_equal(run_to_end(segment_iter(image, model, options)), free)
+    should_stop, asked = _stop_after(1)  # before the tile, then inside it
+    with pytest.raises(Cancelled):
+        run_to_end(predict_iter(image, model, tile=64, device="cpu", should_stop=should_stop))
+    assert len(asked) == 2
+    assert _hooks(model.net) == 0
+
+
 def test_a_feature_capture_stops_and_removes_its_hooks():
     model = tiny_model("same")
     image = np.random.default_rng(3).random((40, 40)).astype(np.float32)

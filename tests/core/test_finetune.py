@@ -43,6 +43,34 @@ def test_simulated_strokes_stay_in_their_class(case):
     assert (biased[:, :40] > 0).mean() > 2 * (biased[:, 40:] > 0).mean()
 
 
+class _Stack:
+    """A lazy stack (as zarr or dask): it counts the planes read, and refuses to be read
+    whole."""
+
+    def __init__(self, array):
+        self.array, self.shape, self.dtype, self.ndim = array, array.shape, array.dtype, array.ndim
+        self.planes_read = set()
+
+    def __getitem__(self, index):
+        self.planes_read.add(index[0])
+        return self.array[index]
+
+    def __array__(self, *args, **kwargs):
+        raise AssertionError("the whole stack was read")
+
+
+def test_painted_planes_of_a_lazy_stack_read_only_the_planes_they_use():
+    """np.asarray of a 150-plane zarr for one painted plane read all of it (600 MB)."""
+    stack = np.random.default_rng(0).random((40, 24, 24)).astype(np.float32)
+    ann = np.zeros(stack.shape, np.uint8)
+    ann[30, 5:9, 5:9], ann[30, 15:19, 15:19] = 1, 2
+    lazy = _Stack(stack)
+    planes, unpainted = painted_planes([(lazy, ann, "lazy")], in_channels=1)
+    assert [p.source for p in planes] == ["lazy [30]"]
+    np.testing.assert_array_equal(planes[0].image, stack[30])
+    assert len(unpainted) == 16 and len(lazy.planes_read) == 17
+
+
 def test_painted_planes_of_a_stack_and_their_errors():
     stack = np.random.default_rng(0).random((4, 30, 40)).astype(np.float32)
     ann = np.zeros((4, 30, 40), np.uint8)

@@ -147,10 +147,10 @@ def test_an_endless_time_budget_is_refused():
         _cfg(max_seconds=float("inf"))
 
 
-def test_one_class_trains_only_beside_the_model_s_own_answers():
+def test_one_class_is_refused_even_beside_the_model_s_own_answers():
     """One class alone teaches one answer (a dense 0/1 mask read as strokes turned every
-    cell into membrane): refused, unless the fine-tune recipe's pseudo-labels (the
-    model's confident answers where nothing is painted) bring the other classes."""
+    cell into membrane): refused, with the fine-tune recipe's pseudo-labels (the model's
+    confident answers where nothing is painted) too, as the fine-tune panel refuses it."""
     image = np.random.default_rng(0).random((64, 64), dtype=np.float32)
     strokes = np.zeros((64, 64), np.uint8)
     strokes[10:20, 10:20] = 2
@@ -160,6 +160,9 @@ def test_one_class_trains_only_beside_the_model_s_own_answers():
         everywhere = np.zeros((64, 64), np.uint8)  # one dense class: background everywhere
         train(tiny_model("same"), [image], [everywhere], "classes", _cfg(steps=3))
     cfg = TrainConfig.finetune(steps=3, patch_size=32, max_seconds=None, device="cpu")
+    with pytest.raises(ValueError, match="only one class \\('interior'\\)"):
+        train(tiny_model("same"), [image], [strokes], "sparse", cfg)
+    strokes[30:40, 30:40] = 1  # and some background: trains
     result = train(tiny_model("same"), [image], [strokes], "sparse", cfg)
     assert result.info.provenance["steps"] == 3
 

@@ -674,3 +674,84 @@ def test_the_loss_plot_starts_empty_and_is_cleared_for_a_new_run(qtbot):
     assert len(plot._line.get_xdata()) == 29 and plot._ax.get_xlim()[1] > 10
     plot.reset()
     assert len(plot._line.get_xdata()) == 0 and plot._ax.get_xlim() == (0, 10)
+
+
+def test_a_layer_that_cannot_train_is_left_out_and_the_others_train(panel, nuclei, qtbot):
+    """The advice 'paint on a new annotation layer' did not unblock Train: the old layer,
+    painted for other classes, refused every run until the user deleted it."""
+    viewer, widget, state = panel
+    image, strokes = nuclei
+    _, old = _painted(viewer, widget, image, strokes)
+    state.model = tiny_model("same", depth=2, classes=2, seed=1)
+    state.model.info.classes = ["membrane", "cell"]
+    widget._on_run()
+    assert widget.worker is None and "painted for the classes" in widget.status.text()
+    new = widget.new_annotation_layer()
+    new.data = np.clip(strokes, 0, 2)  # membrane / cell strokes for this model
+    widget.settings.steps_spin.setValue(3)
+    widget.preview_spin.setValue(0)
+    texts, set_text = [], widget.status.setText
+    widget.status.setText = lambda text: (texts.append(text), set_text(text))
+    _train(qtbot, widget)
+    assert len(widget.versions.versions) == 2, widget.status.text()
+    assert any("left out: 'img annotations' was painted for the classes" in t for t in texts)
+    np.testing.assert_array_equal(old.data, strokes)  # left as it was
+
+
+def test_labels_that_do_not_lie_on_the_image_are_not_paired_nor_trained(panel, nuclei):
+    """A Labels layer of the image's shape but another scale / translate trained its pixel
+    (i, j) against the image's pixel (i, j), which lies elsewhere on screen."""
+    viewer, widget, _ = panel
+    image, strokes = nuclei
+    viewer.add_image(image, name="img", scale=(0.5, 0.5))
+    widget.layer_combo.setCurrentText("img")
+    mine = viewer.add_labels(strokes.copy(), name="my labels", translate=(10, 10))
+    viewer.layers.selection.active = mine
+    widget.use_selected_labels()
+    assert "Not paired: 'my labels' does not lie on 'img'" in widget.status.text()
+    assert "napari_unet_annotates" not in mine.metadata
+    # an annotation layer whose image is moved after it was made: refused at Train
+    ann = widget.new_annotation_layer()
+    ann.data = strokes.copy()
+    viewer.layers["img"].translate = (5, 0)
+    widget._on_run()
+    assert widget.worker is None
+    assert "'img annotations' does not lie on 'img'" in widget.status.text()
+
+
+def test_an_instances_result_paired_as_classes_gets_a_hint(panel):
+    viewer, widget, _ = panel
+    viewer.add_image(np.zeros((32, 32), np.float32), name="img")
+    widget.layer_combo.setCurrentText("img")
+    objects = viewer.add_labels(
+        np.arange(32 * 32).reshape(32, 32) % 7,
+        name="img [unet instances]",
+        metadata={"napari_unet_result": None},
+    )
+    viewer.layers.selection.active = objects
+    widget.use_selected_labels()
+    assert "choose 'as instance masks'" in widget.status.text()
+    widget.kind_combo.setCurrentText("as instance masks")
+    widget.use_selected_labels()
+    assert "choose 'as instance masks'" not in widget.status.text()
+
+
+def test_strokes_of_a_label_beyond_the_classes_are_drawn_not_hidden(panel, nuclei):
+    viewer, widget, _ = panel
+    image, strokes = nuclei
+    _, ann = _painted(viewer, widget, image, strokes)
+    assert ann.colormap.map(4)[3] == 1  # napari's label +1 key paints 4: seen, and erased
+    assert ann.colormap.map(0)[3] == 0
+
+
+def test_a_torchscript_model_is_refused_before_any_work(panel, nuclei):
+    from napari_unet.model.info import LoadedModel
+
+    viewer, widget, state = panel
+    image, strokes = nuclei
+    _painted(viewer, widget, image, strokes)
+    model = tiny_model("same", depth=2)
+    state.model = LoadedModel(torch.jit.trace(model.net, torch.zeros(1, 1, 32, 32)), model.info)
+    widget._on_run()
+    assert widget.worker is None
+    assert "only napari-unet U-Nets can be trained" in widget.status.text()

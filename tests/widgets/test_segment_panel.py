@@ -261,6 +261,10 @@ def test_rgb_layer_is_converted_to_gray(panel, qtbot):
     np.testing.assert_allclose(
         np.asarray(job.data[7]), movie[7].astype(np.float32) @ [0.299, 0.587, 0.114], rtol=1e-5
     )
+    # nor copied: dask copies a numpy array it wraps (a second copy of a large RGB stack,
+    # made on the GUI thread), so a change to the layer's array shows in the job's planes
+    movie[7] = 0
+    assert not np.asarray(job.data[7]).any()
 
 
 def test_viewer_stays_responsive_during_prediction(panel, qtbot):
@@ -453,6 +457,12 @@ def test_a_result_is_dropped_when_its_image_is_removed_or_replaced_meanwhile(pan
     assert "data was replaced" in widget.status.text() and len(viewer.layers) == 1
     _run(qtbot, widget)
     assert viewer.layers["img [unet instances]"].data.shape == (20, 40)
+    # moved or rescaled: the result, placed for where the image was, would lie elsewhere
+    widget._on_run()
+    layer.scale, layer.translate = (2, 0.5), (0, 100)
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=30000)
+    assert "scale or translate changed while it was segmented" in widget.status.text()
+    assert tuple(viewer.layers["img [unet instances]"].scale) == (1, 1)  # not updated
 
 
 def test_an_image_renamed_meanwhile_gets_a_result_under_its_new_name(panel, qtbot):

@@ -75,7 +75,23 @@ class AnnotationControls:
             self.status.setText("Choose the image above and select a Labels layer in the list.")
             return
         kind = "instances" if "instance" in self.kind_combo.currentText() else "sparse"
-        self.status.setText(ann.pair_labels(active, layer.name, kind))
+        model = self.state.model
+        if model is not None:  # (without one, Train checks it)
+            try:
+                mismatch = ann.placement_mismatch(active, job_for_layer(layer, model, self.viewer))
+            except ValueError as err:
+                self._on_errored(err)
+                return
+            if mismatch:
+                self.status.setText(f"Not paired: {mismatch}.")
+                return
+        message = ann.pair_labels(active, layer.name, kind)
+        if kind == "sparse" and ann.is_instances_result(active):
+            message += (
+                " It looks like a segmentation into objects (one value per object): "
+                "choose 'as instance masks' and pair it again to train on its objects."
+            )
+        self.status.setText(message)
 
     def _on_layers_changed(self, event=None) -> None:
         """Annotation layers name their image: they follow it when it is renamed."""
@@ -131,29 +147,41 @@ class AnnotationControls:
         )
 
     def annotation_pairs(self, model):
-        """``(image data, annotation, image name, kind)`` of every annotation layer (all
-        images): references to the image data (read later, in the worker) and a copy of
-        the paint as it is now (painting on while it trains changes nothing)."""
+        """``(image data, annotation, image name, kind, axes)`` of every annotation layer
+        that can train ``model`` (all images): references to the image data (read later,
+        in the worker) and a copy of the paint as it is now (painting on while it trains
+        changes nothing). Layers that cannot (image gone, painted for other classes, not
+        lying on their image) are left out and said in ``self.skipped``; none left: refused
+        with their reasons."""
         layers = self.annotation_layers()
         if not layers:
             raise ValueError("no annotation layer: press 'New annotation layer' and paint")
-        pairs = []
+        pairs, self.skipped = [], []
         for labels in layers:
-            name = labels.metadata[ANNOTATION_KEY]
-            if name not in self.viewer.layers:
-                raise ValueError(
-                    f"annotation layer {labels.name!r} belongs to image {name!r}, which is gone"
-                )
-            kind = labels.metadata.get(ann.KIND_KEY, "sparse")
-            mismatch = ann.classes_mismatch(labels, model.info.classes) if kind == "sparse" else ""
-            if mismatch:
-                raise ValueError(mismatch)
-            job = job_for_layer(self.viewer.layers[name], model, self.viewer)
-            paint = job.collapse(labels.data)
-            paint = paint.copy() if isinstance(paint, np.ndarray) else paint
-            # the image's axes as the segment panel reads them (C, Z, Y, X; thin stacks)
-            pairs.append((job.data, paint, name, kind, job.axes))
+            pair, why = self._annotation_pair(labels, model)
+            if pair is None:
+                self.skipped.append(why)
+            else:
+                pairs.append(pair)
+        if not pairs:
+            raise ValueError("; ".join(self.skipped))
         return pairs
+
+    def _annotation_pair(self, labels, model):
+        """``(pair, "")``, or ``(None, why)`` when ``labels`` cannot train ``model``."""
+        name = labels.metadata[ANNOTATION_KEY]
+        if name not in self.viewer.layers:
+            return None, f"'{labels.name}' belongs to image '{name}', which is gone"
+        kind = labels.metadata.get(ann.KIND_KEY, "sparse")
+        mismatch = ann.classes_mismatch(labels, model.info.classes) if kind == "sparse" else ""
+        job = job_for_layer(self.viewer.layers[name], model, self.viewer)
+        mismatch = mismatch or ann.placement_mismatch(labels, job)
+        if mismatch:
+            return None, mismatch
+        paint = job.collapse(labels.data)
+        paint = paint.copy() if isinstance(paint, np.ndarray) else paint
+        # the image's axes as the segment panel reads them (C, Z, Y, X; thin stacks)
+        return (job.data, paint, name, kind, job.axes), ""
 
     def _fill(self, classes) -> None:
         layer, index = self._fill_target

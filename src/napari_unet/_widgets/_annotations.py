@@ -7,12 +7,16 @@ annotates (``ANNOTATION_KEY``) and how it is read (``KIND_KEY``): painted classe
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 
-from napari_unet._widgets._results import ANNOTATION_KEY
+from napari_unet._widgets._layers import transformed
+from napari_unet._widgets._results import ANNOTATION_KEY, RESULT_KEY
 
 KIND_KEY = "napari_unet_kind"  # layer.metadata: "sparse" (painted classes) or "instances"
 CLASS_COLORS = ["#4a90d9", "#3cb44b", "#e6194b", "#ffe119", "#f58231", "#911eb4", "#46f0f0"]
+UNKNOWN_COLOR = "#ffffff"  # a label beyond the model's classes
 
 # the most pixels a fill writes through napari's undo history (about 1 s and 100 MB of
 # history per 4 million pixels); larger fills are written directly
@@ -20,10 +24,12 @@ UNDOABLE_FILL = 1 << 21
 
 
 def annotation_colormap(classes):
-    """Class k + 1 in its own colour, 0 (not annotated) transparent."""
+    """Class k + 1 in its own colour, 0 (not annotated) transparent, and a label beyond
+    the classes white: Train refuses such strokes (napari's label +1 key paints them),
+    so they must be seen to be erased."""
     from napari.utils.colormaps import DirectLabelColormap
 
-    colors = {0: "transparent", None: "transparent"}
+    colors = {0: "transparent", None: UNKNOWN_COLOR}
     for k in range(len(classes)):
         colors[k + 1] = CLASS_COLORS[k % len(CLASS_COLORS)]
     return DirectLabelColormap(color_dict=colors)
@@ -77,6 +83,44 @@ def pair_labels(labels, image_name: str, kind: str) -> str:
         else "painted classes (0 = not annotated, k = class k - 1)"
     )
     return f"'{labels.name}' annotates '{image_name}' as {what}."
+
+
+def placement_mismatch(labels, job) -> str:
+    """Why ``labels`` does not lie on ``job``'s image pixel for pixel (``""``: it does):
+    its pixel (i, j) is trained against the image's pixel (i, j), wherever either is
+    shown. napari lines layers up by their last axes; a layer of the user's may lack the
+    one-plane channel axis of the image's outputs."""
+    place = job.placement()
+    n = min(len(labels.scale), len(place["scale"]))
+    scale, translate = np.asarray(place["scale"])[-n:], np.asarray(place["translate"])[-n:]
+    same = np.allclose(labels.scale[-n:], scale, rtol=1e-6, atol=0) and np.allclose(
+        labels.translate[-n:], translate, rtol=0, atol=0.01 * np.abs(scale).min()
+    )
+    moved = transformed(labels)
+    if same and not moved:
+        return ""
+    how = (
+        f"it is {' and '.join(moved)}"
+        if moved
+        else f"scale {_numbers(labels.scale[-n:])} against {_numbers(scale)}, translate "
+        f"{_numbers(labels.translate[-n:])} against {_numbers(translate)}"
+    )
+    return (
+        f"'{labels.name}' does not lie on '{job.layer_name}' ({how}): its pixels would "
+        "train against other pixels of the image; give it the image's scale and translate, "
+        "or paint on a new annotation layer"
+    )
+
+
+def _numbers(values) -> str:
+    return "(" + ", ".join(f"{v:g}" for v in values) + ")"
+
+
+def is_instances_result(labels) -> bool:
+    """Whether ``labels`` is (a copy of) the segment panel's *instances* result, whose
+    values are objects, not classes."""
+    named = re.search(r" instances\](?: \[\d+\])?$", labels.name)
+    return bool(named) and RESULT_KEY in labels.metadata
 
 
 def follow_renames(viewer, before: dict) -> dict:

@@ -7,6 +7,7 @@ import threading
 import time
 import weakref
 
+import numpy as np
 from qtpy.QtCore import QEvent, QSize, Qt
 from qtpy.QtWidgets import (
     QComboBox,
@@ -218,13 +219,25 @@ class WorkerPanel(QWidget):
         worker.start()
         return worker
 
+    @staticmethod
+    def source_of(layer) -> tuple:
+        """What a run's results must still lie over when they arrive: the layer, its data
+        and where it is (see :meth:`source_lost`)."""
+        if layer is None:
+            return (None, None, None)
+        return (layer, layer.data, _placement(layer))
+
     def source_lost(self, source) -> str:
-        """Why a run's results no longer belong over ``source`` ((layer, its data) as the
-        run started): ``"removed"``, ``"replaced"`` (new data), or ``""`` (still there)."""
-        layer, data = source
+        """Why a run's results no longer belong over ``source`` (:meth:`source_of` the
+        image as the run started): ``"removed"``, ``"replaced"`` (new data), ``"moved"``
+        (new scale, translate or transform: the results were placed for the old one), or
+        ``""`` (still there)."""
+        layer, data, placement = source
         if not any(la is layer for la in self.viewer.layers):
             return "removed"
-        return "replaced" if layer.data is not data else ""
+        if layer.data is not data:
+            return "replaced"
+        return "moved" if _placement(layer) != placement else ""
 
     def idle(self) -> bool:
         """Whether no run is going on and its results are all shown."""
@@ -348,3 +361,17 @@ def _reporting(gen_func):
             raise RunError(text) from err
 
     return run
+
+
+def _placement(layer) -> tuple:
+    """Where ``layer`` lies in the world, as numbers that compare equal when unchanged."""
+    return tuple(
+        tuple(np.ravel(np.asarray(v, dtype=float)))
+        for v in (
+            layer.scale,
+            layer.translate,
+            layer.rotate,
+            layer.shear,
+            layer.affine.affine_matrix,
+        )
+    )

@@ -232,6 +232,17 @@ def _check_placement(layer) -> None:
     """Results, annotation layers and feature maps are placed with the layer's scale and
     translate; a rotated, sheared or affine-transformed layer is refused rather than
     answered with outputs (and paint) that do not lie on its pixels."""
+    what = transformed(layer)
+    if what:
+        raise ValueError(
+            f"layer {layer.name!r} is {' and '.join(what)}: napari-unet places its results "
+            "with a layer's scale and translate only; reset the layer's rotate / shear / "
+            "affine (or resample the image) first"
+        )
+
+
+def transformed(layer) -> list[str]:
+    """How ``layer`` is placed beyond its scale and translate ("rotated", ...)."""
     eye = np.eye(np.asarray(layer.rotate).shape[0])
     moved = {
         "rotated": not np.allclose(layer.rotate, eye),
@@ -240,13 +251,7 @@ def _check_placement(layer) -> None:
             layer.affine.affine_matrix, np.eye(layer.affine.affine_matrix.shape[0])
         ),
     }
-    what = [k for k, v in moved.items() if v]
-    if what:
-        raise ValueError(
-            f"layer {layer.name!r} is {' and '.join(what)}: napari-unet places its results "
-            "with a layer's scale and translate only; reset the layer's rotate / shear / "
-            "affine (or resample the image) first"
-        )
+    return [k for k, v in moved.items() if v]
 
 
 def _lazy(data, rgb: bool = False):
@@ -278,7 +283,11 @@ def _lazy_gray(data):
     if not hasattr(data, "dask"):
         # tile-sized chunks of one plane: reading a tile converts only its chunks (whole
         # planes made every tile of a 6000^2 image cost 4 s)
-        data = da.from_array(data, chunks=(1,) * (data.ndim - 3) + (512, 512, data.shape[-1]))
+        # read through indexing only, without a name: dask copies a numpy array whole
+        # and hashes it for a name (2.1 s on the GUI thread for 40 x 2048^2 RGB, at every
+        # description of the layer)
+        chunks = (1,) * (data.ndim - 3) + (512, 512, data.shape[-1])
+        data = da.from_array(_Indexed(data), chunks=chunks, name=False, meta=data[:0])
     weights = np.array([0.299, 0.587, 0.114], np.float32)
     return (data[..., :3].astype(np.float32) * weights).sum(axis=-1)
 
@@ -320,3 +329,15 @@ def _visible_region(layer, axes, viewer) -> tuple[int, int, int, int]:
     if y1 <= y0 or x1 <= x0:
         raise ValueError("the image is not in view; pan or zoom to it first")
     return y0, y1, x0, x1
+
+
+class _Indexed:
+    """An array seen only through indexing (dask's ``from_array`` copies what has a
+    ``copy`` method)."""
+
+    def __init__(self, array) -> None:
+        self.array = array
+        self.shape, self.dtype, self.ndim = array.shape, array.dtype, array.ndim
+
+    def __getitem__(self, index):
+        return self.array[index]

@@ -60,7 +60,7 @@ class FeatureMapPanel(WorkerPanel):
         # 0.3 s to add an image layer (its canvas node and controls), so adding ten
         # stages in one go froze the viewer for 2-3 s
         self._pending: list[tuple[str, np.ndarray, dict]] = []  # (stage, data, layer kw)
-        self._adding_for = None  # (image layer, its data) whose maps are being added
+        self._adding_for = None  # source_of the image whose maps are being added
         self._added = 0  # of the last run's stage layers
         self._add_timer = QTimer(self)
         self._add_timer.setSingleShot(True)
@@ -150,7 +150,7 @@ class FeatureMapPanel(WorkerPanel):
             )
             return
         self._job = job
-        self._source = (layers[0], layers[0].data)  # maps are only shown over their image
+        self._source = self.source_of(layers[0])  # maps are only shown over their image
         # the job holds one plane (current plane): index 0 of each leading axis, not of
         # the channel axis
         plane = tuple(0 for _ in axes.leading)
@@ -182,8 +182,8 @@ class FeatureMapPanel(WorkerPanel):
         source, self._source = self._source, None
         if source is not None and self.source_lost(source):
             self.status.setText(
-                f"{job.layer_name} was removed or its data replaced meanwhile: its feature "
-                "maps were dropped."
+                f"{job.layer_name} was removed, moved or its data replaced meanwhile: its "
+                "feature maps were dropped."
             )
             return
         # the channel axis gets a world axis of its own, before those of every other layer
@@ -273,8 +273,8 @@ class FeatureMapPanel(WorkerPanel):
         source = self._adding_for
         if source is not None and self.source_lost(source):  # removed since they arrived
             self._end_adding(
-                f"{source[0].name} was removed or its data replaced meanwhile: its other "
-                "feature maps were dropped."
+                f"{source[0].name} was removed, moved or its data replaced meanwhile: its "
+                "other feature maps were dropped."
             )
             return
         stage, data, kw = self._pending.pop(0)

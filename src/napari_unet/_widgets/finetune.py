@@ -104,7 +104,10 @@ class FinetunePanel(AnnotationControls, VersionControls, WorkerPanel):
             return
         if self.busy():
             return
+        from napari_unet.core.training import check_trainable
+
         try:
+            check_trainable(model)
             pairs = self.annotation_pairs(model)
             cfg = self.config()
             preview = None
@@ -116,7 +119,10 @@ class FinetunePanel(AnnotationControls, VersionControls, WorkerPanel):
         self._parent = self.versions.current
         self._run_versions = self.versions
         self._painted, self._what = {}, ""
+        # layers that cannot train this model, said while it trains on the others
+        self._left_out = f" (left out: {'; '.join(self.skipped)})" if self.skipped else ""
         self._preview_job = preview
+        self._preview_source = self.source_of(layer)
         self.loss_plot.reset()
         self._stop.clear()
         self._mode = "train"
@@ -229,7 +235,7 @@ class FinetunePanel(AnnotationControls, VersionControls, WorkerPanel):
         if isinstance(value, Collected):
             self._painted, self._what = value.painted, value.what
             if not paused:
-                self.status.setText(f"Training on {value.what}...")
+                self.status.setText(f"Training on {value.what}...{self._left_out}")
         elif isinstance(value, TrainStep):
             if not self.loss_plot.add(value.step, value.loss):
                 return  # the plot and the text refresh together, a few times a second
@@ -249,8 +255,8 @@ class FinetunePanel(AnnotationControls, VersionControls, WorkerPanel):
         """Show the preview in this panel's own preview layer; a layer the user edited or
         paired as annotations is never written into (a new preview layer is made)."""
         job = self._preview_job
-        if job.layer_name not in self.viewer.layers:  # the image was removed meanwhile
-            return
+        if self.source_lost(self._preview_source):  # removed (or replaced) meanwhile: an
+            return  # image that took its name is another image
         layer = self._preview_layer()
         if layer is not None and layer in self.viewer.layers and overwritable(layer):
             replace_data(layer, job.expand(preview.labels))

@@ -240,7 +240,7 @@ class SegmentPanel(WorkerPanel):
             return
         # the result is shown as asked now, whatever the controls or the model become meanwhile
         self._job = (job, model, opts.mode)
-        self._source = (layer, layer.data)  # a result is only shown over what it came from
+        self._source = self.source_of(layer)  # a result is only shown over what it came from
         self.status.setText(f"Segmenting {layer.name}: {job.describe}")
         self.start(segment_iter, job.data, model, opts, desc=f"napari-unet: {layer.name}")
 
@@ -258,10 +258,11 @@ class SegmentPanel(WorkerPanel):
                 f"{job.layer_name} was removed while it was segmented: the result was dropped."
             )
             return
-        if lost == "replaced":
+        if lost:
+            what = "data was replaced" if lost == "replaced" else "scale or translate changed"
             self.status.setText(
-                f"{layer.name}'s data was replaced while it was segmented: the result was "
-                "dropped; press Segment again."
+                f"{layer.name}'s {what} while it was segmented: the result was dropped; "
+                "press Segment again."
             )
             return
         # named after the image as it is called now (renamed meanwhile: its new name)

@@ -26,8 +26,8 @@ def stoppable(net, should_stop: Callable[[], bool] | None):
     Only calls made by this thread are stopped: the network may be shared with another
     panel's run. Networks without module hooks (TorchScript, ONNX) stop between calls.
     """
-    hookable = isinstance(net, torch.nn.Module) and not isinstance(net, torch.jit.ScriptModule)
-    if should_stop is None or not hookable:
+    modules = list(_hookable(net)) if should_stop is not None else []
+    if not modules:
         yield
         return
     thread = threading.get_ident()
@@ -36,9 +36,19 @@ def stoppable(net, should_stop: Callable[[], bool] | None):
         if threading.get_ident() == thread and should_stop():
             raise Cancelled("cancelled")
 
-    handles = [m.register_forward_pre_hook(check) for m in net.modules()]
+    handles = [m.register_forward_pre_hook(check) for m in modules]
     try:
         yield
     finally:
         for handle in handles:
             handle.remove()
+
+
+def _hookable(module):
+    """``module`` and its submodules, less TorchScript ones and all they hold (a
+    bioimage.io package's network wraps a scripted one, which refuses hooks)."""
+    if not isinstance(module, torch.nn.Module) or isinstance(module, torch.jit.ScriptModule):
+        return
+    yield module
+    for child in module.children():
+        yield from _hookable(child)

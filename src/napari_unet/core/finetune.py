@@ -76,7 +76,10 @@ def _checked_pair(pair: tuple, axes: str | None, in_channels: int):
     kind = pair[3] if len(pair) > 3 else "sparse"
     if kind not in ("sparse", "instances"):
         raise ValueError(f"annotation kind must be 'sparse' or 'instances', got {kind!r}")
-    image, annotation = np.asarray(image), np.asarray(annotation)
+    # a lazy image (dask, zarr) stays lazy: only the painted planes and a few unpainted
+    # ones are read (np.asarray read a whole 150-plane stack for one painted plane)
+    image = image if hasattr(image, "shape") and hasattr(image, "dtype") else np.asarray(image)
+    annotation = np.asarray(annotation)
     ax = resolve_axes(image.shape, pair[4] if len(pair) > 4 else axes, in_channels)
     spatial = tuple(s for s, a in zip(image.shape, ax.axes) if a != "C")
     if annotation.shape != spatial:
@@ -125,7 +128,8 @@ def check_annotations(planes: Sequence[PaintedPlane], classes: Sequence[str]) ->
         if top > k:
             raise ValueError(
                 f"label {top} is painted on {p.source} but the model has {k} classes "
-                f"(labels 1..{k}: {', '.join(classes)})"
+                f"(labels 1..{k}: {', '.join(classes)}); a mask with one value per object "
+                "trains as instance masks (fine-tune panel: 'as instance masks')"
             )
         counts += np.bincount(p.annotation.ravel().astype(np.int64), minlength=k + 1)
     painted = {classes[i]: int(counts[i + 1]) for i in range(k) if counts[i + 1]}
@@ -219,8 +223,9 @@ def finetune_iter(
     ``skip_preview()`` returning True during a preview drops it (the run goes on): a
     caller's Pause is not kept waiting for a whole-plane prediction."""
     from napari_unet.core.cancel import Cancelled
-    from napari_unet.core.training import STOPPED_EARLY, Phase, train_iter
+    from napari_unet.core.training import STOPPED_EARLY, Phase, check_trainable, train_iter
 
+    check_trainable(model)  # before the seconds of predicting the painted pixels
     scales: tuple[float, ...] = ()
     preview_scale = 1.0
     if diameter is not None and model.info.object_diameter:

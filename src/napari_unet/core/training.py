@@ -106,7 +106,7 @@ def train_iter(
     time, for the reports and for ``config.max_seconds``.
     """
     cfg = config or TrainConfig()
-    _check_trainable(model)
+    check_trainable(model)
     if cfg.bf16 not in (True, False, "auto"):
         raise ValueError(f"bf16 must be True, False or 'auto', not {cfg.bf16!r}")
     rng = np.random.default_rng(cfg.seed)
@@ -283,7 +283,8 @@ def _diverged(step: int, cfg: TrainConfig):
     )
 
 
-def _check_trainable(model: LoadedModel) -> None:
+def check_trainable(model: LoadedModel) -> None:
+    """Refuse a network this module cannot train (before any work is done for it)."""
     if not isinstance(model.net, UNet):
         raise ValueError(
             f"only napari-unet U-Nets can be trained; {model.info.name!r} is a "
