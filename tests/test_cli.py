@@ -670,3 +670,85 @@ def test_python_dash_m_runs_the_command(module, tmp_path):
     )
     assert done.returncode == 1
     assert "napari-unet: error" in done.stderr and "missing.safetensors" in done.stderr
+
+
+def test_a_trained_model_that_cannot_be_written_is_rescued_not_lost(tmp_path, capsys, monkeypatch):
+    """A full disk raised safetensors' own error (not an OSError): a raw traceback, and
+    the hour of training was lost."""
+    import tempfile
+
+    import safetensors.torch
+
+    from napari_unet.io import load_model
+
+    real = safetensors.torch.save_file
+
+    def save_file(tensors, filename, metadata=None):
+        if "rescue" not in str(filename):
+            raise Exception("Error while serializing: I/O error: No space left on device")
+        return real(tensors, filename, metadata=metadata)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", save_file)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "rescue"))
+    (tmp_path / "rescue").mkdir()
+    out = tmp_path / "trained.safetensors"
+    assert main(_train_args(tmp_path, out, steps=3)) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "No space left on device" in err[0], err
+    assert "the trained model was saved to" in err[0]
+    (rescued,) = (tmp_path / "rescue").glob("trained-*.safetensors")
+    assert rescued.name in err[0] and load_model(rescued).info.provenance["steps"] == 3
+    assert not out.exists() and not list(tmp_path.glob(".trained*"))  # no partial file
+
+
+def test_an_error_in_a_batch_names_its_input(tmp_path, model_file, image, capsys):
+    good, bad = tmp_path / "good.npy", tmp_path / "bad.npy"
+    np.save(good, image.astype(np.float32))
+    nan = image.astype(np.float32)
+    nan[5, 5] = np.nan
+    np.save(bad, nan)
+    rc = main(
+        ["predict", str(good), str(bad), "-m", str(model_file), "-o", str(tmp_path / "out"), "-q"]
+    )
+    err = capsys.readouterr().err
+    assert rc == 1
+    assert (
+        f"error: {bad}: " in err
+        and "NaN" in err
+        and "the 1 input(s) before it were written" in err
+    )
+    assert (tmp_path / "out" / "good.tif").exists() or list((tmp_path / "out").glob("good*"))
+
+
+def test_sigterm_stops_a_command_as_ctrl_c_does():
+    import os
+    import signal
+
+    from napari_unet.cli import _terminate_interrupts
+
+    with pytest.raises(KeyboardInterrupt), _terminate_interrupts():
+        os.kill(os.getpid(), signal.SIGTERM)
+        for _ in range(100):  # the handler runs between bytecodes
+            pass
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+class _OneAtATime(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(1, 2, 3, padding=1)
+
+    def forward(self, x):
+        if x.shape[0] > 1:
+            raise ValueError("one tile at a time")
+        return self.conv(x)
+
+
+def test_an_error_raised_by_a_torchscript_model_is_one_line(tmp_path, image, capsys):
+    torch.jit.save(torch.jit.script(_OneAtATime()), str(tmp_path / "one.pt"))
+    src = tmp_path / "img.npy"
+    np.save(src, np.tile(image, (4, 4)))
+    args = ["predict", str(src), "-m", str(tmp_path / "one.pt"), "-o", str(tmp_path / "o.tif")]
+    assert main([*args, "-q", "--tile", "128", "--batch-size", "4"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["napari-unet: error: the model failed: ValueError: one tile at a time"]

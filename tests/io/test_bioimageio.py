@@ -684,3 +684,37 @@ def test_real_package_tiles_seamlessly(real_torchscript, real_onnx):
 def test_real_remote_state_dict_is_not_downloaded(no_network):
     with pytest.raises(ModelFileError, match=r"unet2d_nuclei_broad_weights\.torch .*downloads"):
         load_package(REAL, weights_format="pytorch_state_dict", trust_code=True)
+
+
+def test_a_zipped_member_that_unpacks_far_beyond_its_size_is_refused_unread(
+    tmp_path, exported, monkeypatch
+):
+    """A 5 MB zip whose weights (no sha256: it is optional) unpacked to 1.9 GiB of zeros
+    took 6 GB of memory and 44 s before it was refused."""
+    import napari_unet.io.bioimageio._files as files_mod
+
+    monkeypatch.setattr(files_mod, "BOMB_SIZE", 100_000)  # (64 MiB: a test stays small)
+
+    def no_hash(rdf):
+        rdf["weights"]["torchscript"].pop("sha256", None)
+
+    plain = repack(exported["same"], tmp_path / "plain.zip", edit=no_hash, rehash=False)
+    bomb = tmp_path / "bomb.zip"
+    with zipfile.ZipFile(plain) as src, zipfile.ZipFile(bomb, "w", zipfile.ZIP_DEFLATED) as dst:
+        for name in src.namelist():
+            data = src.read(name)
+            dst.writestr(name, bytes(1_000_000) if name == "weights_torchscript.pt" else data)
+    with pytest.raises(ModelFileError, match=r"weights_torchscript\.pt unpacks to .* zip bomb"):
+        load_package(bomb)
+    assert load_package(plain).info.num_classes == 3  # weights compress little: read
+
+
+def test_a_pointwise_step_without_its_settings_is_refused_at_load(tmp_path, exported):
+    """It loaded, and every run then failed with a bare KeyError ('threshold')."""
+
+    def add_binarize(rdf):
+        rdf["outputs"][0]["postprocessing"].insert(0, {"id": "binarize", "kwargs": {}})
+
+    path = repack(exported["same"], tmp_path / "nothreshold.zip", edit=add_binarize)
+    with pytest.raises(ModelFileError, match="step 'binarize' has no threshold"):
+        load_package(path)

@@ -377,7 +377,7 @@ class _Thresholded(torch.nn.Module):
     ("net", "match"),
     [
         (_Tuple(), "returns tuple, not one"),
-        (_NoChannel(), "returns a 3-D tensor"),
+        (_NoChannel(), r"returns a tensor of shape \(1, 256, 256\) for an input of shape"),
         (_Upsample(), "gives a 512 x 512 output"),
     ],
 )
@@ -385,6 +385,65 @@ def test_torchscript_whose_output_is_not_a_class_map_is_refused(tmp_path, net, m
     torch.jit.save(torch.jit.script(net), str(tmp_path / "odd.pt"))
     with pytest.raises(ModelFileError, match=match):
         load_model(tmp_path / "odd.pt")
+
+
+class _Only128(torch.nn.Module):
+    """Two 5 x 5 convolutions (halo 4) that take 128 x 128 inputs only, as scripted or
+    traced networks often do."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = torch.nn.Conv2d(1, 4, 5, padding=2)
+        self.b = torch.nn.Conv2d(4, 2, 5, padding=2)
+
+    def forward(self, x):
+        if x.shape[-2] != 128 or x.shape[-1] != 128:
+            raise ValueError("need 128 x 128")
+        return self.b(torch.relu(self.a(x)))
+
+
+class _Refuses(torch.nn.Module):
+    def forward(self, x):
+        raise ValueError("this network needs its own pre-processing")
+
+
+def test_a_torchscript_that_takes_one_size_is_tiled_at_that_size(tmp_path):
+    """It was refused with a 17-line TorchScript traceback (or 'cannot load it')."""
+    torch.manual_seed(0)
+    net = _Only128().eval()
+    torch.jit.save(torch.jit.script(net), str(tmp_path / "fixed.pt"))
+    loaded = load_model(tmp_path / "fixed.pt")
+    assert loaded.info.fixed_input == (128, 128) and loaded.info.in_channels == 1
+    assert loaded.info.geometry.halo >= 4
+    # the same convolutions at any size, in one tile: the tiles at 128 are seamless
+    any_size = torch.nn.Sequential(net.a, torch.nn.ReLU(), net.b)
+    torch.jit.save(torch.jit.trace(any_size, torch.rand(1, 1, 64, 64)), str(tmp_path / "any.pt"))
+    image = np.random.default_rng(6).standard_normal((300, 260)).astype(np.float32)
+    ref = predict(image, load_model(tmp_path / "any.pt"), tile=512, device="cpu")
+    np.testing.assert_allclose(predict(image, loaded, device="cpu"), ref, atol=1e-5)
+
+
+def test_a_torchscript_that_refuses_every_input_says_what_its_code_raised(tmp_path):
+    torch.jit.save(torch.jit.script(_Refuses()), str(tmp_path / "r.pt"))
+    with pytest.raises(ModelFileError) as err:
+        load_model(tmp_path / "r.pt")
+    message = str(err.value)
+    assert "ValueError: this network needs its own pre-processing" in message
+    assert "\n" not in message and "TorchScript interpreter" not in message
+
+
+def test_a_torchscript_declaring_a_huge_halo_is_refused(tmp_path):
+    model = tiny_model("same", depth=2)
+    traced = torch.jit.trace(model.net, torch.rand(1, 1, 64, 64))
+    info = model.info.to_dict()
+    info["geometry"]["halo"] = 600
+    torch.jit.save(
+        traced, str(tmp_path / "h.pt"), _extra_files={TORCHSCRIPT_META: json.dumps(info)}
+    )
+    with pytest.raises(
+        ModelFileError, match="declares a halo of 600 px; napari-unet takes 0 to 512"
+    ):
+        load_model(tmp_path / "h.pt")
 
 
 def test_thresholded_torchscript_gets_its_halo_by_perturbation(tmp_path):
@@ -421,3 +480,18 @@ def test_an_unwritable_folder_is_named_not_the_temporary_file(tmp_path, monkeypa
     ) as err:
         save_model(tiny_model("same"), tmp_path / "m.safetensors")
     assert ".tmp" not in str(err.value)
+
+
+def test_a_broken_instance_recipe_is_refused_at_load(tmp_path):
+    """It loaded, and every instances run failed after the network had run."""
+    model = tiny_model("same")
+    for recipe, match in [
+        ({"method": "watershed", "seed": 7}, "instance recipe seed 7 is not a class index"),
+        ({"method": "magic"}, "instance method 'magic' is unknown"),
+        ({"method": "watershed", "seed_threshold": 3.0}, "seed_threshold must be between"),
+    ]:
+        model.info.instances = recipe
+        save_model(model, tmp_path / "r.safetensors")
+        with pytest.raises(ModelFileError, match=match) as err:
+            load_model(tmp_path / "r.safetensors")
+        assert str(err.value).startswith("r.safetensors: instance")

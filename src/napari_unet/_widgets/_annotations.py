@@ -90,9 +90,11 @@ def placement_mismatch(labels, job) -> str:
     its pixel (i, j) is trained against the image's pixel (i, j), wherever either is
     shown. napari lines layers up by their last axes; a layer of the user's may lack the
     one-plane channel axis of the image's outputs."""
-    place = job.placement()
-    n = min(len(labels.scale), len(place["scale"]))
-    scale, translate = np.asarray(place["scale"])[-n:], np.asarray(place["translate"])[-n:]
+    scale, translate = list(job.scale), list(job.translate)
+    if job.channel_at is not None and len(labels.scale) != len(scale):
+        del scale[job.channel_at], translate[job.channel_at]  # a layer in the image's axes
+    n = min(len(labels.scale), len(scale))
+    scale, translate = np.asarray(scale)[-n:], np.asarray(translate)[-n:]
     same = np.allclose(labels.scale[-n:], scale, rtol=1e-6, atol=0) and np.allclose(
         labels.translate[-n:], translate, rtol=0, atol=0.01 * np.abs(scale).min()
     )

@@ -5,6 +5,8 @@ Errors print one line (``napari-unet: error: ...``) and exit with status 1.
 
 from __future__ import annotations
 
+import contextlib
+import signal
 import sys
 
 from napari_unet.cli._models import cmd_export, cmd_info, cmd_models
@@ -19,7 +21,8 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``napari-unet`` console script."""
     args = build_parser().parse_args(argv)
     try:
-        return COMMANDS[args.command](args)
+        with _terminate_interrupts():
+            return COMMANDS[args.command](args)
     except KeyboardInterrupt:
         print("napari-unet: interrupted", file=sys.stderr)
         return 130
@@ -29,6 +32,33 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError, MemoryError, RuntimeError) as err:
         print(f"napari-unet: error: {err}", file=sys.stderr)
         return 1
+    except Exception as err:
+        if type(err).__module__.split(".")[0] != "torch":
+            raise  # a defect of napari-unet: its traceback is the report
+        # torch.jit.Error (not a RuntimeError): raised by a TorchScript model's own code
+        from napari_unet.io.files import _first_line
+
+        print(f"napari-unet: error: the model failed: {_first_line(err)}", file=sys.stderr)
+        return 1
+
+
+@contextlib.contextmanager
+def _terminate_interrupts():
+    """SIGTERM (a cluster job's time limit, ``kill``) stops as Ctrl-C does: partial
+    outputs are removed (hidden .zarr folders were left behind)."""
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    try:
+        previous = signal.signal(signal.SIGTERM, interrupt)
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _quiet_stdout() -> None:

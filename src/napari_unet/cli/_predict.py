@@ -37,15 +37,25 @@ def cmd_predict(args) -> int:
             "--diameter off says so and silences this)",
             file=sys.stderr,
         )
-    for src, dst in targets:
+    for i, (src, dst) in enumerate(targets):
         image = read_image(src)
         axes = args.axes or image_axes(src)  # as the file records them (OME, ImageJ)
         try:
             _predict_one(image, model, dst, args, label=Path(src).name, axes=axes)
         except zlib.error as err:  # read lazily, tile by tile: a corrupt tile shows here
-            raise ValueError(f"{src}: its image data is corrupt ({err})") from None
+            raise ValueError(f"{src}: its image data is corrupt ({err}){_done(i)}") from None
+        except (ValueError, OSError, RuntimeError) as err:  # which of many inputs it was
+            if str(src) in str(err):
+                raise
+            kind = next(k for k in (OSError, RuntimeError, ValueError) if isinstance(err, k))
+            raise kind(f"{src}: {err}{_done(i)}") from None
         print(f"{src} -> {dst}", file=sys.stderr)
     return 0
+
+
+def _done(i: int) -> str:
+    """What a batch stopped at its input ``i`` has written."""
+    return f" (the {i} input(s) before it were written)" if i else " (nothing was written)"
 
 
 def _check_input(image, axes, model, src) -> None:

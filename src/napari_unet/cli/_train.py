@@ -50,7 +50,6 @@ def cmd_train(args) -> int:
 
     from napari_unet.core.training import train_iter
     from napari_unet.io import outputs
-    from napari_unet.io.files import save_model
     from napari_unet.io.images import read_image
 
     if len(args.images) != len(args.labels):
@@ -80,9 +79,32 @@ def cmd_train(args) -> int:
     )
     result = _run_with_bar(gen, stop, args.quiet)
     # named after its file: it is no longer the model it was trained from
-    save_model(result.with_info(name=Path(args.output).stem), args.output)
+    _save_or_rescue(result.with_info(name=Path(args.output).stem), Path(args.output))
     _report(result, args, stop.is_set())
     return 0
+
+
+def _save_or_rescue(model, path: Path) -> None:
+    """Save the trained model; where that fails (disk full, folder gone), save it in the
+    temporary folder rather than lose the run, and say where (exit status 1)."""
+    import tempfile
+    import time
+
+    from napari_unet.io.files import save_model
+
+    try:
+        save_model(model, path)
+        return
+    except OSError as err:
+        failed = err
+    rescue = (
+        Path(tempfile.gettempdir()) / f"{path.stem}-{time.strftime('%Y%m%d-%H%M%S')}.safetensors"
+    )
+    try:
+        save_model(model, rescue)
+    except OSError:
+        raise failed from None
+    raise OSError(f"{failed}; the trained model was saved to {rescue} instead") from None
 
 
 def _classes(args) -> str | None:

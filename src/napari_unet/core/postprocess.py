@@ -66,6 +66,35 @@ def resolve_recipe(recipe: dict, classes: list[str] | None, num_classes: int) ->
     return out
 
 
+METHODS = ("watershed", "components")
+# a recipe's numbers: the largest value each may take (None: no limit)
+_RECIPE_NUMBERS = {
+    "seed_threshold": 1.0,
+    "min_confidence": 1.0,
+    "seed_peaks": 1.0,
+    "min_seed_size": None,
+    "unseeded_min_size": None,
+    "seed_split": None,
+}
+
+
+def check_recipe(recipe: dict, classes: list[str] | None, num_classes: int) -> None:
+    """Refuse a recipe that post-processing would refuse, before any work is done (a
+    model file's broken recipe failed every run only after the network had run)."""
+    resolve_recipe(recipe, classes, num_classes)
+    method = recipe.get("method", "components")
+    if method not in METHODS:
+        raise ValueError(f"instance method {method!r} is unknown; use {' or '.join(METHODS)}")
+    for key, top in _RECIPE_NUMBERS.items():
+        value = recipe.get(key)
+        if value is None:
+            continue
+        number = isinstance(value, (int, float, np.number)) and not isinstance(value, bool)
+        if not number or not np.isfinite(value) or value < 0 or (top and value > top):
+            span = f"between 0 and {top:g}" if top else "a number of at least 0"
+            raise ValueError(f"instance recipe {key} must be {span}, got {value!r}")
+
+
 def class_labels(probs: np.ndarray) -> np.ndarray:
     """Arg-max class per pixel of ``(K, ..., Y, X)`` probabilities (``> 0.5`` if K == 1)."""
     if probs.shape[0] == 1:
@@ -157,7 +186,7 @@ def _plane_instances(p: np.ndarray, recipe: dict, threshold: float, min_size: in
         confidence = p[int(recipe.get("foreground", p.shape[0] - 1))]
         lab, _ = ndi.label(confidence > threshold)
     else:
-        raise ValueError(f"unknown instance method {method!r}; use 'watershed' or 'components'")
+        raise ValueError(f"unknown instance method {method!r}; use {' or '.join(METHODS)}")
     lab = _remove_small(lab.astype(np.int32, copy=False), min_size)
     lab = drop_unsure(lab, confidence, float(recipe.get("min_confidence", 0.0)))
     return relabel_sequential(lab)[0].astype(np.int32)

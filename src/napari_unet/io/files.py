@@ -45,7 +45,12 @@ def atomic_write(path: str | Path, write) -> Path:
     umask = os.umask(0)
     os.umask(umask)
     try:
-        write(tmp)
+        try:
+            write(tmp)
+        except (OSError, ValueError, TypeError, KeyboardInterrupt):
+            raise
+        except Exception as err:  # noqa: BLE001 - e.g. SafetensorError on a full disk
+            raise OSError(f"cannot write {path}: {_first_line(err)}") from err
         # mkstemp's 0600 would hide the file from other users; after writing, as some
         # writers (safetensors) replace the file
         os.chmod(tmp, 0o666 & ~umask)
@@ -102,7 +107,7 @@ def load_model(source: str | Path, trust_code: bool = False) -> LoadedModel:
     name = Path(str(source)).name
     try:
         model = _load(source, trust_code, name)
-    except (RuntimeError, MemoryError) as err:  # (RecursionError is a RuntimeError)
+    except (RuntimeError, MemoryError, torch.jit.Error) as err:  # (RecursionError too)
         # torch's allocator refusing sizes a file declares, recursion in nested metadata:
         # one line naming the file (a RuntimeError also stopped the GUI's worker dead)
         raise ModelFileError(f"{name}: cannot load it ({_first_line(err)})") from None
@@ -142,6 +147,13 @@ def _load(source, trust_code: bool, name: str) -> LoadedModel:
     if model.info.format != "torchscript":  # _load_torchscript checks before it probes
         _check_finite(model.net, name)
     _check_answers(model, name)
+    if model.info.instances:
+        from napari_unet.core.postprocess import check_recipe
+
+        try:
+            check_recipe(model.info.instances, model.info.classes, model.info.num_classes)
+        except ValueError as err:
+            raise ModelFileError(f"{name}: {err}") from None
     return model
 
 
@@ -316,6 +328,11 @@ def _load_pickle(path: Path) -> LoadedModel:
 
 
 def _first_line(err: Exception) -> str:
-    """The first line of an error's message (its type where it has none)."""
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
+    """The first line of an error's message (its type where it has none); for an error
+    inside TorchScript code, its last line, which says what the code raised."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    if not lines:
+        return type(err).__name__
+    if lines[0].startswith("The following operation failed in the TorchScript interpreter"):
+        return lines[-1].removeprefix("builtins.")  # e.g. "ValueError: need 256"
+    return lines[0]

@@ -130,16 +130,29 @@ def _output(net, x: torch.Tensor, name: str) -> torch.Tensor:
 
 def _checked(y, x: torch.Tensor, name: str) -> torch.Tensor:
     if not isinstance(y, torch.Tensor) or y.ndim != 4 or y.shape[0] != x.shape[0]:
-        got = f"a {y.ndim}-D tensor" if isinstance(y, torch.Tensor) else type(y).__name__
+        got = (
+            f"a tensor of shape {tuple(y.shape)} for an input of shape {tuple(x.shape)}"
+            if isinstance(y, torch.Tensor)
+            else type(y).__name__
+        )
         raise ModelFileError(
-            f"{name}: the network returns {got}, not one (batch, classes, y, x) tensor"
+            f"{name}: the network returns {got}, not one (batch, classes, y, x) tensor "
+            "per input (2D networks only)"
         )
     return y
+
+
+MAX_HALO = 512  # px, as for bioimage.io packages: each check builds inputs of 2 x halo
 
 
 def _check_outputs(net, info: ModelInfo, name: str) -> None:
     """One small forward pass: the network gives the classes and size its metadata says."""
     g = info.geometry
+    if not 0 <= g.halo <= MAX_HALO:
+        raise ModelFileError(
+            f"{name}: its metadata declares a halo of {g.halo} px; napari-unet takes 0 to "
+            f"{MAX_HALO}"
+        )
     n = info.fixed_input or (g.snap(max(g.min_input, 2 * g.halo + g.multiple), "up"),) * 2
     x = torch.zeros(1, info.in_channels, *n)
     try:
@@ -194,28 +207,26 @@ def probe_network(net, name: str = "model", max_channels: int = 4) -> ModelInfo:
     from napari_unet.model.receptive import NoGradient, measure_halo, perturb_halo
 
     base = 256
-    error = None
-    for c in range(1, max_channels + 1):
-        x = torch.zeros(1, c, base, base)
-        try:
-            with torch.inference_mode():
-                y = net(x)
-        except Exception as err:  # noqa: BLE001 - try the next channel count
-            error = _first_line(err)
-            continue
-        y = _checked(y, x, name)
-        break
-    else:
+    found, error = _accepted(net, base, max_channels, name)
+    if found is None:  # one size only (traced or scripted for it)?
+        for size in FIXED_SIZES:
+            found, _ = _accepted(net, size, max_channels, name)
+            if found is not None:
+                return _fixed_info(net, name, size, *found)
         raise ModelFileError(
             f"{name}: the network does not accept 2D float32 images with 1-{max_channels} "
-            f"channels ({error})"
+            f"channels of {base} x {base} or of {', '.join(map(str, FIXED_SIZES))} px a side "
+            f"({error})"
         )
+    c, y = found
     shrink = base - y.shape[-1]
     if y.shape[-2] != y.shape[-1] or shrink < 0 or shrink % 2:
         raise ModelFileError(
             f"{name}: a {base} x {base} input gives a {y.shape[-2]} x {y.shape[-1]} output; "
             "only networks whose output is the input, or the input less a border, are supported"
         )
+    if _accepted(net, 2 * base, c, name, least=c)[0] is None:  # 256 x 256 only
+        return _fixed_info(net, name, base, c, y)
     multiple = _measure_multiple(net, c, base, shrink)
     if shrink == 0:
         size = 512 // multiple * multiple
@@ -239,12 +250,78 @@ def probe_network(net, name: str = "model", max_channels: int = 4) -> ModelInfo:
         ):
             size -= multiple
         geometry = Geometry(multiple, size % multiple, size, shrink, shrink // 2)
+    return _opaque_info(name, c, y.shape[1], geometry)
+
+
+# input sides tried when a network refuses 256 x 256: sizes networks are traced for
+FIXED_SIZES = (512, 128, 1024, 64, 572, 384)
+
+
+def _accepted(net, size: int, channels: int, name: str, least: int = 1):
+    """``((channels, output), "")`` for the first channel count from ``least`` to
+    ``channels`` the network takes at ``size`` x ``size``, else ``(None, why)``."""
+    error = ""
+    for c in range(least, channels + 1):
+        x = torch.zeros(1, c, size, size)
+        try:
+            with torch.inference_mode():
+                y = net(x)
+        except Exception as err:  # noqa: BLE001 - try the next channel count
+            error = _first_line(err)
+            continue
+        return (c, _checked(y, x, name)), ""
+    return None, error
+
+
+def _fixed_info(net, name: str, size: int, c: int, y: torch.Tensor) -> ModelInfo:
+    """A network that takes ``size`` x ``size`` inputs only: tiles of that size, its
+    halo and pooling grid measured inside one input (as for bioimage.io packages
+    declared with one size)."""
+    from napari_unet.io.bioimageio._geometry import _Declared, _find_multiple, _fixed_geometry
+
+    shrink = size - y.shape[-1]
+    if y.shape[-2] != y.shape[-1] or shrink < 0 or shrink % 2:
+        raise ModelFileError(
+            f"{name}: a {size} x {size} input gives a {y.shape[-2]} x {y.shape[-1]} output; "
+            "only networks whose output is the input, or the input less a border, are supported"
+        )
+
+    def run(x):
+        return _output(net, torch.from_numpy(x), name).numpy()
+
     k = y.shape[1]
+    declared = _Declared((size, size), size, 0, shrink, 0, c, k)
+    if shrink:  # valid padding: the context is the border the output loses
+        m = _find_multiple(run, c, (size, size), 0, (8, 16, 32, 64, 128)) or 8
+        geometry = Geometry(m, size % m, size, shrink, shrink // 2)
+    else:
+        geometry = _fixed_geometry(run, declared)[0]
+        halo = _gradient_halo(net, c, size)  # where perturbing could not measure it
+        if geometry.halo == 0 and halo and 2 * halo < size:
+            m = geometry.multiple
+            geometry = Geometry(m, geometry.offset, size, 0, -(-halo // m) * m)
+    return _opaque_info(name, c, k, geometry, fixed=size)
+
+
+def _opaque_info(name: str, c: int, k: int, geometry: Geometry, fixed: int | None = None):
+    """What is known of a network without metadata: what was measured."""
+    takes = f" that takes {fixed} x {fixed} inputs only" if fixed else ""
     return ModelInfo(
         name=name,
         classes=[f"class{i}" for i in range(k)],
         in_channels=c,
         geometry=geometry,
         activation="softmax" if k > 1 else "sigmoid",
-        description="opaque network: geometry measured on load, outputs taken as logits",
+        description=f"opaque network{takes}: geometry measured on load, outputs taken as logits",
+        fixed_input=(fixed, fixed) if fixed else None,
     )
+
+
+def _gradient_halo(net, channels: int, size: int) -> int | None:
+    """The halo from the network's gradient at ``size`` (None: none reaches the input)."""
+    from napari_unet.model.receptive import measure_halo
+
+    try:
+        return measure_halo(net, channels, size, 1, 0, trials=1, dtype=torch.float32)
+    except Exception:  # noqa: BLE001 - no gradient, or the code refuses float32 grads
+        return None

@@ -64,6 +64,10 @@ class _Pointwise(nn.Module):
         return x
 
 
+# the settings a pointwise step cannot do without
+_REQUIRED = {"fixed_zero_mean_unit_variance": ("mean", "std"), "binarize": ("threshold",)}
+
+
 def _pointwise(ops: list, where: str) -> list:
     """Check that ``ops`` are pointwise steps the engine can run around the weights."""
     out = []
@@ -73,6 +77,9 @@ def _pointwise(ops: list, where: str) -> list:
             raise ModelFileError(f"{where} step {op!r} is not supported here{hint}")
         if kw.get("axis", "c") != "c" or "min_percentile" in kw or "max_percentile" in kw:
             raise ModelFileError(f"{where} step {op!r} with {kw} is not supported")
+        missing = [k for k in _REQUIRED.get(op, ()) if kw.get(k) is None]
+        if missing:  # (a KeyError when the network first ran)
+            raise ModelFileError(f"{where} step {op!r} has no {' or '.join(missing)}")
         if op == "ensure_dtype" and str(kw.get("dtype")) not in _INT_DTYPES:
             continue  # float casts: the engine computes in float32 anyway
         out.append((op, kw))
