@@ -752,3 +752,46 @@ def test_an_error_raised_by_a_torchscript_model_is_one_line(tmp_path, image, cap
     assert main([*args, "-q", "--tile", "128", "--batch-size", "4"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["napari-unet: error: the model failed: ValueError: one tile at a time"]
+
+
+def test_results_keep_the_image_s_planes_and_pixel_size(tmp_path, model_file):
+    """A ZYX ImageJ stack of 0.5 um pixels, 2 um apart, gave a plain TIFF: Fiji opened
+    it as uncalibrated pixels (and a T, Z, C stack as one pile of slices)."""
+    from napari_unet.io.images import image_axes, image_calibration
+
+    stack = (np.random.default_rng(3).random((3, 48, 48)) * 1000).astype(np.uint16)
+    src = tmp_path / "z.tif"
+    tifffile.imwrite(
+        src,
+        stack,
+        imagej=True,
+        resolution=(2.0, 2.0),
+        metadata={"axes": "ZYX", "spacing": 2.0, "unit": "micron"},
+    )
+    assert image_calibration(src) == {"x": 0.5, "y": 0.5, "z": 2.0, "unit": "micron"}
+    for mode, axes in [("labels", "ZYX"), ("instances", None), ("probabilities", None)]:
+        out = tmp_path / f"{mode}.tif"
+        rc = main(["predict", str(src), "-m", str(model_file), "--mode", mode, "-o", str(out),
+                   "-q", "--tile", "48"])  # fmt: skip
+        assert rc == 0
+        assert image_axes(out) == axes  # an ImageJ hyperstack where ImageJ can hold it
+        with tifffile.TiffFile(out) as tf:
+            shape, series_axes = tf.series[0].shape, tf.series[0].axes
+            tags = tf.pages[0].tags
+            x_res = tags["XResolution"].value
+            unit = tags["ResolutionUnit"].value
+        if axes:  # pixels per micron, the micron in ImageJ's description
+            assert image_calibration(out) == {"x": 0.5, "y": 0.5, "z": 2.0, "unit": "micron"}
+        else:  # int32 objects, or classes before Z: pixels per centimetre
+            assert unit == 3 and x_res[0] / x_res[1] == pytest.approx(2e4)
+            assert series_axes == ("CZYX" if mode == "probabilities" else "ZYX")
+        assert shape == ((3, 3, 48, 48) if mode == "probabilities" else (3, 48, 48))
+    # an OME-TIFF's sizes are kept too; a file without any gets none
+    tifffile.imwrite(
+        tmp_path / "o.ome.tif",
+        stack[0],
+        metadata={"axes": "YX", "PhysicalSizeX": 0.25, "PhysicalSizeY": 0.25},
+    )
+    assert image_calibration(tmp_path / "o.ome.tif") == {"x": 0.25, "y": 0.25, "unit": "micron"}
+    np.save(tmp_path / "n.npy", stack[0])
+    assert image_calibration(tmp_path / "n.npy") == {}

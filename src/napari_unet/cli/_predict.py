@@ -11,7 +11,7 @@ from napari_unet.cli._models import model_by_name
 
 def cmd_predict(args) -> int:
     from napari_unet.io import outputs
-    from napari_unet.io.images import check_readable, image_axes, read_image
+    from napari_unet.io.images import check_readable, image_axes, image_calibration, read_image
 
     missing = [src for src in args.inputs if not Path(src).exists()]
     if missing:
@@ -41,7 +41,8 @@ def cmd_predict(args) -> int:
         image = read_image(src)
         axes = args.axes or image_axes(src)  # as the file records them (OME, ImageJ)
         try:
-            _predict_one(image, model, dst, args, label=Path(src).name, axes=axes)
+            cal = image_calibration(src)  # pixel size and spacing, kept by a TIFF result
+            _predict_one(image, model, dst, args, Path(src).name, axes, cal)
         except zlib.error as err:  # read lazily, tile by tile: a corrupt tile shows here
             raise ValueError(f"{src}: its image data is corrupt ({err}){_done(i)}") from None
         except (ValueError, OSError, RuntimeError) as err:  # which of many inputs it was
@@ -83,7 +84,10 @@ def _check_target(dst: Path, args) -> None:
             raise ValueError("--diameter rescales the image: write .tif or .npy for it")
 
 
-def _predict_one(image, model, dst: Path, args, label: str, axes: str | None = None) -> None:
+def _predict_one(
+    image, model, dst: Path, args, label: str, axes: str | None = None, calibration=None
+) -> None:
+    """Segment one image into ``dst`` (a TIFF keeps the image's ``calibration``)."""
     from napari_unet.core.axes import resolve_axes
     from napari_unet.io.images import WRITE_SUFFIXES, write_image
 
@@ -93,7 +97,10 @@ def _predict_one(image, model, dst: Path, args, label: str, axes: str | None = N
     if dst.suffix.lower() == ".zarr":  # streamed at the image's own scale
         _predict_to_zarr(image, model, ax, dst, args, label)
         return
-    write_image(dst, _with_bar(_segment(image, model, ax, args), label, args.quiet))
+    result = _with_bar(_segment(image, model, ax, args), label, args.quiet)
+    lead = "".join(ax.axes[i] for i in ax.leading)  # the image's planes, then Y, X
+    axes = ("C" if args.mode == "probabilities" else "") + lead + "YX"  # C: the classes
+    write_image(dst, result, axes, calibration)
 
 
 def _segment(image, model, ax, args):

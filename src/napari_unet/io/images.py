@@ -109,16 +109,75 @@ def _open(path: Path, suffix: str):
     return imread(str(path))
 
 
-def write_image(path: str | Path, data: np.ndarray) -> Path:
-    """Write ``data`` to TIFF or NPY atomically."""
+def image_calibration(path: str | Path) -> dict:
+    """What an ImageJ or OME TIFF records of its pixels: ``{"x": size, "y": size, "z":
+    spacing, "t": interval, "unit": "micron"}``, each only where given (``{}`` for
+    other files), so that results keep it."""
+    path = Path(path)
+    if path.suffix.lower() not in (".tif", ".tiff") or not path.is_file():
+        return {}
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(str(path)) as tf:
+            if tf.is_ome:
+                return _ome_calibration(tf.ome_metadata)
+            if not tf.is_imagej:
+                return {}
+            meta, page = tf.imagej_metadata or {}, tf.pages[0]
+            cal = {"unit": meta.get("unit"), "z": meta.get("spacing"), "t": meta.get("finterval")}
+            for axis, tag in (("x", "XResolution"), ("y", "YResolution")):
+                value = page.tags.get(tag)
+                if value is not None and value.value[0]:
+                    cal[axis] = value.value[1] / value.value[0]  # pixels per unit: inverted
+    except Exception:  # noqa: BLE001 - unreadable metadata: the results go without it
+        return {}
+    return {k: v for k, v in cal.items() if v not in (None, "", 0)}
+
+
+def _ome_calibration(xml: str | None) -> dict:
+    import xml.etree.ElementTree as ET
+
+    try:
+        pixels = next(e for e in ET.fromstring(xml or "").iter() if e.tag.endswith("Pixels"))
+    except (ET.ParseError, StopIteration):
+        return {}
+    cal = {}
+    for axis in "XYZ":
+        value = pixels.get(f"PhysicalSize{axis}")
+        if value is not None:
+            cal[axis.lower()] = float(value)
+    if pixels.get("TimeIncrement") is not None:
+        cal["t"] = float(pixels.get("TimeIncrement"))
+    if cal:  # OME's default unit is the micrometre
+        unit = pixels.get("PhysicalSizeXUnit", "µm")
+        cal["unit"] = "micron" if unit in ("µm", "um", "micron") else unit
+    return cal
+
+
+# what an ImageJ hyperstack holds: its axes in this order, and these types
+_IMAGEJ_ORDER, _IMAGEJ_DTYPES = "TZCYX", ("uint8", "uint16", "float32")
+
+
+def write_image(
+    path: str | Path, data: np.ndarray, axes: str | None = None, calibration: dict | None = None
+) -> Path:
+    """Write ``data`` to TIFF or NPY atomically.
+
+    ``axes`` (e.g. ``"ZYX"``; ``C`` for classes) and ``calibration`` (see
+    :func:`image_calibration`) go into a TIFF: an ImageJ hyperstack where its axes are in
+    ImageJ's order and its type is one ImageJ reads, so that Fiji shows the planes and
+    pixel size of the image it came from."""
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix in (".tif", ".tiff"):
         import tifffile
 
+        kwargs = _tiff_metadata(np.asarray(data), axes, calibration or {})
+
         def write(tmp):
             # minisblack: a stack of three or four planes is not an RGB picture
-            tifffile.imwrite(tmp, np.asarray(data), compression="zlib", photometric="minisblack")
+            tifffile.imwrite(tmp, np.asarray(data), compression="zlib", **kwargs)
 
         return atomic_write(path, write)
     if suffix == ".npy":
@@ -129,6 +188,30 @@ def write_image(path: str | Path, data: np.ndarray) -> Path:
 
         return atomic_write(path, write_npy)
     raise ValueError(f"{path.name}: write .tif, .npy or .zarr")
+
+
+def _tiff_metadata(data: np.ndarray, axes: str | None, cal: dict) -> dict:
+    """tifffile keywords for ``data``'s axes and pixel size."""
+    kwargs: dict = {"photometric": "minisblack"}
+    order = [_IMAGEJ_ORDER.find(a) for a in axes or ""]
+    imagej = axes is not None and len(axes) == data.ndim and -1 not in order
+    if imagej and order == sorted(order) and data.dtype.name in _IMAGEJ_DTYPES:
+        meta = {"axes": axes, "unit": cal.get("unit"), "spacing": cal.get("z")}
+        meta["finterval"] = cal.get("t")
+        kwargs.update(imagej=True, metadata={k: v for k, v in meta.items() if v is not None})
+        if "x" in cal and "y" in cal:  # pixels per unit, the unit in ImageJ's description
+            kwargs["resolution"] = (1 / cal["x"], 1 / cal["y"])
+        return kwargs
+    if axes is not None and len(axes) == data.ndim:  # tifffile's own description
+        kwargs["metadata"] = {"axes": axes}
+    per_cm = _PER_CM.get(str(cal.get("unit")))
+    if "x" in cal and "y" in cal and per_cm:  # TIFF's own units: inch or centimetre
+        kwargs.update(resolution=(per_cm / cal["x"], per_cm / cal["y"]), resolutionunit=3)
+    return kwargs
+
+
+# units per centimetre, for the TIFF resolution tags of files that are not ImageJ's
+_PER_CM = {"micron": 1e4, "µm": 1e4, "um": 1e4, "nm": 1e7, "mm": 10.0, "cm": 1.0}
 
 
 class ZarrOutput:
