@@ -128,3 +128,26 @@ def test_a_feature_capture_stops_and_removes_its_hooks():
     # and without a stop, every stage comes back
     maps = run_to_end(capture_iter(image, model, device="cpu"))
     assert set(maps) and all(m.data.size for m in maps.values())
+
+
+def test_finding_objects_in_a_stack_stops_between_planes():
+    """Post-processing a stack takes seconds a plane, and Cancel waited for all of them."""
+    from napari_unet.core import postprocess
+
+    probs = np.random.default_rng(5).random((3, 6, 32, 32)).astype(np.float32)
+    probs /= probs.sum(0)
+    should_stop, asked = _stop_after(2)  # true before the third plane
+    with pytest.raises(Cancelled):
+        postprocess.instances(probs, should_stop=should_stop)
+    assert len(asked) == 3
+    whole = postprocess.instances(probs, should_stop=lambda: False)
+    np.testing.assert_array_equal(whole, postprocess.instances(probs))
+    # segmenting passes its stop flag on
+    image = np.random.default_rng(6).random((4, 48, 48)).astype(np.float32)
+    stop = threading.Event()
+    options = SegmentOptions("instances", device="cpu", should_stop=stop.is_set)
+    gen = segment_iter(image, tiny_model("same"), options)
+    with pytest.raises(Cancelled):
+        for report in gen:
+            if report.message == "finding objects":
+                stop.set()

@@ -109,6 +109,7 @@ def instances(
     threshold: float = 0.5,
     min_size: int = 0,
     min_confidence: float | None = None,
+    should_stop=None,
 ) -> np.ndarray:
     """One label per object from ``(K, ..., Y, X)`` probabilities, plane by plane.
 
@@ -143,7 +144,8 @@ def instances(
     uncertain blobs the network half-believes in; ``min_confidence`` overrides
     it (e.g. 0 for dim images the model is unsure about). Labels are unique across
     planes of a stack; objects under ``min_size`` pixels are removed. Returns
-    int32 ``(..., Y, X)``.
+    int32 ``(..., Y, X)``. ``should_stop()`` returning True before a plane raises
+    :class:`~napari_unet.core.cancel.Cancelled` (a stack's planes take seconds each).
     """
     classes = classes or [str(i) for i in range(probs.shape[0])]
     recipe = resolve_recipe(recipe or default_recipe(classes), classes, probs.shape[0])
@@ -153,6 +155,10 @@ def instances(
     out = np.zeros(probs.shape[1:], np.int32)
     next_label = 0
     for idx in np.ndindex(*lead):
+        if should_stop is not None and should_stop():
+            from napari_unet.core.cancel import Cancelled
+
+            raise Cancelled("cancelled")
         plane = probs[(slice(None), *idx)]
         lab = _plane_instances(plane, recipe, threshold, min_size)
         lab[lab > 0] += next_label

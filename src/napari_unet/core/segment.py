@@ -267,5 +267,6 @@ def _segment(image, model, options: SegmentOptions):
             options.threshold,
             options.min_size,
             options.min_confidence,
+            options.should_stop,
         )
     return result
