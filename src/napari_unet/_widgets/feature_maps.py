@@ -97,68 +97,31 @@ class FeatureMapPanel(WorkerPanel):
         return [item.text() for item in self.stage_list.selectedItems()]
 
     def _on_run(self) -> None:
-        from napari_unet._widgets._layers import job_for_layer
-        from napari_unet.core.device import free_memory, resolve_device
-        from napari_unet.core.features import capture_iter, estimate_bytes, forward_bytes
+        from napari_unet.core.features import capture_iter
 
         model = self.state.model
-        layers = [la for la in [self.image_layer()] if la is not None]
-        if model is None or not layers or not self.stages():
+        layer = self.image_layer()
+        if model is None or layer is None or not self.stages():
             self.status.setText("Load a model, pick an image layer and at least one stage.")
             return
-        visible = self.region_combo.currentText() == "field of view"
-        if visible and self.viewer.dims.ndisplay != 2:
-            self.status.setText(
-                "'field of view' needs the 2D view: switch to 2D, or choose 'whole plane'."
-            )
-            return
         try:
-            job = job_for_layer(layers[0], model, self.viewer, True, visible)
+            job, axes = self._plane_job(layer, model)
+            region = self._affordable_region(job, axes, model)
+        except _Refused as why:  # guidance, not an error
+            self.status.setText(str(why))
+            return
         except ValueError as err:
             self._on_errored(err)
             return
-        from napari_unet.core.axes import resolve_axes
-
-        axes = resolve_axes(tuple(job.data.shape), job.axes, model.info.in_channels)
-        if any(n > 1 for n in axes.leading_shape):
-            # the 3D view shows a stack's Z whole: there is no one plane to look into
-            self.status.setText(
-                "Feature maps are of one plane, and the 3D view shows the stack whole: "
-                "switch to the 2D view and pick the plane with the slider."
-            )
-            return
-        h, w = axes.yx
-        y0, y1, x0, x1 = job.region or (0, h, 0, w)
-        channels = self.channels_spin.value() or None
-        yx = (y1 - y0, x1 - x0)
-        mb = estimate_bytes(model, self.stages(), yx, channels) / 2**20
-        if self.half_check.isChecked():
-            mb /= 2
-        if mb > MEMORY_LIMIT_MB:
-            self.status.setText(
-                f"This would make {mb:.0f} MB of feature maps (limit {MEMORY_LIMIT_MB} MB): "
-                "choose fewer stages, a few top channels, float16, or a smaller view."
-            )
-            return
-        # the maps come from one untiled pass over the region: it must fit in memory too
-        need, have = forward_bytes(model, yx), free_memory(resolve_device(self.state.device))
-        if need > 0.5 * have:
-            self.status.setText(
-                f"One pass of the network over {yx[0]} x {yx[1]} pixels needs about "
-                f"{need / 2**30:.1f} GB, and {have / 2**30:.1f} GB are free: choose "
-                "'field of view' and zoom in to a smaller region."
-            )
-            return
         self._job = job
-        self._source = self.source_of(layers[0])  # maps are only shown over their image
+        self._source = self.source_of(layer)  # maps are only shown over their image
         # the job holds one plane (current plane): index 0 of each leading axis, not of
         # the channel axis
-        plane = tuple(0 for _ in axes.leading)
         kwargs = dict(
             axes=job.axes,
-            plane=plane,
-            region=(y0, y1, x0, x1),
-            max_channels=channels,
+            plane=tuple(0 for _ in axes.leading),
+            region=region,
+            max_channels=self.channels_spin.value() or None,
             device=self.state.device,
             dtype=np.float16 if self.half_check.isChecked() else np.float32,
             should_stop=self.abort.is_set,
@@ -173,6 +136,54 @@ class FeatureMapPanel(WorkerPanel):
             activity=False,
             **kwargs,
         )
+
+    def _plane_job(self, layer, model):
+        """The plane shown (its field of view, if chosen) and its axes; :class:`_Refused`
+        where there is no one plane to look into."""
+        from napari_unet._widgets._layers import job_for_layer
+        from napari_unet.core.axes import resolve_axes
+
+        visible = self.region_combo.currentText() == "field of view"
+        if visible and self.viewer.dims.ndisplay != 2:
+            raise _Refused(
+                "'field of view' needs the 2D view: switch to 2D, or choose 'whole plane'."
+            )
+        job = job_for_layer(layer, model, self.viewer, True, visible)
+        axes = resolve_axes(tuple(job.data.shape), job.axes, model.info.in_channels)
+        if any(n > 1 for n in axes.leading_shape):
+            # the 3D view shows a stack's Z whole: there is no one plane to look into
+            raise _Refused(
+                "Feature maps are of one plane, and the 3D view shows the stack whole: "
+                "switch to the 2D view and pick the plane with the slider."
+            )
+        return job, axes
+
+    def _affordable_region(self, job, axes, model):
+        """The region to capture; :class:`_Refused` where its maps or the one untiled
+        pass over it would not fit in memory."""
+        from napari_unet.core.device import free_memory, resolve_device
+        from napari_unet.core.features import estimate_bytes, forward_bytes
+
+        h, w = axes.yx
+        y0, y1, x0, x1 = job.region or (0, h, 0, w)
+        yx = (y1 - y0, x1 - x0)
+        channels = self.channels_spin.value() or None
+        mb = estimate_bytes(model, self.stages(), yx, channels) / 2**20
+        if self.half_check.isChecked():
+            mb /= 2
+        if mb > MEMORY_LIMIT_MB:
+            raise _Refused(
+                f"This would make {mb:.0f} MB of feature maps (limit {MEMORY_LIMIT_MB} MB): "
+                "choose fewer stages, a few top channels, float16, or a smaller view."
+            )
+        need, have = forward_bytes(model, yx), free_memory(resolve_device(self.state.device))
+        if need > 0.5 * have:
+            raise _Refused(
+                f"One pass of the network over {yx[0]} x {yx[1]} pixels needs about "
+                f"{need / 2**30:.1f} GB, and {have / 2**30:.1f} GB are free: choose "
+                "'field of view' and zoom in to a smaller region."
+            )
+        return (y0, y1, x0, x1)
 
     def _on_yielded(self, progress) -> None:
         self.status.setText(progress.message)
@@ -318,3 +329,7 @@ def _origin(job) -> tuple[float, float]:
         return job.translate[-2], job.translate[-1]
     y0, _, x0, _ = job.region
     return job.translate[-2] - y0 * job.scale[-2], job.translate[-1] - x0 * job.scale[-1]
+
+
+class _Refused(ValueError):
+    """A run that cannot be done as set up: said in the status line, as guidance."""

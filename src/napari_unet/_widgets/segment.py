@@ -46,17 +46,28 @@ class SegmentPanel(WorkerPanel):
         self.axes_label = QLabel("")
         self.axes_label.setWordWrap(True)
         form.addRow("", self.axes_label)
+        self._build_run_rows(form)
+        self._build_object_rows(form)
+        self.form.addLayout(form)
+        for name, tip in TIPS.items():
+            getattr(self, name).setToolTip(tip)
+        # the run going on: its layer job, model and output mode
+        self._job: tuple[LayerJob, object, str] | None = None
+        self._source = None  # source_of the image as the run started
+        self._recipe_shown = None  # the instance recipe and object size last shown
+        self._connect()
+        self._on_layers_changed()
+        self._on_mode(self.mode_combo.currentText())
+        self._show_recipe(self.state.model)
+
+    def _build_run_rows(self, form) -> None:
+        """What is computed, and how: output, tiles, precision, plane and region."""
         self.mode_combo = QComboBox()
         self.mode_combo.addItems(["instances", "labels", "probabilities"])
         form.addRow("Output", self.mode_combo)
-        self.tile_spin = QSpinBox()
-        self.tile_spin.setRange(0, 8192)
-        self.tile_spin.setSpecialValueText("auto")
-        self.tile_spin.setSuffix(" px")
+        self.tile_spin = _spin(QSpinBox(), 0, 8192, suffix=" px", auto=True)
         form.addRow("Tile size", self.tile_spin)
-        self.batch_spin = QSpinBox()
-        self.batch_spin.setRange(0, 64)
-        self.batch_spin.setSpecialValueText("auto")
+        self.batch_spin = _spin(QSpinBox(), 0, 64, auto=True)
         form.addRow("Batch size", self.batch_spin)
         self.amp_check = QCheckBox("Mixed precision (CUDA)")
         self.amp_check.setChecked(True)
@@ -71,18 +82,15 @@ class SegmentPanel(WorkerPanel):
         form.addRow("", self.plane_check)
         self.visible_check = QCheckBox("Visible region only")
         form.addRow("", self.visible_check)
-        self.threshold_spin = QDoubleSpinBox()
-        self.threshold_spin.setRange(0.01, 0.99)
-        self.threshold_spin.setSingleStep(0.05)
+
+    def _build_object_rows(self, form) -> None:
+        """Instances: threshold, size and confidence; rescaling to the model's objects."""
+        self.threshold_spin = _spin(QDoubleSpinBox(), 0.01, 0.99, step=0.05)
         self.threshold_spin.setValue(0.5)
         form.addRow("Threshold", self.threshold_spin)
-        self.min_size_spin = QSpinBox()
-        self.min_size_spin.setRange(0, 100000)
-        self.min_size_spin.setSuffix(" px")
+        self.min_size_spin = _spin(QSpinBox(), 0, 100000, suffix=" px")
         form.addRow("Min. object size", self.min_size_spin)
-        self.confidence_spin = QDoubleSpinBox()
-        self.confidence_spin.setRange(0.0, 0.99)
-        self.confidence_spin.setSingleStep(0.05)
+        self.confidence_spin = _spin(QDoubleSpinBox(), 0.0, 0.99, step=0.05)
         self.confidence_spin.setToolTip(
             "Objects whose mean foreground probability is lower are dropped "
             "(set by the model; lower it for dim images the model is unsure about)."
@@ -94,22 +102,14 @@ class SegmentPanel(WorkerPanel):
             "trained on, segmented, and the result resized back."
         )
         form.addRow("", self.rescale_check)
-        self.diameter_spin = QDoubleSpinBox()
-        self.diameter_spin.setRange(0.0, 2000.0)
+        self.diameter_spin = _spin(QDoubleSpinBox(), 0.0, 2000.0, suffix=" px", auto=True)
         self.diameter_spin.setDecimals(1)
-        self.diameter_spin.setSuffix(" px")
-        self.diameter_spin.setSpecialValueText("auto")
         self.diameter_spin.setToolTip(
             "Typical object diameter in this image; auto: measured on a first pass."
         )
         form.addRow("Object diameter", self.diameter_spin)
-        self.form.addLayout(form)
-        for name, tip in TIPS.items():
-            getattr(self, name).setToolTip(tip)
-        # the run going on: its layer job, model and output mode
-        self._job: tuple[LayerJob, object, str] | None = None
-        self._source = None  # (layer, its data) as the run started
-        self._recipe_shown = None  # the instance recipe and object size last shown
+
+    def _connect(self) -> None:
         self.tile_spin.editingFinished.connect(self._on_tile_edited)
         self.mode_combo.currentTextChanged.connect(self._on_mode)
         self.rescale_check.toggled.connect(self.diameter_spin.setEnabled)
@@ -123,9 +123,6 @@ class SegmentPanel(WorkerPanel):
         self.viewer.dims.events.current_step.connect(self._on_view_changed)
         self.viewer.dims.events.ndisplay.connect(self._on_view_changed)
         self.viewer.dims.events.order.connect(self._on_view_changed)
-        self._on_layers_changed()
-        self._on_mode(self.mode_combo.currentText())
-        self._show_recipe(self.state.model)
 
     # -- controls --------------------------------------------------------------
     def _on_layer_choice(self, name: str = "") -> None:
@@ -272,3 +269,15 @@ class SegmentPanel(WorkerPanel):
         if kept:
             note = " (kept as they are: " + "; ".join(f"{k!r}, {why}" for k, why in kept) + ")"
         self.status.setText(f"Done: {', '.join(names)}{note}")
+
+
+def _spin(spin, low, high, suffix: str = "", step=None, auto: bool = False):
+    """``spin`` ranged (and ``auto`` at its lowest value)."""
+    spin.setRange(low, high)
+    if suffix:
+        spin.setSuffix(suffix)
+    if step is not None:
+        spin.setSingleStep(step)
+    if auto:
+        spin.setSpecialValueText("auto")
+    return spin
