@@ -46,6 +46,11 @@ def run_once(image, model, after: float, pass_flag: bool) -> tuple[float, int]:
     pressed = time.perf_counter()
     abort.set()
     thread.join()
+    if stopped_at[0] < pressed:
+        raise SystemExit(
+            f"the run ended {pressed - stopped_at[0]:.1f} s before Cancel: choose a larger "
+            "--size or a smaller --after"
+        )
     return stopped_at[0] - pressed, len(reports)
 
 

@@ -23,6 +23,7 @@ project's recipe (``TrainConfig.finetune``) in float32 and with bfloat16 autocas
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from pathlib import Path
 
@@ -36,7 +37,12 @@ from napari_unet.core.tiling import predict
 from napari_unet.core.training import TrainConfig, train
 from napari_unet.io import load_model
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "nuclei_dapi"
+# the shared data beside the checkout, or where NAPARI_UNET_SHARED points (as scripts/)
+SHARED = (
+    Path(os.environ.get("NAPARI_UNET_SHARED", Path(__file__).resolve().parents[2] / "shared"))
+    / "data"
+    / "nuclei_dapi"
+)
 
 
 def shifted(seed: int):

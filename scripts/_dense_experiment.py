@@ -71,6 +71,9 @@ def init_weights(p, a, net) -> None:
         body = {
             k: v.float() for k, v in load_file(a.init_unet).items() if not k.startswith("head.")
         }
+        own = net.unet.state_dict()
+        if any(k in own and own[k].shape != v.shape for k, v in body.items()):
+            p.error(f"{a.init_unet} is not a depth-4 class U-Net of this width")
         missing, unexpected = net.unet.load_state_dict(body, strict=False)
         if unexpected or set(missing) != {"head.weight", "head.bias"}:
             p.error(f"{a.init_unet} is not a depth-4 class U-Net of this width")

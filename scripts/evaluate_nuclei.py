@@ -48,6 +48,11 @@ def main() -> None:
     p.add_argument("--figure", help="write the overlay figure (PNG) here")
     args = p.parse_args()
     model = load_model(args.model)
+    if (args.magnification_scale or args.diameter == "auto") and not model.info.object_diameter:
+        raise SystemExit(
+            f"{args.model} records no object diameter: --magnification-scale and "
+            "--diameter auto need one (a model trained with --magnification-scale)"
+        )
     _, val = nuclei_split()
     per = defaultdict(lambda: {"tp": 0, "fp": 0, "fn": 0, "iou_sum": 0.0, "inter": 0, "union": 0})
     shown: dict[str, tuple] = {}  # per magnification: the image with the most nuclei

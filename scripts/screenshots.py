@@ -147,7 +147,8 @@ def shoot_finetune(model: str, name: str, seconds: int) -> None:
     panel.preview_spin.setValue(40)
     panel._on_run()
     wait(panel)
-    viewer.layers["dim nuclei [fine-tune preview]"].opacity = 0.35
+    if "dim nuclei [fine-tune preview]" in viewer.layers:  # (none in a run too short)
+        viewer.layers["dim nuclei [fine-tune preview]"].opacity = 0.35
     viewer.layers.move(viewer.layers.index(ann), len(viewer.layers) - 1)
     show_whole(viewer, dock)
     viewer.window.screenshot(str(OUT / name), canvas_only=False)

@@ -410,7 +410,9 @@ def test_train_refuses_an_unwritable_output_before_training(tmp_path, capsys, mo
     assert "is one of the inputs" in capsys.readouterr().err and base.read_bytes() == before
 
 
-def test_first_ctrl_c_stops_training_and_saves_the_result(tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("signum", ["SIGINT", "SIGTERM"])
+def test_first_ctrl_c_stops_training_and_saves_the_result(tmp_path, capsys, monkeypatch, signum):
+    """SIGTERM (a cluster job's time limit) too: it threw the run away."""
     import os
     import signal
 
@@ -426,7 +428,7 @@ def test_first_ctrl_c_stops_training_and_saves_the_result(tmp_path, capsys, monk
             while True:
                 step = next(gen)
                 if step.step == 2:
-                    os.kill(os.getpid(), signal.SIGINT)
+                    os.kill(os.getpid(), getattr(signal, signum))
                 yield step
         except StopIteration as end:
             return end.value
@@ -437,6 +439,7 @@ def test_first_ctrl_c_stops_training_and_saves_the_result(tmp_path, capsys, monk
     assert "stopped at step 3, saved" in capsys.readouterr().err
     assert load_model(out).info.provenance["steps"] == 3
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
 
 
 def test_train_is_reproducible_from_scratch_and_refuses_bad_settings(tmp_path, capsys):
@@ -751,7 +754,10 @@ def test_an_error_raised_by_a_torchscript_model_is_one_line(tmp_path, image, cap
     args = ["predict", str(src), "-m", str(tmp_path / "one.pt"), "-o", str(tmp_path / "o.tif")]
     assert main([*args, "-q", "--tile", "128", "--batch-size", "4"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["napari-unet: error: the model failed: ValueError: one tile at a time"]
+    assert err == [
+        f"napari-unet: error: {src}: the model failed: ValueError: one tile at a time "
+        "(nothing was written)"
+    ]
 
 
 def test_results_keep_the_image_s_planes_and_pixel_size(tmp_path, model_file):

@@ -42,7 +42,7 @@ def main() -> None:
     with safe_open(a.model, "pt") as fh:
         meta = fh.metadata() or {}
     scale = a.scale or float(meta.get("scale", 1.0))
-    net = StarNet(width=int(meta.get("width", 16)), scale=scale)
+    net = StarNet(int(meta.get("rays", 32)), width=int(meta.get("width", 16)), scale=scale)
     net.load_state_dict(load_file(a.model))
     net.eval()
     train, val = nuclei_split()

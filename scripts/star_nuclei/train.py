@@ -29,7 +29,7 @@ def main() -> None:
     # off the CPU, the rays are computed on the device (a batch costs 0.5 s in NumPy)
     later = a.device != "cpu"
     sampler = Sampler(train, rng, rays=a.rays, rays_later=later)
-    meta = {"scale": str(a.scale), "width": str(a.width)}
+    meta = {"scale": str(a.scale), "width": str(a.width), "rays": str(a.rays)}
     prep = sampler.rays_on_device if later else None
     train_loop(net, sampler, star_loss, a, meta, ("prob", "dist"), prepare=prep)
 

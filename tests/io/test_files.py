@@ -495,3 +495,34 @@ def test_a_broken_instance_recipe_is_refused_at_load(tmp_path):
         with pytest.raises(ModelFileError, match=match) as err:
             load_model(tmp_path / "r.safetensors")
         assert str(err.value).startswith("r.safetensors: instance")
+
+
+class _Padded(torch.nn.Module):
+    """A 1 x 1 convolution carrying a buffer of zeros (1 GiB in the file that was found)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(1, 2, 1)
+        self.register_buffer("padding", torch.zeros(500_000))
+
+    def forward(self, x):
+        return self.conv(x)
+
+
+def test_a_torchscript_file_holding_a_zip_bomb_is_refused_unread(tmp_path, monkeypatch):
+    import zipfile
+
+    import napari_unet.io.files as files_mod
+
+    monkeypatch.setattr(files_mod, "BOMB_SIZE", 100_000)  # (64 MiB: a test stays small)
+    torch.jit.save(torch.jit.script(_Padded()), str(tmp_path / "stored.pt"))
+    with (
+        zipfile.ZipFile(tmp_path / "stored.pt") as src,
+        zipfile.ZipFile(tmp_path / "bomb.pt", "w", zipfile.ZIP_DEFLATED) as dst,
+    ):
+        for info in src.infolist():
+            dst.writestr(info.filename, src.read(info))
+    assert (tmp_path / "bomb.pt").stat().st_size < 100_000
+    with pytest.raises(ModelFileError, match=r"bomb.pt: .* unpacks to 2 MiB .* zip bomb"):
+        load_model(tmp_path / "bomb.pt")
+    assert load_model(tmp_path / "stored.pt").info.num_classes == 2  # stored: read

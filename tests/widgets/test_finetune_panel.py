@@ -695,7 +695,26 @@ def test_a_layer_that_cannot_train_is_left_out_and_the_others_train(panel, nucle
     _train(qtbot, widget)
     assert len(widget.versions.versions) == 2, widget.status.text()
     assert any("left out: 'img annotations' was painted for the classes" in t for t in texts)
+    assert "Left out: 'img annotations' was painted for the classes" in widget.status.text()
     np.testing.assert_array_equal(old.data, strokes)  # left as it was
+    # an image rotated since its layer was painted, or replaced by one of another size:
+    # its layer is left out, the others train
+    other = viewer.add_image(image, name="other")
+    widget.layer_combo.setCurrentText("other")
+    widget.new_annotation_layer().data = np.clip(strokes, 0, 2)
+    other.rotate = 30
+    _train(qtbot, widget)
+    assert len(widget.versions.versions) == 3, widget.status.text()
+    assert "'other annotations' annotates 'other': layer 'other' is rotated" in (
+        widget.status.text()
+    )
+    other.rotate = 0
+    other.data = image[:50]
+    _train(qtbot, widget)
+    assert len(widget.versions.versions) == 4, widget.status.text()
+    assert "'other annotations' has (96, 96) pixels but its image 'other' (50, 96)" in (
+        widget.status.text()
+    )
 
 
 def test_labels_that_do_not_lie_on_the_image_are_not_paired_nor_trained(panel, nuclei):

@@ -174,11 +174,20 @@ class AnnotationControls:
             return None, f"'{labels.name}' belongs to image '{name}', which is gone"
         kind = labels.metadata.get(ann.KIND_KEY, "sparse")
         mismatch = ann.classes_mismatch(labels, model.info.classes) if kind == "sparse" else ""
-        job = job_for_layer(self.viewer.layers[name], model, self.viewer)
+        try:  # (an image rotated since, or of another kind now)
+            job = job_for_layer(self.viewer.layers[name], model, self.viewer)
+        except ValueError as err:
+            return None, f"'{labels.name}' annotates '{name}': {err}"
         mismatch = mismatch or ann.placement_mismatch(labels, job)
         if mismatch:
             return None, mismatch
         paint = job.collapse(labels.data)
+        pixels = tuple(n for n, a in zip(np.shape(job.data), job.axes) if a != "C")
+        if np.shape(paint) != pixels:  # (an image replaced by one of another size)
+            return None, (
+                f"'{labels.name}' has {np.shape(paint)} pixels but its image '{name}' "
+                f"{pixels}: paint on a new annotation layer for it"
+            )
         paint = paint.copy() if isinstance(paint, np.ndarray) else paint
         # the image's axes as the segment panel reads them (C, Z, Y, X; thin stacks)
         return (job.data, paint, name, kind, job.axes), ""

@@ -120,7 +120,7 @@ class FinetunePanel(AnnotationControls, VersionControls, WorkerPanel):
         self._run_versions = self.versions
         self._painted, self._what = {}, ""
         # layers that cannot train this model, said while it trains on the others
-        self._left_out = f" (left out: {'; '.join(self.skipped)})" if self.skipped else ""
+        self._left_out = "; ".join(self.skipped)
         self._preview_job = preview
         self._preview_source = self.source_of(layer)
         self.loss_plot.reset()
@@ -235,7 +235,8 @@ class FinetunePanel(AnnotationControls, VersionControls, WorkerPanel):
         if isinstance(value, Collected):
             self._painted, self._what = value.painted, value.what
             if not paused:
-                self.status.setText(f"Training on {value.what}...{self._left_out}")
+                left_out = f" (left out: {self._left_out})" if self._left_out else ""
+                self.status.setText(f"Training on {value.what}...{left_out}")
         elif isinstance(value, TrainStep):
             if not self.loss_plot.add(value.step, value.loss):
                 return  # the plot and the text refresh together, a few times a second
@@ -316,6 +317,7 @@ class FinetunePanel(AnnotationControls, VersionControls, WorkerPanel):
             + (f" (planes rescaled {rescaled} to the model's object size)" if rescaled else "")
             + f". Now using {model.info.name}; 'Revert' goes back."
             + _short_of_plan(value)
+            + (f" Left out: {self._left_out}." if self._left_out else "")
         )
 
     def _on_finished(self) -> None:

@@ -50,6 +50,14 @@ def cmd_predict(args) -> int:
                 raise
             kind = next(k for k in (OSError, RuntimeError, ValueError) if isinstance(err, k))
             raise kind(f"{src}: {err}{_done(i)}") from None
+        except Exception as err:
+            if type(err).__module__.split(".")[0] != "torch":
+                raise  # a defect of napari-unet: its traceback is the report
+            # torch.jit.Error (not a RuntimeError): raised by a TorchScript model's code
+            from napari_unet.io.files import _first_line
+
+            message = f"{src}: the model failed: {_first_line(err)}{_done(i)}"
+            raise RuntimeError(message) from None
         print(f"{src} -> {dst}", file=sys.stderr)
     return 0
 

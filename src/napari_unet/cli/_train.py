@@ -79,32 +79,33 @@ def cmd_train(args) -> int:
     )
     result = _run_with_bar(gen, stop, args.quiet)
     # named after its file: it is no longer the model it was trained from
-    _save_or_rescue(result.with_info(name=Path(args.output).stem), Path(args.output))
-    _report(result, args, stop.is_set())
+    rescued = _save_or_rescue(result.with_info(name=Path(args.output).stem), Path(args.output))
+    _report(result, args, stop.is_set(), saved=not rescued)
+    if rescued:
+        raise OSError(rescued)
     return 0
 
 
-def _save_or_rescue(model, path: Path) -> None:
+def _save_or_rescue(model, path: Path) -> str:
     """Save the trained model; where that fails (disk full, folder gone), save it in the
-    temporary folder rather than lose the run, and say where (exit status 1)."""
+    temporary folder rather than lose the run. Returns ``""``, or what went wrong and
+    where the model went instead."""
     import tempfile
-    import time
 
     from napari_unet.io.files import save_model
 
     try:
         save_model(model, path)
-        return
+        return ""
     except OSError as err:
         failed = err
-    rescue = (
-        Path(tempfile.gettempdir()) / f"{path.stem}-{time.strftime('%Y%m%d-%H%M%S')}.safetensors"
-    )
-    try:
+    try:  # a name of its own: runs rescued in the same second do not overwrite each other
+        fd, rescue = tempfile.mkstemp(prefix=f"{path.stem}-", suffix=".safetensors")
+        os.close(fd)
         save_model(model, rescue)
     except OSError:
         raise failed from None
-    raise OSError(f"{failed}; the trained model was saved to {rescue} instead") from None
+    return f"{failed}; the trained model was saved to {rescue} instead"
 
 
 def _classes(args) -> str | None:
@@ -163,12 +164,15 @@ def _run_with_bar(gen, stop: threading.Event, quiet: bool):
         bar.close()
 
 
-def _report(result, args, stopped: bool) -> None:
+def _report(result, args, stopped: bool, saved: bool = True) -> None:
     """Where the model went, and how to repeat the run when it was not the one asked."""
     made = result.info.provenance.get("steps")
     planned = (result.info.provenance.get("train_config") or {}).get("steps", made)
-    done = f"stopped at step {made}, " if stopped else ""
-    print(f"{done}saved {args.output}", file=sys.stderr)
+    done = f"stopped at step {made}" if stopped else ""
+    if saved:
+        print(f"{done}, saved {args.output}" if done else f"saved {args.output}", file=sys.stderr)
+    elif done:
+        print(done, file=sys.stderr)
     if made != planned or args.seconds is not None or args.finetune:
         print(
             f"{made} of {planned} planned steps; to repeat this run exactly: --seed "
@@ -197,7 +201,8 @@ def _num_classes(text: str):
 @contextlib.contextmanager
 def _first_interrupt_stops(stop: threading.Event):
     """Ctrl-C once: training ends after the current step and its result is saved;
-    twice: abort without saving."""
+    twice: abort without saving. SIGTERM (a cluster job's time limit, ``kill``) stops
+    and saves as the first Ctrl-C does (a second one aborts)."""
 
     # Python runs a handler once for presses that come while one torch operation runs
     # (a step of seconds): the wakeup pipe gets a byte per press, so they are counted
@@ -207,19 +212,21 @@ def _first_interrupt_stops(stop: threading.Event):
 
     def handler(signum, frame):
         try:
-            presses = os.read(read_end, 64).count(bytes([signal.SIGINT]))
+            presses = os.read(read_end, 64).count(bytes([signum]))
         except BlockingIOError:
             presses = 0
         if stop.is_set() or presses > 1:
             raise KeyboardInterrupt
         stop.set()
+        again = "Ctrl-C again" if signum == signal.SIGINT else "a second SIGTERM"
         print(
-            "\nnapari-unet: stopping after this step and saving (Ctrl-C again to abort)",
+            f"\nnapari-unet: stopping after this step and saving ({again} to abort)",
             file=sys.stderr,
         )
 
     try:
         previous = signal.signal(signal.SIGINT, handler)
+        previous_term = signal.signal(signal.SIGTERM, handler)
         previous_fd = signal.set_wakeup_fd(write_end, warn_on_full_buffer=False)
     except ValueError:  # not the main thread: Ctrl-C keeps its default meaning
         os.close(read_end)
@@ -231,5 +238,6 @@ def _first_interrupt_stops(stop: threading.Event):
     finally:
         signal.set_wakeup_fd(previous_fd)
         signal.signal(signal.SIGINT, previous)
+        signal.signal(signal.SIGTERM, previous_term)
         os.close(read_end)
         os.close(write_end)

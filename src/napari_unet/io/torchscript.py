@@ -16,6 +16,7 @@ from napari_unet.io.files import (
     _first_line,
     _parse_metadata,
     _refuse_nan,
+    check_zip_archive,
 )
 from napari_unet.model.info import LoadedModel, ModelInfo
 from napari_unet.model.shapes import Geometry
@@ -23,6 +24,7 @@ from napari_unet.model.shapes import Geometry
 
 def load_torchscript(path: Path) -> LoadedModel:
     extra = {TORCHSCRIPT_META: ""}
+    check_zip_archive(path, path.name)  # a TorchScript file is a zip: no bomb unpacked
     try:
         net = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
     except Exception as err:  # noqa: BLE001

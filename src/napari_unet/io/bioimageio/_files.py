@@ -10,15 +10,11 @@ import zipfile
 import zlib
 from pathlib import Path
 
-from napari_unet.io.files import ModelFileError
+from napari_unet.io.files import ModelFileError, check_zip_member
 
 RDF_NAMES = ("bioimageio.yaml", "rdf.yaml")
 # the largest package file read into memory (weights, tensors)
 MAX_READ = 2 << 30
-# a zipped member larger than BOMB_SIZE that unpacks to more than BOMB_RATIO times its
-# packed size is refused unread (a 5 MB zip whose weights unpacked to 1.9 GiB of zeros
-# took 6 GB of memory and 44 s before it was refused)
-BOMB_SIZE, BOMB_RATIO = 64 << 20, 20
 # the largest RDF: real ones are kilobytes (a 1.9 GB one in a 7 MB zip was parsed for minutes)
 MAX_RDF = 4 << 20
 # the most entries an RDF may expand to once its YAML aliases are followed (a 3 KB file of
@@ -80,15 +76,8 @@ class _Files:
                 raise ModelFileError(
                     f"{self.path.name}: {name} cannot be read ({_first_line(err)})"
                 ) from None
-            ratio = info.file_size / max(info.compress_size, 1)
-            if info.file_size > BOMB_SIZE and ratio > BOMB_RATIO:
-                fh.close()  # (weights compress 1-2x; zeros 1000x)
-                raise ModelFileError(
-                    f"{self.path.name}: {name} unpacks to {info.file_size / 2**20:.0f} MiB "
-                    f"from {info.compress_size / 2**20:.1f} MiB ({ratio:.0f} times): not "
-                    "weights or tensors but a zip bomb; refused"
-                )
             with fh:
+                check_zip_member(info, self.path.name)
                 yield info.file_size, fh
 
     def _guarded(self, name: str, read, *args):

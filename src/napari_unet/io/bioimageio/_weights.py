@@ -20,7 +20,7 @@ from napari_unet.io.bioimageio._files import (
     _sha256,
 )
 from napari_unet.io.bioimageio._rdf import _Spec
-from napari_unet.io.files import ModelFileError
+from napari_unet.io.files import ModelFileError, check_zip_archive
 
 WEIGHTS_ORDER = ("torchscript", "pytorch_state_dict", "onnx")
 
@@ -89,6 +89,7 @@ def _choose_weights(spec: _Spec, files: _Files, fmt: str | None, trust_code: boo
 def _load_weights(fmt: str, entry: dict, files: _Files) -> nn.Module:
     data = _read_checked(files, entry["source"], entry.get("sha256"), f"{fmt} weights")
     if fmt == "torchscript":
+        check_zip_archive(io.BytesIO(data), entry["source"])  # a zip bomb inside
         try:
             net = torch.jit.load(io.BytesIO(data), map_location="cpu")
         except Exception as err:  # noqa: BLE001 - any parse error means a bad file
