@@ -801,3 +801,80 @@ def test_results_keep_the_image_s_planes_and_pixel_size(tmp_path, model_file):
     assert image_calibration(tmp_path / "o.ome.tif") == {"x": 0.25, "y": 0.25, "unit": "micron"}
     np.save(tmp_path / "n.npy", stack[0])
     assert image_calibration(tmp_path / "n.npy") == {}
+
+
+def test_odd_calibrations_are_dropped_or_converted_never_a_lost_result(tmp_path, model_file):
+    """An OME size of 0, a unit written with a non-ASCII letter, NaN: the result was
+    computed, then not written (a ZeroDivisionError traceback, or 'ascii' codec...)."""
+    import warnings
+
+    from napari_unet.io.images import image_calibration, write_image
+
+    plane = (np.random.default_rng(4).random((48, 48)) * 1000).astype(np.uint16)
+
+    def ome(name, **pixels):
+        tifffile.imwrite(tmp_path / name, plane, metadata={"axes": "YX", **pixels})
+        return image_calibration(tmp_path / name)
+
+    assert ome("zero.ome.tif", PhysicalSizeX=0, PhysicalSizeY=0) == {}
+    assert ome("a.ome.tif", PhysicalSizeX=2, PhysicalSizeXUnit="Å", PhysicalSizeY=2,
+               PhysicalSizeYUnit="Å") == {"x": 2e-4, "y": 2e-4, "unit": "micron"}  # fmt: skip
+    # sizes in nm beside a Z step in um, an interval in ms: one unit, seconds
+    cal = ome("mix.ome.tif", PhysicalSizeX=250, PhysicalSizeXUnit="nm", PhysicalSizeY=250,
+              PhysicalSizeYUnit="nm", PhysicalSizeZ=2, TimeIncrement=500,
+              TimeIncrementUnit="ms")  # fmt: skip
+    assert cal.pop("unit") == "micron"
+    assert cal == pytest.approx({"x": 0.25, "y": 0.25, "z": 2.0, "t": 0.5})
+    assert ome("onlyx.ome.tif", PhysicalSizeX=0.25) == {}  # no Y: no pixel size, no unit
+    tifffile.imwrite(tmp_path / "mu.tif", plane, imagej=True, resolution=(2.0, 2.0),
+                     metadata={"axes": "YX", "unit": "\\u00b5m"})  # fmt: skip
+    assert image_calibration(tmp_path / "mu.tif") == {"x": 0.5, "y": 0.5, "unit": "micron"}
+    for name in ("zero.ome.tif", "a.ome.tif", "mu.tif"):
+        out = tmp_path / f"{name}.labels.tif"
+        rc = main(["predict", str(tmp_path / name), "-m", str(model_file), "--mode", "labels",
+                   "-o", str(out), "-q"])  # fmt: skip
+        assert rc == 0 and tifffile.imread(out).shape == (48, 48)
+    # metadata tifffile refuses: the result is written without it, with a warning
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        write_image(
+            tmp_path / "nan.tif", plane, "YX", {"x": float("nan"), "y": 1.0, "unit": "micron"}
+        )
+    assert tifffile.imread(tmp_path / "nan.tif").shape == (48, 48)
+    assert any("written without the image's calibration" in str(w.message) for w in caught)
+
+
+def test_a_signal_while_the_model_is_written_keeps_it(tmp_path, capsys, monkeypatch):
+    """One SIGTERM (or Ctrl-C) during the write aborted it: the run was lost."""
+    import os
+    import signal
+
+    import napari_unet.io.files as files_mod
+    from napari_unet.io import load_model
+
+    real = files_mod.save_model
+
+    def save_model(model, path, *args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real(model, path, *args, **kwargs)
+
+    monkeypatch.setattr(files_mod, "save_model", save_model)
+    out = tmp_path / "m.safetensors"
+    assert main(_train_args(tmp_path, out, steps=3)) == 0
+    assert load_model(out).info.provenance["steps"] == 3
+
+
+def test_a_rescue_that_fails_too_leaves_nothing(tmp_path, capsys, monkeypatch):
+    import tempfile
+
+    import napari_unet.io.files as files_mod
+
+    def save_model(model, path, *args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(files_mod, "save_model", save_model)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "rescue"))
+    (tmp_path / "rescue").mkdir()
+    assert main(_train_args(tmp_path, tmp_path / "m.safetensors", steps=3)) == 1
+    assert "No space left on device" in capsys.readouterr().err
+    assert not list((tmp_path / "rescue").iterdir())

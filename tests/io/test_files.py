@@ -526,3 +526,41 @@ def test_a_torchscript_file_holding_a_zip_bomb_is_refused_unread(tmp_path, monke
     with pytest.raises(ModelFileError, match=r"bomb.pt: .* unpacks to 2 MiB .* zip bomb"):
         load_model(tmp_path / "bomb.pt")
     assert load_model(tmp_path / "stored.pt").info.num_classes == 2  # stored: read
+
+
+class _ManyPads(torch.nn.Module):
+    """Buffers each under the per-member limit, far over it together."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(1, 2, 1)
+        for i in range(4):
+            self.register_buffer(f"pad{i}", torch.zeros(15_000))
+
+    def forward(self, x):
+        return self.conv(x)
+
+
+def _deflated(src, dst):
+    import zipfile
+
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w", zipfile.ZIP_DEFLATED) as zout:
+        for info in zin.infolist():
+            zout.writestr(info.filename, zin.read(info))
+    return dst
+
+
+def test_zip_bombs_spread_over_members_or_in_a_checkpoint_are_refused(tmp_path, monkeypatch):
+    """24 members of 60 MiB each (1.4 GiB from 1.4 MB) passed the per-member check, and a
+    torch.save checkpoint was unpacked whole before anything was checked."""
+    import napari_unet.io.files as files_mod
+
+    monkeypatch.setattr(files_mod, "BOMB_SIZE", 100_000)  # (64 MiB: a test stays small)
+    torch.jit.save(torch.jit.script(_ManyPads()), str(tmp_path / "many.pt"))
+    bomb = _deflated(tmp_path / "many.pt", tmp_path / "many_bomb.pt")
+    with pytest.raises(ModelFileError, match=r"many_bomb.pt: the archive unpacks to .* zip bomb"):
+        load_model(bomb)
+    torch.save({"state_dict": {"w": torch.zeros(200_000)}}, tmp_path / "c.pth")
+    bomb = _deflated(tmp_path / "c.pth", tmp_path / "c_bomb.pth")
+    with pytest.raises(ModelFileError, match=r"c_bomb.pth: .* zip bomb"):
+        load_model(bomb)

@@ -715,6 +715,13 @@ def test_a_layer_that_cannot_train_is_left_out_and_the_others_train(panel, nucle
     assert "'other annotations' has (96, 96) pixels but its image 'other' (50, 96)" in (
         widget.status.text()
     )
+    viewer.layers.remove(other)  # and replaced by another kind of layer
+    viewer.add_points(np.zeros((3, 2)), name="other")
+    _train(qtbot, widget)
+    assert len(widget.versions.versions) == 5, widget.status.text()
+    assert "'other annotations' belongs to image 'other', now not an image layer" in (
+        widget.status.text()
+    )
 
 
 def test_labels_that_do_not_lie_on_the_image_are_not_paired_nor_trained(panel, nuclei):
@@ -729,6 +736,17 @@ def test_labels_that_do_not_lie_on_the_image_are_not_paired_nor_trained(panel, n
     widget.use_selected_labels()
     assert "Not paired: 'my labels' does not lie on 'img'" in widget.status.text()
     assert "napari_unet_annotates" not in mine.metadata
+    # napari draws layers in other units at their size: 500 nm pixels lie on 0.5 um ones
+    viewer.layers["img"].units = ("um", "um")
+    in_nm = viewer.add_labels(strokes.copy(), name="in nm", scale=(500, 500), units=("nm", "nm"))
+    viewer.layers.selection.active = in_nm
+    widget.use_selected_labels()
+    assert "'in nm' annotates 'img'" in widget.status.text()
+    in_nm.scale = (0.5, 0.5)  # 0.5 nm: a thousand times too small
+    viewer.layers.selection.active = in_nm
+    widget.use_selected_labels()
+    assert "Not paired: 'in nm' does not lie on 'img'" in widget.status.text()
+    viewer.layers.remove(in_nm)
     # an annotation layer whose image is moved after it was made: refused at Train
     ann = widget.new_annotation_layer()
     ann.data = strokes.copy()

@@ -169,9 +169,13 @@ class AnnotationControls:
 
     def _annotation_pair(self, labels, model):
         """``(pair, "")``, or ``(None, why)`` when ``labels`` cannot train ``model``."""
+        from napari.layers import Image
+
         name = labels.metadata[ANNOTATION_KEY]
         if name not in self.viewer.layers:
             return None, f"'{labels.name}' belongs to image '{name}', which is gone"
+        if not isinstance(self.viewer.layers[name], Image):  # replaced by another kind
+            return None, f"'{labels.name}' belongs to image '{name}', now not an image layer"
         kind = labels.metadata.get(ann.KIND_KEY, "sparse")
         mismatch = ann.classes_mismatch(labels, model.info.classes) if kind == "sparse" else ""
         try:  # (an image rotated since, or of another kind now)

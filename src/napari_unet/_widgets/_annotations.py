@@ -91,12 +91,19 @@ def placement_mismatch(labels, job) -> str:
     shown. napari lines layers up by their last axes; a layer of the user's may lack the
     one-plane channel axis of the image's outputs."""
     scale, translate = list(job.scale), list(job.translate)
+    units = list(job.units) if job.units is not None else None
     if job.channel_at is not None and len(labels.scale) != len(scale):
         del scale[job.channel_at], translate[job.channel_at]  # a layer in the image's axes
+        if units is not None:
+            del units[job.channel_at]
     n = min(len(labels.scale), len(scale))
     scale, translate = np.asarray(scale)[-n:], np.asarray(translate)[-n:]
-    same = np.allclose(labels.scale[-n:], scale, rtol=1e-6, atol=0) and np.allclose(
-        labels.translate[-n:], translate, rtol=0, atol=0.01 * np.abs(scale).min()
+    # napari shows a layer in nm beside one in um at its size: compare in the image's units
+    factor = _unit_factors(getattr(labels, "units", None), units, n)
+    own_scale = np.asarray(labels.scale[-n:]) * factor
+    own_translate = np.asarray(labels.translate[-n:]) * factor
+    same = np.allclose(own_scale, scale, rtol=1e-6, atol=0) and np.allclose(
+        own_translate, translate, rtol=0, atol=0.01 * np.abs(scale).min()
     )
     moved = transformed(labels)
     if same and not moved:
@@ -104,14 +111,28 @@ def placement_mismatch(labels, job) -> str:
     how = (
         f"it is {' and '.join(moved)}"
         if moved
-        else f"scale {_numbers(labels.scale[-n:])} against {_numbers(scale)}, translate "
-        f"{_numbers(labels.translate[-n:])} against {_numbers(translate)}"
+        else f"scale {_numbers(own_scale)} against {_numbers(scale)}, translate "
+        f"{_numbers(own_translate)} against {_numbers(translate)}"
     )
     return (
         f"'{labels.name}' does not lie on '{job.layer_name}' ({how}): its pixels would "
         "train against other pixels of the image; give it the image's scale and translate, "
         "or paint on a new annotation layer"
     )
+
+
+def _unit_factors(own, image, n: int) -> np.ndarray:
+    """Per axis, one of the layer's units in the image's; 1 where either has none or
+    they are not of one kind (pixel beside um: napari then draws both without units)."""
+    if own is None or image is None:
+        return np.ones(n)
+    factors = []
+    for mine, theirs in zip(list(own)[-n:], list(image)[-n:]):
+        try:
+            factors.append(float((1 * mine).to(theirs).magnitude))
+        except Exception:  # noqa: BLE001 - pint's DimensionalityError and friends
+            return np.ones(n)
+    return np.asarray(factors)
 
 
 def _numbers(values) -> str:

@@ -77,9 +77,12 @@ def cmd_train(args) -> int:
         unlabelled=load(args.unlabelled),
         should_stop=stop.is_set,
     )
-    result = _run_with_bar(gen, stop, args.quiet)
-    # named after its file: it is no longer the model it was trained from
-    rescued = _save_or_rescue(result.with_info(name=Path(args.output).stem), Path(args.output))
+    # a signal while the model is written stops nothing more: the first is kept for it
+    with _first_interrupt_stops(stop):
+        result = _run_with_bar(gen, args.quiet)
+        # named after its file: it is no longer the model it was trained from
+        model = result.with_info(name=Path(args.output).stem)
+        rescued = _save_or_rescue(model, Path(args.output))
     _report(result, args, stop.is_set(), saved=not rescued)
     if rescued:
         raise OSError(rescued)
@@ -99,11 +102,14 @@ def _save_or_rescue(model, path: Path) -> str:
         return ""
     except OSError as err:
         failed = err
+    rescue = None
     try:  # a name of its own: runs rescued in the same second do not overwrite each other
         fd, rescue = tempfile.mkstemp(prefix=f"{path.stem}-", suffix=".safetensors")
         os.close(fd)
         save_model(model, rescue)
     except OSError:
+        if rescue is not None:
+            Path(rescue).unlink(missing_ok=True)  # (the empty file mkstemp made)
         raise failed from None
     return f"{failed}; the trained model was saved to {rescue} instead"
 
@@ -145,21 +151,20 @@ def _config(args):
     return make(**given, device=args.device, seed=args.seed)
 
 
-def _run_with_bar(gen, stop: threading.Event, quiet: bool):
-    """Run training to its end under a progress bar (Ctrl-C once: stop and keep)."""
+def _run_with_bar(gen, quiet: bool):
+    """Run training to its end under a progress bar."""
     from tqdm import tqdm
 
     bar = tqdm(total=None, unit="step", disable=quiet, file=sys.stderr)
     try:
-        with _first_interrupt_stops(stop):
-            while True:
-                try:
-                    step = next(gen)
-                except StopIteration as end:
-                    return end.value
-                bar.total = step.steps  # as planned (a time budget plans them first)
-                bar.update(1)
-                bar.set_postfix(loss=f"{step.loss:.4f}", **step.metrics)
+        while True:
+            try:
+                step = next(gen)
+            except StopIteration as end:
+                return end.value
+            bar.total = step.steps  # as planned (a time budget plans them first)
+            bar.update(1)
+            bar.set_postfix(loss=f"{step.loss:.4f}", **step.metrics)
     finally:
         bar.close()
 

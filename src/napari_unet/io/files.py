@@ -53,8 +53,14 @@ def check_zip_archive(source, where: str) -> None:
     anything unpacks it (a 1 MB TorchScript file unpacked a 1 GiB buffer: 3 GB of memory)."""
     try:
         with zipfile.ZipFile(source) as zf:
-            for info in zf.infolist():
+            infos = zf.infolist()
+            for info in infos:
                 check_zip_member(info, where)
+            # many members under the limit each (24 of 60 MiB: 1.4 GiB from 1.4 MB)
+            whole = zipfile.ZipInfo("the archive")
+            whole.file_size = sum(i.file_size for i in infos)
+            whole.compress_size = sum(i.compress_size for i in infos)
+            check_zip_member(whole, where)
     except zipfile.BadZipFile:
         return  # not a zip (or a broken one): its loader says so
     finally:
@@ -87,7 +93,11 @@ def atomic_write(path: str | Path, write) -> Path:
         os.chmod(tmp, 0o666 & ~umask)
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        try:
+            os.replace(tmp, path)
+        except OSError as err:  # name the file asked for, not the hidden temporary one
+            reason = (err.strerror or type(err).__name__).lower()
+            raise OSError(f"cannot write {path}: {reason}") from err
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -339,6 +349,7 @@ def _parse_metadata(path: Path, text, architecture: bool = True):
 
 
 def _load_pickle(path: Path) -> LoadedModel:
+    check_zip_archive(path, path.name)  # torch.save's zip: no bomb unpacked
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception:  # noqa: BLE001 - UnpicklingError and friends

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import math
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -110,9 +112,11 @@ def _open(path: Path, suffix: str):
 
 
 def image_calibration(path: str | Path) -> dict:
-    """What an ImageJ or OME TIFF records of its pixels: ``{"x": size, "y": size, "z":
-    spacing, "t": interval, "unit": "micron"}``, each only where given (``{}`` for
-    other files), so that results keep it."""
+    """What an ImageJ or OME TIFF records of its pixels, as ``{"x": size, "y": size,
+    "z": spacing, "t": interval, "unit": unit}`` (sizes in ``unit``, the interval in
+    seconds), so that results keep it. Only what is given, readable and sane is kept:
+    positive finite numbers, a unit known in :data:`UNITS` (a pixel size without a
+    known unit, or a unit without a pixel size, says nothing); ``{}`` for other files."""
     path = Path(path)
     if path.suffix.lower() not in (".tif", ".tiff") or not path.is_file():
         return {}
@@ -121,7 +125,7 @@ def image_calibration(path: str | Path) -> dict:
     try:
         with tifffile.TiffFile(str(path)) as tf:
             if tf.is_ome:
-                return _ome_calibration(tf.ome_metadata)
+                return _sane(_ome_calibration(tf.ome_metadata))
             if not tf.is_imagej:
                 return {}
             meta, page = tf.imagej_metadata or {}, tf.pages[0]
@@ -132,27 +136,65 @@ def image_calibration(path: str | Path) -> dict:
                     cal[axis] = value.value[1] / value.value[0]  # pixels per unit: inverted
     except Exception:  # noqa: BLE001 - unreadable metadata: the results go without it
         return {}
-    return {k: v for k, v in cal.items() if v not in (None, "", 0)}
+    return _sane(cal)
+
+
+# length units as ImageJ names them, and their size in micrometres
+UNITS = {"nm": 1e-3, "micron": 1.0, "mm": 1e3, "cm": 1e4}
+_UNIT_NAMES = {"µm": "micron", "μm": "micron", "um": "micron", "microns": "micron"}
+# ImageJ writes the micro sign escaped, as the six characters \u00B5
+_UNIT_NAMES.update({"\\u00B5m": "micron", "\\u00b5m": "micron"})
+_OME_LENGTHS = {"Å": 1e-4, "pm": 1e-6, "nm": 1e-3, "µm": 1.0, "um": 1.0, "mm": 1e3}
+_OME_LENGTHS.update({"μm": 1.0, "cm": 1e4, "m": 1e6})
+_OME_TIMES = {"s": 1.0, "ms": 1e-3, "µs": 1e-6, "min": 60.0, "h": 3600.0}
+
+
+def _sane(cal: dict) -> dict:
+    """``cal`` less what a result cannot carry or would carry wrong."""
+    unit = _UNIT_NAMES.get(str(cal.get("unit")), cal.get("unit"))
+    out = {}
+    for key in "xyzt":
+        value = cal.get(key)
+        try:
+            value = float(value)
+        except (TypeError, ValueError):
+            continue
+        if math.isfinite(value) and 1e-9 < value < 1e9:
+            out[key] = value
+    if unit not in UNITS or "x" not in out or "y" not in out:
+        out = {k: v for k, v in out.items() if k == "t"}  # sizes in an unknown unit: none
+    else:
+        out["unit"] = unit
+    return out
 
 
 def _ome_calibration(xml: str | None) -> dict:
+    """An OME-TIFF's sizes in micrometres and interval in seconds (the units each
+    names, OME's defaults where it names none)."""
     import xml.etree.ElementTree as ET
 
     try:
         pixels = next(e for e in ET.fromstring(xml or "").iter() if e.tag.endswith("Pixels"))
     except (ET.ParseError, StopIteration):
         return {}
-    cal = {}
+    cal: dict = {"unit": "micron"}
     for axis in "XYZ":
-        value = pixels.get(f"PhysicalSize{axis}")
-        if value is not None:
-            cal[axis.lower()] = float(value)
-    if pixels.get("TimeIncrement") is not None:
-        cal["t"] = float(pixels.get("TimeIncrement"))
-    if cal:  # OME's default unit is the micrometre
-        unit = pixels.get("PhysicalSizeXUnit", "µm")
-        cal["unit"] = "micron" if unit in ("µm", "um", "micron") else unit
+        value, unit = pixels.get(f"PhysicalSize{axis}"), pixels.get(f"PhysicalSize{axis}Unit")
+        factor = _OME_LENGTHS.get(unit or "µm")
+        if value is not None and factor is not None:
+            cal[axis.lower()] = _number(value) * factor
+    value, unit = pixels.get("TimeIncrement"), pixels.get("TimeIncrementUnit")
+    factor = _OME_TIMES.get(unit or "s")
+    if value is not None and factor is not None:
+        cal["t"] = _number(value) * factor
     return cal
+
+
+def _number(text) -> float:
+    try:
+        return float(text)
+    except (TypeError, ValueError):
+        return math.nan
 
 
 # what an ImageJ hyperstack holds: its axes in this order, and these types
@@ -177,7 +219,17 @@ def write_image(
 
         def write(tmp):
             # minisblack: a stack of three or four planes is not an RGB picture
-            tifffile.imwrite(tmp, np.asarray(data), compression="zlib", **kwargs)
+            try:
+                tifffile.imwrite(tmp, np.asarray(data), compression="zlib", **kwargs)
+            except (ValueError, TypeError, OverflowError, ZeroDivisionError) as err:
+                # metadata tifffile cannot write: the result without it, not no result
+                warnings.warn(
+                    f"{path.name}: written without the image's calibration ({err})",
+                    stacklevel=2,
+                )
+                tifffile.imwrite(
+                    tmp, np.asarray(data), compression="zlib", photometric="minisblack"
+                )
 
         return atomic_write(path, write)
     if suffix == ".npy":
@@ -204,14 +256,11 @@ def _tiff_metadata(data: np.ndarray, axes: str | None, cal: dict) -> dict:
         return kwargs
     if axes is not None and len(axes) == data.ndim:  # tifffile's own description
         kwargs["metadata"] = {"axes": axes}
-    per_cm = _PER_CM.get(str(cal.get("unit")))
+    um = UNITS.get(str(cal.get("unit")))
+    per_cm = 1e4 / um if um else None
     if "x" in cal and "y" in cal and per_cm:  # TIFF's own units: inch or centimetre
         kwargs.update(resolution=(per_cm / cal["x"], per_cm / cal["y"]), resolutionunit=3)
     return kwargs
-
-
-# units per centimetre, for the TIFF resolution tags of files that are not ImageJ's
-_PER_CM = {"micron": 1e4, "µm": 1e4, "um": 1e4, "nm": 1e7, "mm": 10.0, "cm": 1.0}
 
 
 class ZarrOutput:

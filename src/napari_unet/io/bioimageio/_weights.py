@@ -135,6 +135,7 @@ def _exec_source(code: bytes | str, filename: str) -> types.ModuleType:
 def _state_dict_net(data: bytes, entry: dict, files: _Files) -> nn.Module:
     arch = entry.get("architecture") or {}
     net = _architecture(arch, files)(**(arch.get("kwargs") or {}))
+    check_zip_archive(io.BytesIO(data), entry["source"])  # a zip bomb inside
     try:
         state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception:  # noqa: BLE001 - UnpicklingError and friends
