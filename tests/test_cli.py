@@ -829,6 +829,13 @@ def test_odd_calibrations_are_dropped_or_converted_never_a_lost_result(tmp_path,
     tifffile.imwrite(tmp_path / "mu.tif", plane, imagej=True, resolution=(2.0, 2.0),
                      metadata={"axes": "YX", "unit": "\\u00b5m"})  # fmt: skip
     assert image_calibration(tmp_path / "mu.tif") == {"x": 0.5, "y": 0.5, "unit": "micron"}
+    # ImageJ's interval in its own time unit; a length unit outside the table is kept
+    meta = {"axes": "TYX", "unit": "inch", "finterval": 5, "tunit": "min"}
+    tifffile.imwrite(tmp_path / "t.tif", plane[None].repeat(2, 0), imagej=True,
+                     resolution=(300.0, 300.0), metadata=meta)  # fmt: skip
+    cal = image_calibration(tmp_path / "t.tif")
+    assert cal == {"x": pytest.approx(1 / 300), "y": pytest.approx(1 / 300), "t": 300.0,
+                   "unit": "inch"}  # fmt: skip
     for name in ("zero.ome.tif", "a.ome.tif", "mu.tif"):
         out = tmp_path / f"{name}.labels.tif"
         rc = main(["predict", str(tmp_path / name), "-m", str(model_file), "--mode", "labels",
@@ -862,6 +869,8 @@ def test_a_signal_while_the_model_is_written_keeps_it(tmp_path, capsys, monkeypa
     out = tmp_path / "m.safetensors"
     assert main(_train_args(tmp_path, out, steps=3)) == 0
     assert load_model(out).info.provenance["steps"] == 3
+    err = capsys.readouterr().err
+    assert "finishing writing the model" in err and "stopped at step" not in err
 
 
 def test_a_rescue_that_fails_too_leaves_nothing(tmp_path, capsys, monkeypatch):

@@ -108,12 +108,17 @@ def placement_mismatch(labels, job) -> str:
     moved = transformed(labels)
     if same and not moved:
         return ""
+    own_units = getattr(labels, "units", None)
+    differ = units is not None and own_units is not None and not np.allclose(factor, 1)
+    in_units = f" in {_unit_names(units, n)}" if differ else ""
     how = (
         f"it is {' and '.join(moved)}"
         if moved
         else f"scale {_numbers(own_scale)} against {_numbers(scale)}, translate "
-        f"{_numbers(own_translate)} against {_numbers(translate)}"
+        f"{_numbers(own_translate)} against {_numbers(translate)}{in_units}"
     )
+    if differ and not moved:
+        how += f"; its own scale {_numbers(labels.scale[-n:])} is in {_unit_names(own_units, n)}"
     return (
         f"'{labels.name}' does not lie on '{job.layer_name}' ({how}): its pixels would "
         "train against other pixels of the image; give it the image's scale and translate, "
@@ -133,6 +138,11 @@ def _unit_factors(own, image, n: int) -> np.ndarray:
         except Exception:  # noqa: BLE001 - pint's DimensionalityError and friends
             return np.ones(n)
     return np.asarray(factors)
+
+
+def _unit_names(units, n: int) -> str:
+    names = [f"{u:~}" if hasattr(u, "dimensionality") else str(u) for u in list(units)[-n:]]
+    return names[0] if len(set(names)) == 1 else "(" + ", ".join(names) + ")"
 
 
 def _numbers(values) -> str:

@@ -78,8 +78,10 @@ def cmd_train(args) -> int:
         should_stop=stop.is_set,
     )
     # a signal while the model is written stops nothing more: the first is kept for it
-    with _first_interrupt_stops(stop):
+    saving = threading.Event()
+    with _first_interrupt_stops(stop, saving):
         result = _run_with_bar(gen, args.quiet)
+        saving.set()
         # named after its file: it is no longer the model it was trained from
         model = result.with_info(name=Path(args.output).stem)
         rescued = _save_or_rescue(model, Path(args.output))
@@ -173,7 +175,7 @@ def _report(result, args, stopped: bool, saved: bool = True) -> None:
     """Where the model went, and how to repeat the run when it was not the one asked."""
     made = result.info.provenance.get("steps")
     planned = (result.info.provenance.get("train_config") or {}).get("steps", made)
-    done = f"stopped at step {made}" if stopped else ""
+    done = f"stopped at step {made}" if stopped and made != planned else ""
     if saved:
         print(f"{done}, saved {args.output}" if done else f"saved {args.output}", file=sys.stderr)
     elif done:
@@ -204,7 +206,7 @@ def _num_classes(text: str):
 
 
 @contextlib.contextmanager
-def _first_interrupt_stops(stop: threading.Event):
+def _first_interrupt_stops(stop: threading.Event, saving: threading.Event | None = None):
     """Ctrl-C once: training ends after the current step and its result is saved;
     twice: abort without saving. SIGTERM (a cluster job's time limit, ``kill``) stops
     and saves as the first Ctrl-C does (a second one aborts)."""
@@ -224,10 +226,12 @@ def _first_interrupt_stops(stop: threading.Event):
             raise KeyboardInterrupt
         stop.set()
         again = "Ctrl-C again" if signum == signal.SIGINT else "a second SIGTERM"
-        print(
-            f"\nnapari-unet: stopping after this step and saving ({again} to abort)",
-            file=sys.stderr,
+        doing = (
+            "finishing writing the model"
+            if saving is not None and saving.is_set()
+            else ("stopping after this step and saving")
         )
+        print(f"\nnapari-unet: {doing} ({again} to abort)", file=sys.stderr)
 
     try:
         previous = signal.signal(signal.SIGINT, handler)

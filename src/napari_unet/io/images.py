@@ -115,8 +115,9 @@ def image_calibration(path: str | Path) -> dict:
     """What an ImageJ or OME TIFF records of its pixels, as ``{"x": size, "y": size,
     "z": spacing, "t": interval, "unit": unit}`` (sizes in ``unit``, the interval in
     seconds), so that results keep it. Only what is given, readable and sane is kept:
-    positive finite numbers, a unit known in :data:`UNITS` (a pixel size without a
-    known unit, or a unit without a pixel size, says nothing); ``{}`` for other files."""
+    positive finite numbers, a unit written in ASCII (a pixel size without a unit, or a
+    unit without a pixel size, says nothing); ``{}`` for other files. Units in
+    :data:`UNITS` also go into the TIFF resolution tags of files that are not ImageJ's."""
     path = Path(path)
     if path.suffix.lower() not in (".tif", ".tiff") or not path.is_file():
         return {}
@@ -129,7 +130,11 @@ def image_calibration(path: str | Path) -> dict:
             if not tf.is_imagej:
                 return {}
             meta, page = tf.imagej_metadata or {}, tf.pages[0]
-            cal = {"unit": meta.get("unit"), "z": meta.get("spacing"), "t": meta.get("finterval")}
+            cal = {"unit": meta.get("unit"), "z": meta.get("spacing")}
+            # ImageJ's interval is in its tunit (seconds where it names none)
+            cal["t"] = _number(meta.get("finterval")) * _IJ_TIMES.get(
+                str(meta.get("tunit", "sec")), math.nan
+            )
             for axis, tag in (("x", "XResolution"), ("y", "YResolution")):
                 value = page.tags.get(tag)
                 if value is not None and value.value[0]:
@@ -147,6 +152,8 @@ _UNIT_NAMES.update({"\\u00B5m": "micron", "\\u00b5m": "micron"})
 _OME_LENGTHS = {"Å": 1e-4, "pm": 1e-6, "nm": 1e-3, "µm": 1.0, "um": 1.0, "mm": 1e3}
 _OME_LENGTHS.update({"μm": 1.0, "cm": 1e4, "m": 1e6})
 _OME_TIMES = {"s": 1.0, "ms": 1e-3, "µs": 1e-6, "min": 60.0, "h": 3600.0}
+_IJ_TIMES = {"sec": 1.0, "s": 1.0, "ms": 1e-3, "msec": 1e-3, "min": 60.0, "hr": 3600.0}
+_IJ_TIMES.update({"h": 3600.0, "hour": 3600.0})
 
 
 def _sane(cal: dict) -> dict:
@@ -161,7 +168,9 @@ def _sane(cal: dict) -> dict:
             continue
         if math.isfinite(value) and 1e-9 < value < 1e9:
             out[key] = value
-    if unit not in UNITS or "x" not in out or "y" not in out:
+    # a unit ImageJ can write back (its description is ASCII); "pixel" says nothing
+    named = isinstance(unit, str) and unit.isascii() and unit.strip() not in ("", "pixel")
+    if not named or "x" not in out or "y" not in out:
         out = {k: v for k, v in out.items() if k == "t"}  # sizes in an unknown unit: none
     else:
         out["unit"] = unit
