@@ -9,7 +9,7 @@ import contextlib
 import signal
 import sys
 
-from napari_unet.cli._models import cmd_export, cmd_info, cmd_models
+from napari_unet.cli._models import cmd_export, cmd_info, cmd_models, model_failure
 from napari_unet.cli._parser import build_parser
 from napari_unet.cli._predict import cmd_predict
 from napari_unet.cli._train import cmd_train
@@ -33,12 +33,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"napari-unet: error: {err}", file=sys.stderr)
         return 1
     except Exception as err:
-        if type(err).__module__.split(".")[0] != "torch":
-            raise  # a defect of napari-unet: its traceback is the report
-        # torch.jit.Error (not a RuntimeError): raised by a TorchScript model's own code
-        from napari_unet.io.files import _first_line
-
-        print(f"napari-unet: error: the model failed: {_first_line(err)}", file=sys.stderr)
+        failure = model_failure(err)
+        if failure is None:
+            raise
+        print(f"napari-unet: error: {failure}", file=sys.stderr)
         return 1
 
 

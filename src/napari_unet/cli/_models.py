@@ -46,3 +46,14 @@ def cmd_export(args) -> int:
     )
     print(f"wrote {out}", file=sys.stderr)
     return 0
+
+
+def model_failure(err: Exception) -> str | None:
+    """ "the model failed: ..." for an error raised by a model's own code (torch.jit.Error
+    is not a RuntimeError); None for any other error, a defect whose traceback is the
+    report."""
+    if type(err).__module__.split(".")[0] != "torch":
+        return None
+    from napari_unet.io.files import _first_line
+
+    return f"the model failed: {_first_line(err)}"

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import sys
 import zlib
+from dataclasses import replace
 from pathlib import Path
 
-from napari_unet.cli._models import model_by_name
+from napari_unet.cli._models import model_by_name, model_failure
 
 
 def cmd_predict(args) -> int:
@@ -51,13 +52,10 @@ def cmd_predict(args) -> int:
             kind = next(k for k in (OSError, RuntimeError, ValueError) if isinstance(err, k))
             raise kind(f"{src}: {err}{_done(i)}") from None
         except Exception as err:
-            if type(err).__module__.split(".")[0] != "torch":
-                raise  # a defect of napari-unet: its traceback is the report
-            # torch.jit.Error (not a RuntimeError): raised by a TorchScript model's code
-            from napari_unet.io.files import _first_line
-
-            message = f"{src}: the model failed: {_first_line(err)}{_done(i)}"
-            raise RuntimeError(message) from None
+            failure = model_failure(err)
+            if failure is None:
+                raise
+            raise RuntimeError(f"{src}: {failure}{_done(i)}") from None
         print(f"{src} -> {dst}", file=sys.stderr)
     return 0
 
@@ -95,26 +93,13 @@ def _check_target(dst: Path, args) -> None:
 def _predict_one(
     image, model, dst: Path, args, label: str, axes: str | None = None, calibration=None
 ) -> None:
-    """Segment one image into ``dst`` (a TIFF keeps the image's ``calibration``)."""
+    """Segment one image into ``dst`` (checked by :func:`_check_target`; a TIFF keeps
+    the image's ``calibration``)."""
     from napari_unet.core.axes import resolve_axes
-    from napari_unet.io.images import WRITE_SUFFIXES, write_image
-
-    if dst.suffix.lower() not in WRITE_SUFFIXES:
-        raise ValueError(f"{dst.name}: write .tif, .npy or .zarr")
-    ax = resolve_axes(tuple(image.shape), axes, model.info.in_channels)
-    if dst.suffix.lower() == ".zarr":  # streamed at the image's own scale
-        _predict_to_zarr(image, model, ax, dst, args, label)
-        return
-    result = _with_bar(_segment(image, model, ax, args), label, args.quiet)
-    lead = "".join(ax.axes[i] for i in ax.leading)  # the image's planes, then Y, X
-    axes = ("C" if args.mode == "probabilities" else "") + lead + "YX"  # C: the classes
-    write_image(dst, result, axes, calibration)
-
-
-def _segment(image, model, ax, args):
-    """The segmentation generator the options ask for (in memory)."""
     from napari_unet.core.segment import SegmentOptions, segment_iter
+    from napari_unet.io.images import write_image
 
+    ax = resolve_axes(tuple(image.shape), axes, model.info.in_channels)
     options = SegmentOptions(
         mode=args.mode,
         axes=ax.axes,
@@ -128,38 +113,28 @@ def _segment(image, model, ax, args):
         tta=args.tta,
         diameter=_diameter(args.diameter, model.info),
     )
-    return segment_iter(image, model, options)
+    if dst.suffix.lower() == ".zarr":  # streamed at the image's own scale
+        _predict_to_zarr(image, model, ax, dst, replace(options, diameter=None), label, args)
+        return
+    result = _with_bar(segment_iter(image, model, options), label, args.quiet)
+    lead = "".join(ax.axes[i] for i in ax.leading)  # the image's planes, then Y, X
+    axes = ("C" if args.mode == "probabilities" else "") + lead + "YX"  # C: the classes
+    write_image(dst, result, axes, calibration)
 
 
-def _predict_to_zarr(image, model, ax, dst: Path, args, label: str) -> None:
+def _predict_to_zarr(image, model, ax, dst: Path, options, label: str, args) -> None:
     """Class maps or labels streamed into a zarr store, which appears only when done."""
+    from napari_unet.core.segment import engine_kwargs
     from napari_unet.core.tiling import predict_iter
     from napari_unet.io.images import ZarrOutput
 
-    info = model.info
-    if args.diameter is not None and _diameter(args.diameter, info) is not None:
-        raise ValueError("--diameter rescales the image: write .tif or .npy for it")
-    if args.mode == "instances":
-        raise ValueError("instances are written as TIFF; use --mode labels for zarr output")
-    engine_out = "labels" if args.mode == "labels" else "probabilities"
+    engine = engine_kwargs(options)
     shape = (*ax.leading_shape, *ax.yx)
-    if engine_out == "probabilities":
-        shape = (info.num_classes, *shape)
-    sink = ZarrOutput(dst, shape, "float32" if engine_out == "probabilities" else "uint8")
+    if engine["output"] == "probabilities":
+        shape = (model.info.num_classes, *shape)
+    sink = ZarrOutput(dst, shape, "float32" if engine["output"] == "probabilities" else "uint8")
     try:
-        gen = predict_iter(
-            image,
-            model,
-            axes=ax.axes,
-            tile=args.tile,
-            batch_size=args.batch_size,
-            device=args.device,
-            amp=not args.no_amp,
-            tta=args.tta,
-            output=engine_out,
-            out=sink.array,
-        )
-        _with_bar(gen, label, args.quiet)
+        _with_bar(predict_iter(image, model, **engine, out=sink.array), label, args.quiet)
     except BaseException:
         sink.discard()
         raise
@@ -170,18 +145,14 @@ def _with_bar(gen, label: str, quiet: bool):
     """Run a tiling generator to its end under a progress bar of tiles; its result."""
     from tqdm import tqdm
 
-    bar = tqdm(desc=label, unit="tile", disable=quiet, file=sys.stderr)
-    try:
-        while True:
-            try:
-                progress = next(gen)
-            except StopIteration as stop:
-                return stop.value
-            bar.total = progress.total
-            bar.n = progress.done
-            bar.refresh()
-    finally:
-        bar.close()
+    from napari_unet.core.tiling import run_to_end
+
+    def show(progress) -> None:
+        bar.total, bar.n = progress.total, progress.done
+        bar.refresh()
+
+    with tqdm(desc=label, unit="tile", disable=quiet, file=sys.stderr) as bar:
+        return run_to_end(gen, show)
 
 
 def _diameter(value: str | None, info) -> str | None:

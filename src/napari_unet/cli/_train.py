@@ -157,18 +157,15 @@ def _run_with_bar(gen, quiet: bool):
     """Run training to its end under a progress bar."""
     from tqdm import tqdm
 
-    bar = tqdm(total=None, unit="step", disable=quiet, file=sys.stderr)
-    try:
-        while True:
-            try:
-                step = next(gen)
-            except StopIteration as end:
-                return end.value
-            bar.total = step.steps  # as planned (a time budget plans them first)
-            bar.update(1)
-            bar.set_postfix(loss=f"{step.loss:.4f}", **step.metrics)
-    finally:
-        bar.close()
+    from napari_unet.core.tiling import run_to_end
+
+    def show(step) -> None:
+        bar.total = step.steps  # as planned (a time budget plans them first)
+        bar.update(1)
+        bar.set_postfix(loss=f"{step.loss:.4f}", **step.metrics)
+
+    with tqdm(total=None, unit="step", disable=quiet, file=sys.stderr) as bar:
+        return run_to_end(gen, show)
 
 
 def _report(result, args, stopped: bool, saved: bool = True) -> None:

@@ -242,21 +242,24 @@ def _resize_yx(result: np.ndarray, yx: tuple[int, int], order: int) -> np.ndarra
     return out[..., : yx[0], : yx[1]]
 
 
-def _segment(image, model, options: SegmentOptions):
-    engine = "labels" if options.mode == "labels" else "probabilities"
-    result = yield from predict_iter(
-        image,
-        model,
+def engine_kwargs(options: SegmentOptions) -> dict:
+    """The keywords of :func:`~napari_unet.core.tiling.predict_iter` for ``options``
+    (class labels, or the probabilities instances are found in)."""
+    return dict(
         axes=options.axes,
         tile=options.tile,
         batch_size=options.batch_size,
         device=options.device,
         amp=options.amp,
-        output=engine,
+        output="labels" if options.mode == "labels" else "probabilities",
         region=options.region,
         tta=options.tta,
         should_stop=options.should_stop,
     )
+
+
+def _segment(image, model, options: SegmentOptions):
+    result = yield from predict_iter(image, model, **engine_kwargs(options))
     if options.mode == "instances":
         yield Progress(1, 1, "finding objects")
         info = model.info

@@ -189,7 +189,9 @@ class _Run:
             if cfg.checkpoint and step % cfg.checkpoint_every == 0:
                 if not _healthy(net, self.probe, self.dev):  # never a diverged network
                     _diverged(step, cfg)
-                _checkpoint(self.result(net), cfg.checkpoint)
+                from napari_unet.io.files import save_model
+
+                save_model(self.result(net), cfg.checkpoint)
                 net.train()
             suspended = time.perf_counter()
             loss = float(loss.detach())
@@ -296,12 +298,6 @@ def check_trainable(model: LoadedModel) -> None:
             f"{model.info.name!r} has one output class: training needs at least two "
             "(e.g. background and foreground)"
         )
-
-
-def _checkpoint(model: LoadedModel, path: str) -> None:
-    from napari_unet.io.files import save_model
-
-    save_model(model, path)
 
 
 # provenance that stays true of a model trained further (credit); the rest (the base's
