@@ -19,7 +19,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from napari_unet.core import normalize as norm
 from napari_unet.core.device import resolve_device
-from napari_unet.core.tiling import auto_tile, plan_tiles, predict
+from napari_unet.core.tile_plan import auto_tile, plan_tiles
+from napari_unet.core.tiling import predict
 from napari_unet.io import load_model
 from napari_unet.model.unet import for_inference, to_layout
 

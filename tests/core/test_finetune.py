@@ -11,7 +11,6 @@ from conftest import tiny_model
 from napari_unet.core import synthetic
 from napari_unet.core.adaptation import adapt_norm
 from napari_unet.core.finetune import (
-    ModelVersions,
     PaintedPlane,
     check_annotations,
     painted_accuracy,
@@ -19,6 +18,7 @@ from napari_unet.core.finetune import (
 )
 from napari_unet.core.targets import instances_to_classes
 from napari_unet.core.training import TrainConfig, normalized_plane, train, train_iter
+from napari_unet.core.versions import ModelVersions
 
 CLASSES = ["background", "interior", "boundary"]
 

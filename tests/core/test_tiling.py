@@ -6,7 +6,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import one_pass, tiny_model
-from napari_unet.core.tiling import plan_tiles, predict, predict_iter, reflect_index
+from napari_unet.core.tile_plan import plan_tiles, reflect_index
+from napari_unet.core.tiling import predict, predict_iter
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -475,7 +475,7 @@ def test_an_image_renamed_meanwhile_gets_a_result_under_its_new_name(panel, qtbo
 
 
 def test_a_tile_size_typed_in_shows_as_the_run_will_use_it(panel):
-    from napari_unet.core.tiling import plan_tiles
+    from napari_unet.core.tile_plan import plan_tiles
 
     viewer, widget = panel
     g = widget.state.model.info.geometry

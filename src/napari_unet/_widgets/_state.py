@@ -24,7 +24,7 @@ class ViewerState:
         self._device = "auto"
         # names of fine-tuned versions not saved yet: loading another model asks first
         self.unsaved: list[str] = []
-        # the fine-tuned versions (core.finetune.ModelVersions), kept here rather than in
+        # the fine-tuned versions (core.versions.ModelVersions), kept here rather than in
         # the fine-tune panel: closing and reopening the panel loses none of them
         self.versions = None
         # a fine-tune run is going on: loading another model asks first (it cancels it)

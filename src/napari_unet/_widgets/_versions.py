@@ -1,6 +1,6 @@
 """The fine-tune panel's versions: the list, Use / Revert / Save, and what a save
 records. Every finished run is a new entry of
-:class:`~napari_unet.core.finetune.ModelVersions`; the base model is never changed."""
+:class:`~napari_unet.core.versions.ModelVersions`; the base model is never changed."""
 
 from __future__ import annotations
 
@@ -93,7 +93,7 @@ class VersionControls:
     def _on_model_changed(self, model) -> None:
         if self._setting_model:
             return
-        from napari_unet.core.finetune import ModelVersions
+        from napari_unet.core.versions import ModelVersions
 
         if self.versions is not None and self.versions.holds(model):
             self._refresh_versions()  # one of the versions (this panel reopened): kept

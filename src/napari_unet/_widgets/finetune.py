@@ -4,7 +4,7 @@ The panel only wires napari to the core: annotations become
 :func:`~napari_unet.core.finetune.painted_planes`, a run is
 :func:`~napari_unet.core.finetune.finetune_iter` with ``TrainConfig.finetune``,
 and every finished run is a new entry of
-:class:`~napari_unet.core.finetune.ModelVersions` (the base is never changed).
+:class:`~napari_unet.core.versions.ModelVersions` (the base is never changed).
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ class FinetunePanel(AnnotationControls, VersionControls, WorkerPanel):
 
     def __init__(self, napari_viewer) -> None:
         super().__init__(napari_viewer)
-        from napari_unet.core.finetune import ModelVersions  # noqa: F401 - core import check
+        import napari_unet.core.finetune  # noqa: F401 - core import check
 
         self._mode = ""  # what the worker does: "train", "fill" or "save"
         self._fill_made = None  # an annotation layer made by "Start from prediction"

@@ -170,7 +170,7 @@ class SegmentPanel(WorkerPanel):
         model = self.state.model
         t = self.tile_spin.value()
         if model is not None and t and model.info.fixed_input is None:
-            from napari_unet.core.tiling import smallest_tile
+            from napari_unet.core.tile_plan import smallest_tile
 
             # as the run will use it: an accepted size, at least twice the halo plus one
             # pooling step (100 px showed as 96 and ran as 208 for nuclei)

@@ -21,12 +21,8 @@ from napari_unet.core import normalize as norm
 from napari_unet.core.axes import resolve_axes
 from napari_unet.core.cancel import Cancelled, stoppable
 from napari_unet.core.device import resolve_device
-from napari_unet.core.tiling import (
-    Progress,
-    activation_bytes_per_px,
-    reflect_index,
-    run_to_end,
-)
+from napari_unet.core.tile_plan import activation_bytes_per_px, reflect_index
+from napari_unet.core.tiling import Progress, run_to_end
 from napari_unet.model.info import LoadedModel
 from napari_unet.model.unet import for_inference, to_layout
 
@@ -97,7 +93,7 @@ def stage_grid(config) -> dict[str, tuple[float, int]]:
 
 def forward_bytes(model: LoadedModel, yx: tuple[int, int]) -> int:
     """Peak activation memory of :func:`capture`'s single, untiled forward pass over a
-    region (with its halo), estimated as the tiling engine does (``tiling.auto_tile``)."""
+    region (with its halo), estimated as the tiling engine does (``tile_plan.auto_tile``)."""
     halo = model.info.geometry.halo
     return activation_bytes_per_px(model) * (yx[0] + 2 * halo) * (yx[1] + 2 * halo)
 
