@@ -887,3 +887,53 @@ def test_a_rescue_that_fails_too_leaves_nothing(tmp_path, capsys, monkeypatch):
     assert main(_train_args(tmp_path, tmp_path / "m.safetensors", steps=3)) == 1
     assert "No space left on device" in capsys.readouterr().err
     assert not list((tmp_path / "rescue").iterdir())
+
+
+def test_predict_reads_rgb_files_as_their_luminance_for_one_channel_models(
+    tmp_path, model_file, image, capsys
+):
+    """PNG / RGB TIFF inputs for a one-channel model: the gray the panel uses, not a
+    stack of 3-pixel slivers (the refusal suggested axes 'ZYX', which gave that)."""
+    import imageio.v3 as iio
+
+    gray = (image // 4).astype(np.uint8)
+    rgb = np.stack([gray, gray, gray], axis=-1)  # luminance of gray RGB is the gray
+    ref = predict(gray, tiny_model("valid")).argmax(0)
+    for name, write in [
+        ("rgb.png", lambda p: iio.imwrite(p, rgb)),
+        ("rgb.tif", lambda p: tifffile.imwrite(p, rgb, photometric="rgb")),
+        ("rgba.png", lambda p: iio.imwrite(p, np.dstack([rgb, np.full_like(gray, 255)]))),
+        ("la.png", lambda p: iio.imwrite(p, np.dstack([gray, np.full_like(gray, 255)]))),
+    ]:
+        src = tmp_path / name
+        write(src)
+        out = tmp_path / f"{name}.labels.tif"
+        args = ["predict", str(src), "-m", str(model_file), "-o", str(out), "--mode", "labels"]
+        assert main([*args, "-q"]) == 0, name
+        result = tifffile.imread(out)
+        assert result.shape == gray.shape, name
+        np.testing.assert_array_equal(result, ref, err_msg=name)
+        note = "alpha channel left out" if name == "la.png" else "RGB converted to grayscale"
+        assert f"{src}: {note}" in capsys.readouterr().err
+    # axes given by the user are taken as given: (Z, Y, X) of 3-pixel-wide images
+    out = tmp_path / "zyx.tif"
+    assert main(["predict", str(tmp_path / "rgb.tif"), "-m", str(model_file), "-o", str(out),
+                 "--axes", "ZYX", "-q", "--mode", "labels"]) == 0  # fmt: skip
+    assert tifffile.imread(out).shape == rgb.shape
+
+
+def test_predict_progress_bar_counts_tiles_and_says_the_phases(
+    tmp_path, model_file, image, capsys
+):
+    """The bar ended at '1/1 [..., 74 s/tile]' after 1,024 tiles: the post-processing's
+    report (1 of 1) took its total."""
+    from napari_unet.core.tile_plan import plan_tiles
+
+    src = tmp_path / "img.npy"
+    np.save(src, image)
+    n = plan_tiles(image.shape, tiny_model("valid").info.geometry, 60).n_tiles
+    assert n > 1
+    assert main(["predict", str(src), "-m", str(model_file), "--tile", "60"]) == 0
+    bar = capsys.readouterr().err.replace("\r", "\n").splitlines()
+    last = [line for line in bar if line.startswith("img.npy")][-1]
+    assert f"{n}/{n}" in last and "finding objects" in last, last

@@ -499,6 +499,40 @@ def test_a_pause_asked_during_a_preview_drops_only_the_preview(case):
     assert isinstance(result, Finished) and result.steps == 4 and not result.stopped
 
 
+def test_previews_take_at_most_their_share_of_the_training_time(case, monkeypatch):
+    """Whole-plane previews are slow on large views: a 12 s run with a preview every 8
+    steps on a 2048^2 view took 104 s. A due preview is skipped while the previews took
+    more than PREVIEW_SHARE of the training time."""
+    import time
+
+    from napari_unet.core import finetune
+    from napari_unet.core.finetune import Preview, finetune_iter
+    from napari_unet.core.tiling import run_to_end
+    from napari_unet.core.training import TrainStep
+
+    def slow_preview(step, *args):
+        time.sleep(0.2)  # each preview takes at least 0.2 s
+        return Preview(step.step, np.ones((4, 4), np.uint8))
+
+    monkeypatch.setattr(finetune, "_preview", slow_preview)
+    image, _, strokes = case
+    planes = [PaintedPlane(image, strokes, "img")]
+    cfg = TrainConfig.finetune(steps=20, patch_size=64, max_seconds=None, device="cpu")
+    seen = []
+    gen = finetune_iter(
+        tiny_model("same", depth=2), planes, [], cfg, preview=(image, "YX", None),
+        preview_every=1,
+    )  # fmt: skip
+    result = run_to_end(gen, seen.append)
+    previews = [v for v in seen if isinstance(v, Preview)]
+    assert result.steps == 20 and previews[0].step == 1  # the first one is always shown
+    # before each preview the earlier ones (>= 0.2 s each) took <= 0.5 x the training time
+    trained = {v.step: v.elapsed for v in seen if isinstance(v, TrainStep)}
+    for k, p in enumerate(previews):
+        assert 0.2 * k <= finetune.PREVIEW_SHARE * trained[p.step] + 1e-9, (k, p.step)
+    assert len(previews) < 20
+
+
 def test_a_stop_while_the_steps_are_timed_keeps_nothing(case):
     """Stop pressed while the steps were timed (four steps of a copy) made a 1-step run."""
     from napari_unet.core.cancel import Cancelled

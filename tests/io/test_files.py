@@ -79,8 +79,9 @@ def test_truncated_and_corrupt_files(tmp_path):
     with pytest.raises(ModelFileError, match="corrupt or truncated"):
         load_model(tmp_path / "cut.safetensors")
     (tmp_path / "noise.bin").write_bytes(b"\x00\x01garbage" * 10)
-    with pytest.raises(ModelFileError, match="not a model file"):
+    with pytest.raises(ModelFileError, match="not a model file") as err:
         load_model(tmp_path / "noise.bin")
+    assert "bioimage.io package" in str(err.value)  # every kind it reads is named
     with pytest.raises(ModelFileError, match="no model file or bundled model named"):
         load_model(tmp_path / "missing.safetensors")
 

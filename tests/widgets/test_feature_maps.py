@@ -80,6 +80,7 @@ def test_memory_limit_asks_for_fewer_channels(panel, monkeypatch):
     monkeypatch.setattr(fmod, "MEMORY_LIMIT_MB", 0.001)
     widget._on_run()
     assert "MB of feature maps" in widget.status.text() and widget.worker is None
+    assert "'field of view' and zoom in" in widget.status.text()  # not "a smaller view"
     widget.channels_spin.setValue(4)  # a few top channels are counted too, not waved through
     widget._on_run()
     assert "MB of feature maps" in widget.status.text() and widget.worker is None

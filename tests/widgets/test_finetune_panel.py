@@ -114,6 +114,12 @@ def test_train_adds_a_version_previews_and_leaves_base_and_layers_alone(panel, n
     assert "painted plane" in v1.model.info.provenance["training_data"]
     assert len(widget.loss_plot.losses) == 20
     preview = viewer.layers["img [fine-tune preview]"]
+    # the strokes stay on top and selected, in paint mode: the next strokes go into the
+    # annotations, not into the preview napari selected as it was added
+    order = [layer.name for layer in viewer.layers]
+    assert order.index("img") < order.index(preview.name) < order.index(ann.name)
+    assert viewer.layers.selection.active is ann and ann.mode == "paint"
+    assert preview not in viewer.layers.selection
     # the field of view (here the whole 96 x 96 image) of the current plane
     assert preview.data.shape == image.shape and set(np.unique(preview.data)) <= {1, 2, 3}
     # zoomed in: only the visible region is previewed, placed where it is

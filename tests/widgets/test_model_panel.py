@@ -21,6 +21,7 @@ def test_load_file_shares_model_with_segment_panel(make_napari_viewer, qtbot, tm
     assert panel.state.model is not None and segment.state is panel.state
     assert "background, interior, boundary" in panel.card.toPlainText()
     assert "halo 20 px" in panel.card.toPlainText()
+    assert panel.card.font().fixedPitch()  # the card's columns line up
     viewer.add_image(__import__("numpy").zeros((30, 30)), name="img")
     assert "30 x 30 pixels" in segment.axes_label.text()
 

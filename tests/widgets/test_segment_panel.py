@@ -728,3 +728,63 @@ def test_redo_after_an_update_in_place_brings_back_nothing_old(panel, qtbot):
     out.redo()
     np.testing.assert_array_equal(out.data, written)
     assert 77 not in out.data
+
+
+def test_model_loaded_clears_the_ask_for_one_and_precision_follows_the_device(
+    make_napari_viewer, monkeypatch
+):
+    from napari_unet._widgets._state import state_for
+    from napari_unet._widgets.segment import SegmentPanel
+    from napari_unet.core import device as dmod
+
+    viewer = make_napari_viewer()
+    state = state_for(viewer)
+    widget = SegmentPanel(plugin_viewer(viewer))
+    viewer.add_image(np.zeros((40, 40), np.float32), name="img")
+    widget._on_run()
+    assert widget.status.text().startswith("Load a model")
+    state.model = tiny_model("valid")
+    assert widget.status.text() == ""  # (it said to load a model after one was loaded)
+    # mixed precision is a CUDA option: greyed out where the device is the CPU
+    state.device = "cpu"
+    assert not widget.amp_check.isEnabled()
+    with_cuda = {"auto": torch.device("cuda"), "cpu": torch.device("cpu")}
+    monkeypatch.setattr(dmod, "resolve_device", with_cuda.__getitem__)  # as on a GPU machine
+    state.device = "auto"
+    assert widget.amp_check.isEnabled()
+    state.device = "cpu"
+    assert not widget.amp_check.isEnabled()
+
+
+def test_the_layers_axis_labels_name_its_axes(panel, qtbot):
+    """A layer labelled ('z', 't', 'y', 'x') was described as 'T x Z', and one labelled
+    ('c', 'y', 'x') as 'Z: 3 planes', by guessing from the shape alone."""
+    viewer, widget = panel
+    data = np.random.default_rng(3).random((4, 5, 40, 50)).astype(np.float32)
+    viewer.add_image(data, name="zt", axis_labels=("z", "t", "y", "x"))
+    assert "Z x T: 4 x 5 = 20 planes" in widget.axes_label.text()
+    viewer.add_image(data[0, :3], name="cyx", axis_labels=("c", "y", "x"))
+    widget.layer_combo.setCurrentText("cyx")
+    text = widget.axes_label.text()
+    assert "3 planes" in text and "the axis labelled 'c'" in text and "one by one" in text
+    widget.mode_combo.setCurrentText("labels")
+    _run(qtbot, widget)
+    # each channel segmented on its own, the result as the layer (channels as planes)
+    model = tiny_model("valid")
+    expected = np.stack([predict(c, model).argmax(0) + 1 for c in data[0, :3]])
+    np.testing.assert_array_equal(viewer.layers["cyx [unet labels]"].data, expected)
+    # napari's default labels ('-3', ...) name nothing: the shape is read as before
+    viewer.add_image(data[0, :3], name="plain")
+    widget.layer_combo.setCurrentText("plain")
+    assert "Z: 3 planes" in widget.axes_label.text()
+    # a two-channel model takes the labelled channel axis, not the one nearest to Y, X
+    widget.state.model = tiny_model("valid", channels=2)
+    both = np.random.default_rng(4).random((2, 2, 40, 50)).astype(np.float32)
+    viewer.add_image(both, name="cz", axis_labels=("c", "z", "y", "x"))
+    widget.layer_combo.setCurrentText("cz")
+    assert "2 channel(s) on axis C; Z: 2 planes" in widget.axes_label.text()
+    _run(qtbot, widget)
+    two = tiny_model("valid", channels=2)
+    expected = np.stack([predict(both[:, z], two, axes="CYX").argmax(0) + 1 for z in range(2)])
+    out = viewer.layers["cz [unet labels]"].data
+    np.testing.assert_array_equal(np.squeeze(out), expected)

@@ -112,9 +112,12 @@ def _read_axes(layer, data, model):
     (RGB to gray or 3 channels, a channel axis where the model takes several)."""
     notes = []
     if not getattr(layer, "rgb", False):
+        named, note = labelled_axes(getattr(layer, "axis_labels", ()), model.info.in_channels)
+        if note:
+            notes.append(note)
         axes = resolve_axes(
             tuple(data.shape),
-            layer_axes(data.shape, model.info.in_channels),
+            named or layer_axes(data.shape, model.info.in_channels),
             model.info.in_channels,
         )
         spatial_scale = tuple(s for s, a in zip(layer.scale, axes.axes) if a != "C")
@@ -122,7 +125,9 @@ def _read_axes(layer, data, model):
     channels = model.info.in_channels
     lead = leading_letters(len(data.shape) - 3)
     if channels == 1:
-        data = _lazy_gray(data)  # converted where it is read (in the worker)
+        from napari_unet.core.segment import lazy_gray
+
+        data = lazy_gray(data)  # converted where it is read (in the worker)
         notes.append("RGB converted to grayscale")
         axes = resolve_axes(tuple(data.shape), lead + "YX", 1)
     elif channels == 3:
@@ -188,6 +193,30 @@ def world_to_layer(layer, viewer, point) -> np.ndarray:
         ]
         point[-len(units) :] *= np.asarray(factors, float)
     return np.asarray(layer.world_to_data(point))
+
+
+# napari axis labels that name an axis (any case); napari's defaults ("-3") name none
+AXIS_NAMES = {"t": "T", "time": "T", "z": "Z", "c": "C", "ch": "C", "channel": "C"}
+AXIS_NAMES |= {"channels": "C", "y": "Y", "x": "X"}
+
+
+def labelled_axes(labels, in_channels: int) -> tuple[str | None, str]:
+    """The axes a layer's ``axis_labels`` name (``("c", "y", "x")`` -> ``"CYX"``) and a
+    note, or ``(None, "")`` where they do not name every axis with Y, X last. For a
+    one-channel model a channel axis is read as planes, each segmented on its own."""
+    letters = [AXIS_NAMES.get(str(label).strip().lower()) for label in labels or ()]
+    if len(letters) < 3 or None in letters or len(set(letters)) != len(letters):
+        return None, ""
+    if letters[-2:] != ["Y", "X"] or (in_channels > 1 and "C" not in letters):
+        return None, ""  # (a multichannel model's channel axis is then guessed)
+    if in_channels == 1 and "C" in letters:
+        at = letters.index("C")
+        letters[at] = next(a for a in "QRS" if a not in letters)
+        return "".join(letters), (
+            f"{letters[at]} is the axis labelled '{labels[at]}': its channels are "
+            "segmented one by one (the model takes one channel)"
+        )
+    return "".join(letters), ""
 
 
 def layer_axes(shape, in_channels: int) -> str:
@@ -275,23 +304,6 @@ def _lazy(data, rgb: bool = False):
     return da.from_array(data, chunks=tuple(chunks), name=False)  # (no hashing of the data)
 
 
-def _lazy_gray(data):
-    """Luminance of an RGB(A) layer (ITU-R 601, as ``rgb_to_gray``), computed block by block
-    when read: describing or choosing a layer costs nothing, the GUI thread converts nothing."""
-    import dask.array as da
-
-    if not hasattr(data, "dask"):
-        # tile-sized chunks of one plane: reading a tile converts only its chunks (whole
-        # planes made every tile of a 6000^2 image cost 4 s)
-        # read through indexing only, without a name: dask copies a numpy array whole
-        # and hashes it for a name (2.1 s on the GUI thread for 40 x 2048^2 RGB, at every
-        # description of the layer)
-        chunks = (1,) * (data.ndim - 3) + (512, 512, data.shape[-1])
-        data = da.from_array(_Indexed(data), chunks=chunks, name=False, meta=data[:0])
-    weights = np.array([0.299, 0.587, 0.114], np.float32)
-    return (data[..., :3].astype(np.float32) * weights).sum(axis=-1)
-
-
 def viewer_camera(viewer):
     """The viewer's camera: ``viewer.scene.camera`` from napari 0.9 on (where
     ``viewer.camera`` is deprecated), ``viewer.camera`` before."""
@@ -329,15 +341,3 @@ def _visible_region(layer, axes, viewer) -> tuple[int, int, int, int]:
     if y1 <= y0 or x1 <= x0:
         raise ValueError("the image is not in view; pan or zoom to it first")
     return y0, y1, x0, x1
-
-
-class _Indexed:
-    """An array seen only through indexing (dask's ``from_array`` copies what has a
-    ``copy`` method)."""
-
-    def __init__(self, array) -> None:
-        self.array = array
-        self.shape, self.dtype, self.ndim = array.shape, array.dtype, array.ndim
-
-    def __getitem__(self, index):
-        return self.array[index]

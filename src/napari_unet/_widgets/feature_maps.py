@@ -174,7 +174,8 @@ class FeatureMapPanel(WorkerPanel):
         if mb > MEMORY_LIMIT_MB:
             raise _Refused(
                 f"This would make {mb:.0f} MB of feature maps (limit {MEMORY_LIMIT_MB} MB): "
-                "choose fewer stages, a few top channels, float16, or a smaller view."
+                "choose fewer stages, a few top channels, float16, or "
+                + ("a smaller view." if job.region else "'field of view' and zoom in.")
             )
         need, have = forward_bytes(model, yx), free_memory(resolve_device(self.state.device))
         if need > 0.5 * have:

@@ -265,6 +265,9 @@ class FinetunePanel(AnnotationControls, VersionControls, WorkerPanel):
                 setattr(layer, key, value)
         else:
             classes = self.state.model.info.classes
+            # napari selects a layer it adds: the user's strokes went into the preview
+            selection = self.viewer.layers.selection
+            chosen, active = set(selection), selection.active
             layer = self.viewer.add_labels(
                 job.expand(preview.labels),
                 name=f"{job.layer_name} [fine-tune preview]",
@@ -275,6 +278,10 @@ class FinetunePanel(AnnotationControls, VersionControls, WorkerPanel):
                 metadata={RESULT_KEY: None},
             )
             self._preview_layer = weakref.ref(layer)
+            _just_above(self.viewer.layers, layer, job.layer_name)  # under the strokes
+            selection.clear()
+            selection.update(chosen)
+            selection.active = active
         mark_result(layer)
 
     def _on_returned(self, value) -> None:
@@ -341,3 +348,13 @@ def _short_of_plan(value: Finished) -> str:
         f" The time budget ran out after {value.steps} of the {value.planned} steps planned "
         "(the machine was slower than when they were timed)."
     )
+
+
+def _just_above(layers, layer, name: str) -> None:
+    """Move ``layer`` just above the layer ``name`` (the image it previews), so that the
+    annotation layers drawn over that image stay on top and visible."""
+    names = [x.name for x in layers]
+    if name in names:
+        below = names.index(name)
+        here = names.index(layer.name)
+        layers.move(here, below + 1 if here > below else below)

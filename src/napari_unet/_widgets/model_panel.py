@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from qtpy.QtGui import QFont, QFontDatabase
 from qtpy.QtWidgets import (
     QCheckBox,
     QComboBox,
@@ -74,6 +75,11 @@ class ModelPanel(WorkerPanel):
         self.form.addLayout(form)
         self.card = QPlainTextEdit()
         self.card.setReadOnly(True)
+        # the card lines up its values in columns
+        font = QFontDatabase.systemFont(QFontDatabase.SystemFont.FixedFont)
+        font.setStyleHint(QFont.StyleHint.Monospace)
+        font.setFixedPitch(True)
+        self.card.setFont(font)
         self.card.setPlaceholderText("No model loaded.")
         self.card.setMinimumHeight(160)
         self.form.addWidget(self.card)

@@ -59,6 +59,7 @@ class SegmentPanel(WorkerPanel):
         self._on_layers_changed()
         self._on_mode(self.mode_combo.currentText())
         self._show_recipe(self.state.model)
+        self._on_device(self.state.device)
 
     def _build_run_rows(self, form) -> None:
         """What is computed, and how: output, tiles, precision, plane and region."""
@@ -114,6 +115,7 @@ class SegmentPanel(WorkerPanel):
         self.mode_combo.currentTextChanged.connect(self._on_mode)
         self.rescale_check.toggled.connect(self.diameter_spin.setEnabled)
         self.state.model_changed.connect(self._on_model_changed)
+        self.state.device_changed.connect(self._on_device)
         # the description says what a run would process: it follows the plane shown
         self.plane_check.toggled.connect(self._on_layer_choice)
         self.visible_check.toggled.connect(self._on_layer_choice)
@@ -137,9 +139,21 @@ class SegmentPanel(WorkerPanel):
             self.axes_label.setText(self._describe())
 
     def _on_model_changed(self, model) -> None:
+        if model is not None and self.status.text().startswith("Load a model"):
+            self.status.setText("")  # (said at a Segment pressed before a model was loaded)
         self.axes_label.setText(self._describe())
         self._show_recipe(model)
         self._on_tile_edited()  # a size the new model takes (208 for nuclei ran as 204)
+
+    def _on_device(self, device: str) -> None:
+        """Mixed precision applies on CUDA only: greyed out for the CPU (and MPS)."""
+        from napari_unet.core.device import resolve_device
+
+        try:
+            cuda = resolve_device(device).type == "cuda"
+        except ValueError:
+            cuda = False
+        self.amp_check.setEnabled(cuda)
 
     def _show_recipe(self, model) -> None:
         recipe = (model.info.instances or {}) if model is not None else {}

@@ -24,7 +24,8 @@ def cmd_predict(args) -> int:
         _check_target(dst, args)
     model = model_by_name(args.model, getattr(args, "trust_code", False))
     for src, _ in targets:  # opened lazily: an input the model cannot take stops the batch
-        _check_input(read_image(src), args.axes or image_axes(src), model, src)
+        image, axes, _ = _model_input(read_image(src), args.axes or image_axes(src), model)
+        _check_input(image, axes, model, src)
     for folder in sorted({dst.parent for _, dst in targets}):
         outputs.check_folder(folder)
     if (
@@ -39,8 +40,10 @@ def cmd_predict(args) -> int:
             file=sys.stderr,
         )
     for i, (src, dst) in enumerate(targets):
-        image = read_image(src)
-        axes = args.axes or image_axes(src)  # as the file records them (OME, ImageJ)
+        # axes as the file records them (OME, ImageJ), else guessed
+        image, axes, note = _model_input(read_image(src), args.axes or image_axes(src), model)
+        if note:
+            print(f"{src}: {note}", file=sys.stderr)
         try:
             cal = image_calibration(src)  # pixel size and spacing, kept by a TIFF result
             _predict_one(image, model, dst, args, Path(src).name, axes, cal)
@@ -63,6 +66,25 @@ def cmd_predict(args) -> int:
 def _done(i: int) -> str:
     """What a batch stopped at its input ``i`` has written."""
     return f" (the {i} input(s) before it were written)" if i else " (nothing was written)"
+
+
+def _model_input(image, axes: str | None, model) -> tuple:
+    """``(image, axes, note)`` as a one-channel model reads an RGB(A) image (colour last,
+    as PNG, JPEG and RGB TIFF store it): its luminance, as the segment panel does; of a
+    grayscale image with alpha, the gray."""
+    from napari_unet.core.segment import lazy_gray
+
+    shape = tuple(image.shape)
+    colour_last = axes is None or axes.upper().endswith("YXC")
+    # (not a (Z, Y, X) stack of images 2-4 pixels wide, as axes.py guesses)
+    if model.info.in_channels != 1 or not colour_last or len(shape) < 3 or shape[-2] <= 4:
+        return image, axes, ""
+    kept = axes[:-1] if axes else None
+    if shape[-1] in (3, 4):
+        return lazy_gray(image), kept, "RGB converted to grayscale"
+    if shape[-1] == 2 and len(shape) == 3:  # PNG's grayscale with alpha
+        return image[..., 0], kept, "alpha channel left out"
+    return image, axes, ""
 
 
 def _check_input(image, axes, model, src) -> None:
@@ -148,8 +170,11 @@ def _with_bar(gen, label: str, quiet: bool):
     from napari_unet.core.tiling import run_to_end
 
     def show(progress) -> None:
-        bar.total, bar.n = progress.total, progress.done
-        bar.refresh()
+        if "tile" in progress.message:  # tiles of a pass (a rescaled image makes two)
+            bar.total, bar.n = progress.total, progress.done
+            bar.refresh()
+        else:  # a phase between passes ("finding objects"), said beside the tiles
+            bar.set_postfix_str(progress.message)
 
     with tqdm(desc=label, unit="tile", disable=quiet, file=sys.stderr) as bar:
         return run_to_end(gen, show)

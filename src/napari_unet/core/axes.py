@@ -128,12 +128,14 @@ def _guess_axes(shape: tuple[int, ...], in_channels: int) -> str:
     if in_channels == 1 and nd >= 3 and shape[-1] in (3, 4) and shape[-2] > 4:
         raise AxesError(
             f"shape {shape} looks like an RGB(A) image but the model takes one channel; "
-            "convert it to grayscale, or pass axes explicitly (e.g. 'ZYX')"
+            "convert it to grayscale first (napari_unet.core.segment.lazy_gray), or, for a "
+            "stack of images 3 or 4 pixels wide, pass axes='ZYX'"
         )
     if in_channels == 1 and nd == 3 and shape[-1] == 2 and shape[-2] > 4:
         raise AxesError(
             f"shape {shape} looks like a grayscale image with an alpha channel; drop the "
-            "alpha channel (image[..., 0]), or pass axes explicitly (e.g. 'ZYX')"
+            "alpha channel first (image[..., 0]), or, for a stack of images 2 pixels wide, "
+            "pass axes='ZYX'"
         )
     return leading_letters(nd - 2) + "YX"
 

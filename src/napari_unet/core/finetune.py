@@ -13,6 +13,7 @@ framed by the painted-pixel accuracy before and after, with live previews.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
 
@@ -172,6 +173,10 @@ def painted_accuracy(
     return right / total if total else float("nan")
 
 
+# the most time live previews take, as a share of the training time
+PREVIEW_SHARE = 0.5
+
+
 @dataclass
 class Preview:
     """A live prediction (class index + 1) of the preview plane by the network in training."""
@@ -220,7 +225,10 @@ def finetune_iter(
     scale it will be used at.
 
     ``skip_preview()`` returning True during a preview drops it (the run goes on): a
-    caller's Pause is not kept waiting for a whole-plane prediction."""
+    caller's Pause is not kept waiting for a whole-plane prediction. Previews take at
+    most about :data:`PREVIEW_SHARE` of the training time: a due preview is skipped
+    while they took more (a time budget's run lasts at most 1.5x the budget and one
+    preview)."""
     from napari_unet.core.cancel import Cancelled
     from napari_unet.core.training import STOPPED_EARLY, Phase, check_trainable, train_iter
 
@@ -252,6 +260,7 @@ def finetune_iter(
         phases=True,
     )
     step = None
+    previewing = 0.0  # seconds spent on previews
     while True:
         try:
             report = next(gen)
@@ -262,8 +271,14 @@ def finetune_iter(
         if isinstance(report, Phase):
             continue
         step = report
-        if preview is not None and preview_every and step.step % preview_every == 0:
+        due = preview is not None and preview_every and step.step % preview_every == 0
+        # previews are not training time: the budget's steps ran, and whole-plane previews
+        # made a 12 s run on a 2048^2 view take 104 s; so a due preview is skipped while
+        # the previews so far took more than PREVIEW_SHARE of the training time
+        if due and previewing <= PREVIEW_SHARE * step.elapsed:
+            began = time.perf_counter()
             shown = _preview(step, preview, preview_scale, cfg.device, stops_preview)
+            previewing += time.perf_counter() - began
             if shown is not None:
                 yield shown
     yield Phase("checking the result on the painted pixels")

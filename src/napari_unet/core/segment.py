@@ -70,10 +70,34 @@ SCALE_TOLERANCE = 1.1
 MAX_SCALE = 4.0
 
 
-def rgb_to_gray(image: np.ndarray) -> np.ndarray:
-    """Luminance (ITU-R 601) of an ``(..., Y, X, 3 or 4)`` RGB(A) image, float32."""
-    rgb = np.asarray(image)[..., :3].astype(np.float32)
-    return rgb @ np.array([0.299, 0.587, 0.114], np.float32)
+def lazy_gray(data):
+    """Luminance of an RGB(A) image ``(..., Y, X, 3 or 4)`` (ITU-R 601), float32, computed
+    block by block when read: describing or choosing an image costs nothing, and the
+    panels' GUI thread converts nothing (the worker converts the tiles it reads)."""
+    import dask.array as da
+
+    if not hasattr(data, "dask"):
+        # tile-sized chunks of one plane: reading a tile converts only its chunks (whole
+        # planes made every tile of a 6000^2 image cost 4 s)
+        # read through indexing only, without a name: dask copies a numpy array whole
+        # and hashes it for a name (2.1 s on the GUI thread for 40 x 2048^2 RGB, at every
+        # description of the layer)
+        chunks = (1,) * (data.ndim - 3) + (512, 512, data.shape[-1])
+        data = da.from_array(_Indexed(data), chunks=chunks, name=False, meta=data[:0])
+    weights = np.array([0.299, 0.587, 0.114], np.float32)
+    return (data[..., :3].astype(np.float32) * weights).sum(axis=-1)
+
+
+class _Indexed:
+    """An array seen only through indexing (dask's ``from_array`` copies what has a
+    ``copy`` method)."""
+
+    def __init__(self, array) -> None:
+        self.array = array
+        self.shape, self.dtype, self.ndim = array.shape, array.dtype, array.ndim
+
+    def __getitem__(self, index):
+        return self.array[index]
 
 
 def segment(image, model, options: SegmentOptions | None = None, **kwargs) -> np.ndarray:
@@ -102,6 +126,8 @@ def segment_iter(image, model, options: SegmentOptions) -> Generator[Progress, N
     factor, first = yield from scale_factor_iter(image, model, options)
     if factor == 1.0 and first is not None and options.mode == "instances":
         return first
+    if factor != 1.0:
+        yield Progress(0, 1, f"segmenting the image resized by {factor:.3g}")
     return (yield from segment_at_iter(image, model, options, factor))
 
 

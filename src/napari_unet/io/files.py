@@ -182,8 +182,8 @@ def _load(source, trust_code: bool, name: str) -> LoadedModel:
             )
         else:
             raise ModelFileError(
-                f"{path.name}: not a model file this plugin reads "
-                "(napari-unet .safetensors or TorchScript .pt)"
+                f"{path.name}: not a model file this plugin reads (napari-unet "
+                ".safetensors, TorchScript .pt, or a bioimage.io package .zip / rdf.yaml)"
             )
     if model.info.format != "torchscript":  # _load_torchscript checks before it probes
         _check_finite(model.net, name)
