@@ -354,7 +354,5 @@ def _just_above(layers, layer, name: str) -> None:
     """Move ``layer`` just above the layer ``name`` (the image it previews), so that the
     annotation layers drawn over that image stay on top and visible."""
     names = [x.name for x in layers]
-    if name in names:
-        below = names.index(name)
-        here = names.index(layer.name)
-        layers.move(here, below + 1 if here > below else below)
+    if name in names:  # (indices before the move: "before" the layer after the image)
+        layers.move(names.index(layer.name), names.index(name) + 1)
