@@ -904,6 +904,7 @@ def test_predict_reads_rgb_files_as_their_luminance_for_one_channel_models(
         ("rgb.tif", lambda p: tifffile.imwrite(p, rgb, photometric="rgb")),
         ("rgba.png", lambda p: iio.imwrite(p, np.dstack([rgb, np.full_like(gray, 255)]))),
         ("la.png", lambda p: iio.imwrite(p, np.dstack([gray, np.full_like(gray, 255)]))),
+        ("la.tif", lambda p: tifffile.imwrite(p, np.stack([np.dstack([gray, gray])] * 2))),
     ]:
         src = tmp_path / name
         write(src)
@@ -911,9 +912,12 @@ def test_predict_reads_rgb_files_as_their_luminance_for_one_channel_models(
         args = ["predict", str(src), "-m", str(model_file), "-o", str(out), "--mode", "labels"]
         assert main([*args, "-q"]) == 0, name
         result = tifffile.imread(out)
+        if name == "la.tif":  # a stack of two gray + alpha images
+            assert result.shape == (2, *gray.shape)
+            result = result[1]
         assert result.shape == gray.shape, name
         np.testing.assert_array_equal(result, ref, err_msg=name)
-        note = "alpha channel left out" if name == "la.png" else "RGB converted to grayscale"
+        note = "alpha channel left out" if name[:2] == "la" else "RGB converted to grayscale"
         assert f"{src}: {note}" in capsys.readouterr().err
     # axes given by the user are taken as given: (Z, Y, X) of 3-pixel-wide images
     out = tmp_path / "zyx.tif"

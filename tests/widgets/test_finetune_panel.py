@@ -120,6 +120,15 @@ def test_train_adds_a_version_previews_and_leaves_base_and_layers_alone(panel, n
     assert order.index("img") < order.index(preview.name) < order.index(ann.name)
     assert viewer.layers.selection.active is ann and ann.mode == "paint"
     assert preview not in viewer.layers.selection
+    # the image renamed since: a new preview takes its name now and lies just above it
+    from napari_unet.core.finetune import Preview
+
+    src.name = "renamed"
+    viewer.layers.remove(preview)
+    widget._show_preview(Preview(20, np.ones(image.shape, np.uint8)))
+    order = [layer.name for layer in viewer.layers]
+    assert order[order.index("renamed") + 1] == "renamed [fine-tune preview]", order
+    src.name = "img"
     # the field of view (here the whole 96 x 96 image) of the current plane
     assert preview.data.shape == image.shape and set(np.unique(preview.data)) <= {1, 2, 3}
     # zoomed in: only the visible region is previewed, placed where it is

@@ -788,3 +788,14 @@ def test_the_layers_axis_labels_name_its_axes(panel, qtbot):
     expected = np.stack([predict(both[:, z], two, axes="CYX").argmax(0) + 1 for z in range(2)])
     out = viewer.layers["cz [unet labels]"].data
     np.testing.assert_array_equal(np.squeeze(out), expected)
+    # labels that name every axis but no channel axis are not overruled by a guess (the
+    # labelled z planes were fed to the network as its two channels)
+    viewer.add_image(both, name="tz", axis_labels=("t", "z", "y", "x"))
+    widget.layer_combo.setCurrentText("tz")
+    assert "name no channel axis, but the model takes 2" in widget.axes_label.text()
+    # an RGB layer's labels name its planes too
+    widget.state.model = tiny_model("valid")
+    rgb = np.zeros((3, 40, 50, 3), np.uint8)
+    viewer.add_image(rgb, name="rgb", rgb=True, axis_labels=("t", "y", "x"))
+    widget.layer_combo.setCurrentText("rgb")
+    assert "T: 3 planes" in widget.axes_label.text()

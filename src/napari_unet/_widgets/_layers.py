@@ -123,7 +123,8 @@ def _read_axes(layer, data, model):
         spatial_scale = tuple(s for s, a in zip(layer.scale, axes.axes) if a != "C")
         return data, axes, spatial_scale, notes
     channels = model.info.in_channels
-    lead = leading_letters(len(data.shape) - 3)
+    named, _ = labelled_axes(getattr(layer, "axis_labels", ()), 1)  # (T, Y, X) of RGB
+    lead = named[:-2] if named and "Q" not in named else leading_letters(len(data.shape) - 3)
     if channels == 1:
         from napari_unet.core.segment import lazy_gray
 
@@ -207,8 +208,14 @@ def labelled_axes(labels, in_channels: int) -> tuple[str | None, str]:
     letters = [AXIS_NAMES.get(str(label).strip().lower()) for label in labels or ()]
     if len(letters) < 3 or None in letters or len(set(letters)) != len(letters):
         return None, ""
-    if letters[-2:] != ["Y", "X"] or (in_channels > 1 and "C" not in letters):
-        return None, ""  # (a multichannel model's channel axis is then guessed)
+    if letters[-2:] != ["Y", "X"]:
+        return None, ""
+    if in_channels > 1 and "C" not in letters:
+        raise AxesError(
+            f"the layer's axis labels ({', '.join(map(str, labels))}) name no channel axis, "
+            f"but the model takes {in_channels} channels: label its channel axis 'c' "
+            "(layer.axis_labels), or load a model for this image"
+        )
     if in_channels == 1 and "C" in letters:
         at = letters.index("C")
         letters[at] = next(a for a in "QRS" if a not in letters)

@@ -265,12 +265,13 @@ class FinetunePanel(AnnotationControls, VersionControls, WorkerPanel):
                 setattr(layer, key, value)
         else:
             classes = self.state.model.info.classes
+            image = self._preview_source[0]  # (by its name now: it may have been renamed)
             # napari selects a layer it adds: the user's strokes went into the preview
             selection = self.viewer.layers.selection
             chosen, active = set(selection), selection.active
             layer = self.viewer.add_labels(
                 job.expand(preview.labels),
-                name=f"{job.layer_name} [fine-tune preview]",
+                name=f"{image.name} [fine-tune preview]",
                 **job.placement(),
                 colormap=ann.annotation_colormap(classes),
                 features={"class": ["-", *classes]},
@@ -278,7 +279,7 @@ class FinetunePanel(AnnotationControls, VersionControls, WorkerPanel):
                 metadata={RESULT_KEY: None},
             )
             self._preview_layer = weakref.ref(layer)
-            _just_above(self.viewer.layers, layer, job.layer_name)  # under the strokes
+            _just_above(self.viewer.layers, layer, image)  # under the strokes
             selection.clear()
             selection.update(chosen)
             selection.active = active
@@ -350,9 +351,9 @@ def _short_of_plan(value: Finished) -> str:
     )
 
 
-def _just_above(layers, layer, name: str) -> None:
-    """Move ``layer`` just above the layer ``name`` (the image it previews), so that the
-    annotation layers drawn over that image stay on top and visible."""
-    names = [x.name for x in layers]
-    if name in names:  # (indices before the move: "before" the layer after the image)
-        layers.move(names.index(layer.name), names.index(name) + 1)
+def _just_above(layers, layer, image) -> None:
+    """Move ``layer`` just above ``image`` (the image it previews), so that the annotation
+    layers drawn over that image stay on top and visible."""
+    at = {id(x): i for i, x in enumerate(layers)}
+    if id(image) in at:  # (indices before the move: "before" the layer after the image)
+        layers.move(at[id(layer)], at[id(image)] + 1)

@@ -82,7 +82,7 @@ def _model_input(image, axes: str | None, model) -> tuple:
     kept = axes[:-1] if axes else None
     if shape[-1] in (3, 4):
         return lazy_gray(image), kept, "RGB converted to grayscale"
-    if shape[-1] == 2 and len(shape) == 3:  # PNG's grayscale with alpha
+    if shape[-1] == 2:  # grayscale with alpha (PNG's LA), one image or a stack of them
         return image[..., 0], kept, "alpha channel left out"
     return image, axes, ""
 
