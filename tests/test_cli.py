@@ -941,3 +941,44 @@ def test_predict_progress_bar_counts_tiles_and_says_the_phases(
     bar = capsys.readouterr().err.replace("\r", "\n").splitlines()
     last = [line for line in bar if line.startswith("img.npy")][-1]
     assert f"{n}/{n}" in last and "finding objects" in last, last
+
+
+def test_train_settings_from_a_model_repeat_its_run_exactly(tmp_path, capsys):
+    """A version made with settings the CLI has no option for (augmentation off, frozen
+    encoder, stopped early) was not repeatable by the command the README gave."""
+    from napari_unet.core import synthetic
+    from napari_unet.core.augment import AugmentConfig
+    from napari_unet.core.targets import instances_to_classes
+    from napari_unet.core.training import TrainConfig, train
+    from napari_unet.io import load_model
+
+    image, labels = synthetic.nuclei((64, 64), n=6, seed=3)
+    strokes = synthetic.strokes(instances_to_classes(labels), 80, seed=1)
+    tifffile.imwrite(tmp_path / "img.tif", image)
+    tifffile.imwrite(tmp_path / "strokes.tif", strokes)
+    base = tmp_path / "base.safetensors"
+    save_model(tiny_model("same", depth=2), base)
+    cfg = TrainConfig.finetune(
+        steps=6, max_seconds=None, stop_after=4, seed=7, lr=3e-3, batch_size=2,
+        patch_size=48, freeze_encoder=True, device="cpu",
+        augment=AugmentConfig(flips=False, rotations=False, intensity=0.0, noise=0.0),
+    )  # fmt: skip
+    made = train(load_model(base), [image], [strokes], "sparse", cfg)
+    version = save_model(made, tmp_path / "v1.safetensors")
+    assert made.info.provenance["steps"] == 4
+    card = load_model(version).info.card()
+    assert "seed 7" in card and "freeze_encoder True" in card and "augment off" in card
+    again = tmp_path / "again.safetensors"
+    args = ["train", "--images", str(tmp_path / "img.tif"), "--labels",
+            str(tmp_path / "strokes.tif"), "-m", str(base), "-o", str(again), "-q"]  # fmt: skip
+    assert main([*args, "--settings-from", str(version)]) == 0
+    a, b = load_model(version).net.state_dict(), load_model(again).net.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert load_model(again).info.provenance["steps"] == 4
+    # an option given as well overrides the recorded one
+    assert main([*args, "--settings-from", str(version), "--seed", "8"]) == 0
+    other = load_model(again).net.state_dict()
+    assert not all(torch.equal(a[k], other[k]) for k in a)
+    # a model that records no training settings is refused in one line
+    assert main([*args, "--settings-from", str(base)]) == 1
+    assert "records no training settings" in capsys.readouterr().err

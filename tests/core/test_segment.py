@@ -132,6 +132,38 @@ def test_a_rescaled_region_equals_the_same_pixels_of_the_whole_image(mode, diame
         np.testing.assert_allclose(part, whole[..., y0:y1, x0:x1], atol=1e-5)
 
 
+@pytest.mark.parametrize("mode", ["probabilities", "instances"])
+def test_auto_measures_a_regions_plane_so_the_region_equals_the_whole_result(mode, seen):
+    """The size measured on the region alone (fewer objects, cut by its edges) set
+    another scale: zooming in changed the answer for the same pixels."""
+    image, _ = disks(radii=(5, 5, 10, 10))
+    model = bright_model(20.0)
+    whole = run(image, model, mode=mode, diameter="auto")
+    seen.clear()
+    part = run(image, model, mode=mode, diameter="auto", region=(0, 40, 0, 128))
+    assert seen[0] == (96, 128)  # the first pass measured the whole plane
+    if mode == "probabilities":
+        np.testing.assert_allclose(part, whole[:, 0:40], atol=1e-5)
+    else:  # the same objects (numbered on their own)
+        same = [(a, b) for a, b in zip(part.ravel(), whole[0:40].ravel())]
+        assert len(set(same)) == len({a for a, _ in same}) == len({b for _, b in same})
+
+
+def test_auto_measures_around_a_region_of_a_large_plane(monkeypatch):
+    monkeypatch.setattr(seg, "MEASURE_AREA", 64 * 64)
+    image = np.zeros((300, 500), np.float32)
+    model = tiny_model("same", object_diameter=20.0)
+
+    def measured(region):
+        options = SegmentOptions(diameter="auto", region=region)
+        return seg._measured_region(image, model, options)
+
+    assert measured(None) is None
+    assert measured((100, 110, 200, 220)) == (73, 137, 178, 242)  # 64 x 64 around it
+    assert measured((0, 10, 480, 500)) == (0, 64, 436, 500)  # kept inside the plane
+    assert measured((0, 200, 0, 30)) == (0, 200, 0, 64)  # at least the region
+
+
 def test_a_thin_image_keeps_a_pixel_when_shrunk():
     image = (np.random.default_rng(9).random((1, 200)) * 1000).astype(np.uint16)
     out = run(image, tiny_model("same", object_diameter=10.0), mode="labels", diameter=40)

@@ -125,6 +125,15 @@ def _add_train(sub) -> None:
         type=_number(int, 1),
         help="end after this many of the --steps (repeats a stopped run: its provenance steps)",
     )
+    tr.add_argument(
+        "--settings-from",
+        metavar="MODEL.safetensors",
+        help="the training settings a model trained by napari-unet records (seed, steps "
+        "planned and made, learning rate, batch, patches, augmentation, fine-tuning "
+        "switches: `napari-unet info` shows them), without its time budget: with the same "
+        "images, labels and --unlabelled images it repeats that run exactly, e.g. a "
+        "version made in the fine-tune panel; options given as well override them",
+    )
     tr.add_argument("--lr", type=float, help="learning rate (default 1e-3)")
     tr.add_argument("--patch-size", type=int, help="patch size (default 256; finetune 128)")
     tr.add_argument("--batch-size", type=int, help="batch size (default 8; finetune 4)")
@@ -163,9 +172,8 @@ def _add_train(sub) -> None:
     tr.add_argument(
         "--seed",
         type=_number(int, 0, 2**32 - 1),
-        default=0,
         help="random seed of patches, augmentation and new weights: the same seed, data "
-        "and steps repeat a run on the CPU (default: %(default)s)",
+        "and steps repeat a run on the CPU (default: 0, or the one --settings-from records)",
     )
     tr.add_argument(
         "--val-images",

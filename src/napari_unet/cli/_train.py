@@ -58,7 +58,8 @@ def cmd_train(args) -> int:
         raise ValueError("--output must be a file name ending in .safetensors")
     # before training, not after it; the base model, images and labels are never replaced
     outputs.check_writable(Path(args.output), [args.model, *args.images, *args.labels])
-    torch.manual_seed(args.seed)  # a new network's initial weights too
+    config = _config(args)
+    torch.manual_seed(config.seed)  # a new network's initial weights too
     model = _base_model(args.model, _classes(args))
 
     def load(paths):
@@ -70,7 +71,7 @@ def cmd_train(args) -> int:
         load(args.images),
         load(args.labels),
         args.label_kind,
-        _config(args),
+        config,
         val_images=load(args.val_images),
         val_labels=load(args.val_labels),
         data_name=", ".join(Path(p).name for p in args.images),
@@ -85,7 +86,7 @@ def cmd_train(args) -> int:
         # named after its file: it is no longer the model it was trained from
         model = result.with_info(name=Path(args.output).stem)
         rescued = _save_or_rescue(model, Path(args.output))
-    _report(result, args, stop.is_set(), saved=not rescued)
+    _report(result, args, config.seed, stop.is_set(), saved=not rescued)
     if rescued:
         raise OSError(rescued)
     return 0
@@ -143,6 +144,11 @@ def _config(args):
         "bf16": args.bf16 or None,
     }
     given = {k: v for k, v in given.items() if v is not None}
+    if args.settings_from:  # the recorded run, but where options say otherwise
+        settings = {**recorded_settings(args.settings_from), **given}
+        if args.seed is not None:
+            settings["seed"] = args.seed
+        return TrainConfig(**settings, device=args.device)
     if args.finetune and args.steps is not None and args.seconds is None:
         # --steps N repeats a run exactly: the recipe's 60 s budget would time the steps
         # again on this machine, and plan fewer where it is slower
@@ -150,7 +156,31 @@ def _config(args):
     if args.unlabelled:  # they are only used to adapt the batch-norm statistics
         given["adapt_norm"] = True
     make = TrainConfig.finetune if args.finetune else TrainConfig
-    return make(**given, device=args.device, seed=args.seed)
+    return make(**given, device=args.device, seed=0 if args.seed is None else args.seed)
+
+
+def recorded_settings(path: str) -> dict:
+    """The :class:`TrainConfig` fields the model file ``path`` records (its provenance's
+    ``train_config``) for a run of the steps it planned, ended where it ended (a Stop or
+    a budget overrun), without a time budget: that run again, step for step."""
+    from dataclasses import fields
+
+    from napari_unet.core.training import TrainConfig
+    from napari_unet.io import load_model
+
+    provenance = load_model(path).info.provenance
+    recorded = provenance.get("train_config")
+    if not isinstance(recorded, dict) or not recorded:
+        raise ValueError(f"{path}: records no training settings (not trained by napari-unet)")
+    unknown = sorted(set(recorded) - {f.name for f in fields(TrainConfig)})
+    if unknown:
+        raise ValueError(f"{path}: records settings this version does not know: {unknown}")
+    settings = dict(recorded, max_seconds=None, checkpoint=None)
+    made, planned = provenance.get("steps"), settings.get("steps")
+    ended = isinstance(made, int) and isinstance(planned, int) and made < planned
+    if ended and settings.get("stop_after") is None:
+        settings["stop_after"] = made
+    return settings
 
 
 def _run_with_bar(gen, quiet: bool):
@@ -168,7 +198,7 @@ def _run_with_bar(gen, quiet: bool):
         return run_to_end(gen, show)
 
 
-def _report(result, args, stopped: bool, saved: bool = True) -> None:
+def _report(result, args, seed: int, stopped: bool, saved: bool = True) -> None:
     """Where the model went, and how to repeat the run when it was not the one asked."""
     made = result.info.provenance.get("steps")
     planned = (result.info.provenance.get("train_config") or {}).get("steps", made)
@@ -180,8 +210,7 @@ def _report(result, args, stopped: bool, saved: bool = True) -> None:
     if made != planned or args.seconds is not None or args.finetune:
         print(
             f"{made} of {planned} planned steps; to repeat this run exactly: --seed "
-            f"{args.seed} --steps {planned}"
-            + (f" --stop-after {made}" if made != planned else ""),
+            f"{seed} --steps {planned}" + (f" --stop-after {made}" if made != planned else ""),
             file=sys.stderr,
         )
 

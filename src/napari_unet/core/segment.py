@@ -124,7 +124,8 @@ def segment_iter(image, model, options: SegmentOptions) -> Generator[Progress, N
     if options.diameter is None:
         return (yield from segment_at_iter(image, model, options, 1.0))
     factor, first = yield from scale_factor_iter(image, model, options)
-    if factor == 1.0 and first is not None and options.mode == "instances":
+    # (a region's size is measured on the whole plane: its first pass is not the region's)
+    if factor == 1.0 and first is not None and options.mode == "instances" and not options.region:
         return first
     if factor != 1.0:
         yield Progress(0, 1, f"segmenting the image resized by {factor:.3g}")
@@ -133,7 +134,9 @@ def segment_iter(image, model, options: SegmentOptions) -> Generator[Progress, N
 
 def scale_factor_iter(image, model, options: SegmentOptions):
     """The factor that gives ``image``'s objects the model's ``object_diameter``
-    (from ``options.diameter``: pixels, or ``"auto"``: measured on a first pass).
+    (from ``options.diameter``: pixels, or ``"auto"``: measured on a first pass over the
+    planes segmented, whole or, for a region of a large plane, around it: see
+    :data:`MEASURE_AREA`).
 
     Returns ``(factor, first)``: factors within :data:`SCALE_TOLERANCE` of 1 are 1;
     ``first`` is the first pass's instances (None without one)."""
@@ -146,7 +149,10 @@ def scale_factor_iter(image, model, options: SegmentOptions):
     first = None
     if options.diameter == "auto":
         yield Progress(0, 1, "estimating the object size")
-        first = yield from segment_at_iter(image, model, replace(options, mode="instances"), 1.0)
+        measure = replace(
+            options, mode="instances", region=_measured_region(image, model, options)
+        )
+        first = yield from segment_at_iter(image, model, measure, 1.0)
         found = median_diameter(first)
         factor = 1.0 if found is None else target / found  # nothing found: own scale
     else:
@@ -168,6 +174,33 @@ def scale_factor_iter(image, model, options: SegmentOptions):
             stacklevel=2,
         )
     return (1.0 if max(used, 1 / used) < SCALE_TOLERANCE else used), first
+
+
+# "auto" measures objects on the whole plane up to this many pixels (a region asked for
+# gets the whole plane's size, so that it equals the same pixels of a whole-plane
+# result); beyond, on this many pixels around the region
+MEASURE_AREA = 2048 * 2048
+
+
+def _measured_region(image, model, options) -> tuple[int, int, int, int] | None:
+    """Where "auto" measures the object size for ``options.region``: the whole plane
+    (None), or a window of :data:`MEASURE_AREA` pixels centred on the region (at least
+    the region) where the plane is larger."""
+    if options.region is None:
+        return None
+    h, w = resolve_axes(tuple(image.shape), options.axes, model.info.in_channels).yx
+    if h * w <= MEASURE_AREA:
+        return None
+    y0, y1, x0, x1 = options.region
+    side = int(MEASURE_AREA**0.5)
+    return (*_window(y0, y1, side, h), *_window(x0, x1, side, w))
+
+
+def _window(lo: int, hi: int, side: int, n: int) -> tuple[int, int]:
+    """At least ``side`` pixels (and at least ``lo:hi``) of ``0:n``, centred on ``lo:hi``."""
+    size = min(n, max(side, hi - lo))
+    start = min(max(0, (lo + hi - size) // 2), n - size)
+    return start, start + size
 
 
 def median_diameter(labels: np.ndarray, min_area: int = 10) -> float | None:

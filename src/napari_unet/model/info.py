@@ -136,9 +136,33 @@ class ModelInfo:
             elif isinstance(value, dict) and _is_int(value.get("steps")):
                 # what `train --steps PLANNED` needs to repeat a budgeted or stopped run
                 lines.append(f"{'steps planned:':<14} {value['steps']}")
+                lines.append(f"{'settings:':<14} {_settings(value)}")
         for key, value in self.metrics.items():
             lines.append(f"metric {key}: {_readable(value)}")
         return "\n".join(lines)
+
+
+# the training settings a card shows (all are in the provenance's train_config, which
+# `napari-unet train --settings-from` repeats)
+SHOWN_SETTINGS = (
+    "seed", "lr", "batch_size", "patch_size", "class_weighting", "augment",
+    "freeze_encoder", "adapt_norm", "pseudo_weight", "anchor", "stop_after", "bf16",
+)  # fmt: skip
+AUG = ("flips", "rotations", "intensity", "noise", "elastic", "zoom")  # augmentations shown
+
+
+def _settings(config: dict) -> str:
+    """``seed 0, lr 0.001, ..., augment flips+rotations+intensity 0.2+noise 0.03``."""
+    parts = []
+    for key in SHOWN_SETTINGS:
+        if key not in config or config[key] is None:
+            continue
+        value = config[key]
+        if isinstance(value, dict):  # augment: what is on
+            on = [k if v is True else f"{k} {v}" for k, v in value.items() if v and k in AUG]
+            value = "+".join(on) or "off"
+        parts.append(f"{key} {value}")
+    return ", ".join(parts)
 
 
 def _readable(value) -> str:
