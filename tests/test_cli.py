@@ -653,6 +653,7 @@ def test_a_new_three_class_network_on_instance_masks_gets_their_classes(tmp_path
     err = capsys.readouterr().err
     assert f"{prov['steps']} of {planned} planned steps; to repeat this run exactly: " in err
     assert f"--steps {planned}" in err
+    assert f"or --settings-from {tmp_path / 'timed.safetensors'}" in err
     # an output named only by its extension is refused before training
     args[args.index("-o") + 1] = str(tmp_path / ".safetensors")
     assert main(args) == 1

@@ -210,7 +210,9 @@ def _report(result, args, seed: int, stopped: bool, saved: bool = True) -> None:
     if made != planned or args.seconds is not None or args.finetune:
         print(
             f"{made} of {planned} planned steps; to repeat this run exactly: --seed "
-            f"{seed} --steps {planned}" + (f" --stop-after {made}" if made != planned else ""),
+            f"{seed} --steps {planned}"
+            + (f" --stop-after {made}" if made != planned else "")
+            + (f" with these options, or --settings-from {args.output}" if saved else ""),
             file=sys.stderr,
         )
 
