@@ -981,5 +981,60 @@ def test_train_settings_from_a_model_repeat_its_run_exactly(tmp_path, capsys):
     other = load_model(again).net.state_dict()
     assert not all(torch.equal(a[k], other[k]) for k in a)
     # a model that records no training settings is refused in one line
+    capsys.readouterr()
     assert main([*args, "--settings-from", str(base)]) == 1
     assert "records no training settings" in capsys.readouterr().err
+    # the repeat line of a repeated run names the file, which carries every setting
+    assert main([*args, "--settings-from", str(version)]) == 0
+    assert f"to repeat this run exactly: --settings-from {again}" in capsys.readouterr().err
+    # other steps given: not where the recorded run was stopped
+    assert main([*args, "--settings-from", str(version), "--steps", "5"]) == 0
+    assert load_model(again).info.provenance["steps"] == 5
+
+
+def test_train_settings_from_takes_the_label_kind_and_refuses_hostile_settings(tmp_path, capsys):
+    """Class masks repeated as strokes (class 0 read as not annotated); settings a file
+    may carry: a switch "no" taken as on, a text learning rate failing deep inside, a
+    batch of 1e9 patches filling the memory."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.numpy import save_file
+
+    from napari_unet.io import load_model
+
+    image, labels = np.zeros((48, 48), np.float32), np.zeros((48, 48), np.uint8)
+    image[10:30, 10:30], labels[10:30, 10:30] = 1.0, 1
+    labels[12:28, 12:28] = 2
+    tifffile.imwrite(tmp_path / "img.tif", image)
+    tifffile.imwrite(tmp_path / "classes.tif", labels)
+    base = save_model(tiny_model("same", depth=2), tmp_path / "base.safetensors")
+    v1 = tmp_path / "v1.safetensors"
+    args = ["train", "--images", str(tmp_path / "img.tif"), "--labels",
+            str(tmp_path / "classes.tif"), "-m", str(base), "-q"]  # fmt: skip
+    small = ["--steps", "2", "--patch-size", "32", "--batch-size", "2"]
+    assert main([*args, "-o", str(v1), "--label-kind", "classes", *small]) == 0
+    again = tmp_path / "again.safetensors"
+    assert main([*args, "-o", str(again), "--settings-from", str(v1)]) == 0
+    assert load_model(again).info.provenance["label_kind"] == "classes"
+    a, b = load_model(v1).net.state_dict(), load_model(again).net.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+    def hostile(**changes):
+        with safe_open(str(v1), "np") as f:
+            meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+        info = json.loads(meta["napari_unet"])
+        info["provenance"]["train_config"].update(changes)
+        meta["napari_unet"] = json.dumps(info)
+        path = tmp_path / "hostile.safetensors"
+        save_file(tensors, str(path), metadata=meta)
+        capsys.readouterr()
+        assert main([*args, "-o", str(again), "--settings-from", str(path)]) == 1
+        return capsys.readouterr().err
+
+    assert "freeze_encoder must be bool" in hostile(freeze_encoder="no")
+    assert "lr must be float" in hostile(lr="0.001")
+    err = hostile(batch_size=10**9)
+    assert "batch_size must be at most 1024" in err and "hostile.safetensors" in err
+    assert "elastic_grid must be from 2 to 64" in hostile(augment={"elastic_grid": 10**6})
+    assert "does not know" in hostile(device="cuda")

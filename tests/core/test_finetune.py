@@ -371,6 +371,7 @@ def test_finetune_at_the_model_object_size_rescales_planes_and_previews(case, mo
     seen = []
     result = run_to_end(gen, seen.append)
     assert result.scales == (2.0,)
+    assert result.model.info.provenance["rescaled"] == [2.0]  # what a repeat needs
     assert sizes == [((256, 256), (256, 256))]  # the painted plane at twice its size
     previews = [v for v in seen if isinstance(v, Preview)]
     assert previews and previews[0].labels.shape == (40, 50)  # back in the image's pixels
@@ -382,6 +383,7 @@ def test_finetune_at_the_model_object_size_rescales_planes_and_previews(case, mo
     # models without an object size, or no diameter: the planes' own scale
     plain = run_to_end(finetune_iter(tiny_model("same", depth=2), planes, [], cfg, diameter=12))
     assert plain.scales == () and sizes[-1] == ((128, 128), (128, 128))
+    assert "rescaled" not in plain.model.info.provenance
 
 
 def test_pairs_are_read_and_checked_inside_the_generator(case):

@@ -159,9 +159,21 @@ def test_auto_measures_around_a_region_of_a_large_plane(monkeypatch):
         return seg._measured_region(image, model, options)
 
     assert measured(None) is None
-    assert measured((100, 110, 200, 220)) == (73, 137, 178, 242)  # 64 x 64 around it
+    assert measured((100, 110, 200, 220)) == (80, 144, 176, 240)  # 64 x 64 around it
+    # on a grid of 16 px: panning by a few pixels keeps the window (and so the scale)
+    assert measured((103, 113, 197, 217)) == (80, 144, 176, 240)
     assert measured((0, 10, 480, 500)) == (0, 64, 436, 500)  # kept inside the plane
     assert measured((0, 200, 0, 30)) == (0, 200, 0, 64)  # at least the region
+    for y0 in range(0, 250, 7):  # the window always holds the region
+        wy0, wy1, _, _ = measured((y0, y0 + 50, 0, 10))
+        assert wy0 <= y0 and y0 + 50 <= wy1 and wy1 - wy0 == 64
+    # objects a window cuts inside the image are not measured (they look smaller)
+    labels = np.zeros((2, 64, 64), np.int32)
+    labels[:, 0:5, 10:20] = 1  # cut by the window's top side (inside the image)
+    labels[:, 20:30, 20:30] = 2  # whole
+    labels[:, 20:30, 54:64] = 3  # at the plane's right edge: whole
+    whole = seg._whole_objects(labels, (80, 144, 436, 500), image, model, SegmentOptions())
+    assert set(np.unique(whole)) == {0, 2, 3}
 
 
 def test_a_thin_image_keeps_a_pixel_when_shrunk():

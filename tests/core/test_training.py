@@ -454,9 +454,12 @@ def test_bootstrapped_loss_averages_the_hardest_annotated_pixels(data):
 def test_huge_patches_and_binary_masks_as_instances_are_caught():
     image, labels = synthetic.nuclei((64, 64), n=5, seed=3)
     with pytest.raises(ValueError, match="far larger than the images"):
-        train(
-            tiny_model("same"), [image], [labels], config=TrainConfig(steps=1, patch_size=100000)
-        )
+        train(tiny_model("same"), [image], [labels], config=TrainConfig(steps=1, patch_size=8000))
+    # a batch or patch no machine holds is refused before anything is allocated
+    with pytest.raises(ValueError, match="patch_size must be at most 8192"):
+        TrainConfig(patch_size=100000)
+    with pytest.raises(ValueError, match="batch_size must be at most 1024"):
+        TrainConfig(batch_size=10**9)
     binary = np.where(labels > 0, 255, 0).astype(np.uint8)
     with pytest.warns(UserWarning, match="one id \\(255\\) for .* separate regions"):
         train(tiny_model("same"), [image], [binary], config=TrainConfig(steps=1, patch_size=32))

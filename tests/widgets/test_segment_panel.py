@@ -793,6 +793,8 @@ def test_the_layers_axis_labels_name_its_axes(panel, qtbot):
     viewer.add_image(both, name="tz", axis_labels=("t", "z", "y", "x"))
     widget.layer_combo.setCurrentText("tz")
     assert "name no channel axis, but the model takes 2" in widget.axes_label.text()
+    viewer.layers["tz"].axis_labels = ("c", "z", "y", "x")  # as the refusal advises
+    assert "2 channel(s) on axis C" in widget.axes_label.text()  # described anew
     # an RGB layer's labels name its planes too
     widget.state.model = tiny_model("valid")
     rgb = np.zeros((3, 40, 50, 3), np.uint8)

@@ -164,6 +164,8 @@ class WorkerPanel(QWidget):
         names = []
         for layer in self.viewer.layers:
             layer.events.name.connect(self._on_layers_changed)  # renamed: listed anew
+            if hasattr(layer.events, "axis_labels"):  # they name its axes: described anew
+                layer.events.axis_labels.connect(self._on_layers_changed)
             if isinstance(layer, Image) and not is_output(layer):
                 names.append(layer.name)
         self.layer_combo.blockSignals(True)

@@ -99,10 +99,10 @@ def _add_train(sub) -> None:
     tr.add_argument(
         "--label-kind",
         choices=("instances", "classes", "sparse"),
-        default="sparse",
         help="instances: one id per object; classes: dense class ids from 0 (as predict "
         "--mode labels writes them); "
-        "sparse: painted strokes, 0 = not annotated, k = class k-1 (default: %(default)s)",
+        "sparse: painted strokes, 0 = not annotated, k = class k-1 (default: sparse, or "
+        "the kind --settings-from records)",
     )
     tr.add_argument("--classes", help="class names for a new model, comma-separated")
     tr.add_argument(

@@ -58,7 +58,10 @@ def cmd_train(args) -> int:
         raise ValueError("--output must be a file name ending in .safetensors")
     # before training, not after it; the base model, images and labels are never replaced
     outputs.check_writable(Path(args.output), [args.model, *args.images, *args.labels])
-    config = _config(args)
+    recorded = _recorded(args.settings_from)  # the provenance of a run to repeat
+    args.label_kind = args.label_kind or recorded.get("label_kind")
+    args.label_kind = args.label_kind if args.label_kind in KINDS else "sparse"
+    config = _config(args, recorded)
     torch.manual_seed(config.seed)  # a new network's initial weights too
     model = _base_model(args.model, _classes(args))
 
@@ -127,7 +130,7 @@ def _classes(args) -> str | None:
     return args.classes
 
 
-def _config(args):
+def _config(args, recorded: dict | None = None):
     """The :class:`TrainConfig` the options ask for (the fine-tuning recipe's with
     ``--finetune``)."""
     from napari_unet.core.training import TrainConfig
@@ -145,10 +148,15 @@ def _config(args):
     }
     given = {k: v for k, v in given.items() if v is not None}
     if args.settings_from:  # the recorded run, but where options say otherwise
-        settings = {**recorded_settings(args.settings_from), **given}
+        settings = {**recorded_settings(args.settings_from, recorded or {}), **given}
         if args.seed is not None:
             settings["seed"] = args.seed
-        return TrainConfig(**settings, device=args.device)
+        if "steps" in given and "stop_after" not in given:
+            settings["stop_after"] = None  # (other steps: not where that run ended)
+        try:
+            return TrainConfig(**settings, device=args.device)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{args.settings_from}: its recorded settings: {err}") from None
     if args.finetune and args.steps is not None and args.seconds is None:
         # --steps N repeats a run exactly: the recipe's 60 s budget would time the steps
         # again on this machine, and plan fewer where it is slower
@@ -159,22 +167,38 @@ def _config(args):
     return make(**given, device=args.device, seed=0 if args.seed is None else args.seed)
 
 
-def recorded_settings(path: str) -> dict:
-    """The :class:`TrainConfig` fields the model file ``path`` records (its provenance's
-    ``train_config``) for a run of the steps it planned, ended where it ended (a Stop or
-    a budget overrun), without a time budget: that run again, step for step."""
+KINDS = ("instances", "classes", "sparse")  # of labels
+
+
+def _recorded(path: str | None) -> dict:
+    """The provenance of the model file ``path`` (empty for None)."""
+    from napari_unet.io import load_model
+
+    return load_model(path).info.provenance if path else {}
+
+
+def recorded_settings(path: str, provenance: dict) -> dict:
+    """The :class:`TrainConfig` fields the model file ``path`` records (its
+    ``provenance``'s ``train_config``) for a run of the steps it planned, ended where it
+    ended (a Stop or a budget overrun), without a time budget: that run again."""
     from dataclasses import fields
 
     from napari_unet.core.training import TrainConfig
-    from napari_unet.io import load_model
 
-    provenance = load_model(path).info.provenance
     recorded = provenance.get("train_config")
     if not isinstance(recorded, dict) or not recorded:
         raise ValueError(f"{path}: records no training settings (not trained by napari-unet)")
-    unknown = sorted(set(recorded) - {f.name for f in fields(TrainConfig)})
+    known = {f.name for f in fields(TrainConfig)} - {"device", "val_patches"}  # (not kept)
+    unknown = sorted(set(recorded) - known)
     if unknown:
         raise ValueError(f"{path}: records settings this version does not know: {unknown}")
+    if provenance.get("rescaled"):
+        print(
+            f"warning: {path} was fine-tuned on its images resized by "
+            f"{provenance['rescaled']} (to the model's object size), which train does not "
+            "do: give images resized by those factors to repeat it",
+            file=sys.stderr,
+        )
     settings = dict(recorded, max_seconds=None, checkpoint=None)
     made, planned = provenance.get("steps"), settings.get("steps")
     ended = isinstance(made, int) and isinstance(planned, int) and made < planned
@@ -207,7 +231,9 @@ def _report(result, args, seed: int, stopped: bool, saved: bool = True) -> None:
         print(f"{done}, saved {args.output}" if done else f"saved {args.output}", file=sys.stderr)
     elif done:
         print(done, file=sys.stderr)
-    if made != planned or args.seconds is not None or args.finetune:
+    if args.settings_from and saved:  # (the options of the line below do not carry them)
+        print(f"to repeat this run exactly: --settings-from {args.output}", file=sys.stderr)
+    elif made != planned or args.seconds is not None or args.finetune:
         print(
             f"{made} of {planned} planned steps; to repeat this run exactly: --seed "
             f"{seed} --steps {planned}"

@@ -281,6 +281,9 @@ def finetune_iter(
             previewing += time.perf_counter() - began
             if shown is not None:
                 yield shown
+    if any(f != 1.0 for f in scales):  # what repeating the run needs (train does not)
+        provenance = {**result.info.provenance, "rescaled": [round(f, 6) for f in scales]}
+        result = result.with_info(provenance=provenance)
     yield Phase("checking the result on the painted pixels")
     after = painted_accuracy(result, planes, device=cfg.device)
     # ended early by Stop (a Stop after the last step ended nothing)

@@ -149,11 +149,10 @@ def scale_factor_iter(image, model, options: SegmentOptions):
     first = None
     if options.diameter == "auto":
         yield Progress(0, 1, "estimating the object size")
-        measure = replace(
-            options, mode="instances", region=_measured_region(image, model, options)
-        )
+        window = _measured_region(image, model, options)
+        measure = replace(options, mode="instances", region=window)
         first = yield from segment_at_iter(image, model, measure, 1.0)
-        found = median_diameter(first)
+        found = median_diameter(_whole_objects(first, window, image, model, options))
         factor = 1.0 if found is None else target / found  # nothing found: own scale
     else:
         try:
@@ -197,10 +196,33 @@ def _measured_region(image, model, options) -> tuple[int, int, int, int] | None:
 
 
 def _window(lo: int, hi: int, side: int, n: int) -> tuple[int, int]:
-    """At least ``side`` pixels (and at least ``lo:hi``) of ``0:n``, centred on ``lo:hi``."""
+    """At least ``side`` pixels (and at least ``lo:hi``) of ``0:n`` around ``lo:hi``; a
+    window of ``side`` starts on a grid of ``side / 4``, so that panning by less keeps it."""
     size = min(n, max(side, hi - lo))
-    start = min(max(0, (lo + hi - size) // 2), n - size)
+    start = (lo + hi - size) // 2
+    if size == side:
+        step = max(1, side // 4)
+        start = min(max(round(start / step) * step, hi - size), lo)  # (holds lo:hi)
+    start = min(max(0, start), n - size)
     return start, start + size
+
+
+def _whole_objects(labels, window, image, model, options):
+    """``labels`` without the objects a measuring ``window`` cuts (those touching its
+    sides inside the image): cut objects look smaller than they are."""
+    if window is None:
+        return labels
+    h, w = resolve_axes(tuple(image.shape), options.axes, model.info.in_channels).yx
+    y0, y1, x0, x1 = window
+    labels = np.array(labels)
+    cut = [labels[..., 0, :]] if y0 > 0 else []
+    cut += [labels[..., -1, :]] if y1 < h else []
+    cut += [labels[..., :, 0]] if x0 > 0 else []
+    cut += [labels[..., :, -1]] if x1 < w else []
+    if cut:
+        edge = np.unique(np.concatenate([c.ravel() for c in cut]))
+        labels[np.isin(labels, edge[edge > 0])] = 0
+    return labels
 
 
 def median_diameter(labels: np.ndarray, min_area: int = 10) -> float | None:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 
@@ -69,6 +70,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         self.augment = _augment_config(self.augment)
+        _check_types(self)
         _check_counts(self)
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"the learning rate must be a finite number above 0, got {self.lr!r}")
@@ -161,16 +163,39 @@ def _augment_config(augment) -> AugmentConfig:
     return AugmentConfig(**augment)
 
 
+_KINDS = {"int": (int,), "float": (numbers.Real,), "bool": (bool,), "str": (str,)}
+
+
+def _check_types(cfg: TrainConfig) -> None:
+    """Each setting of the kind its field declares ("no" for a switch was taken as on,
+    and "0.001" for the learning rate failed deep inside training)."""
+    for f in fields(cfg):
+        kinds = [k.strip() for k in str(f.type).split("|")]
+        allowed = tuple(t for k in kinds for t in _KINDS.get(k, ()))
+        value = getattr(cfg, f.name)
+        if not allowed or (value is None and "None" in kinds):
+            continue  # (the augmentation checks itself)
+        if not isinstance(value, allowed) or (isinstance(value, bool) and "bool" not in kinds):
+            raise ValueError(f"{f.name} must be {' or '.join(kinds)}, got {value!r}")
+
+
+# the largest batch and patch: a batch of 1e9 patches (a typo, or a hostile model file's
+# settings) filled the memory with no message, and no Ctrl-C stopped it
+MOST = {"batch_size": 1024, "patch_size": 8192, "val_patches": 4096}
+
+
 def _check_counts(cfg: TrainConfig) -> None:
     """Whole numbers at least their least value (``stop_after``: None = off)."""
     least = {"steps": 1, "batch_size": 1, "patch_size": 1, "val_patches": 1, "val_every": 0}
-    least.update(checkpoint_every=1, seed=0, stop_after=1)
+    least.update(checkpoint_every=1, seed=0, stop_after=1, warmup=0)
     for name, low in least.items():
         value = getattr(cfg, name)
         if name == "stop_after" and value is None:
             continue
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise ValueError(f"{name} must be a whole number of at least {low}, got {value!r}")
+        if value > MOST.get(name, value):
+            raise ValueError(f"{name} must be at most {MOST[name]}, got {value}")
 
 
 def _check_weights(cfg: TrainConfig) -> None:
