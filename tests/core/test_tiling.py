@@ -237,3 +237,33 @@ def test_group_norm_networks_warn_when_tiled():
         whole = predict(image, model, tile=400, device="cpu")
         predict(image, tiny_model("valid"), tile=48, device="cpu")  # batch norm: seamless
     assert np.abs(tiled - whole).max() > 1e-3  # what the warning is about
+
+
+def test_an_answer_of_the_wrong_shape_or_nan_is_refused():
+    """A package's network returning 2 channels where it declared 1 failed with a numpy
+    broadcast error; 2 px less than declared wrote a result shifted by a pixel; NaN on
+    bright pixels (finite on the random input checked at load) was written as the result."""
+    import pytest
+    import torch
+
+    class Odd(torch.nn.Module):
+        def __init__(self, answer):
+            super().__init__()
+            self.answer = answer
+
+        def forward(self, x):
+            return self.answer(x)
+
+    image = np.zeros((40, 50), np.float32)
+    image[10:20, 10:20] = 1000.0
+    cases = {
+        "shape": lambda x: torch.zeros((x.shape[0], 2, *x.shape[-2:])),
+        "smaller": lambda x: torch.zeros((x.shape[0], 3, x.shape[-2] - 2, x.shape[-1] - 2)),
+        "nan": lambda x: torch.where(x > 0.9, float("nan"), 0.0).expand(-1, 3, -1, -1),
+    }
+    for name, answer in cases.items():
+        model = tiny_model("same")
+        model.net = Odd(answer)
+        match = "NaN or infinity" if name == "nan" else "a broken model file"
+        with pytest.raises(ValueError, match=match):
+            predict(image, model, device="cpu")

@@ -329,7 +329,9 @@ class _Runner:
             torch.inference_mode(),
             torch.autocast("cuda", torch.float16, enabled=self.amp),
         ):
-            return self.model.net(x).float()
+            out = self.model.net(x)
+        _check_answer(out, x, self.model.info)
+        return out.float()
 
     def _activate(self, logits: torch.Tensor) -> torch.Tensor:
         act = self.model.info.activation
@@ -357,3 +359,25 @@ class _Runner:
             self.out[dst] = (p[0] > 0.5).astype(self.out.dtype)
         else:
             self.out[dst] = p.argmax(axis=0).astype(self.out.dtype)
+
+
+def _check_answer(out, x: torch.Tensor, info) -> None:
+    """A network's answer to a batch of tiles: a tensor of the classes it declares, of the
+    size its geometry gives, finite. (A package's network returning 2 channels where it
+    declared 1 failed on every tile with a numpy broadcast error; one returning 2 px less
+    than declared wrote a result shifted by a pixel; NaN on bright pixels was written
+    as the result.)"""
+    if not isinstance(out, torch.Tensor):
+        raise ValueError(f"the network returned a {type(out).__name__}, not a tensor")
+    g = info.geometry
+    want = (x.shape[0], info.num_classes, *(n - g.shrink for n in x.shape[-2:]))
+    if tuple(out.shape) != want:
+        raise ValueError(
+            f"the network returned an array of shape {tuple(out.shape)} for input "
+            f"{tuple(x.shape)}, where its description says {want}: a broken model file"
+        )
+    if not bool(torch.isfinite(out).all()):
+        raise ValueError(
+            "the network answered NaN or infinity on this image (broken weights, or "
+            "float16 overflow on CUDA: try without mixed precision); nothing was written"
+        )

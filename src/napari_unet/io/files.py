@@ -156,6 +156,11 @@ def load_model(source: str | Path, trust_code: bool = False) -> LoadedModel:
         if name in str(err):
             raise
         raise ModelFileError(f"{name}: {err}") from None  # which file, in a batch or a panel
+    except (TypeError, AttributeError, ValueError, KeyError) as err:
+        # a package's values of the wrong kind (a gain "two", a network returning a
+        # tuple) reached torch or numpy: a traceback in the CLI, a bare "Error: new():
+        # invalid data type 'str'" in the panel
+        raise ModelFileError(f"{name}: cannot load it ({_first_line(err)})") from None
     return model
 
 

@@ -15,11 +15,12 @@ from napari_unet.io.files import ModelFileError, check_zip_member
 RDF_NAMES = ("bioimageio.yaml", "rdf.yaml")
 # the largest package file read into memory (weights, tensors)
 MAX_READ = 2 << 30
-# the largest RDF: real ones are kilobytes (a 1.9 GB one in a 7 MB zip was parsed for minutes)
-MAX_RDF = 4 << 20
-# the most entries an RDF may expand to once its YAML aliases are followed (a 3 KB file of
+# the largest RDF: real ones are kilobytes (a 1.9 GB one in a 7 MB zip was parsed for
+# minutes, a 4 MiB list of numbers for a minute and 1.6 GB)
+MAX_RDF = 256 << 10
+# the most entries an RDF may hold once its YAML aliases are followed (a 3 KB file of
 # nested aliases expands to billions, and turning them into text took gigabytes)
-MAX_RDF_ENTRIES = 1_000_000
+MAX_RDF_ENTRIES = 100_000
 
 
 class _Files:
@@ -201,15 +202,16 @@ def _read_rdf(files: _Files, name: str) -> dict:
     import yaml
 
     try:
-        rdf = yaml.safe_load(files.read(name, MAX_RDF))
+        loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # (libyaml where there)
+        rdf = yaml.load(files.read(name, MAX_RDF), Loader=loader)  # noqa: S506 - safe loader
     except yaml.YAMLError as err:
         raise ModelFileError(f"{name}: not valid YAML ({str(err).splitlines()[0]})") from None
     except RecursionError:
         raise ModelFileError(f"{name}: nested too deeply to be a model description") from None
     if _expanded_size(rdf, {}) > MAX_RDF_ENTRIES:
         raise ModelFileError(
-            f"{name}: its YAML aliases expand to more than {MAX_RDF_ENTRIES:,} entries; "
-            "not a model description"
+            f"{name}: holds more than {MAX_RDF_ENTRIES:,} entries (its YAML aliases "
+            "followed); not a model description"
         )
     if not isinstance(rdf, dict) or rdf.get("type") != "model":
         raise ModelFileError(f"{name}: not a bioimage.io model description (type: model)")

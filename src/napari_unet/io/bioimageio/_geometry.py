@@ -101,6 +101,9 @@ def _declared(inp: _Tensor, out: _Tensor) -> _Declared:
         fixed, lo, step = tuple(sizes), min(sizes), 0
     elif all(isinstance(s, tuple) and s[0] == "param" for s in sizes):
         fixed = None
+        for _, least, each in sizes:  # before _combine searches their common multiple
+            _within("an input size step of", each, 0, MOST_STEP)
+            _within("a smallest input size of", least, 1, MOST_SIZE)
         lo, step = _combine(sizes[0][1:], sizes[1][1:])
     else:
         raise ModelFileError(f"input {inp.id!r}: spatial sizes {sizes} are not supported")
@@ -109,20 +112,29 @@ def _declared(inp: _Tensor, out: _Tensor) -> _Declared:
         fixed, lo, step, _shrink(inp, out, fixed), halo, _channels(inp, None), _channels(out, inp)
     )
     # checked before any of them sizes an array (200,000 channels took 2 minutes and 20 GB
-    # to be refused by numpy; a halo of 1000 px, 4 minutes to measure)
+    # to be refused by numpy; a halo of 1000 px, 4 minutes to measure; a step of 2048,
+    # 14 GB to measure the network on frames of 8 steps)
     for what, value, least, top in (
         ("input channels:", declared.channels, 1, 1024),
         ("output channels:", declared.classes, 1, 1024),
         ("a halo of", halo, 0, 512),
-        ("a smallest input size of", lo, 1, 16384),
-        ("an input size step of", step, 0, 16384),
-        ("an output shrink of", declared.shrink, 0, 16384),
+        ("a smallest input size of", lo, 1, MOST_SIZE),
+        ("an input size step of", step, 0, MOST_STEP),
+        ("an output shrink of", declared.shrink, 0, MOST_SIZE),
     ):
-        if not least <= value <= top:
-            raise ModelFileError(
-                f"the package declares {what} {value}; napari-unet takes {least} to {top}"
-            )
+        _within(what, value, least, top)
     return declared
+
+
+MOST_SIZE = 2048  # the largest smallest (or fixed) input size a package may declare
+MOST_STEP = 256  # the largest input size step (a depth-8 U-Net's)
+
+
+def _within(what: str, value: int, least: int, top: int) -> None:
+    if not least <= value <= top:
+        raise ModelFileError(
+            f"the package declares {what} {value}; napari-unet takes {least} to {top}"
+        )
 
 
 def _shift_equal(a: np.ndarray, b: np.ndarray, m: int, margin: int) -> bool:
