@@ -130,7 +130,9 @@ def test_exported_package_contents(exported):
         rdf = yaml.safe_load(zf.read("bioimageio.yaml"))
         cover = zf.read("cover.png")
         arch = zf.read("unet_architecture.py").decode()
+        readme = zf.read("README.md").decode()
     assert {"README.md", "test_input.npy", "test_output.npy", "weights_torchscript.pt"} <= names
+    assert "input sizes: 48 + k*4 px" in readme  # as the description declares (not 16)
     assert rdf["format_version"] == "0.5.4" and cover.startswith(b"\x89PNG")
     assert rdf["cite"][0]["doi"] == "10.1007/978-3-319-24574-4_28"
     assert rdf["license"] == "CC-BY-4.0" and len(rdf["name"]) >= 5

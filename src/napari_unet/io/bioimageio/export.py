@@ -131,8 +131,14 @@ def _export_postprocessing(activation: str) -> list:
     return ops + [{"id": "ensure_dtype", "kwargs": {"dtype": "float32"}}]
 
 
+def _smallest_input(g: Geometry) -> int:
+    """The smallest input the package declares: a same-padding network's smallest
+    with a pixel of full context (its true smallest input is all border)."""
+    return g.min_input if g.valid else g.snap(2 * g.halo + 1, "up")
+
+
 def _export_axes(info: ModelInfo, g: Geometry) -> tuple[list, list]:
-    lo = g.min_input if g.valid else g.snap(2 * g.halo + 1, "up")
+    lo = _smallest_input(g)
     names = ["raw"] if info.in_channels == 1 else [f"channel{i}" for i in range(info.in_channels)]
     inputs = [{"type": "batch"}, {"type": "channel", "channel_names": names}]
     outputs = [{"type": "batch"}, {"type": "channel", "channel_names": list(info.classes)}]
@@ -193,8 +199,8 @@ def _readme(info: ModelInfo, g: Geometry, names: dict) -> str:
         f"- input: {info.in_channels} channel(s); normalisation per image and channel: {spec}",
         f"- architecture: U-Net (Ronneberger et al. 2015), depth {a.get('depth')}, base width "
         f"{a.get('base_width')}, {a.get('padding')} padding, {a.get('norm')} norm",
-        f"- input sizes: {g.min_input} + k*{g.multiple} px; context (halo) {g.halo} px per side"
-        + (f"; the output is {g.shrink} px smaller" if g.valid else ""),
+        f"- input sizes: {_smallest_input(g)} + k*{g.multiple} px; context (halo) {g.halo} "
+        "px per side" + (f"; the output is {g.shrink} px smaller" if g.valid else ""),
         "",
         "## Weights",
         "",
