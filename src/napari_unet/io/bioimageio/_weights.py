@@ -6,6 +6,7 @@ import importlib
 import io
 import posixpath
 import sys
+import tempfile
 import types
 
 import numpy as np
@@ -151,6 +152,10 @@ def _state_dict_net(data: bytes, entry: dict, files: _Files) -> nn.Module:
     return net.float().eval()
 
 
+# onnxruntime's folder for the external data of a model given as bytes
+EXTERNAL_FOLDER = "session.model_external_initializers_file_folder_path"
+
+
 class OnnxNet(nn.Module):
     """ONNX weights run by onnxruntime behind an ``nn.Module``: torch tensors in and out."""
 
@@ -163,8 +168,17 @@ class OnnxNet(nn.Module):
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = max(1, torch.get_num_threads())
         try:
-            self.session = ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
+            # external data files are looked for in an empty folder: they were read from
+            # the folder napari was started in, unchecked by the package's hashes
+            with tempfile.TemporaryDirectory() as empty:
+                opts.add_session_config_entry(EXTERNAL_FOLDER, empty)
+                self.session = ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
         except Exception as err:  # noqa: BLE001 - any onnxruntime failure
+            if "external data" in str(err).lower():
+                raise ModelFileError(
+                    f"{name}: its weights are in external data files, which napari-unet "
+                    "does not read; save the ONNX model with its weights inside"
+                ) from None
             raise ModelFileError(f"{name}: cannot load as ONNX ({_first_line(err)})") from None
         first = self.session.get_inputs()[0]
         self.input_name = first.name
