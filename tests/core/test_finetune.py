@@ -483,20 +483,27 @@ def test_a_stop_during_setup_or_a_preview_is_heard_at_once(case):
     assert isinstance(result, Finished) and result.stopped and result.steps == 3
 
 
-def test_a_pause_asked_during_a_preview_drops_only_the_preview(case):
-    """Pause waited for the preview being predicted (6 s on a 2048^2 plane)."""
-    from napari_unet.core.finetune import Finished, Preview, finetune_iter
+def _previewed_run(case, steps: int, **kwargs):
+    """A fine-tuning run of ``steps`` on the case's strokes, previewing the whole image;
+    ``(result, every report)``."""
+    from napari_unet.core.finetune import finetune_iter
     from napari_unet.core.tiling import run_to_end
 
     image, _, strokes = case
     planes = [PaintedPlane(image, strokes, "img")]
-    cfg = TrainConfig.finetune(steps=4, patch_size=64, max_seconds=None, device="cpu")
+    cfg = TrainConfig.finetune(steps=steps, patch_size=64, max_seconds=None, device="cpu")
     seen = []
     gen = finetune_iter(
-        tiny_model("same", depth=2), planes, [], cfg, preview=(image, "YX", None),
-        preview_every=2, skip_preview=lambda: True,
-    )  # fmt: skip
-    result = run_to_end(gen, seen.append)
+        tiny_model("same", depth=2), planes, [], cfg, preview=(image, "YX", None), **kwargs
+    )
+    return run_to_end(gen, seen.append), seen
+
+
+def test_a_pause_asked_during_a_preview_drops_only_the_preview(case):
+    """Pause waited for the preview being predicted (6 s on a 2048^2 plane)."""
+    from napari_unet.core.finetune import Finished, Preview
+
+    result, seen = _previewed_run(case, 4, preview_every=2, skip_preview=lambda: True)
     assert not any(isinstance(v, Preview) for v in seen)
     assert isinstance(result, Finished) and result.steps == 4 and not result.stopped
 
@@ -508,8 +515,7 @@ def test_previews_take_at_most_their_share_of_the_training_time(case, monkeypatc
     import time
 
     from napari_unet.core import finetune
-    from napari_unet.core.finetune import Preview, finetune_iter
-    from napari_unet.core.tiling import run_to_end
+    from napari_unet.core.finetune import Preview
     from napari_unet.core.training import TrainStep
 
     def slow_preview(step, *args):
@@ -517,15 +523,7 @@ def test_previews_take_at_most_their_share_of_the_training_time(case, monkeypatc
         return Preview(step.step, np.ones((4, 4), np.uint8))
 
     monkeypatch.setattr(finetune, "_preview", slow_preview)
-    image, _, strokes = case
-    planes = [PaintedPlane(image, strokes, "img")]
-    cfg = TrainConfig.finetune(steps=20, patch_size=64, max_seconds=None, device="cpu")
-    seen = []
-    gen = finetune_iter(
-        tiny_model("same", depth=2), planes, [], cfg, preview=(image, "YX", None),
-        preview_every=1,
-    )  # fmt: skip
-    result = run_to_end(gen, seen.append)
+    result, seen = _previewed_run(case, 20, preview_every=1)
     previews = [v for v in seen if isinstance(v, Preview)]
     assert result.steps == 20 and previews[0].step == 1  # the first one is always shown
     # before each preview the earlier ones (>= 0.2 s each) took <= 0.5 x the training time

@@ -151,12 +151,9 @@ def test_auto_measures_a_regions_plane_so_the_region_equals_the_whole_result(mod
 
 def test_auto_measures_around_a_region_of_a_large_plane(monkeypatch):
     monkeypatch.setattr(seg, "MEASURE_AREA", 64 * 64)
-    image = np.zeros((300, 500), np.float32)
-    model = tiny_model("same", object_diameter=20.0)
 
     def measured(region):
-        options = SegmentOptions(diameter="auto", region=region)
-        return seg._measured_region(image, model, options)
+        return seg._measured_region((300, 500), region)
 
     assert measured(None) is None
     assert measured((100, 110, 200, 220)) == (80, 144, 176, 240)  # 64 x 64 around it
@@ -172,7 +169,7 @@ def test_auto_measures_around_a_region_of_a_large_plane(monkeypatch):
     labels[:, 0:5, 10:20] = 1  # cut by the window's top side (inside the image)
     labels[:, 20:30, 20:30] = 2  # whole
     labels[:, 20:30, 54:64] = 3  # at the plane's right edge: whole
-    whole = seg._whole_objects(labels, (80, 144, 436, 500), image, model, SegmentOptions())
+    whole = seg._whole_objects(labels, (80, 144, 436, 500), (300, 500))
     assert set(np.unique(whole)) == {0, 2, 3}
 
 

@@ -58,9 +58,11 @@ def cmd_train(args) -> int:
         raise ValueError("--output must be a file name ending in .safetensors")
     # before training, not after it; the base model, images and labels are never replaced
     outputs.check_writable(Path(args.output), [args.model, *args.images, *args.labels])
+    from napari_unet.core.targets import LABEL_KINDS
+
     recorded = _recorded(args.settings_from)  # the provenance of a run to repeat
-    args.label_kind = args.label_kind or recorded.get("label_kind")
-    args.label_kind = args.label_kind if args.label_kind in KINDS else "sparse"
+    kind = args.label_kind or recorded.get("label_kind")
+    args.label_kind = kind if kind in LABEL_KINDS else "sparse"
     config = _config(args, recorded)
     torch.manual_seed(config.seed)  # a new network's initial weights too
     model = _base_model(args.model, _classes(args))
@@ -165,9 +167,6 @@ def _config(args, recorded: dict | None = None):
         given["adapt_norm"] = True
     make = TrainConfig.finetune if args.finetune else TrainConfig
     return make(**given, device=args.device, seed=0 if args.seed is None else args.seed)
-
-
-KINDS = ("instances", "classes", "sparse")  # of labels
 
 
 def _recorded(path: str | None) -> dict:

@@ -149,10 +149,11 @@ def scale_factor_iter(image, model, options: SegmentOptions):
     first = None
     if options.diameter == "auto":
         yield Progress(0, 1, "estimating the object size")
-        window = _measured_region(image, model, options)
+        yx = resolve_axes(tuple(image.shape), options.axes, model.info.in_channels).yx
+        window = _measured_region(yx, options.region)
         measure = replace(options, mode="instances", region=window)
         first = yield from segment_at_iter(image, model, measure, 1.0)
-        found = median_diameter(_whole_objects(first, window, image, model, options))
+        found = median_diameter(_whole_objects(first, window, yx))
         factor = 1.0 if found is None else target / found  # nothing found: own scale
     else:
         try:
@@ -181,16 +182,14 @@ def scale_factor_iter(image, model, options: SegmentOptions):
 MEASURE_AREA = 2048 * 2048
 
 
-def _measured_region(image, model, options) -> tuple[int, int, int, int] | None:
-    """Where "auto" measures the object size for ``options.region``: the whole plane
-    (None), or a window of :data:`MEASURE_AREA` pixels centred on the region (at least
-    the region) where the plane is larger."""
-    if options.region is None:
+def _measured_region(yx: tuple[int, int], region) -> tuple[int, int, int, int] | None:
+    """Where "auto" measures the object size for ``region`` of a ``yx`` plane: the whole
+    plane (None), or a window of :data:`MEASURE_AREA` pixels centred on the region (at
+    least the region) where the plane is larger."""
+    h, w = yx
+    if region is None or h * w <= MEASURE_AREA:
         return None
-    h, w = resolve_axes(tuple(image.shape), options.axes, model.info.in_channels).yx
-    if h * w <= MEASURE_AREA:
-        return None
-    y0, y1, x0, x1 = options.region
+    y0, y1, x0, x1 = region
     side = int(MEASURE_AREA**0.5)
     return (*_window(y0, y1, side, h), *_window(x0, x1, side, w))
 
@@ -207,12 +206,12 @@ def _window(lo: int, hi: int, side: int, n: int) -> tuple[int, int]:
     return start, start + size
 
 
-def _whole_objects(labels, window, image, model, options):
-    """``labels`` without the objects a measuring ``window`` cuts (those touching its
-    sides inside the image): cut objects look smaller than they are."""
+def _whole_objects(labels, window, yx: tuple[int, int]):
+    """``labels`` without the objects a measuring ``window`` of a ``yx`` plane cuts
+    (those touching its sides inside the plane): cut objects look smaller than they are."""
     if window is None:
         return labels
-    h, w = resolve_axes(tuple(image.shape), options.axes, model.info.in_channels).yx
+    h, w = yx
     y0, y1, x0, x1 = window
     labels = np.array(labels)
     cut = [labels[..., 0, :]] if y0 > 0 else []
