@@ -82,7 +82,7 @@ def main() -> None:
     net = UNet(dataclasses.replace(arch, num_classes=5)).to(memory_format=torch.channels_last)
 
     def loss(out, target, weights, flow):
-        ce = training.loss_fn(out[:, :3], target, weights)
+        ce = loss.loss_fn(out[:, :3], target, weights)
         lf = flow_term(out[:, 3:], flow, target >= 0)
         return ce + args.flow_weight * lf, float(ce.detach()), float(lf.detach())
 

@@ -7,6 +7,7 @@ import torch
 from conftest import tiny_model
 from napari_unet.core import synthetic
 from napari_unet.core.augment import AugmentConfig, augment, elastic_field
+from napari_unet.core.loss import loss_fn
 from napari_unet.core.targets import (
     border_weights,
     class_weights,
@@ -15,7 +16,7 @@ from napari_unet.core.targets import (
     instances_to_classes,
     to_target,
 )
-from napari_unet.core.training import TrainConfig, loss_fn, prepare, train, train_iter
+from napari_unet.core.training import TrainConfig, prepare, train, train_iter
 from napari_unet.io import load_model
 
 

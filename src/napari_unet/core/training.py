@@ -23,11 +23,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from napari_unet.core.adaptation import adapt_norm, add_pseudo_labels
 from napari_unet.core.cancel import Cancelled
 from napari_unet.core.device import fast_bf16, resolve_device
+from napari_unet.core.loss import evaluate_patches, loss_fn
 from napari_unet.core.samples import PatchSampler, normalized_plane, prepare, with_convention
 from napari_unet.core.train_config import (
     OVERRUN,
@@ -38,45 +38,6 @@ from napari_unet.core.train_config import (
 )
 from napari_unet.model.info import LoadedModel
 from napari_unet.model.unet import UNet, for_training, to_layout
-
-
-def loss_fn(logits, target, weights, dice: float = 0.0, hard: float = 1.0) -> torch.Tensor:
-    """Pixel-weighted cross-entropy over annotated pixels (+ optional soft Dice).
-
-    ``weights`` is ``(B, H, W)``, or ``(B, 2, H, W)`` with each pixel's interior
-    share (soft cores, :func:`targets.core_share`; ``< 0``: the hard target) second:
-    there the loss is ``-(q log p_interior + (1 - q) log p_boundary)``.
-    ``hard < 1``: the cross-entropy is the mean over that share of the annotated
-    pixels with the highest weighted loss (bootstrapped cross-entropy), so pixels
-    the network already gets right stop diluting the few it does not.
-    """
-    if not 0 < hard <= 1:
-        raise ValueError(f"hard_fraction must be in (0, 1], got {hard}")
-    valid = target >= 0
-    share = None
-    if weights.ndim == 4:
-        weights, share = weights[:, 0], weights[:, 1]
-    ce = F.cross_entropy(logits, target.clamp(min=0), reduction="none")
-    if share is not None:
-        logp = torch.log_softmax(logits, 1)
-        q = share.clamp(min=0)
-        soft = -(q * logp[:, 1] + (1 - q) * logp[:, 2])
-        ce = torch.where(share >= 0, soft, ce)
-    w = weights * valid
-    if hard < 1:
-        per_pixel = (ce * w)[valid]
-        k = max(1, math.ceil(hard * per_pixel.numel()))
-        loss = per_pixel.topk(k, sorted=False).values.mean() if per_pixel.numel() else ce.sum() * 0
-    else:
-        loss = (ce * w).sum() / valid.sum().clamp(min=1)
-    if dice > 0:
-        probs = torch.softmax(logits, 1)
-        onehot = F.one_hot(target.clamp(min=0), logits.shape[1]).permute(0, 3, 1, 2)
-        m = valid[:, None].float()
-        inter = (probs * onehot * m).sum((0, 2, 3))
-        denom = ((probs + onehot) * m).sum((0, 2, 3))
-        loss = loss + dice * (1 - ((2 * inter + 1) / (denom + 1)).mean())
-    return loss
 
 
 def train_iter(
@@ -332,18 +293,6 @@ def train(model, images, labels, kind="instances", config=None, callback=None, *
     from napari_unet.core.tiling import run_to_end
 
     return run_to_end(train_iter(model, images, labels, kind, config, **kwargs), callback)
-
-
-def evaluate_patches(net, batch, dice: float, dev) -> dict:
-    """Loss and pixel accuracy on fixed validation patches."""
-    x, t, w = (a.to(dev) for a in batch)
-    net.eval()
-    with torch.inference_mode():
-        logits = net(to_layout(x, net))
-        loss = float(loss_fn(logits, t, w, dice))
-        valid = t >= 0
-        acc = float((logits.argmax(1)[valid] == t[valid]).float().mean()) if valid.any() else 0.0
-    return {"val_loss": round(loss, 5), "val_pixel_accuracy": round(acc, 5)}
 
 
 def _trainable(net, cfg: TrainConfig):

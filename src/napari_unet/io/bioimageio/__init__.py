@@ -40,10 +40,10 @@ from napari_unet.io.bioimageio._processing import STATISTICAL as STATISTICAL
 from napari_unet.io.bioimageio._processing import PackageNet
 from napari_unet.io.bioimageio._rdf import ENGINE_IN as ENGINE_IN
 from napari_unet.io.bioimageio._rdf import ENGINE_OUT as ENGINE_OUT
+from napari_unet.io.bioimageio._readme import UNET_CITATION as UNET_CITATION
 from napari_unet.io.bioimageio._weights import WEIGHTS_ORDER as WEIGHTS_ORDER
 from napari_unet.io.bioimageio._weights import OnnxNet
 from napari_unet.io.bioimageio.export import FORMAT_VERSION as FORMAT_VERSION
-from napari_unet.io.bioimageio.export import UNET_CITATION as UNET_CITATION
 from napari_unet.io.bioimageio.export import architecture_source, export_package
 
 __all__ = [

@@ -23,17 +23,13 @@ from napari_unet.io.bioimageio._files import _sha256
 from napari_unet.io.bioimageio._load import _device, _direct
 from napari_unet.io.bioimageio._processing import _Pointwise, _split_post, _split_pre
 from napari_unet.io.bioimageio._rdf import ENGINE_IN, ENGINE_OUT, _tensor_v05
+from napari_unet.io.bioimageio._readme import UNET_CITATION, package_readme, smallest_input
 from napari_unet.io.bioimageio._weights import _exec_source
 from napari_unet.io.files import TORCHSCRIPT_META, ModelFileError, atomic_write
 from napari_unet.model.info import LoadedModel, ModelInfo
 from napari_unet.model.shapes import Geometry
 
 FORMAT_VERSION = "0.5.4"
-UNET_CITATION = {
-    "text": "Ronneberger, O., Fischer, P., Brox, T. U-Net: Convolutional Networks for "
-    "Biomedical Image Segmentation. MICCAI 2015.",
-    "doi": "10.1007/978-3-319-24574-4_28",
-}
 _ARCH_MODULES = ("napari_unet.model.shapes", "napari_unet.model.blocks", "napari_unet.model.unet")
 
 
@@ -131,14 +127,8 @@ def _export_postprocessing(activation: str) -> list:
     return ops + [{"id": "ensure_dtype", "kwargs": {"dtype": "float32"}}]
 
 
-def _smallest_input(g: Geometry) -> int:
-    """The smallest input the package declares: a same-padding network's smallest
-    with a pixel of full context (its true smallest input is all border)."""
-    return g.min_input if g.valid else g.snap(2 * g.halo + 1, "up")
-
-
 def _export_axes(info: ModelInfo, g: Geometry) -> tuple[list, list]:
-    lo = _smallest_input(g)
+    lo = smallest_input(g)
     names = ["raw"] if info.in_channels == 1 else [f"channel{i}" for i in range(info.in_channels)]
     inputs = [{"type": "batch"}, {"type": "channel", "channel_names": names}]
     outputs = [{"type": "batch"}, {"type": "channel", "channel_names": list(info.classes)}]
@@ -180,55 +170,6 @@ def _npy(a: np.ndarray) -> bytes:
     buf = io.BytesIO()
     np.save(buf, a, allow_pickle=False)
     return buf.getvalue()
-
-
-_NOT_IN_README = ("train_config", "model_card")
-
-
-def _readme(info: ModelInfo, g: Geometry, names: dict) -> str:
-    a = info.architecture or {}
-    spec = ", ".join(f"{k} {v}" for k, v in info.normalization.items())
-    lines = [
-        f"# {info.name}",
-        "",
-        info.description or "A U-Net segmentation model exported from napari-unet.",
-        "",
-        "## Model",
-        "",
-        f"- classes: {', '.join(info.classes)} ({info.activation})",
-        f"- input: {info.in_channels} channel(s); normalisation per image and channel: {spec}",
-        f"- architecture: U-Net (Ronneberger et al. 2015), depth {a.get('depth')}, base width "
-        f"{a.get('base_width')}, {a.get('padding')} padding, {a.get('norm')} norm",
-        f"- input sizes: {_smallest_input(g)} + k*{g.multiple} px; context (halo) {g.halo} "
-        "px per side" + (f"; the output is {g.shrink} px smaller" if g.valid else ""),
-        "",
-        "## Weights",
-        "",
-        f"- `{names['torchscript']}`: TorchScript (traced; accepts every input size above)",
-        f"- `{names['state_dict']}`: PyTorch state dict for `UNet(**kwargs)` in "
-        f"`{names['architecture']}`",
-        "",
-        "## Use",
-        "",
-        "In napari with napari-unet, or on the command line:",
-        "`napari-unet predict IMAGE --model THIS.zip`. Large images are segmented with",
-        "overlap-tile inference; tiled and one-pass results agree.",
-        "",
-        "## Validation",
-        "",
-        "`test_output.npy` is the output for `test_input.npy` (pre-processing with statistics",
-        "of the whole tensor, one forward pass, post-processing), as the bioimage.io spec",
-        "runs it; napari-unet checks it with `napari_unet.io.bioimageio.run_test_tensors`.",
-    ]
-    extra = [f"- {k}: {v}" for k, v in info.provenance.items() if k not in _NOT_IN_README]
-    if info.provenance.get("model_card"):  # a file of the project, not of this package
-        card = str(info.provenance["model_card"]).split()[0]
-        extra.append(f"- model card: {card} in napari-unet's docs/models/ (not in this package)")
-    extra += [f"- {k}: {v}" for k, v in info.metrics.items()]
-    if extra:
-        lines += ["", "## Training and evaluation", "", *extra]
-    lines += ["", "## Citation", "", f"{UNET_CITATION['text']} doi:{UNET_CITATION['doi']}"]
-    return "\n".join(lines) + "\n"
 
 
 def _rdf_name(name: str) -> str:
@@ -387,7 +328,7 @@ def export_package(
     files["test_input.npy"], files["test_output.npy"] = _npy(x), _npy(y)
     cover_name, files_cover = _cover(cover, x, y)
     files[cover_name] = files_cover
-    files["README.md"] = _readme(info, net.geometry, names).encode()
+    files["README.md"] = package_readme(info, net.geometry, names).encode()
     meta = {"authors": _authors(authors, info), "license": license, "cover": cover_name}
     rdf = _rdf(net, info, tensors, files, names, meta)
     files = {"bioimageio.yaml": _yaml(rdf), **files}
