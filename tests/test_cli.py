@@ -527,11 +527,21 @@ def test_class_names_are_for_new_networks_and_must_be_distinct(tmp_path, model_f
 
 
 def test_axes_recorded_in_ome_and_imagej_tiffs_are_used(tmp_path, model_file, capsys):
-    # two channels for a one-channel model: read as channels (refused), not as two planes
+    from napari_unet.io import load_model
+    from napari_unet.io.images import image_axes
+
+    # two channels for a one-channel model: segmented one by one, as the panel does (it
+    # was refused without a word of what to do), and written as channels
     stack = (np.random.default_rng(3).random((2, 48, 48)) * 1000).astype(np.uint16)
     tifffile.imwrite(tmp_path / "c.ome.tif", stack, metadata={"axes": "CYX"})
-    rc = main(["predict", str(tmp_path / "c.ome.tif"), "-m", str(model_file), "-q"])
-    assert rc == 1 and "expects 1 input channel(s) but the image has 2" in capsys.readouterr().err
+    out = tmp_path / "c_classes.tif"
+    rc = main(["predict", str(tmp_path / "c.ome.tif"), "-m", str(model_file), "--mode",
+               "labels", "-o", str(out), "-q"])  # fmt: skip
+    assert rc == 0 and "the 2 channels are segmented one by one" in capsys.readouterr().err
+    model = load_model(model_file)
+    expected = [predict(channel, model, output="labels") for channel in stack]
+    np.testing.assert_array_equal(tifffile.imread(out), np.stack(expected))
+    assert image_axes(out) == "CYX"
     tifffile.imwrite(tmp_path / "z.tif", stack, imagej=True, metadata={"axes": "ZYX"})
     out = tmp_path / "z_labels.tif"
     rc = main(["predict", str(tmp_path / "z.tif"), "-m", str(model_file), "--mode", "labels",
@@ -776,22 +786,23 @@ def test_results_keep_the_image_s_planes_and_pixel_size(tmp_path, model_file):
         metadata={"axes": "ZYX", "spacing": 2.0, "unit": "micron"},
     )
     assert image_calibration(src) == {"x": 0.5, "y": 0.5, "z": 2.0, "unit": "micron"}
-    for mode, axes in [("labels", "ZYX"), ("instances", None), ("probabilities", None)]:
+    # an ImageJ hyperstack where ImageJ can hold it, else an OME-TIFF (uint32 objects,
+    # classes before Z: the Z spacing was dropped)
+    kinds = [
+        ("labels", "ZYX", True),
+        ("instances", "ZYX", False),
+        ("probabilities", "CZYX", False),
+    ]
+    for mode, axes, imagej in kinds:
         out = tmp_path / f"{mode}.tif"
         rc = main(["predict", str(src), "-m", str(model_file), "--mode", mode, "-o", str(out),
                    "-q", "--tile", "48"])  # fmt: skip
         assert rc == 0
-        assert image_axes(out) == axes  # an ImageJ hyperstack where ImageJ can hold it
+        assert image_axes(out) == axes
         with tifffile.TiffFile(out) as tf:
-            shape, series_axes = tf.series[0].shape, tf.series[0].axes
-            tags = tf.pages[0].tags
-            x_res = tags["XResolution"].value
-            unit = tags["ResolutionUnit"].value
-        if axes:  # pixels per micron, the micron in ImageJ's description
-            assert image_calibration(out) == {"x": 0.5, "y": 0.5, "z": 2.0, "unit": "micron"}
-        else:  # int32 objects, or classes before Z: pixels per centimetre
-            assert unit == 3 and x_res[0] / x_res[1] == pytest.approx(2e4)
-            assert series_axes == ("CZYX" if mode == "probabilities" else "ZYX")
+            assert (tf.is_imagej, tf.is_ome) == (imagej, not imagej)
+            shape = tf.series[0].shape
+        assert image_calibration(out) == {"x": 0.5, "y": 0.5, "z": 2.0, "unit": "micron"}
         assert shape == ((3, 3, 48, 48) if mode == "probabilities" else (3, 48, 48))
     # an OME-TIFF's sizes are kept too; a file without any gets none
     tifffile.imwrite(

@@ -66,3 +66,27 @@ def test_a_few_extreme_pixels_do_not_make_an_image_flat():
     spiked[:3, :3] = 1e10
     out = _normalised(spiked)
     np.testing.assert_allclose(out[10:, 10:], _normalised(plane)[10:, 10:], atol=0.02)
+
+
+def test_a_plane_sample_is_whole_when_small_and_windows_when_large():
+    img = np.arange(40 * 3000, dtype=np.float32).reshape(1, 40, 3000)
+    reads = []
+
+    def read(ys, xs):
+        reads.append((ys, xs))
+        return img[:, ys, xs]
+
+    small = norm.sample_plane(read, (40, 3000), max_samples=40 * 3000)
+    np.testing.assert_array_equal(small, img.reshape(1, -1))
+    reads.clear()
+    sample = norm.sample_plane(read, (40, 3000), max_samples=40 * 800)
+    # Y (40 px) whole, X in 8 windows of 800 / 8 = 100 px spread over the axis
+    assert len(reads) == 8 and sample.shape == (1, 40 * 800)
+    starts = [xs.start for _, xs in reads]
+    assert starts[0] < 200 and starts[-1] > 2700 and np.all(np.diff(starts) > 300)
+    assert all(ys == slice(0, 40) for ys, _ in reads)
+    reads.clear()
+    big = norm.sample_plane(
+        lambda ys, xs: np.ones((1, ys.stop - ys.start, xs.stop - xs.start)), (3000, 3000)
+    )
+    assert big.shape == (1, 1 << 20)  # 8 x 8 windows of 128 x 128 pixels

@@ -111,6 +111,38 @@ def test_dask_and_zarr_inputs_and_zarr_output(tmp_path, same_model):
     np.testing.assert_allclose(out[:], ref, atol=1e-6)
 
 
+class _CountingArray:
+    """A lazy array (as dask or zarr are) that counts the pixels read and refuses to be
+    read whole."""
+
+    def __init__(self, data):
+        self.data, self.shape, self.dtype, self.ndim = data, data.shape, data.dtype, data.ndim
+        self.read = 0
+
+    def __getitem__(self, index):
+        block = self.data[index]
+        self.read += block.size
+        return block
+
+    def __array__(self, *args, **kwargs):
+        raise AssertionError("the whole lazy image was read")
+
+
+def test_a_lazy_image_is_read_tile_by_tile_not_whole(same_model):
+    # the dtype check read a dask / zarr input whole before the first tile (32 GiB
+    # refused), and the normalisation's strided sample decoded every chunk of a plane
+    data = np.random.default_rng(6).random((2, 3000, 3000), dtype=np.float32)
+    lazy = _CountingArray(data)
+    part = predict(lazy, same_model, region=(1000, 1064, 2000, 2100))
+    np.testing.assert_allclose(part, predict(data, same_model, region=(1000, 1064, 2000, 2100)))
+    assert lazy.read < 2 * (1 << 20) + 2 * 500 * 500  # two planes' samples and tiles
+    # in memory or lazy, the statistics come from the same pixels: whole result equals
+    np.testing.assert_allclose(
+        predict(_CountingArray(data[:, :1100, :40]), same_model),
+        predict(data[:, :1100, :40], same_model),
+    )
+
+
 def test_labels_output_is_argmax(same_model):
     image = np.random.default_rng(4).random((50, 50), dtype=np.float32)
     probs = predict(image, same_model)

@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+import tifffile
 
 from napari_unet.io.images import ZarrOutput, read_image, write_image
 
@@ -79,3 +80,17 @@ def test_a_tiff_is_read_whole_when_tifffile_and_zarr_cannot_talk(tmp_path, monke
 
     monkeypatch.setattr(zarr, "open", cannot)
     np.testing.assert_array_equal(np.asarray(read_image(tmp_path / "a.tif")), data)
+
+
+def test_objects_of_a_time_series_keep_its_sizes_and_interval_in_an_ome_tiff(tmp_path):
+    # uint32 objects cannot be an ImageJ hyperstack: their Z step and interval were lost
+    from napari_unet.io.images import image_axes, image_calibration
+
+    labels = np.arange(2 * 3 * 8 * 9, dtype=np.uint32).reshape(2, 3, 8, 9) * 70_000
+    cal = {"x": 250.0, "y": 250.0, "z": 2000.0, "t": 1.5, "unit": "nm"}
+    out = write_image(tmp_path / "objects.tif", labels, "TZYX", cal)
+    np.testing.assert_array_equal(tifffile.imread(out), labels)
+    assert image_axes(out) == "TZYX"
+    got = image_calibration(out)
+    assert got.pop("unit") == "micron"
+    assert got == pytest.approx({"x": 0.25, "y": 0.25, "z": 2.0, "t": 1.5})

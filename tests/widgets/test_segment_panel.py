@@ -801,3 +801,23 @@ def test_the_layers_axis_labels_name_its_axes(panel, qtbot):
     viewer.add_image(rgb, name="rgb", rgb=True, axis_labels=("t", "y", "x"))
     widget.layer_combo.setCurrentText("rgb")
     assert "T: 3 planes" in widget.axes_label.text()
+
+
+def test_an_older_result_of_the_same_name_and_another_dimensionality(panel, qtbot):
+    # a 2D image segmented, closed, and a Z-stack of the same name opened: its result
+    # was compared with the 2D one's translate (a ValueError; the result was lost)
+    viewer, widget = panel
+    rng = np.random.default_rng(0)
+    viewer.add_image(rng.random((40, 48)).astype(np.float32), name="cells")
+    widget.mode_combo.setCurrentText("labels")
+    _run(qtbot, widget)
+    viewer.layers.remove("cells")
+    stack = rng.random((3, 40, 48)).astype(np.float32)
+    viewer.add_image(stack, name="cells")
+    widget.layer_combo.setCurrentText("cells")
+    _run(qtbot, widget)
+    new = viewer.layers["cells [unet labels] [1]"]
+    assert viewer.layers["cells [unet labels]"].data.shape == (40, 48)
+    expected = predict(stack, widget.state.model, axes="ZYX").argmax(0) + 1
+    np.testing.assert_array_equal(new.data, expected)
+    assert "it covers another extent" in widget.status.text()

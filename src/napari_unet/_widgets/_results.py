@@ -77,12 +77,13 @@ def _refusal(layer, kind: str, data, kw: dict) -> str:
         return "not a result of napari-unet"
     if ANNOTATION_KEY in layer.metadata:
         return "used as annotations"
+    # shapes first: a layer of another number of axes (a 2D result beside a stack of
+    # the same name) has a translate that cannot be compared (the result was lost)
     # translates to a hundredth of a pixel, not relative to the translate: at a stage
     # position of 42000 um, 0.42 um was 4 px
-    same_place = np.allclose(
+    if tuple(layer.data.shape) != tuple(np.shape(data)) or not np.allclose(
         layer.translate, kw["translate"], rtol=0, atol=0.01 * np.abs(kw["scale"]).min()
-    )
-    if tuple(layer.data.shape) != tuple(np.shape(data)) or not same_place:
+    ):
         return "it covers another extent (stack, plane or region)"
     if not overwritable(layer):
         return "edited since it was written"

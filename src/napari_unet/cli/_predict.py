@@ -24,7 +24,7 @@ def cmd_predict(args) -> int:
         _check_target(dst, args)
     model = model_by_name(args.model, getattr(args, "trust_code", False))
     for src, _ in targets:  # opened lazily: an input the model cannot take stops the batch
-        image, axes, _ = _model_input(read_image(src), args.axes or image_axes(src), model)
+        image, axes, _, _ = _model_input(read_image(src), args.axes or image_axes(src), model)
         _check_input(image, axes, model, src)
     for folder in sorted({dst.parent for _, dst in targets}):
         outputs.check_folder(folder)
@@ -41,12 +41,14 @@ def cmd_predict(args) -> int:
         )
     for i, (src, dst) in enumerate(targets):
         # axes as the file records them (OME, ImageJ), else guessed
-        image, axes, note = _model_input(read_image(src), args.axes or image_axes(src), model)
+        image, axes, note, planes = _model_input(
+            read_image(src), args.axes or image_axes(src), model
+        )
         if note:
             print(f"{src}: {note}", file=sys.stderr)
         try:
             cal = image_calibration(src)  # pixel size and spacing, kept by a TIFF result
-            _predict_one(image, model, dst, args, Path(src).name, axes, cal)
+            _predict_one(image, model, dst, args, Path(src).name, axes, cal, planes)
         except zlib.error as err:  # read lazily, tile by tile: a corrupt tile shows here
             raise ValueError(f"{src}: its image data is corrupt ({err}){_done(i)}") from None
         except (ValueError, OSError, RuntimeError) as err:  # which of many inputs it was
@@ -69,22 +71,35 @@ def _done(i: int) -> str:
 
 
 def _model_input(image, axes: str | None, model) -> tuple:
-    """``(image, axes, note)`` as a one-channel model reads an RGB(A) image (colour last,
-    as PNG, JPEG and RGB TIFF store it): its luminance, as the segment panel does; of a
-    grayscale image with alpha, the gray."""
+    """``(image, axes, note, planes)`` as a one-channel model reads an image, as the
+    segment panel does: of an RGB(A) image (colour last, as PNG, JPEG and RGB TIFF store
+    it) its luminance; of a grayscale image with alpha, the gray; the channels of a
+    multichannel stack (an OME or ImageJ C axis) one by one, as planes of the axis
+    ``planes`` (``""``: none)."""
     from napari_unet.core.segment import lazy_gray
 
     shape = tuple(image.shape)
     colour_last = axes is None or axes.upper().endswith("YXC")
+    if model.info.in_channels != 1 or len(shape) < 3:
+        return image, axes, "", ""
+    if not colour_last and "C" in axes.upper() and shape[axes.upper().index("C")] > 1:
+        free = next((a for a in PLANE_LETTERS if a not in axes.upper()), None)
+        if free is not None:
+            n = shape[axes.upper().index("C")]
+            note = f"the model takes one channel: the {n} channels are segmented one by one"
+            return image, axes.upper().replace("C", free), note, free
     # (not a (Z, Y, X) stack of images 2-4 pixels wide, as axes.py guesses)
-    if model.info.in_channels != 1 or not colour_last or len(shape) < 3 or shape[-2] <= 4:
-        return image, axes, ""
+    if not colour_last or shape[-2] <= 4:
+        return image, axes, "", ""
     kept = axes[:-1] if axes else None
     if shape[-1] in (3, 4):
-        return lazy_gray(image), kept, "RGB converted to grayscale"
+        return lazy_gray(image), kept, "RGB converted to grayscale", ""
     if shape[-1] == 2:  # grayscale with alpha (PNG's LA), one image or a stack of them
-        return image[..., 0], kept, "alpha channel left out"
-    return image, axes, ""
+        return image[..., 0], kept, "alpha channel left out", ""
+    return image, axes, "", ""
+
+
+PLANE_LETTERS = "QRS"  # an image's channels as planes (read as one letter, written as C)
 
 
 def _check_input(image, axes, model, src) -> None:
@@ -113,10 +128,17 @@ def _check_target(dst: Path, args) -> None:
 
 
 def _predict_one(
-    image, model, dst: Path, args, label: str, axes: str | None = None, calibration=None
+    image,
+    model,
+    dst: Path,
+    args,
+    label: str,
+    axes: str | None = None,
+    calibration=None,
+    planes: str = "",
 ) -> None:
     """Segment one image into ``dst`` (checked by :func:`_check_target`; a TIFF keeps
-    the image's ``calibration``)."""
+    the image's ``calibration``; the axis ``planes``, its channels, is written as C)."""
     from napari_unet.core.axes import resolve_axes
     from napari_unet.core.segment import SegmentOptions, segment_iter
     from napari_unet.io.images import write_image
@@ -140,7 +162,9 @@ def _predict_one(
         return
     result = _with_bar(segment_iter(image, model, options), label, args.quiet)
     lead = "".join(ax.axes[i] for i in ax.leading)  # the image's planes, then Y, X
-    axes = ("C" if args.mode == "probabilities" else "") + lead + "YX"  # C: the classes
+    if planes and args.mode != "probabilities":  # (there C is the classes)
+        lead = lead.replace(planes, "C")
+    axes = ("C" if args.mode == "probabilities" else "") + lead + "YX"
     write_image(dst, result, axes, calibration)
 
 

@@ -156,7 +156,7 @@ def capture_iter(
     unknown = [s for s in stages if s not in names]
     if unknown:
         raise ValueError(f"no stage(s) {unknown}; the network has {names}")
-    norm.check_dtype(getattr(image, "dtype", np.asarray(image).dtype))  # as segmenting does
+    norm.check_dtype(norm.dtype_of(image))  # as segmenting does
     ax = resolve_axes(tuple(image.shape), axes, model.info.in_channels)
     h, w = ax.yx
     y0, y1, x0, x1 = region if region is not None else (0, h, 0, w)

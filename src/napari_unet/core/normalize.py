@@ -2,8 +2,8 @@
 
 A normalisation spec is a small dict stored with the model, e.g.
 ``{"mode": "percentile", "low": 1.0, "high": 99.8}``. Statistics are taken per
-plane (per channel) from a strided sample of at most ``max_samples`` pixels, so
-huge planes cost little, then applied tile by tile as ``x * scale + offset``.
+plane (per channel) from a sample of at most ``max_samples`` pixels (windows spread
+over the plane), so huge planes cost little, then applied tile by tile as ``x * scale + offset``.
 
 Modes
 -----
@@ -61,12 +61,40 @@ def validate(spec: dict | None) -> dict:
     return spec
 
 
+SAMPLE_WINDOWS = 8  # per axis, on planes too large to read whole
+
+
 def sample_plane(read_block, yx: tuple[int, int], max_samples: int = 1 << 20) -> np.ndarray:
-    """A strided ``(C, n)`` sample of a plane, read through ``read_block(ys, xs)``."""
+    """A ``(C, n)`` sample of a plane, read through ``read_block(ys, xs)``.
+
+    A plane of up to ``max_samples`` pixels is read whole. On a larger one each axis
+    longer than its share of the samples is read in ``SAMPLE_WINDOWS`` evenly spaced
+    windows, so a huge plane costs at most 64 small reads. (A strided read of a dask or
+    zarr plane decodes every chunk of it: a 32768-pixel plane was read whole, twice.)
+    In memory or lazy, the sample is the same.
+    """
     h, w = yx
-    step = max(1, int(np.ceil(np.sqrt(h * w / max_samples))))
-    block = read_block(slice(None, None, step), slice(None, None, step))
-    return block.reshape(block.shape[0], -1)
+    if h * w <= max_samples:
+        block = read_block(slice(0, h), slice(0, w))
+        return block.reshape(block.shape[0], -1)
+    short = min(h, w)
+    if short * short <= max_samples:  # a thin plane: the short axis whole
+        spans = [short, max_samples // short]
+        spans = spans if h <= w else spans[::-1]
+    else:
+        spans = [int(np.sqrt(max_samples))] * 2
+    slices = [_windows(n, span) for n, span in zip(yx, spans)]
+    blocks = [read_block(ys, xs) for ys in slices[0] for xs in slices[1]]
+    return np.concatenate([b.reshape(b.shape[0], -1) for b in blocks], axis=1)
+
+
+def _windows(n: int, span: int) -> list[slice]:
+    """``span`` pixels of an axis of ``n``: all, or in windows spread over it."""
+    if n <= span:
+        return [slice(0, n)]
+    size = max(1, span // SAMPLE_WINDOWS)
+    starts = ((np.arange(SAMPLE_WINDOWS) + 0.5) * n / SAMPLE_WINDOWS - size / 2).astype(int)
+    return [slice(int(s), int(s) + size) for s in np.clip(starts, 0, n - size)]
 
 
 def plane_stats(sample: np.ndarray, spec: dict) -> tuple[np.ndarray, np.ndarray]:
@@ -133,11 +161,16 @@ def apply(block: np.ndarray, scale: np.ndarray, offset: np.ndarray) -> np.ndarra
     return out
 
 
+def dtype_of(image) -> np.dtype:
+    """The dtype of an array-like without reading it (a dask or zarr array stays on disk)."""
+    return np.dtype(image.dtype) if hasattr(image, "dtype") else np.asarray(image).dtype
+
+
 def check_dtype(dtype) -> None:
     """Refuse dtypes that are not real numbers, with a clear message."""
     dtype = np.dtype(dtype)
     if dtype.kind not in "uif":
         raise ValueError(
-            f"cannot segment an image of dtype {dtype}; expected integers or floats"
+            f"napari-unet cannot use an image of dtype {dtype}; expected integers or floats"
             + (" (booleans look like a mask, not an image)" if dtype.kind == "b" else "")
         )

@@ -12,7 +12,7 @@ import numpy as np
 
 from napari_unet.core import postprocess
 from napari_unet.core.axes import resolve_axes
-from napari_unet.core.normalize import check_dtype
+from napari_unet.core.normalize import check_dtype, dtype_of
 from napari_unet.core.tiling import Progress, predict_iter, run_to_end
 
 MODES = ("probabilities", "labels", "instances")
@@ -296,7 +296,7 @@ def resize_image(image, axes: str, factor: float) -> np.ndarray:
     smoothed first when shrinking (anti-aliasing, as skimage.transform.rescale)."""
     from scipy import ndimage as ndi
 
-    check_dtype(getattr(image, "dtype", np.asarray(image).dtype))
+    check_dtype(dtype_of(image))
     zoom = [1.0] * len(image.shape)
     for a in "YX":  # at least one pixel left of a thin image
         zoom[axes.index(a)] = max(factor, 1.0 / image.shape[axes.index(a)])

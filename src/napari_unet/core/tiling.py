@@ -116,7 +116,7 @@ def predict_iter(
     if output not in OUTPUTS:
         raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
     info = model.info
-    norm.check_dtype(getattr(image, "dtype", np.asarray(image).dtype))
+    norm.check_dtype(norm.dtype_of(image))
     ax = resolve_axes(tuple(image.shape), axes, info.in_channels)
     y0, x0, yx = _checked_region(region, ax.yx)
     # tiles stay on the image's pooling grid, so a region equals the same

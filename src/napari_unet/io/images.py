@@ -218,7 +218,8 @@ def write_image(
     ``axes`` (e.g. ``"ZYX"``; ``C`` for classes) and ``calibration`` (see
     :func:`image_calibration`) go into a TIFF: an ImageJ hyperstack where its axes are in
     ImageJ's order and its type is one ImageJ reads, so that Fiji shows the planes and
-    pixel size of the image it came from."""
+    pixel size of the image it came from; an OME-TIFF for other types (uint32 instances)
+    and orders of those axes."""
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix in (".tif", ".tiff"):
@@ -263,13 +264,27 @@ def _tiff_metadata(data: np.ndarray, axes: str | None, cal: dict) -> dict:
         if "x" in cal and "y" in cal:  # pixels per unit, the unit in ImageJ's description
             kwargs["resolution"] = (1 / cal["x"], 1 / cal["y"])
         return kwargs
-    if axes is not None and len(axes) == data.ndim:  # tifffile's own description
-        kwargs["metadata"] = {"axes": axes}
     um = UNITS.get(str(cal.get("unit")))
+    if imagej:  # another type (uint32 instances) or order: OME-TIFF keeps Z and T
+        kwargs.update(ome=True, metadata=_ome_metadata(axes, cal, um))
+    elif axes is not None and len(axes) == data.ndim:  # tifffile's own description
+        kwargs["metadata"] = {"axes": axes}
     per_cm = 1e4 / um if um else None
     if "x" in cal and "y" in cal and per_cm:  # TIFF's own units: inch or centimetre
         kwargs.update(resolution=(per_cm / cal["x"], per_cm / cal["y"]), resolutionunit=3)
     return kwargs
+
+
+def _ome_metadata(axes: str, cal: dict, um: float | None) -> dict:
+    """tifffile's OME metadata: the axes, sizes in micrometres, the interval in seconds."""
+    meta: dict = {"axes": axes}
+    for key in "xyz" if um else "":
+        if key in cal:
+            meta[f"PhysicalSize{key.upper()}"] = cal[key] * um
+            meta[f"PhysicalSize{key.upper()}Unit"] = "µm"
+    if "t" in cal:
+        meta.update(TimeIncrement=cal["t"], TimeIncrementUnit="s")
+    return meta
 
 
 class ZarrOutput:
