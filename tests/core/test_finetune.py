@@ -1,5 +1,6 @@
 """The annotate-and-retrain loop's core: painted planes, checks, the recipe, versions."""
 
+import copy
 import time
 from dataclasses import replace
 
@@ -305,6 +306,13 @@ def test_versions_keep_the_base_and_revert_to_the_parent():
     assert "10 steps" in v.describe(1) and "50% -> 80%" in v.describe(1)
     with pytest.raises(IndexError):
         v.select(5)
+    # two versions saved to one file: the first is unsaved again (it counted as saved,
+    # and the session let it go without a word)
+    assert v.unsaved() == v.versions[1:] and v.describe(1).endswith("not saved")
+    v.mark_saved(v.versions[1], "/tmp/x/mine.safetensors")
+    assert v.unsaved() == [v.versions[2]] and v.describe(1).endswith("saved as mine.safetensors")
+    v.mark_saved(v.versions[2], "/tmp/x/../x/mine.safetensors")
+    assert v.unsaved() == [v.versions[1]]
 
 
 def test_finetune_iter_reports_previews_and_accuracy_and_stops_on_request(case):
@@ -550,3 +558,64 @@ def test_a_stop_while_the_steps_are_timed_keeps_nothing(case):
             if isinstance(report, Phase) and report.message == "timing the steps":
                 timing.append(report)  # Stop pressed now
     assert timing
+
+
+def test_cancel_cuts_the_setup_and_the_last_check_short_and_stop_does_not(case):
+    # the batch-norm re-estimation and the last painted-pixel check asked nobody: a
+    # Cancel waited 5 s and 21 s for them on large planes
+    from napari_unet.core.cancel import Cancelled
+    from napari_unet.core.finetune import finetune_iter
+    from napari_unet.core.tiling import run_to_end
+    from napari_unet.core.training import Phase, TrainStep
+
+    image, _, strokes = case
+    planes = [PaintedPlane(image, strokes, "img")]
+    cfg = TrainConfig.finetune(steps=3, patch_size=64, max_seconds=None, device="cpu")
+    model = tiny_model("same", depth=2)
+    seen = []
+
+    from napari_unet.core.adaptation import adapt_norm
+
+    passes, asked = [], []
+    net = copy.deepcopy(model.net)  # (tiny_model's networks are shared between tests)
+    net.register_forward_hook(lambda *_: passes.append(1))
+
+    def stop():
+        asked.append(1)
+        return len(asked) > 2
+
+    plane = np.zeros((1, 64, 64), np.float32)
+    with pytest.raises(Cancelled):
+        adapt_norm(net, [plane] * 10, model, np.random.default_rng(0), "cpu", 10, stop)
+    assert len(passes) == 2
+    assert all(m.momentum == 0.1 for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    model = tiny_model("same", depth=2)
+    with pytest.raises(Cancelled):  # (the phase is announced, then stopped)
+        run_to_end(finetune_iter(model, planes, [image], cfg, should_stop=stop), seen.append)
+    assert any(isinstance(v, Phase) for v in seen)
+    # a Cancel during the last check: the run ends at once, without the accuracy after;
+    # a Stop pressed during the steps lets the check finish
+    cancelled = run_to_end(finetune_iter(model, planes, [], cfg, should_cancel=lambda: True))
+    assert cancelled.steps == 3 and np.isnan(cancelled.accuracy_after)
+    seen.clear()
+
+    def stop():
+        return sum(isinstance(v, TrainStep) for v in seen) >= 1
+
+    run = finetune_iter(model, planes, [], cfg, should_stop=stop, should_cancel=lambda: False)
+    stopped = run_to_end(run, seen.append)
+    assert stopped.stopped and 0 <= stopped.accuracy_after <= 1
+
+
+def test_a_painted_plane_with_nan_is_named_and_unpainted_ones_are_left_out(case):
+    # "the image contains NaN..." named no image, and all annotated images train together
+    image, _, strokes = case
+    stack = np.stack([image, image, image]).astype(np.float32)
+    stack[2, 5, 5] = np.nan  # unpainted: only for the statistics, left out
+    paint = np.zeros(stack.shape, np.uint8)
+    paint[0] = strokes
+    planes, unpainted = painted_planes([(stack, paint, "cells")], 1)
+    assert [p.source for p in planes] == ["cells [0]"] and len(unpainted) == 1
+    paint[2] = strokes
+    with pytest.raises(ValueError, match=r"^cells \[2\]: the image contains NaN"):
+        painted_planes([(stack, paint, "cells")], 1)

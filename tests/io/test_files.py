@@ -481,6 +481,11 @@ def test_an_unwritable_folder_is_named_not_the_temporary_file(tmp_path, monkeypa
     ) as err:
         save_model(tiny_model("same"), tmp_path / "m.safetensors")
     assert ".tmp" not in str(err.value)
+    monkeypatch.undo()
+    # a "folder" that is a file: said so (it was "file exists in the folder ...")
+    (tmp_path / "mine.safetensors").write_bytes(b"")
+    with pytest.raises(OSError, match=r"mine.safetensors is a file, not a folder$"):
+        save_model(tiny_model("same"), tmp_path / "mine.safetensors" / "x.safetensors")
 
 
 def test_a_broken_instance_recipe_is_refused_at_load(tmp_path):

@@ -150,6 +150,39 @@ def test_train_adds_a_version_previews_and_leaves_base_and_layers_alone(panel, n
     assert state.model is v1.model
 
 
+def test_each_image_and_model_gets_its_own_preview_layer(panel):
+    # a run on another image (or with another model) wrote into the last preview layer:
+    # it moved over that image, under it, and kept the first model's classes
+    from napari_unet.core.finetune import Preview
+
+    viewer, widget, state = panel
+    rng = np.random.default_rng(0)
+    a = viewer.add_image(rng.random((40, 48)).astype(np.float32), name="a")
+    b = viewer.add_image(
+        rng.random((3, 30, 36)).astype(np.float32), name="b", translate=(0, 300, 0)
+    )
+
+    def show(image, value):
+        job = widget._preview_job = widget._preview_region(image, state.model)
+        widget._preview_source = widget.source_of(image)
+        widget._show_preview(Preview(1, np.full(job.output_shape(), value, np.uint8)))
+
+    show(a, 1)
+    show(b, 2)
+    pa, pb = viewer.layers["a [fine-tune preview]"], viewer.layers["b [fine-tune preview]"]
+    assert pa.data.shape == (40, 48) and (pa.data == 1).all()
+    assert pb.data.ndim == 3 and tuple(pb.translate)[1] == 300 and (pb.data == 2).all()
+    order = [layer.name for layer in viewer.layers]
+    assert order.index("a") + 1 == order.index(pa.name) and order[-1] == pb.name
+    show(a, 3)  # the same image and model: its layer is updated
+    assert (pa.data == 3).all() and len(viewer.layers) == 4
+    state.model = tiny_model("same", depth=2, classes=2)
+    show(a, 1)
+    other = viewer.layers["a [fine-tune preview] [1]"]
+    assert list(other.features["class"]) == ["-", "background", "interior"]
+    assert (pa.data == 3).all()
+
+
 def test_previews_never_write_into_an_edited_or_paired_preview_layer(panel, nuclei, qtbot):
     viewer, widget, _ = panel
     image, strokes = nuclei
@@ -807,3 +840,20 @@ def test_a_torchscript_model_is_refused_before_any_work(panel, nuclei):
     widget._on_run()
     assert widget.worker is None
     assert "only napari-unet U-Nets can be trained" in widget.status.text()
+
+
+def test_a_view_without_a_plane_of_the_image_trains_without_previews(panel, nuclei, qtbot):
+    # a Y-Z view (axes rolled): Train was refused, naming the segment panel's options
+    viewer, widget, _ = panel
+    image, strokes = nuclei
+    viewer.add_image(np.stack([image, image]), name="img")
+    widget.layer_combo.setCurrentText("img")
+    ann = widget.new_annotation_layer()
+    painted = np.zeros(ann.data.shape, ann.data.dtype)
+    painted[1] = strokes
+    ann.data = painted
+    viewer.dims.order = (1, 0, 2)
+    _train(qtbot, widget)
+    assert len(widget.versions.versions) == 2, widget.status.text()
+    assert "Left out: previews (the view shows no plane of the image)" in widget.status.text()
+    assert "img [fine-tune preview]" not in viewer.layers

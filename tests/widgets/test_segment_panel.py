@@ -545,6 +545,11 @@ def test_current_plane_refuses_a_plane_napari_does_not_show(panel, qtbot):
     assert widget.worker is None
     assert "has no plane at the viewer's Z position" in widget.status.text()
     assert [la.name for la in viewer.layers] == ["far", "near"]
+    # channels a one-channel model reads as planes are named so, not by a letter of ours
+    viewer.add_image(np.zeros((2, 30, 30), np.float32), name="cyx", axis_labels=("c", "y", "x"))
+    widget.layer_combo.setCurrentText("cyx")
+    widget._on_run()
+    assert "has no plane at the viewer's channel position" in widget.status.text()
 
 
 def test_units_of_the_image_carry_over_to_its_results_and_its_plane(panel, qtbot):

@@ -161,9 +161,10 @@ def _current_plane(layer, viewer, axes, data, translate: list, scale: list):
             continue
         i = round(point[pos]) if point is not None else 0
         if not 0 <= i < axes.shape[pos]:
+            name = _axis_name(layer, axes, pos)
             raise ValueError(
-                f"layer {layer.name!r} has no plane at the viewer's {axes.axes[pos]} "
-                f"position (its {axes.axes[pos]} planes are 0-{axes.shape[pos] - 1}, the "
+                f"layer {layer.name!r} has no plane at the viewer's {name} "
+                f"position (its {name} planes are 0-{axes.shape[pos] - 1}, the "
                 f"viewer is at {point[pos]:.1f}), so napari shows none of it: move the "
                 "slider onto the image, or leave 'current plane' off"
             )
@@ -348,3 +349,12 @@ def _visible_region(layer, axes, viewer) -> tuple[int, int, int, int]:
     if y1 <= y0 or x1 <= x0:
         raise ValueError("the image is not in view; pan or zoom to it first")
     return y0, y1, x0, x1
+
+
+def _axis_name(layer, axes, pos: int) -> str:
+    """How a message names the image's axis ``pos``: its letter, or "channel" for the
+    channels a one-channel model reads as planes (a letter of its own, see
+    :func:`labelled_axes`, that the user never gave)."""
+    labels = tuple(getattr(layer, "axis_labels", ()) or ())
+    label = str(labels[pos]).lower() if pos < len(labels) else ""
+    return "channel" if label in ("c", "channel") and axes.axes[pos] != "C" else axes.axes[pos]

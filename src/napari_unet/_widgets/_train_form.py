@@ -22,8 +22,10 @@ def _check(text: str, checked: bool = True, tip: str = "") -> QCheckBox:
 
 
 TIPS = {
-    "seconds_spin": "How long a run may take: the steps that fit are timed first, so a "
-    "version can be repeated exactly (time paused does not count)",
+    "seconds_spin": "How long the training steps may take: the steps that fit are timed "
+    "first, so a version can be repeated exactly (time paused does not count). Reading "
+    "the paint, predicting the unpainted pixels and checking the painted ones before and "
+    "after come on top: seconds, more on large planes",
     "steps_spin": "The most training steps a run makes, whatever the time budget",
     "lr_spin": "How far each step moves the weights: lower it if the loss jumps about, "
     "raise it if it hardly falls",

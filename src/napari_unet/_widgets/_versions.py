@@ -49,7 +49,10 @@ def write_model(model, path: str):
 def record_save(state, saving, _result=None) -> None:
     """Mark the version of ``saving`` ((version, path)) saved, in the viewer's state."""
     version, path = saving
-    version.saved_to = path
+    if state.versions is not None and any(v is version for v in state.versions.versions):
+        state.versions.mark_saved(version, path)
+    else:  # (the model changed while it was written)
+        version.saved_to = path
     state.record_unsaved()
 
 

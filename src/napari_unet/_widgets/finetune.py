@@ -50,7 +50,9 @@ class FinetunePanel(AnnotationControls, VersionControls, WorkerPanel):
         self._stop = threading.Event()
         self._want_pause = False  # Pause pressed (the worker pauses after its step)
         self._preview_job = None
-        self._preview_layer = lambda: None  # weak reference to this panel's preview layer
+        # each image's preview layer (weakly) and the classes it shows: a run on another
+        # image or with another model's classes wrote into the last one and moved it
+        self._previews = weakref.WeakKeyDictionary()
 
         form = QFormLayout()
         self.add_image_choice(form)
@@ -120,7 +122,10 @@ class FinetunePanel(AnnotationControls, VersionControls, WorkerPanel):
         self._run_versions = self.versions
         self._painted, self._what = {}, ""
         # layers that cannot train this model, said while it trains on the others
-        self._left_out = "; ".join(self.skipped)
+        left_out = list(self.skipped)
+        if preview is None and layer is not None and self.preview_spin.value():
+            left_out.append("previews (the view shows no plane of the image)")
+        self._left_out = "; ".join(left_out)
         self._preview_job = preview
         self._preview_source = self.source_of(layer)
         self.loss_plot.reset()
@@ -139,6 +144,7 @@ class FinetunePanel(AnnotationControls, VersionControls, WorkerPanel):
             preview=None if preview is None else (preview.data, preview.axes, preview.region),
             preview_every=self.preview_spin.value(),
             should_stop=self._should_stop,
+            should_cancel=self.abort.is_set,
             skip_preview=self._pausing,
             diameter=diameter_option(model),
             total=cfg.steps,
@@ -152,12 +158,19 @@ class FinetunePanel(AnnotationControls, VersionControls, WorkerPanel):
         self.stop_button.setEnabled(True)
 
     def _preview_region(self, layer, model):
-        """The current plane, cut to the field of view in 2D (previews stay quick)."""
+        """The current plane, cut to the field of view in 2D (previews stay quick); None
+        when the view shows no plane of the image (axes rolled, a slider beyond its
+        planes): the run trains without previews (it was refused, naming options of the
+        segment panel)."""
         flat = self.viewer.dims.ndisplay == 2
         try:
             return job_for_layer(layer, model, self.viewer, current_plane=True, visible=flat)
         except ValueError:  # not in view: the whole plane
+            pass
+        try:
             return job_for_layer(layer, model, self.viewer, current_plane=True)
+        except ValueError:
+            return None
 
     def _on_pause(self) -> None:
         """Pause after the step going on, or resume. Goes by what was asked, not by
@@ -253,24 +266,33 @@ class FinetunePanel(AnnotationControls, VersionControls, WorkerPanel):
             self.status.setText(f"{value.message.capitalize()}... ({self._what})")
 
     def _show_preview(self, preview: Preview) -> None:
-        """Show the preview in this panel's own preview layer; a layer the user edited or
-        paired as annotations is never written into (a new preview layer is made)."""
+        """Show the preview in the image's own preview layer (one per image and set of
+        classes, just above the image); a layer the user edited or paired as annotations
+        is never written into (a new preview layer is made)."""
         job = self._preview_job
         if self.source_lost(self._preview_source):  # removed (or replaced) meanwhile: an
             return  # image that took its name is another image
-        layer = self._preview_layer()
-        if layer is not None and layer in self.viewer.layers and overwritable(layer):
-            replace_data(layer, job.expand(preview.labels))
+        image = self._preview_source[0]  # (by its name now: it may have been renamed)
+        classes = tuple(self.state.model.info.classes)
+        labels = job.expand(preview.labels)
+        ref, shown = self._previews.get(image, (None, None))
+        layer = ref() if ref is not None else None
+        if (
+            layer is not None
+            and layer in self.viewer.layers
+            and overwritable(layer)
+            and shown == classes
+            and layer.data.ndim == labels.ndim
+        ):
+            replace_data(layer, labels)
             for key, value in job.placement().items():
                 setattr(layer, key, value)
         else:
-            classes = self.state.model.info.classes
-            image = self._preview_source[0]  # (by its name now: it may have been renamed)
             # napari selects a layer it adds: the user's strokes went into the preview
             selection = self.viewer.layers.selection
             chosen, active = set(selection), selection.active
             layer = self.viewer.add_labels(
-                job.expand(preview.labels),
+                labels,
                 name=f"{image.name} [fine-tune preview]",
                 **job.placement(),
                 colormap=ann.annotation_colormap(classes),
@@ -278,7 +300,7 @@ class FinetunePanel(AnnotationControls, VersionControls, WorkerPanel):
                 opacity=0.5,
                 metadata={RESULT_KEY: None},
             )
-            self._preview_layer = weakref.ref(layer)
+            self._previews[image] = (weakref.ref(layer), classes)
             _just_above(self.viewer.layers, layer, image)  # under the strokes
             selection.clear()
             selection.update(chosen)

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from napari_unet.core.cancel import Cancelled
 from napari_unet.model.info import LoadedModel
 from napari_unet.model.unet import to_layout
 
@@ -24,12 +25,17 @@ if TYPE_CHECKING:
     from napari_unet.core.train_config import TrainConfig
 
 
-def adapt_norm(net, planes: Sequence[np.ndarray], model: LoadedModel, rng, dev, crops=16):
+def adapt_norm(
+    net, planes: Sequence[np.ndarray], model: LoadedModel, rng, dev, crops=16, should_stop=None
+):
     """Re-estimate batch-norm running statistics on ``planes`` (normalised ``(C, Y, X)``).
 
     The statistics become the plain average over up to ``crops`` crops of at most
     512 x 512 px (no gradients, weights untouched): the cheapest domain adaptation,
     and it keeps train and inference statistics of the user's images alike.
+    ``should_stop()`` is asked before each crop: True raises
+    :class:`~napari_unet.core.cancel.Cancelled` (the statistics are then half made, so
+    the network must be dropped).
     """
     bns = [m for m in net.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
     if not bns or not planes:
@@ -41,22 +47,30 @@ def adapt_norm(net, planes: Sequence[np.ndarray], model: LoadedModel, rng, dev, 
         m.momentum = None  # cumulative average
     net.train()
     order = rng.permutation(len(planes))[:crops]
-    with torch.no_grad():
-        for i in order:
-            plane = planes[i]
-            h, w = (_crop_size(n, g) for n in plane.shape[1:])
-            y0 = int(rng.integers(0, max(1, plane.shape[1] - h + 1)))
-            x0 = int(rng.integers(0, max(1, plane.shape[2] - w + 1)))
-            crop = plane[:, y0 : y0 + h, x0 : x0 + w]
-            if crop.shape[1:] != (h, w):  # smaller than one tile: mirror it up
-                crop = np.pad(
-                    crop,
-                    ((0, 0), (0, h - crop.shape[1]), (0, w - crop.shape[2])),
-                    mode="symmetric",
-                )
-            net(to_layout(torch.from_numpy(np.ascontiguousarray(crop))[None].to(dev), net))
-    for m, mom in zip(bns, saved):
-        m.momentum = mom
+    try:
+        with torch.no_grad():
+            for i in order:
+                if should_stop is not None and should_stop():
+                    raise Cancelled("stopped while re-estimating the normalisation")
+                _forward_crop(net, planes[i], g, rng, dev)
+    finally:  # (stopped half way too)
+        for m, mom in zip(bns, saved):
+            m.momentum = mom
+
+
+def _forward_crop(net, plane: np.ndarray, g, rng, dev) -> None:
+    """One random crop of ``plane`` through ``net`` (its batch norms take the statistics)."""
+    h, w = (_crop_size(n, g) for n in plane.shape[1:])
+    y0 = int(rng.integers(0, max(1, plane.shape[1] - h + 1)))
+    x0 = int(rng.integers(0, max(1, plane.shape[2] - w + 1)))
+    crop = plane[:, y0 : y0 + h, x0 : x0 + w]
+    if crop.shape[1:] != (h, w):  # smaller than one tile: mirror it up
+        crop = np.pad(
+            crop,
+            ((0, 0), (0, h - crop.shape[1]), (0, w - crop.shape[2])),
+            mode="symmetric",
+        )
+    net(to_layout(torch.from_numpy(np.ascontiguousarray(crop))[None].to(dev), net))
 
 
 def _crop_size(n: int, g) -> int:

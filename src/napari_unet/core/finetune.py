@@ -63,11 +63,21 @@ def painted_planes(
             if paint.any() or len(unpainted) < 16:
                 plane = ax.read(image, lead, *full)
                 plane = plane[0] if plane.shape[0] == 1 else plane
+            source = f"{name} {list(lead)}" if lead else name
             if paint.any():
-                planes.append(PaintedPlane(plane, paint, f"{name} {list(lead)}" if lead else name))
-            elif len(unpainted) < 16:
+                if not _finite(plane):  # (said later, it named no image of several)
+                    raise ValueError(
+                        f"{source}: the image contains NaN or infinite values; fix or mask "
+                        "them first"
+                    )
+                planes.append(PaintedPlane(plane, paint, source))
+            elif len(unpainted) < 16 and _finite(plane):  # (for statistics only)
                 unpainted.append(plane)
     return planes, unpainted
+
+
+def _finite(plane: np.ndarray) -> bool:
+    return plane.dtype.kind != "f" or bool(np.isfinite(plane).all())
 
 
 def _checked_pair(pair: tuple, axes: str | None, in_channels: int):
@@ -211,6 +221,7 @@ def finetune_iter(
     data_name: str = "painted planes",
     diameter: float | str | None = None,
     skip_preview: Callable[[], bool] | None = None,
+    should_cancel: Callable[[], bool] | None = None,
 ) -> Generator[object, None, Finished]:
     """Fine-tune a copy of ``model`` on painted planes; yields a
     :class:`~napari_unet.core.training.Phase` before each setup stage (checking the
@@ -228,7 +239,11 @@ def finetune_iter(
     caller's Pause is not kept waiting for a whole-plane prediction. Previews take at
     most about :data:`PREVIEW_SHARE` of the training time: a due preview is skipped
     while they took more (a time budget's run lasts at most 1.5x the budget and one
-    preview)."""
+    preview).
+
+    ``should_cancel()`` returning True cuts the last check of the painted pixels short
+    (it can take seconds on large planes; a Stop, which ends only the steps, must not):
+    the result then has no accuracy after (NaN), and the caller is dropping it anyway."""
     from napari_unet.core.cancel import Cancelled
     from napari_unet.core.training import STOPPED_EARLY, Phase, check_trainable, train_iter
 
@@ -285,7 +300,10 @@ def finetune_iter(
         provenance = {**result.info.provenance, "rescaled": [round(f, 6) for f in scales]}
         result = result.with_info(provenance=provenance)
     yield Phase("checking the result on the painted pixels")
-    after = painted_accuracy(result, planes, device=cfg.device)
+    try:
+        after = painted_accuracy(result, planes, device=cfg.device, should_stop=should_cancel)
+    except Cancelled:
+        after = float("nan")
     # ended early by Stop (a Stop after the last step ended nothing)
     stopped = should_stop is not None and should_stop()
     if step is None:

@@ -118,11 +118,16 @@ class _Run:
         if cfg.adapt_norm:
             if phases:
                 yield Phase("re-estimating the normalisation")
-            extra = [
-                normalized_plane(model, im, f"unlabelled image {i}")
-                for i, im in enumerate(unlabelled)
-            ]
-            adapt_norm(self.net, [s.unpadded() for s in samples] + extra, model, rng, self.dev)
+            try:
+                extra = []
+                for i, im in enumerate(unlabelled):
+                    if should_stop is not None and should_stop():
+                        raise Cancelled
+                    extra.append(normalized_plane(model, im, f"unlabelled image {i}"))
+                planes = [s.unpadded() for s in samples] + extra
+                adapt_norm(self.net, planes, model, rng, self.dev, should_stop=should_stop)
+            except Cancelled:
+                raise Cancelled(STOPPED_EARLY) from None
         if cfg.pseudo_weight > 0 and self.kind == "sparse":
             if phases:
                 yield Phase("predicting the unpainted pixels")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from napari_unet.model.info import LoadedModel
 
@@ -57,6 +58,19 @@ class ModelVersions:
         """The fine-tuned versions never written to a file (lost when the session ends)."""
         return [v for v in self.versions[1:] if not v.saved_to]
 
+    def mark_saved(self, version: Version, path: str) -> None:
+        """``version`` was written to ``path``: any other version saved there before is
+        unsaved again (its file now holds this one)."""
+        target = Path(path).resolve()
+        for other in self.versions:
+            if (
+                other is not version
+                and other.saved_to
+                and Path(other.saved_to).resolve() == target
+            ):
+                other.saved_to = ""
+        version.saved_to = str(path)
+
     def select(self, index: int) -> LoadedModel:
         if not 0 <= index < len(self.versions):
             raise IndexError(f"no version {index}; there are {len(self.versions)}")
@@ -78,4 +92,5 @@ class ModelVersions:
             parts.append(
                 f"painted px right {d['accuracy_before']:.0%} -> {d['accuracy_after']:.0%}"
             )
+        parts.append(f"saved as {Path(v.saved_to).name}" if v.saved_to else "not saved")
         return ", ".join(parts)

@@ -76,6 +76,9 @@ def atomic_write(path: str | Path, write) -> Path:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as err:
         # name the file asked for and its folder, not the hidden temporary file
+        blocking = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+        if blocking is not None:  # ("file exists in the folder", said of that file)
+            raise OSError(f"cannot write {path}: {blocking} is a file, not a folder") from err
         reason = (err.strerror or type(err).__name__).lower()
         raise OSError(f"cannot write {path}: {reason} in the folder {path.parent}") from err
     os.close(fd)
