@@ -34,11 +34,19 @@ def matmul_flops(n: int = 2048, repeats: int = 5) -> float:
     return 2 * n**3 * repeats / (time.perf_counter() - t)
 
 
-def flops_per_pixel(net, size: int = 256) -> float:
-    x = torch.rand(1, 1, size, size)
+def flops(net, h: int, w: int) -> float:
+    """FLOPs of one pass of ``net`` over a ``(1, 1, h, w)`` input."""
     with FlopCounterMode(display=False) as counter, torch.inference_mode():
-        net(x)
-    return counter.get_total_flops() / size**2
+        net(torch.rand(1, 1, h, w))
+    return counter.get_total_flops()
+
+
+def flops_per_pixel(net, g, size: int = 1024) -> float:
+    """FLOPs per output pixel on a large input the network accepts (a valid-padding
+    network's output is smaller than its input; its halo costs less the larger it is)."""
+    size = g.snap(size, "up")
+    out = size - g.shrink if g.valid else size
+    return flops(net, size, size) / out**2
 
 
 def best_of(fn, repeats: int) -> float:
@@ -74,21 +82,27 @@ def main() -> None:
     h = g.halo
     side = g.snap(args.size + 2 * h, "up")
     canvas = np.pad(x, ((0, 0), (h, side - args.size - h), (h, side - args.size - h)), "reflect")
-    bare = g.snap(args.size, "up")
+    # the network on the image without mirrored context: the largest input it accepts
+    # within the image, and the pixels it answers for (fewer for valid padding)
+    bare = g.snap(args.size, "down")
+    bare_mp = (bare - g.shrink if g.valid else bare) ** 2 / 1e6
     with torch.inference_mode():
         one = best_of(lambda: net(to_layout(torch.from_numpy(canvas[None]), net)), args.repeats)
         plain = best_of(
             lambda: net(to_layout(torch.from_numpy(x[None, :, :bare, :bare]), net)), args.repeats
         )
-    fpp = flops_per_pixel(net)
+    fpp = flops_per_pixel(net, g)
     peak = matmul_flops()
     print(f"tiled (default):            {mp / tiled:6.3f} MP/s  ({tiled:.2f} s)")
     print(f"one pass, mirrored image:   {mp / one:6.3f} MP/s  ({one:.2f} s)")
-    print(f"one pass, bare image:       {mp / plain:6.3f} MP/s  ({plain:.2f} s)")
+    print(
+        f"one pass, bare image:       {bare_mp / plain:6.3f} MP/s  ({plain:.2f} s, {bare} px in)"
+    )
     print(f"tiled / one pass (mirrored): {one / tiled:.3f}")
-    print(f"tiled / one pass (bare):     {plain / tiled:.3f}")
+    print(f"tiled / one pass (bare):     {(plain / bare_mp) / (tiled / mp):.3f}  (per pixel)")
     print(f"model: {fpp / 1e6:.2f} MFLOP per pixel; matmul peak {peak / 1e9:.1f} GFLOP/s")
-    print(f"efficiency: tiled {fpp * mp * 1e6 / tiled / peak:.1%} of matmul FLOP/s")
+    done = plan.n_tiles * flops(net, ty, tx)  # what the tiled run computed, halos included
+    print(f"efficiency: tiled {done / tiled / peak:.1%} of matmul FLOP/s ({done / 1e9:.1f} GFLOP)")
 
 
 if __name__ == "__main__":

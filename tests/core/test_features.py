@@ -94,6 +94,12 @@ def test_top_channels_float16_and_memory_estimate():
     assert est * 3 / full.data.shape[0] == estimate_bytes(model, ["enc1"], (48, 48), 3)
     with pytest.raises(ValueError, match="max_channels must be a whole number from 1"):
         capture(image, model, ["enc1"], max_channels=-1)
+    # a region's maps hold their own pixels: a view kept the stage's whole output over
+    # the tile and its halo alive (613 MB where the estimate said 468)
+    part = capture(image, model, ["enc0", "enc1"], region=(10, 20, 10, 30))
+    for stage, fm in part.items():
+        assert fm.data.flags.owndata
+        assert fm.data.nbytes <= estimate_bytes(model, [stage], (10, 20))
 
 
 def test_stage_grid_matches_the_paper_geometry():

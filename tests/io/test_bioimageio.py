@@ -122,6 +122,14 @@ def test_state_dict_weights_run_package_code_only_when_trusted(exported):
     assert run_test_tensors(loaded) < 1e-4
     ours = predict(image(), tiny_model("same"), device="cpu")
     np.testing.assert_allclose(predict(image(), loaded, device="cpu"), ours, rtol=0, atol=1e-5)
+    # its feature maps are the network's stages (the wrapper offered 'core', 'pre', 'post')
+    from napari_unet.core.features import capture, stage_names
+
+    assert stage_names(loaded.net) == stage_names(tiny_model("same").net)
+    theirs, mine = capture(image(), loaded), capture(image(), tiny_model("same"))
+    for stage, fm in mine.items():
+        assert theirs[stage].origin == fm.origin and theirs[stage].scale == fm.scale
+        np.testing.assert_allclose(theirs[stage].data, fm.data, atol=1e-5)
 
 
 def test_exported_package_contents(exported):

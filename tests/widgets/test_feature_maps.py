@@ -294,3 +294,27 @@ def test_stage_layers_take_the_image_s_new_name(panel, qtbot):
     qtbot.waitUntil(widget.idle, timeout=30000)
     assert len(_maps(viewer)) == 6
     assert all(name.startswith("renamed [features ") for name in _maps(viewer))
+
+
+def test_the_view_stays_and_an_earlier_run_s_stages_are_hidden(panel, qtbot):
+    # the first maps' channel axis made napari reset the camera (a zoomed-in view jumped
+    # out to the whole image), and a rerun of one stage left the last run's shown
+    from napari_unet._widgets._layers import viewer_camera
+
+    viewer, widget = panel
+    viewer.add_image(np.random.default_rng(1).random((200, 240)).astype(np.float32), name="img")
+    camera = viewer_camera(viewer)
+    camera.zoom, camera.center = 4.0, (50.0, 60.0)
+    widget.region_combo.setCurrentText("field of view")
+    widget._on_run()
+    qtbot.waitUntil(widget.idle, timeout=30000)
+    assert camera.zoom == 4.0 and tuple(camera.center)[-2:] == (50.0, 60.0)
+    head = viewer.layers["img [features head]"]
+    assert head.visible and head.metadata["model"] == widget.state.model.info.name
+    y0, y1, x0, x1 = head.metadata["region"]
+    assert y0 <= 50 < y1 and x0 <= 60 < x1 and y1 - y0 < 200
+    widget.stage_list.clearSelection()
+    widget.stage_list.item(0).setSelected(True)
+    widget._on_run()
+    qtbot.waitUntil(widget.idle, timeout=30000)
+    assert viewer.layers["img [features enc0]"].visible and not head.visible

@@ -55,6 +55,7 @@ class FeatureMapPanel(WorkerPanel):
         )
         self.form.addLayout(form)
         self._job = None
+        self._made_with = {}
         self._source = None
         # stage layers still to add, one per turn of the event loop: napari takes about
         # 0.3 s to add an image layer (its canvas node and controls), so adding ten
@@ -114,6 +115,11 @@ class FeatureMapPanel(WorkerPanel):
             self._on_errored(err)
             return
         self._job = job
+        # what the maps were made with, in their layers' metadata
+        self._made_with = {
+            "model": model.info.name,
+            "region": None if region is None else [int(v) for v in region],
+        }
         self._source = self.source_of(layer)  # maps are only shown over their image
         # the job holds one plane (current plane): index 0 of each leading axis, not of
         # the channel axis
@@ -214,6 +220,9 @@ class FeatureMapPanel(WorkerPanel):
             pad_units = tuple(world_units)[self.viewer.dims.ndim - world :][:pad]
             units = {"units": ("pixel", *pad_units, *job.units)}
         self._adding_for = source  # followed while the layers are added (renamed, removed)
+        for layer in self.viewer.layers:  # earlier runs' stages, of other regions or models
+            if layer.metadata.get(OUTPUT_KEY) == "feature map":
+                layer.visible = False
         for i, (name, fm) in enumerate(maps.items()):
             scale, translate = fm.world(job.scale[-2:], _origin(job))
             lead = len(job.scale) - 2
@@ -229,6 +238,7 @@ class FeatureMapPanel(WorkerPanel):
                 metadata={
                     "stage": name,
                     "channels": fm.channels.tolist(),
+                    **self._made_with,
                     OUTPUT_KEY: "feature map",
                 },
                 # one stage on screen (additive maps of all stages are unreadable, and
@@ -304,7 +314,7 @@ class FeatureMapPanel(WorkerPanel):
             if old is not None and OUTPUT_KEY in old.metadata:
                 self.viewer.layers.remove(old)
             # a layer of the user's with this name stays: napari names this one "... [1]"
-            self.viewer.add_image(data, name=layer_name, **kw)
+            self._add_keeping_view(data, name=layer_name, **kw)
         self._added += 1
         if self._pending:
             self.status.setText(
@@ -316,6 +326,16 @@ class FeatureMapPanel(WorkerPanel):
             f"{self._added} stage(s) added, the last one visible (eye icons show the others); "
             "the first axis slider picks the channel."
         )
+
+    def _add_keeping_view(self, data, **kw) -> None:
+        """Add an image layer; the view stays where the user put it (napari resets the
+        camera when the viewer gains an axis, as the channel axis of the first maps does:
+        a view zoomed in for 'field of view' jumped out to the whole image)."""
+        camera, ndim = self.viewer.camera, self.viewer.dims.ndim
+        view = (camera.center, camera.zoom, camera.angles)
+        self.viewer.add_image(data, **kw)
+        if self.viewer.dims.ndim != ndim:
+            camera.center, camera.zoom, camera.angles = view
 
 
 def _limits(data: np.ndarray) -> tuple[float, float]:

@@ -66,8 +66,16 @@ def inspectable(net) -> bool:
     )
 
 
+def _body(net):
+    """The network whose stages are shown: of a bioimage.io package, its weights (the
+    wrapper's own children are only 'pre', 'core' and 'post', all at full resolution)."""
+    core = getattr(net, "core", None)
+    return core if isinstance(core, torch.nn.Module) and hasattr(net, "package") else net
+
+
 def stage_names(net) -> list[str]:
     """Stages of a network: a U-Net's named stages, else its top-level modules."""
+    net = _body(net)
     names = getattr(net, "stage_names", None)
     if names:
         return list(names)
@@ -175,7 +183,8 @@ def capture_iter(
     dev = resolve_device(device)
     net = for_inference(model.net, dev)  # a copy for project U-Nets
     captured: dict[str, torch.Tensor] = {}
-    handles = [getattr(net, name).register_forward_hook(_keep(captured, name)) for name in stages]
+    body = _body(net)
+    handles = [getattr(body, n).register_forward_hook(_keep(captured, n)) for n in stages]
     cancelled = False
     try:
         yield Progress(1, 3, "running the network")
@@ -218,7 +227,7 @@ def _keep(store: dict, name: str):
 
 
 def _grid(net, model) -> dict:
-    config = getattr(net, "config", None)
+    config = getattr(_body(net), "config", None)
     return stage_grid(config) if config is not None else {}
 
 
@@ -244,9 +253,9 @@ def _input_tile(image, ax, model, plane, box):
 def _place(name, data, a, s, start, box, max_channels, dtype) -> FeatureMap:
     """Crop a stage's map to the region (plus one pixel) and rank its channels.
 
-    Works on the tensor: the crop is a view and float32 maps are not copied at
-    all (the array may keep the network's channels-last strides; napari reads it
-    as it is), so placing costs nothing next to the forward pass.
+    Works on the tensor; the crop is copied (a view kept the stage's whole output over
+    the tile and its halo alive: 613 MB where the memory guard counted 468), which
+    costs little next to the forward pass.
     """
     y0, y1, x0, x1 = box
     oy, ox = start[0] + a, start[1] + a  # image coordinate of feature pixel 0
@@ -254,6 +263,7 @@ def _place(name, data, a, s, start, box, max_channels, dtype) -> FeatureMap:
     j1 = min(data.shape[1], int(np.ceil((y1 - 1 - oy) / s)) + 1)
     i0 = max(0, int(np.floor((x0 - ox) / s)))
     i1 = min(data.shape[2], int(np.ceil((x1 - 1 - ox) / s)) + 1)
+    whole = data.numel()
     data = data[:, j0:j1, i0:i1]
     channels = np.arange(data.shape[0])
     if max_channels and data.shape[0] > max_channels:
@@ -262,4 +272,6 @@ def _place(name, data, a, s, start, box, max_channels, dtype) -> FeatureMap:
         data = data[torch.from_numpy(channels).to(data.device)]
     tdtype = torch.float16 if np.dtype(dtype) == np.float16 else torch.float32
     array = data.to(tdtype).cpu().numpy()
+    if array.size < whole:  # a crop: its own copy
+        array = np.array(array)
     return FeatureMap(name, array, float(s), (oy + j0 * s, ox + i0 * s), channels)
