@@ -662,7 +662,7 @@ def test_a_new_three_class_network_on_instance_masks_gets_their_classes(tmp_path
     planned = prov["train_config"]["steps"]
     err = capsys.readouterr().err
     assert f"{prov['steps']} of {planned} planned steps; to repeat this run exactly: " in err
-    assert f"--steps {planned}" in err
+    assert f"--steps {planned} in place of --seconds with the other options" in err
     assert f"or --settings-from {tmp_path / 'timed.safetensors'}" in err
     # an output named only by its extension is refused before training
     args[args.index("-o") + 1] = str(tmp_path / ".safetensors")
@@ -1049,3 +1049,71 @@ def test_train_settings_from_takes_the_label_kind_and_refuses_hostile_settings(t
     assert "batch_size must be at most 1024" in err and "hostile.safetensors" in err
     assert "elastic_grid must be from 2 to 64" in hostile(augment={"elastic_grid": 10**6})
     assert "does not know" in hostile(device="cuda")
+
+
+def test_train_stopped_before_its_first_step_says_so_in_one_line(tmp_path, capsys, monkeypatch):
+    """Ctrl-C or SIGTERM during the setup ended in a traceback, after 'saving'."""
+    from napari_unet.core import training
+    from napari_unet.core.cancel import Cancelled
+
+    def stopped(*args, **kwargs):
+        raise Cancelled(training.STOPPED_EARLY)
+        yield
+
+    monkeypatch.setattr(training, "train_iter", stopped)
+    out = tmp_path / "m.safetensors"
+    assert main(_train_args(tmp_path, out)) == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"napari-unet: {training.STOPPED_EARLY}; nothing was saved"]
+    assert not out.exists()
+
+
+def test_train_names_its_files_reads_palette_labels_and_records_what_it_read(tmp_path, capsys):
+    from PIL import Image
+
+    from napari_unet.core import synthetic
+    from napari_unet.core.targets import instances_to_classes
+    from napari_unet.io import load_model
+
+    image, labels = synthetic.nuclei((64, 64), n=6, seed=3)
+    tifffile.imwrite(tmp_path / "a.tif", image)
+    rgb = np.repeat((image / image.max() * 255).astype(np.uint8)[..., None], 3, axis=2)
+    Image.fromarray(rgb).save(tmp_path / "b.png")  # trained as its gray, as predict reads it
+    palette = Image.fromarray((instances_to_classes(labels) + 1).astype(np.uint8), mode="P")
+    palette.putpalette([0, 0, 0, 255, 0, 0, 0, 255, 0, 0, 0, 255] + [0] * 756)
+    palette.save(tmp_path / "classes.png")  # the classes, not their colours
+    tifffile.imwrite(tmp_path / "u.tif", image)
+    base = save_model(tiny_model("same", depth=2), tmp_path / "base.safetensors")
+    out = tmp_path / "v.safetensors"
+    args = ["train", "--images", str(tmp_path / "a.tif"), str(tmp_path / "b.png"), "--labels",
+            str(tmp_path / "classes.png"), str(tmp_path / "classes.png"), "-m", str(base),
+            "-o", str(out), "--steps", "2", "--patch-size", "32", "--batch-size", "1",
+            "--unlabelled", str(tmp_path / "u.tif"), "-q"]  # fmt: skip
+    assert main(args) == 0
+    assert "b.png: RGB converted to grayscale" in capsys.readouterr().err
+    prov = load_model(out).info.provenance
+    assert prov["training_data"] == "a.tif, b.png" and prov["labels"] == "classes.png, classes.png"
+    assert prov["unlabelled_data"] == "u.tif" and prov["train_config"]["adapt_norm"]
+    # repeated: the file it came from is not overwritten; a file left out is said;
+    # --finetune (another recipe) is refused; --unlabelled turns the adaptation on
+    again = [*args[: args.index("--unlabelled")], "-q", "--settings-from", str(out)]
+    assert main(again) == 1 and "one of the inputs" in capsys.readouterr().err
+    again[again.index("-o") + 1] = str(tmp_path / "w.safetensors")
+    assert main(again) == 0
+    assert "trained with unlabelled data 'u.tif', given none" in capsys.readouterr().err
+    assert main([*again, "--finetune"]) == 1
+    assert "--finetune sets a recipe" in capsys.readouterr().err
+    # a NaN in the second image names it
+    bad = image.astype(np.float32)
+    bad[3, 3] = np.nan
+    tifffile.imwrite(tmp_path / "nan.tif", bad)
+    args[args.index(str(tmp_path / "b.png"))] = str(tmp_path / "nan.tif")
+    assert main(args) == 1
+    assert "nan.tif: the image contains NaN" in capsys.readouterr().err
+
+
+def test_the_api_asks_for_a_list_of_images():
+    from napari_unet.core.training import train
+
+    with pytest.raises(TypeError, match="images are a list of arrays, one per image"):
+        train(tiny_model("same"), np.zeros((2, 32, 32)), np.zeros((2, 32, 32), np.uint8))

@@ -6,8 +6,10 @@ Errors print one line (``napari-unet: error: ...``) and exit with status 1.
 from __future__ import annotations
 
 import contextlib
+import functools
 import signal
 import sys
+import warnings
 
 from napari_unet.cli._models import cmd_export, cmd_info, cmd_models, model_failure
 from napari_unet.cli._parser import build_parser
@@ -21,7 +23,8 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``napari-unet`` console script."""
     args = build_parser().parse_args(argv)
     try:
-        with _terminate_interrupts():
+        with _terminate_interrupts(), warnings.catch_warnings():
+            warnings.showwarning = functools.partial(_one_line_warning, warnings.showwarning)
             return COMMANDS[args.command](args)
     except KeyboardInterrupt:
         print("napari-unet: interrupted", file=sys.stderr)
@@ -38,6 +41,15 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"napari-unet: error: {failure}", file=sys.stderr)
         return 1
+
+
+def _one_line_warning(show, message, category, filename, lineno, file=None, line=None) -> None:
+    """A warning of napari-unet's as a line for the terminal's user (not Python's source
+    path and line); others (a library's deprecation) as ``show`` shows them."""
+    if "napari_unet" in str(filename):
+        print(f"napari-unet: warning: {message}", file=sys.stderr)
+    else:
+        show(message, category, filename, lineno, file, line)
 
 
 @contextlib.contextmanager

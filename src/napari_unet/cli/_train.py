@@ -45,56 +45,122 @@ def _base_model(spec: str, classes: str | None):
 
 
 def cmd_train(args) -> int:
-    import numpy as np
     import torch
 
+    from napari_unet.core.cancel import Cancelled
+    from napari_unet.core.targets import LABEL_KINDS
     from napari_unet.core.training import train_iter
     from napari_unet.io import outputs
-    from napari_unet.io.images import read_image
+    from napari_unet.io.images import check_readable
 
     if len(args.images) != len(args.labels):
         raise ValueError(f"{len(args.images)} images but {len(args.labels)} label files")
     if Path(args.output).suffix != ".safetensors":  # (".safetensors" alone has none)
-        raise ValueError("--output must be a file name ending in .safetensors")
-    # before training, not after it; the base model, images and labels are never replaced
-    outputs.check_writable(Path(args.output), [args.model, *args.images, *args.labels])
-    from napari_unet.core.targets import LABEL_KINDS
-
+        raise ValueError(
+            "--output must be a file name ending in .safetensors (a bioimage.io package: "
+            "napari-unet export the trained model)"
+        )
+    inputs = [*args.images, *args.labels, *args.val_images, *args.val_labels, *args.unlabelled]
+    for path in inputs:  # by name and kind, before anything is read
+        check_readable(path)
+    # before training, not after it; the base model, the model whose settings are
+    # repeated, images and labels are never replaced
+    protected = [args.model, *([args.settings_from] if args.settings_from else []), *inputs]
+    outputs.check_writable(Path(args.output), protected)
     recorded = _recorded(args.settings_from)  # the provenance of a run to repeat
     kind = args.label_kind or recorded.get("label_kind")
     args.label_kind = kind if kind in LABEL_KINDS else "sparse"
     config = _config(args, recorded)
     torch.manual_seed(config.seed)  # a new network's initial weights too
     model = _base_model(args.model, _classes(args))
-
-    def load(paths):
-        return [np.asarray(read_image(p)) for p in paths]
-
-    stop = threading.Event()
+    if args.settings_from:
+        _warn_other_files(args, recorded)
+    stop, started = threading.Event(), threading.Event()
     gen = train_iter(
         model,
-        load(args.images),
-        load(args.labels),
+        _images(args.images, model),
+        _labels(args.labels),
         args.label_kind,
         config,
-        val_images=load(args.val_images),
-        val_labels=load(args.val_labels),
-        data_name=", ".join(Path(p).name for p in args.images),
-        unlabelled=load(args.unlabelled),
+        val_images=_images(args.val_images, model),
+        val_labels=_labels(args.val_labels),
+        data_name=_names(args.images),
+        unlabelled=_images(args.unlabelled, model),
         should_stop=stop.is_set,
+        phases=True,
+        names=[Path(p).name for p in [*args.images, *args.unlabelled]],
     )
     # a signal while the model is written stops nothing more: the first is kept for it
     saving = threading.Event()
-    with _first_interrupt_stops(stop, saving):
-        result = _run_with_bar(gen, args.quiet)
+    with _first_interrupt_stops(stop, saving, started):
+        try:
+            result = _run_with_bar(gen, args.quiet, started)
+        except Cancelled as err:  # stopped before the first step: nothing to save
+            print(f"napari-unet: {err}; nothing was saved", file=sys.stderr)
+            return 130
         saving.set()
         # named after its file: it is no longer the model it was trained from
-        model = result.with_info(name=Path(args.output).stem)
+        model = result.with_info(name=Path(args.output).stem, provenance=_files(args, result))
         rescued = _save_or_rescue(model, Path(args.output))
     _report(result, args, config.seed, stop.is_set(), saved=not rescued)
     if rescued:
         raise OSError(rescued)
     return 0
+
+
+def _names(paths) -> str:
+    return ", ".join(Path(p).name for p in paths)
+
+
+def _images(paths, model) -> list:
+    """The images as a one-channel model reads them (RGB as its gray, as predict does)."""
+    import numpy as np
+
+    from napari_unet.cli._predict import _model_input
+    from napari_unet.io.images import image_axes, read_image
+
+    images = []
+    for path in paths:
+        image, _, note, _ = _model_input(read_image(path), image_axes(path), model)
+        if note:
+            print(f"{path}: {note}", file=sys.stderr)
+        images.append(np.asarray(image))
+    return images
+
+
+def _labels(paths) -> list:
+    import numpy as np
+
+    from napari_unet.io.images import read_labels
+
+    return [np.asarray(read_labels(p)) for p in paths]
+
+
+def _files(args, result) -> dict:
+    """The provenance with every file the run read, by name: the labels, the unlabelled
+    and validation images (``training_data`` names the images)."""
+    files = {
+        "labels": _names(args.labels),
+        "unlabelled_data": _names(args.unlabelled),
+        "validation_data": _names([*args.val_images, *args.val_labels]),
+    }
+    return {**result.info.provenance, **{k: v for k, v in files.items() if v}}
+
+
+def _warn_other_files(args, recorded: dict) -> None:
+    """Say where the files of a repeated run differ, by name, from those recorded."""
+    given = {
+        "training_data": _names(args.images),
+        "labels": _names(args.labels),
+        "unlabelled_data": _names(args.unlabelled),
+    }
+    for key, names in given.items():
+        if key in recorded and str(recorded.get(key)) != names:
+            print(
+                f"warning: {args.settings_from} was trained with {key.replace('_', ' ')} "
+                f"{recorded.get(key)!r}, given {names or 'none'}: the run will differ",
+                file=sys.stderr,
+            )
 
 
 def _save_or_rescue(model, path: Path) -> str:
@@ -149,7 +215,14 @@ def _config(args, recorded: dict | None = None):
         "bf16": args.bf16 or None,
     }
     given = {k: v for k, v in given.items() if v is not None}
+    if args.unlabelled:  # they are only used to adapt the batch-norm statistics
+        given["adapt_norm"] = True
     if args.settings_from:  # the recorded run, but where options say otherwise
+        if args.finetune:
+            raise ValueError(
+                "--finetune sets a recipe, --settings-from repeats a recorded one: give "
+                "one of them (and options that change it)"
+            )
         settings = {**recorded_settings(args.settings_from, recorded or {}), **given}
         if args.seed is not None:
             settings["seed"] = args.seed
@@ -163,8 +236,6 @@ def _config(args, recorded: dict | None = None):
         # --steps N repeats a run exactly: the recipe's 60 s budget would time the steps
         # again on this machine, and plan fewer where it is slower
         given["max_seconds"] = None
-    if args.unlabelled:  # they are only used to adapt the batch-norm statistics
-        given["adapt_norm"] = True
     make = TrainConfig.finetune if args.finetune else TrainConfig
     return make(**given, device=args.device, seed=0 if args.seed is None else args.seed)
 
@@ -206,16 +277,23 @@ def recorded_settings(path: str, provenance: dict) -> dict:
     return settings
 
 
-def _run_with_bar(gen, quiet: bool):
-    """Run training to its end under a progress bar."""
+def _run_with_bar(gen, quiet: bool, started: threading.Event | None = None):
+    """Run training to its end under a progress bar; the setup stages beside it."""
     from tqdm import tqdm
 
     from napari_unet.core.tiling import run_to_end
+    from napari_unet.core.train_config import Phase
 
-    def show(step) -> None:
-        bar.total = step.steps  # as planned (a time budget plans them first)
+    def show(report) -> None:
+        if isinstance(report, Phase):  # (seconds to minutes before the first step)
+            bar.set_postfix_str(report.message)
+            return
+        if started is not None and not started.is_set():
+            started.set()
+            bar.reset()  # the rate and time left count from the first step, not the setup
+        bar.total = report.steps  # as planned (a time budget plans them first)
         bar.update(1)
-        bar.set_postfix(loss=f"{step.loss:.4f}", **step.metrics)
+        bar.set_postfix(loss=f"{report.loss:.4f}", **report.metrics)
 
     with tqdm(total=None, unit="step", disable=quiet, file=sys.stderr) as bar:
         return run_to_end(gen, show)
@@ -237,7 +315,8 @@ def _report(result, args, seed: int, stopped: bool, saved: bool = True) -> None:
             f"{made} of {planned} planned steps; to repeat this run exactly: --seed "
             f"{seed} --steps {planned}"
             + (f" --stop-after {made}" if made != planned else "")
-            + (f" with these options, or --settings-from {args.output}" if saved else ""),
+            + (" in place of --seconds" if args.seconds is not None else "")
+            + (f" with the other options, or --settings-from {args.output}" if saved else ""),
             file=sys.stderr,
         )
 
@@ -259,7 +338,11 @@ def _num_classes(text: str):
 
 
 @contextlib.contextmanager
-def _first_interrupt_stops(stop: threading.Event, saving: threading.Event | None = None):
+def _first_interrupt_stops(
+    stop: threading.Event,
+    saving: threading.Event | None = None,
+    started: threading.Event | None = None,
+):
     """Ctrl-C once: training ends after the current step and its result is saved;
     twice: abort without saving. SIGTERM (a cluster job's time limit, ``kill``) stops
     and saves as the first Ctrl-C does (a second one aborts)."""
@@ -279,11 +362,12 @@ def _first_interrupt_stops(stop: threading.Event, saving: threading.Event | None
             raise KeyboardInterrupt
         stop.set()
         again = "Ctrl-C again" if signum == signal.SIGINT else "a second SIGTERM"
-        doing = (
-            "finishing writing the model"
-            if saving is not None and saving.is_set()
-            else ("stopping after this step and saving")
-        )
+        if saving is not None and saving.is_set():
+            doing = "finishing writing the model"
+        elif started is not None and not started.is_set():
+            doing = "stopping before the first step (nothing to save)"
+        else:
+            doing = "stopping after this step and saving"
         print(f"\nnapari-unet: {doing} ({again} to abort)", file=sys.stderr)
 
     try:

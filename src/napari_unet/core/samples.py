@@ -69,7 +69,10 @@ def normalized_plane(model: LoadedModel, image: np.ndarray, what: str = "image")
         )
     img = np.moveaxis(img, ax.axes.index("C"), 0) if "C" in ax.axes else img[None]
     spec = norm.validate(model.info.normalization)
-    scale, offset = norm.plane_stats(img.reshape(img.shape[0], -1), spec)
+    try:
+        scale, offset = norm.plane_stats(img.reshape(img.shape[0], -1), spec)
+    except ValueError as err:  # NaN: which image of several
+        raise ValueError(f"{what}: {err}") from None
     return norm.apply(img, scale, offset)
 
 
@@ -79,8 +82,14 @@ def prepare(
     labels: Sequence[np.ndarray],
     kind: str,
     cfg: TrainConfig,
+    names: Sequence[str] = (),
 ) -> list[Sample]:
-    """Normalise images, convert labels, compute weights and sampling points."""
+    """Normalise images, convert labels, compute weights and sampling points.
+
+    ``names`` (e.g. file names) name the images in messages (else "image 0", ...)."""
+    for what, given in (("images", images), ("labels", labels)):
+        if isinstance(given, np.ndarray) or not isinstance(given, Sequence):
+            raise TypeError(f"{what} are a list of arrays, one per image, got {type(given)}")
     if len(images) != len(labels):
         raise ValueError(f"{len(images)} images but {len(labels)} label images")
     if not images:
@@ -104,7 +113,7 @@ def prepare(
             f"class_weighting must be one of {list(powers)}, not {cfg.class_weighting!r}"
         )
     planes = [
-        _plane(model, img, lab, i, kind, cfg, soft)
+        _plane(model, img, lab, names[i] if i < len(names) else f"image {i}", kind, cfg, soft)
         for i, (img, lab) in enumerate(zip(images, labels))
     ]
     targets = [p.target for p in planes]
@@ -124,19 +133,19 @@ class _Plane:
     share: np.ndarray | None  # (H, W) interior share (soft cores), else None
 
 
-def _plane(model, img, lab, i: int, kind: str, cfg: TrainConfig, soft: bool) -> _Plane:
-    image = normalized_plane(model, img, f"image {i}")
+def _plane(model, img, lab, what: str, kind: str, cfg: TrainConfig, soft: bool) -> _Plane:
+    image = normalized_plane(model, img, what)
     shape = np.shape(lab)
     lab = np.asarray(lab)
     if lab.ndim == 3 and 1 in (lab.shape[0], lab.shape[-1]) and lab.size == image[0].size:
         lab = lab.reshape(image.shape[1:])  # (1, Y, X) or (Y, X, 1), as images may be
     if lab.shape != image.shape[1:]:
         raise ValueError(
-            f"labels {i} have shape {shape} but image {i}'s plane is "
+            f"the labels of {what} have shape {shape} but its plane is "
             f"{image.shape[1:]} (from {np.shape(img)})"
         )
     if kind == "instances":
-        lab = tg.sequential_instances(lab, f"labels {i}")
+        lab = tg.sequential_instances(lab, f"the labels of {what}")
     num_classes = model.info.num_classes
     target = tg.to_target(lab, kind, num_classes, cfg.boundary_width, cfg.core_fraction)
     border = np.zeros(lab.shape, np.float32)

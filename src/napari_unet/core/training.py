@@ -52,6 +52,7 @@ def train_iter(
     unlabelled: Sequence[np.ndarray] = (),
     should_stop: Callable[[], bool] | None = None,
     phases: bool = False,
+    names: Sequence[str] = (),
 ) -> Generator[TrainStep | Phase, None, LoadedModel]:
     """Train a copy of ``model``; yields a :class:`TrainStep` per step, returns the copy.
 
@@ -64,7 +65,8 @@ def train_iter(
     the stack the user wants segmented. ``should_stop()`` returning True ends
     training early *with* a result (closing the generator discards it). Time
     spent outside the generator (paused, previews) does not count as training
-    time, for the reports and for ``config.max_seconds``.
+    time, for the reports and for ``config.max_seconds``. ``names`` name the images,
+    then the unlabelled ones, in messages (e.g. their files; else "image 0", ...).
     """
     cfg = config or TrainConfig()
     check_trainable(model)
@@ -73,13 +75,13 @@ def train_iter(
     rng = np.random.default_rng(cfg.seed)
     torch.manual_seed(cfg.seed)
     cfg = with_convention(cfg, model)
-    samples = prepare(model, images, labels, kind, cfg)
+    samples = prepare(model, images, labels, kind, cfg, names[: len(images)])
     sampler = PatchSampler(samples, model, cfg, rng)
     val = _validation_batch(model, val_images, val_labels, kind, cfg)
     dev = resolve_device(cfg.device)
     cfg = _resolve_bf16(cfg, dev)  # resolved, so that the provenance says what was used
     run = _Run(for_training(copy.deepcopy(model.net), dev), model, cfg, dev, data_name, kind)
-    yield from run.adapt(samples, unlabelled, rng, should_stop, phases)
+    yield from run.adapt(samples, unlabelled, rng, should_stop, phases, names[len(images) :])
     run.net.train()
     # one fixed patch the network must still answer with finite numbers (finite weights
     # can overflow: lr 1e6 gave a model whose every prediction was NaN, saved as done)
@@ -111,7 +113,7 @@ class _Run:
     step: int = 0
     metrics: dict = field(default_factory=dict)
 
-    def adapt(self, samples, unlabelled, rng, should_stop, phases: bool):
+    def adapt(self, samples, unlabelled, rng, should_stop, phases: bool, names=()):
         """Batch-norm re-estimation and the base model's answer for unpainted pixels,
         as ``cfg`` asks (each announced by a :class:`Phase` with ``phases``)."""
         cfg, model = self.cfg, self.model
@@ -123,7 +125,8 @@ class _Run:
                 for i, im in enumerate(unlabelled):
                     if should_stop is not None and should_stop():
                         raise Cancelled
-                    extra.append(normalized_plane(model, im, f"unlabelled image {i}"))
+                    what = names[i] if i < len(names) else f"unlabelled image {i}"
+                    extra.append(normalized_plane(model, im, what))
                 planes = [s.unpadded() for s in samples] + extra
                 adapt_norm(self.net, planes, model, rng, self.dev, should_stop=should_stop)
             except Cancelled:
@@ -223,7 +226,7 @@ def _resolve_bf16(cfg: TrainConfig, dev) -> TrainConfig:
         warnings.warn(
             f"bfloat16 autocast was asked for, but {dev} has no native bfloat16 "
             "(AVX512-BF16 or AMX on a CPU): it is emulated and several times slower than "
-            "float32 here; leave it off (or use bf16='auto')",
+            "float32 here; leave it off (TrainConfig's bf16='auto' takes it only where native)",
             RuntimeWarning,
             stacklevel=3,
         )

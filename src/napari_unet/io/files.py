@@ -68,6 +68,11 @@ def check_zip_archive(source, where: str) -> None:
             source.seek(0)
 
 
+def file_in_the_way(folder: Path) -> Path | None:
+    """The file (not a folder) at ``folder`` or above it, which no folder can be made in."""
+    return next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None)
+
+
 def atomic_write(path: str | Path, write) -> Path:
     """Call ``write(tmp_path)`` then rename onto ``path``: readers never see half a file."""
     path = Path(path)
@@ -76,7 +81,7 @@ def atomic_write(path: str | Path, write) -> Path:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as err:
         # name the file asked for and its folder, not the hidden temporary file
-        blocking = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+        blocking = file_in_the_way(path.parent)
         if blocking is not None:  # ("file exists in the folder", said of that file)
             raise OSError(f"cannot write {path}: {blocking} is a file, not a folder") from err
         reason = (err.strerror or type(err).__name__).lower()

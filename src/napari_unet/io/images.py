@@ -61,6 +61,23 @@ def read_image(path: str | Path):
     return arr
 
 
+def read_labels(path: str | Path):
+    """Open a label image as :func:`read_image` does, but a palette PNG (the usual class
+    mask of VOC, CVAT or GIMP) as its palette indices, which are the classes (read as
+    an image, its colours came back as RGB and the classes were lost)."""
+    path = Path(path)
+    if _suffix(path) == ".png" and path.is_file():
+        from PIL import Image
+
+        try:
+            with Image.open(path) as im:
+                if im.mode == "P":
+                    return np.asarray(im)
+        except Exception:  # noqa: BLE001 - not readable by PIL: read_image says why
+            pass
+    return read_image(path)
+
+
 def image_axes(path: str | Path) -> str | None:
     """The axes an OME-TIFF or ImageJ TIFF records (e.g. ``"TZCYX"``; RGB samples ``S``
     read as ``C``), or None where the file says nothing (then they are guessed)."""

@@ -93,6 +93,13 @@ def check_folder(folder: Path) -> None:
         with tempfile.NamedTemporaryFile(dir=folder, prefix=".napari-unet.", suffix=".probe"):
             pass
     except OSError as err:
+        from napari_unet.io.files import file_in_the_way
+
+        blocking = file_in_the_way(folder)
+        if blocking is not None:
+            raise ValueError(
+                f"cannot write to {folder}/: {blocking} is a file, not a folder"
+            ) from None
         raise ValueError(f"cannot write to {folder}/: {err.strerror or err}") from None
 
 
