@@ -1100,7 +1100,7 @@ def test_train_names_its_files_reads_palette_labels_and_records_what_it_read(tmp
     assert main(again) == 1 and "one of the inputs" in capsys.readouterr().err
     again[again.index("-o") + 1] = str(tmp_path / "w.safetensors")
     assert main(again) == 0
-    assert "trained with unlabelled data 'u.tif', given none" in capsys.readouterr().err
+    assert "trained with unlabelled data u.tif, given none" in capsys.readouterr().err
     assert main([*again, "--finetune"]) == 1
     assert "--finetune sets a recipe" in capsys.readouterr().err
     # a NaN in the second image names it

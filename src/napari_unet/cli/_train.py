@@ -148,17 +148,21 @@ def _files(args, result) -> dict:
 
 
 def _warn_other_files(args, recorded: dict) -> None:
-    """Say where the files of a repeated run differ, by name, from those recorded."""
+    """Say where the files of a repeated run differ, by name, from those recorded (by a
+    run of this command: the panel records its painted planes, not files)."""
+    if "labels" not in recorded:
+        return
     given = {
         "training_data": _names(args.images),
         "labels": _names(args.labels),
         "unlabelled_data": _names(args.unlabelled),
     }
     for key, names in given.items():
-        if key in recorded and str(recorded.get(key)) != names:
+        was = str(recorded.get(key, ""))
+        if was != names:
             print(
                 f"warning: {args.settings_from} was trained with {key.replace('_', ' ')} "
-                f"{recorded.get(key)!r}, given {names or 'none'}: the run will differ",
+                f"{was or 'none'}, given {names or 'none'}: the run will differ",
                 file=sys.stderr,
             )
 
