@@ -1110,6 +1110,16 @@ def test_train_names_its_files_reads_palette_labels_and_records_what_it_read(tmp
     args[args.index(str(tmp_path / "b.png"))] = str(tmp_path / "nan.tif")
     assert main(args) == 1
     assert "nan.tif: the image contains NaN" in capsys.readouterr().err
+    args[args.index(str(tmp_path / "nan.tif"))] = str(tmp_path / "b.png")
+    assert main([*args, "--val-images", str(tmp_path / "nan.tif"), "--val-labels",
+                 str(tmp_path / "classes.png")]) == 1  # fmt: skip
+    assert "validation data: nan.tif: the image contains NaN" in capsys.readouterr().err
+    # channels are not planes to train on: refused, without predict's note
+    tifffile.imwrite(tmp_path / "c.ome.tif", np.stack([image, image]), metadata={"axes": "CYX"})
+    args[args.index(str(tmp_path / "b.png"))] = str(tmp_path / "c.ome.tif")
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert "train on 2D planes" in err and "one by one" not in err
 
 
 def test_the_api_asks_for_a_list_of_images():

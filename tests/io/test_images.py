@@ -94,3 +94,24 @@ def test_objects_of_a_time_series_keep_its_sizes_and_interval_in_an_ome_tiff(tmp
     got = image_calibration(out)
     assert got.pop("unit") == "micron"
     assert got == pytest.approx({"x": 0.25, "y": 0.25, "z": 2.0, "t": 1.5})
+
+
+def test_a_palette_png_is_its_indices_and_odd_types_are_still_written(tmp_path):
+    # an 8-bit image saved with a LUT (Fiji's HiLo): its colours came back as RGB, and a
+    # one-channel model read their gray, no longer monotonic in the data
+    from PIL import Image
+
+    from napari_unet.io.images import image_axes
+
+    data = np.arange(256, dtype=np.uint8).reshape(16, 16)
+    im = Image.fromarray(data, mode="P")
+    im.putpalette([0, 0, 255] + [v for i in range(1, 255) for v in (i, i, i)] + [255, 0, 0])
+    im.save(tmp_path / "hilo.png")
+    np.testing.assert_array_equal(np.asarray(read_image(tmp_path / "hilo.png")), data)
+    # types an OME-TIFF cannot hold keep the tifffile description (they failed to write)
+    for dtype in (np.int64, np.uint64, np.float16):
+        out = write_image(
+            tmp_path / f"{np.dtype(dtype).name}.tif", np.ones((2, 4, 5), dtype), "ZYX"
+        )
+        np.testing.assert_array_equal(tifffile.imread(out), np.ones((2, 4, 5), dtype))
+        assert image_axes(out) is None

@@ -89,6 +89,7 @@ def cmd_train(args) -> int:
         should_stop=stop.is_set,
         phases=True,
         names=[Path(p).name for p in [*args.images, *args.unlabelled]],
+        val_names=[Path(p).name for p in args.val_images],
     )
     # a signal while the model is written stops nothing more: the first is kept for it
     saving = threading.Event()
@@ -121,7 +122,10 @@ def _images(paths, model) -> list:
 
     images = []
     for path in paths:
-        image, _, note, _ = _model_input(read_image(path), image_axes(path), model)
+        raw = read_image(path)
+        image, _, note, planes = _model_input(raw, image_axes(path), model)
+        if planes:  # channels as planes: training takes 2D planes (it says so)
+            image, note = raw, ""
         if note:
             print(f"{path}: {note}", file=sys.stderr)
         images.append(np.asarray(image))
@@ -131,9 +135,9 @@ def _images(paths, model) -> list:
 def _labels(paths) -> list:
     import numpy as np
 
-    from napari_unet.io.images import read_labels
+    from napari_unet.io.images import read_image
 
-    return [np.asarray(read_labels(p)) for p in paths]
+    return [np.asarray(read_image(p)) for p in paths]
 
 
 def _files(args, result) -> dict:

@@ -53,6 +53,7 @@ def train_iter(
     should_stop: Callable[[], bool] | None = None,
     phases: bool = False,
     names: Sequence[str] = (),
+    val_names: Sequence[str] = (),
 ) -> Generator[TrainStep | Phase, None, LoadedModel]:
     """Train a copy of ``model``; yields a :class:`TrainStep` per step, returns the copy.
 
@@ -66,7 +67,8 @@ def train_iter(
     training early *with* a result (closing the generator discards it). Time
     spent outside the generator (paused, previews) does not count as training
     time, for the reports and for ``config.max_seconds``. ``names`` name the images,
-    then the unlabelled ones, in messages (e.g. their files; else "image 0", ...).
+    then the unlabelled ones, in messages (e.g. their files; else "image 0", ...);
+    ``val_names`` the validation images.
     """
     cfg = config or TrainConfig()
     check_trainable(model)
@@ -77,7 +79,7 @@ def train_iter(
     cfg = with_convention(cfg, model)
     samples = prepare(model, images, labels, kind, cfg, names[: len(images)])
     sampler = PatchSampler(samples, model, cfg, rng)
-    val = _validation_batch(model, val_images, val_labels, kind, cfg)
+    val = _validation_batch(model, val_images, val_labels, kind, cfg, val_names)
     dev = resolve_device(cfg.device)
     cfg = _resolve_bf16(cfg, dev)  # resolved, so that the provenance says what was used
     run = _Run(for_training(copy.deepcopy(model.net), dev), model, cfg, dev, data_name, kind)
@@ -203,14 +205,14 @@ def _last_step(cfg: TrainConfig, step: int, elapsed: float, should_stop) -> bool
     return should_stop is not None and should_stop()
 
 
-def _validation_batch(model, val_images, val_labels, kind: str, cfg: TrainConfig):
+def _validation_batch(model, val_images, val_labels, kind: str, cfg: TrainConfig, names=()):
     """The fixed validation patches of ``val_images`` (None without any)."""
     if len(val_images) != len(val_labels):
         raise ValueError(f"{len(val_images)} validation images but {len(val_labels)} label images")
     if not len(val_images):
         return None
     try:
-        vs = prepare(model, val_images, val_labels, kind, cfg)
+        vs = prepare(model, val_images, val_labels, kind, cfg, names)
     except ValueError as err:
         raise ValueError(f"validation data: {err}") from None
     vsampler = PatchSampler(

@@ -40,7 +40,8 @@ def check_readable(path: str | Path) -> None:
 
 
 def read_image(path: str | Path):
-    """Open an image lazily where the format allows (TIFF and zarr as zarr, NPY memory-mapped)."""
+    """Open an image lazily where the format allows (TIFF and zarr as zarr, NPY memory-mapped);
+    a palette PNG as its indices (the data; its palette only colours them)."""
     path = Path(path)
     suffix = _suffix(path)
     if not path.exists():
@@ -59,23 +60,6 @@ def read_image(path: str | Path):
         # tifffile answers a TIFF whose pages cannot be found with an empty array
         raise ValueError(f"{path.name}: cannot read image (no image data: a corrupt TIFF?)")
     return arr
-
-
-def read_labels(path: str | Path):
-    """Open a label image as :func:`read_image` does, but a palette PNG (the usual class
-    mask of VOC, CVAT or GIMP) as its palette indices, which are the classes (read as
-    an image, its colours came back as RGB and the classes were lost)."""
-    path = Path(path)
-    if _suffix(path) == ".png" and path.is_file():
-        from PIL import Image
-
-        try:
-            with Image.open(path) as im:
-                if im.mode == "P":
-                    return np.asarray(im)
-        except Exception:  # noqa: BLE001 - not readable by PIL: read_image says why
-            pass
-    return read_image(path)
 
 
 def image_axes(path: str | Path) -> str | None:
@@ -123,6 +107,11 @@ def _open(path: Path, suffix: str):
         import zarr
 
         return zarr.open(str(path), mode="r")
+    from PIL import Image
+
+    with Image.open(path) as im:  # a palette PNG (an 8-bit image with a LUT, as Fiji
+        if im.mode == "P":  # saves it, or a class mask) as its indices: its colours were
+            return np.asarray(im)  # read as RGB, classes lost, intensities scrambled
     from skimage.io import imread
 
     return imread(str(path))
@@ -225,6 +214,9 @@ def _number(text) -> float:
 
 # what an ImageJ hyperstack holds: its axes in this order, and these types
 _IMAGEJ_ORDER, _IMAGEJ_DTYPES = "TZCYX", ("uint8", "uint16", "float32")
+# the pixel types an OME-TIFF holds, which keeps the Z step and interval of other types
+# and orders (int64, uint64 and float16 failed to write at all)
+_OME_DTYPES = ("bool", "int8", "int16", "int32", "uint8", "uint16", "uint32", "float32", "float64")
 
 
 def write_image(
@@ -282,7 +274,7 @@ def _tiff_metadata(data: np.ndarray, axes: str | None, cal: dict) -> dict:
             kwargs["resolution"] = (1 / cal["x"], 1 / cal["y"])
         return kwargs
     um = UNITS.get(str(cal.get("unit")))
-    if imagej:  # another type (uint32 instances) or order: OME-TIFF keeps Z and T
+    if imagej and data.dtype.name in _OME_DTYPES:  # (uint32 instances; another order)
         kwargs.update(ome=True, metadata=_ome_metadata(axes, cal, um))
     elif axes is not None and len(axes) == data.ndim:  # tifffile's own description
         kwargs["metadata"] = {"axes": axes}
