@@ -123,7 +123,11 @@ def test_state_dict_weights_run_package_code_only_when_trusted(exported):
     ours = predict(image(), tiny_model("same"), device="cpu")
     np.testing.assert_allclose(predict(image(), loaded, device="cpu"), ours, rtol=0, atol=1e-5)
     # its feature maps are the network's stages (the wrapper offered 'core', 'pre', 'post')
-    from napari_unet.core.features import capture, stage_names
+    from napari_unet.core.features import capture, inspectable, stage_names
+
+    trusted = load_package(exported["same"], trust_code=True)  # (TorchScript was taken)
+    assert trusted.info.provenance["weights"].startswith("pytorch_state_dict")
+    assert inspectable(trusted.net) and not inspectable(load_package(exported["same"]).net)
 
     assert stage_names(loaded.net) == stage_names(tiny_model("same").net)
     theirs, mine = capture(image(), loaded), capture(image(), tiny_model("same"))

@@ -71,8 +71,11 @@ def _choose_weights(spec: _Spec, files: _Files, fmt: str | None, trust_code: boo
         raise ModelFileError(
             f"no {fmt} weights in the package (it has: {', '.join(spec.weights)})"
         )
+    # trusted: the network itself first, whose stages the feature-map panel shows (the
+    # advice to tick 'Trust package code' for them loaded the TorchScript all the same)
+    order = ("pytorch_state_dict", "torchscript", "onnx") if trust_code else WEIGHTS_ORDER
     problems = []
-    for name in [fmt] if fmt else WEIGHTS_ORDER:
+    for name in [fmt] if fmt else order:
         if name not in spec.weights:
             continue
         problem = _weights_problem(name, spec.weights[name], files, trust_code)
