@@ -529,9 +529,10 @@ def test_another_plane_gets_a_result_layer_of_its_own(panel, qtbot):
     first, second = viewer.layers["stack [unet labels]"], viewer.layers["stack [unet labels] [1]"]
     assert (first.translate[0], second.translate[0]) == (1, 3)
     assert "'stack [unet labels]', it covers another extent" in widget.status.text()
-    # the same plane again updates its own layer
+    # the same plane again updates its own layer, and says why the first one is kept
     _run(qtbot, widget)
     assert len(viewer.layers) == 3
+    assert "'stack [unet labels]', it covers another extent" in widget.status.text()
 
 
 def test_current_plane_refuses_a_plane_napari_does_not_show(panel, qtbot):
@@ -826,3 +827,31 @@ def test_an_older_result_of_the_same_name_and_another_dimensionality(panel, qtbo
     expected = predict(stack, widget.state.model, axes="ZYX").argmax(0) + 1
     np.testing.assert_array_equal(new.data, expected)
     assert "it covers another extent" in widget.status.text()
+
+
+def test_a_one_output_model_s_layers_name_its_class_and_every_result_its_run(panel, qtbot):
+    # a sigmoid model's class labels were 1 = background (named as its class) and 2 =
+    # its objects (unnamed, white); its only probability map was hidden; a result's
+    # metadata said nothing of the model or settings that made it
+    from napari_unet._widgets._results import RUN_KEY
+
+    viewer, widget = panel
+    model = tiny_model("same", classes=1).with_info(classes=["nucleus"], name="one")
+    widget.state.model = model
+    data = np.random.default_rng(8).random((40, 48)).astype(np.float32)
+    viewer.add_image(data, name="img")
+    widget.layer_combo.setCurrentText("img")
+    widget.mode_combo.setCurrentText("labels")
+    widget.threshold_spin.setValue(0.4)
+    _run(qtbot, widget)
+    layer = viewer.layers["img [one labels]"]
+    p = predict(data, model)[0]
+    np.testing.assert_array_equal(layer.data, (p > 0.5).astype(np.uint8))
+    assert list(layer.features["class"]) == ["background", "nucleus"]
+    run = layer.metadata[RUN_KEY]
+    assert run["model"] == "one" and run["mode"] == "labels" and run["threshold"] == 0.4
+    assert "should_stop" not in run
+    widget.mode_combo.setCurrentText("probabilities")
+    _run(qtbot, widget)
+    assert viewer.layers["img [one nucleus]"].visible
+    assert viewer.layers["img [one nucleus]"].metadata[RUN_KEY]["mode"] == "probabilities"

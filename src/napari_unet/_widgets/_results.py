@@ -17,6 +17,7 @@ def result_name(source: str, model_name: str, what: str) -> str:
 RESULT_KEY = "napari_unet_result"  # layer metadata: checksum of the result as written
 OUTPUT_KEY = "napari_unet_output"  # layer metadata of other outputs (feature maps)
 ANNOTATION_KEY = "napari_unet_annotates"  # layer metadata: name of the image it annotates
+RUN_KEY = "napari_unet_run"  # layer metadata of a result: the model and settings of its run
 
 
 def is_output(layer) -> bool:
@@ -25,15 +26,18 @@ def is_output(layer) -> bool:
 
 
 def add_or_update(
-    viewer, job, model, mode: str, result: np.ndarray
+    viewer, job, model, mode: str, result: np.ndarray, run: dict | None = None
 ) -> tuple[list[str], list[str]]:
     """Show a result (class labels as class + 1, named in the layer's features); an
     earlier result of the same name and shape is updated instead of
     duplicated, unless it was edited since (painted corrections) or is not a result at all:
-    those are kept, and the new result gets a layer of its own. Returns the result layers' names
-    and, for the layers kept, ``(name, why)``."""
+    those are kept, and the new result gets a layer of its own. ``run`` (the model and
+    settings that made it) goes into each layer's metadata under :data:`RUN_KEY`.
+    Returns the result layers' names and, for the layers kept, ``(name, why)``."""
     info = model.info
     kw = job.placement()
+    if run is not None:
+        kw = {**kw, "metadata": {RUN_KEY: run}}
     if mode == "probabilities":
         wanted = [result_name(job.layer_name, info.name, c) for c in info.classes]
         put = [
@@ -46,9 +50,11 @@ def add_or_update(
                 colormap=COLORMAPS[k % len(COLORMAPS)],
                 blending="additive",
                 contrast_limits=(0.0, 1.0),
-                visible=k > 0,
+                # the objects' maps: not the background (em-membrane's first class is
+                # its membranes, a one-output model's only map its objects)
+                visible=name_k.lower() != "background",
             )
-            for k, name in enumerate(wanted)
+            for k, (name, name_k) in enumerate(zip(wanted, info.classes))
         ]
     else:
         wanted = [result_name(job.layer_name, info.name, mode)]
@@ -60,11 +66,12 @@ def add_or_update(
             # hide the first class (em-membrane's membranes), and the layer, corrected by
             # painting, trains the classes it shows ('Use selected Labels layer')
             dtype = np.uint8 if info.num_classes < 255 else np.uint16
-            result = np.asarray(result).astype(dtype) + 1
-            style = dict(
-                features={"class": ["-", *info.classes]},
-                colormap=annotation_colormap(info.classes),
-            )
+            result = np.asarray(result).astype(dtype)
+            if info.num_classes == 1:  # one sigmoid output: 1 is its class, 0 the rest
+                shown = ["background", *info.classes]  # (+ 1 named the background so)
+            else:
+                result, shown = result + 1, ["-", *info.classes]
+            style = dict(features={"class": shown}, colormap=annotation_colormap(info.classes))
         put = [_put(viewer, "labels", wanted[0], job.expand(result), kw, **style)]
     return [n for n, _ in put], [(w, why) for w, (n, why) in zip(wanted, put) if n != w]
 
@@ -118,11 +125,14 @@ def _put(viewer, kind: str, name: str, data, kw: dict, **style) -> tuple[str, st
             old.scale = kw["scale"]
         if "units" in kw and tuple(old.units) != tuple(kw["units"]):
             old.units = kw["units"]
+        if RUN_KEY in kw.get("metadata", {}):
+            old.metadata[RUN_KEY] = kw["metadata"][RUN_KEY]
         mark_result(old)
-        return old.name, ""
+        return old.name, why
     # napari names a layer "name [1]" when "name" is taken
     # marked from the start: panels that list input images hear of it while it is added
-    mark = {RESULT_KEY: _checksum(data)}
+    kw = dict(kw)
+    mark = {**kw.pop("metadata", {}), RESULT_KEY: _checksum(data)}
     layer = getattr(viewer, f"add_{kind}")(data, name=name, metadata=mark, **kw, **style)
     if layer.data is not data:  # napari converted it: mark what the layer holds
         mark_result(layer)

@@ -52,7 +52,7 @@ class SegmentPanel(WorkerPanel):
         for name, tip in TIPS.items():
             getattr(self, name).setToolTip(tip)
         # the run going on: its layer job, model and output mode
-        self._job: tuple[LayerJob, object, str] | None = None
+        self._job: tuple[LayerJob, object, str, dict] | None = None
         self._source = None  # source_of the image as the run started
         self._recipe_shown = None  # the instance recipe and object size last shown
         self._connect()
@@ -250,7 +250,7 @@ class SegmentPanel(WorkerPanel):
         if self.busy():
             return
         # the result is shown as asked now, whatever the controls or the model become meanwhile
-        self._job = (job, model, opts.mode)
+        self._job = (job, model, opts.mode, _run_record(model, opts))
         self._source = self.source_of(layer)  # a result is only shown over what it came from
         self.status.setText(f"Segmenting {layer.name}: {job.describe}")
         self.start(segment_iter, job.data, model, opts, desc=f"napari-unet: {layer.name}")
@@ -261,7 +261,7 @@ class SegmentPanel(WorkerPanel):
     def _on_returned(self, result: np.ndarray) -> None:
         if self._job is None:
             return
-        job, model, mode = self._job
+        job, model, mode, run = self._job
         layer, lost = self._source[0], self.source_lost(self._source)
         self._source = None
         if lost == "removed":
@@ -278,11 +278,23 @@ class SegmentPanel(WorkerPanel):
             return
         # named after the image as it is called now (renamed meanwhile: its new name)
         job = replace(job, layer_name=layer.name)
-        names, kept = add_or_update(self.viewer, job, model, mode, result)
+        names, kept = add_or_update(self.viewer, job, model, mode, result, run)
         note = ""
         if kept:
             note = " (kept as they are: " + "; ".join(f"{k!r}, {why}" for k, why in kept) + ")"
         self.status.setText(f"Done: {', '.join(names)}{note}")
+
+
+def _run_record(model, opts) -> dict:
+    """What made a result, for its layers' metadata: the model and the settings."""
+    from dataclasses import fields
+
+    record = {"model": model.info.name, "model_source": str(model.info.source or "")}
+    for f in fields(opts):
+        value = getattr(opts, f.name)
+        if f.name != "should_stop":
+            record[f.name] = list(value) if isinstance(value, tuple) else value
+    return record
 
 
 def _spin(spin, low, high, suffix: str = "", step=None, auto: bool = False):
