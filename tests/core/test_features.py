@@ -141,3 +141,21 @@ def test_torchscript_networks_get_a_clear_message():
     scripted = torch.jit.trace(model.net, torch.zeros(1, 1, 32, 32))
     with pytest.raises(ValueError, match="TorchScript"):
         capture(np.zeros((32, 32), np.float32), LoadedModel(scripted, model.info))
+
+
+def test_a_shared_network_s_passes_from_other_threads_are_not_kept():
+    # networks that are not napari-unet U-Nets are shared, not copied: a segmentation
+    # running one meanwhile put its tiles' activations into the maps
+    import threading
+
+    from napari_unet.core.features import _keep
+
+    conv, store = torch.nn.Conv2d(1, 2, 3), {}
+    handle = conv.register_forward_hook(_keep(store, "conv"))
+    other = threading.Thread(target=lambda: conv(torch.zeros(1, 1, 9, 9)))
+    other.start()
+    other.join()
+    assert store == {}
+    conv(torch.zeros(1, 1, 5, 5))
+    assert store["conv"].shape == (1, 2, 3, 3)
+    handle.remove()

@@ -190,11 +190,30 @@ def test_a_run_started_while_loading_is_not_discarded(make_napari_viewer, qtbot,
     """The question 'loading discards your run' was asked only when Load was pressed: a
     run started (or a version made) while the model loaded was discarded silently."""
     panel, before = _loaded_not_delivered(make_napari_viewer(), tmp_path)
-    panel.state.training = True  # Train pressed in the fine-tune panel meanwhile
+
+    class Trainer:  # a fine-tune panel whose run is going on
+        going = True
+
+        def is_training(self):
+            return self.going
+
+    trainer = panel.state.trainer = Trainer()  # Train pressed in the fine-tune panel meanwhile
     qtbot.waitUntil(lambda: panel.worker is None, timeout=20000)
     assert panel.state.model is before
     assert "a fine-tune run started while it loaded" in panel.status.text()
-    panel.state.training = False
+    trainer.going = False
+    # the panel gone (closed and collected, its run with it): no run is going on (the
+    # flag stayed on, and every load asked about a run that was no more)
+    import gc
+
+    trainer.going = True
+    assert panel.state.training
+    del trainer
+    gc.collect()
+    assert not panel.state.training
+    # versions of a model loaded anew get names of their own (they restarted at -v1)
+    names = [panel.state.new_version_name("nuclei-v1") for _ in range(3)]
+    assert names == ["nuclei-v1", "nuclei-v1.2", "nuclei-v1.3"]
     panel._on_run()  # nothing at stake any more: it loads and switches
     qtbot.waitUntil(lambda: panel.worker is None, timeout=20000)
     assert panel.state.model is not before

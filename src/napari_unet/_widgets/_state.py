@@ -27,8 +27,37 @@ class ViewerState:
         # the fine-tuned versions (core.versions.ModelVersions), kept here rather than in
         # the fine-tune panel: closing and reopening the panel loses none of them
         self.versions = None
-        # a fine-tune run is going on: loading another model asks first (it cancels it)
-        self.training = False
+        # the panel whose fine-tune run is going on (weakly: a closed panel's run ends
+        # with it); loading another model asks first (it cancels the run)
+        self._trainer = lambda: None
+        self._version_names: set[str] = set()  # the fine-tuned versions' names so far
+
+    def new_version_name(self, name: str) -> str:
+        """``name``, or ``name.2``, ``name.3``, ... where this viewer has had a version of
+        that name (versions of a model loaded anew restarted at -v1, and their results
+        replaced the first ones' layers of the same name)."""
+        k, unique = 1, name
+        while unique in self._version_names:
+            k += 1
+            unique = f"{name}.{k}"
+        self._version_names.add(unique)
+        return unique
+
+    @property
+    def trainer(self):
+        return self._trainer()
+
+    @trainer.setter
+    def trainer(self, panel) -> None:
+        self._trainer = weakref.ref(panel) if panel is not None else (lambda: None)
+
+    @property
+    def training(self) -> bool:
+        """A fine-tune run is going on (in the panel that started the last one: a flag
+        stayed on when a closed panel was collected, and a closed panel's run that
+        ended turned it off during a newer one)."""
+        panel = self._trainer()
+        return panel is not None and panel.is_training()
 
     @property
     def model(self):

@@ -261,6 +261,19 @@ class FeatureMapPanel(WorkerPanel):
         if self._pending:  # stage layers still being added: Cancel stops that, Run waits
             self.run_button.setEnabled(False)
             self.cancel_button.setEnabled(True)
+        else:  # (a model loaded meanwhile may not be one to look into)
+            self._enable_run()
+            self._say_if_opaque()
+
+    def _say_if_opaque(self) -> None:
+        """Add why Run is off for a model that cannot be looked into (the message said
+        when it was loaded is replaced by a run's progress)."""
+        from napari_unet.core.features import OPAQUE, inspectable
+
+        model = self.state.model
+        if model is not None and not inspectable(model.net) and OPAQUE not in self.status.text():
+            why = f"{model.info.name or 'This model'}: {OPAQUE}."
+            self.status.setText(" ".join(filter(None, [self.status.text(), why])))
 
     def _on_cancel(self) -> None:
         # (maps being added: the capture is over, though its worker may not have said
@@ -279,6 +292,7 @@ class FeatureMapPanel(WorkerPanel):
         self.status.setText(text)
         self.cancel_button.setEnabled(False)
         self._enable_run()
+        self._say_if_opaque()
 
     def _enable_run(self) -> None:
         """Run is on when nothing is going on and the model can be looked into."""

@@ -131,7 +131,7 @@ class FinetunePanel(AnnotationControls, VersionControls, WorkerPanel):
         self.loss_plot.reset()
         self._stop.clear()
         self._mode = "train"
-        self.state.training = True
+        self.state.trainer = self
         self.status.setText("Reading the annotations...")
         from napari_unet.core.finetune import finetune_pairs_iter
 
@@ -327,7 +327,7 @@ class FinetunePanel(AnnotationControls, VersionControls, WorkerPanel):
             )
             return
         n = len(self.versions.versions)
-        name = f"{self.versions.base.info.name or 'model'}-v{n}"
+        name = self.state.new_version_name(f"{self.versions.base.info.name or 'model'}-v{n}")
         model = type(value.model)(value.model.net, replace(value.model.info, name=name))
         self.versions.add(
             model,
@@ -350,13 +350,15 @@ class FinetunePanel(AnnotationControls, VersionControls, WorkerPanel):
             + (f" Left out: {self._left_out}." if self._left_out else "")
         )
 
+    def is_training(self) -> bool:
+        """Whether this panel's fine-tune run is going on (see ``ViewerState.training``)."""
+        return self._mode == "train" and self.worker is not None
+
     def _on_finished(self) -> None:
         super()._on_finished()
         made, self._fill_made = self._fill_made, None
         if made is not None and made in self.viewer.layers and not np.any(made.data):
             self.viewer.layers.remove(made)  # made for a fill that failed: nothing in it
-        if self._mode == "train":
-            self.state.training = False
         self.pause_button.setEnabled(False)
         self.pause_button.setText("Pause")
         self.stop_button.setEnabled(False)

@@ -11,6 +11,7 @@ the pixels it came from.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Generator
 from dataclasses import dataclass
 
@@ -220,8 +221,14 @@ def _centred_grid(tile: int, size: int) -> tuple[float, int]:
 
 
 def _keep(store: dict, name: str):
+    """A hook keeping the stage's output of passes run by this thread only: a network
+    that is not a napari-unet U-Net is shared, not copied (a bioimage.io package), and a
+    segmentation running it meanwhile put its tiles' activations in the maps."""
+    thread = threading.get_ident()
+
     def hook(module, inputs, output):
-        store[name] = output.detach()
+        if threading.get_ident() == thread:
+            store[name] = output.detach()
 
     return hook
 
