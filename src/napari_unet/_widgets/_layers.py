@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from napari_unet.core.axes import AxesError, leading_letters, resolve_axes
+from napari_unet.core.axes import CHANNEL_PLANE_LETTERS, AxesError, leading_letters, resolve_axes
 
 
 @dataclass
@@ -219,7 +219,7 @@ def labelled_axes(labels, in_channels: int) -> tuple[str | None, str]:
         )
     if in_channels == 1 and "C" in letters:
         at = letters.index("C")
-        letters[at] = next(a for a in "QRS" if a not in letters)
+        letters[at] = next(a for a in CHANNEL_PLANE_LETTERS if a not in letters)
         return "".join(letters), (
             f"{letters[at]} is the axis labelled '{labels[at]}': its channels are "
             "segmented one by one (the model takes one channel)"

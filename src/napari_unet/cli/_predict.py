@@ -76,6 +76,7 @@ def _model_input(image, axes: str | None, model) -> tuple:
     it) its luminance; of a grayscale image with alpha, the gray; the channels of a
     multichannel stack (an OME or ImageJ C axis) one by one, as planes of the axis
     ``planes`` (``""``: none)."""
+    from napari_unet.core.axes import CHANNEL_PLANE_LETTERS
     from napari_unet.core.segment import lazy_gray
 
     shape = tuple(image.shape)
@@ -83,7 +84,7 @@ def _model_input(image, axes: str | None, model) -> tuple:
     if model.info.in_channels != 1 or len(shape) < 3:
         return image, axes, "", ""
     if not colour_last and "C" in axes.upper() and shape[axes.upper().index("C")] > 1:
-        free = next((a for a in PLANE_LETTERS if a not in axes.upper()), None)
+        free = next((a for a in CHANNEL_PLANE_LETTERS if a not in axes.upper()), None)
         if free is not None:
             n = shape[axes.upper().index("C")]
             note = f"the model takes one channel: the {n} channels are segmented one by one"
@@ -97,9 +98,6 @@ def _model_input(image, axes: str | None, model) -> tuple:
     if shape[-1] == 2:  # grayscale with alpha (PNG's LA), one image or a stack of them
         return image[..., 0], kept, "alpha channel left out", ""
     return image, axes, "", ""
-
-
-PLANE_LETTERS = "QRS"  # an image's channels as planes (read as one letter, written as C)
 
 
 def _check_input(image, axes, model, src) -> None:

@@ -140,6 +140,11 @@ def _guess_axes(shape: tuple[int, ...], in_channels: int) -> str:
     return leading_letters(nd - 2) + "YX"
 
 
+# letters for the channels of an image that a one-channel model reads as planes, one by
+# one (the panel's labelled C axis, the command line's OME or ImageJ C axis)
+CHANNEL_PLANE_LETTERS = "QRS"
+
+
 def leading_letters(n: int) -> str:
     """Letters for ``n`` leading axes: ``Z``, ``TZ``, ``STZ``, ..."""
     letters = "QRSTZ"
