@@ -342,8 +342,8 @@ class FinetunePanel(AnnotationControls, VersionControls, WorkerPanel):
         self._set_model(model)
         rescaled = ", ".join(f"x{f:.2g}" for f in value.scales if f != 1.0)
         self.status.setText(
-            f"{'Stopped' if value.stopped else 'Done'}: {self.versions.describe(n)} "
-            f"in {value.seconds:.0f} s"
+            f"{'Stopped' if value.stopped else 'Done'} in {value.seconds:.0f} s: "
+            f"{self.versions.describe(n)}"
             + (f" (planes rescaled {rescaled} to the model's object size)" if rescaled else "")
             + f". Now using {model.info.name}; 'Revert' goes back."
             + _short_of_plan(value)
