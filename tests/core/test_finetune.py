@@ -11,12 +11,8 @@ import torch
 from conftest import tiny_model
 from napari_unet.core import synthetic
 from napari_unet.core.adaptation import adapt_norm
-from napari_unet.core.finetune import (
-    PaintedPlane,
-    check_annotations,
-    painted_accuracy,
-    painted_planes,
-)
+from napari_unet.core.finetune import painted_accuracy
+from napari_unet.core.painted import PaintedPlane, check_annotations, painted_planes
 from napari_unet.core.targets import instances_to_classes
 from napari_unet.core.training import TrainConfig, normalized_plane, train, train_iter
 from napari_unet.core.versions import ModelVersions
@@ -395,7 +391,8 @@ def test_finetune_at_the_model_object_size_rescales_planes_and_previews(case, mo
 
 
 def test_pairs_are_read_and_checked_inside_the_generator(case):
-    from napari_unet.core.finetune import Collected, Finished, finetune_pairs_iter
+    from napari_unet.core.finetune import Finished, finetune_pairs_iter
+    from napari_unet.core.painted import Collected
     from napari_unet.core.training import TrainStep
 
     image, _, strokes = case

@@ -36,8 +36,6 @@ def add_or_update(
     Returns the result layers' names and, for the layers kept, ``(name, why)``."""
     info = model.info
     kw = job.placement()
-    if run is not None:
-        kw = {**kw, "metadata": {RUN_KEY: run}}
     if mode == "probabilities":
         wanted = [result_name(job.layer_name, info.name, c) for c in info.classes]
         put = [
@@ -47,6 +45,7 @@ def add_or_update(
                 name,
                 job.expand(result[k]),
                 kw,
+                run,
                 colormap=COLORMAPS[k % len(COLORMAPS)],
                 blending="additive",
                 contrast_limits=(0.0, 1.0),
@@ -72,7 +71,7 @@ def add_or_update(
             else:
                 result, shown = result + 1, ["-", *info.classes]
             style = dict(features={"class": shown}, colormap=annotation_colormap(info.classes))
-        put = [_put(viewer, "labels", wanted[0], job.expand(result), kw, **style)]
+        put = [_put(viewer, "labels", wanted[0], job.expand(result), kw, run, **style)]
     return [n for n, _ in put], [(w, why) for w, (n, why) in zip(wanted, put) if n != w]
 
 
@@ -97,7 +96,7 @@ def _refusal(layer, kind: str, data, kw: dict) -> str:
     return ""
 
 
-def _put(viewer, kind: str, name: str, data, kw: dict, **style) -> tuple[str, str]:
+def _put(viewer, kind: str, name: str, data, kw: dict, run=None, **style) -> tuple[str, str]:
     """Update or add the result layer ``name``; return the name the result got and, when
     that is not ``name``, why the layer ``name`` was kept."""
     family = [
@@ -125,14 +124,13 @@ def _put(viewer, kind: str, name: str, data, kw: dict, **style) -> tuple[str, st
             old.scale = kw["scale"]
         if "units" in kw and tuple(old.units) != tuple(kw["units"]):
             old.units = kw["units"]
-        if RUN_KEY in kw.get("metadata", {}):
-            old.metadata[RUN_KEY] = kw["metadata"][RUN_KEY]
+        if run is not None:
+            old.metadata[RUN_KEY] = run
         mark_result(old)
         return old.name, why
     # napari names a layer "name [1]" when "name" is taken
     # marked from the start: panels that list input images hear of it while it is added
-    kw = dict(kw)
-    mark = {**kw.pop("metadata", {}), RESULT_KEY: _checksum(data)}
+    mark = {RESULT_KEY: _checksum(data), **({RUN_KEY: run} if run is not None else {})}
     layer = getattr(viewer, f"add_{kind}")(data, name=name, metadata=mark, **kw, **style)
     if layer.data is not data:  # napari converted it: mark what the layer holds
         mark_result(layer)

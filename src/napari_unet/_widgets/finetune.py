@@ -1,7 +1,7 @@
 """Fine-tune panel: paint where the model is wrong, retrain in a worker, watch, repeat.
 
 The panel only wires napari to the core: annotations become
-:func:`~napari_unet.core.finetune.painted_planes`, a run is
+:func:`~napari_unet.core.painted.painted_planes`, a run is
 :func:`~napari_unet.core.finetune.finetune_iter` with ``TrainConfig.finetune``,
 and every finished run is a new entry of
 :class:`~napari_unet.core.versions.ModelVersions` (the base is never changed).
@@ -33,7 +33,8 @@ from napari_unet._widgets._results import (
 )
 from napari_unet._widgets._train_form import TrainForm
 from napari_unet._widgets._versions import VersionControls, record_save
-from napari_unet.core.finetune import Collected, Finished, Preview
+from napari_unet.core.finetune import Finished, Preview
+from napari_unet.core.painted import Collected
 
 
 class FinetunePanel(AnnotationControls, VersionControls, WorkerPanel):
@@ -94,7 +95,7 @@ class FinetunePanel(AnnotationControls, VersionControls, WorkerPanel):
 
     def collect(self, model):
         """Painted planes of every annotation layer (all images), checked."""
-        from napari_unet.core.finetune import collect_planes
+        from napari_unet.core.painted import collect_planes
 
         planes, unpainted, collected = collect_planes(model, self.annotation_pairs(model))
         return planes, unpainted, collected.painted

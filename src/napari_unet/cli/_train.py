@@ -101,7 +101,8 @@ def cmd_train(args) -> int:
             return 130
         saving.set()
         # named after its file: it is no longer the model it was trained from
-        model = result.with_info(name=Path(args.output).stem, provenance=_files(args, result))
+        provenance = {**result.info.provenance, **_files(args)}
+        model = result.with_info(name=Path(args.output).stem, provenance=provenance)
         rescued = _save_or_rescue(model, Path(args.output))
     _report(result, args, config.seed, stop.is_set(), saved=not rescued)
     if rescued:
@@ -140,15 +141,16 @@ def _labels(paths) -> list:
     return [np.asarray(read_image(p)) for p in paths]
 
 
-def _files(args, result) -> dict:
-    """The provenance with every file the run read, by name: the labels, the unlabelled
-    and validation images (``training_data`` names the images)."""
+def _files(args) -> dict:
+    """Every file the run reads, by name, as its provenance records them (the images are
+    its ``training_data``); an empty list is left out."""
     files = {
+        "training_data": _names(args.images),
         "labels": _names(args.labels),
         "unlabelled_data": _names(args.unlabelled),
         "validation_data": _names([*args.val_images, *args.val_labels]),
     }
-    return {**result.info.provenance, **{k: v for k, v in files.items() if v}}
+    return {k: v for k, v in files.items() if v}
 
 
 def _warn_other_files(args, recorded: dict) -> None:
@@ -156,13 +158,9 @@ def _warn_other_files(args, recorded: dict) -> None:
     run of this command: the panel records its painted planes, not files)."""
     if "labels" not in recorded:
         return
-    given = {
-        "training_data": _names(args.images),
-        "labels": _names(args.labels),
-        "unlabelled_data": _names(args.unlabelled),
-    }
-    for key, names in given.items():
-        was = str(recorded.get(key, ""))
+    given = _files(args)
+    for key in ("training_data", "labels", "unlabelled_data"):
+        was, names = str(recorded.get(key, "")), given.get(key, "")
         if was != names:
             print(
                 f"warning: {args.settings_from} was trained with {key.replace('_', ' ')} "

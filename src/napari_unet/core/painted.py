@@ -1,0 +1,179 @@
+"""The user's paint as training planes: image / annotation pairs of any dimension cut
+into the 2D planes that carry paint, and checked for what cannot train.
+
+A user paints sparse strokes (``0`` = not annotated, ``k`` = class ``k - 1``)
+on one or more planes of one or more images (or pairs instance masks with them).
+:func:`painted_planes` cuts the planes, :func:`check_annotations` refuses nothing
+painted, a single class or labels the model has no class for, and
+:func:`collect_planes` does both for a fine-tuning run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from napari_unet.core.axes import resolve_axes
+from napari_unet.core.targets import DEFAULT_CONVENTION, renumbered, to_target
+from napari_unet.model.info import LoadedModel
+
+
+@dataclass
+class PaintedPlane:
+    """One 2D plane with paint: ``image`` is ``(Y, X)`` or ``(C, Y, X)``."""
+
+    image: np.ndarray
+    annotation: np.ndarray
+    source: str  # e.g. "nuclei [t=3]"
+
+
+def painted_planes(
+    pairs: Sequence[tuple],
+    in_channels: int,
+    axes: str | None = None,
+    num_classes: int = 3,
+    convention: tuple[int, float] = DEFAULT_CONVENTION,
+) -> tuple[list[PaintedPlane], list[np.ndarray]]:
+    """Split ``(image, annotation, name[, kind[, axes]])`` pairs into painted 2D planes.
+
+    The annotation has the image's shape without its channel axis. A pair's ``axes``
+    (e.g. ``"CZYX"``) override ``axes`` (default: guessed from the shape). ``kind`` is
+    ``"sparse"`` (default: ``0`` = not annotated, ``k`` = class ``k - 1``) or
+    ``"instances"`` (a dense instance mask, ``0`` = background: its non-empty planes
+    become background / interior / boundary paint covering the whole plane, drawn
+    with ``convention`` = ``(boundary_width, core_fraction)``, the base model's
+    own: :func:`napari_unet.core.targets.convention`).
+    Returns the painted planes and the unpainted planes of the same images (at
+    most 16), which the fine-tuning uses to re-estimate normalisation statistics.
+    """
+
+    planes, unpainted = [], []
+    for pair in pairs:
+        image, annotation, name, kind, ax = _checked_pair(pair, axes, in_channels)
+        spatial_axes = [a for a in ax.axes if a != "C"]
+        full = (slice(None), slice(None))
+        for lead in np.ndindex(*ax.leading_shape):
+            paint = _paint(annotation, lead, spatial_axes, kind, num_classes, convention)
+            if paint.any() or len(unpainted) < 16:
+                plane = ax.read(image, lead, *full)
+                plane = plane[0] if plane.shape[0] == 1 else plane
+            source = f"{name} {list(lead)}" if lead else name
+            if paint.any():
+                if not _finite(plane):  # (said later, it named no image of several)
+                    raise ValueError(
+                        f"{source}: the image contains NaN or infinite values; fix or mask "
+                        "them first"
+                    )
+                planes.append(PaintedPlane(plane, paint, source))
+            elif len(unpainted) < 16 and _finite(plane):  # (for statistics only)
+                unpainted.append(plane)
+    return planes, unpainted
+
+
+def _finite(plane: np.ndarray) -> bool:
+    return plane.dtype.kind != "f" or bool(np.isfinite(plane).all())
+
+
+def _checked_pair(pair: tuple, axes: str | None, in_channels: int):
+    """``(image, annotation, name, kind, axes)`` of a pair, its annotation checked."""
+    image, annotation, name = pair[:3]
+    kind = pair[3] if len(pair) > 3 else "sparse"
+    if kind not in ("sparse", "instances"):
+        raise ValueError(f"annotation kind must be 'sparse' or 'instances', got {kind!r}")
+    # a lazy image (dask, zarr) stays lazy: only the painted planes and a few unpainted
+    # ones are read (np.asarray read a whole 150-plane stack for one painted plane)
+    image = image if hasattr(image, "shape") and hasattr(image, "dtype") else np.asarray(image)
+    annotation = np.asarray(annotation)
+    ax = resolve_axes(image.shape, pair[4] if len(pair) > 4 else axes, in_channels)
+    spatial = tuple(s for s, a in zip(image.shape, ax.axes) if a != "C")
+    if annotation.shape != spatial:
+        raise ValueError(
+            f"annotations of {name!r} have shape {annotation.shape} but the image's "
+            f"pixels are {spatial}: paint on a layer made for this image"
+        )
+    if annotation.dtype.kind not in "uib":
+        raise ValueError(f"annotations must be integer labels, got {annotation.dtype}")
+    if annotation.size and annotation.min() < 0:
+        raise ValueError(f"annotations of {name!r} contain negative labels")
+    return image, annotation, name, kind, ax
+
+
+def _paint(annotation, lead: tuple, spatial_axes: list, kind: str, num_classes: int, convention):
+    """The ``(Y, X)`` paint of one plane (``0`` = not painted, ``k`` = class ``k - 1``)."""
+    it = iter(lead)
+    index = tuple(slice(None) if a in "YX" else next(it) for a in spatial_axes)
+    paint = np.asarray(annotation[index])
+    if spatial_axes.index("X") < spatial_axes.index("Y"):
+        paint = paint.T
+    if kind == "instances" and paint.any():
+        # ids renumbered 1..n first, as training does (ids like 3e9 made per-id
+        # tables of tens of GB; above 2**63 they failed)
+        paint = to_target(renumbered(paint), "instances", num_classes, *convention) + 1
+        paint = paint.astype(np.uint8)
+    return paint
+
+
+def check_annotations(planes: Sequence[PaintedPlane], classes: Sequence[str]) -> dict:
+    """Refuse annotations that cannot train; return painted pixels per class name."""
+    if not planes:
+        raise ValueError(
+            "nothing is painted yet: paint a few strokes of each class on the annotation layer"
+        )
+    k = len(classes)
+    if k < 2:
+        raise ValueError(
+            f"this model has {k} output class{'es' if k != 1 else ''} "
+            f"({', '.join(classes) or 'none'}); fine-tuning paints and trains at least two "
+            "(e.g. background and foreground): load a model with two or more classes"
+        )
+    counts = np.zeros(k + 1, np.int64)
+    for p in planes:
+        top = int(p.annotation.max())
+        if top > k:
+            raise ValueError(
+                f"label {top} is painted on {p.source} but the model has {k} classes "
+                f"(labels 1..{k}: {', '.join(classes)}); a mask with one value per object "
+                "trains as instance masks (fine-tune panel: 'as instance masks')"
+            )
+        counts += np.bincount(p.annotation.ravel().astype(np.int64), minlength=k + 1)
+    painted = {classes[i]: int(counts[i + 1]) for i in range(k) if counts[i + 1]}
+    if len(painted) < 2:
+        only = next(iter(painted))
+        raise ValueError(
+            f"only {only!r} is painted: paint at least two classes (e.g. some "
+            f"{[c for c in classes if c != only][0]!r} too), or the model learns one answer"
+        )
+    return painted
+
+
+@dataclass
+class Collected:
+    """The annotations a fine-tuning run found (the first thing it reports)."""
+
+    planes: int
+    painted: dict  # painted pixels per class name
+    data_name: str  # what the provenance calls the training data
+
+    @property
+    def what(self) -> str:
+        """``"120 px background, 80 px interior"``."""
+        return ", ".join(f"{v} px {k}" for k, v in self.painted.items())
+
+
+def collect_planes(model: LoadedModel, pairs: Sequence[tuple]):
+    """Painted planes, unpainted planes, painted pixels per class and a description of
+    ``(image, annotation, name, kind)`` pairs, checked as fine-tuning ``model`` needs."""
+    from napari_unet.core.targets import convention
+
+    planes, unpainted = painted_planes(
+        pairs,
+        model.info.in_channels,
+        num_classes=model.info.num_classes,
+        convention=convention(model.info),
+    )
+    collected = Collected(len(planes), check_annotations(planes, model.info.classes), "")
+    sources = "; ".join(sorted({p.source for p in planes}))
+    collected.data_name = f"{len(planes)} painted plane(s) ({collected.what}): {sources}"
+    return planes, unpainted, collected
