@@ -31,6 +31,7 @@ from train_nuclei import build, parser  # noqa: E402
 
 from napari_unet.core import samples as samples_mod  # noqa: E402
 from napari_unet.core import training  # noqa: E402
+from napari_unet.core.loss import loss_fn  # noqa: E402
 from napari_unet.io.files import save_model  # noqa: E402
 from napari_unet.model import UNet  # noqa: E402
 
@@ -82,7 +83,7 @@ def main() -> None:
     net = UNet(dataclasses.replace(arch, num_classes=5)).to(memory_format=torch.channels_last)
 
     def loss(out, target, weights, flow):
-        ce = loss.loss_fn(out[:, :3], target, weights)
+        ce = loss_fn(out[:, :3], target, weights)
         lf = flow_term(out[:, 3:], flow, target >= 0)
         return ce + args.flow_weight * lf, float(ce.detach()), float(lf.detach())
 
