@@ -32,6 +32,7 @@ from _shared_data import (
 
 from napari_unet.core.augment import AugmentConfig
 from napari_unet.core.training import TrainConfig, train_iter
+from napari_unet.io.bioimageio.unet2d import load_unet2d
 from napari_unet.model import UNet, UNetConfig
 from napari_unet.model.info import wrap_unet
 
@@ -39,15 +40,30 @@ CLASSES = ["background", "interior", "boundary"]
 
 
 def build(args) -> tuple:
-    arch = UNetConfig(
-        in_channels=1, num_classes=3, depth=4, base_width=args.width, padding="same", norm="batch"
-    )
     torch.manual_seed(args.seed)
+    if getattr(args, "init_unet2d", None):  # the package's features, a new 3-class head
+        net = load_unet2d(args.init_unet2d, len(CLASSES))
+        # the package's preprocessing; named as the network trained from
+        base = {
+            "normalization": {"mode": "zscore", "eps": 1e-6},
+            "source": str(Path(args.init_unet2d).parent),
+        }
+    else:
+        arch = UNetConfig(
+            in_channels=1,
+            num_classes=3,
+            depth=4,
+            base_width=args.width,
+            padding="same",
+            norm="batch",
+        )
+        net = UNet(arch)
+        base = {"normalization": {"mode": "percentile", "low": 1.0, "high": 99.8}}
     model = wrap_unet(
-        UNet(arch),
+        net,
         name="nuclei",
         classes=CLASSES,
-        normalization={"mode": "percentile", "low": 1.0, "high": 99.8},
+        **base,
         instances={
             "method": "watershed",
             "seed": 1,
@@ -103,6 +119,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--contact-w0", type=float, default=0.0, help="weight where nuclei touch")
     p.add_argument("--shift", type=float, help="intensity shift range (default: 0.25)")
     p.add_argument("--zoom", type=float, default=0.3, help="random zoom range")
+    p.add_argument(
+        "--init-unet2d",
+        help="start from a bioimage.io unet2d package's TorchScript weights (weights.pt), "
+        "e.g. ../shared/models/bioimageio/unet2d_nuclei_broad/weights.pt, with a new head",
+    )
     p.add_argument(
         "--magnification-scale",
         action="store_true",

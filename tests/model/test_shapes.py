@@ -49,6 +49,13 @@ def test_same_padding_halo_equals_structural_receptive_field(depth):
     assert unet_geometry(depth, "same").halo == structural_halo(config)
 
 
+@pytest.mark.parametrize("depth", [1, 2, 3, 4])
+def test_bilinear_halo_equals_structural_receptive_field(depth):
+    config = UNetConfig(depth=depth, padding="same", upsample="bilinear", relu="last")
+    assert UNet(config).geometry.halo == structural_halo(config)
+    assert UNet(config).geometry.halo > unet_geometry(depth, "same").halo
+
+
 @pytest.mark.parametrize("depth", [1, 2, 3])
 def test_valid_halo_is_half_the_trimmed_border(depth):
     g = unet_geometry(depth, "valid")

@@ -92,3 +92,22 @@ def test_for_inference_never_moves_or_changes_the_callers_unet(norm):
     fast = for_inference(net, torch.device("cpu"))
     with torch.no_grad():
         torch.testing.assert_close(fast(x.contiguous(memory_format=torch.channels_last)), ref)
+
+
+def test_bilinear_last_relu_options_change_the_network():
+    base = UNet(UNetConfig(depth=2, base_width=4, padding="same", norm="none"))
+    bilinear = UNet(
+        UNetConfig(
+            depth=2, base_width=4, padding="same", norm="none", upsample="bilinear", relu="last"
+        )
+    )
+    assert isinstance(base.dec0.up, torch.nn.ConvTranspose2d)
+    assert isinstance(bilinear.dec0.up[0], torch.nn.Upsample)
+    relus = [m for m in bilinear.enc0 if isinstance(m, torch.nn.ReLU)]
+    assert len(relus) == 1 and bilinear.enc0[-1] is relus[0]
+    x = torch.rand(1, 1, 32, 32)
+    assert bilinear(x).shape == base(x).shape == (1, 2, 32, 32)
+    with pytest.raises(ValueError, match="bilinear up-sampling needs padding 'same'"):
+        UNetConfig(padding="valid", upsample="bilinear")
+    with pytest.raises(ValueError, match="relu must be one of"):
+        UNetConfig(relu="none")

@@ -24,17 +24,25 @@ class DoubleConv(nn.Sequential):
 
     With ``padding="valid"`` each convolution trims one pixel per side, so the
     block maps ``(N, C_in, H, W)`` to ``(N, C_out, H - 4, W - 4)`` as in the paper.
-    With ``padding="same"`` the size is kept.
+    With ``padding="same"`` the size is kept. ``relu="last"`` leaves out the ReLU
+    between the two convolutions (bioimage.io's ``unet2d`` blocks).
     """
 
     def __init__(
-        self, c_in: int, c_out: int, padding: str, norm: str, dropout: float = 0.0
+        self,
+        c_in: int,
+        c_out: int,
+        padding: str,
+        norm: str,
+        dropout: float = 0.0,
+        relu: str = "each",
     ) -> None:
         pad = 0 if padding == "valid" else 1
+        inner = [nn.ReLU(inplace=True)] if relu == "each" else []
         layers: list[nn.Module] = [
             nn.Conv2d(c_in, c_out, 3, padding=pad, bias=norm == "none"),
             _norm(norm, c_out),
-            nn.ReLU(inplace=True),
+            *inner,
             nn.Conv2d(c_out, c_out, 3, padding=pad, bias=norm == "none"),
             _norm(norm, c_out),
             nn.ReLU(inplace=True),
@@ -47,8 +55,10 @@ class DoubleConv(nn.Sequential):
 class Down(nn.Sequential):
     """2x2 max-pool (stride 2) then a :class:`DoubleConv`: ``H -> H / 2 (- 4)``."""
 
-    def __init__(self, c_in: int, c_out: int, padding: str, norm: str, dropout: float) -> None:
-        super().__init__(nn.MaxPool2d(2), DoubleConv(c_in, c_out, padding, norm, dropout))
+    def __init__(
+        self, c_in: int, c_out: int, padding: str, norm: str, dropout: float, relu: str = "each"
+    ) -> None:
+        super().__init__(nn.MaxPool2d(2), DoubleConv(c_in, c_out, padding, norm, dropout, relu))
 
 
 def center_crop(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
@@ -63,13 +73,29 @@ class Up(nn.Module):
 
     ``forward(x, skip)`` takes the deeper map ``x`` ``(N, C_in, h, w)`` and the
     encoder map ``skip`` ``(N, C_in / 2, H, W)`` with ``H >= 2h``; the skip is
-    centre-cropped to ``2h`` (a no-op for same padding).
+    centre-cropped to ``2h`` (a no-op for same padding). ``upsample="bilinear"``
+    up-samples bilinearly and halves the channels by a 1x1 convolution instead
+    (bioimage.io's ``unet2d``; same padding only).
     """
 
-    def __init__(self, c_in: int, c_out: int, padding: str, norm: str, dropout: float) -> None:
+    def __init__(
+        self,
+        c_in: int,
+        c_out: int,
+        padding: str,
+        norm: str,
+        dropout: float,
+        relu: str = "each",
+        upsample: str = "transpose",
+    ) -> None:
         super().__init__()
-        self.up = nn.ConvTranspose2d(c_in, c_in // 2, 2, stride=2)
-        self.conv = DoubleConv(c_in // 2 + c_out, c_out, padding, norm, dropout)
+        if upsample == "bilinear":
+            self.up = nn.Sequential(
+                nn.Upsample(scale_factor=2.0, mode="bilinear"), nn.Conv2d(c_in, c_in // 2, 1)
+            )
+        else:
+            self.up = nn.ConvTranspose2d(c_in, c_in // 2, 2, stride=2)
+        self.conv = DoubleConv(c_in // 2 + c_out, c_out, padding, norm, dropout, relu)
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
         x = self.up(x)

@@ -125,8 +125,9 @@ def _unet_sizes_ok(n: int, depth: int, valid: bool) -> bool:
     return True
 
 
-def unet_geometry(depth: int, padding: str) -> Geometry:
-    """Geometry of :class:`~napari_unet.model.unet.UNet` with this depth and padding."""
+def unet_geometry(depth: int, padding: str, upsample: str = "transpose") -> Geometry:
+    """Geometry of :class:`~napari_unet.model.unet.UNet` with this depth, padding and
+    up-sampling."""
     m = 2**depth
     valid = padding == "valid"
     offset = (4 * (m - 1)) % m if valid else 0
@@ -140,4 +141,6 @@ def unet_geometry(depth: int, padding: str) -> Geometry:
     # reaches 2 pixels further from depth 2 on (checked against the structural
     # receptive field in tests/model/test_shapes.py).
     halo = 6 * m - 4 if valid else 6 * m - 4 + (2 if depth >= 2 else 0)
+    if upsample == "bilinear":  # interpolation reaches further (structural: m more)
+        halo += m
     return Geometry(multiple=m, offset=offset, min_input=n, shrink=shrink, halo=halo)

@@ -23,6 +23,8 @@ from napari_unet.model.shapes import Geometry, unet_geometry
 
 PADDINGS = ("valid", "same")
 NORMS = ("none", "batch", "group")
+UPSAMPLES = ("transpose", "bilinear")
+RELUS = ("each", "last")
 
 
 @dataclass(frozen=True)
@@ -30,7 +32,11 @@ class UNetConfig:
     """Architecture of a :class:`UNet`.
 
     The paper's network is ``UNetConfig(in_channels=1, num_classes=2, depth=4,
-    base_width=64, padding="valid", norm="none")``.
+    base_width=64, padding="valid", norm="none")``. bioimage.io's ``unet2d``
+    (``unet2d_nuclei_broad``) is ``depth=3, base_width=16, padding="same",
+    norm="none", upsample="bilinear", relu="last"``: bilinear up-sampling and a 1x1
+    convolution in place of the 2x2 up-convolution, and no ReLU between the two
+    convolutions of a block.
     """
 
     in_channels: int = 1
@@ -40,12 +46,20 @@ class UNetConfig:
     padding: str = "valid"
     norm: str = "batch"
     dropout: float = 0.0
+    upsample: str = "transpose"
+    relu: str = "each"
 
     def __post_init__(self) -> None:
-        if self.padding not in PADDINGS:
-            raise ValueError(f"padding must be one of {PADDINGS}, got {self.padding!r}")
-        if self.norm not in NORMS:
-            raise ValueError(f"norm must be one of {NORMS}, got {self.norm!r}")
+        for name, allowed in (
+            ("padding", PADDINGS),
+            ("norm", NORMS),
+            ("upsample", UPSAMPLES),
+            ("relu", RELUS),
+        ):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if self.upsample == "bilinear" and self.padding != "same":
+            raise ValueError("bilinear up-sampling needs padding 'same'")
         # bounds: a configuration read from a file is built (base_width 2**40 overflowed
         # the allocator instead of being refused)
         limits = {"in_channels": 1024, "num_classes": 1024, "depth": 8, "base_width": 1024}
@@ -88,18 +102,20 @@ class UNet(nn.Module):
         self.config = config if config is not None else UNetConfig(**kwargs)
         c = self.config
         widths = [c.base_width * 2**i for i in range(c.depth + 1)]
-        self.enc0 = DoubleConv(c.in_channels, widths[0], c.padding, c.norm)
+        self.enc0 = DoubleConv(c.in_channels, widths[0], c.padding, c.norm, 0.0, c.relu)
         for i in range(1, c.depth):
-            self.add_module(f"enc{i}", Down(widths[i - 1], widths[i], c.padding, c.norm, 0.0))
-        self.bottleneck = Down(widths[-2], widths[-1], c.padding, c.norm, c.dropout)
+            down = Down(widths[i - 1], widths[i], c.padding, c.norm, 0.0, c.relu)
+            self.add_module(f"enc{i}", down)
+        self.bottleneck = Down(widths[-2], widths[-1], c.padding, c.norm, c.dropout, c.relu)
         for i in reversed(range(c.depth)):
-            self.add_module(f"dec{i}", Up(widths[i + 1], widths[i], c.padding, c.norm, 0.0))
+            up = Up(widths[i + 1], widths[i], c.padding, c.norm, 0.0, c.relu, c.upsample)
+            self.add_module(f"dec{i}", up)
         self.head = nn.Conv2d(widths[0], c.num_classes, 1)
 
     @property
     def geometry(self) -> Geometry:
         """Accepted sizes, output size and halo of this network."""
-        return unet_geometry(self.config.depth, self.config.padding)
+        return unet_geometry(self.config.depth, self.config.padding, self.config.upsample)
 
     @property
     def stage_names(self) -> list[str]:
