@@ -83,3 +83,13 @@ def test_the_real_package_weights_compute_the_same():
     x = torch.randn(1, 1, 128, 96)
     with torch.no_grad():
         assert torch.allclose(net(x), scripted(x), atol=1e-4)
+
+
+def test_the_card_names_the_unet2d_differences():
+    from napari_unet.model.info import wrap_unet
+
+    card = wrap_unet(unet_from_unet2d(UNet2d(depth=2).state_dict())).info.card()
+    assert "depth 2, base width 4, same padding, none norm, bilinear up-sampling, " in card
+    assert "one ReLU per block" in card
+    plain = wrap_unet(UNet()).info.card()
+    assert "bilinear" not in plain and "ReLU" not in plain

@@ -113,9 +113,14 @@ class ModelInfo:
             lines.append(f"fixed input:   {self.fixed_input[0]} x {self.fixed_input[1]}")
         if self.architecture:
             a = self.architecture
+            extra = {
+                ("upsample", "bilinear"): ", bilinear up-sampling",
+                ("relu", "last"): ", one ReLU per block",
+            }
             lines.append(
                 f"architecture:  U-Net depth {a.get('depth')}, base width {a.get('base_width')}, "
                 f"{a.get('padding')} padding, {a.get('norm')} norm"
+                + "".join(text for (k, v), text in extra.items() if a.get(k) == v)
             )
         if self.pixel_size:
             lines.append(f"pixel size:    {self.pixel_size}")
