@@ -93,3 +93,21 @@ def test_the_card_names_the_unet2d_differences():
     assert "one ReLU per block" in card
     plain = wrap_unet(UNet()).info.card()
     assert "bilinear" not in plain and "ReLU" not in plain
+
+
+@pytest.mark.parametrize("depth", [2, 3])
+@pytest.mark.parametrize(("h", "w", "tile"), [(70, 90, 32), (61, 47, 40), (130, 33, None)])
+def test_a_unet2d_network_tiles_seamlessly(depth, h, w, tile):
+    """Bilinear up-sampling is shift-equivariant on the tile grid: tiles add up to one
+    pass over the mirrored image (the halo itself: test_shapes' structural check)."""
+    import numpy as np
+
+    from conftest import one_pass
+    from napari_unet.core.tiling import predict
+    from napari_unet.model.info import wrap_unet
+
+    torch.manual_seed(depth)
+    model = wrap_unet(unet_from_unet2d(UNet2d(cout=2, depth=depth).state_dict()))
+    image = np.random.default_rng(h).random((h, w), dtype=np.float32) * 100
+    tiled = predict(image, model, tile=tile, device="cpu")
+    np.testing.assert_allclose(tiled, one_pass(image[None], model), atol=1e-5)
