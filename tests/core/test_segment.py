@@ -186,6 +186,21 @@ def test_min_size_counts_pixels_of_the_image_not_of_the_rescaled_one():
     assert found == {3, 4}
 
 
+def test_min_size_is_exact_in_the_image_pixels_when_rescaled():
+    """Rounded into the rescaled image's pixels, min_size 30 kept a 29 px object."""
+    image, _ = disks(radii=(3, 4, 5, 6))
+    model = bright_model(24.0)
+    every = run(image, model, diameter=8)
+    areas = sorted(np.bincount(every.ravel())[1:].tolist())
+    assert len(areas) == 4
+    for limit in sorted(set(areas)):  # an object's own area keeps it, one pixel more drops it
+        for least in (limit, limit + 1):
+            kept = run(image, model, diameter=8, min_size=least)
+            assert sorted(np.bincount(kept.ravel())[1:].tolist()) == [
+                a for a in areas if a >= least
+            ]
+
+
 def test_diameter_needs_a_model_that_records_its_object_size():
     image, _ = disks()
     with pytest.raises(ValueError, match="records no object diameter"):

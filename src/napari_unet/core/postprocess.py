@@ -247,6 +247,14 @@ def drop_unsure(lab: np.ndarray, confidence: np.ndarray, min_confidence: float) 
     return np.where(unsure[lab], 0, lab)
 
 
+def remove_small(lab: np.ndarray, min_size: int) -> np.ndarray:
+    """``lab`` (instances, any shape) without the objects under ``min_size`` pixels,
+    numbered 1..n again (int32)."""
+    from skimage.segmentation import relabel_sequential
+
+    return relabel_sequential(_remove_small(lab, min_size))[0].astype(np.int32)
+
+
 def _remove_small(lab: np.ndarray, min_size: int) -> np.ndarray:
     if min_size <= 1 or lab.max() == 0:
         return lab

@@ -249,19 +249,30 @@ def segment_at_iter(image, model, options: SegmentOptions, factor: float):
     # the small image has the same axes (guessing them again from its shape can differ)
     options = replace(options, axes=ax.axes)
     order = 1 if options.mode == "probabilities" else 0
-    min_size = int(round(options.min_size * factor**2))
+    # objects are measured at the image's size, after resampling (rounded into the small
+    # image's pixels, min_size 30 kept a 29 px object)
+    least, options = options.min_size, replace(options, min_size=0)
     if options.region is None:
-        result = yield from _segment(small, model, replace(options, min_size=min_size))
-        return _resize_yx(result, ax.yx, order)
+        result = yield from _segment(small, model, options)
+        return _at_least(_resize_yx(result, ax.yx, order), options.mode, least)
     # a region: the pixels of the small image that the region's pixels are sampled from
     # (plus one for interpolation), sampled back exactly as a whole-image result would be
     n = (small.shape[ax.axes.index("Y")], small.shape[ax.axes.index("X")])
     y0, y1, x0, x1 = options.region
     ys, xs = _small_span(y0, y1, ax.yx[0], n[0]), _small_span(x0, x1, ax.yx[1], n[1])
-    options = replace(options, region=(*ys, *xs), min_size=min_size)
+    options = replace(options, region=(*ys, *xs))
     result = yield from _segment(small, model, options)
     result = _sample_axis(result, -2, y0, y1, ax.yx[0], n[0], ys[0], order)
-    return _sample_axis(result, -1, x0, x1, ax.yx[1], n[1], xs[0], order)
+    return _at_least(
+        _sample_axis(result, -1, x0, x1, ax.yx[1], n[1], xs[0], order), options.mode, least
+    )
+
+
+def _at_least(result: np.ndarray, mode: str, min_size: int) -> np.ndarray:
+    """Instances without the objects under ``min_size`` pixels, numbered anew."""
+    if mode != "instances" or min_size <= 1:
+        return result
+    return postprocess.remove_small(result, min_size)
 
 
 def _small_coordinate(y, full: int, small: int):
