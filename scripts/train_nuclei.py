@@ -41,7 +41,7 @@ CLASSES = ["background", "interior", "boundary"]
 
 def build(args) -> tuple:
     torch.manual_seed(args.seed)
-    if getattr(args, "init_unet2d", None):  # the package's features, a new 3-class head
+    if args.init_unet2d:  # the package's features, a new 3-class head
         net = load_unet2d(args.init_unet2d, len(CLASSES))
         # the package's preprocessing; named as the network trained from
         base = {

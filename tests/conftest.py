@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,6 +12,15 @@ import torch
 from napari_unet.core import normalize as norm
 from napari_unet.model import UNet, UNetConfig
 from napari_unet.model.info import wrap_unet
+
+# the real bioimage.io package of ../shared (tests that need it skip without it)
+REAL_PACKAGE = Path(__file__).resolve().parents[1].parent / (
+    "shared/models/bioimageio/unet2d_nuclei_broad"
+)
+needs_real_package = pytest.mark.skipif(
+    not (REAL_PACKAGE / "bioimageio.yaml").is_file(),
+    reason="real bioimage.io package not found at ../shared/models/bioimageio/unet2d_nuclei_broad",
+)
 
 
 @functools.cache

@@ -12,7 +12,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import tiny_model
+from conftest import REAL_PACKAGE, needs_real_package, tiny_model
 from napari_unet.cli import main
 from napari_unet.core import normalize as norm
 from napari_unet.core.tiling import predict
@@ -25,11 +25,7 @@ from napari_unet.io.bioimageio import (
     run_test_tensors,
 )
 
-REAL = Path(__file__).resolve().parents[2].parent / "shared/models/bioimageio/unet2d_nuclei_broad"
-needs_real = pytest.mark.skipif(
-    not (REAL / "bioimageio.yaml").is_file(),
-    reason="real bioimage.io package not found at ../shared/models/bioimageio/unet2d_nuclei_broad",
-)
+REAL, needs_real = REAL_PACKAGE, needs_real_package
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -1,16 +1,13 @@
 """bioimage.io's unet2d weights as a project U-Net (io/bioimageio/unet2d.py)."""
 
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from conftest import REAL_PACKAGE, needs_real_package
 from napari_unet.io.bioimageio.unet2d import unet2d_config, unet_from_unet2d
 from napari_unet.model import UNet
-
-REAL = Path(__file__).resolve().parents[2].parent / "shared/models/bioimageio/unet2d_nuclei_broad"
 
 
 def _block(ci, co):
@@ -72,12 +69,9 @@ def test_other_weights_are_refused():
         unet_from_unet2d(state)
 
 
-@pytest.mark.skipif(
-    not (REAL / "weights.pt").is_file(),
-    reason="real bioimage.io package not found at ../shared/models/bioimageio/unet2d_nuclei_broad",
-)
+@needs_real_package
 def test_the_real_package_weights_compute_the_same():
-    scripted = torch.jit.load(str(REAL / "weights.pt"), map_location="cpu").eval()
+    scripted = torch.jit.load(str(REAL_PACKAGE / "weights.pt"), map_location="cpu").eval()
     net = unet_from_unet2d(scripted.state_dict())
     assert net.config.depth == 3 and net.config.base_width == 16
     x = torch.randn(1, 1, 128, 96)

@@ -249,9 +249,11 @@ def drop_unsure(lab: np.ndarray, confidence: np.ndarray, min_confidence: float) 
 
 def remove_small(lab: np.ndarray, min_size: int) -> np.ndarray:
     """``lab`` (instances, any shape) without the objects under ``min_size`` pixels,
-    numbered 1..n again (int32)."""
+    numbered 1..n again (int32); as it is where ``min_size`` removes nothing."""
     from skimage.segmentation import relabel_sequential
 
+    if min_size <= 1:
+        return lab
     return relabel_sequential(_remove_small(lab, min_size))[0].astype(np.int32)
 
 

@@ -270,9 +270,7 @@ def segment_at_iter(image, model, options: SegmentOptions, factor: float):
 
 def _at_least(result: np.ndarray, mode: str, min_size: int) -> np.ndarray:
     """Instances without the objects under ``min_size`` pixels, numbered anew."""
-    if mode != "instances" or min_size <= 1:
-        return result
-    return postprocess.remove_small(result, min_size)
+    return postprocess.remove_small(result, min_size) if mode == "instances" else result
 
 
 def _small_coordinate(y, full: int, small: int):

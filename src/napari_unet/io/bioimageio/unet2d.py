@@ -18,7 +18,7 @@ import torch
 
 from napari_unet.model import UNet, UNetConfig
 
-_ENCODER = re.compile(r"encoders\.(\d+)\.0\.weight")
+_ENCODER = re.compile(r"encoders\.\d+\.0\.weight")
 
 
 def unet2d_config(state: dict[str, torch.Tensor]) -> UNetConfig:
@@ -70,16 +70,17 @@ def unet_from_unet2d(state: dict[str, torch.Tensor], num_classes: int | None = N
     the network for other classes from the package's features.
     """
     config = unet2d_config(state)
+    new_head = num_classes not in (None, config.num_classes)
     try:
         renamed = {_renamed(k, config.depth): v for k, v in state.items()}
-        if num_classes not in (None, config.num_classes):
+        if new_head:
             config = replace(config, num_classes=num_classes)
             renamed = {k: v for k, v in renamed.items() if not k.startswith("head.")}
         net = UNet(config)
         missing, unexpected = net.load_state_dict(renamed, strict=False)
     except (KeyError, IndexError, ValueError, RuntimeError) as e:
         raise ValueError(f"these weights are not bioimage.io's unet2d: {e}") from None
-    if unexpected or set(missing) - ({"head.weight", "head.bias"} - set(renamed)):
+    if unexpected or set(missing) != ({"head.weight", "head.bias"} if new_head else set()):
         raise ValueError(
             "these weights are not bioimage.io's unet2d: "
             f"missing {sorted(missing)}, unexpected {sorted(unexpected)}"
