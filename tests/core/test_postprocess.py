@@ -86,6 +86,26 @@ def test_object_scores_counts():
     assert metrics.pixel_iou(true > 0, pred > 0) == 20 / (50 + 16)
 
 
+def test_pooled_f1_interval_resamples_images_within_their_strata():
+    # identical images: every resample has the same pooled F1
+    assert metrics.pooled_f1_interval([(8, 2, 2)] * 5) == pytest.approx((0.8, 0.8))
+    # one perfect and one poor image per stratum: resamples range from both poor (F1 0.2,
+    # 1 in 16) to both perfect (1.0, 1 in 16), and the interval holds the pooled F1
+    counts = [(10, 0, 0), (2, 8, 8), (10, 0, 0), (2, 8, 8)]
+    lo, hi = metrics.pooled_f1_interval(counts, strata=["a", "a", "b", "b"], level=0.8)
+    pooled = 2 * 24 / (2 * 24 + 16 + 16)
+    assert 0.2 < lo < pooled < hi < 1
+    # kept within strata: stratum "a" always contributes its one image, so with a perfect
+    # "a" and a failed "b" every resample pools the same counts
+    lo, hi = metrics.pooled_f1_interval([(10, 0, 0), (0, 10, 10)], strata=["a", "b"])
+    assert lo == hi == pytest.approx(0.5)
+    assert metrics.pooled_f1_interval(counts, seed=3) == metrics.pooled_f1_interval(counts, seed=3)
+    with pytest.raises(ValueError, match="strata"):
+        metrics.pooled_f1_interval(counts, strata=["a"])
+    with pytest.raises(ValueError, match="no images"):
+        metrics.pooled_f1_interval([])
+
+
 def test_matching_keeps_a_pair_at_the_threshold_over_two_crossed_pairs_below_it():
     # IoU(t1, p1) = 0.5 exactly; the crossed pairs (t1, p2) and (t2, p1) have 1/3 each, whose
     # sum (0.67) beats 0.5: maximising total IoU alone would match nothing at 0.5
