@@ -62,13 +62,18 @@ def test_bundled_models_are_never_overwritten():
         save_model(tiny_model("same"), target)
 
 
-def test_saved_files_are_readable_by_others_as_the_umask_allows(tmp_path):
+def test_saved_files_are_readable_by_others_as_the_umask_allows(tmp_path, monkeypatch):
     import os
     import stat
 
-    path = save_model(tiny_model("same"), tmp_path / "m.safetensors")
     umask = os.umask(0)
     os.umask(umask)
+
+    def process_wide(mask):  # setting it, even to read it, races with other threads
+        raise AssertionError("a save changed the process's umask")
+
+    monkeypatch.setattr(os, "umask", process_wide)
+    path = save_model(tiny_model("same"), tmp_path / "m.safetensors")
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o666 & ~umask
 
 

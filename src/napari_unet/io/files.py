@@ -73,6 +73,18 @@ def file_in_the_way(folder: Path) -> Path | None:
     return next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None)
 
 
+def _read_umask() -> int:
+    """The process's umask. Reading it means setting it (os.umask), for the whole
+    process: done during a save, a file another thread made in that instant (saves
+    run in worker threads) would get mode 0666. So it is read once, on import."""
+    umask = os.umask(0o077)
+    os.umask(umask)
+    return umask
+
+
+_UMASK = _read_umask()
+
+
 def atomic_write(path: str | Path, write) -> Path:
     """Call ``write(tmp_path)`` then rename onto ``path``: readers never see half a file."""
     path = Path(path)
@@ -87,8 +99,6 @@ def atomic_write(path: str | Path, write) -> Path:
         reason = (err.strerror or type(err).__name__).lower()
         raise OSError(f"cannot write {path}: {reason} in the folder {path.parent}") from err
     os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
     try:
         try:
             write(tmp)
@@ -98,7 +108,7 @@ def atomic_write(path: str | Path, write) -> Path:
             raise OSError(f"cannot write {path}: {_first_line(err)}") from err
         # mkstemp's 0600 would hide the file from other users; after writing, as some
         # writers (safetensors) replace the file
-        os.chmod(tmp, 0o666 & ~umask)
+        os.chmod(tmp, 0o666 & ~_UMASK)
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
         try:
