@@ -71,6 +71,10 @@ def test_components_min_size_and_stacks():
     assert out[0].max() == 1 and out[1].max() == 2  # unique across planes
     assert out[1, 16, 16] == 0
     np.testing.assert_array_equal(class_labels(p), p.argmax(0))
+    many = np.zeros((300, 1, 2), np.float32)
+    many[299, 0, 0] = many[256, 0, 1] = 1  # class indices past uint8's range
+    assert class_labels(many).tolist() == [[299, 256]]
+    assert class_labels(p[1:]).tolist() == (p[1] > 0.5).tolist()  # one class: > 0.5
 
 
 def test_object_scores_counts():

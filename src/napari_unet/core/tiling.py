@@ -32,6 +32,7 @@ from napari_unet.core import normalize as norm
 from napari_unet.core.axes import resolve_axes
 from napari_unet.core.cancel import Cancelled, stoppable
 from napari_unet.core.device import is_oom, resolve_device
+from napari_unet.core.postprocess import class_labels
 from napari_unet.core.tile_plan import auto_tile, plan_tiles, reflect_index
 from napari_unet.model.info import LoadedModel
 from napari_unet.model.unet import for_inference, to_layout
@@ -355,10 +356,8 @@ class _Runner:
         dst = (*plane, slice(ty, ty + hy), slice(tx, tx + hx))
         if self.output == "probabilities":
             self.out[(slice(None), *dst)] = p
-        elif p.shape[0] == 1:
-            self.out[dst] = (p[0] > 0.5).astype(self.out.dtype)
         else:
-            self.out[dst] = p.argmax(axis=0).astype(self.out.dtype)
+            self.out[dst] = class_labels(p, self.out.dtype)
 
 
 def _check_answer(out, x: torch.Tensor, info) -> None:
