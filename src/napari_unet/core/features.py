@@ -22,8 +22,14 @@ from napari_unet.core import normalize as norm
 from napari_unet.core.axes import resolve_axes
 from napari_unet.core.cancel import Cancelled, stoppable
 from napari_unet.core.device import resolve_device
-from napari_unet.core.tile_plan import activation_bytes_per_px, reflect_index
-from napari_unet.core.tiling import Progress, run_to_end
+from napari_unet.core.tile_plan import activation_bytes_per_px
+from napari_unet.core.tiling import (
+    Progress,
+    checked_region,
+    plane_stats,
+    read_mirrored,
+    run_to_end,
+)
 from napari_unet.model.info import LoadedModel
 from napari_unet.model.unet import for_inference, to_layout
 
@@ -167,10 +173,7 @@ def capture_iter(
         raise ValueError(f"no stage(s) {unknown}; the network has {names}")
     norm.check_dtype(norm.dtype_of(image))  # as segmenting does
     ax = resolve_axes(tuple(image.shape), axes, model.info.in_channels)
-    h, w = ax.yx
-    y0, y1, x0, x1 = region if region is not None else (0, h, 0, w)
-    if not (0 <= y0 < y1 <= h and 0 <= x0 < x1 <= w):
-        raise ValueError(f"region {region} is empty or outside the image {ax.yx}")
+    y0, y1, x0, x1 = checked_region(region, ax.yx)
     lead = ax.leading_shape
     names = "".join(ax.axes[i] for i in ax.leading)
     if len(plane) != len(lead) or not all(0 <= int(i) < n for i, n in zip(plane, lead)):
@@ -247,14 +250,9 @@ def _input_tile(image, ax, model, plane, box):
     sy, sx = y0 // m * m - g.halo, x0 // m * m - g.halo
     ty = g.snap(y1 + g.halo - sy, "up")
     tx = g.snap(x1 + g.halo - sx, "up")
-    h, w = ax.yx
-    iy = reflect_index(np.arange(ty) + sy, h)
-    ix = reflect_index(np.arange(tx) + sx, w)
-    ys, xs = slice(int(iy.min()), int(iy.max()) + 1), slice(int(ix.min()), int(ix.max()) + 1)
-    block = ax.read(image, plane, ys, xs)[:, iy - ys.start][:, :, ix - xs.start]
+    block = read_mirrored(image, ax, plane, (sy, sx), (ty, tx))
     spec = norm.validate(model.info.normalization)
-    sample = norm.sample_plane(lambda a, b: ax.read(image, plane, a, b), ax.yx)
-    return norm.apply(block, *norm.plane_stats(sample, spec)), (sy, sx)
+    return norm.apply(block, *plane_stats(image, ax, plane, spec)), (sy, sx)
 
 
 def _place(name, data, a, s, start, box, max_channels, dtype) -> FeatureMap:

@@ -119,7 +119,8 @@ def predict_iter(
     info = model.info
     norm.check_dtype(norm.dtype_of(image))
     ax = resolve_axes(tuple(image.shape), axes, info.in_channels)
-    y0, x0, yx = _checked_region(region, ax.yx)
+    y0, y1, x0, x1 = checked_region(region, ax.yx)
+    yx = (y1 - y0, x1 - x0)
     # tiles stay on the image's pooling grid, so a region equals the same
     # pixels of a whole-image prediction
     m = info.geometry.multiple
@@ -155,12 +156,31 @@ def predict_iter(
             tile = smaller
 
 
-def _checked_region(region, full: tuple[int, int]) -> tuple[int, int, tuple[int, int]]:
-    """The region's top-left corner and size (the whole plane when None)."""
+def checked_region(region, full: tuple[int, int]) -> tuple[int, int, int, int]:
+    """``(y0, y1, x0, x1)`` of a region of a ``full``-sized plane (the whole plane when
+    None), refused when empty or outside it."""
     y0, y1, x0, x1 = region if region is not None else (0, full[0], 0, full[1])
     if not (0 <= y0 < y1 <= full[0] and 0 <= x0 < x1 <= full[1]):
         raise ValueError(f"region {region} is empty or outside the image {full}")
-    return y0, x0, (y1 - y0, x1 - x0)
+    return y0, y1, x0, x1
+
+
+def read_mirrored(image, ax, plane, start: tuple[int, int], size: tuple[int, int]):
+    """The ``(C, *size)`` block of a plane from pixel ``start`` on, continued past the
+    image's borders by mirroring (the overlap-tile strategy's missing context)."""
+    h, w = ax.yx
+    iy = reflect_index(np.arange(size[0]) + start[0], h)
+    ix = reflect_index(np.arange(size[1]) + start[1], w)
+    ys = slice(int(iy.min()), int(iy.max()) + 1)
+    xs = slice(int(ix.min()), int(ix.max()) + 1)
+    return ax.read(image, plane, ys, xs)[:, iy - ys.start][:, :, ix - xs.start]
+
+
+def plane_stats(image, ax, plane, spec) -> tuple:
+    """The normalisation ``(scale, offset)`` of one plane, from a sample of the whole
+    plane, so that every tile and region of it is normalised alike."""
+    sample = norm.sample_plane(lambda ys, xs: ax.read(image, plane, ys, xs), ax.yx)
+    return norm.plane_stats(sample, spec)
 
 
 def _warn_per_tile(name: str, n_tiles: int, grid: tuple[int, int]) -> None:
@@ -292,25 +312,16 @@ class _Runner:
     def _plane_stats(self, plane):
         if plane not in self._stats:
             self._stats.clear()
-
-            def read(ys, xs):
-                return self.ax.read(self.image, plane, ys, xs)
-
-            sample = norm.sample_plane(read, self.ax.yx)
-            self._stats[plane] = norm.plane_stats(sample, self.spec)
+            self._stats[plane] = plane_stats(self.image, self.ax, plane, self.spec)
         return self._stats[plane]
 
     def _read_tile(self, plane, oy, ox) -> np.ndarray:
-        h, w = self.ax.yx
         halo = self.plan.halo
-        iy = reflect_index(np.arange(self.plan.y.tile) + self.start[0] + oy - halo, h)
-        ix = reflect_index(np.arange(self.plan.x.tile) + self.start[1] + ox - halo, w)
-        ys = slice(int(iy.min()), int(iy.max()) + 1)
-        xs = slice(int(ix.min()), int(ix.max()) + 1)
-        block = self.ax.read(self.image, plane, ys, xs)
-        block = block[:, iy - ys.start][:, :, ix - xs.start]
-        scale, offset = self._plane_stats(plane)
-        return norm.apply(block, scale, offset)
+        start = (self.start[0] + oy - halo, self.start[1] + ox - halo)
+        block = read_mirrored(
+            self.image, self.ax, plane, start, (self.plan.y.tile, self.plan.x.tile)
+        )
+        return norm.apply(block, *self._plane_stats(plane))
 
     def _forward(self, tiles: list[np.ndarray]) -> np.ndarray:
         x = torch.from_numpy(np.stack(tiles)).to(self.dev)
