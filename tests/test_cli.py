@@ -88,6 +88,29 @@ def test_predict_refuses_tiles_and_batches_below_one(tmp_path, model_file, image
     assert "must be 1 or more" in capsys.readouterr().err
 
 
+def test_class_labels_past_255_are_written_whole_to_every_format(tmp_path, image):
+    import zarr
+
+    model = tiny_model("valid", depth=1, classes=300)
+    with torch.no_grad():
+        model.net.head.weight.zero_()
+        model.net.head.bias.zero_()
+        model.net.head.bias[280] = 1.0  # every pixel: class 280
+    path = save_model(model, tmp_path / "many.safetensors")
+    np.save(tmp_path / "i.npy", image)
+    for suffix in (".tif", ".npy", ".zarr"):
+        out = tmp_path / f"labels{suffix}"
+        args = ["predict", str(tmp_path / "i.npy"), "-m", str(path), "--mode", "labels"]
+        assert main([*args, "-o", str(out), "-q"]) == 0
+        if suffix == ".zarr":
+            labels = zarr.open_array(str(out), mode="r")[:]
+        else:
+            labels = tifffile.imread(out) if suffix == ".tif" else np.load(out)
+        assert labels.dtype == np.uint16 and np.unique(labels).tolist() == [280], suffix
+    with pytest.raises(ValueError, match="cannot hold class 299"):  # nor a given array
+        predict(image, model, output="labels", out=np.zeros(image.shape, np.uint8))
+
+
 def test_predict_npy_stack_to_zarr_and_folder_outputs(tmp_path, model_file, image):
     import zarr
 

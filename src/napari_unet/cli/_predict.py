@@ -169,14 +169,14 @@ def _predict_one(
 def _predict_to_zarr(image, model, ax, dst: Path, options, label: str, args) -> None:
     """Class maps or labels streamed into a zarr store, which appears only when done."""
     from napari_unet.core.segment import engine_kwargs
-    from napari_unet.core.tiling import predict_iter
+    from napari_unet.core.tiling import output_dtype, predict_iter
     from napari_unet.io.images import ZarrOutput
 
     engine = engine_kwargs(options)
     shape = (*ax.leading_shape, *ax.yx)
     if engine["output"] == "probabilities":
         shape = (model.info.num_classes, *shape)
-    sink = ZarrOutput(dst, shape, "float32" if engine["output"] == "probabilities" else "uint8")
+    sink = ZarrOutput(dst, shape, output_dtype(engine["output"], model.info.num_classes).name)
     try:
         _with_bar(predict_iter(image, model, **engine, out=sink.array), label, args.quiet)
     except BaseException:

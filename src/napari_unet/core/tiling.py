@@ -223,15 +223,18 @@ def predict(image, model: LoadedModel, callback=None, **kwargs) -> np.ndarray:
     return run_to_end(predict_iter(image, model, **kwargs), callback)
 
 
-def _allocate(out, output, n_classes, lead, yx):
+def output_dtype(output: str, n_classes: int) -> np.dtype:
+    """What :func:`predict_iter` writes: float32 probabilities, else class indices in
+    uint8, or uint16 from 256 classes on."""
     if output == "probabilities":
-        shape = (n_classes, *lead, *yx)
-        dtype = np.float32
-    else:
-        shape = (*lead, *yx)
-        dtype = np.uint8 if n_classes < 256 else np.uint16
+        return np.dtype(np.float32)
+    return np.dtype(np.uint8 if n_classes < 256 else np.uint16)
+
+
+def _allocate(out, output, n_classes, lead, yx):
+    shape = (*lead, *yx) if output != "probabilities" else (n_classes, *lead, *yx)
     if out is None:
-        return np.zeros(shape, dtype)
+        return np.zeros(shape, output_dtype(output, n_classes))
     if tuple(out.shape) != shape:
         raise ValueError(f"output array has shape {tuple(out.shape)}, expected {shape}")
     kind = np.dtype(out.dtype).kind
@@ -240,6 +243,11 @@ def _allocate(out, output, n_classes, lead, yx):
         raise ValueError(
             f"output array has dtype {out.dtype}; {output} need "
             + ("a float array (e.g. float32)" if output == "probabilities" else "integers")
+        )
+    if kind in "ui" and np.iinfo(out.dtype).max < n_classes - 1:  # would wrap around
+        raise ValueError(
+            f"output array has dtype {out.dtype}, which cannot hold class {n_classes - 1} "
+            f"(use {output_dtype(output, n_classes)})"
         )
     return out
 
