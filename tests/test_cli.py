@@ -88,6 +88,48 @@ def test_predict_refuses_tiles_and_batches_below_one(tmp_path, model_file, image
     assert "must be 1 or more" in capsys.readouterr().err
 
 
+def _corrupt_tiff(path, image, compression):
+    """A tiled, compressed TIFF whose second tile is damaged."""
+    tifffile.imwrite(path, image, tile=(16, 16), compression=compression)
+    with tifffile.TiffFile(path) as tf:
+        offset = tf.pages[0].dataoffsets[1]
+    data = bytearray(path.read_bytes())
+    data[offset : offset + 8] = b"\xff" * 8
+    path.write_bytes(bytes(data))
+
+
+def test_train_names_a_corrupt_or_unusable_file(tmp_path, model_file, image, capsys):
+    labels = np.zeros(image.shape, np.uint8)
+    labels[:8], labels[-8:] = 1, 2
+    tifffile.imwrite(tmp_path / "good.tif", image)
+    tifffile.imwrite(tmp_path / "labels.tif", labels)
+    _corrupt_tiff(tmp_path / "bad.tif", image, "lzma")
+    _corrupt_tiff(tmp_path / "bad_labels.tif", labels, "zlib")
+    tifffile.imwrite(tmp_path / "mask.tif", image > 500)  # a boolean image
+    for images, labelled, named in (
+        ("bad.tif", "labels.tif", "bad.tif: its image data is corrupt"),
+        ("good.tif", "bad_labels.tif", "bad_labels.tif: its image data is corrupt"),
+        ("mask.tif", "labels.tif", "mask.tif: napari-unet cannot use an image of dtype bool"),
+    ):
+        out = tmp_path / "out.safetensors"
+        rc = main(["train", "-m", str(model_file), "--images", str(tmp_path / images),
+                   "--labels", str(tmp_path / labelled), "--steps", "1", "-o", str(out),
+                   "-q"])  # fmt: skip
+        err = capsys.readouterr().err
+        assert rc == 1 and named in err and "Traceback" not in err, err
+        assert not out.exists()
+    # as a command: the one line, without the zarr reader's abandoned reads reported at exit
+    import subprocess
+    import sys
+
+    run = subprocess.run(
+        [sys.executable, "-m", "napari_unet", "predict", str(tmp_path / "bad.tif"), "-m",
+         str(model_file), "-q"], capture_output=True, text=True, timeout=300
+    )  # fmt: skip
+    assert run.returncode == 1 and run.stderr.count("\n") == 1, run.stderr
+    assert "bad.tif: its image data is corrupt" in run.stderr
+
+
 def test_class_labels_past_255_are_written_whole_to_every_format(tmp_path, image):
     import zarr
 
@@ -517,14 +559,10 @@ def test_predict_checks_inputs_and_outputs_before_any_work(tmp_path, model_file,
         assert rc == 1 and "inside the zarr store grp.zarr" in capsys.readouterr().err
     assert sorted(p.name for p in (tmp_path / "grp.zarr").iterdir()) == ["raw", "zarr.json"]
     # a corrupt compressed tile, read lazily while the tiles run: one line, the file named
-    tifffile.imwrite(tmp_path / "t.tif", image, tile=(16, 16), compression="zlib")
-    with tifffile.TiffFile(tmp_path / "t.tif") as tf:
-        offset = tf.pages[0].dataoffsets[1]
-    data = bytearray((tmp_path / "t.tif").read_bytes())
-    data[offset : offset + 8] = b"\xff" * 8
-    (tmp_path / "t.tif").write_bytes(bytes(data))
-    rc = main(["predict", str(tmp_path / "t.tif"), "-m", str(model_file), "-q"])
-    assert rc == 1 and "t.tif: its image data is corrupt" in capsys.readouterr().err
+    for compression in ("zlib", "lzma"):
+        _corrupt_tiff(tmp_path / "t.tif", image, compression)
+        rc = main(["predict", str(tmp_path / "t.tif"), "-m", str(model_file), "-q"])
+        assert rc == 1 and "t.tif: its image data is corrupt" in capsys.readouterr().err
     # an output folder that cannot be made: refused before the model runs
     (tmp_path / "plain").write_text("a file, not a folder")
     rc = main(["predict", str(tmp_path / "a.tif"), "-m", str(model_file),

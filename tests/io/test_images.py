@@ -16,6 +16,18 @@ def test_write_then_read_keeps_values_and_dtype(tmp_path, suffix):
     assert [p.name for p in tmp_path.iterdir()] == [f"img{suffix}"]  # no temporary left
 
 
+@pytest.mark.parametrize("compression", ["lzw", "zstd", "packbits", "jpeg"])
+def test_tiffs_of_the_common_codecs_are_read(tmp_path, compression):
+    # LZW above all (microscope and ImageJ exports); tifffile alone reads zlib and lzma
+    data = (np.arange(64 * 80) % 251).astype(np.uint8).reshape(64, 80)
+    tifffile.imwrite(tmp_path / "a.tif", data, tile=(32, 32), compression=compression)
+    back = np.asarray(read_image(tmp_path / "a.tif")[:])
+    if compression == "jpeg":  # lossy
+        assert back.shape == data.shape and np.abs(back - data.astype(float)).mean() < 8
+    else:
+        np.testing.assert_array_equal(back, data)
+
+
 def test_a_corrupt_tiff_names_the_file(tmp_path):
     path = tmp_path / "scan.tif"
     path.write_bytes(b"garbage, not a tiff")

@@ -34,6 +34,7 @@ def main(argv: list[str] | None = None) -> int:
         return 141  # as a tool killed by SIGPIPE, and without a message
     except (ValueError, OSError, MemoryError, RuntimeError) as err:
         print(f"napari-unet: error: {err}", file=sys.stderr)
+        _quiet_abandoned_reads()
         return 1
     except Exception as err:
         failure = model_failure(err)
@@ -41,6 +42,16 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"napari-unet: error: {failure}", file=sys.stderr)
         return 1
+
+
+def _quiet_abandoned_reads() -> None:
+    """A file read lazily that failed (a corrupt TIFF tile) leaves the zarr reader's
+    other reads pending; at exit asyncio reported each of them (about 25 lines of
+    "Task was destroyed but it is pending!") under the one-line message."""
+    import logging
+
+    logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+    warnings.filterwarnings("ignore", "coroutine .* was never awaited", RuntimeWarning)
 
 
 def _one_line_warning(show, message, category, filename, lineno, file=None, line=None) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sys
-import zlib
 from dataclasses import replace
 from pathlib import Path
 
@@ -49,20 +48,25 @@ def cmd_predict(args) -> int:
         try:
             cal = image_calibration(src)  # pixel size and spacing, kept by a TIFF result
             _predict_one(image, model, dst, args, Path(src).name, axes, cal, planes)
-        except zlib.error as err:  # read lazily, tile by tile: a corrupt tile shows here
-            raise ValueError(f"{src}: its image data is corrupt ({err}){_done(i)}") from None
-        except (ValueError, OSError, RuntimeError) as err:  # which of many inputs it was
-            if str(src) in str(err):
-                raise
-            kind = next(k for k in (OSError, RuntimeError, ValueError) if isinstance(err, k))
-            raise kind(f"{src}: {err}{_done(i)}") from None
-        except Exception as err:
-            failure = model_failure(err)
-            if failure is None:
-                raise
-            raise RuntimeError(f"{src}: {failure}{_done(i)}") from None
+        except Exception as err:  # noqa: BLE001 - named below, or raised as it was
+            raise _named(err, src, i) from None
         print(f"{src} -> {dst}", file=sys.stderr)
     return 0
+
+
+def _named(err: Exception, src, i: int) -> Exception:
+    """``err`` as a batch reports it: naming the input (of many) it came from."""
+    from napari_unet.io.images import corrupt_data
+
+    if corrupt_data(err):  # read lazily, tile by tile: a corrupt tile shows here
+        return ValueError(f"{src}: its image data is corrupt ({err}){_done(i)}")
+    if isinstance(err, (ValueError, OSError, RuntimeError)):
+        if str(src) in str(err):
+            return err
+        kind = next(k for k in (OSError, RuntimeError, ValueError) if isinstance(err, k))
+        return kind(f"{src}: {err}{_done(i)}")
+    failure = model_failure(err)
+    return err if failure is None else RuntimeError(f"{src}: {failure}{_done(i)}")
 
 
 def _done(i: int) -> str:

@@ -116,7 +116,6 @@ def _names(paths) -> str:
 
 def _images(paths, model) -> list:
     """The images as a one-channel model reads them (RGB as its gray, as predict does)."""
-    import numpy as np
 
     from napari_unet.cli._predict import _model_input
     from napari_unet.io.images import image_axes, read_image
@@ -129,16 +128,34 @@ def _images(paths, model) -> list:
             image, note = raw, ""
         if note:
             print(f"{path}: {note}", file=sys.stderr)
-        images.append(np.asarray(image))
+        images.append(_in_memory(path, image, pixels=True))
     return images
 
 
 def _labels(paths) -> list:
-    import numpy as np
-
     from napari_unet.io.images import read_image
 
-    return [np.asarray(read_image(p)) for p in paths]
+    return [_in_memory(p, read_image(p)) for p in paths]
+
+
+def _in_memory(path, image, pixels: bool = False):
+    """The image read whole; a corrupt file, or (``pixels``) a dtype no network takes,
+    refused in a message naming the file."""
+    import numpy as np
+
+    from napari_unet.core.normalize import check_dtype, dtype_of
+    from napari_unet.io.images import corrupt_data
+
+    try:
+        if pixels:
+            check_dtype(dtype_of(image))
+        return np.asarray(image)
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from None
+    except Exception as err:
+        if corrupt_data(err):
+            raise ValueError(f"{path}: its image data is corrupt ({err})") from None
+        raise
 
 
 def _files(args) -> dict:

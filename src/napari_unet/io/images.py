@@ -16,6 +16,18 @@ READ_SUFFIXES = (".tif", ".tiff", ".png", ".npy", ".zarr")
 WRITE_SUFFIXES = (".tif", ".tiff", ".npy", ".zarr")
 
 
+def corrupt_data(err: BaseException) -> bool:
+    """Whether ``err`` is a decoder's answer to corrupt pixel data. TIFFs are read
+    lazily, tile by tile, so a damaged tile shows only when the run reaches it, raised
+    by zlib or lzma (Python's own decoders) or by imagecodecs (all other codecs)."""
+    import lzma
+    import zlib
+
+    return isinstance(err, (zlib.error, lzma.LZMAError)) or type(err).__module__.startswith(
+        "imagecodecs"
+    )
+
+
 def _suffix(path: Path) -> str:
     suffix = path.suffix.lower()
     if suffix not in READ_SUFFIXES and any(p.suffix.lower() == ".zarr" for p in path.parents):
