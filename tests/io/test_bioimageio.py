@@ -183,8 +183,17 @@ def test_export_refuses_other_networks_and_names(tmp_path, exported):
     with pytest.raises(ModelFileError, match="not an SPDX licence identifier"):
         export_package(tiny_model("same"), tmp_path / "l.zip", license="not a licence")
     (tmp_path / "empty.png").write_bytes(b"")
-    with pytest.raises(ModelFileError, match="not a readable cover image"):
-        export_package(tiny_model("same"), tmp_path / "c.zip", cover=tmp_path / "empty.png")
+    (tmp_path / "text.png").write_text("not a png\n")
+    for name in ("empty.png", "text.png"):  # one line, no advice on imageio's plugins
+        with pytest.raises(ModelFileError, match="not a readable cover image") as err:
+            export_package(tiny_model("same"), tmp_path / "c.zip", cover=tmp_path / name)
+        assert "\n" not in str(err.value) and "pip install" not in str(err.value)
+    from PIL import Image
+
+    Image.fromarray(np.full((6, 9, 3), 200, np.uint8)).save(tmp_path / "mine.png")
+    out = export_package(tiny_model("same"), tmp_path / "p.zip", cover=tmp_path / "mine.png")
+    with zipfile.ZipFile(out) as zf:  # a readable cover goes in as it is
+        assert zf.read("cover.png") == (tmp_path / "mine.png").read_bytes()
     assert not (tmp_path / "l.zip").exists() and not (tmp_path / "c.zip").exists()
 
 

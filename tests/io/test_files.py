@@ -1,6 +1,7 @@
 import copy
 import json
 import pickle
+import warnings
 import zipfile
 
 import numpy as np
@@ -119,8 +120,11 @@ def test_hostile_pickle_is_refused_and_never_executed(tmp_path, monkeypatch):
     with pytest.raises(ModelFileError, match="refused for safety"):
         load_model(tmp_path / "evil.pt")
     (tmp_path / "evil.pkl").write_bytes(pickle.dumps(_Evil()))
-    with pytest.raises(ModelFileError, match="refused for safety"):
-        load_model(tmp_path / "evil.pkl")
+    with warnings.catch_warnings(record=True) as shown:
+        warnings.simplefilter("always")
+        with pytest.raises(ModelFileError, match="refused for safety"):
+            load_model(tmp_path / "evil.pkl")
+    assert [str(w.message) for w in shown] == []  # the refusal alone, not torch's advice first
     assert not (tmp_path / "PWNED").exists()
 
 

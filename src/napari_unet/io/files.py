@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -374,7 +375,9 @@ def _parse_metadata(path: Path, text, architecture: bool = True):
 def _load_pickle(path: Path) -> LoadedModel:
     check_zip_archive(path, path.name)  # torch.save's zip: no bomb unpacked
     try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's advice on a plain pickle's protocol:
+            warnings.simplefilter("ignore", UserWarning)  # it is refused just below
+            obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception:  # noqa: BLE001 - UnpicklingError and friends
         raise ModelFileError(
             f"{path.name}: a pickled PyTorch checkpoint that needs arbitrary code to load; "

@@ -69,9 +69,11 @@ def _cover(cover, x: np.ndarray, y: np.ndarray) -> tuple[str, bytes]:
     if path.suffix.lower() not in (".png", ".jpg", ".jpeg", ".gif"):
         raise ModelFileError(f"{path.name}: a cover must be a PNG, JPEG or GIF image")
     try:  # a file the model zoo can show, not an empty or broken one
-        from skimage.io import imread
+        from PIL import Image
 
-        imread(str(path))
-    except Exception as err:  # noqa: BLE001 - any decoder error
-        raise ModelFileError(f"{path.name}: not a readable cover image ({err})") from None
+        with Image.open(path) as im:
+            im.load()
+    except Exception as err:  # noqa: BLE001 - any decoder error, said in its first line
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ModelFileError(f"{path.name}: not a readable cover image ({reason})") from None
     return f"cover{path.suffix.lower()}", path.read_bytes()
