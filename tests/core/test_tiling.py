@@ -209,6 +209,18 @@ def test_wrong_output_shape_and_bad_region(valid_model):
         predict(image, valid_model, out=np.zeros((3, 20, 21), np.float32))
     with pytest.raises(ValueError, match="outside the image"):
         predict(image, valid_model, region=(0, 30, 0, 10))
+    for bad in (
+        (0.5, 10, 0, 10),
+        (0, 10, 0),
+        ("0", 10, 0, 10),
+        (True, 10, 0, 10),
+        5,
+        (0, float("inf"), 0, 10),
+    ):
+        with pytest.raises(ValueError, match="four whole pixel numbers"):
+            predict(image, valid_model, region=bad)
+    whole = predict(image, valid_model, region=(np.int64(2), 12.0, 0, 10))  # whole numbers
+    np.testing.assert_array_equal(whole, predict(image, valid_model, region=(2, 12, 0, 10)))
 
 
 @pytest.mark.parametrize(

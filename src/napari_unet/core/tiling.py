@@ -21,6 +21,7 @@ is the output array. :func:`predict` runs it to the end.
 from __future__ import annotations
 
 import itertools
+import numbers
 import warnings
 from collections.abc import Generator
 from dataclasses import dataclass
@@ -159,10 +160,23 @@ def predict_iter(
 def checked_region(region, full: tuple[int, int]) -> tuple[int, int, int, int]:
     """``(y0, y1, x0, x1)`` of a region of a ``full``-sized plane (the whole plane when
     None), refused when empty or outside it."""
-    y0, y1, x0, x1 = region if region is not None else (0, full[0], 0, full[1])
+    if region is None:
+        return 0, full[0], 0, full[1]
+    try:
+        y0, y1, x0, x1 = (_whole(v) for v in region)
+    except (TypeError, ValueError, OverflowError):  # (int(inf))
+        raise ValueError(
+            f"region must be four whole pixel numbers (y0, y1, x0, x1), got {region!r}"
+        ) from None
     if not (0 <= y0 < y1 <= full[0] and 0 <= x0 < x1 <= full[1]):
         raise ValueError(f"region {region} is empty or outside the image {full}")
     return y0, y1, x0, x1
+
+
+def _whole(value) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or value != int(value):
+        raise ValueError(value)
+    return int(value)
 
 
 def read_mirrored(image, ax, plane, start: tuple[int, int], size: tuple[int, int]):
