@@ -21,5 +21,9 @@ def test_rgb_like_shapes_need_their_axes_named():
     with pytest.raises(AxesError, match="looks like an RGB"):
         resolve_axes((64, 64, 4), None, 1)
     assert resolve_axes((64, 64, 4), "ZYX", 1).leading_shape == (64,)
+    # for a two-channel model, said as such (it read as 128 planes of 128 x 3 pixels)
+    with pytest.raises(AxesError, match=r"RGB\(A\) image \(3 colours last\).* takes 2 ch"):
+        resolve_axes((128, 128, 3), None, 2)
+    assert resolve_axes((128, 128, 3), None, 3).axes == "YXC"
     with pytest.raises(AxesError, match="too many dimensions"):
         resolve_axes((1,) * 8 + (8, 8), None, 1)

@@ -131,6 +131,12 @@ def _guess_axes(shape: tuple[int, ...], in_channels: int) -> str:
             "convert it to grayscale first (napari_unet.core.segment.lazy_gray), or, for a "
             "stack of images 3 or 4 pixels wide, pass axes='ZYX'"
         )
+    if in_channels > 1 and nd >= 3 and shape[-1] in (3, 4) and shape[-2] > 4:
+        raise AxesError(
+            f"shape {shape} looks like an RGB(A) image ({shape[-1]} colours last) but the "
+            f"model takes {in_channels} channels; pick {in_channels} of them "
+            "(e.g. image[..., :2]), or give the axes (e.g. axes='ZYX' for a stack)"
+        )
     if in_channels == 1 and nd == 3 and shape[-1] == 2 and shape[-2] > 4:
         raise AxesError(
             f"shape {shape} looks like a grayscale image with an alpha channel; drop the "
