@@ -6,6 +6,7 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+from napari_unet.cli._inputs import model_input
 from napari_unet.cli._models import model_by_name, model_failure
 
 
@@ -23,7 +24,7 @@ def cmd_predict(args) -> int:
         _check_target(dst, args)
     model = model_by_name(args.model, getattr(args, "trust_code", False))
     for src, _ in targets:  # opened lazily: an input the model cannot take stops the batch
-        image, axes, _, _ = _model_input(read_image(src), args.axes or image_axes(src), model)
+        image, axes, _, _ = model_input(read_image(src), args.axes or image_axes(src), model)
         _check_input(image, axes, model, src)
     for folder in sorted({dst.parent for _, dst in targets}):
         outputs.check_folder(folder)
@@ -40,7 +41,7 @@ def cmd_predict(args) -> int:
         )
     for i, (src, dst) in enumerate(targets):
         # axes as the file records them (OME, ImageJ), else guessed
-        image, axes, note, planes = _model_input(
+        image, axes, note, planes = model_input(
             read_image(src), args.axes or image_axes(src), model
         )
         if note:
@@ -72,36 +73,6 @@ def _named(err: Exception, src, i: int) -> Exception:
 def _done(i: int) -> str:
     """What a batch stopped at its input ``i`` has written."""
     return f" (the {i} input(s) before it were written)" if i else " (nothing was written)"
-
-
-def _model_input(image, axes: str | None, model) -> tuple:
-    """``(image, axes, note, planes)`` as a one-channel model reads an image, as the
-    segment panel does: of an RGB(A) image (colour last, as PNG, JPEG and RGB TIFF store
-    it) its luminance; of a grayscale image with alpha, the gray; the channels of a
-    multichannel stack (an OME or ImageJ C axis) one by one, as planes of the axis
-    ``planes`` (``""``: none)."""
-    from napari_unet.core.axes import CHANNEL_PLANE_LETTERS
-    from napari_unet.core.segment import lazy_gray
-
-    shape = tuple(image.shape)
-    colour_last = axes is None or axes.upper().endswith("YXC")
-    if model.info.in_channels != 1 or len(shape) < 3:
-        return image, axes, "", ""
-    if not colour_last and "C" in axes.upper() and shape[axes.upper().index("C")] > 1:
-        free = next((a for a in CHANNEL_PLANE_LETTERS if a not in axes.upper()), None)
-        if free is not None:
-            n = shape[axes.upper().index("C")]
-            note = f"the model takes one channel: the {n} channels are segmented one by one"
-            return image, axes.upper().replace("C", free), note, free
-    # (not a (Z, Y, X) stack of images 2-4 pixels wide, as axes.py guesses)
-    if not colour_last or shape[-2] <= 4:
-        return image, axes, "", ""
-    kept = axes[:-1] if axes else None
-    if shape[-1] in (3, 4):
-        return lazy_gray(image), kept, "RGB converted to grayscale", ""
-    if shape[-1] == 2:  # grayscale with alpha (PNG's LA), one image or a stack of them
-        return image[..., 0], kept, "alpha channel left out", ""
-    return image, axes, "", ""
 
 
 def _check_input(image, axes, model, src) -> None:

@@ -9,6 +9,8 @@ import sys
 import threading
 from pathlib import Path
 
+from napari_unet.cli._inputs import label_images, training_images
+
 
 def _base_model(spec: str, classes: str | None):
     import json
@@ -78,14 +80,14 @@ def cmd_train(args) -> int:
     stop, started = threading.Event(), threading.Event()
     gen = train_iter(
         model,
-        _images(args.images, model),
-        _labels(args.labels),
+        training_images(args.images, model),
+        label_images(args.labels),
         args.label_kind,
         config,
-        val_images=_images(args.val_images, model),
-        val_labels=_labels(args.val_labels),
+        val_images=training_images(args.val_images, model),
+        val_labels=label_images(args.val_labels),
         data_name=_names(args.images),
-        unlabelled=_images(args.unlabelled, model),
+        unlabelled=training_images(args.unlabelled, model),
         should_stop=stop.is_set,
         phases=True,
         names=[Path(p).name for p in [*args.images, *args.unlabelled]],
@@ -112,50 +114,6 @@ def cmd_train(args) -> int:
 
 def _names(paths) -> str:
     return ", ".join(Path(p).name for p in paths)
-
-
-def _images(paths, model) -> list:
-    """The images as a one-channel model reads them (RGB as its gray, as predict does)."""
-
-    from napari_unet.cli._predict import _model_input
-    from napari_unet.io.images import image_axes, read_image
-
-    images = []
-    for path in paths:
-        raw = read_image(path)
-        image, _, note, planes = _model_input(raw, image_axes(path), model)
-        if planes:  # channels as planes: training takes 2D planes (it says so)
-            image, note = raw, ""
-        if note:
-            print(f"{path}: {note}", file=sys.stderr)
-        images.append(_in_memory(path, image, pixels=True))
-    return images
-
-
-def _labels(paths) -> list:
-    from napari_unet.io.images import read_image
-
-    return [_in_memory(p, read_image(p)) for p in paths]
-
-
-def _in_memory(path, image, pixels: bool = False):
-    """The image read whole; a corrupt file, or (``pixels``) a dtype no network takes,
-    refused in a message naming the file."""
-    import numpy as np
-
-    from napari_unet.core.normalize import check_dtype, dtype_of
-    from napari_unet.io.images import corrupt_data
-
-    try:
-        if pixels:
-            check_dtype(dtype_of(image))
-        return np.asarray(image)
-    except ValueError as err:
-        raise ValueError(f"{path}: {err}") from None
-    except Exception as err:
-        if corrupt_data(err):
-            raise ValueError(f"{path}: its image data is corrupt ({err})") from None
-        raise
 
 
 def _files(args) -> dict:

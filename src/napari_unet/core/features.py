@@ -22,14 +22,13 @@ from napari_unet.core import normalize as norm
 from napari_unet.core.axes import resolve_axes
 from napari_unet.core.cancel import Cancelled, stoppable
 from napari_unet.core.device import resolve_device
-from napari_unet.core.tile_plan import activation_bytes_per_px
-from napari_unet.core.tiling import (
-    Progress,
+from napari_unet.core.tile_plan import (
+    activation_bytes_per_px,
     checked_region,
     plane_stats,
     read_mirrored,
-    run_to_end,
 )
+from napari_unet.core.tiling import Progress, run_to_end
 from napari_unet.model.info import LoadedModel
 from napari_unet.model.unet import for_inference, to_layout
 

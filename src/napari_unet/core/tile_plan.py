@@ -4,17 +4,20 @@ A :class:`TilePlan` cuts a ``(height, width)`` region into input tiles of the
 network's accepted sizes whose useful (valid) centres cover the region exactly,
 with origins on the network's pooling grid so the tiled result is seamless.
 :func:`auto_tile` picks a tile size and batch that fit the device's memory.
-Pixels outside the image are read by mirroring (:func:`reflect_index`).
+Pixels outside the image are read by mirroring (:func:`reflect_index`,
+:func:`read_mirrored`), each plane normalised alike (:func:`plane_stats`).
 """
 
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from napari_unet.core import normalize as norm
 from napari_unet.core.device import free_memory
 from napari_unet.model.info import LoadedModel
 from napari_unet.model.shapes import Geometry
@@ -134,6 +137,46 @@ def reflect_index(idx: np.ndarray, n: int) -> np.ndarray:
     period = 2 * (n - 1)
     idx = np.mod(idx, period)
     return np.where(idx >= n, period - idx, idx)
+
+
+def checked_region(region, full: tuple[int, int]) -> tuple[int, int, int, int]:
+    """``(y0, y1, x0, x1)`` of a region of a ``full``-sized plane (the whole plane when
+    None), refused when empty or outside it."""
+    if region is None:
+        return 0, full[0], 0, full[1]
+    try:
+        y0, y1, x0, x1 = (_whole(v) for v in region)
+    except (TypeError, ValueError, OverflowError):  # (int(inf))
+        raise ValueError(
+            f"region must be four whole pixel numbers (y0, y1, x0, x1), got {region!r}"
+        ) from None
+    if not (0 <= y0 < y1 <= full[0] and 0 <= x0 < x1 <= full[1]):
+        raise ValueError(f"region {region} is empty or outside the image {full}")
+    return y0, y1, x0, x1
+
+
+def _whole(value) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or value != int(value):
+        raise ValueError(value)
+    return int(value)
+
+
+def read_mirrored(image, ax, plane, start: tuple[int, int], size: tuple[int, int]):
+    """The ``(C, *size)`` block of a plane from pixel ``start`` on, continued past the
+    image's borders by mirroring (the overlap-tile strategy's missing context)."""
+    h, w = ax.yx
+    iy = reflect_index(np.arange(size[0]) + start[0], h)
+    ix = reflect_index(np.arange(size[1]) + start[1], w)
+    ys = slice(int(iy.min()), int(iy.max()) + 1)
+    xs = slice(int(ix.min()), int(ix.max()) + 1)
+    return ax.read(image, plane, ys, xs)[:, iy - ys.start][:, :, ix - xs.start]
+
+
+def plane_stats(image, ax, plane, spec) -> tuple:
+    """The normalisation ``(scale, offset)`` of one plane, from a sample of the whole
+    plane, so that every tile and region of it is normalised alike."""
+    sample = norm.sample_plane(lambda ys, xs: ax.read(image, plane, ys, xs), ax.yx)
+    return norm.plane_stats(sample, spec)
 
 
 CPU_BUDGET = 2.2e9  # bytes of estimated activations per tile on CPU (peak RSS ~1.6 GB)

@@ -21,7 +21,6 @@ is the output array. :func:`predict` runs it to the end.
 from __future__ import annotations
 
 import itertools
-import numbers
 import warnings
 from collections.abc import Generator
 from dataclasses import dataclass
@@ -34,7 +33,13 @@ from napari_unet.core.axes import resolve_axes
 from napari_unet.core.cancel import Cancelled, stoppable
 from napari_unet.core.device import is_oom, resolve_device
 from napari_unet.core.postprocess import class_labels
-from napari_unet.core.tile_plan import auto_tile, plan_tiles, reflect_index
+from napari_unet.core.tile_plan import (
+    auto_tile,
+    checked_region,
+    plan_tiles,
+    plane_stats,
+    read_mirrored,
+)
 from napari_unet.model.info import LoadedModel
 from napari_unet.model.unet import for_inference, to_layout
 
@@ -155,46 +160,6 @@ def predict_iter(
                     "out of memory even with one tile per batch at the smallest tile size"
                 ) from None
             tile = smaller
-
-
-def checked_region(region, full: tuple[int, int]) -> tuple[int, int, int, int]:
-    """``(y0, y1, x0, x1)`` of a region of a ``full``-sized plane (the whole plane when
-    None), refused when empty or outside it."""
-    if region is None:
-        return 0, full[0], 0, full[1]
-    try:
-        y0, y1, x0, x1 = (_whole(v) for v in region)
-    except (TypeError, ValueError, OverflowError):  # (int(inf))
-        raise ValueError(
-            f"region must be four whole pixel numbers (y0, y1, x0, x1), got {region!r}"
-        ) from None
-    if not (0 <= y0 < y1 <= full[0] and 0 <= x0 < x1 <= full[1]):
-        raise ValueError(f"region {region} is empty or outside the image {full}")
-    return y0, y1, x0, x1
-
-
-def _whole(value) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or value != int(value):
-        raise ValueError(value)
-    return int(value)
-
-
-def read_mirrored(image, ax, plane, start: tuple[int, int], size: tuple[int, int]):
-    """The ``(C, *size)`` block of a plane from pixel ``start`` on, continued past the
-    image's borders by mirroring (the overlap-tile strategy's missing context)."""
-    h, w = ax.yx
-    iy = reflect_index(np.arange(size[0]) + start[0], h)
-    ix = reflect_index(np.arange(size[1]) + start[1], w)
-    ys = slice(int(iy.min()), int(iy.max()) + 1)
-    xs = slice(int(ix.min()), int(ix.max()) + 1)
-    return ax.read(image, plane, ys, xs)[:, iy - ys.start][:, :, ix - xs.start]
-
-
-def plane_stats(image, ax, plane, spec) -> tuple:
-    """The normalisation ``(scale, offset)`` of one plane, from a sample of the whole
-    plane, so that every tile and region of it is normalised alike."""
-    sample = norm.sample_plane(lambda ys, xs: ax.read(image, plane, ys, xs), ax.yx)
-    return norm.plane_stats(sample, spec)
 
 
 def _warn_per_tile(name: str, n_tiles: int, grid: tuple[int, int]) -> None:
