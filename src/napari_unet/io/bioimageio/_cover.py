@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from napari_unet.io.files import ModelFileError
+from napari_unet.io.files import ModelFileError, _first_line
 
 _PALETTE = np.array(
     [[0, 0, 0], [255, 200, 0], [0, 160, 255], [255, 60, 60], [60, 220, 90], [200, 80, 255]],
@@ -74,6 +74,7 @@ def _cover(cover, x: np.ndarray, y: np.ndarray) -> tuple[str, bytes]:
         with Image.open(path) as im:
             im.load()
     except Exception as err:  # noqa: BLE001 - any decoder error, said in its first line
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ModelFileError(f"{path.name}: not a readable cover image ({reason})") from None
+        raise ModelFileError(
+            f"{path.name}: not a readable cover image ({_first_line(err)})"
+        ) from None
     return f"cover{path.suffix.lower()}", path.read_bytes()
