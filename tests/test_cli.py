@@ -109,7 +109,7 @@ def test_train_names_a_corrupt_or_unusable_file(tmp_path, model_file, image, cap
     for images, labelled, named in (
         ("bad.tif", "labels.tif", "bad.tif: its image data is corrupt"),
         ("good.tif", "bad_labels.tif", "bad_labels.tif: its image data is corrupt"),
-        ("mask.tif", "labels.tif", "mask.tif: napari-unet cannot use an image of dtype bool"),
+        ("mask.tif", "labels.tif", "mask.tif: an image of dtype bool cannot be used"),
     ):
         out = tmp_path / "out.safetensors"
         rc = main(["train", "-m", str(model_file), "--images", str(tmp_path / images),

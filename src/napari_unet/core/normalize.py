@@ -171,6 +171,6 @@ def check_dtype(dtype) -> None:
     dtype = np.dtype(dtype)
     if dtype.kind not in "uif":
         raise ValueError(
-            f"napari-unet cannot use an image of dtype {dtype}; expected integers or floats"
+            f"an image of dtype {dtype} cannot be used; expected integers or floats"
             + (" (booleans look like a mask, not an image)" if dtype.kind == "b" else "")
         )
