@@ -345,6 +345,26 @@ def test_object_size_rescaling_follows_the_model(panel, qtbot, image):
     assert widget.options().diameter is None and not widget.diameter_spin.isEnabled()
 
 
+def test_a_runs_warning_reaches_the_user(panel, qtbot, image, monkeypatch):
+    # an object diameter past the 4x resizing limit: the core warns, and napari shows no
+    # worker's warnings, so the panel does (notification and status line)
+    shown = []
+    monkeypatch.setattr(
+        "napari.utils.notifications.show_warning", lambda message: shown.append(message)
+    )
+    viewer, widget = panel
+    widget.state.model = tiny_model("same", object_diameter=20.0)
+    widget.diameter_spin.setValue(1000.0)
+    viewer.add_image(image, name="img")
+    _run(qtbot, widget)
+    assert widget.status.text().startswith("Done: ")
+    assert "Warning: objects of 1000.0 px would need the image resized" in widget.status.text()
+    assert len(shown) == 1 and "resized by 0.25 (the limit)" in shown[0]
+    widget.diameter_spin.setValue(20.0)  # the next run, within the limit: no warning left
+    _run(qtbot, widget)
+    assert "Warning" not in widget.status.text() and len(shown) == 1
+
+
 @pytest.mark.parametrize(
     "shape, scale, translate, placed",
     [

@@ -90,6 +90,7 @@ class WorkerPanel(QWidget):
         # of the network, not at the end of a tile (seconds on a CPU)
         self.abort = threading.Event()
         self._progress = None
+        self._warnings: list[str] = []  # what the current run warned of
         self._docked = False  # set once napari docks the panel (see event)
         # the controls scroll when the panel is short (all four panels docked in one
         # column made napari's window 1,915 px high, and on a smaller screen wrapped
@@ -206,10 +207,12 @@ class WorkerPanel(QWidget):
         self.abort.clear()
         self._progress = progress(total=total, desc=desc) if activity else None
         self._shown = 0.0
+        self._warnings = []
         connect = {
             "yielded": self._on_worker_yielded,
             "returned": self._on_worker_returned,
             "errored": self._on_worker_errored,  # handled here: shown, not re-raised
+            "warned": self._on_worker_warned,
             "finished": self._on_finished,
         }
         worker = create_worker(
@@ -283,6 +286,22 @@ class WorkerPanel(QWidget):
             return  # the run stopped as asked: the finished handler says so
         self._on_errored(err)
 
+    def _on_worker_warned(self, shown: tuple) -> None:
+        """A warning of napari-unet's raised in the run (an image resized only as far as
+        allowed, a network that shows seams between tiles): napari shows no worker's
+        warnings, so the panel does, in a notification and, once the run has ended,
+        after its status."""
+        from napari.utils.notifications import show_warning
+
+        message, category, filename = shown[:3]
+        if not issubclass(category, (UserWarning, RuntimeWarning)) or (
+            "napari_unet" not in str(filename)
+        ):
+            return  # a library's own (a deprecation): nothing the user can act on
+        if str(message) not in self._warnings:
+            self._warnings.append(str(message))
+            show_warning(f"napari-unet: {message}")
+
     def _on_cancel(self) -> None:
         if self.worker is not None:
             self.abort.set()
@@ -307,6 +326,8 @@ class WorkerPanel(QWidget):
     def _on_finished(self) -> None:
         if self.status.text() == CANCELLING:  # (unless something said more meanwhile)
             self.status.setText(self._cancelled_text)
+        elif self._warnings:
+            self.status.setText(f"{self.status.text()} Warning: {'; '.join(self._warnings)}")
         if self._progress is not None:
             self._progress.close()
             self._progress = None
