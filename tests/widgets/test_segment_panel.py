@@ -827,6 +827,14 @@ def test_the_layers_axis_labels_name_its_axes(panel, qtbot):
     viewer.add_image(rgb, name="rgb", rgb=True, axis_labels=("t", "y", "x"))
     widget.layer_combo.setCurrentText("rgb")
     assert "T: 3 planes" in widget.axes_label.text()
+    # labels that put the channels after y and x: napari shows (x, c) as the image, and
+    # each 40 x 2 sliver was segmented on its own and reported done; refused, said why
+    viewer.add_image(both[:, 0].transpose(1, 2, 0), name="yxc", axis_labels=("y", "x", "c"))
+    widget.layer_combo.setCurrentText("yxc")
+    assert "put 'y' and 'x' before other axes" in widget.axes_label.text()
+    widget._on_run()
+    assert widget.worker is None and "before other axes" in widget.status.text()
+    assert "yxc [unet labels]" not in viewer.layers
 
 
 def test_an_older_result_of_the_same_name_and_another_dimensionality(panel, qtbot):

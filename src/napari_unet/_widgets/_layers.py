@@ -204,13 +204,25 @@ AXIS_NAMES |= {"channels": "C", "y": "Y", "x": "X"}
 
 def labelled_axes(labels, in_channels: int) -> tuple[str | None, str]:
     """The axes a layer's ``axis_labels`` name (``("c", "y", "x")`` -> ``"CYX"``) and a
-    note, or ``(None, "")`` where they do not name every axis with Y, X last. For a
-    one-channel model a channel axis is read as planes, each segmented on its own."""
+    note, or ``(None, "")`` where they do not name every axis, Y and X among them; labels
+    that put Y and X before another axis are refused. For a one-channel model a channel
+    axis is read as planes, each segmented on its own."""
     letters = [AXIS_NAMES.get(str(label).strip().lower()) for label in labels or ()]
     if len(letters) < 3 or None in letters or len(set(letters)) != len(letters):
         return None, ""
-    if letters[-2:] != ["Y", "X"]:
+    if "Y" not in letters or "X" not in letters:
         return None, ""
+    if letters[-2:] != ["Y", "X"]:
+        # napari shows a layer's last two axes as the image: read as labelled, the
+        # result would not lie over what is shown; read as shown, it was each 96 x 2
+        # sliver of a (y, x, c) layer segmented on its own, and reported done
+        raise AxesError(
+            f"the layer's axis labels ({', '.join(map(str, labels))}) put "
+            f"'{labels[letters.index('Y')]}' and '{labels[letters.index('X')]}' before "
+            "other axes, but napari shows a layer's last two axes as the image: open it "
+            "with y and x last (e.g. channels first: numpy.moveaxis(data, -1, 0), or as an "
+            "RGB layer)"
+        )
     if in_channels > 1 and "C" not in letters:
         raise AxesError(
             f"the layer's axis labels ({', '.join(map(str, labels))}) name no channel axis, "
