@@ -103,7 +103,9 @@ def test_a_network_pass_that_cannot_fit_in_memory_is_refused(panel, monkeypatch)
 def test_channels_get_an_axis_of_their_own_beside_a_stack(panel, qtbot):
     viewer, widget = panel
     image = np.random.default_rng(1).random((64, 64)).astype(np.float32)
-    viewer.add_image(np.zeros((4, 64, 64), np.float32), name="stack", scale=(5, 1, 1))
+    viewer.add_image(
+        np.zeros((4, 64, 64), np.float32), name="stack", scale=(5, 1, 1), axis_labels="zyx"
+    )
     viewer.add_image(image, name="img")
     widget.layer_combo.setCurrentText("img")
     widget.region_combo.setCurrentText("whole plane")
@@ -115,6 +117,9 @@ def test_channels_get_an_axis_of_their_own_beside_a_stack(panel, qtbot):
         layer = viewer.layers["img [features enc0]"]
         assert layer.ndim == 4 and layer.data.shape[1] == 1  # C, (Z), Y, X
         assert viewer.dims.ndim == 4  # the channel slider is not the stack's Z slider
+        # and says so (it was '-4'); the other axes keep the names they have
+        assert tuple(layer.axis_labels) == ("channel", "z", "y", "x")
+        assert tuple(viewer.dims.axis_labels) == ("channel", "z", "y", "x")
         # shown at every plane of the stack, as the 2D image is (not only at Z = 0)
         for z in (0.0, 10.0, 15.0):
             viewer.dims.set_point(1, z)

@@ -799,6 +799,7 @@ def test_the_layers_axis_labels_name_its_axes(panel, qtbot):
     model = tiny_model("valid")
     expected = np.stack([predict(c, model).argmax(0) + 1 for c in data[0, :3]])
     np.testing.assert_array_equal(viewer.layers["cyx [unet labels]"].data, expected)
+    assert tuple(viewer.layers["cyx [unet labels]"].axis_labels) == ("c", "y", "x")  # not -3
     # napari's default labels ('-3', ...) name nothing: the shape is read as before
     viewer.add_image(data[0, :3], name="plain")
     widget.layer_combo.setCurrentText("plain")
@@ -814,6 +815,7 @@ def test_the_layers_axis_labels_name_its_axes(panel, qtbot):
     expected = np.stack([predict(both[:, z], two, axes="CYX").argmax(0) + 1 for z in range(2)])
     out = viewer.layers["cz [unet labels]"].data
     np.testing.assert_array_equal(np.squeeze(out), expected)
+    assert tuple(viewer.layers["cz [unet labels]"].axis_labels)[-3:] == ("z", "y", "x")
     # labels that name every axis but no channel axis are not overruled by a guess (the
     # labelled z planes were fed to the network as its two channels)
     viewer.add_image(both, name="tz", axis_labels=("t", "z", "y", "x"))

@@ -25,6 +25,7 @@ class LayerJob:
     channel_at: int | None = None
     units: tuple | None = None  # the layer's units (napari >= 0.6), channel axis as above
     plane: tuple[int, ...] | None = None  # 'current plane': the index on each leading axis
+    axis_labels: tuple | None = None  # the layer's axis labels, as units
 
     def expand(self, array):
         """``array`` (the image's axes without channels) shaped for its output layer."""
@@ -48,6 +49,8 @@ class LayerJob:
         kw = {"scale": self.scale, "translate": self.translate}
         if self.units is not None:
             kw["units"] = self.units
+        if self.axis_labels is not None and len(self.axis_labels) == len(self.scale):
+            kw["axis_labels"] = self.axis_labels  # (napari named a result's 'z' '-3')
         return kw
 
 
@@ -80,8 +83,12 @@ def job_for_layer(layer, model, viewer=None, current_plane=False, visible=False)
         notes.append(f"visible region {region[1] - region[0]} x {region[3] - region[2]}")
     text = summary + ("; " + ", ".join(notes) if notes else "")
     units = getattr(layer, "units", None)  # napari >= 0.6
-    if units is not None and not getattr(layer, "rgb", False):
-        units = [u for u, a in zip(units, layer_axes_) if a != "C"]
+    labels = getattr(layer, "axis_labels", None)
+    if not getattr(layer, "rgb", False):
+        if units is not None:
+            units = [u for u, a in zip(units, layer_axes_) if a != "C"]
+        if labels is not None:
+            labels = [la for la, a in zip(labels, layer_axes_) if a != "C"]
     channel_at = layer_axes_.index("C") if "C" in layer_axes_ else None
     if channel_at == 0 or getattr(layer, "rgb", False):
         channel_at = None  # (C, Z, Y, X): outputs (Z, Y, X) line up with its last axes
@@ -92,6 +99,8 @@ def job_for_layer(layer, model, viewer=None, current_plane=False, visible=False)
         translate.insert(channel_at, layer.translate[channel_at] + (n - 1) / 2 * step)
         if units is not None:
             units.insert(channel_at, layer.units[channel_at])
+        if labels is not None:
+            labels.insert(channel_at, layer.axis_labels[channel_at])
     units = None if units is None else tuple(units)
     return LayerJob(
         layer.name,
@@ -104,6 +113,7 @@ def job_for_layer(layer, model, viewer=None, current_plane=False, visible=False)
         channel_at,
         units,
         plane,
+        None if labels is None else tuple(labels),
     )
 
 

@@ -122,8 +122,9 @@ def _put(viewer, kind: str, name: str, data, kw: dict, run=None, **style) -> tup
         # each assignment re-slices the layer (about 1 s for 8000^2): only what changed
         if not np.allclose(old.scale, kw["scale"]):
             old.scale = kw["scale"]
-        if "units" in kw and tuple(old.units) != tuple(kw["units"]):
-            old.units = kw["units"]
+        for key in ("units", "axis_labels"):
+            if key in kw and tuple(getattr(old, key)) != tuple(kw[key]):
+                setattr(old, key, kw[key])
         if run is not None:
             old.metadata[RUN_KEY] = run
         mark_result(old)

@@ -219,6 +219,9 @@ class FeatureMapPanel(WorkerPanel):
             # the image's units (mixed units misplace layers)
             pad_units = tuple(world_units)[self.viewer.dims.ndim - world :][:pad]
             units = {"units": ("pixel", *pad_units, *job.units)}
+        # the channel axis named (it was '-4'), the others as the viewer names them
+        dims = self.viewer.dims
+        labels = ("channel", *tuple(dims.axis_labels)[dims.ndim - world :])
         self._adding_for = source  # followed while the layers are added (renamed, removed)
         for layer in self.viewer.layers:  # earlier runs' stages, of other regions or models
             if layer.metadata.get(OUTPUT_KEY) == "feature map":
@@ -234,6 +237,7 @@ class FeatureMapPanel(WorkerPanel):
                 colormap="inferno",
                 blending="additive",
                 contrast_limits=_limits(fm.data),
+                axis_labels=labels,
                 **units,
                 metadata={
                     "stage": name,
@@ -321,7 +325,8 @@ class FeatureMapPanel(WorkerPanel):
         if old is not None and OUTPUT_KEY in old.metadata and data.ndim == old.ndim:
             # update in place: removing a layer from the canvas is slower than adding it
             old.data = data
-            for key in ("scale", "translate", "units", "contrast_limits", "metadata", "visible"):
+            keys = ("scale", "translate", "units", "axis_labels", "contrast_limits")
+            for key in (*keys, "metadata", "visible"):
                 if key in kw:
                     setattr(old, key, kw[key])
         else:
