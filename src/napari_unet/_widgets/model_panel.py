@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from qtpy.QtCore import QSize
 from qtpy.QtGui import QFont, QFontDatabase
 from qtpy.QtWidgets import (
     QCheckBox,
@@ -14,6 +15,7 @@ from qtpy.QtWidgets import (
     QLineEdit,
     QPlainTextEdit,
     QPushButton,
+    QSizePolicy,
 )
 
 from napari_unet._widgets._base import WorkerPanel
@@ -73,7 +75,7 @@ class ModelPanel(WorkerPanel):
         )
         form.addRow("Device", self.device_combo)
         self.form.addLayout(form)
-        self.card = QPlainTextEdit()
+        self.card = _Card()
         self.card.setReadOnly(True)
         # the card lines up its values in columns
         font = QFontDatabase.systemFont(QFontDatabase.SystemFont.FixedFont)
@@ -81,8 +83,14 @@ class ModelPanel(WorkerPanel):
         font.setFixedPitch(True)
         self.card.setFont(font)
         self.card.setPlaceholderText("No model loaded.")
-        self.card.setMinimumHeight(160)
-        self.form.addWidget(self.card)
+        # the card is what the panel is for: it takes the room the panel has (it sat in
+        # 190 px with a scroll bar above 560 px of nothing); squeezed by panels docked
+        # below it, it keeps three lines in sight, scrolling (four panels fit 1000 px)
+        lines = self.card.fontMetrics().lineSpacing()
+        self.card.setMinimumHeight(3 * lines + 2 * self.card.frameWidth())
+        self.card.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Expanding)
+        self.form.addWidget(self.card, 1)
+        self.grow_controls()
         browse.clicked.connect(self._on_browse)
         self.model_combo.currentTextChanged.connect(self._on_model_choice)
         self.device_combo.currentTextChanged.connect(self._on_device)
@@ -196,3 +204,10 @@ class ModelPanel(WorkerPanel):
         self._discard = None
         if model is not None:
             self.status.setText(f"In use: {model.info.name}")
+
+
+class _Card(QPlainTextEdit):
+    """The model card: asks for its least height, and takes whatever room there is."""
+
+    def sizeHint(self) -> QSize:  # noqa: N802 - Qt API
+        return QSize(super().sizeHint().width(), self.minimumHeight())
