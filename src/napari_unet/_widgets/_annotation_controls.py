@@ -155,7 +155,10 @@ class AnnotationControls:
         with their reasons."""
         layers = self.annotation_layers()
         if not layers:
-            raise ValueError("no annotation layer: press 'New annotation layer' and paint")
+            raise ValueError(
+                "no annotation layer: press 'New annotation layer' and paint, or select a "
+                "Labels layer of classes and press 'Use selected Labels layer'"
+            )
         pairs, self.skipped = [], []
         for labels in layers:
             pair, why = self._annotation_pair(labels, model)
