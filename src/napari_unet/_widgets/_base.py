@@ -45,7 +45,6 @@ class _Scroll(QScrollArea):
         inner.setSizePolicy(QSizePolicy.Policy.Preferred, QSizePolicy.Policy.Minimum)
         self.setWidget(inner)
         inner.installEventFilter(self)
-        self.least_height = MIN_CONTROLS_HEIGHT
 
     def eventFilter(self, obj, event) -> bool:  # noqa: N802 - Qt API
         # controls added or changed (a model loaded, a message): the panel's size follows
@@ -61,11 +60,7 @@ class _Scroll(QScrollArea):
 
     def minimumSizeHint(self) -> QSize:  # noqa: N802 - Qt API
         hint = self.widget().minimumSizeHint()
-        if self.least_height is None:  # all of them, within the theme's frame
-            height = hint.height() + 2 * self.frameWidth()
-        else:
-            height = min(hint.height(), self.least_height)
-        return QSize(hint.width() + self._bar(), height)
+        return QSize(hint.width() + self._bar(), min(hint.height(), MIN_CONTROLS_HEIGHT))
 
     def sizeHint(self) -> QSize:  # noqa: N802 - Qt API
         hint = self.widget().sizeHint()
@@ -124,15 +119,10 @@ class WorkerPanel(QWidget):
         self.cancel_button.clicked.connect(self._on_cancel)
 
     def grow_controls(self) -> None:
-        """Let the controls take the panel's spare height, and keep their least height
-        in sight, for a panel whose controls end in a widget that can use the room and
-        make do with little, such as the model card. By default they keep the height
-        they ask for, so that panels docked together share a column by it, and scroll
-        below ``MIN_CONTROLS_HEIGHT``; napari squeezes the panels above the one it
-        docks last to their least height (the card was out of sight under the segment
-        panel)."""
+        """Let the controls take the panel's spare height, for a panel whose controls end
+        in a widget that can use the room, such as the model card. By default they keep
+        the height they ask for, so that panels docked together share a column by it."""
         self._scroll.setSizePolicy(QSizePolicy.Policy.Preferred, QSizePolicy.Policy.Expanding)
-        self._scroll.least_height = None
         self._inner.layout().setStretchFactor(self.form, 1)
 
     def add_button_row(self, *widgets: QWidget) -> None:

@@ -84,10 +84,8 @@ class ModelPanel(WorkerPanel):
         self.card.setFont(font)
         self.card.setPlaceholderText("No model loaded.")
         # the card is what the panel is for: it takes the room the panel has (it sat in
-        # 190 px with a scroll bar above 560 px of nothing); squeezed by panels docked
-        # below it, it keeps three lines in sight, scrolling (four panels fit 1000 px)
-        lines = self.card.fontMetrics().lineSpacing()
-        self.card.setMinimumHeight(3 * lines + 2 * self.card.frameWidth())
+        # 190 px with a scroll bar above 560 px of nothing)
+        self.card.setMinimumHeight(160)
         self.card.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Expanding)
         self.form.addWidget(self.card, 1)
         self.grow_controls()
@@ -207,7 +205,8 @@ class ModelPanel(WorkerPanel):
 
 
 class _Card(QPlainTextEdit):
-    """The model card: asks for its least height, and takes whatever room there is."""
+    """The model card: asks for its least height, and takes whatever room there is
+    (QPlainTextEdit asks for a fixed height above it)."""
 
     def sizeHint(self) -> QSize:  # noqa: N802 - Qt API
         return QSize(super().sizeHint().width(), self.minimumHeight())
