@@ -135,6 +135,8 @@ def test_state_dict_weights_run_package_code_only_when_trusted(exported):
 def test_exported_package_contents(exported):
     with zipfile.ZipFile(exported["same"]) as zf:
         names = set(zf.namelist())
+        # unpacked, every file is a regular file others can read (they were 0600)
+        assert {i.external_attr >> 16 for i in zf.infolist()} == {0o100644}
         rdf = yaml.safe_load(zf.read("bioimageio.yaml"))
         cover = zf.read("cover.png")
         arch = zf.read("unet_architecture.py").decode()

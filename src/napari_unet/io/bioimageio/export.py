@@ -9,6 +9,8 @@ import inspect
 import io
 import json
 import re
+import stat
+import time
 import warnings
 import zipfile
 from dataclasses import replace
@@ -361,4 +363,9 @@ def _yaml(rdf: dict) -> bytes:
 def _write_zip(path, files: dict) -> None:
     with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
         for name, data in files.items():
-            zf.writestr(name, data)
+            # a regular file readable by all, as the zip itself (writestr's default,
+            # 0600 without a file type, unpacked to files only their owner could read)
+            info = zipfile.ZipInfo(name, date_time=time.localtime()[:6])
+            info.compress_type = zipfile.ZIP_DEFLATED
+            info.external_attr = (stat.S_IFREG | 0o644) << 16
+            zf.writestr(info, data)
