@@ -1058,7 +1058,22 @@ def test_train_settings_from_a_model_repeat_its_run_exactly(tmp_path, capsys):
     assert "records no training settings" in capsys.readouterr().err
     # the repeat line of a repeated run names the file, which carries every setting
     assert main([*args, "--settings-from", str(version)]) == 0
-    assert f"to repeat this run exactly: --settings-from {again}" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"to repeat this run exactly: --settings-from {again}" in err
+    assert "warning" not in err  # the same base, architecture and files: nothing to say
+    # another base model, or another architecture, is said (the weights came out other)
+    other_base = save_model(tiny_model("same", depth=2, seed=5), tmp_path / "other.safetensors")
+    args[args.index(str(base))] = str(other_base)
+    assert main([*args, "--settings-from", str(version)]) == 0
+    err = capsys.readouterr().err
+    assert "was trained from unet (base.safetensors), given unet (other.safetensors)" in err
+    assert "another architecture" not in err
+    new_net = '{"depth": 1, "base_width": 4, "padding": "same", "num_classes": 3}'
+    args[args.index(str(other_base))] = new_net
+    assert main([*args, "--settings-from", str(version)]) == 0
+    err = capsys.readouterr().err
+    assert "given none (random weights)" in err and "has another architecture" in err
+    args[args.index(new_net)] = str(base)
     # other steps given: not where the recorded run was stopped
     assert main([*args, "--settings-from", str(version), "--steps", "5"]) == 0
     assert load_model(again).info.provenance["steps"] == 5

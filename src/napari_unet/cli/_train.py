@@ -77,6 +77,7 @@ def cmd_train(args) -> int:
     model = _base_model(args.model, _classes(args))
     if args.settings_from:
         _warn_other_files(args, recorded)
+        _warn_other_base(args, recorded, model)
     stop, started = threading.Event(), threading.Event()
     gen = train_iter(
         model,
@@ -142,6 +143,29 @@ def _warn_other_files(args, recorded: dict) -> None:
                 f"{was or 'none'}, given {names or 'none'}: the run will differ",
                 file=sys.stderr,
             )
+
+
+def _warn_other_base(args, recorded: dict, model) -> None:
+    """Say where a repeated run starts from another model, or another architecture,
+    than the one recorded (its weights came out different without a word)."""
+    from napari_unet.core.training import base_name
+    from napari_unet.io import load_model
+
+    was, given = recorded.get("base_model"), base_name(model.info)
+    if was is not None and str(was) != given:
+        print(
+            f"warning: {args.settings_from} was trained from {was}, given {given}: "
+            "the run will differ",
+            file=sys.stderr,
+        )
+    arch = getattr(load_model(args.settings_from).net, "config", None)
+    now = getattr(model.net, "config", None)
+    if arch is not None and now is not None and arch != now:
+        print(
+            f"warning: {args.settings_from} has another architecture ({arch}) than the "
+            f"network given ({now}): the run will differ",
+            file=sys.stderr,
+        )
 
 
 def _save_or_rescue(model, path: Path) -> str:

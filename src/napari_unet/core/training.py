@@ -276,12 +276,17 @@ def check_trainable(model: LoadedModel) -> None:
 _KEPT_PROVENANCE = ("authors", "license", "cite")
 
 
+def base_name(info) -> str:
+    """How a model trained from the model ``info`` describes it: its ``base_model``."""
+    if not info.source and not info.provenance:  # a new network: no base to name
+        return "none (random weights)"
+    source = f" ({Path(info.source).name})" if info.source else ""
+    return f"{info.name or 'unnamed'}{source}"
+
+
 def _result(net, model, cfg, steps, data_name, kind, metrics) -> LoadedModel:
     base = model.info
-    source = f" ({Path(base.source).name})" if base.source else ""
-    parent = f"{base.name or 'unnamed'}{source}"
-    if not base.source and not base.provenance:  # a new network: no base to name
-        parent = "none (random weights)"
+    parent = base_name(base)
     earlier = base.provenance.get("lineage")
     provenance = {
         **{k: v for k, v in base.provenance.items() if k in _KEPT_PROVENANCE},
