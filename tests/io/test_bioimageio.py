@@ -172,6 +172,22 @@ def test_export_takes_the_licence_and_citations_the_weights_record(tmp_path):
         assert yaml.safe_load(zf.read("bioimageio.yaml"))["license"] == "CC-BY-NC-4.0"
 
 
+def test_how_a_model_was_made_survives_export(tmp_path):
+    """A package's card said nothing of the base model, data, steps or settings of the
+    model it was exported from (all of it was in the .safetensors card)."""
+    model = tiny_model("same")
+    made = {"base_model": "nuclei (nuclei.safetensors)", "lineage": "nuclei (nuclei.safetensors)",
+            "training_data": "img0.tif, img1.tif", "steps": 91, "seed": 0,
+            "train_config": {"lr": 0.001, "batch_size": 4}}  # fmt: skip
+    model.info.provenance.update(made, model_card="nuclei.md beside the weights file")
+    package = load_package(export_package(model, tmp_path / "ft.zip"))
+    assert {k: package.info.provenance.get(k) for k in made} == made
+    assert "model_card" not in package.info.provenance  # (no such file beside a package)
+    assert package.info.provenance["weights"].startswith("torchscript")  # the package's own
+    card = package.info.card()
+    assert "base_model:    nuclei (nuclei.safetensors)" in card and "steps:         91" in card
+
+
 def test_export_refuses_other_networks_and_names(tmp_path, exported):
     with pytest.raises(ModelFileError, match="only napari-unet U-Nets"):
         export_package(load_package(exported["same"]), tmp_path / "again.zip")
@@ -649,6 +665,10 @@ def test_declared_sizes_are_bounded_before_they_size_an_array(tmp_path, exported
         (
             lambda r: r.update(config={"napari_unet": {"object_diameter": "big"}}),
             "'object_diameter' must be a positive number",
+        ),
+        (
+            lambda r: r.update(config={"napari_unet": {"provenance": ["steps", 5]}}),
+            "'config.napari_unet.provenance' must be a mapping",
         ),
     ],
 )

@@ -40,9 +40,14 @@ def _listed(value) -> list:
     return value if isinstance(value, list) else [value]
 
 
-def _provenance(spec: _Spec, fmt: str, entry: dict, notes: dict) -> dict:
+def _provenance(spec: _Spec, fmt: str, entry: dict, notes: dict, own: dict, label: str) -> dict:
+    """The package's credit and weights, after how the model was made where napari-unet
+    exported it (``config.napari_unet.provenance``: base model, data, steps, settings)."""
     rdf = spec.rdf
-    p = {}
+    made = own.get("provenance") or {}
+    if not isinstance(made, dict) or not all(isinstance(k, str) for k in made):
+        raise ModelFileError(f"{label}: 'config.napari_unet.provenance' must be a mapping")
+    p = dict(made)
     if rdf.get("authors"):
         p["authors"] = ", ".join(_person(a) for a in _listed(rdf["authors"]))
     if rdf.get("license"):
@@ -121,7 +126,7 @@ def load_package(source, trust_code: bool = False, weights_format: str | None = 
             instances=config.get("instances"),
             pixel_size=_pixel_size(inp) or config.get("pixel_size"),
             description=" ".join(str(rdf.get("description", "")).split()),
-            provenance=_provenance(spec, fmt, entry, notes),
+            provenance=_provenance(spec, fmt, entry, notes, config, rdf_name),
             source=str(source),
             format="bioimageio",
             fixed_input=fixed,

@@ -237,9 +237,22 @@ def _rdf(net, info: ModelInfo, tensors: tuple, files: dict, names: dict, meta: d
         "inputs": [inputs],
         "outputs": [outputs],
         "weights": _rdf_weights(net, files, names),
-        "config": {"napari_unet": {k: getattr(info, k) for k in keep}},
+        "config": {"napari_unet": {**{k: getattr(info, k) for k in keep}, **_trained(info)}},
     }
     return _plain(rdf)
+
+
+# provenance the RDF holds in fields of its own, or that names the weights file's
+# surroundings (its model card "beside the weights file")
+_CREDIT_AND_FILE = ("authors", "license", "cite", "model_card")
+
+
+def _trained(info: ModelInfo) -> dict:
+    """How the model was made (base model, data, steps, seed, settings), for
+    ``napari-unet info`` of the package; credit (authors, licence, citations) is in the
+    RDF's own fields."""
+    made = {k: v for k, v in info.provenance.items() if k not in _CREDIT_AND_FILE}
+    return {"provenance": made} if made else {}
 
 
 def _tensor_descriptions(info: ModelInfo, g: Geometry) -> tuple[dict, dict]:
