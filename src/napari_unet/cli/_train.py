@@ -69,7 +69,8 @@ def cmd_train(args) -> int:
     # repeated, images and labels are never replaced
     protected = [args.model, *([args.settings_from] if args.settings_from else []), *inputs]
     outputs.check_writable(Path(args.output), protected)
-    recorded = _recorded(args.settings_from)  # the provenance of a run to repeat
+    # the provenance and architecture of a run to repeat
+    recorded, recorded_arch = _recorded(args.settings_from)
     kind = args.label_kind or recorded.get("label_kind")
     args.label_kind = kind if kind in LABEL_KINDS else "sparse"
     config = _config(args, recorded)
@@ -77,7 +78,7 @@ def cmd_train(args) -> int:
     model = _base_model(args.model, _classes(args))
     if args.settings_from:
         _warn_other_files(args, recorded)
-        _warn_other_base(args, recorded, model)
+        _warn_other_base(args, recorded, recorded_arch, model)
     stop, started = threading.Event(), threading.Event()
     gen = train_iter(
         model,
@@ -145,11 +146,10 @@ def _warn_other_files(args, recorded: dict) -> None:
             )
 
 
-def _warn_other_base(args, recorded: dict, model) -> None:
+def _warn_other_base(args, recorded: dict, arch, model) -> None:
     """Say where a repeated run starts from another model, or another architecture,
     than the one recorded (its weights came out different without a word)."""
     from napari_unet.core.training import base_name
-    from napari_unet.io import load_model
 
     was, given = recorded.get("base_model"), base_name(model.info)
     if was is not None and str(was) != given:
@@ -158,7 +158,6 @@ def _warn_other_base(args, recorded: dict, model) -> None:
             "the run will differ",
             file=sys.stderr,
         )
-    arch = getattr(load_model(args.settings_from).net, "config", None)
     now = getattr(model.net, "config", None)
     if arch is not None and now is not None and arch != now:
         print(
@@ -245,11 +244,15 @@ def _config(args, recorded: dict | None = None):
     return make(**given, device=args.device, seed=0 if args.seed is None else args.seed)
 
 
-def _recorded(path: str | None) -> dict:
-    """The provenance of the model file ``path`` (empty for None)."""
+def _recorded(path: str | None) -> tuple[dict, object]:
+    """The provenance of the model file ``path`` and its architecture (its network's
+    config; None for a network that is not a project U-Net); ``({}, None)`` for None."""
     from napari_unet.io import load_model
 
-    return load_model(path).info.provenance if path else {}
+    if not path:
+        return {}, None
+    model = load_model(path)
+    return model.info.provenance, getattr(model.net, "config", None)
 
 
 def recorded_settings(path: str, provenance: dict) -> dict:

@@ -95,11 +95,16 @@ def check_recipe(recipe: dict, classes: list[str] | None, num_classes: int) -> N
             raise ValueError(f"instance recipe {key} must be {span}, got {value!r}")
 
 
+def label_dtype(num_classes: int) -> np.dtype:
+    """The dtype of class indices: uint8, or uint16 from 256 classes on."""
+    return np.dtype(np.uint8 if num_classes < 256 else np.uint16)
+
+
 def class_labels(probs: np.ndarray, dtype=None) -> np.ndarray:
     """Arg-max class per pixel of ``(K, ..., Y, X)`` probabilities (``> 0.5`` if K == 1),
-    as ``dtype`` (by default uint8, or uint16 from 256 classes on)."""
+    as ``dtype`` (by default :func:`label_dtype`)."""
     if dtype is None:
-        dtype = np.uint8 if probs.shape[0] < 256 else np.uint16
+        dtype = label_dtype(probs.shape[0])
     if probs.shape[0] == 1:
         return (probs[0] > 0.5).astype(dtype)
     return probs.argmax(axis=0).astype(dtype)

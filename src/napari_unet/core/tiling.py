@@ -32,7 +32,7 @@ from napari_unet.core import normalize as norm
 from napari_unet.core.axes import resolve_axes
 from napari_unet.core.cancel import Cancelled, stoppable
 from napari_unet.core.device import is_oom, resolve_device
-from napari_unet.core.postprocess import class_labels
+from napari_unet.core.postprocess import class_labels, label_dtype
 from napari_unet.core.tile_plan import (
     auto_tile,
     checked_region,
@@ -205,9 +205,7 @@ def predict(image, model: LoadedModel, callback=None, **kwargs) -> np.ndarray:
 def output_dtype(output: str, n_classes: int) -> np.dtype:
     """What :func:`predict_iter` writes: float32 probabilities, else class indices in
     uint8, or uint16 from 256 classes on."""
-    if output == "probabilities":
-        return np.dtype(np.float32)
-    return np.dtype(np.uint8 if n_classes < 256 else np.uint16)
+    return np.dtype(np.float32) if output == "probabilities" else label_dtype(n_classes)
 
 
 def _allocate(out, output, n_classes, lead, yx):
