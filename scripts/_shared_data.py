@@ -84,6 +84,9 @@ def add_run_args(p, steps: int, out: Path) -> None:
     p.add_argument("--init", help="continue from this model (bundled name or file)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
     p.add_argument("--device", default="cpu")
+    p.add_argument(
+        "--workers", type=int, default=0, help="processes drawing patches (0: in the loop)"
+    )
     p.add_argument("--max-seconds", type=float, help="wall-time budget; the schedule follows it")
     p.add_argument(
         "--bf16", action="store_true", help="bfloat16 autocast (2x faster on AVX512-BF16 CPUs)"

@@ -95,6 +95,7 @@ def build(args) -> tuple:
         val_every=100,
         seed=args.seed,
         device=args.device,
+        workers=args.workers,
         max_seconds=args.max_seconds,
         bf16=args.bf16,
         checkpoint=str(Path(args.out).with_name("checkpoint.safetensors")),

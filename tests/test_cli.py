@@ -514,12 +514,22 @@ def test_train_is_reproducible_from_scratch_and_refuses_bad_settings(tmp_path, c
         assert main(_train_args(tmp_path, tmp_path / f"{name}.safetensors", steps=2)) == 0
     a, b = (load_model(tmp_path / f"{n}.safetensors").net.state_dict() for n in "ab")
     assert all(torch.equal(a[k], b[k]) for k in a)  # the initial weights are seeded too
+    # workers draw each batch from its own seed: their number does not change the run
+    for name, n in (("w1", "1"), ("w2", "2")):
+        out = tmp_path / f"{name}.safetensors"
+        assert main([*_train_args(tmp_path, out, steps=2), "--workers", n]) == 0
+    w1, w2 = (load_model(tmp_path / f"{n}.safetensors") for n in ("w1", "w2"))
+    assert all(torch.equal(w1.net.state_dict()[k], w2.net.state_dict()[k]) for k in a)
+    assert w2.info.provenance["train_config"]["workers"] == 2
     capsys.readouterr()
     bad = _train_args(tmp_path, tmp_path / "c.safetensors")
     assert main([*bad, "--batch-size", "0"]) == 1
     assert "batch_size must be a whole number of at least 1" in capsys.readouterr().err
     assert main([*bad, "--val-labels", str(tmp_path / "lab.tif")]) == 1
     assert "0 validation images but 1 label images" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # argparse: its usage line and exit status 2
+        main([*bad, "--workers", "-1"])
+    assert "--workers: must be between 0 and 256, got -1" in capsys.readouterr().err
     # instance masks given as strokes (the default kind): the error says what to do
     strokes = _train_args(tmp_path, tmp_path / "c.safetensors")
     strokes[strokes.index("--label-kind") + 1] = "sparse"

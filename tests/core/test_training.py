@@ -94,6 +94,47 @@ def test_training_is_deterministic_with_a_seed(data):
         assert torch.equal(runs[0][k], runs[1][k]), k
 
 
+def _children() -> set[int]:
+    import multiprocessing
+
+    return {c.pid for c in multiprocessing.active_children()}
+
+
+def test_workers_draw_the_same_batches_whatever_their_number(data):
+    image, labels = data
+    runs = {}
+    for workers in (0, 1, 3):
+        cfg = _cfg(steps=6, workers=workers)
+        r = train(tiny_model("same", depth=2), [image], [labels], "instances", cfg)
+        runs[workers] = r.net.state_dict()
+        assert r.info.provenance["train_config"]["workers"] == workers
+    for k in runs[1]:  # batch n comes from (seed, n) in whichever process draws it
+        assert torch.equal(runs[1][k], runs[3][k]), k
+    # ... a stream of its own: not the run without workers (documented)
+    assert any(not torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
+    assert not _children()  # the workers ended with the run
+
+
+def test_a_run_with_workers_learns_and_a_stopped_one_ends_its_workers(data):
+    image, labels = data
+    model = tiny_model("same", depth=2)
+    steps = []
+    cfg = _cfg(steps=40, lr=1e-2, val_every=20, workers=2)
+    train(model, [image], [labels], "instances", cfg, callback=steps.append)
+    assert [s.step for s in steps] == list(range(1, 41))
+    assert np.mean([s.loss for s in steps[-8:]]) < np.mean([s.loss for s in steps[:8]])
+    gen = train_iter(model, [image], [labels], "instances", _cfg(steps=100, workers=2))
+    for _ in range(3):
+        next(gen)
+    assert len(_children()) == 2
+    gen.close()  # (Cancel in the panels)
+    assert not _children()
+    with pytest.raises(ValueError, match="workers must be a whole number of at least 0"):
+        _cfg(workers=-1)
+    with pytest.raises(ValueError, match="workers must be at most 256"):
+        _cfg(workers=10_000)
+
+
 def test_validation_metrics_and_checkpoints(tmp_path, data):
     image, labels = data
     ckpt = tmp_path / "ckpt.safetensors"
@@ -615,7 +656,7 @@ def test_channel_last_images_train_as_they_segment(data):
 
 
 def test_short_runs_reach_the_learning_rate_and_validation_errors_say_so(data):
-    from napari_unet.core.training import _lr
+    from napari_unet.core.train_step import learning_rate as _lr
 
     cfg = _cfg(steps=5, warmup=20, lr=1e-3)
     assert max(_lr(cfg, s) for s in range(1, 6)) == pytest.approx(1e-3)

@@ -170,6 +170,14 @@ def _add_train(sub) -> None:
         help="auto: CUDA, then Apple MPS, then the CPU (default: %(default)s)",
     )
     tr.add_argument(
+        "--workers",
+        type=_number(int, 0, 256),
+        help="processes that draw and augment the training patches beside the training "
+        "loop (default 0: in the loop). On a GPU one CPU core cannot keep up: give about "
+        "the number of free cores. With workers each batch has a seed of its own, so any "
+        "number of workers repeats the same run (a different one from no workers)",
+    )
+    tr.add_argument(
         "--seed",
         type=_number(int, 0, 2**32 - 1),
         help="random seed of patches, augmentation and new weights: the same seed, data "

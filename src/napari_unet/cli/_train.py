@@ -217,6 +217,7 @@ def _config(args, recorded: dict | None = None):
         "class_weighting": args.class_weights,
         "contact_w0": args.contact_weight,
         "bf16": args.bf16 or None,
+        "workers": args.workers,
     }
     given = {k: v for k, v in given.items() if v is not None}
     if args.unlabelled:  # they are only used to adapt the batch-norm statistics

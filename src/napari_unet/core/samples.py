@@ -4,7 +4,10 @@ from them with the halo a valid-padding network needs (:class:`PatchSampler`).""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import multiprocessing
+import signal
+from collections import deque
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -255,3 +258,49 @@ class PatchSampler:
     def batch(self, n: int, aug: bool = True):
         parts = [self.draw(aug) for _ in range(n)]
         return tuple(torch.from_numpy(np.stack(p)) for p in zip(*parts))
+
+
+def batch_stream(sampler: PatchSampler, cfg: TrainConfig) -> Iterator[tuple]:
+    """The training batches of steps 1, 2, ... ``cfg.steps``: drawn by ``sampler`` in
+    the loop, or with ``cfg.workers`` by that many processes, a few batches ahead.
+
+    With workers, batch n comes from the random stream (seed, n), whichever process
+    draws it, so that the number of workers does not change the run. Closing the
+    stream (or the generator that iterates it) ends the processes.
+    """
+    if not cfg.workers:
+        for _ in range(cfg.steps):
+            yield sampler.batch(cfg.batch_size)
+        return
+    # fork shares the prepared images with the workers; elsewhere they are pickled
+    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    pool = multiprocessing.get_context(method).Pool(cfg.workers, _adopt, (sampler,))
+    try:
+        pending: deque = deque()
+        for step in range(1, cfg.steps + 1):
+            while len(pending) < 2 * cfg.workers and step + len(pending) <= cfg.steps:
+                job = (cfg.seed, step + len(pending), cfg.batch_size)
+                pending.append(pool.apply_async(_draw_batch, (job,)))
+            yield tuple(torch.from_numpy(a) for a in pending.popleft().get())
+    finally:
+        pool.terminate()
+        pool.join()
+
+
+_WORKER_SAMPLER: PatchSampler | None = None
+
+
+def _adopt(sampler: PatchSampler) -> None:
+    """A worker process's start: the sampler it draws with. Ctrl-C is the run's to
+    handle (it ends the workers): each worker printed a traceback of its own."""
+    global _WORKER_SAMPLER
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _WORKER_SAMPLER = sampler
+
+
+def _draw_batch(job: tuple[int, int, int]) -> tuple[np.ndarray, ...]:
+    """One batch, in a worker: (seed, step, size) -> stacked inputs, targets, weights."""
+    seed, step, n = job
+    _WORKER_SAMPLER.rng = np.random.default_rng([seed, step])
+    parts = [_WORKER_SAMPLER.draw() for _ in range(n)]
+    return tuple(np.stack(p) for p in zip(*parts))

@@ -52,6 +52,11 @@ class TrainConfig:
     val_patches: int = 16
     seed: int = 0
     device: str = "auto"
+    # processes drawing the patches beside the training loop (0: in the loop itself). A
+    # GPU step outpaces one CPU core's augmentation several times over. With workers,
+    # batch n is drawn from its own seed (seed, n): the run is the same for any number
+    # of workers, and differs from the run without them
+    workers: int = 0
     freeze_encoder: bool = False
     # fine-tuning on few annotations (see TrainConfig.finetune):
     adapt_norm: bool = False  # re-estimate batch-norm statistics on the images first
@@ -181,13 +186,13 @@ def _check_types(cfg: TrainConfig) -> None:
 
 # the largest batch and patch: a batch of 1e9 patches (a typo, or a hostile model file's
 # settings) filled the memory with no message, and no Ctrl-C stopped it
-MOST = {"batch_size": 1024, "patch_size": 8192, "val_patches": 4096}
+MOST = {"batch_size": 1024, "patch_size": 8192, "val_patches": 4096, "workers": 256}
 
 
 def _check_counts(cfg: TrainConfig) -> None:
     """Whole numbers at least their least value (``stop_after``: None = off)."""
     least = {"steps": 1, "batch_size": 1, "patch_size": 1, "val_patches": 1, "val_every": 0}
-    least.update(checkpoint_every=1, seed=0, stop_after=1, warmup=0)
+    least.update(checkpoint_every=1, seed=0, stop_after=1, warmup=0, workers=0)
     for name, low in least.items():
         value = getattr(cfg, name)
         if name == "stop_after" and value is None:

@@ -12,9 +12,9 @@ Labels come as dense class masks, dense instance masks (turned into background
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import datetime
-import math
 import time
 import warnings
 from collections.abc import Callable, Generator, Sequence
@@ -27,8 +27,14 @@ import torch
 from napari_unet.core.adaptation import adapt_norm, add_pseudo_labels
 from napari_unet.core.cancel import Cancelled
 from napari_unet.core.device import fast_bf16, resolve_device
-from napari_unet.core.loss import evaluate_patches, loss_fn
-from napari_unet.core.samples import PatchSampler, normalized_plane, prepare, with_convention
+from napari_unet.core.loss import evaluate_patches
+from napari_unet.core.samples import (
+    PatchSampler,
+    batch_stream,
+    normalized_plane,
+    prepare,
+    with_convention,
+)
 from napari_unet.core.train_config import (
     OVERRUN,
     STOPPED_EARLY,
@@ -36,6 +42,7 @@ from napari_unet.core.train_config import (
     TrainConfig,
     TrainStep,
 )
+from napari_unet.core.train_step import Stepper, diverged, learning_rate, planned_steps
 from napari_unet.model.info import LoadedModel
 from napari_unet.model.unet import UNet, for_training, to_layout
 
@@ -94,7 +101,7 @@ def train_iter(
         yield Phase("timing the steps")
     # the budget counts from here: the setup above (seconds) is not training
     start = time.perf_counter()
-    run.cfg = replace(cfg, steps=_planned_steps(run.net, samples, model, cfg, dev))
+    run.cfg = replace(cfg, steps=planned_steps(run.net, samples, model, cfg, dev))
     if should_stop is not None and should_stop():  # (setup takes seconds: asked meanwhile)
         raise Cancelled(STOPPED_EARLY)
     yield from run.steps(sampler, val, should_stop, start)
@@ -145,12 +152,18 @@ class _Run:
     def steps(self, sampler, val, should_stop, start: float) -> Generator[TrainStep, None, None]:
         """The optimisation steps, a :class:`TrainStep` after each."""
         cfg, net = self.cfg, self.net
-        stepper = _Stepper(net, cfg, self.dev)
+        stepper = Stepper(net, cfg, self.dev)
+        with contextlib.closing(batch_stream(sampler, cfg)) as stream:  # (ends workers)
+            yield from self._steps(stepper, stream, val, should_stop, start)
+
+    def _steps(self, stepper, stream, val, should_stop, start: float):
+        """:meth:`steps` on the batches of ``stream``."""
+        cfg, net = self.cfg, self.net
         away = 0.0  # seconds spent suspended at ``yield``
-        for step in range(1, cfg.steps + 1):
+        for step, batch in enumerate(stream, 1):
             self.step = step
-            lr = _lr(cfg, step)
-            loss = stepper.step(sampler.batch(cfg.batch_size), lr, step)
+            lr = learning_rate(cfg, step)
+            loss = stepper.step(batch, lr, step)
             elapsed = time.perf_counter() - start - away
             last = _last_step(cfg, step, elapsed, should_stop)
             self.metrics = {}
@@ -159,7 +172,7 @@ class _Run:
                 net.train()
             if cfg.checkpoint and step % cfg.checkpoint_every == 0:
                 if not _healthy(net, self.probe, self.dev):  # never a diverged network
-                    _diverged(step, cfg)
+                    diverged(step, cfg)
                 from napari_unet.io.files import save_model
 
                 save_model(self.result(net), cfg.checkpoint)
@@ -190,7 +203,7 @@ class _Run:
         """The trained model, on the CPU (refused if it diverged)."""
         net = self.net.eval().cpu()
         if not _healthy(net, self.probe, torch.device("cpu")):
-            _diverged(self.step, self.cfg)
+            diverged(self.step, self.cfg)
         for p in net.parameters():  # a frozen encoder is frozen for this run only
             p.requires_grad_(True)
         return self.result(net)
@@ -249,13 +262,6 @@ def _healthy(net, probe: torch.Tensor, dev) -> bool:
     return bool(torch.isfinite(out).all())
 
 
-def _diverged(step: int, cfg: TrainConfig):
-    raise ValueError(
-        f"training diverged by step {step} (the loss or the weights are no longer finite "
-        f"numbers): nothing was saved; lower the learning rate (it was {cfg.lr:g})"
-    )
-
-
 def check_trainable(model: LoadedModel) -> None:
     """Refuse a network this module cannot train (before any work is done for it)."""
     if not isinstance(model.net, UNet):
@@ -308,87 +314,6 @@ def train(model, images, labels, kind="instances", config=None, callback=None, *
     from napari_unet.core.tiling import run_to_end
 
     return run_to_end(train_iter(model, images, labels, kind, config, **kwargs), callback)
-
-
-def _trainable(net, cfg: TrainConfig):
-    for p in net.parameters():  # whatever an earlier run or the caller left
-        p.requires_grad_(True)
-    if not cfg.freeze_encoder:
-        return list(net.parameters())
-    for p in _frozen(net).parameters():
-        p.requires_grad_(False)
-    return [p for p in net.parameters() if p.requires_grad]
-
-
-def _frozen(net) -> torch.nn.ModuleList:
-    """The encoder stages (frozen by ``freeze_encoder``)."""
-    names = getattr(net, "stage_names", [])
-    return torch.nn.ModuleList(getattr(net, n) for n in names if n.startswith("enc"))
-
-
-def _planned_steps(net, samples, model: LoadedModel, cfg: TrainConfig, dev) -> int:
-    """How many steps fit in ``cfg.max_seconds`` (at most ``cfg.steps``), from four
-    training steps of a copy of ``net`` on batches of its own: the run's network,
-    random streams and schedule are left as they were."""
-    if cfg.max_seconds is None:
-        return cfg.steps
-    torch_state = torch.get_rng_state()
-    trial = _Stepper(copy.deepcopy(net).train(), cfg, dev)
-    sampler = PatchSampler(samples, model, cfg, np.random.default_rng(cfg.seed + 2))
-    times = []
-    for _ in range(4):  # whole steps, optimiser and anchor included
-        t0 = time.perf_counter()
-        trial.step(sampler.batch(cfg.batch_size), cfg.lr, 0)
-        times.append(time.perf_counter() - t0)
-    torch.set_rng_state(torch_state)
-    # the first step pays for allocations; a run that turns out slower stops at
-    # OVERRUN x the budget (and is repeated by stop_after), one that turns out faster
-    # leaves time unused: the median of the others
-    per_step = float(np.median(times[1:]))
-    return max(1, min(cfg.steps, int((cfg.max_seconds - sum(times)) / per_step)))
-
-
-class _Stepper:
-    """One optimisation step of ``net``: forward, loss (with the L2-SP anchor), update."""
-
-    def __init__(self, net, cfg: TrainConfig, dev) -> None:
-        self.net, self.cfg, self.dev = net, cfg, dev
-        self.params = _trainable(net, cfg)
-        self.anchor = [p.detach().clone() for p in self.params] if cfg.anchor > 0 else None
-        decay = 0.0 if self.anchor else cfg.weight_decay
-        self.opt = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=decay)
-
-    def step(self, batch, lr: float, step: int) -> torch.Tensor:
-        cfg, net = self.cfg, self.net
-        for group in self.opt.param_groups:
-            group["lr"] = lr
-        x, t, w = (a.to(self.dev) for a in batch)
-        if cfg.freeze_encoder:  # its batch-norm statistics stay as they are too
-            _frozen(net).eval()
-        with torch.autocast(self.dev.type, torch.bfloat16, enabled=cfg.bf16):
-            logits = net(to_layout(x, net))
-        loss = loss_fn(logits.float(), t, w, cfg.dice, cfg.hard_fraction)
-        total = loss
-        if self.anchor is not None:
-            pull = sum(((p - p0) ** 2).sum() for p, p0 in zip(self.params, self.anchor))
-            total = loss + cfg.anchor * pull
-        if not torch.isfinite(total):
-            _diverged(step, cfg)
-        self.opt.zero_grad(set_to_none=True)
-        total.backward()
-        self.opt.step()
-        return loss
-
-
-def _lr(cfg: TrainConfig, step: int) -> float:
-    # at most a fifth of the run warms up (5 steps with a warm-up of 20 never reached lr)
-    warmup = min(cfg.warmup, cfg.steps // 5)
-    if step <= warmup:
-        return cfg.lr * step / max(1, warmup)
-    if cfg.schedule == "constant":
-        return cfg.lr
-    t = min((step - warmup) / max(1, cfg.steps - warmup), 1.0)
-    return cfg.lr * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * t)))
 
 
 def _short_config(cfg: TrainConfig) -> dict:
