@@ -115,6 +115,24 @@ def test_workers_draw_the_same_batches_whatever_their_number(data):
     assert not _children()  # the workers ended with the run
 
 
+def test_workers_started_by_spawn_draw_the_same_batches(data, monkeypatch):
+    """macOS and Windows have no fork: their workers get the sampler pickled."""
+    import multiprocessing
+
+    image, labels = data
+    cfg = _cfg(steps=3, workers=1)
+    forked = train(tiny_model("same", depth=2), [image], [labels], "instances", cfg)
+    monkeypatch.setattr(multiprocessing, "get_all_start_methods", lambda: ["spawn"])
+    methods, get_context = [], multiprocessing.get_context
+    monkeypatch.setattr(
+        multiprocessing, "get_context", lambda m: methods.append(m) or get_context(m)
+    )
+    spawned = train(tiny_model("same", depth=2), [image], [labels], "instances", cfg)
+    assert methods == ["spawn"]
+    a, b = forked.net.state_dict(), spawned.net.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_a_run_with_workers_learns_and_a_stopped_one_ends_its_workers(data):
     image, labels = data
     model = tiny_model("same", depth=2)
