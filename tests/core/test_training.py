@@ -115,6 +115,23 @@ def test_workers_draw_the_same_batches_whatever_their_number(data):
     assert not _children()  # the workers ended with the run
 
 
+def test_a_worker_that_dies_ends_the_run_with_a_message_not_a_wait_forever(data):
+    import multiprocessing
+    import os
+    import signal
+
+    image, labels = data
+    gen = train_iter(tiny_model("same", depth=2), [image], [labels], "instances",
+                     _cfg(steps=200, workers=2))  # fmt: skip
+    next(gen)
+    with pytest.raises(RuntimeError, match="drawing training patches ended unexpectedly"):
+        for _ in range(3):  # (as the out-of-memory killer does; a lost batch hung the run)
+            for child in multiprocessing.active_children():
+                os.kill(child.pid, signal.SIGKILL)
+            next(gen)
+    assert not _children()
+
+
 def test_workers_started_by_spawn_draw_the_same_batches(data, monkeypatch):
     """macOS and Windows have no fork: their workers get the sampler pickled."""
     import multiprocessing

@@ -8,6 +8,8 @@ import multiprocessing
 import signal
 from collections import deque
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -266,7 +268,8 @@ def batch_stream(sampler: PatchSampler, cfg: TrainConfig) -> Iterator[tuple]:
 
     With workers, batch n comes from the random stream (seed, n), whichever process
     draws it, so that the number of workers does not change the run. Closing the
-    stream (or the generator that iterates it) ends the processes.
+    stream (or the generator that iterates it) ends the processes; a worker that dies
+    (killed, out of memory) ends the run with a message instead of a wait forever.
     """
     if not cfg.workers:
         for _ in range(cfg.steps):
@@ -274,17 +277,24 @@ def batch_stream(sampler: PatchSampler, cfg: TrainConfig) -> Iterator[tuple]:
         return
     # fork shares the prepared images with the workers; elsewhere they are pickled
     method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-    pool = multiprocessing.get_context(method).Pool(cfg.workers, _adopt, (sampler,))
+    context = multiprocessing.get_context(method)
+    pool = ProcessPoolExecutor(cfg.workers, context, initializer=_adopt, initargs=(sampler,))
+    pending: deque = deque()
     try:
-        pending: deque = deque()
         for step in range(1, cfg.steps + 1):
-            while len(pending) < 2 * cfg.workers and step + len(pending) <= cfg.steps:
-                job = (cfg.seed, step + len(pending), cfg.batch_size)
-                pending.append(pool.apply_async(_draw_batch, (job,)))
-            yield tuple(torch.from_numpy(a) for a in pending.popleft().get())
-    finally:
-        pool.terminate()
-        pool.join()
+            try:
+                while len(pending) < 2 * cfg.workers and step + len(pending) <= cfg.steps:
+                    job = (cfg.seed, step + len(pending), cfg.batch_size)
+                    pending.append(pool.submit(_draw_batch, job))
+                arrays = pending.popleft().result()
+            except BrokenProcessPool:
+                raise RuntimeError(
+                    f"a process drawing training patches ended unexpectedly (killed, or out "
+                    f"of memory?) at step {step}: train again with fewer workers or none"
+                ) from None
+            yield tuple(torch.from_numpy(a) for a in arrays)
+    finally:  # (the batches in hand are drawn to their end: a fraction of a second)
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 _WORKER_SAMPLER: PatchSampler | None = None
