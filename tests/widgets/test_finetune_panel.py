@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from conftest import plugin_viewer, tiny_model
+from napari_unet._widgets._annotations import pair_labels
 from napari_unet._widgets._layers import viewer_camera
 from napari_unet.core import synthetic
 from napari_unet.core.targets import instances_to_classes
@@ -346,6 +347,9 @@ def test_start_from_prediction_refuses_annotations_of_another_size(panel, qtbot)
     other = viewer.add_labels(np.zeros((30, 40), np.uint8), name="my labels")
     viewer.layers.selection.active = other
     widget.use_selected_labels()
+    assert "Not paired: 'my labels' has (30, 40) pixels" in widget.status.text()
+    pair_labels(other, "img", "sparse")  # (as if paired before the image was replaced)
+    viewer.layers.selection.active = other
     widget.start_from_prediction()
     assert widget.worker is None and "planes of 30 x 40 pixels" in widget.status.text()
     assert not other.data.any()
@@ -857,3 +861,30 @@ def test_a_view_without_a_plane_of_the_image_trains_without_previews(panel, nucl
     assert len(widget.versions.versions) == 2, widget.status.text()
     assert "Left out: previews (the view shows no plane of the image)" in widget.status.text()
     assert "img [fine-tune preview]" not in viewer.layers
+
+
+def test_labels_of_another_size_and_partial_results_are_refused_when_paired(panel):
+    """Refused at pairing, not at Train; a 'Visible region only' result was told to take
+    the image's translate, which put it on the wrong pixels."""
+    viewer, widget, _ = panel
+    viewer.add_image(np.zeros((64, 96), np.float32), name="img")
+    widget.layer_combo.setCurrentText("img")
+    other = viewer.add_labels(np.zeros((40, 96), np.uint8), name="other")
+    viewer.layers.selection.active = other
+    widget.use_selected_labels()
+    assert "Not paired: 'other' has (40, 96) pixels but its image 'img' (64, 96)" in (
+        widget.status.text()
+    )
+    assert "napari_unet_annotates" not in other.metadata
+    region = viewer.add_labels(
+        np.ones((30, 20), np.uint8),
+        name="img [unet labels]",
+        translate=(10, 50),
+        metadata={"napari_unet_result": None},
+    )
+    viewer.layers.selection.active = region
+    widget.use_selected_labels()
+    text = widget.status.text()
+    assert "covers part of 'img' ((30, 20) of its (64, 96) pixels)" in text
+    assert "Segment the whole image" in text and "translate" not in text
+    assert "napari_unet_annotates" not in region.metadata

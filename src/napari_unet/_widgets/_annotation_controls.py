@@ -78,10 +78,12 @@ class AnnotationControls:
         model = self.state.model
         if model is not None:  # (without one, Train checks it)
             try:
-                mismatch = ann.placement_mismatch(active, job_for_layer(layer, model, self.viewer))
+                job = job_for_layer(layer, model, self.viewer)
             except ValueError as err:
                 self._on_errored(err)
                 return
+            mismatch = ann.size_mismatch(active, job, layer.name)
+            mismatch = mismatch or ann.placement_mismatch(active, job)
             if mismatch:
                 self.status.setText(f"Not paired: {mismatch}.")
                 return
@@ -185,16 +187,12 @@ class AnnotationControls:
             job = job_for_layer(self.viewer.layers[name], model, self.viewer)
         except ValueError as err:
             return None, f"'{labels.name}' annotates '{name}': {err}"
+        # (a size of its own: an image replaced by one of another size)
+        mismatch = mismatch or ann.size_mismatch(labels, job, name)
         mismatch = mismatch or ann.placement_mismatch(labels, job)
         if mismatch:
             return None, mismatch
         paint = job.collapse(labels.data)
-        pixels = tuple(n for n, a in zip(np.shape(job.data), job.axes) if a != "C")
-        if np.shape(paint) != pixels:  # (an image replaced by one of another size)
-            return None, (
-                f"'{labels.name}' has {np.shape(paint)} pixels but its image '{name}' "
-                f"{pixels}: paint on a new annotation layer for it"
-            )
         paint = paint.copy() if isinstance(paint, np.ndarray) else paint
         # the image's axes as the segment panel reads them (C, Z, Y, X; thin stacks)
         return (job.data, paint, name, kind, job.axes), ""

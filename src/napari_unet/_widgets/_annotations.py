@@ -86,6 +86,25 @@ def pair_labels(labels, image_name: str, kind: str) -> str:
     return f"'{labels.name}' annotates '{image_name}' as {what}."
 
 
+def size_mismatch(labels, job, image_name: str) -> str:
+    """Why ``labels`` cannot annotate ``job``'s image for its size (``""``: it can)."""
+    own = np.shape(job.collapse(labels.data))
+    pixels = tuple(n for n, a in zip(np.shape(job.data), job.axes) if a != "C")
+    if own == pixels:
+        return ""
+    if RESULT_KEY in labels.metadata and all(o <= p for o, p in zip(own, pixels)):
+        return (
+            f"'{labels.name}' covers part of '{image_name}' ({_numbers(own)} of its "
+            f"{_numbers(pixels)} pixels): results of 'Current plane only' or 'Visible region "
+            "only' cannot train the model. Segment the whole image and correct that result, "
+            "or paint on a new annotation layer"
+        )
+    return (
+        f"'{labels.name}' has {_numbers(own)} pixels but its image '{image_name}' "
+        f"{_numbers(pixels)}: paint on a new annotation layer for it"
+    )
+
+
 def placement_mismatch(labels, job) -> str:
     """Why ``labels`` does not lie on ``job``'s image pixel for pixel (``""``: it does):
     its pixel (i, j) is trained against the image's pixel (i, j), wherever either is
