@@ -323,3 +323,14 @@ def test_the_view_stays_and_an_earlier_run_s_stages_are_hidden(panel, qtbot):
     widget._on_run()
     qtbot.waitUntil(widget.idle, timeout=30000)
     assert viewer.layers["img [features enc0]"].visible and not head.visible
+
+
+def test_a_transposed_view_is_refused_with_advice_this_panel_can_follow(panel):
+    viewer, widget = panel
+    viewer.add_image(np.zeros((4, 48, 56), np.float32), name="stack")
+    viewer.dims.order = (1, 0, 2)
+    widget.region_combo.setCurrentText("whole plane")
+    widget._on_run()
+    text = widget.status.text()
+    assert "transposed or rolled" in text and "roll and transpose buttons" in text
+    assert not [la for la in viewer.layers if "features" in la.name]

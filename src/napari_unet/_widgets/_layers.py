@@ -282,8 +282,9 @@ def _check_view(layer, axes, viewer) -> None:
     if set(viewer.dims.displayed) != want:
         raise ValueError(
             "the view shows other axes than the image's Y and X (the axis order was "
-            "transposed or rolled): reset the axis order, or leave 'current plane' and "
-            "'visible region' off to process whole planes"
+            "transposed or rolled): bring them back with napari's roll and transpose "
+            "buttons below the layer list (or, in the segment panel, leave 'Current plane "
+            "only' and 'Visible region only' off to process the whole image)"
         )
 
 
