@@ -311,3 +311,23 @@ def test_an_answer_of_the_wrong_shape_or_nan_is_refused():
         match = "NaN or infinity" if name == "nan" else "a broken model file"
         with pytest.raises(ValueError, match=match):
             predict(image, model, device="cpu")
+
+
+def test_a_result_larger_than_the_free_memory_is_refused_before_any_work(monkeypatch):
+    """A lazy (100, 8192, 8192) stack's probabilities asked numpy for 75 GiB; less than
+    the machine's memory would have been granted, then filled until it ran out."""
+    from napari_unet.core import tiling
+
+    model = tiny_model("same", 2)
+    image = np.zeros((4, 64, 64), np.float32)
+    need = 3 * 4 * 64 * 64 * 4  # three classes of float32
+    monkeypatch.setattr(tiling, "free_memory", lambda device: need)
+    with pytest.raises(MemoryError, match=r"3 x 4 x 64 x 64\) would take 0.0 GiB") as err:
+        predict(image, model, axes="ZYX")
+    assert "write the result to a .zarr file" in str(err.value)
+    monkeypatch.setattr(tiling, "free_memory", lambda device: 2 * need)
+    assert predict(image, model, axes="ZYX").shape == (3, 4, 64, 64)
+    # an output array of the caller's (a zarr store, written tile by tile) is not held
+    monkeypatch.setattr(tiling, "free_memory", lambda device: 1)
+    out = zarr.zeros((4, 64, 64), dtype=np.uint8)
+    predict(image, model, axes="ZYX", output="labels", out=out)

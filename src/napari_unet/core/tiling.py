@@ -31,7 +31,7 @@ import torch
 from napari_unet.core import normalize as norm
 from napari_unet.core.axes import resolve_axes
 from napari_unet.core.cancel import Cancelled, stoppable
-from napari_unet.core.device import is_oom, resolve_device
+from napari_unet.core.device import free_memory, is_oom, resolve_device
 from napari_unet.core.postprocess import class_labels, label_dtype
 from napari_unet.core.tile_plan import (
     auto_tile,
@@ -208,10 +208,24 @@ def output_dtype(output: str, n_classes: int) -> np.dtype:
     return np.dtype(np.float32) if output == "probabilities" else label_dtype(n_classes)
 
 
+CPU = torch.device("cpu")
+
+
 def _allocate(out, output, n_classes, lead, yx):
     shape = (*lead, *yx) if output != "probabilities" else (n_classes, *lead, *yx)
     if out is None:
-        return np.zeros(shape, output_dtype(output, n_classes))
+        dtype = output_dtype(output, n_classes)
+        need, have = np.prod(shape, dtype=float) * dtype.itemsize, free_memory(CPU)
+        if need > 0.9 * have:  # (numpy refused 75 GiB with its own words; 20 GiB of 23
+            # would have been granted, then filled for hours until the machine ran out)
+            raise MemoryError(
+                f"the result ({output}, {' x '.join(map(str, shape))}) would take "
+                f"{need / 2**30:.1f} GiB of memory, and {have / 2**30:.1f} GiB is free: "
+                "segment a part of the image (one plane, or a region), or write the result "
+                "to a .zarr file, which is written tile by tile (napari-unet predict IMAGE "
+                "-o result.zarr)"
+            )
+        return np.zeros(shape, dtype)
     if tuple(out.shape) != shape:
         raise ValueError(f"output array has shape {tuple(out.shape)}, expected {shape}")
     kind = np.dtype(out.dtype).kind
