@@ -5,7 +5,10 @@ from them with the halo a valid-padding network needs (:class:`PatchSampler`).""
 from __future__ import annotations
 
 import multiprocessing
+import os
 import signal
+import threading
+import time
 from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -278,7 +281,9 @@ def batch_stream(sampler: PatchSampler, cfg: TrainConfig) -> Iterator[tuple]:
     # fork shares the prepared images with the workers; elsewhere they are pickled
     method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
     context = multiprocessing.get_context(method)
-    pool = ProcessPoolExecutor(cfg.workers, context, initializer=_adopt, initargs=(sampler,))
+    pool = ProcessPoolExecutor(
+        cfg.workers, context, initializer=_adopt, initargs=(sampler, os.getpid())
+    )
     pending: deque = deque()
     try:
         for step in range(1, cfg.steps + 1):
@@ -300,12 +305,27 @@ def batch_stream(sampler: PatchSampler, cfg: TrainConfig) -> Iterator[tuple]:
 _WORKER_SAMPLER: PatchSampler | None = None
 
 
-def _adopt(sampler: PatchSampler) -> None:
-    """A worker process's start: the sampler it draws with. Ctrl-C is the run's to
-    handle (it ends the workers): each worker printed a traceback of its own."""
+def _adopt(sampler: PatchSampler, parent: int) -> None:
+    """A worker process's start: the sampler it draws with.
+
+    Ctrl-C and SIGTERM are the run's to handle (it ends the workers): a forked worker
+    ran the command line's handlers too, printed their messages, and wrote into their
+    wake-up pipe, so one SIGTERM to the process group counted as a second and the run
+    ended unsaved. A worker whose run is gone (killed) ends itself: orphans held their
+    memory and the run's output pipe."""
     global _WORKER_SAMPLER
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_IGN)
+    signal.set_wakeup_fd(-1)
+    threading.Thread(target=_end_with, args=(parent,), daemon=True).start()
     _WORKER_SAMPLER = sampler
+
+
+def _end_with(parent: int) -> None:
+    """End this worker process once ``parent`` (the training run's) is gone."""
+    while os.getppid() == parent:
+        time.sleep(0.5)
+    os._exit(1)
 
 
 def _draw_batch(job: tuple[int, int, int]) -> tuple[np.ndarray, ...]:

@@ -20,6 +20,7 @@ is the output array. :func:`predict` runs it to the end.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import warnings
 from collections.abc import Generator
@@ -187,14 +188,16 @@ def normalises_per_tile(net) -> bool:
 
 def run_to_end(gen, callback=None):
     """Drive a progress generator to its end, calling ``callback(report)`` on each
-    report; returns the generator's return value."""
-    while True:
-        try:
-            report = next(gen)
-        except StopIteration as stop:
-            return stop.value
-        if callback is not None:
-            callback(report)
+    report; returns the generator's return value. A callback that raises closes the
+    generator (a training run's patch workers lived on with the traceback)."""
+    with contextlib.closing(gen):
+        while True:
+            try:
+                report = next(gen)
+            except StopIteration as stop:
+                return stop.value
+            if callback is not None:
+                callback(report)
 
 
 def predict(image, model: LoadedModel, callback=None, **kwargs) -> np.ndarray:
