@@ -294,8 +294,9 @@ def batch_stream(sampler: PatchSampler, cfg: TrainConfig) -> Iterator[tuple]:
                 arrays = pending.popleft().result()
             except BrokenProcessPool:
                 raise RuntimeError(
-                    f"a process drawing training patches ended unexpectedly (killed, or out "
-                    f"of memory?) at step {step}: train again with fewer workers or none"
+                    f"a process drawing training patches ended unexpectedly (killed, out "
+                    f"of memory, or it could not start) at step {step}: train again with fewer "
+                    "workers or none"
                 ) from None
             yield tuple(torch.from_numpy(a) for a in arrays)
     finally:  # (the batches in hand are drawn to their end: a fraction of a second)
