@@ -98,7 +98,8 @@ def test_round_trip_predicts_like_the_original(exported, padding):
     assert isinstance(loaded.net, PackageNet)
     assert (info.format, info.classes, info.in_channels) == ("bioimageio", model.info.classes, 1)
     assert info.activation == "softmax" and info.fixed_input is None
-    assert info.normalization == {"mode": "percentile", "low": 1.0, "high": 99.8, "eps": 1e-12}
+    # the model's own (the package's scale_range with the eps the spec needs agrees)
+    assert info.normalization == {"mode": "percentile", "low": 1.0, "high": 99.8}
     assert (info.geometry.multiple, info.geometry.shrink, info.geometry.halo) == (
         g.multiple,
         g.shrink,
@@ -570,6 +571,21 @@ def test_round_trip_keeps_dim_images(exported):
     np.testing.assert_allclose(
         predict(dim, loaded, device="cpu"), predict(dim, model, device="cpu"), atol=1e-5
     )
+
+
+def test_round_trip_keeps_sparse_images(exported):
+    """A dark field with a few bright nuclei: its percentiles coincide, and the export's
+    eps (the spec needs one) turned off the model's rule for them (21 nuclei found by
+    the package, 2 by the model file)."""
+    model, loaded = tiny_model("same"), load_package(exported["same"])
+    sparse = np.zeros((64, 64), np.uint16)
+    sparse[30:32, 20:22] = 800  # 0.1 % of the pixels: under the 99.8th percentile
+    np.testing.assert_allclose(
+        predict(sparse, loaded, device="cpu"), predict(sparse, model, device="cpu"), atol=1e-5
+    )
+    # the network sees the nuclei at 1, as the model file shows them (not at 8e14)
+    scale, offset = norm.plane_stats(sparse.reshape(1, -1), loaded.info.normalization)
+    assert scale == pytest.approx([1 / 800]) and offset == pytest.approx([0])
 
 
 @pytest.mark.parametrize("used", [False, True])

@@ -12,7 +12,13 @@ from torch import nn
 from napari_unet.core import normalize as norm
 from napari_unet.io.bioimageio._files import _Files, _open, _read_checked, _read_rdf
 from napari_unet.io.bioimageio._geometry import _declared, _geometry
-from napari_unet.io.bioimageio._processing import PackageNet, _arrange, _split_post, _split_pre
+from napari_unet.io.bioimageio._processing import (
+    EXPORT_EPS,
+    PackageNet,
+    _arrange,
+    _split_post,
+    _split_pre,
+)
 from napari_unet.io.bioimageio._rdf import ENGINE_IN, ENGINE_OUT, _parse, _Spec, _Tensor
 from napari_unet.io.bioimageio._weights import _check_hashes, _choose_weights, _load_weights
 from napari_unet.io.files import ModelFileError
@@ -110,6 +116,7 @@ def load_package(source, trust_code: bool = False, weights_format: str | None = 
     inp, out = spec.inputs[0], spec.outputs[0]
     declared = _declared(inp, out)
     normalization, pre = _split_pre(inp, declared.channels)
+    normalization = _own_normalization(normalization, config)
     activation, post = _split_post(out)
     core = _load_weights(fmt, entry, files)
     net = PackageNet(core, spec, files, pre, post, _single_sample(inp, out)).eval()
@@ -145,6 +152,20 @@ def _own_config(rdf: dict, label: str) -> dict:
     if not isinstance(config, dict) or not isinstance(own or {}, dict):
         raise ModelFileError(f"{label}: 'config' (and its 'napari_unet') must be a mapping")
     return own or {}
+
+
+def _own_normalization(normalization, config: dict):
+    """The exported model's own normalisation where the package's pre-processing is its
+    export: the spec's ``scale_range`` needs an eps above 0, which turned off the
+    model's rule for planes whose percentiles coincide (a dark field with a few bright
+    nuclei: 21 objects where the model file found 2)."""
+    own = config.get("normalization")
+    if not isinstance(own, dict) or not isinstance(normalization, dict):
+        return normalization
+    if normalization.get("eps") != EXPORT_EPS or "eps" in own:
+        return normalization
+    rest = {k: v for k, v in normalization.items() if k != "eps"}
+    return dict(own) if rest == own else normalization
 
 
 # ------------------------------------------------------------------- the spec's test

@@ -10,6 +10,9 @@ from napari_unet.io.bioimageio._files import _Files
 from napari_unet.io.bioimageio._rdf import ENGINE_IN, ENGINE_OUT, _Spec, _Tensor
 from napari_unet.io.files import ModelFileError
 
+# the eps of an exported package's normalisation (the spec needs one above 0)
+EXPORT_EPS = 1e-12
+
 STATISTICAL = ("zero_mean_unit_variance", "scale_range", "scale_mean_variance")
 
 

@@ -23,7 +23,12 @@ from napari_unet.core import normalize as norm
 from napari_unet.io.bioimageio._cover import _cover
 from napari_unet.io.bioimageio._files import _sha256
 from napari_unet.io.bioimageio._load import _device, _direct
-from napari_unet.io.bioimageio._processing import _Pointwise, _split_post, _split_pre
+from napari_unet.io.bioimageio._processing import (
+    EXPORT_EPS,
+    _Pointwise,
+    _split_post,
+    _split_pre,
+)
 from napari_unet.io.bioimageio._rdf import ENGINE_IN, ENGINE_OUT, _tensor_v05
 from napari_unet.io.bioimageio._readme import UNET_CITATION, package_readme, smallest_input
 from napari_unet.io.bioimageio._weights import _exec_source
@@ -91,9 +96,6 @@ def _weights_files(net, info: ModelInfo, arch_name: str) -> dict:
         arch_name: source.encode(),
         "weights_torchscript.pt": script.getvalue(),
     }
-
-
-EXPORT_EPS = 1e-12
 
 
 def _export_preprocessing(spec: dict) -> list:
