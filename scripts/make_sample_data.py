@@ -15,6 +15,9 @@ OUT = Path(__file__).resolve().parent.parent / "sample_data"
 
 
 def main() -> None:
+    import argparse
+
+    argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args()  # (--help)
     OUT.mkdir(exist_ok=True)
     image, labels = nuclei()
     tifffile.imwrite(OUT / "nuclei.tif", image, compression="zlib")
