@@ -54,6 +54,14 @@ def free_memory(device: torch.device) -> int:
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return int(free)
+    available = available_ram()
+    if available is not None:
+        return available
+    return int(os.environ.get("NAPARI_UNET_MEMORY", 4 << 30))
+
+
+def available_ram() -> int | None:
+    """Bytes of RAM available (Linux's MemAvailable), or None where it is not known."""
     try:
         with open("/proc/meminfo") as fh:
             for line in fh:
@@ -61,7 +69,7 @@ def free_memory(device: torch.device) -> int:
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
-    return int(os.environ.get("NAPARI_UNET_MEMORY", 4 << 30))
+    return None
 
 
 def is_oom(err: BaseException) -> bool:

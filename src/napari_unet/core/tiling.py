@@ -32,7 +32,7 @@ import torch
 from napari_unet.core import normalize as norm
 from napari_unet.core.axes import resolve_axes
 from napari_unet.core.cancel import Cancelled, stoppable
-from napari_unet.core.device import free_memory, is_oom, resolve_device
+from napari_unet.core.device import available_ram, is_oom, resolve_device
 from napari_unet.core.postprocess import class_labels, label_dtype
 from napari_unet.core.tile_plan import (
     auto_tile,
@@ -211,16 +211,14 @@ def output_dtype(output: str, n_classes: int) -> np.dtype:
     return np.dtype(np.float32) if output == "probabilities" else label_dtype(n_classes)
 
 
-CPU = torch.device("cpu")
-
-
 def _allocate(out, output, n_classes, lead, yx):
     shape = (*lead, *yx) if output != "probabilities" else (n_classes, *lead, *yx)
     if out is None:
         dtype = output_dtype(output, n_classes)
-        need, have = np.prod(shape, dtype=float) * dtype.itemsize, free_memory(CPU)
-        if need > 0.9 * have:  # (numpy refused 75 GiB with its own words; 20 GiB of 23
-            # would have been granted, then filled for hours until the machine ran out)
+        need, have = np.prod(shape, dtype=float) * dtype.itemsize, available_ram()
+        # (numpy refused 75 GiB in its own words; a result under the machine's memory but
+        # over what is free would be granted, and filled until the machine ran out)
+        if have is not None and need > 0.9 * have:
             raise MemoryError(
                 f"the result ({output}, {' x '.join(map(str, shape))}) would take "
                 f"{need / 2**30:.1f} GiB of memory, and {have / 2**30:.1f} GiB is free: "
