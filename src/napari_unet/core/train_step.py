@@ -32,12 +32,12 @@ def _trainable(net, cfg: TrainConfig):
         p.requires_grad_(True)
     if not cfg.freeze_encoder:
         return list(net.parameters())
-    for p in frozen(net).parameters():
+    for p in _frozen(net).parameters():
         p.requires_grad_(False)
     return [p for p in net.parameters() if p.requires_grad]
 
 
-def frozen(net) -> torch.nn.ModuleList:
+def _frozen(net) -> torch.nn.ModuleList:
     """The encoder stages (frozen by ``freeze_encoder``)."""
     names = getattr(net, "stage_names", [])
     return torch.nn.ModuleList(getattr(net, n) for n in names if n.startswith("enc"))
@@ -88,7 +88,7 @@ class Stepper:
             group["lr"] = lr
         x, t, w = (a.to(self.dev) for a in batch)
         if cfg.freeze_encoder:  # its batch-norm statistics stay as they are too
-            frozen(net).eval()
+            _frozen(net).eval()
         with torch.autocast(self.dev.type, torch.bfloat16, enabled=cfg.bf16):
             logits = net(to_layout(x, net))
         loss = loss_fn(logits.float(), t, w, cfg.dice, cfg.hard_fraction)
