@@ -104,6 +104,37 @@ def test_painted_planes_of_a_stack_and_their_errors():
         painted_planes([(stack, ann.astype(np.float32), "st")], in_channels=1)
 
 
+def test_an_annotation_of_part_of_the_image_trains_that_part_only():
+    """A 'Visible region only' or 'Current plane only' result, corrected, annotates the
+    pixels it lies on; the rest of the image is not annotated (not background)."""
+    stack = np.random.default_rng(0).random((5, 30, 40)).astype(np.float32)
+    part = np.zeros((1, 12, 10), np.uint16)  # plane 3, rows 8-19, columns 25-34
+    part[0, 2:9, 2:8] = 4
+    (p,), unpainted = painted_planes(
+        [(stack, part, "st", "instances", "ZYX", (3, 8, 25))], in_channels=1
+    )
+    assert p.source == "st [3]" and len(unpainted) == 4
+    np.testing.assert_array_equal(p.image, stack[3])
+    inside = p.annotation[8:20, 25:35]
+    np.testing.assert_array_equal(inside, instances_to_classes(part[0]) + 1)
+    assert (inside == 1).any()  # background within the box...
+    outside = p.annotation.copy()
+    outside[8:20, 25:35] = 0
+    assert not outside.any()  # ...and not annotated beyond it
+    # painted classes of a region of a 2D image, on an image with X before Y
+    strokes = np.zeros((6, 4), np.uint8)  # (X, Y)
+    strokes[0, 0], strokes[5, 3] = 1, 2
+    (q,), _ = painted_planes([(stack[0].T, strokes, "xy", "sparse", "XY", (30, 20))], 1)
+    assert q.annotation.shape == (30, 40)
+    assert q.annotation[20, 30] == 1 and q.annotation[23, 35] == 2
+    assert np.count_nonzero(q.annotation) == 2
+    # a box that reaches beyond the image is refused, saying where it lies
+    with pytest.raises(ValueError, match=r"shape \(1, 12, 10\) from pixel \(3, 8, 31\) on"):
+        painted_planes([(stack, part, "st", "instances", "ZYX", (3, 8, 31))], in_channels=1)
+    with pytest.raises(ValueError, match="shape"):
+        painted_planes([(stack, part, "st", "instances", "ZYX", (-1, 0, 0))], in_channels=1)
+
+
 @pytest.mark.parametrize(
     "paint, message",
     [

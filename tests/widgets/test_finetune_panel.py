@@ -5,7 +5,6 @@ import pytest
 import torch
 
 from conftest import plugin_viewer, tiny_model
-from napari_unet._widgets._annotations import pair_labels
 from napari_unet._widgets._layers import viewer_camera
 from napari_unet.core import synthetic
 from napari_unet.core.targets import instances_to_classes
@@ -340,19 +339,21 @@ def test_save_version_and_start_from_prediction_on_a_stack(panel, qtbot, tmp_pat
     assert "refusing to overwrite the bundled model" in widget.status.text()
 
 
-def test_start_from_prediction_refuses_annotations_of_another_size(panel, qtbot):
+def test_start_from_prediction_leaves_a_layer_of_part_of_the_image_alone(panel, qtbot):
+    """It fills the plane shown, whole: into a new annotation layer when the paired ones
+    cover part of the image (it was refused: planes of another size)."""
     viewer, widget, _ = panel
     viewer.add_image(np.random.default_rng(3).random((64, 64)).astype(np.float32), name="img")
     widget.layer_combo.setCurrentText("img")
     other = viewer.add_labels(np.zeros((30, 40), np.uint8), name="my labels")
     viewer.layers.selection.active = other
     widget.use_selected_labels()
-    assert "Not paired: 'my labels' has (30, 40) pixels" in widget.status.text()
-    pair_labels(other, "img", "sparse")  # (as if paired before the image was replaced)
-    viewer.layers.selection.active = other
+    assert "It covers image pixels (0, 0) to (29, 39) of (64, 64)" in widget.status.text()
     widget.start_from_prediction()
-    assert widget.worker is None and "planes of 30 x 40 pixels" in widget.status.text()
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=30000)
     assert not other.data.any()
+    filled = viewer.layers["img annotations"]
+    assert filled.data.shape == (64, 64) and filled.data.all(), widget.status.text()
 
 
 def test_start_from_prediction_into_a_layer_removed_meanwhile(panel, qtbot):
@@ -764,7 +765,7 @@ def test_a_layer_that_cannot_train_is_left_out_and_the_others_train(panel, nucle
     other.data = image[:50]
     _train(qtbot, widget)
     assert len(widget.versions.versions) == 4, widget.status.text()
-    assert "'other annotations' has (96, 96) pixels but its image 'other' (50, 96)" in (
+    assert "'other annotations' reaches beyond 'other' (its (96, 96) pixels" in (
         widget.status.text()
     )
     viewer.layers.remove(other)  # and replaced by another kind of layer
@@ -802,9 +803,12 @@ def test_labels_that_do_not_lie_on_the_image_are_not_paired_nor_trained(panel, n
     # an annotation layer whose image is moved after it was made: refused at Train
     ann = widget.new_annotation_layer()
     ann.data = strokes.copy()
-    viewer.layers["img"].translate = (5, 0)
+    viewer.layers["img"].translate = (5, 0)  # 10 pixels down: its top rows lie above
     widget._on_run()
     assert widget.worker is None
+    assert "'img annotations' reaches beyond 'img'" in widget.status.text()
+    viewer.layers["img"].translate = (5.25, 0)  # between the image's pixels
+    widget._on_run()
     assert "'img annotations' does not lie on 'img'" in widget.status.text()
 
 
@@ -863,28 +867,54 @@ def test_a_view_without_a_plane_of_the_image_trains_without_previews(panel, nucl
     assert "img [fine-tune preview]" not in viewer.layers
 
 
-def test_labels_of_another_size_and_partial_results_are_refused_when_paired(panel):
-    """Refused at pairing, not at Train; a 'Visible region only' result was told to take
-    the image's translate, which put it on the wrong pixels."""
-    viewer, widget, _ = panel
-    viewer.add_image(np.zeros((64, 96), np.float32), name="img")
+def test_a_partial_result_annotates_the_pixels_it_lies_on(panel, nuclei, qtbot):
+    """A corrected 'Visible region only' or 'Current plane only' result trains on the
+    image's pixels under it (it was refused: segment the whole image first); labels
+    that reach beyond the image or lie between its pixels are refused when paired."""
+    from napari_unet.core.painted import collect_planes
+
+    viewer, widget, state = panel
+    image, strokes = nuclei  # 96 x 96
+    viewer.add_image(np.stack([image, image[::-1], image.T]), name="img", scale=(1, 0.5, 0.5))
     widget.layer_combo.setCurrentText("img")
-    other = viewer.add_labels(np.zeros((40, 96), np.uint8), name="other")
-    viewer.layers.selection.active = other
-    widget.use_selected_labels()
-    assert "Not paired: 'other' has (40, 96) pixels but its image 'img' (64, 96)" in (
-        widget.status.text()
-    )
-    assert "napari_unet_annotates" not in other.metadata
+    refused = {
+        "larger": dict(data=np.zeros((3, 100, 96), np.uint8), scale=(1, 0.5, 0.5)),
+        "shifted": dict(
+            data=np.zeros((3, 96, 96), np.uint8), scale=(1, 0.5, 0.5), translate=(0, 2.5, 0)
+        ),
+        "between": dict(
+            data=np.zeros((3, 96, 96), np.uint8), scale=(1, 0.5, 0.5), translate=(0, 1.25, 0)
+        ),
+    }
+    said = {}
+    for name, kw in refused.items():
+        viewer.layers.selection.active = viewer.add_labels(name=name, **kw)
+        widget.use_selected_labels()
+        said[name] = widget.status.text()
+        why = "does not lie on 'img'" if name == "between" else "reaches beyond 'img'"
+        assert f"Not paired: '{name}' {why}" in said[name], said[name]
+        assert "napari_unet_annotates" not in viewer.layers[name].metadata
+    assert "its (3, 96, 96) pixels from image pixel (0, 5, 0) on" in said["shifted"]
+    # plane 2, rows 10-69, columns 20-79, as the segment panel places such a result
     region = viewer.add_labels(
-        np.ones((30, 20), np.uint8),
+        strokes[None, 10:70, 20:80].astype(np.int32),
         name="img [unet labels]",
-        translate=(10, 50),
+        scale=(1, 0.5, 0.5),
+        translate=(2, 5, 10),
         metadata={"napari_unet_result": None},
     )
     viewer.layers.selection.active = region
     widget.use_selected_labels()
     text = widget.status.text()
-    assert "covers part of 'img' ((30, 20) of its (64, 96) pixels)" in text
-    assert "Segment the whole image" in text and "translate" not in text
-    assert "napari_unet_annotates" not in region.metadata
+    assert "'img [unet labels]' annotates 'img'" in text
+    assert "It covers image pixels (2, 10, 20) to (2, 69, 79) of (3, 96, 96)" in text
+    pairs = widget.annotation_pairs(state.model)
+    assert len(pairs) == 1 and pairs[0][5] == (2, 10, 20)
+    (plane,), _, _ = collect_planes(state.model, pairs)
+    assert plane.source == "img [2]"
+    np.testing.assert_array_equal(plane.image, image.T)
+    np.testing.assert_array_equal(plane.annotation[10:70, 20:80], strokes[10:70, 20:80])
+    assert np.count_nonzero(plane.annotation) == np.count_nonzero(strokes[10:70, 20:80])
+    widget.preview_spin.setValue(0)
+    _train(qtbot, widget)
+    assert len(widget.versions.versions) == 2, widget.status.text()

@@ -9,7 +9,6 @@ from qtpy.QtWidgets import QComboBox, QHBoxLayout, QPushButton
 from napari_unet._widgets import _annotations as ann
 from napari_unet._widgets._layers import job_for_layer
 from napari_unet._widgets._results import ANNOTATION_KEY
-from napari_unet.core.axes import Axes
 
 
 class AnnotationControls:
@@ -82,12 +81,13 @@ class AnnotationControls:
             except ValueError as err:
                 self._on_errored(err)
                 return
-            mismatch = ann.size_mismatch(active, job, layer.name)
-            mismatch = mismatch or ann.placement_mismatch(active, job)
+            offset, mismatch = ann.pixel_offset(active, job, layer.name)
             if mismatch:
                 self.status.setText(f"Not paired: {mismatch}.")
                 return
         message = ann.pair_labels(active, layer.name, kind)
+        if model is not None:  # (e.g. a 'Visible region only' result, corrected)
+            message += ann.covered_part(active, job, offset)
         if kind == "sparse" and ann.is_instances_result(active):
             message += (
                 " It looks like a segmentation into objects (one value per object): "
@@ -115,13 +115,15 @@ class AnnotationControls:
 
         try:  # checked before an annotation layer is made for it
             job = job_for_layer(layer, model, self.viewer, current_plane=True)
+            whole = job_for_layer(layer, model, self.viewer)
         except ValueError as err:
             self._on_errored(err)
             return
-        targets = [  # (a layer painted for another model's classes is left alone)
+        targets = [  # (a layer painted for another model's classes, or covering part of
+            # the image, is left alone)
             t
             for t in self.annotation_layers(layer.name, "sparse")
-            if not ann.classes_mismatch(t, model.info.classes)
+            if not ann.classes_mismatch(t, model.info.classes) and ann.covers(t, whole)
         ]
         # a layer made for this fill goes again if the fill fails or is cancelled
         self._fill_made = None if targets else self.new_annotation_layer()
@@ -129,12 +131,6 @@ class AnnotationControls:
         if targets[0] is None:
             return
         shape = targets[0].data.shape
-        if tuple(shape[-2:]) != Axes(job.axes, tuple(np.shape(job.data))).yx:
-            self.status.setText(
-                f"'{targets[0].name}' has planes of {shape[-2]} x {shape[-1]} pixels, not the "
-                f"image's: paint on a layer made for '{layer.name}' (New annotation layer)."
-            )
-            return
         self._fill_target = (targets[0], ann.fill_plane_index(job, shape))
         self._mode = "fill"
         options = SegmentOptions(
@@ -149,7 +145,7 @@ class AnnotationControls:
         )
 
     def annotation_pairs(self, model):
-        """``(image data, annotation, image name, kind, axes)`` of every annotation layer
+        """``(image data, annotation, image name, kind, axes, offset)`` of every annotation layer
         that can train ``model`` (all images): references to the image data (read later,
         in the worker) and a copy of the paint as it is now (painting on while it trains
         changes nothing). Layers that cannot (image gone, painted for other classes, not
@@ -188,14 +184,14 @@ class AnnotationControls:
         except ValueError as err:
             return None, f"'{labels.name}' annotates '{name}': {err}"
         # (a size of its own: an image replaced by one of another size)
-        mismatch = mismatch or ann.size_mismatch(labels, job, name)
-        mismatch = mismatch or ann.placement_mismatch(labels, job)
-        if mismatch:
-            return None, mismatch
+        offset, placed = ann.pixel_offset(labels, job, name)
+        if mismatch or placed:
+            return None, mismatch or placed
         paint = job.collapse(labels.data)
         paint = paint.copy() if isinstance(paint, np.ndarray) else paint
-        # the image's axes as the segment panel reads them (C, Z, Y, X; thin stacks)
-        return (job.data, paint, name, kind, job.axes), ""
+        # the image's axes as the segment panel reads them (C, Z, Y, X; thin stacks), and
+        # where the paint lies on the image (a layer may cover part of it)
+        return (job.data, paint, name, kind, job.axes, offset), ""
 
     def _fill(self, classes) -> None:
         layer, index = self._fill_target

@@ -86,63 +86,87 @@ def pair_labels(labels, image_name: str, kind: str) -> str:
     return f"'{labels.name}' annotates '{image_name}' as {what}."
 
 
-def size_mismatch(labels, job, image_name: str) -> str:
-    """Why ``labels`` cannot annotate ``job``'s image for its size (``""``: it can)."""
-    own = np.shape(job.collapse(labels.data))
+def pixel_offset(labels, job, image_name: str) -> tuple[tuple[int, ...] | None, str]:
+    """Where ``labels`` lies on ``job``'s image: ``(offset, "")``, the image pixel under
+    its first pixel on each axis but the channels, or ``(None, why)`` when it does not
+    lie on the image's pixels. Its pixel (i, j) is trained against the image's pixel
+    under it on screen, so a layer that covers part of the image (a 'Current plane only'
+    or 'Visible region only' result, a crop of the user's) annotates that part. napari
+    lines layers up by their last axes; a layer of the user's may lack the one-plane
+    channel axis of the image's outputs."""
+    own = tuple(np.shape(job.collapse(labels.data)))
     pixels = tuple(n for n, a in zip(np.shape(job.data), job.axes) if a != "C")
-    if own == pixels:
-        return ""
-    if RESULT_KEY in labels.metadata and all(o <= p for o, p in zip(own, pixels)):
-        return (
-            f"'{labels.name}' covers part of '{image_name}' ({_numbers(own)} of its "
-            f"{_numbers(pixels)} pixels): results of 'Current plane only' or 'Visible region "
-            "only' cannot train the model. Segment the whole image and correct that result, "
-            "or paint on a new annotation layer"
+    if len(own) != len(pixels):
+        return None, (
+            f"'{labels.name}' has {len(own)} axes {_numbers(own)} but its image "
+            f"'{image_name}' {len(pixels)} {_numbers(pixels)}: paint on a new annotation "
+            "layer for it"
         )
-    return (
-        f"'{labels.name}' has {_numbers(own)} pixels but its image '{image_name}' "
-        f"{_numbers(pixels)}: paint on a new annotation layer for it"
-    )
-
-
-def placement_mismatch(labels, job) -> str:
-    """Why ``labels`` does not lie on ``job``'s image pixel for pixel (``""``: it does):
-    its pixel (i, j) is trained against the image's pixel (i, j), wherever either is
-    shown. napari lines layers up by their last axes; a layer of the user's may lack the
-    one-plane channel axis of the image's outputs."""
     scale, translate = list(job.scale), list(job.translate)
+    own_scale, own_translate = list(labels.scale), list(labels.translate)
     units = list(job.units) if job.units is not None else None
-    if job.channel_at is not None and len(labels.scale) != len(scale):
-        del scale[job.channel_at], translate[job.channel_at]  # a layer in the image's axes
+    own_units = getattr(labels, "units", None)
+    own_units = list(own_units) if own_units is not None else None
+    if job.channel_at is not None:  # (on the image's axes: the channel's place says nothing)
+        del scale[job.channel_at], translate[job.channel_at]
         if units is not None:
             del units[job.channel_at]
-    n = min(len(labels.scale), len(scale))
-    scale, translate = np.asarray(scale)[-n:], np.asarray(translate)[-n:]
+        if len(own_scale) > len(own):
+            del own_scale[job.channel_at], own_translate[job.channel_at]
+            if own_units is not None:
+                del own_units[job.channel_at]
+    n = len(own)
+    scale = np.asarray(scale[-n:], float)
     # napari shows a layer in nm beside one in um at its size: compare in the image's units
-    factor = _unit_factors(getattr(labels, "units", None), units, n)
-    own_scale = np.asarray(labels.scale[-n:]) * factor
-    own_translate = np.asarray(labels.translate[-n:]) * factor
-    same = np.allclose(own_scale, scale, rtol=1e-6, atol=0) and np.allclose(
-        own_translate, translate, rtol=0, atol=0.01 * np.abs(scale).min()
-    )
+    factor = _unit_factors(own_units, units, n)
+    mine = np.asarray(own_scale[-n:], float) * factor
+    start = (np.asarray(own_translate[-n:], float) * factor - translate[-n:]) / scale
+    offset = np.round(start).astype(int)
     moved = transformed(labels)
-    if same and not moved:
-        return ""
-    own_units = getattr(labels, "units", None)
+    on_grid = np.allclose(mine, scale, rtol=1e-6, atol=0) and np.allclose(start, offset, atol=0.01)
+    if on_grid and not moved:
+        if (offset >= 0).all() and (offset + own <= pixels).all():
+            return tuple(int(o) for o in offset), ""
+        return None, (
+            f"'{labels.name}' reaches beyond '{image_name}' (its {_numbers(own)} pixels "
+            f"from image pixel {_numbers(offset)} on, the image has {_numbers(pixels)}): "
+            "paint on a new annotation layer for it"
+        )
     differ = units is not None and own_units is not None and not np.allclose(factor, 1)
     in_units = f" in {_unit_names(units, n)}" if differ else ""
     how = (
         f"it is {' and '.join(moved)}"
         if moved
-        else f"scale {_numbers(own_scale)} against {_numbers(scale)}, translate "
-        f"{_numbers(own_translate)} against {_numbers(translate)}{in_units}"
+        else f"scale {_numbers(mine)} against {_numbers(scale)}, translate "
+        f"{_numbers(np.asarray(own_translate[-n:]) * factor)} against "
+        f"{_numbers(translate[-n:])}{in_units}"
     )
     if differ and not moved:
-        how += f"; its own scale {_numbers(labels.scale[-n:])} is in {_unit_names(own_units, n)}"
-    return (
+        how += f"; its own scale {_numbers(own_scale[-n:])} is in {_unit_names(own_units, n)}"
+    return None, (
         f"'{labels.name}' does not lie on '{job.layer_name}' ({how}): its pixels would "
         "train against other pixels of the image; give it the image's scale and translate, "
         "or paint on a new annotation layer"
+    )
+
+
+def covers(labels, job) -> bool:
+    """Whether ``labels`` lies on all of ``job``'s image, pixel for pixel."""
+    offset, why = pixel_offset(labels, job, job.layer_name)
+    return not why and not covered_part(labels, job, offset)
+
+
+def covered_part(labels, job, offset) -> str:
+    """``" It covers image pixels (0, 10, 50) to (0, 39, 69); ..."``, or ``""`` when
+    ``labels`` (at ``offset``, see :func:`pixel_offset`) covers the whole image."""
+    own = np.shape(job.collapse(labels.data))
+    pixels = tuple(n for n, a in zip(np.shape(job.data), job.axes) if a != "C")
+    if not any(offset) and own == pixels:
+        return ""
+    last = np.add(offset, own) - 1
+    return (
+        f" It covers image pixels {_numbers(offset)} to {_numbers(last)} of "
+        f"{_numbers(pixels)}; the rest of the image is not annotated."
     )
 
 

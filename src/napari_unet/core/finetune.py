@@ -198,7 +198,8 @@ def _preview(step, preview: tuple, scale: float, device, should_stop) -> Preview
 
 
 def finetune_pairs_iter(model: LoadedModel, pairs: Sequence[tuple], cfg, **kwargs):
-    """:func:`finetune_iter` on ``(image, annotation, name, kind)`` pairs: the planes are
+    """:func:`finetune_iter` on the pairs of :func:`~napari_unet.core.painted.painted_planes`
+    (``(image, annotation, name, kind, axes, offset)``, the last three optional): the planes are
     cut and checked first, inside the generator (so in a GUI's worker thread: lazy stacks
     are read and instance masks turned into classes there, not in the event loop), and
     reported as a :class:`Collected` before the first step."""

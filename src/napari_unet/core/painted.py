@@ -36,9 +36,12 @@ def painted_planes(
     num_classes: int = 3,
     convention: tuple[int, float] = DEFAULT_CONVENTION,
 ) -> tuple[list[PaintedPlane], list[np.ndarray]]:
-    """Split ``(image, annotation, name[, kind[, axes]])`` pairs into painted 2D planes.
+    """Split ``(image, annotation, name[, kind[, axes[, offset]]])`` pairs into painted
+    2D planes.
 
-    The annotation has the image's shape without its channel axis. A pair's ``axes``
+    The annotation has the image's shape without its channel axis, or covers part of the
+    image from ``offset`` on (the image pixel under its first pixel, on each axis but
+    the channels): the rest of the image is then not annotated. A pair's ``axes``
     (e.g. ``"CZYX"``) override ``axes`` (default: guessed from the shape). ``kind`` is
     ``"sparse"`` (default: ``0`` = not annotated, ``k`` = class ``k - 1``) or
     ``"instances"`` (a dense instance mask, ``0`` = background: its non-empty planes
@@ -51,11 +54,12 @@ def painted_planes(
 
     planes, unpainted = [], []
     for pair in pairs:
-        image, annotation, name, kind, ax = _checked_pair(pair, axes, in_channels)
+        image, annotation, name, kind, ax, offset = _checked_pair(pair, axes, in_channels)
         spatial_axes = [a for a in ax.axes if a != "C"]
         full = (slice(None), slice(None))
+        box = _Box(annotation, spatial_axes, offset, ax.yx)
         for lead in np.ndindex(*ax.leading_shape):
-            paint = _paint(annotation, lead, spatial_axes, kind, num_classes, convention)
+            paint = box.paint(lead, kind, num_classes, convention)
             if paint.any() or len(unpainted) < 16:
                 plane = ax.read(image, lead, *full)
                 plane = plane[0] if plane.shape[0] == 1 else plane
@@ -77,7 +81,8 @@ def _finite(plane: np.ndarray) -> bool:
 
 
 def _checked_pair(pair: tuple, axes: str | None, in_channels: int):
-    """``(image, annotation, name, kind, axes)`` of a pair, its annotation checked."""
+    """``(image, annotation, name, kind, axes, offset)`` of a pair, its annotation
+    checked."""
     image, annotation, name = pair[:3]
     kind = pair[3] if len(pair) > 3 else "sparse"
     if kind not in ("sparse", "instances"):
@@ -88,31 +93,64 @@ def _checked_pair(pair: tuple, axes: str | None, in_channels: int):
     annotation = np.asarray(annotation)
     ax = resolve_axes(image.shape, pair[4] if len(pair) > 4 else axes, in_channels)
     spatial = tuple(s for s, a in zip(image.shape, ax.axes) if a != "C")
-    if annotation.shape != spatial:
+    # (without an offset, the annotation must cover the whole image: a smaller one is
+    # more likely a mistake than the top-left corner)
+    given = len(pair) > 5 and pair[5] is not None
+    offset = tuple(int(o) for o in pair[5]) if given else (0,) * len(spatial)
+    end = np.add(offset, annotation.shape) if annotation.ndim == len(offset) else None
+    if (
+        end is None
+        or min(offset, default=0) < 0
+        or (end > spatial).any()
+        or (not given and annotation.shape != spatial)
+    ):
+        where = f" from pixel {offset} on" if any(offset) else ""
         raise ValueError(
-            f"annotations of {name!r} have shape {annotation.shape} but the image's "
+            f"annotations of {name!r} have shape {annotation.shape}{where} but the image's "
             f"pixels are {spatial}: paint on a layer made for this image"
         )
     if annotation.dtype.kind not in "uib":
         raise ValueError(f"annotations must be integer labels, got {annotation.dtype}")
     if annotation.size and annotation.min() < 0:
         raise ValueError(f"annotations of {name!r} contain negative labels")
-    return image, annotation, name, kind, ax
+    return image, annotation, name, kind, ax, offset
 
 
-def _paint(annotation, lead: tuple, spatial_axes: list, kind: str, num_classes: int, convention):
-    """The ``(Y, X)`` paint of one plane (``0`` = not painted, ``k`` = class ``k - 1``)."""
-    it = iter(lead)
-    index = tuple(slice(None) if a in "YX" else next(it) for a in spatial_axes)
-    paint = np.asarray(annotation[index])
-    if spatial_axes.index("X") < spatial_axes.index("Y"):
-        paint = paint.T
-    if kind == "instances" and paint.any():
-        # ids renumbered 1..n first, as training does (ids like 3e9 made per-id
-        # tables of tens of GB; above 2**63 they failed)
-        paint = to_target(renumbered(paint), "instances", num_classes, *convention) + 1
-        paint = paint.astype(np.uint8)
-    return paint
+@dataclass
+class _Box:
+    """An annotation that covers the image's pixels from ``offset`` on."""
+
+    annotation: np.ndarray
+    spatial_axes: list  # the image's axes but C, e.g. ["Z", "Y", "X"]
+    offset: tuple
+    yx: tuple  # the image's plane size
+
+    def paint(self, lead: tuple, kind: str, num_classes: int, convention) -> np.ndarray:
+        """The ``(Y, X)`` paint of the image's plane ``lead`` (``0`` = not painted,
+        ``k`` = class ``k - 1``); instance masks become classes within the box only."""
+        it, index = iter(lead), []
+        for a, start, n in zip(self.spatial_axes, self.offset, self.annotation.shape):
+            if a in "YX":
+                index.append(slice(None))
+                continue
+            i = next(it) - start
+            if not 0 <= i < n:  # a plane the annotation does not reach
+                return np.zeros(self.yx, np.uint8)
+            index.append(i)
+        paint = np.asarray(self.annotation[tuple(index)])
+        if self.spatial_axes.index("X") < self.spatial_axes.index("Y"):
+            paint = paint.T
+        if kind == "instances" and paint.any():
+            # ids renumbered 1..n first, as training does (ids like 3e9 made per-id
+            # tables of tens of GB; above 2**63 they failed)
+            paint = to_target(renumbered(paint), "instances", num_classes, *convention) + 1
+            paint = paint.astype(np.uint8)
+        if paint.shape == tuple(self.yx):
+            return paint
+        y, x = (self.offset[self.spatial_axes.index(a)] for a in "YX")
+        whole = np.zeros(self.yx, paint.dtype)
+        whole[y : y + paint.shape[0], x : x + paint.shape[1]] = paint
+        return whole
 
 
 def check_annotations(planes: Sequence[PaintedPlane], classes: Sequence[str]) -> dict:
