@@ -33,6 +33,26 @@ def test_round_trip_keeps_weights_metadata_and_predictions(tmp_path):
     np.testing.assert_array_equal(predict(image, loaded), predict(image, model))
 
 
+def test_a_trained_model_saved_under_another_name_is_called_by_it(tmp_path):
+    """``save_model(train(load_model("nuclei"), ...), "mine.safetensors")`` kept the name
+    "nuclei": results and panels took the fine-tuned file for the bundled model."""
+    from napari_unet.core import synthetic
+    from napari_unet.core.training import TrainConfig, train
+
+    base = save_model(tiny_model("same", name="cells"), tmp_path / "cells.safetensors")
+    image, labels = synthetic.nuclei((48, 48), n=4, seed=0)
+    cfg = TrainConfig(steps=1, patch_size=32, batch_size=1, device="cpu")
+    trained = train(load_model(base), [image], [labels], "instances", cfg)
+    assert trained.info.name == "cells"
+    assert load_model(save_model(trained, tmp_path / "mine.safetensors")).info.name == "mine"
+    named = trained.with_info(name="cells v2")  # a name of its own is kept
+    assert load_model(save_model(named, tmp_path / "m2.safetensors")).info.name == "cells v2"
+    # an untrained model keeps its name wherever it is saved
+    assert load_model(save_model(load_model(base), tmp_path / "c.safetensors")).info.name == (
+        "cells"
+    )
+
+
 def test_half_precision_file_loads_as_float32(tmp_path):
     model = tiny_model("same")
     path = save_model(model, tmp_path / "h.safetensors", half=True)

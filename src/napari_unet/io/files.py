@@ -129,7 +129,9 @@ def save_model(
     """Save a project U-Net as one ``.safetensors`` file, atomically.
 
     ``half=True`` stores float weights as float16 (they are loaded back as
-    float32). Overwriting a bundled model needs ``allow_bundled=True``.
+    float32). Overwriting a bundled model needs ``allow_bundled=True``. A trained
+    model still called by its base model's name (``train(load_model("nuclei"), ...)``)
+    is saved under its file's name, so that it is not taken for its base.
     """
     from safetensors.torch import save_file
 
@@ -150,6 +152,9 @@ def save_model(
             value = value.half()
         tensors[key] = value.contiguous()
     info = model.info.to_dict()
+    base = str(model.info.provenance.get("base_model", ""))
+    if not model.info.source and base.split(" (")[0] == model.info.name:
+        info["name"] = path.stem
     info["architecture"] = model.net.config.to_dict()
     info["source"] = ""
     meta = {META_KEY: json.dumps(info), "format": FORMAT}
