@@ -694,6 +694,24 @@ def test_malformed_description_fields_are_model_file_errors(tmp_path, exported, 
         load_package(bad)
 
 
+def test_declared_sizes_the_network_does_not_take_are_refused_at_load(tmp_path, exported):
+    """A package declaring min 34, step 2 for a network that takes multiples of 4 loaded,
+    then failed on the first tile of every image."""
+
+    def edit(rdf):
+        for axis in rdf["inputs"][0]["axes"][2:]:
+            axis["size"].update(min=34, step=2)
+
+    bad = repack(exported["same"], tmp_path / "bad.zip", edit)
+    with pytest.raises(
+        ModelFileError,
+        match=r"bad.zip: the network returned an array of "
+        r"shape \(1, 3, 32, 32\) for input \(1, 1, 34, 34\).*declares",
+    ):
+        load_model(bad)
+    assert load_model(exported["same"]).info.geometry.multiple == 4  # as declared: loads
+
+
 def test_a_single_citation_or_author_need_not_be_a_list(tmp_path, exported):
     def single(rdf):
         rdf["cite"] = {"text": "One paper", "doi": "10.1/x"}

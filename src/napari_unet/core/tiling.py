@@ -342,7 +342,7 @@ class _Runner:
             torch.autocast("cuda", torch.float16, enabled=self.amp),
         ):
             out = self.model.net(x)
-        _check_answer(out, x, self.model.info)
+        check_answer(out, x, self.model.info)
         return out.float()
 
     def _activate(self, logits: torch.Tensor) -> torch.Tensor:
@@ -371,7 +371,7 @@ class _Runner:
             self.out[dst] = class_labels(p, self.out.dtype)
 
 
-def _check_answer(out, x: torch.Tensor, info) -> None:
+def check_answer(out, x: torch.Tensor, info) -> None:
     """A network's answer to a batch of tiles: a tensor of the classes it declares, of the
     size its geometry gives, finite. (A package's network returning 2 channels where it
     declared 1 failed on every tile with a numpy broadcast error; one returning 2 px less

@@ -230,15 +230,30 @@ def _load(source, trust_code: bool, name: str) -> LoadedModel:
 def _check_answers(model: LoadedModel, name: str) -> None:
     """Refuse a network that answers NaN or infinity to an ordinary input (finite
     weights can: a negative batch-norm variance), whose every prediction would be NaN,
-    written without a word. One pass at the smallest size it takes."""
+    written without a word, or that answers another size than its description says
+    (a package declaring sizes its network does not take failed on the first tile of
+    every image). Passes at the smallest size it takes and the next one."""
+    from napari_unet.core.tiling import check_answer
+
     g, net = model.info.geometry, model.net
     if g is None or not isinstance(net, torch.nn.Module):
         return
-    size = model.info.fixed_input or (g.min_input, g.min_input)
-    x = torch.rand((1, model.info.in_channels, *size), generator=torch.Generator().manual_seed(0))
+    sizes = [model.info.fixed_input or (g.min_input, g.min_input)]
+    if not model.info.fixed_input:
+        sizes.append((g.min_input + g.multiple,) * 2)
     device = next(iter(net.parameters()), torch.zeros(0)).device
-    with torch.no_grad():
-        _refuse_nan(net(x.to(device)), name)
+    for size in sizes:
+        seed = torch.Generator().manual_seed(0)
+        x = torch.rand((1, model.info.in_channels, *size), generator=seed)
+        with torch.no_grad():
+            out = net(x.to(device))
+        _refuse_nan(out, name)
+        try:
+            check_answer(out, x, model.info)
+        except ValueError as err:
+            raise ModelFileError(
+                f"{name}: {err} (the input sizes it declares are not those its network takes)"
+            ) from None
 
 
 def _refuse_nan(out, name: str = "") -> None:
