@@ -796,7 +796,7 @@ def test_a_zipped_member_that_unpacks_far_beyond_its_size_is_refused_unread(
 ):
     """A 5 MB zip whose weights (no sha256: it is optional) unpacked to 1.9 GiB of zeros
     took 6 GB of memory and 44 s before it was refused."""
-    import napari_unet.io.files as files_mod
+    import napari_unet.io.safe_files as files_mod
 
     monkeypatch.setattr(files_mod, "BOMB_SIZE", 100_000)  # (64 MiB: a test stays small)
 

@@ -547,7 +547,7 @@ class _Padded(torch.nn.Module):
 def test_a_torchscript_file_holding_a_zip_bomb_is_refused_unread(tmp_path, monkeypatch):
     import zipfile
 
-    import napari_unet.io.files as files_mod
+    import napari_unet.io.safe_files as files_mod
 
     monkeypatch.setattr(files_mod, "BOMB_SIZE", 100_000)  # (64 MiB: a test stays small)
     torch.jit.save(torch.jit.script(_Padded()), str(tmp_path / "stored.pt"))
@@ -588,7 +588,7 @@ def _deflated(src, dst):
 def test_zip_bombs_spread_over_members_or_in_a_checkpoint_are_refused(tmp_path, monkeypatch):
     """24 members of 60 MiB each (1.4 GiB from 1.4 MB) passed the per-member check, and a
     torch.save checkpoint was unpacked whole before anything was checked."""
-    import napari_unet.io.files as files_mod
+    import napari_unet.io.safe_files as files_mod
 
     monkeypatch.setattr(files_mod, "BOMB_SIZE", 100_000)  # (64 MiB: a test stays small)
     torch.jit.save(torch.jit.script(_ManyPads()), str(tmp_path / "many.pt"))

@@ -54,6 +54,6 @@ def model_failure(err: Exception) -> str | None:
     report."""
     if type(err).__module__.split(".")[0] != "torch":
         return None
-    from napari_unet.io.files import _first_line
+    from napari_unet.io.safe_files import first_line as _first_line
 
     return f"the model failed: {_first_line(err)}"

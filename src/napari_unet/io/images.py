@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from napari_unet.io.files import atomic_write
+from napari_unet.io.safe_files import atomic_write
 
 READ_SUFFIXES = (".tif", ".tiff", ".png", ".npy", ".zarr")
 WRITE_SUFFIXES = (".tif", ".tiff", ".npy", ".zarr")

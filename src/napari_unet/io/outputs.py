@@ -93,7 +93,7 @@ def check_folder(folder: Path) -> None:
         with tempfile.NamedTemporaryFile(dir=folder, prefix=".napari-unet.", suffix=".probe"):
             pass
     except OSError as err:
-        from napari_unet.io.files import file_in_the_way
+        from napari_unet.io.safe_files import file_in_the_way
 
         blocking = file_in_the_way(folder)
         if blocking is not None:

@@ -9,15 +9,9 @@ from pathlib import Path
 
 import torch
 
-from napari_unet.io.files import (
-    TORCHSCRIPT_META,
-    ModelFileError,
-    _check_finite,
-    _first_line,
-    _parse_metadata,
-    _refuse_nan,
-    check_zip_archive,
-)
+from napari_unet.io.files import TORCHSCRIPT_META, _check_finite, _parse_metadata, _refuse_nan
+from napari_unet.io.safe_files import ModelFileError, check_zip_archive
+from napari_unet.io.safe_files import first_line as _first_line
 from napari_unet.model.info import LoadedModel, ModelInfo
 from napari_unet.model.shapes import Geometry
 

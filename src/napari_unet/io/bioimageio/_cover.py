@@ -8,7 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
-from napari_unet.io.files import ModelFileError, _first_line
+from napari_unet.io.safe_files import ModelFileError
+from napari_unet.io.safe_files import first_line as _first_line
 
 _PALETTE = np.array(
     [[0, 0, 0], [255, 200, 0], [0, 160, 255], [255, 60, 60], [60, 220, 90], [200, 80, 255]],

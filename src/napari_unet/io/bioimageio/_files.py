@@ -10,7 +10,7 @@ import zipfile
 import zlib
 from pathlib import Path
 
-from napari_unet.io.files import ModelFileError, check_zip_member
+from napari_unet.io.safe_files import ModelFileError, check_zip_member
 
 RDF_NAMES = ("bioimageio.yaml", "rdf.yaml")
 # the largest package file read into memory (weights, tensors)

@@ -10,7 +10,7 @@ import torch
 
 from napari_unet.io.bioimageio._processing import PackageNet, _Bare, _runner
 from napari_unet.io.bioimageio._rdf import _Axis, _Tensor
-from napari_unet.io.files import ModelFileError
+from napari_unet.io.safe_files import ModelFileError
 from napari_unet.model.receptive import NoGradient, perturb_halo
 from napari_unet.model.shapes import Geometry
 

@@ -21,7 +21,7 @@ from napari_unet.io.bioimageio._processing import (
 )
 from napari_unet.io.bioimageio._rdf import ENGINE_IN, ENGINE_OUT, _parse, _Spec, _Tensor
 from napari_unet.io.bioimageio._weights import _check_hashes, _choose_weights, _load_weights
-from napari_unet.io.files import ModelFileError
+from napari_unet.io.safe_files import ModelFileError
 from napari_unet.model.info import LoadedModel, ModelInfo
 
 

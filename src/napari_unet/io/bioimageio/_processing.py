@@ -8,7 +8,7 @@ from torch import nn
 
 from napari_unet.io.bioimageio._files import _Files
 from napari_unet.io.bioimageio._rdf import ENGINE_IN, ENGINE_OUT, _Spec, _Tensor
-from napari_unet.io.files import ModelFileError
+from napari_unet.io.safe_files import ModelFileError
 
 # the eps of an exported package's normalisation (the spec needs one above 0)
 EXPORT_EPS = 1e-12

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from napari_unet.io.files import ModelFileError
+from napari_unet.io.safe_files import ModelFileError
 
 ENGINE_IN = ("b", "c", "y", "x")
 ENGINE_OUT = ("b", "c", "y", "x")

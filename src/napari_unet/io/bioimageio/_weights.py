@@ -21,7 +21,7 @@ from napari_unet.io.bioimageio._files import (
     _sha256,
 )
 from napari_unet.io.bioimageio._rdf import _Spec
-from napari_unet.io.files import ModelFileError, check_zip_archive
+from napari_unet.io.safe_files import ModelFileError, check_zip_archive
 
 WEIGHTS_ORDER = ("torchscript", "pytorch_state_dict", "onnx")
 

@@ -32,7 +32,8 @@ from napari_unet.io.bioimageio._processing import (
 from napari_unet.io.bioimageio._rdf import ENGINE_IN, ENGINE_OUT, _tensor_v05
 from napari_unet.io.bioimageio._readme import UNET_CITATION, package_readme, smallest_input
 from napari_unet.io.bioimageio._weights import _exec_source
-from napari_unet.io.files import TORCHSCRIPT_META, ModelFileError, atomic_write
+from napari_unet.io.files import TORCHSCRIPT_META
+from napari_unet.io.safe_files import ModelFileError, atomic_write
 from napari_unet.model.info import LoadedModel, ModelInfo
 from napari_unet.model.shapes import Geometry
 
