@@ -128,11 +128,26 @@ def test_an_annotation_of_part_of_the_image_trains_that_part_only():
     assert q.annotation.shape == (30, 40)
     assert q.annotation[20, 30] == 1 and q.annotation[23, 35] == 2
     assert np.count_nonzero(q.annotation) == 2
+    # an object cut by the box's side (the image goes on there) is not annotated: its
+    # boundary and core depend on the part the box does not hold; one on the image's
+    # own edge is annotated as the whole image's mask would have it
+    inst = np.zeros((30, 40), np.uint16)
+    inst[10:30, 10:30], inst[2:6, 2:6] = 1, 2  # 1 reaches the image's bottom edge
+    (w,), _ = painted_planes([(stack[0], inst, "w", "instances", "YX")], 1)
+    (b,), _ = painted_planes([(stack[0], inst[:20], "b", "instances", "YX", (0, 0))], 1)
+    assert not b.annotation[10:20, 10:30].any()  # object 1, cut at row 19
+    np.testing.assert_array_equal(b.annotation[:8, :8], w.annotation[:8, :8])  # object 2
+    assert (b.annotation[:20] == 1).sum() == (w.annotation[:20] == 1).sum()  # background
+    (e,), _ = painted_planes([(stack[0], inst[8:], "e", "instances", "YX", (8, 0))], 1)
+    np.testing.assert_array_equal(e.annotation[8:], w.annotation[8:])
     # a box that reaches beyond the image is refused, saying where it lies
     with pytest.raises(ValueError, match=r"shape \(1, 12, 10\) from pixel \(3, 8, 31\) on"):
         painted_planes([(stack, part, "st", "instances", "ZYX", (3, 8, 31))], in_channels=1)
     with pytest.raises(ValueError, match="shape"):
         painted_planes([(stack, part, "st", "instances", "ZYX", (-1, 0, 0))], in_channels=1)
+    for offset in [(3, 8.5, 25), (8, 25)]:  # a fraction of a pixel, an axis missing
+        with pytest.raises(ValueError, match="must give a whole pixel on each of the image's 3"):
+            painted_planes([(stack, part, "st", "instances", "ZYX", offset)], in_channels=1)
 
 
 @pytest.mark.parametrize(

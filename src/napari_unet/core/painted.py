@@ -96,7 +96,13 @@ def _checked_pair(pair: tuple, axes: str | None, in_channels: int):
     # (without an offset, the annotation must cover the whole image: a smaller one is
     # more likely a mistake than the top-left corner)
     given = len(pair) > 5 and pair[5] is not None
-    offset = tuple(int(o) for o in pair[5]) if given else (0,) * len(spatial)
+    offset = tuple(pair[5]) if given else (0,) * len(spatial)
+    if len(offset) != len(spatial) or any(o != int(o) for o in offset):
+        raise ValueError(
+            f"the offset of {name!r}'s annotations, {offset}, must give a whole pixel on "
+            f"each of the image's {len(spatial)} axes but its channels"
+        )
+    offset = tuple(int(o) for o in offset)
     end = np.add(offset, annotation.shape) if annotation.ndim == len(offset) else None
     if (
         end is None
@@ -140,17 +146,39 @@ class _Box:
         paint = np.asarray(self.annotation[tuple(index)])
         if self.spatial_axes.index("X") < self.spatial_axes.index("Y"):
             paint = paint.T
+        y, x = (self.offset[self.spatial_axes.index(a)] for a in "YX")
         if kind == "instances" and paint.any():
             # ids renumbered 1..n first, as training does (ids like 3e9 made per-id
             # tables of tens of GB; above 2**63 they failed)
-            paint = to_target(renumbered(paint), "instances", num_classes, *convention) + 1
+            ids = renumbered(paint)
+            paint = to_target(ids, "instances", num_classes, *convention) + 1
             paint = paint.astype(np.uint8)
+            # an object that the box cuts (where the image goes on) has an extent the
+            # box does not know, nor so its boundary and core: not annotated
+            cut = _cut_objects(ids, (y, x), self.yx)
+            paint[np.isin(ids, cut)] = 0
         if paint.shape == tuple(self.yx):
             return paint
-        y, x = (self.offset[self.spatial_axes.index(a)] for a in "YX")
         whole = np.zeros(self.yx, paint.dtype)
         whole[y : y + paint.shape[0], x : x + paint.shape[1]] = paint
         return whole
+
+
+def _cut_objects(ids: np.ndarray, start: tuple, yx: tuple) -> np.ndarray:
+    """The ids of ``ids`` (a box of a ``yx`` plane from ``start`` on) on the box's sides
+    that lie inside the plane."""
+    (y, x), (h, w) = start, ids.shape
+    sides = []
+    if y > 0:
+        sides.append(ids[0])
+    if y + h < yx[0]:
+        sides.append(ids[-1])
+    if x > 0:
+        sides.append(ids[:, 0])
+    if x + w < yx[1]:
+        sides.append(ids[:, -1])
+    cut = np.unique(np.concatenate(sides)) if sides else np.zeros(0, ids.dtype)
+    return cut[cut > 0]
 
 
 def check_annotations(planes: Sequence[PaintedPlane], classes: Sequence[str]) -> dict:
