@@ -140,6 +140,11 @@ def test_an_annotation_of_part_of_the_image_trains_that_part_only():
     assert (b.annotation[:20] == 1).sum() == (w.annotation[:20] == 1).sum()  # background
     (e,), _ = painted_planes([(stack[0], inst[8:], "e", "instances", "YX", (8, 0))], 1)
     np.testing.assert_array_equal(e.annotation[8:], w.annotation[8:])
+    # a box without objects is background (a result whose false positives were all
+    # deleted); a whole-image mask without any is not annotated (nothing to train)
+    (z,), _ = painted_planes([(stack[0], inst[:8, 32:], "z", "instances", "YX", (0, 32))], 1)
+    assert (z.annotation[:8, 32:] == 1).all() and z.annotation.sum() == 8 * 8
+    assert painted_planes([(stack[0], inst * 0, "w", "instances", "YX")], 1)[0] == []
     # a box that reaches beyond the image is refused, saying where it lies
     with pytest.raises(ValueError, match=r"shape \(1, 12, 10\) from pixel \(3, 8, 31\) on"):
         painted_planes([(stack, part, "st", "instances", "ZYX", (3, 8, 31))], in_channels=1)

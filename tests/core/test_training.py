@@ -294,6 +294,69 @@ def test_contact_weight_reaches_the_loss_weights():
     np.testing.assert_allclose(extra[p:-p, p:-p], expected)
 
 
+def test_unset_loss_weights_are_the_base_models_for_masks_and_balanced_for_strokes():
+    """The fine-tune recipe (class weighting, separation and contact weights unset):
+    balanced classes and no separation weights were right for strokes, and fine-tuning
+    the nuclei model on exact masks with them lowered its F1 (held-back 20x heart: 0.83
+    -> 0.61, benchmarks/finetune_masks.py)."""
+    from napari_unet.core.samples import with_weighting
+
+    unset = TrainConfig.finetune()
+    assert (unset.class_weighting, unset.border_w0, unset.contact_w0) == (None, None, None)
+    record = {"class_weighting": "sqrt", "border_w0": 10.0, "contact_w0": 10.0}
+    nuclei_like = tiny_model("same", provenance={"train_config": record})
+
+    def resolved(model, masks, cfg=unset):
+        r = with_weighting(cfg, model, masks)
+        return r.class_weighting, r.border_w0, r.contact_w0
+
+    assert resolved(nuclei_like, masks=True) == ("sqrt", 10.0, 10.0)
+    assert resolved(nuclei_like, masks=False) == ("balanced", 0.0, 0.0)
+    assert resolved(tiny_model("same"), masks=True) == ("balanced", 10.0, 0.0)  # no record
+    given = replace(unset, class_weighting="none", contact_w0=3.0)
+    assert resolved(nuclei_like, True, given) == ("none", 10.0, 3.0)  # what is given stays
+    odd = {"class_weighting": "square", "border_w0": -1, "contact_w0": "10"}
+    assert resolved(tiny_model("same", provenance={"train_config": odd}), True) == (
+        "balanced",
+        10.0,
+        0.0,
+    )
+    # what a run used is what its provenance records
+    inst = np.zeros((64, 64), np.int32)
+    inst[10:30, 10:30], inst[10:30, 30:50] = 1, 2
+    image = (inst > 0).astype(np.float32)
+    cfg = replace(unset, steps=1, patch_size=32, batch_size=1, max_seconds=None, device="cpu")
+    done = train(nuclei_like, [image], [inst], "instances", cfg).info.provenance["train_config"]
+    assert {k: done[k] for k in record} == record
+
+
+def test_painted_classes_drawn_from_objects_get_their_separation_weights():
+    """A mask of part of an image trains as painted classes (0 = not annotated) with
+    the contact and separation weights its objects give, as instance labels have."""
+    from napari_unet.core.painted import painted_planes
+
+    inst = np.zeros((64, 64), np.int32)
+    inst[10:30, 10:30], inst[10:30, 30:50] = 1, 2  # touching along x = 29 | 30
+    image = (inst > 0).astype(np.float32)
+    (plane,), _ = painted_planes([(image, inst[:40], "p", "instances", "YX", (0, 0))], 1)
+    np.testing.assert_array_equal(plane.objects[:40], inst[:40])
+    assert not plane.objects[40:].any()
+    cfg = TrainConfig(border_w0=0, contact_w0=4.0, class_weighting="none")
+    model = tiny_model("same")
+    strokes, drawn = (
+        prepare(model, [image], [plane.annotation], "sparse", cfg, objects=[ids])[0]
+        for ids in (None, plane.objects)
+    )
+    p = strokes.pad
+    extra = (drawn.weights - strokes.weights)[p:-p, p:-p]
+    expected = np.zeros_like(inst, np.float32)
+    expected[10:30, 29:31] = 4.0
+    np.testing.assert_allclose(extra, expected)
+    assert not drawn.weights[p + 40 :, p:-p].any()  # not annotated: no weight at all
+    with pytest.raises(ValueError, match=r"objects of image 0 have shape \(40, 64\)"):
+        prepare(model, [image], [plane.annotation], "sparse", cfg, objects=[inst[:40]])
+
+
 def test_instance_targets_follow_the_base_models_convention(data):
     """Continuing a model trained on cores (or a 1-px rim) draws its targets the same way."""
     from dataclasses import replace

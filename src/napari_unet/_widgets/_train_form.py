@@ -72,10 +72,12 @@ class TrainForm:
         for check in (self.augment_check, self.adapt_check, self.pseudo_check, self.freeze_check):
             form.addRow("", check)
         self.weights_combo = QComboBox()
-        self.weights_combo.addItems(["balanced", "sqrt", "none"])
+        self.weights_combo.addItems(["auto", "balanced", "sqrt", "none"])
         self.weights_combo.setToolTip(
             "How rare classes are weighted in the loss: 'balanced' weighs each class by "
-            "1 / its painted share, 'sqrt' by its square root, 'none' not at all"
+            "1 / its painted share, 'sqrt' by its square root, 'none' not at all; 'auto': "
+            "balanced for painted strokes, and for instance masks the base model's own "
+            "weighting, with its extra weight on the gaps and contacts between objects"
         )
         form.addRow("Class weights", self.weights_combo)
         for name, tip in TIPS.items():
@@ -101,6 +103,11 @@ class TrainForm:
             adapt_norm=self.adapt_check.isChecked(),
             pseudo_weight=0.5 if self.pseudo_check.isChecked() else 0.0,
             freeze_encoder=self.freeze_check.isChecked(),
-            class_weighting=self.weights_combo.currentText(),
+            # auto: unset, and so the base model's where the paint is instance masks
+            **(
+                {}
+                if self.weights_combo.currentText() == "auto"
+                else {"class_weighting": self.weights_combo.currentText()}
+            ),
             device=device,
         )

@@ -140,6 +140,7 @@ def finetune_iter(
         unlabelled=unpainted,
         should_stop=should_stop,
         phases=True,
+        objects=[p.objects for p in planes],
     )
     step = None
     previewing = 0.0  # seconds spent on previews
@@ -225,7 +226,9 @@ def rescaled_plane(plane: PaintedPlane, factor: float) -> PaintedPlane:
     from napari_unet.core.segment import resize_labels
 
     image = _resize(plane.image, factor)
-    return PaintedPlane(image, resize_labels(plane.annotation, image.shape[-2:]), plane.source)
+    size = image.shape[-2:]
+    objects = None if plane.objects is None else resize_labels(plane.objects, size)
+    return PaintedPlane(image, resize_labels(plane.annotation, size), plane.source, objects)
 
 
 def _resize(image: np.ndarray, factor: float) -> np.ndarray:

@@ -27,6 +27,9 @@ class PaintedPlane:
     image: np.ndarray
     annotation: np.ndarray
     source: str  # e.g. "nuclei [t=3]"
+    # the objects of a plane drawn from instance masks (ids, 0 = none), which give the
+    # annotation the separation and contact weights of instance labels; else None
+    objects: np.ndarray | None = None
 
 
 def painted_planes(
@@ -45,7 +48,9 @@ def painted_planes(
     (e.g. ``"CZYX"``) override ``axes`` (default: guessed from the shape). ``kind`` is
     ``"sparse"`` (default: ``0`` = not annotated, ``k`` = class ``k - 1``) or
     ``"instances"`` (a dense instance mask, ``0`` = background: its non-empty planes
-    become background / interior / boundary paint covering the whole plane, drawn
+    become background / interior / boundary paint covering the whole plane, or, for a
+    mask of part of the image, all of its planes within that part (but the objects
+    that its sides cut), drawn
     with ``convention`` = ``(boundary_width, core_fraction)``, the base model's
     own: :func:`napari_unet.core.targets.convention`).
     Returns the painted planes and the unpainted planes of the same images (at
@@ -57,9 +62,10 @@ def painted_planes(
         image, annotation, name, kind, ax, offset = _checked_pair(pair, axes, in_channels)
         spatial_axes = [a for a in ax.axes if a != "C"]
         full = (slice(None), slice(None))
-        box = _Box(annotation, spatial_axes, offset, ax.yx)
+        spatial = tuple(n for n, a in zip(image.shape, ax.axes) if a != "C")
+        box = _Box(annotation, spatial_axes, offset, spatial, ax.yx)
         for lead in np.ndindex(*ax.leading_shape):
-            paint = box.paint(lead, kind, num_classes, convention)
+            paint, objects = box.paint(lead, kind, num_classes, convention)
             if paint.any() or len(unpainted) < 16:
                 plane = ax.read(image, lead, *full)
                 plane = plane[0] if plane.shape[0] == 1 else plane
@@ -70,7 +76,7 @@ def painted_planes(
                         f"{source}: the image contains NaN or infinite values; fix or mask "
                         "them first"
                     )
-                planes.append(PaintedPlane(plane, paint, source))
+                planes.append(PaintedPlane(plane, paint, source, objects))
             elif len(unpainted) < 16 and _finite(plane):  # (for statistics only)
                 unpainted.append(plane)
     return planes, unpainted
@@ -129,11 +135,13 @@ class _Box:
     annotation: np.ndarray
     spatial_axes: list  # the image's axes but C, e.g. ["Z", "Y", "X"]
     offset: tuple
+    spatial: tuple  # the image's shape but C
     yx: tuple  # the image's plane size
 
-    def paint(self, lead: tuple, kind: str, num_classes: int, convention) -> np.ndarray:
+    def paint(self, lead: tuple, kind: str, num_classes: int, convention) -> tuple:
         """The ``(Y, X)`` paint of the image's plane ``lead`` (``0`` = not painted,
-        ``k`` = class ``k - 1``); instance masks become classes within the box only."""
+        ``k`` = class ``k - 1``), and its objects (instance masks, which become classes
+        within the box only; else None)."""
         it, index = iter(lead), []
         for a, start, n in zip(self.spatial_axes, self.offset, self.annotation.shape):
             if a in "YX":
@@ -141,13 +149,18 @@ class _Box:
                 continue
             i = next(it) - start
             if not 0 <= i < n:  # a plane the annotation does not reach
-                return np.zeros(self.yx, np.uint8)
+                return np.zeros(self.yx, np.uint8), None
             index.append(i)
         paint = np.asarray(self.annotation[tuple(index)])
         if self.spatial_axes.index("X") < self.spatial_axes.index("Y"):
             paint = paint.T
         y, x = (self.offset[self.spatial_axes.index(a)] for a in "YX")
-        if kind == "instances" and paint.any():
+        # a mask of part of the image annotates all of that part: a box without objects
+        # is background (a 'Visible region only' result whose false positives were all
+        # deleted); a whole-image mask, only its planes with objects
+        part = any(self.offset) or self.annotation.shape != self.spatial
+        ids = None
+        if kind == "instances" and (paint.any() or part):
             # ids renumbered 1..n first, as training does (ids like 3e9 made per-id
             # tables of tens of GB; above 2**63 they failed)
             ids = renumbered(paint)
@@ -157,11 +170,19 @@ class _Box:
             # box does not know, nor so its boundary and core: not annotated
             cut = _cut_objects(ids, (y, x), self.yx)
             paint[np.isin(ids, cut)] = 0
-        if paint.shape == tuple(self.yx):
-            return paint
-        whole = np.zeros(self.yx, paint.dtype)
-        whole[y : y + paint.shape[0], x : x + paint.shape[1]] = paint
-        return whole
+        return _placed(paint, (y, x), self.yx), None if ids is None else _placed(
+            ids, (y, x), self.yx
+        )
+
+
+def _placed(box: np.ndarray, start: tuple, yx: tuple) -> np.ndarray:
+    """``box`` in a plane of ``yx`` zeros, from ``start`` on."""
+    if box.shape == tuple(yx):
+        return box
+    (y, x), (h, w) = start, box.shape
+    whole = np.zeros(yx, box.dtype)
+    whole[y : y + h, x : x + w] = box
+    return whole
 
 
 def _cut_objects(ids: np.ndarray, start: tuple, yx: tuple) -> np.ndarray:

@@ -57,6 +57,37 @@ def with_convention(cfg: TrainConfig, model: LoadedModel) -> TrainConfig:
     )
 
 
+WEIGHTINGS = {"balanced": 1.0, "sqrt": 0.5, "none": 0.0}  # class weight = frequency^-power
+
+
+def with_weighting(cfg: TrainConfig, model: LoadedModel, masks: bool) -> TrainConfig:
+    """``cfg`` with an unset (None) class weighting, separation weight and contact
+    weight filled in: where the labels are instance masks (``masks``), the base model's
+    own, as its training record says (a network trained with soft class weights and
+    weights on touching objects, fine-tuned on masks without them, merged more of them),
+    else the defaults of a training run; for painted strokes (no objects), balanced
+    classes and no separation weights."""
+    unset = {"class_weighting", "border_w0", "contact_w0"}
+    unset = {k for k in unset if getattr(cfg, k) is None}
+    if not unset:
+        return cfg
+    if masks:
+        recorded = model.info.provenance.get("train_config")
+        recorded = recorded if isinstance(recorded, dict) else {}
+        fresh, own = TrainConfig(), {}
+        for k in unset:  # (a record of another kind: the defaults)
+            value = recorded.get(k, getattr(fresh, k))
+            if k == "class_weighting":
+                fits = isinstance(value, str) and value in WEIGHTINGS
+            else:
+                fits = isinstance(value, (int, float)) and not isinstance(value, bool)
+                fits = fits and 0 <= value < 1e6
+            own[k] = value if fits else getattr(fresh, k)
+    else:
+        own = {k: "balanced" if k == "class_weighting" else 0.0 for k in unset}
+    return replace(cfg, **own)
+
+
 def normalized_plane(model: LoadedModel, image: np.ndarray, what: str = "image") -> np.ndarray:
     """A ``(Y, X)`` or ``(C, Y, X)`` plane checked and normalised as the model expects:
     ``(C, Y, X)`` float32."""
@@ -91,10 +122,14 @@ def prepare(
     kind: str,
     cfg: TrainConfig,
     names: Sequence[str] = (),
+    objects: Sequence[np.ndarray | None] = (),
 ) -> list[Sample]:
     """Normalise images, convert labels, compute weights and sampling points.
 
-    ``names`` (e.g. file names) name the images in messages (else "image 0", ...)."""
+    ``names`` (e.g. file names) name the images in messages (else "image 0", ...).
+    ``objects``: for ``"sparse"`` labels drawn from instance masks (fine-tuning on
+    masks that cover part of an image), each image's objects (or None), which give the
+    separation and contact weights that instance labels have."""
     for what, given in (("images", images), ("labels", labels)):
         if isinstance(given, np.ndarray) or not isinstance(given, Sequence):
             raise TypeError(f"{what} are a list of arrays, one per image, got {type(given)}")
@@ -103,7 +138,8 @@ def prepare(
     if not images:
         raise ValueError("no training images given")
     info = model.info
-    cfg = with_convention(cfg, model)
+    masks = kind == "instances" or any(o is not None for o in objects)
+    cfg = with_weighting(with_convention(cfg, model), model, masks)
     side = max(max(np.shape(lab)[-2:], default=0) for lab in labels)
     if cfg.patch_size > 4 * max(side, 64):  # images are padded by a patch on every side
         raise ValueError(
@@ -115,18 +151,27 @@ def prepare(
         raise ValueError("core_ramp needs core_fraction > 0 (soft cores)")
     if not 0 < cfg.hard_fraction <= 1:
         raise ValueError(f"hard_fraction must be in (0, 1], got {cfg.hard_fraction}")
-    powers = {"balanced": 1.0, "sqrt": 0.5, "none": 0.0}
-    if cfg.class_weighting not in powers:
+    if cfg.class_weighting not in WEIGHTINGS:
         raise ValueError(
-            f"class_weighting must be one of {list(powers)}, not {cfg.class_weighting!r}"
+            f"class_weighting must be one of {list(WEIGHTINGS)}, not {cfg.class_weighting!r}"
         )
+    objects = list(objects) + [None] * (len(images) - len(objects))
     planes = [
         _plane(model, img, lab, names[i] if i < len(names) else f"image {i}", kind, cfg, soft)
         for i, (img, lab) in enumerate(zip(images, labels))
     ]
+    for i, (plane, ids) in enumerate(zip(planes, objects)):
+        if ids is None:
+            continue
+        ids = np.asarray(ids)  # painted classes drawn from objects: their weights
+        if ids.shape != plane.target.shape:
+            raise ValueError(
+                f"the objects of image {i} have shape {ids.shape}, its labels {plane.target.shape}"
+            )
+        plane.border += _separation(tg.renumbered(ids), cfg)
     targets = [p.target for p in planes]
     _check_classes(targets, info.classes, kind)
-    cw = tg.class_weights(targets, info.num_classes, powers[cfg.class_weighting])
+    cw = tg.class_weights(targets, info.num_classes, WEIGHTINGS[cfg.class_weighting])
     pad = cfg.patch_size + info.geometry.halo + info.geometry.multiple
     return [_sample(p, cw, kind, info.num_classes, pad) for p in planes]
 
@@ -156,16 +201,21 @@ def _plane(model, img, lab, what: str, kind: str, cfg: TrainConfig, soft: bool) 
         lab = tg.sequential_instances(lab, f"the labels of {what}")
     num_classes = model.info.num_classes
     target = tg.to_target(lab, kind, num_classes, cfg.boundary_width, cfg.core_fraction)
-    border = np.zeros(lab.shape, np.float32)
-    if kind == "instances":
-        if cfg.border_w0 > 0:
-            border += tg.border_weights(lab, cfg.border_w0, cfg.border_sigma)
-        if cfg.contact_w0 > 0:
-            border += tg.contact_weights(lab, cfg.contact_w0)
+    border = _separation(lab, cfg) if kind == "instances" else np.zeros(lab.shape, np.float32)
     share = None
     if soft:
         share = tg.core_share(lab, cfg.boundary_width, cfg.core_fraction, cfg.core_ramp)
     return _Plane(image, target, border, share)
+
+
+def _separation(objects: np.ndarray, cfg: TrainConfig) -> np.ndarray:
+    """The paper's separation weights and the contact weights of an instance mask."""
+    border = np.zeros(objects.shape, np.float32)
+    if cfg.border_w0 > 0:
+        border += tg.border_weights(objects, cfg.border_w0, cfg.border_sigma)
+    if cfg.contact_w0 > 0:
+        border += tg.contact_weights(objects, cfg.contact_w0)
+    return border
 
 
 def _check_classes(targets, classes, kind: str) -> None:

@@ -34,6 +34,7 @@ from napari_unet.core.samples import (
     normalized_plane,
     prepare,
     with_convention,
+    with_weighting,
 )
 from napari_unet.core.train_config import (
     OVERRUN,
@@ -61,6 +62,7 @@ def train_iter(
     phases: bool = False,
     names: Sequence[str] = (),
     val_names: Sequence[str] = (),
+    objects: Sequence[np.ndarray | None] = (),
 ) -> Generator[TrainStep | Phase, None, LoadedModel]:
     """Train a copy of ``model``; yields a :class:`TrainStep` per step, returns the copy.
 
@@ -75,7 +77,8 @@ def train_iter(
     spent outside the generator (paused, previews) does not count as training
     time, for the reports and for ``config.max_seconds``. ``names`` name the images,
     then the unlabelled ones, in messages (e.g. their files; else "image 0", ...);
-    ``val_names`` the validation images.
+    ``val_names`` the validation images. ``objects``: see
+    :func:`~napari_unet.core.samples.prepare` (painted classes drawn from objects).
     """
     cfg = config or TrainConfig()
     check_trainable(model)
@@ -83,8 +86,10 @@ def train_iter(
         raise ValueError(f"bf16 must be True, False or 'auto', not {cfg.bf16!r}")
     rng = np.random.default_rng(cfg.seed)
     torch.manual_seed(cfg.seed)
-    cfg = with_convention(cfg, model)
-    samples = prepare(model, images, labels, kind, cfg, names[: len(images)])
+    # (resolved here, so that the provenance says what was used)
+    masks = kind == "instances" or any(o is not None for o in objects)
+    cfg = with_weighting(with_convention(cfg, model), model, masks)
+    samples = prepare(model, images, labels, kind, cfg, names[: len(images)], objects)
     sampler = PatchSampler(samples, model, cfg, rng)
     val = _validation_batch(model, val_images, val_labels, kind, cfg, val_names)
     dev = resolve_device(cfg.device)
