@@ -216,8 +216,12 @@ def test_stop_keeps_cancel_discards(panel, nuclei, qtbot):
     base = state.model
     widget._on_run()
     qtbot.waitUntil(lambda: len(widget.loss_plot.losses) >= 3, timeout=30000)
+    # greyed out while it trains: they were ignored, and said so in a line the run's
+    # progress wrote over at once
+    assert not widget.save_button.isEnabled() and not widget.fill_button.isEnabled()
     widget._on_cancel()
     qtbot.waitUntil(lambda: widget.worker is None, timeout=30000)
+    assert widget.save_button.isEnabled() and widget.fill_button.isEnabled()
     assert len(widget.versions.versions) == 1 and state.model is base
     assert "discarded" in widget.status.text()
     assert not widget.stop_button.isEnabled() and not widget.pause_button.isEnabled()
@@ -339,6 +343,32 @@ def test_save_version_and_start_from_prediction_on_a_stack(panel, qtbot, tmp_pat
     assert "refusing to overwrite the bundled model" in widget.status.text()
 
 
+def test_the_version_saved_stays_selected(panel, nuclei, qtbot, tmp_path):
+    """The list jumped back to the version in use: the next Save wrote that one."""
+    viewer, widget, state = panel
+    image, strokes = nuclei
+    _painted(viewer, widget, image, strokes)
+    widget.preview_spin.setValue(0)
+    _train(qtbot, widget)
+    assert widget.versions.current == 1
+    widget.version_list.setCurrentRow(0)
+    widget._on_save(str(tmp_path / "base.safetensors"))
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=30000)
+    assert "Saved v0" in widget.status.text()
+    assert widget.version_list.currentRow() == 0 and widget.versions.current == 1
+
+
+def test_fine_tuning_on_instance_masks_weighs_as_the_base_model_was_trained(panel):
+    """'auto' class weights (the default): strokes balanced, instance masks as the base
+    model's own training (for the bundled nuclei: sqrt, and weights on the gaps and
+    contacts between nuclei)."""
+    _, widget, _ = panel
+    assert widget.settings.weights_combo.currentText() == "auto"
+    assert widget.config().class_weighting is None and widget.config().contact_w0 is None
+    widget.settings.weights_combo.setCurrentText("sqrt")
+    assert widget.config().class_weighting == "sqrt"
+
+
 def test_start_from_prediction_leaves_a_layer_of_part_of_the_image_alone(panel, qtbot):
     """It fills the plane shown, whole: into a new annotation layer when the paired ones
     cover part of the image (it was refused: planes of another size)."""
@@ -354,6 +384,13 @@ def test_start_from_prediction_leaves_a_layer_of_part_of_the_image_alone(panel, 
     assert not other.data.any()
     filled = viewer.layers["img annotations"]
     assert filled.data.shape == (64, 64) and filled.data.all(), widget.status.text()
+    assert "'my labels' does not cover all of the image: the fill went to a new layer" in (
+        widget.status.text()
+    )
+    widget.kind_combo.setCurrentText("as instance masks")  # (said of its part, not planes)
+    viewer.layers.selection.active = other
+    widget.use_selected_labels()
+    assert "all of it is used, but objects its sides cut" in widget.status.text()
 
 
 def test_start_from_prediction_into_a_layer_removed_meanwhile(panel, qtbot):

@@ -74,7 +74,7 @@ class AnnotationControls:
             self.status.setText("Choose the image above and select a Labels layer in the list.")
             return
         kind = "instances" if "instance" in self.kind_combo.currentText() else "sparse"
-        model = self.state.model
+        model, part = self.state.model, ""
         if model is not None:  # (without one, Train checks it)
             try:
                 job = job_for_layer(layer, model, self.viewer)
@@ -85,9 +85,8 @@ class AnnotationControls:
             if mismatch:
                 self.status.setText(f"Not paired: {mismatch}.")
                 return
-        message = ann.pair_labels(active, layer.name, kind)
-        if model is not None:  # (e.g. a 'Visible region only' result, corrected)
-            message += ann.covered_part(active, job, offset)
+            part = ann.covered_part(active, job, offset)  # (a 'Visible region only' result)
+        message = ann.pair_labels(active, layer.name, kind, part)
         if kind == "sparse" and ann.is_instances_result(active):
             message += (
                 " It looks like a segmentation into objects (one value per object): "
@@ -119,12 +118,17 @@ class AnnotationControls:
         except ValueError as err:
             self._on_errored(err)
             return
-        targets = [  # (a layer painted for another model's classes, or covering part of
-            # the image, is left alone)
+        mine = [  # (a layer painted for another model's classes is left alone)
             t
             for t in self.annotation_layers(layer.name, "sparse")
-            if not ann.classes_mismatch(t, model.info.classes) and ann.covers(t, whole)
+            if not ann.classes_mismatch(t, model.info.classes)
         ]
+        targets = [t for t in mine if ann.covers(t, whole)]  # (the fill is of a whole plane)
+        self._fill_note = (
+            f" ('{mine[0].name}' does not cover all of the image: the fill went to a new layer.)"
+            if mine and not targets
+            else ""
+        )
         # a layer made for this fill goes again if the fill fails or is cancelled
         self._fill_made = None if targets else self.new_annotation_layer()
         targets = targets or [self._fill_made]
@@ -198,7 +202,7 @@ class AnnotationControls:
         if layer not in self.viewer.layers:
             self.status.setText(f"'{layer.name}' was removed meanwhile: nothing was filled.")
             return
-        self.status.setText(ann.fill_plane(layer, index, classes))
+        self.status.setText(ann.fill_plane(layer, index, classes) + self._fill_note)
 
 
 def diameter_option(model) -> str | None:

@@ -74,16 +74,18 @@ def add_annotation_layer(viewer, image_name: str, job, classes):
     return labels, f"Paint on '{name}': {legend} (0 = not annotated)."
 
 
-def pair_labels(labels, image_name: str, kind: str) -> str:
-    """Make the user's Labels layer annotate ``image_name`` as ``kind``; says how."""
+def pair_labels(labels, image_name: str, kind: str, part: str = "") -> str:
+    """Make the user's Labels layer annotate ``image_name`` as ``kind``; says how.
+    ``part``: the :func:`covered_part` of the image it annotates."""
     labels.metadata[ANNOTATION_KEY] = image_name
     labels.metadata[KIND_KEY] = kind
-    what = (
-        "instance masks (0 = background; every plane with objects is used in full)"
-        if kind == "instances"
-        else "painted classes (0 = not annotated, k = class k - 1)"
-    )
-    return f"'{labels.name}' annotates '{image_name}' as {what}."
+    if kind != "instances":
+        what = "painted classes (0 = not annotated, k = class k - 1)"
+    elif part:
+        what = "instance masks (0 = background; all of it is used, but objects its sides cut)"
+    else:
+        what = "instance masks (0 = background; every plane with objects is used in full)"
+    return f"'{labels.name}' annotates '{image_name}' as {what}.{part}"
 
 
 def pixel_offset(labels, job, image_name: str) -> tuple[tuple[int, ...] | None, str]:

@@ -42,6 +42,9 @@ class WorkerPanel(QWidget):
         self.viewer = real_viewer(napari_viewer)
         self.state = state_for(self.viewer)
         self.worker = None
+        # buttons that cannot act while a run goes on, greyed out meanwhile (they said
+        # so in the status line, which the run's progress wrote over at once)
+        self.idle_only: list[QWidget] = []
         # set by Cancel: runs that take it as their ``should_stop`` stop within a layer
         # of the network, not at the end of a tile (seconds on a CPU)
         self.abort = threading.Event()
@@ -184,6 +187,8 @@ class WorkerPanel(QWidget):
         self.worker = worker
         self.run_button.setEnabled(False)
         self.cancel_button.setEnabled(True)
+        for widget in self.idle_only:
+            widget.setEnabled(False)
         worker.start()
         return worker
 
@@ -297,6 +302,8 @@ class WorkerPanel(QWidget):
         self.worker = None
         self.run_button.setEnabled(True)
         self.cancel_button.setEnabled(False)
+        for widget in self.idle_only:
+            widget.setEnabled(True)
 
     def closeEvent(self, event) -> None:  # noqa: N802 - Qt API
         if self.worker is not None:

@@ -126,7 +126,8 @@ class VersionControls:
         else:
             self.status.setText("")
 
-    def _refresh_versions(self) -> None:
+    def _refresh_versions(self, selected: int | None = None) -> None:
+        """List the versions, ``selected`` (default: the one in use) selected."""
         self.version_list.clear()
         self.state.record_unsaved()
         if self.versions is None:
@@ -134,7 +135,9 @@ class VersionControls:
         for i in range(len(self.versions.versions)):
             mark = "* " if i == self.versions.current else "  "
             self.version_list.addItem(mark + self.versions.describe(i))
-        self.version_list.setCurrentRow(self.versions.current)
+        n = len(self.versions.versions)
+        row = selected if selected is not None and 0 <= selected < n else self.versions.current
+        self.version_list.setCurrentRow(row)
 
     def _set_model(self, model) -> None:
         self._setting_model = True

@@ -73,6 +73,8 @@ class FinetunePanel(AnnotationControls, VersionControls, WorkerPanel):
         self.form.addWidget(self.loss_plot.widget)
         self._build_run_buttons()
         self.build_versions(self.form)
+        # (a save or a fill runs in this panel's worker: one at a time)
+        self.idle_only += [self.save_button, self.fill_button]
         self._on_layers_changed()
         self._on_model_changed(self.state.model)
 
@@ -314,7 +316,8 @@ class FinetunePanel(AnnotationControls, VersionControls, WorkerPanel):
             return
         if self._mode == "save":
             record_save(self.state, self._saving)
-            self._refresh_versions()
+            # (the version saved stays selected: the next Save wrote the one in use)
+            self._refresh_versions(self.version_list.currentRow())
             version, path = self._saving
             self.status.setText(f"Saved {version.label} to {path}")
             return
