@@ -141,7 +141,9 @@ def _add_train(sub) -> None:
         "--class-weights",
         choices=("balanced", "sqrt", "none"),
         help="class weights of the loss: balanced (1/frequency, the default), sqrt "
-        "(1/sqrt(frequency): fewer false objects for the bundled nuclei recipe) or none",
+        "(1/sqrt(frequency): fewer false objects for the bundled nuclei recipe) or none; "
+        "with --finetune the default is balanced for strokes and, for instance masks, the "
+        "base model's own (with its weights on gaps and contacts between objects)",
     )
     tr.add_argument(
         "--contact-weight",
