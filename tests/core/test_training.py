@@ -299,12 +299,14 @@ def test_unset_loss_weights_are_the_base_models_for_masks_and_balanced_for_strok
     balanced classes and no separation weights were right for strokes, and fine-tuning
     the nuclei model on exact masks with them lowered its F1 (held-back 20x heart: 0.83
     -> 0.61, benchmarks/finetune_masks.py)."""
-    from napari_unet.core.samples import with_weighting
+    from napari_unet.core.weighting import with_weighting
 
     unset = TrainConfig.finetune()
     assert (unset.class_weighting, unset.border_w0, unset.contact_w0) == (None, None, None)
     record = {"class_weighting": "sqrt", "border_w0": 10.0, "contact_w0": 10.0}
-    nuclei_like = tiny_model("same", provenance={"train_config": record})
+    nuclei_like = tiny_model(
+        "same", provenance={"train_config": record, "label_kind": "instances"}
+    )
 
     def resolved(model, masks, cfg=unset):
         r = with_weighting(cfg, model, masks)
@@ -316,7 +318,9 @@ def test_unset_loss_weights_are_the_base_models_for_masks_and_balanced_for_strok
     given = replace(unset, class_weighting="none", contact_w0=3.0)
     assert resolved(nuclei_like, True, given) == ("none", 10.0, 3.0)  # what is given stays
     odd = {"class_weighting": "square", "border_w0": -1, "contact_w0": "10"}
-    assert resolved(tiny_model("same", provenance={"train_config": odd}), True) == (
+    assert resolved(
+        tiny_model("same", provenance={"train_config": odd, "label_kind": "instances"}), True
+    ) == (
         "balanced",
         10.0,
         0.0,
@@ -328,6 +332,16 @@ def test_unset_loss_weights_are_the_base_models_for_masks_and_balanced_for_strok
     cfg = replace(unset, steps=1, patch_size=32, batch_size=1, max_seconds=None, device="cpu")
     done = train(nuclei_like, [image], [inst], "instances", cfg).info.provenance["train_config"]
     assert {k: done[k] for k in record} == record
+    # a fine-tune on strokes (weighed balanced, no separation weights) passes the base's
+    # weighting of masks on: strokes, then masks, weighed the masks as strokes
+    strokes = np.where(inst > 0, 2, 1).astype(np.uint8)
+    v1 = train(nuclei_like, [image], [strokes], "sparse", cfg)
+    assert v1.info.provenance["train_config"]["class_weighting"] == "balanced"
+    assert v1.info.provenance["mask_weighting"] == record
+    assert resolved(v1, masks=True) == ("sqrt", 10.0, 10.0)
+    # a model trained on strokes from scratch has no weighting of masks of its own
+    fresh = tiny_model("same", provenance={"train_config": record, "label_kind": "sparse"})
+    assert resolved(fresh, masks=True) == ("balanced", 10.0, 0.0)
 
 
 def test_painted_classes_drawn_from_objects_get_their_separation_weights():

@@ -711,6 +711,12 @@ def test_declared_sizes_the_network_does_not_take_are_refused_at_load(tmp_path, 
         load_model(bad)
     assert load_model(exported["same"]).info.geometry.multiple == 4  # as declared: loads
 
+    def fewer_classes(rdf):  # (the sizes are right: they are not blamed)
+        rdf["outputs"][0]["axes"][1]["channel_names"] = ["a", "b"]
+
+    with pytest.raises(ModelFileError, match=r"says \(1, 2, 48, 48\): a broken model file$"):
+        load_model(repack(exported["same"], tmp_path / "two.zip", fewer_classes))
+
 
 def test_a_single_citation_or_author_need_not_be_a_list(tmp_path, exported):
     def single(rdf):

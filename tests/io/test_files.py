@@ -45,6 +45,9 @@ def test_a_trained_model_saved_under_another_name_is_called_by_it(tmp_path):
     trained = train(load_model(base), [image], [labels], "instances", cfg)
     assert trained.info.name == "cells"
     assert load_model(save_model(trained, tmp_path / "mine.safetensors")).info.name == "mine"
+    from napari_unet.io.bioimageio import export_package  # (and as a package)
+
+    assert load_model(export_package(trained, tmp_path / "pkg.zip")).info.name == "pkg U-Net"
     named = trained.with_info(name="cells v2")  # a name of its own is kept
     assert load_model(save_model(named, tmp_path / "m2.safetensors")).info.name == "cells v2"
     # an untrained model keeps its name wherever it is saved

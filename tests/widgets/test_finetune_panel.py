@@ -384,7 +384,7 @@ def test_start_from_prediction_leaves_a_layer_of_part_of_the_image_alone(panel, 
     assert not other.data.any()
     filled = viewer.layers["img annotations"]
     assert filled.data.shape == (64, 64) and filled.data.all(), widget.status.text()
-    assert "'my labels' does not cover all of the image: the fill went to a new layer" in (
+    assert "'my labels' covers part of the image: the fill went to a new layer" in (
         widget.status.text()
     )
     widget.kind_combo.setCurrentText("as instance masks")  # (said of its part, not planes)

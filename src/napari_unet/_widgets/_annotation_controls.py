@@ -124,11 +124,11 @@ class AnnotationControls:
             if not ann.classes_mismatch(t, model.info.classes)
         ]
         targets = [t for t in mine if ann.covers(t, whole)]  # (the fill is of a whole plane)
-        self._fill_note = (
-            f" ('{mine[0].name}' does not cover all of the image: the fill went to a new layer.)"
-            if mine and not targets
-            else ""
-        )
+        self._fill_note = ""
+        if mine and not targets:  # (said, not to be taken for a fill of that layer)
+            _, why = ann.pixel_offset(mine[0], whole, layer.name)
+            how = "does not lie on the image's pixels" if why else "covers part of the image"
+            self._fill_note = f" ('{mine[0].name}' {how}: the fill went to a new layer.)"
         # a layer made for this fill goes again if the fill fails or is cancelled
         self._fill_made = None if targets else self.new_annotation_layer()
         targets = targets or [self._fill_made]

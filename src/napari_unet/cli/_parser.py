@@ -149,7 +149,8 @@ def _add_train(sub) -> None:
         "--contact-weight",
         type=_non_negative,
         help="instances: loss weight on pixels where two objects touch edge to edge "
-        "(default 0; the bundled nuclei model used 10)",
+        "(default 0; the bundled nuclei model used 10; with --finetune, the base model's "
+        "own)",
     )
     tr.add_argument(
         "--bf16",

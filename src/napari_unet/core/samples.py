@@ -23,6 +23,7 @@ from napari_unet.core import targets as tg
 from napari_unet.core.augment import augment
 from napari_unet.core.axes import resolve_axes
 from napari_unet.core.train_config import TrainConfig
+from napari_unet.core.weighting import WEIGHTINGS, separation, with_weighting
 from napari_unet.model.info import LoadedModel
 
 
@@ -55,37 +56,6 @@ def with_convention(cfg: TrainConfig, model: LoadedModel) -> TrainConfig:
         core_fraction=core,
         core_ramp=float(ramp),
     )
-
-
-WEIGHTINGS = {"balanced": 1.0, "sqrt": 0.5, "none": 0.0}  # class weight = frequency^-power
-
-
-def with_weighting(cfg: TrainConfig, model: LoadedModel, masks: bool) -> TrainConfig:
-    """``cfg`` with an unset (None) class weighting, separation weight and contact
-    weight filled in: where the labels are instance masks (``masks``), the base model's
-    own, as its training record says (a network trained with soft class weights and
-    weights on touching objects, fine-tuned on masks without them, merged more of them),
-    else the defaults of a training run; for painted strokes (no objects), balanced
-    classes and no separation weights."""
-    unset = {"class_weighting", "border_w0", "contact_w0"}
-    unset = {k for k in unset if getattr(cfg, k) is None}
-    if not unset:
-        return cfg
-    if masks:
-        recorded = model.info.provenance.get("train_config")
-        recorded = recorded if isinstance(recorded, dict) else {}
-        fresh, own = TrainConfig(), {}
-        for k in unset:  # (a record of another kind: the defaults)
-            value = recorded.get(k, getattr(fresh, k))
-            if k == "class_weighting":
-                fits = isinstance(value, str) and value in WEIGHTINGS
-            else:
-                fits = isinstance(value, (int, float)) and not isinstance(value, bool)
-                fits = fits and 0 <= value < 1e6
-            own[k] = value if fits else getattr(fresh, k)
-    else:
-        own = {k: "balanced" if k == "class_weighting" else 0.0 for k in unset}
-    return replace(cfg, **own)
 
 
 def normalized_plane(model: LoadedModel, image: np.ndarray, what: str = "image") -> np.ndarray:
@@ -168,7 +138,7 @@ def prepare(
             raise ValueError(
                 f"the objects of image {i} have shape {ids.shape}, its labels {plane.target.shape}"
             )
-        plane.border += _separation(tg.renumbered(ids), cfg)
+        plane.border += separation(tg.renumbered(ids), cfg)
     targets = [p.target for p in planes]
     _check_classes(targets, info.classes, kind)
     cw = tg.class_weights(targets, info.num_classes, WEIGHTINGS[cfg.class_weighting])
@@ -201,21 +171,11 @@ def _plane(model, img, lab, what: str, kind: str, cfg: TrainConfig, soft: bool) 
         lab = tg.sequential_instances(lab, f"the labels of {what}")
     num_classes = model.info.num_classes
     target = tg.to_target(lab, kind, num_classes, cfg.boundary_width, cfg.core_fraction)
-    border = _separation(lab, cfg) if kind == "instances" else np.zeros(lab.shape, np.float32)
+    border = separation(lab, cfg) if kind == "instances" else np.zeros(lab.shape, np.float32)
     share = None
     if soft:
         share = tg.core_share(lab, cfg.boundary_width, cfg.core_fraction, cfg.core_ramp)
     return _Plane(image, target, border, share)
-
-
-def _separation(objects: np.ndarray, cfg: TrainConfig) -> np.ndarray:
-    """The paper's separation weights and the contact weights of an instance mask."""
-    border = np.zeros(objects.shape, np.float32)
-    if cfg.border_w0 > 0:
-        border += tg.border_weights(objects, cfg.border_w0, cfg.border_sigma)
-    if cfg.contact_w0 > 0:
-        border += tg.contact_weights(objects, cfg.contact_w0)
-    return border
 
 
 def _check_classes(targets, classes, kind: str) -> None:

@@ -34,7 +34,6 @@ from napari_unet.core.samples import (
     normalized_plane,
     prepare,
     with_convention,
-    with_weighting,
 )
 from napari_unet.core.train_config import (
     OVERRUN,
@@ -44,6 +43,7 @@ from napari_unet.core.train_config import (
     TrainStep,
 )
 from napari_unet.core.train_step import Stepper, diverged, learning_rate, planned_steps
+from napari_unet.core.weighting import MASK_WEIGHTS, mask_weighting, with_weighting
 from napari_unet.model.info import LoadedModel
 from napari_unet.model.unet import UNet, for_training, to_layout
 
@@ -94,7 +94,8 @@ def train_iter(
     val = _validation_batch(model, val_images, val_labels, kind, cfg, val_names)
     dev = resolve_device(cfg.device)
     cfg = _resolve_bf16(cfg, dev)  # resolved, so that the provenance says what was used
-    run = _Run(for_training(copy.deepcopy(model.net), dev), model, cfg, dev, data_name, kind)
+    net = for_training(copy.deepcopy(model.net), dev)
+    run = _Run(net, model, cfg, dev, data_name, kind, masks)
     yield from run.adapt(samples, unlabelled, rng, should_stop, phases, names[len(images) :])
     run.net.train()
     # one fixed patch the network must still answer with finite numbers (finite weights
@@ -123,6 +124,7 @@ class _Run:
     dev: torch.device
     data_name: str
     kind: str
+    masks: bool = False  # trained on instance masks (kind, or painted classes drawn from them)
     probe: torch.Tensor | None = None  # a fixed input whose output must stay finite
     step: int = 0
     metrics: dict = field(default_factory=dict)
@@ -201,7 +203,14 @@ class _Run:
     def result(self, net) -> LoadedModel:
         """``net`` as a model trained by this run so far, with its provenance."""
         return _result(
-            net, self.model, self.cfg, self.step, self.data_name, self.kind, self.metrics
+            net,
+            self.model,
+            self.cfg,
+            self.step,
+            self.data_name,
+            self.kind,
+            self.metrics,
+            self.masks,
         )
 
     def finish(self) -> LoadedModel:
@@ -295,7 +304,7 @@ def base_name(info) -> str:
     return f"{info.name or 'unnamed'}{source}"
 
 
-def _result(net, model, cfg, steps, data_name, kind, metrics) -> LoadedModel:
+def _result(net, model, cfg, steps, data_name, kind, metrics, masks=False) -> LoadedModel:
     base = model.info
     parent = base_name(base)
     earlier = base.provenance.get("lineage")
@@ -309,6 +318,11 @@ def _result(net, model, cfg, steps, data_name, kind, metrics) -> LoadedModel:
         "seed": cfg.seed,
         "trained": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "train_config": _short_config(cfg),
+        # how it weighs instance masks: this run's if it trained on them, else its
+        # base's (a fine-tune on strokes, weighed otherwise, passes it on)
+        "mask_weighting": (
+            {k: getattr(cfg, k) for k in MASK_WEIGHTS} if masks else mask_weighting(model)
+        ),
     }
     info = replace(model.info, provenance=provenance, metrics=dict(metrics), source="")
     return LoadedModel(net.eval(), info)

@@ -57,13 +57,21 @@ def save_model(
             value = value.half()
         tensors[key] = value.contiguous()
     info = model.info.to_dict()
-    base = str(model.info.provenance.get("base_model", ""))
-    if not model.info.source and base.split(" (")[0] == model.info.name:
-        info["name"] = path.stem
+    info["name"] = saved_name(model, path)
     info["architecture"] = model.net.config.to_dict()
     info["source"] = ""
     meta = {META_KEY: json.dumps(info), "format": FORMAT}
     return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+
+
+def saved_name(model: LoadedModel, path: str | Path) -> str:
+    """The name ``model`` is saved (or exported) under: its own, but a trained model
+    still called by its base model's name takes its file's, so that it is not taken
+    for its base."""
+    base = str(model.info.provenance.get("base_model", ""))
+    if not model.info.source and base.split(" (")[0] == model.info.name:
+        return Path(path).stem
+    return model.info.name
 
 
 def load_model(source: str | Path, trust_code: bool = False) -> LoadedModel:
@@ -156,9 +164,10 @@ def _check_answers(model: LoadedModel, name: str) -> None:
         try:
             check_answer(out, x, model.info)
         except ValueError as err:
-            raise ModelFileError(
-                f"{name}: {err} (the input sizes it declares are not those its network takes)"
-            ) from None
+            want = tuple(n - g.shrink for n in x.shape[-2:])
+            sizes = isinstance(out, torch.Tensor) and tuple(out.shape[-2:]) != want
+            why = " (the input sizes it declares are not those its network takes)"
+            raise ModelFileError(f"{name}: {err}{why if sizes else ''}") from None
 
 
 def _refuse_nan(out, name: str = "") -> None:

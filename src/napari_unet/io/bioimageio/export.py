@@ -32,7 +32,7 @@ from napari_unet.io.bioimageio._processing import (
 from napari_unet.io.bioimageio._rdf import ENGINE_IN, ENGINE_OUT, _tensor_v05
 from napari_unet.io.bioimageio._readme import UNET_CITATION, package_readme, smallest_input
 from napari_unet.io.bioimageio._weights import _exec_source
-from napari_unet.io.files import TORCHSCRIPT_META
+from napari_unet.io.files import TORCHSCRIPT_META, saved_name
 from napari_unet.io.safe_files import ModelFileError, atomic_write
 from napari_unet.model.info import LoadedModel, ModelInfo
 from napari_unet.model.shapes import Geometry
@@ -319,6 +319,7 @@ def export_package(
             ".safetensors file"
         )
     out_zip = Path(out_zip)
+    model = model.with_info(name=saved_name(model, out_zip))
     own = model.info.provenance.get("license")
     if license is None and own and not _is_spdx(own):
         raise ModelFileError(
