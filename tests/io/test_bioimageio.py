@@ -795,6 +795,11 @@ def test_real_package_tiles_seamlessly(real_torchscript, real_onnx):
 def test_real_remote_state_dict_is_not_downloaded(no_network):
     with pytest.raises(ModelFileError, match=r"unet2d_nuclei_broad_weights\.torch .*downloads"):
         load_package(REAL, weights_format="pytorch_state_dict", trust_code=True)
+    # trusted, it loads its TorchScript and says why (trust had seemed to do nothing)
+    trusted = load_package(REAL, trust_code=True).info.provenance
+    assert trusted["weights"].startswith("torchscript")
+    assert "napari-unet downloads nothing: torchscript weights used" in trusted["trust_note"]
+    assert "trust_note" not in load_package(REAL).info.provenance
 
 
 def test_a_zipped_member_that_unpacks_far_beyond_its_size_is_refused_unread(

@@ -114,6 +114,8 @@ def test_train_adds_a_version_previews_and_leaves_base_and_layers_alone(panel, n
     assert "painted plane" in v1.model.info.provenance["training_data"]
     assert len(widget.loss_plot.losses) == 20
     preview = viewer.layers["img [fine-tune preview]"]
+    # the image shows through the preview's background (a blue plane hid it)
+    assert preview.colormap.map(1)[3] == 0 and preview.colormap.map(2)[3] == 1
     # the strokes stay on top and selected, in paint mode: the next strokes go into the
     # annotations, not into the preview napari selected as it was added
     order = [layer.name for layer in viewer.layers]

@@ -24,15 +24,17 @@ UNKNOWN_COLOR = "#ffffff"  # a label beyond the model's classes
 UNDOABLE_FILL = 1 << 20
 
 
-def annotation_colormap(classes):
+def annotation_colormap(classes, hidden: str | None = None):
     """Class k + 1 in its own colour, 0 (not annotated) transparent, and a label beyond
     the classes white: Train refuses such strokes (napari's label +1 key paints them),
-    so they must be seen to be erased."""
+    so they must be seen to be erased. The class named ``hidden`` is transparent too
+    (a preview's background, which hid the image under it)."""
     from napari.utils.colormaps import DirectLabelColormap
 
     colors = {0: "transparent", None: UNKNOWN_COLOR}
-    for k in range(len(classes)):
-        colors[k + 1] = CLASS_COLORS[k % len(CLASS_COLORS)]
+    for k, name in enumerate(classes):
+        shown = hidden is None or str(name).lower() != hidden
+        colors[k + 1] = CLASS_COLORS[k % len(CLASS_COLORS)] if shown else "transparent"
     return DirectLabelColormap(color_dict=colors)
 
 

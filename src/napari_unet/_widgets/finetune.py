@@ -75,6 +75,9 @@ class FinetunePanel(AnnotationControls, VersionControls, WorkerPanel):
         self.build_versions(self.form)
         # (a save or a fill runs in this panel's worker: one at a time)
         self.idle_only += [self.save_button, self.fill_button]
+        # the versions take spare height; and the panel holds its own beside an expanding
+        # model panel (a long model card left the loss plot and versions 90 px)
+        self.grow_controls()
         self._on_layers_changed()
         self._on_model_changed(self.state.model)
 
@@ -298,7 +301,8 @@ class FinetunePanel(AnnotationControls, VersionControls, WorkerPanel):
                 labels,
                 name=f"{image.name} [fine-tune preview]",
                 **job.placement(),
-                colormap=ann.annotation_colormap(classes),
+                # (the image shows through its background: a blue plane hid it)
+                colormap=ann.annotation_colormap(classes, hidden="background"),
                 features={"class": ["-", *classes]},
                 opacity=0.5,
                 metadata={RESULT_KEY: None},

@@ -195,7 +195,8 @@ class ModelPanel(WorkerPanel):
             )
             return
         self.state.model = model
-        self.status.setText(f"Loaded {model.info.name}.")
+        note = model.info.provenance.get("trust_note")  # (a package's code that could not run)
+        self.status.setText(f"Loaded {model.info.name}." + (f" Note: {note}." if note else ""))
 
     def _on_model_changed(self, model) -> None:
         self.card.setPlainText(model.info.card() if model is not None else "")

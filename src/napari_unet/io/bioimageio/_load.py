@@ -112,7 +112,7 @@ def load_package(source, trust_code: bool = False, weights_format: str | None = 
     spec = _parse(_read_rdf(files, rdf_name), rdf_name)
     config = _own_config(spec.rdf, rdf_name)  # before the slow geometry measurement
     _check_hashes(files, spec)
-    fmt, entry = _choose_weights(spec, files, weights_format, trust_code)
+    fmt, entry, passed_over = _choose_weights(spec, files, weights_format, trust_code)
     inp, out = spec.inputs[0], spec.outputs[0]
     declared = _declared(inp, out)
     normalization, pre = _split_pre(inp, declared.channels)
@@ -121,6 +121,9 @@ def load_package(source, trust_code: bool = False, weights_format: str | None = 
     core = _load_weights(fmt, entry, files)
     net = PackageNet(core, spec, files, pre, post, _single_sample(inp, out)).eval()
     geometry, fixed, notes = _geometry(net, fmt != "onnx", declared)
+    if trust_code and passed_over:  # (trusted for the network itself, which it could not
+        # load: said, not to be taken for it, e.g. by the feature-map panel)
+        notes["trust_note"] = f"trusted, but {'; '.join(passed_over)}: {fmt} weights used"
     rdf = spec.rdf
     try:  # the RDF's values are checked like any file's metadata
         info = ModelInfo(

@@ -67,6 +67,7 @@ def _weights_problem(fmt: str, entry: dict, files: _Files, trust_code: bool) -> 
 
 
 def _choose_weights(spec: _Spec, files: _Files, fmt: str | None, trust_code: bool):
+    """``(format, entry, why others were passed over)`` of the weights to load."""
     if fmt is not None and fmt not in spec.weights:
         raise ModelFileError(
             f"no {fmt} weights in the package (it has: {', '.join(spec.weights)})"
@@ -80,7 +81,7 @@ def _choose_weights(spec: _Spec, files: _Files, fmt: str | None, trust_code: boo
             continue
         problem = _weights_problem(name, spec.weights[name], files, trust_code)
         if problem is None:
-            return name, spec.weights[name]
+            return name, spec.weights[name], problems
         problems.append(problem)
     if not problems:
         raise ModelFileError(
