@@ -15,13 +15,19 @@ class LossPlot:
         self.losses: list[tuple[int, float]] = []
         self.min_interval = min_interval
         self._last_draw = 0.0
-        fig = Figure(figsize=(3.2, 1.6), dpi=90, tight_layout=True)
-        self._ax = fig.add_subplot(111)
-        self._ax.set_xlabel("step", fontsize=8)
-        self._ax.set_ylabel("loss", fontsize=8)
-        self._ax.tick_params(labelsize=7)
+        # transparent, in a grey that reads on napari's dark and light themes alike (a
+        # white plot glared in the dark one)
+        fig = Figure(figsize=(3.2, 1.6), dpi=90, tight_layout=True, facecolor="none")
+        self._ax = fig.add_subplot(111, facecolor="none")
+        grey = "#8a8f98"
+        self._ax.set_xlabel("step", fontsize=8, color=grey)
+        self._ax.set_ylabel("loss", fontsize=8, color=grey)
+        self._ax.tick_params(labelsize=7, colors=grey)
+        for spine in self._ax.spines.values():
+            spine.set_color(grey)
         (self._line,) = self._ax.plot([], [], lw=1, color="#3c78d8")
         self.widget = FigureCanvasQTAgg(fig)
+        self.widget.setStyleSheet("background-color: transparent;")
         self.widget.setMinimumHeight(130)
         self._empty()
 

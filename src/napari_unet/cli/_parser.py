@@ -80,7 +80,12 @@ def _add_predict(sub) -> None:
         "'auto' for models that record an object size, else off (the bundled models record none)",
     )
     pr.add_argument("--no-amp", action="store_true", help="no mixed precision on CUDA")
-    pr.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    pr.add_argument(
+        "--quiet",
+        "-q",
+        action="store_true",
+        help="no progress bar (what is written is still said)",
+    )
     pr.add_argument("--trust-code", action="store_true", help=TRUST_HELP)
 
 
