@@ -31,6 +31,7 @@ class FeatureMapPanel(WorkerPanel):
         self.stage_list = QListWidget()
         self.stage_list.setSelectionMode(QAbstractItemView.SelectionMode.MultiSelection)
         self.stage_list.setMaximumHeight(170)
+        _mark_selection(self.stage_list, getattr(self.viewer, "theme", "dark"))
         form.addRow("Stages", self.stage_list)
         self.region_combo = QComboBox()
         self.region_combo.addItems(["field of view", "whole plane"])
@@ -369,6 +370,18 @@ def _origin(job) -> tuple[float, float]:
         return job.translate[-2], job.translate[-1]
     y0, _, x0, _ = job.region
     return job.translate[-2] - y0 * job.scale[-2], job.translate[-1] - x0 * job.scale[-1]
+
+
+def _mark_selection(stages, theme: str) -> None:
+    """Chosen stages in the theme's accent colour, as napari marks selected layers: its
+    grey highlight hardly told them from the others."""
+    try:
+        from napari.utils.theme import get_theme
+
+        accent = get_theme(theme).current.as_hex()
+    except Exception:  # noqa: BLE001 - a theme of a plugin's, or an older napari: as it was
+        return
+    stages.setStyleSheet(f"QListWidget::item:selected {{ background-color: {accent}; }}")
 
 
 class _Refused(ValueError):

@@ -52,7 +52,12 @@ class ModelPanel(WorkerPanel):
             self.model_combo.setCurrentText(default)
         form.addRow("Model", self.model_combo)
         self.path_edit = QLineEdit()
-        self.path_edit.setPlaceholderText(".safetensors, TorchScript .pt, bioimage.io .zip/.yaml")
+        # (short: a longer one was cut off in a docked panel; the tooltip says more)
+        self.path_edit.setPlaceholderText("a model file or package")
+        self.path_edit.setToolTip(
+            "A napari-unet .safetensors file, a TorchScript .pt, or a bioimage.io package "
+            "(.zip, its folder, or its rdf.yaml / bioimageio.yaml)"
+        )
         browse = QPushButton("Browse...")
         row = QHBoxLayout()
         row.addWidget(self.path_edit)
