@@ -12,6 +12,8 @@ def test_description_names_each_leading_axis_once():
     assert resolve_axes((2, 3, 64, 80), None, 1).describe() == (
         "64 x 80 pixels; T x Z: 2 x 3 = 6 planes, processed one by one"
     )
+    # a channel axis read as planes (one-channel model) is named so, not by its letter
+    assert "; channel: 2 planes" in resolve_axes((2, 64, 80), "QYX", 1).describe()
     assert resolve_axes((2, 64, 80), "CYX", 2).describe() == (
         "64 x 80 pixels, 2 channel(s) on axis C"
     )

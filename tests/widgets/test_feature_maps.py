@@ -100,6 +100,25 @@ def test_a_network_pass_that_cannot_fit_in_memory_is_refused(panel, monkeypatch)
     assert widget.worker is None and len(viewer.layers) == 1
 
 
+def test_maps_of_a_stack_opened_after_a_2d_image_s_name_one_axis_as_theirs(panel, qtbot):
+    """The stack's Z shares the slider of the 2D image's maps (napari lines axes up from
+    the right); its own maps were labelled ('channel', 'channel', ...)."""
+    viewer, widget = panel
+    image = np.random.default_rng(1).random((64, 64)).astype(np.float32)
+    viewer.add_image(image, name="img")
+    widget.region_combo.setCurrentText("whole plane")
+    widget.stage_list.clearSelection()
+    widget.stage_list.item(0).setSelected(True)  # enc0
+    for name in ("img", "stack"):
+        if name == "stack":
+            viewer.add_image(np.stack([image] * 3), name="stack")
+        widget.layer_combo.setCurrentText(name)
+        widget._on_run()
+        qtbot.waitUntil(widget.idle, timeout=30000)
+    labels = tuple(viewer.layers["stack [features enc0]"].axis_labels)
+    assert labels.count("feature channel") == 1 and labels[0] == "feature channel", labels
+
+
 def test_channels_get_an_axis_of_their_own_beside_a_stack(panel, qtbot):
     viewer, widget = panel
     image = np.random.default_rng(1).random((64, 64)).astype(np.float32)
@@ -118,8 +137,8 @@ def test_channels_get_an_axis_of_their_own_beside_a_stack(panel, qtbot):
         assert layer.ndim == 4 and layer.data.shape[1] == 1  # C, (Z), Y, X
         assert viewer.dims.ndim == 4  # the channel slider is not the stack's Z slider
         # and says so (it was '-4'); the other axes keep the names they have
-        assert tuple(layer.axis_labels) == ("channel", "z", "y", "x")
-        assert tuple(viewer.dims.axis_labels) == ("channel", "z", "y", "x")
+        assert tuple(layer.axis_labels) == ("feature channel", "z", "y", "x")
+        assert tuple(viewer.dims.axis_labels) == ("feature channel", "z", "y", "x")
         # shown at every plane of the stack, as the 2D image is (not only at Z = 0)
         for z in (0.0, 10.0, 15.0):
             viewer.dims.set_point(1, z)

@@ -176,7 +176,8 @@ def _current_plane(layer, viewer, axes, data, translate: list, scale: list):
                 f"layer {layer.name!r} has no plane at the viewer's {name} "
                 f"position (its {name} planes are 0-{axes.shape[pos] - 1}, the "
                 f"viewer is at {point[pos]:.1f}), so napari shows none of it: move the "
-                "slider onto the image, or leave 'current plane' off"
+                "slider onto the image (or, in the segment panel, leave 'Current plane "
+                "only' off to process the whole image)"
             )
         index[pos] = slice(i, i + 1)
         translate[k] = translate[k] + i * scale[k]
@@ -243,8 +244,8 @@ def labelled_axes(labels, in_channels: int) -> tuple[str | None, str]:
         at = letters.index("C")
         letters[at] = next(a for a in CHANNEL_PLANE_LETTERS if a not in letters)
         return "".join(letters), (
-            f"{letters[at]} is the axis labelled '{labels[at]}': its channels are "
-            "segmented one by one (the model takes one channel)"
+            f"the channels of the axis labelled '{labels[at]}' are segmented one by one "
+            "(the model takes one channel)"
         )
     return "".join(letters), ""
 

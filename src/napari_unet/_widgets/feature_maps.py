@@ -17,6 +17,7 @@ from napari_unet._widgets._base import WorkerPanel
 from napari_unet._widgets._results import OUTPUT_KEY
 
 MEMORY_LIMIT_MB = 512
+MAPS_AXIS = "feature channel"  # the maps' own axis (not the image's 'channel')
 
 
 class FeatureMapPanel(WorkerPanel):
@@ -220,9 +221,16 @@ class FeatureMapPanel(WorkerPanel):
             # the image's units (mixed units misplace layers)
             pad_units = tuple(world_units)[self.viewer.dims.ndim - world :][:pad]
             units = {"units": ("pixel", *pad_units, *job.units)}
-        # the channel axis named (it was '-4'), the others as the viewer names them
+        # the channel axis named (it was '-4'), the others as the viewer names them but
+        # for an earlier run's maps' name: a stack opened after the maps of a 2D image
+        # shares their slider (napari lines axes up from the right), and its own maps
+        # had two axes called 'channel'
         dims = self.viewer.dims
-        labels = ("channel", *tuple(dims.axis_labels)[dims.ndim - world :])
+        named = tuple(dims.axis_labels)[dims.ndim - world :]
+        labels = (
+            MAPS_AXIS,
+            *(str(k - len(named)) if a == MAPS_AXIS else a for k, a in enumerate(named)),
+        )
         self._adding_for = source  # followed while the layers are added (renamed, removed)
         for layer in self.viewer.layers:  # earlier runs' stages, of other regions or models
             if layer.metadata.get(OUTPUT_KEY) == "feature map":

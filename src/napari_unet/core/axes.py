@@ -42,7 +42,11 @@ class Axes:
 
     def describe(self) -> str:
         """One line a user can read, e.g. ``"Z: 31 planes, processed one by one"``."""
-        names = [self.axes[i] for i in self.leading]
+        # (a channel axis read as planes has an internal letter: Q, R, S)
+        names = [
+            "channel" if self.axes[i] in CHANNEL_PLANE_LETTERS else self.axes[i]
+            for i in self.leading
+        ]
         n = int(np.prod(self.leading_shape)) if self.leading else 1
         y, x = self.yx
         text = f"{y} x {x} pixels"
