@@ -68,6 +68,24 @@ def test_predict_probabilities_labels_instances(tmp_path, model_file, image):
     assert np.abs(tta - ref).max() > 1e-3
 
 
+def test_frames_saved_one_by_one_are_said_once_and_a_cut_stack_fails(
+    tmp_path, model_file, image, capsys
+):
+    frames = tmp_path / "frames.tif"
+    for _ in range(3):
+        tifffile.imwrite(frames, image, append=True)
+    assert main(["predict", str(frames), "-m", str(model_file), "-q"]) == 0
+    assert capsys.readouterr().err.count("frames.tif holds 3 image pages in 3 series") == 1
+    whole = tmp_path / "whole.tif"
+    tifffile.imwrite(whole, np.stack([image] * 30), imagej=True, metadata={"axes": "ZYX"})
+    cut = tmp_path / "cut.tif"
+    cut.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
+    assert main(["predict", str(cut), "-m", str(model_file), "-q"]) == 1
+    err = capsys.readouterr().err
+    assert "cut.tif: a truncated or corrupt TIFF" in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "cut_instances.tif").exists()
+
+
 def test_predict_writes_beside_a_zarr_store_not_into_it(tmp_path, model_file, image):
     import zarr
 

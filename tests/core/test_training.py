@@ -131,16 +131,33 @@ def test_cancel_mid_training_leaves_base_intact(data):
         (np.zeros((64, 64), np.uint8), "sparse", "labels are empty"),
         (np.full((64, 64), 9, np.uint8), "sparse", "only 3 classes"),
         (np.zeros((32, 64), np.uint8), "sparse", "have shape"),
-        (np.zeros((64, 64), np.float32), "sparse", "must be integers"),
+        (np.full((64, 64), 0.5, np.float32), "sparse", "image 0: labels must be integers"),
         (np.ones((64, 64), np.uint8), "blobs", "label kind must be one of"),
         # -1 is the ignore value inside: a user's -1 trained silently while -2 was refused
-        (np.r_[np.full((32, 64), -1), np.ones((32, 64))].astype(np.int16), "classes", "negative"),
+        (
+            np.r_[np.full((32, 64), -1), np.ones((32, 64))].astype(np.int16),
+            "classes",
+            "the labels of image 0: labels must not be negative",
+        ),
     ],
 )
 def test_bad_labels_give_clear_errors(labels, kind, message):
     image = np.random.default_rng(0).random((64, 64), dtype=np.float32)
     with pytest.raises(ValueError, match=message):
         train(tiny_model("same"), [image], [labels], kind, _cfg(steps=1))
+
+
+def test_whole_numbers_in_float_labels_train_as_integers():
+    """Fiji's 32-bit label images: refused outright ('labels must be integers')."""
+    image = np.random.default_rng(0).random((64, 64), dtype=np.float32)
+    inst = np.zeros((64, 64), np.int32)
+    inst[10:30, 10:30], inst[35:55, 35:55] = 1, 2
+    model = tiny_model("same")
+    as_float, as_int = (
+        prepare(model, [image], [lab], "instances", TrainConfig())[0]
+        for lab in (inst.astype(np.float32), inst)
+    )
+    np.testing.assert_array_equal(as_float.target, as_int.target)
 
 
 def test_an_endless_time_budget_is_refused():

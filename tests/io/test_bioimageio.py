@@ -189,6 +189,19 @@ def test_how_a_model_was_made_survives_export(tmp_path):
     assert "base_model:    nuclei (nuclei.safetensors)" in card and "steps:         91" in card
 
 
+def test_export_refuses_licences_bioimageio_refuses(tmp_path):
+    """'notalicense' and 'mit' were written, into packages bioimage.io calls invalid."""
+    pytest.importorskip("bioimageio.spec")  # (its SPDX list; without it, the form only)
+    model = tiny_model("same")
+    with pytest.raises(ModelFileError, match="'notalicense' is not an SPDX"):
+        export_package(model, tmp_path / "a.zip", license="notalicense")
+    with pytest.raises(ModelFileError, match="did you mean MIT"):
+        export_package(model, tmp_path / "b.zip", license="mit")
+    with pytest.raises(ModelFileError, match="the licence given is empty"):
+        export_package(model, tmp_path / "c.zip", license=" ")
+    assert not list(tmp_path.iterdir())
+
+
 def test_export_refuses_other_networks_and_names(tmp_path, exported):
     with pytest.raises(ModelFileError, match="only napari-unet U-Nets"):
         export_package(load_package(exported["same"]), tmp_path / "again.zip")

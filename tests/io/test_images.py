@@ -35,6 +35,31 @@ def test_a_corrupt_tiff_names_the_file(tmp_path):
         read_image(path)
 
 
+def test_a_stack_cut_short_is_refused_and_frames_saved_one_by_one_are_said(tmp_path):
+    """A truncated ImageJ stack was read as one plane and segmented with exit 0; frames
+    appended one by one (a series each) lost all but the first without a word."""
+    plane = (np.random.default_rng(0).random((64, 64)) * 1000).astype(np.uint16)
+    whole = tmp_path / "whole.tif"
+    tifffile.imwrite(whole, np.stack([plane] * 40), imagej=True, metadata={"axes": "ZYX"})
+    assert read_image(whole).shape == (40, 64, 64)
+    cut = tmp_path / "cut.tif"
+    cut.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
+    with pytest.raises(
+        ValueError,
+        match="cut.tif: a truncated or corrupt TIFF: its ImageJ header declares 40 planes",
+    ):
+        read_image(cut)
+    frames = tmp_path / "frames.tif"
+    for _ in range(3):
+        tifffile.imwrite(frames, plane, append=True)
+    with pytest.warns(
+        UserWarning,
+        match=r"frames.tif holds 3 image pages in 3 series; only "
+        r"the first series \(64 x 64\) is read",
+    ):
+        assert read_image(frames).shape == (64, 64)
+
+
 def test_pickled_npy_is_refused(tmp_path):
     path = tmp_path / "objects.npy"
     np.save(path, np.array([{"a": 1}], dtype=object), allow_pickle=True)

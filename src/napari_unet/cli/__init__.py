@@ -24,7 +24,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         with _terminate_interrupts(), warnings.catch_warnings():
-            warnings.showwarning = functools.partial(_one_line_warning, warnings.showwarning)
+            warnings.showwarning = functools.partial(
+                _one_line_warning, warnings.showwarning, set()
+            )
             return COMMANDS[args.command](args)
     except KeyboardInterrupt:
         print("napari-unet: interrupted", file=sys.stderr)
@@ -54,11 +56,16 @@ def _quiet_abandoned_reads() -> None:
     warnings.filterwarnings("ignore", "coroutine .* was never awaited", RuntimeWarning)
 
 
-def _one_line_warning(show, message, category, filename, lineno, file=None, line=None) -> None:
+def _one_line_warning(
+    show, seen: set, message, category, filename, lineno, file=None, line=None
+) -> None:
     """A warning of napari-unet's as a line for the terminal's user (not Python's source
-    path and line); others (a library's deprecation) as ``show`` shows them."""
+    path and line), once (an input read twice warned twice); others (a library's
+    deprecation) as ``show`` shows them."""
     if "napari_unet" in str(filename):
-        print(f"napari-unet: warning: {message}", file=sys.stderr)
+        if str(message) not in seen:
+            seen.add(str(message))
+            print(f"napari-unet: warning: {message}", file=sys.stderr)
     else:
         show(message, category, filename, lineno, file, line)
 

@@ -167,10 +167,15 @@ def _plane(model, img, lab, what: str, kind: str, cfg: TrainConfig, soft: bool) 
             f"the labels of {what} have shape {shape} but its plane is "
             f"{image.shape[1:]} (from {np.shape(img)})"
         )
+    if lab.dtype.kind == "f" and np.isfinite(lab).all() and (lab == np.round(lab)).all():
+        lab = lab.astype(np.int64)  # whole numbers in floats (Fiji's 32-bit label images)
     if kind == "instances":
         lab = tg.sequential_instances(lab, f"the labels of {what}")
     num_classes = model.info.num_classes
-    target = tg.to_target(lab, kind, num_classes, cfg.boundary_width, cfg.core_fraction)
+    try:  # (which file, of several)
+        target = tg.to_target(lab, kind, num_classes, cfg.boundary_width, cfg.core_fraction)
+    except ValueError as err:
+        raise ValueError(f"the labels of {what}: {err}") from None
     border = separation(lab, cfg) if kind == "instances" else np.zeros(lab.shape, np.float32)
     share = None
     if soft:

@@ -71,7 +71,39 @@ def read_image(path: str | Path):
     if suffix in (".tif", ".tiff") and (len(arr.shape) < 2 or 0 in arr.shape):
         # tifffile answers a TIFF whose pages cannot be found with an empty array
         raise ValueError(f"{path.name}: cannot read image (no image data: a corrupt TIFF?)")
+    if suffix in (".tif", ".tiff"):
+        _check_tiff_pages(path, tuple(arr.shape))
     return arr
+
+
+def _check_tiff_pages(path: Path, shape: tuple) -> None:
+    """Refuse a TIFF stack cut short (a copy interrupted): its readable pages were read
+    as one plane, and segmented without a word; warn of pages beyond the first series
+    (frames appended one by one, a second image), which are left out."""
+    import warnings
+
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(str(path)) as tf:
+            pages = len(tf.pages)
+            series = tf.series
+            used = len(series[0].pages) if series else pages
+            declared = int((tf.imagej_metadata or {}).get("images", 0) or 0)
+    except Exception:  # noqa: BLE001 - read above all the same: its reader said nothing
+        return
+    if declared > pages or (declared > 1 and len(shape) == 2):
+        raise ValueError(
+            f"{path.name}: a truncated or corrupt TIFF: its ImageJ header declares "
+            f"{declared} planes, {pages} can be read"
+        )
+    if len(series) > 1 or pages > used:
+        warnings.warn(
+            f"{path.name} holds {pages} image pages in {len(series)} series; only the "
+            f"first series ({' x '.join(map(str, shape))}) is read (frames saved one by "
+            "one? save them as one stack, e.g. tifffile.imwrite(path, numpy.stack(frames)))",
+            stacklevel=3,
+        )
 
 
 def image_axes(path: str | Path) -> str | None:
@@ -104,7 +136,7 @@ def _open(path: Path, suffix: str):
         import zarr
 
         # a corrupt file is refused in one line (read_image), not logged page by page
-        logging.getLogger("tifffile").setLevel(logging.ERROR)
+        logging.getLogger("tifffile").setLevel(logging.CRITICAL)
 
         try:  # lazily, tile by tile
             arr = zarr.open(tifffile.imread(str(path), aszarr=True), mode="r")

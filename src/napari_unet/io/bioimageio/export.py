@@ -327,10 +327,17 @@ def export_package(
             "no SPDX identifier: save it as a .safetensors file, or export with a licence "
             "that respects those terms (napari-unet export --license ...)"
         )
+    if license is not None and not str(license).strip():
+        raise ModelFileError("the licence given is empty: give an SPDX identifier, e.g. MIT")
     license = license or own or DEFAULT_LICENSE
-    if not _is_spdx(license):
+    known = _spdx_ids()
+    if not _is_spdx(license) or (known is not None and license not in known):
+        # (bioimage.io refuses a package whose licence is not on the SPDX list)
+        same = [k for k in known or () if k.lower() == str(license).lower()]
+        hint = f": did you mean {same[0]}?" if same else ""
         raise ModelFileError(
-            f"{license!r} is not an SPDX licence identifier (e.g. CC-BY-4.0, MIT, BSD-3-Clause)"
+            f"{license!r} is not an SPDX licence identifier (e.g. CC-BY-4.0, MIT, "
+            f"BSD-3-Clause){hint}"
         )
     if out_zip.suffix != ".zip":
         raise ModelFileError(f"a bioimage.io package is a .zip, got {out_zip.name!r}")
@@ -352,6 +359,18 @@ def export_package(
     rdf = _rdf(net, info, tensors, files, names, meta)
     files = {"bioimageio.yaml": _yaml(rdf), **files}
     return atomic_write(out_zip, lambda tmp: _write_zip(tmp, files))
+
+
+def _spdx_ids() -> set | None:
+    """The SPDX licence list bioimage.io checks against (bioimageio.spec's copy), or None
+    where it is not installed (then the identifier's form alone is checked)."""
+    try:
+        from importlib.resources import files
+
+        text = files("bioimageio.spec").joinpath("static/spdx_licenses.json").read_text()
+        return {str(entry["licenseId"]) for entry in json.loads(text)["licenses"]}
+    except Exception:  # noqa: BLE001 - not installed, or a layout of another version
+        return None
 
 
 def _is_spdx(text) -> bool:
