@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import tifffile
 
-from napari_unet.io.images import ZarrOutput, read_image, write_image
+from napari_unet.io.images import ZarrOutput, image_axes, read_image, write_image
 
 
 @pytest.mark.parametrize("suffix", [".tif", ".npy"])
@@ -58,6 +58,29 @@ def test_a_stack_cut_short_is_refused_and_frames_saved_one_by_one_are_said(tmp_p
         r"the first series \(64 x 64\) is read",
     ):
         assert read_image(frames).shape == (64, 64)
+
+
+@pytest.mark.parametrize("version", ["0.4", "0.5"])
+def test_an_ome_zarr_image_s_axes_are_read(tmp_path, version):
+    """Its channel axis was read as time (a T, C, Z, Y, X image labelled S, T, Z, Y, X)."""
+    import zarr
+
+    root = tmp_path / "img.ome.zarr"
+    group = zarr.open_group(str(root), mode="w", zarr_format=2 if version == "0.4" else 3)
+    group.create_array("0", shape=(1, 2, 3, 16, 16), dtype="uint16")
+    scales = [
+        {
+            "axes": [{"name": n, "type": "space"} for n in "tczyx"],
+            "datasets": [{"path": "0"}],
+            "version": version,
+        }
+    ]
+    group.attrs.update(
+        {"multiscales": scales} if version == "0.4" else {"ome": {"multiscales": scales}}
+    )
+    assert image_axes(root / "0") == "TCZYX"
+    plain = zarr.open_array(str(tmp_path / "plain.zarr"), mode="w", shape=(3, 8, 8), dtype="u1")
+    assert plain is not None and image_axes(tmp_path / "plain.zarr") is None
 
 
 def test_pickled_npy_is_refused(tmp_path):

@@ -110,6 +110,8 @@ def image_axes(path: str | Path) -> str | None:
     """The axes an OME-TIFF or ImageJ TIFF records (e.g. ``"TZCYX"``; RGB samples ``S``
     read as ``C``), or None where the file says nothing (then they are guessed)."""
     path = Path(path)
+    if path.is_dir():  # an OME-Zarr image's array (img.ome.zarr/0)
+        return _ome_zarr_axes(path)
     if path.suffix.lower() not in (".tif", ".tiff") or not path.is_file():
         return None
     import tifffile
@@ -126,6 +128,32 @@ def image_axes(path: str | Path) -> str | None:
     if "Y" not in axes or "X" not in axes or len(set(axes)) != len(axes):
         return None
     return axes
+
+
+def _ome_zarr_axes(path: Path) -> str | None:
+    """The axes an OME-Zarr (NGFF) image's ``multiscales`` name for its array at
+    ``path`` (e.g. ``"TCZYX"``), or None where there are none (its channel axis was read
+    as time)."""
+    import json
+
+    for group in (path.parent, path):
+        for name, key in (("zarr.json", "attributes"), (".zattrs", None)):
+            try:
+                attrs = json.loads((group / name).read_text())
+            except (OSError, ValueError):
+                continue
+            attrs = attrs.get(key, {}) if key else attrs
+            attrs = attrs.get("ome", attrs)  # (NGFF 0.5 nests it)
+            for scales in attrs.get("multiscales") or []:
+                paths = [str(d.get("path")) for d in scales.get("datasets", [])]
+                if group == path or path.name in paths:
+                    letters = "".join(
+                        str(a.get("name", "") if isinstance(a, dict) else a)[:1].upper()
+                        for a in scales.get("axes", [])
+                    )
+                    ok = len(set(letters)) == len(letters) and letters.endswith("YX")
+                    return letters if ok and set(letters) <= set("TCZYX") else None
+    return None
 
 
 def _open(path: Path, suffix: str):
