@@ -163,6 +163,9 @@ def test_whole_numbers_in_float_labels_train_as_integers():
 def test_an_endless_time_budget_is_refused():
     with pytest.raises(ValueError, match="finite"):
         _cfg(max_seconds=float("inf"))
+    # (--stop-after 5 --steps 2 was taken without a word)
+    with pytest.raises(ValueError, match=r"stop_after \(5\) is beyond the 2 steps"):
+        _cfg(steps=2, stop_after=5)
 
 
 def test_one_class_is_refused_even_beside_the_model_s_own_answers():

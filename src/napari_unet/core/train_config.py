@@ -89,6 +89,11 @@ class TrainConfig:
         if self.schedule not in ("cosine", "constant"):
             raise ValueError(f"schedule must be 'cosine' or 'constant', got {self.schedule!r}")
         _check_weights(self)
+        if self.stop_after is not None and self.stop_after > self.steps:
+            raise ValueError(
+                f"stop_after ({self.stop_after}) is beyond the {self.steps} steps of the run: "
+                "it ends a run early, after that many of its steps"
+            )
         if self.max_seconds is not None and not 0 < self.max_seconds < float("inf"):
             raise ValueError(
                 f"max_seconds must be above 0 and finite (or None: no time limit), got "
