@@ -618,7 +618,7 @@ def test_class_names_are_for_new_networks_and_must_be_distinct(tmp_path, model_f
 
 def test_axes_recorded_in_ome_and_imagej_tiffs_are_used(tmp_path, model_file, capsys):
     from napari_unet.io import load_model
-    from napari_unet.io.images import image_axes
+    from napari_unet.io.image_metadata import image_axes
 
     # two channels for a one-channel model: segmented one by one, as the panel does (it
     # was refused without a word of what to do), and written as channels
@@ -864,7 +864,7 @@ def test_an_error_raised_by_a_torchscript_model_is_one_line(tmp_path, image, cap
 def test_results_keep_the_image_s_planes_and_pixel_size(tmp_path, model_file):
     """A ZYX ImageJ stack of 0.5 um pixels, 2 um apart, gave a plain TIFF: Fiji opened
     it as uncalibrated pixels (and a T, Z, C stack as one pile of slices)."""
-    from napari_unet.io.images import image_axes, image_calibration
+    from napari_unet.io.image_metadata import image_axes, image_calibration
 
     stack = (np.random.default_rng(3).random((3, 48, 48)) * 1000).astype(np.uint16)
     src = tmp_path / "z.tif"
@@ -910,7 +910,8 @@ def test_odd_calibrations_are_dropped_or_converted_never_a_lost_result(tmp_path,
     computed, then not written (a ZeroDivisionError traceback, or 'ascii' codec...)."""
     import warnings
 
-    from napari_unet.io.images import image_calibration, write_image
+    from napari_unet.io.image_metadata import image_calibration
+    from napari_unet.io.images import write_image
 
     plane = (np.random.default_rng(4).random((48, 48)) * 1000).astype(np.uint16)
 

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import tifffile
 
-from napari_unet.io.images import ZarrOutput, image_axes, read_image, write_image
+from napari_unet.io.image_metadata import image_axes
+from napari_unet.io.images import ZarrOutput, read_image, write_image
 
 
 @pytest.mark.parametrize("suffix", [".tif", ".npy"])
@@ -144,7 +145,7 @@ def test_a_tiff_is_read_whole_when_tifffile_and_zarr_cannot_talk(tmp_path, monke
 
 def test_objects_of_a_time_series_keep_its_sizes_and_interval_in_an_ome_tiff(tmp_path):
     # uint32 objects cannot be an ImageJ hyperstack: their Z step and interval were lost
-    from napari_unet.io.images import image_axes, image_calibration
+    from napari_unet.io.image_metadata import image_calibration
 
     labels = np.arange(2 * 3 * 8 * 9, dtype=np.uint32).reshape(2, 3, 8, 9) * 70_000
     cal = {"x": 250.0, "y": 250.0, "z": 2000.0, "t": 1.5, "unit": "nm"}
@@ -160,8 +161,6 @@ def test_a_palette_png_is_its_indices_and_odd_types_are_still_written(tmp_path):
     # an 8-bit image saved with a LUT (Fiji's HiLo): its colours came back as RGB, and a
     # one-channel model read their gray, no longer monotonic in the data
     from PIL import Image
-
-    from napari_unet.io.images import image_axes
 
     data = np.arange(256, dtype=np.uint8).reshape(16, 16)
     im = Image.fromarray(data, mode="P")

@@ -37,7 +37,8 @@ def model_input(image, axes: str | None, model) -> tuple:
 
 def training_images(paths, model) -> list:
     """The images as a one-channel model reads them (RGB as its gray, as predict does)."""
-    from napari_unet.io.images import image_axes, read_image
+    from napari_unet.io.image_metadata import image_axes
+    from napari_unet.io.images import read_image
 
     images = []
     for path in paths:

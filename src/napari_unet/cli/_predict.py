@@ -12,7 +12,8 @@ from napari_unet.cli._models import model_by_name, model_failure
 
 def cmd_predict(args) -> int:
     from napari_unet.io import outputs
-    from napari_unet.io.images import check_readable, image_axes, image_calibration, read_image
+    from napari_unet.io.image_metadata import image_axes, image_calibration
+    from napari_unet.io.images import check_readable, read_image
 
     missing = [src for src in args.inputs if not Path(src).exists()]
     if missing:

@@ -22,6 +22,7 @@ import torch
 from napari_unet.core import normalize as norm
 from napari_unet.io.bioimageio._cover import _cover
 from napari_unet.io.bioimageio._files import _sha256
+from napari_unet.io.bioimageio._licence import checked_licence
 from napari_unet.io.bioimageio._load import _device, _direct
 from napari_unet.io.bioimageio._processing import (
     EXPORT_EPS,
@@ -278,9 +279,6 @@ def _tensor_descriptions(info: ModelInfo, g: Geometry) -> tuple[dict, dict]:
     return inputs, outputs
 
 
-DEFAULT_LICENSE = "CC-BY-4.0"  # for weights that record no licence of their own
-
-
 def export_package(
     model: LoadedModel, out_zip, *, cover=None, license: str | None = None, authors=None
 ) -> Path:
@@ -320,25 +318,7 @@ def export_package(
         )
     out_zip = Path(out_zip)
     model = model.with_info(name=saved_name(model, out_zip))
-    own = model.info.provenance.get("license")
-    if license is None and own and not _is_spdx(own):
-        raise ModelFileError(
-            f"{model.info.name or 'this model'}'s weights are licensed as {own!r}, which has "
-            "no SPDX identifier: save it as a .safetensors file, or export with a licence "
-            "that respects those terms (napari-unet export --license ...)"
-        )
-    if license is not None and not str(license).strip():
-        raise ModelFileError("the licence given is empty: give an SPDX identifier, e.g. MIT")
-    license = license or own or DEFAULT_LICENSE
-    known = _spdx_ids()
-    if not _is_spdx(license) or (known is not None and license not in known):
-        # (bioimage.io refuses a package whose licence is not on the SPDX list)
-        same = [k for k in known or () if k.lower() == str(license).lower()]
-        hint = f": did you mean {same[0]}?" if same else ""
-        raise ModelFileError(
-            f"{license!r} is not an SPDX licence identifier (e.g. CC-BY-4.0, MIT, "
-            f"BSD-3-Clause){hint}"
-        )
+    license = checked_licence(license, model)
     if out_zip.suffix != ".zip":
         raise ModelFileError(f"a bioimage.io package is a .zip, got {out_zip.name!r}")
     net = copy.deepcopy(model.net).float().cpu().eval()
@@ -359,22 +339,6 @@ def export_package(
     rdf = _rdf(net, info, tensors, files, names, meta)
     files = {"bioimageio.yaml": _yaml(rdf), **files}
     return atomic_write(out_zip, lambda tmp: _write_zip(tmp, files))
-
-
-def _spdx_ids() -> set | None:
-    """The SPDX licence list bioimage.io checks against (bioimageio.spec's copy), or None
-    where it is not installed (then the identifier's form alone is checked)."""
-    try:
-        from importlib.resources import files
-
-        text = files("bioimageio.spec").joinpath("static/spdx_licenses.json").read_text()
-        return {str(entry["licenseId"]) for entry in json.loads(text)["licenses"]}
-    except Exception:  # noqa: BLE001 - not installed, or a layout of another version
-        return None
-
-
-def _is_spdx(text) -> bool:
-    return isinstance(text, str) and re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9.+-]*", text) is not None
 
 
 def _citations(info: ModelInfo) -> list[dict]:
