@@ -170,9 +170,8 @@ class _Box:
             # box does not know, nor so its boundary and core: not annotated
             cut = _cut_objects(ids, (y, x), self.yx)
             paint[np.isin(ids, cut)] = 0
-        return _placed(paint, (y, x), self.yx), None if ids is None else _placed(
-            ids, (y, x), self.yx
-        )
+        objects = None if ids is None else _placed(ids, (y, x), self.yx)
+        return _placed(paint, (y, x), self.yx), objects
 
 
 def _placed(box: np.ndarray, start: tuple, yx: tuple) -> np.ndarray:

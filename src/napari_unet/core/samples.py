@@ -23,7 +23,7 @@ from napari_unet.core import targets as tg
 from napari_unet.core.augment import augment
 from napari_unet.core.axes import resolve_axes
 from napari_unet.core.train_config import TrainConfig
-from napari_unet.core.weighting import WEIGHTINGS, separation, with_weighting
+from napari_unet.core.weighting import WEIGHTINGS, on_masks, separation, with_weighting
 from napari_unet.model.info import LoadedModel
 
 
@@ -108,7 +108,7 @@ def prepare(
     if not images:
         raise ValueError("no training images given")
     info = model.info
-    masks = kind == "instances" or any(o is not None for o in objects)
+    masks = on_masks(kind, objects)
     cfg = with_weighting(with_convention(cfg, model), model, masks)
     side = max(max(np.shape(lab)[-2:], default=0) for lab in labels)
     if cfg.patch_size > 4 * max(side, 64):  # images are padded by a patch on every side

@@ -43,7 +43,7 @@ from napari_unet.core.train_config import (
     TrainStep,
 )
 from napari_unet.core.train_step import Stepper, diverged, learning_rate, planned_steps
-from napari_unet.core.weighting import MASK_WEIGHTS, mask_weighting, with_weighting
+from napari_unet.core.weighting import MASK_WEIGHTS, mask_weighting, on_masks, with_weighting
 from napari_unet.model.info import LoadedModel
 from napari_unet.model.unet import UNet, for_training, to_layout
 
@@ -87,7 +87,7 @@ def train_iter(
     rng = np.random.default_rng(cfg.seed)
     torch.manual_seed(cfg.seed)
     # (resolved here, so that the provenance says what was used)
-    masks = kind == "instances" or any(o is not None for o in objects)
+    masks = on_masks(kind, objects)
     cfg = with_weighting(with_convention(cfg, model), model, masks)
     samples = prepare(model, images, labels, kind, cfg, names[: len(images)], objects)
     sampler = PatchSampler(samples, model, cfg, rng)

@@ -12,9 +12,12 @@ from napari_unet.core.train_config import TrainConfig
 from napari_unet.model.info import LoadedModel
 
 WEIGHTINGS = {"balanced": 1.0, "sqrt": 0.5, "none": 0.0}  # class weight = frequency^-power
-
-
 MASK_WEIGHTS = ("class_weighting", "border_w0", "contact_w0")  # what with_weighting fills
+
+
+def on_masks(kind: str, objects=()) -> bool:
+    """Whether labels of ``kind`` (with painted classes' ``objects``) are instance masks."""
+    return kind == "instances" or any(o is not None for o in objects)
 
 
 def mask_weighting(model: LoadedModel) -> dict:
