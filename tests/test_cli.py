@@ -198,6 +198,10 @@ def test_predict_npy_stack_to_zarr_and_folder_outputs(tmp_path, model_file, imag
     z = zarr.open_array(str(out), mode="r")
     assert z.shape == (3, 2, 64, 80)
     np.testing.assert_allclose(z[:, 1], predict(image[::-1], tiny_model("valid")), atol=1e-5)
+    # what it is, in its attributes (a .zarr result carried none)
+    said = dict(z.attrs)["napari_unet"]
+    assert said["axes"] == "CZYX" and said["mode"] == "probabilities"
+    assert said["model"] == "unet" and said["calibration"] == {}
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
     # several inputs go to a folder, one file each
     tifffile.imwrite(tmp_path / "a.tif", image)

@@ -131,19 +131,23 @@ def _predict_one(
         tta=args.tta,
         diameter=_diameter(args.diameter, model.info),
     )
-    if dst.suffix.lower() == ".zarr":  # streamed at the image's own scale
-        _predict_to_zarr(image, model, ax, dst, replace(options, diameter=None), label, args)
-        return
-    result = _with_bar(segment_iter(image, model, options), label, args.quiet)
     lead = "".join(ax.axes[i] for i in ax.leading)  # the image's planes, then Y, X
     if planes and args.mode != "probabilities":  # (there C is the classes)
         lead = lead.replace(planes, "C")
     axes = ("C" if args.mode == "probabilities" else "") + lead + "YX"
+    if dst.suffix.lower() == ".zarr":  # streamed at the image's own scale
+        options = replace(options, diameter=None)
+        # what the result is, in its attributes (a .zarr result carried none)
+        attrs = {"axes": axes, "calibration": calibration, "model": model.info.name}
+        _predict_to_zarr(image, model, ax, dst, options, label, args, attrs)
+        return
+    result = _with_bar(segment_iter(image, model, options), label, args.quiet)
     write_image(dst, result, axes, calibration)
 
 
-def _predict_to_zarr(image, model, ax, dst: Path, options, label: str, args) -> None:
-    """Class maps or labels streamed into a zarr store, which appears only when done."""
+def _predict_to_zarr(image, model, ax, dst: Path, options, label: str, args, attrs) -> None:
+    """Class maps or labels streamed into a zarr store, which appears only when done;
+    ``attrs`` (axes, calibration, model) go into its attributes, under ``napari_unet``."""
     from napari_unet.core.segment import engine_kwargs
     from napari_unet.core.tiling import output_dtype, predict_iter
     from napari_unet.io.images import ZarrOutput
@@ -152,7 +156,9 @@ def _predict_to_zarr(image, model, ax, dst: Path, options, label: str, args) -> 
     shape = (*ax.leading_shape, *ax.yx)
     if engine["output"] == "probabilities":
         shape = (model.info.num_classes, *shape)
-    sink = ZarrOutput(dst, shape, output_dtype(engine["output"], model.info.num_classes).name)
+    dtype = output_dtype(engine["output"], model.info.num_classes).name
+    attrs = {**attrs, "mode": args.mode}
+    sink = ZarrOutput(dst, shape, dtype, attrs={"napari_unet": attrs})
     try:
         _with_bar(predict_iter(image, model, **engine, out=sink.array), label, args.quiet)
     except BaseException:

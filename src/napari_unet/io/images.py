@@ -220,10 +220,17 @@ def _ome_metadata(axes: str, cal: dict, um: float | None) -> dict:
     return meta
 
 
+def _plain(value):
+    """A numpy number (or anything else) as JSON can hold it."""
+    return value.item() if hasattr(value, "item") else str(value)
+
+
 class ZarrOutput:
     """A zarr array written in a temporary folder and renamed into place on commit."""
 
-    def __init__(self, path: str | Path, shape, dtype, chunks=None) -> None:
+    def __init__(self, path: str | Path, shape, dtype, chunks=None, attrs=None) -> None:
+        import json
+
         import zarr
 
         self.path = Path(path)
@@ -233,6 +240,8 @@ class ZarrOutput:
         self.array = zarr.open_array(
             str(self.tmp / "data.zarr"), mode="w", shape=shape, dtype=dtype, chunks=chunks
         )
+        if attrs:  # (JSON: a calibration's numpy numbers as plain ones)
+            self.array.attrs.update(json.loads(json.dumps(attrs, default=_plain)))
 
     def commit(self) -> Path:
         """Move the finished array into place; an older one at the path is kept until then."""
