@@ -63,14 +63,13 @@ class AuxSampler:
 def main() -> None:
     p = parser()
     p.add_argument("--flow-weight", type=float, default=1.0)
-    p.add_argument("--workers", type=int, default=0)
     args = p.parse_args()
     if args.core_ramp or args.magnification_scale or args.dice or args.hard_fraction < 1:
         p.error("this experiment takes the plain core recipe's options only")
     torch.set_num_threads(args.threads or 2)
     train, _ = nuclei_split()
     model, cfg = build(args)
-    cfg = training.with_convention(cfg, model)
+    cfg = samples_mod.with_convention(cfg, model)
     labels = [m for *_, m in train]
     samples = training.prepare(model, [i for _, i, _ in train], labels, "instances", cfg)
     for s, lab in zip(samples, labels):  # the potential travels with the weights

@@ -93,6 +93,7 @@ class TrainForm:
             if self.augment_check.isChecked()
             else AugmentConfig(flips=False, rotations=False, intensity=0.0, noise=0.0)
         )
+        weighting = self.weights_combo.currentText()
         return TrainConfig.finetune(
             steps=self.steps_spin.value(),
             max_seconds=float(self.seconds_spin.value()),
@@ -104,10 +105,6 @@ class TrainForm:
             pseudo_weight=0.5 if self.pseudo_check.isChecked() else 0.0,
             freeze_encoder=self.freeze_check.isChecked(),
             # auto: unset, and so the base model's where the paint is instance masks
-            **(
-                {}
-                if self.weights_combo.currentText() == "auto"
-                else {"class_weighting": self.weights_combo.currentText()}
-            ),
+            class_weighting=None if weighting == "auto" else weighting,
             device=device,
         )

@@ -62,8 +62,10 @@ def painted_planes(
         image, annotation, name, kind, ax, offset = _checked_pair(pair, axes, in_channels)
         spatial_axes = [a for a in ax.axes if a != "C"]
         full = (slice(None), slice(None))
+        # (a mask of part of the image annotates all of that part, see _Box.paint)
         spatial = tuple(n for n, a in zip(image.shape, ax.axes) if a != "C")
-        box = _Box(annotation, spatial_axes, offset, spatial, ax.yx)
+        part = any(offset) or annotation.shape != spatial
+        box = _Box(annotation, spatial_axes, offset, part, ax.yx)
         for lead in np.ndindex(*ax.leading_shape):
             paint, objects = box.paint(lead, kind, num_classes, convention)
             if paint.any() or len(unpainted) < 16:
@@ -135,7 +137,7 @@ class _Box:
     annotation: np.ndarray
     spatial_axes: list  # the image's axes but C, e.g. ["Z", "Y", "X"]
     offset: tuple
-    spatial: tuple  # the image's shape but C
+    part: bool  # it covers part of the image (not all of it)
     yx: tuple  # the image's plane size
 
     def paint(self, lead: tuple, kind: str, num_classes: int, convention) -> tuple:
@@ -158,9 +160,8 @@ class _Box:
         # a mask of part of the image annotates all of that part: a box without objects
         # is background (a 'Visible region only' result whose false positives were all
         # deleted); a whole-image mask, only its planes with objects
-        part = any(self.offset) or self.annotation.shape != self.spatial
         ids = None
-        if kind == "instances" and (paint.any() or part):
+        if kind == "instances" and (paint.any() or self.part):
             # ids renumbered 1..n first, as training does (ids like 3e9 made per-id
             # tables of tens of GB; above 2**63 they failed)
             ids = renumbered(paint)

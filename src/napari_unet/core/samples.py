@@ -58,6 +58,13 @@ def with_convention(cfg: TrainConfig, model: LoadedModel) -> TrainConfig:
     )
 
 
+def resolved(cfg: TrainConfig, model: LoadedModel, kind: str, objects=()) -> TrainConfig:
+    """``cfg`` with what it leaves unset taken from the base model: its target
+    convention (:func:`with_convention`) and, for instance masks, its loss weighting
+    (:func:`~napari_unet.core.weighting.with_weighting`)."""
+    return with_weighting(with_convention(cfg, model), model, on_masks(kind, objects))
+
+
 def normalized_plane(model: LoadedModel, image: np.ndarray, what: str = "image") -> np.ndarray:
     """A ``(Y, X)`` or ``(C, Y, X)`` plane checked and normalised as the model expects:
     ``(C, Y, X)`` float32."""
@@ -108,8 +115,7 @@ def prepare(
     if not images:
         raise ValueError("no training images given")
     info = model.info
-    masks = on_masks(kind, objects)
-    cfg = with_weighting(with_convention(cfg, model), model, masks)
+    cfg = resolved(cfg, model, kind, objects)
     side = max(max(np.shape(lab)[-2:], default=0) for lab in labels)
     if cfg.patch_size > 4 * max(side, 64):  # images are padded by a patch on every side
         raise ValueError(

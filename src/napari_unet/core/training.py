@@ -33,7 +33,7 @@ from napari_unet.core.samples import (
     batch_stream,
     normalized_plane,
     prepare,
-    with_convention,
+    resolved,
 )
 from napari_unet.core.train_config import (
     OVERRUN,
@@ -43,7 +43,7 @@ from napari_unet.core.train_config import (
     TrainStep,
 )
 from napari_unet.core.train_step import Stepper, diverged, learning_rate, planned_steps
-from napari_unet.core.weighting import MASK_WEIGHTS, mask_weighting, on_masks, with_weighting
+from napari_unet.core.weighting import MASK_WEIGHTS, mask_weighting, on_masks
 from napari_unet.model.info import LoadedModel
 from napari_unet.model.unet import UNet, for_training, to_layout
 
@@ -86,16 +86,14 @@ def train_iter(
         raise ValueError(f"bf16 must be True, False or 'auto', not {cfg.bf16!r}")
     rng = np.random.default_rng(cfg.seed)
     torch.manual_seed(cfg.seed)
-    # (resolved here, so that the provenance says what was used)
-    masks = on_masks(kind, objects)
-    cfg = with_weighting(with_convention(cfg, model), model, masks)
+    cfg = resolved(cfg, model, kind, objects)  # (here too: the provenance says it)
     samples = prepare(model, images, labels, kind, cfg, names[: len(images)], objects)
     sampler = PatchSampler(samples, model, cfg, rng)
     val = _validation_batch(model, val_images, val_labels, kind, cfg, val_names)
     dev = resolve_device(cfg.device)
     cfg = _resolve_bf16(cfg, dev)  # resolved, so that the provenance says what was used
     net = for_training(copy.deepcopy(model.net), dev)
-    run = _Run(net, model, cfg, dev, data_name, kind, masks)
+    run = _Run(net, model, cfg, dev, data_name, kind, on_masks(kind, objects))
     yield from run.adapt(samples, unlabelled, rng, should_stop, phases, names[len(images) :])
     run.net.train()
     # one fixed patch the network must still answer with finite numbers (finite weights
