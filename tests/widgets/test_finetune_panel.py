@@ -950,7 +950,7 @@ def test_a_partial_result_annotates_the_pixels_it_lies_on(panel, nuclei, qtbot):
     pairs = widget.annotation_pairs(state.model)
     assert len(pairs) == 1 and pairs[0][5] == (2, 10, 20)
     (plane,), _, _ = collect_planes(state.model, pairs)
-    assert plane.source == "img [2]"
+    assert plane.source == "img, plane 2"
     np.testing.assert_array_equal(plane.image, image.T)
     np.testing.assert_array_equal(plane.annotation[10:70, 20:80], strokes[10:70, 20:80])
     assert np.count_nonzero(plane.annotation) == np.count_nonzero(strokes[10:70, 20:80])

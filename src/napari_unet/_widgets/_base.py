@@ -12,14 +12,13 @@ from qtpy.QtCore import QEvent
 from qtpy.QtWidgets import (
     QComboBox,
     QHBoxLayout,
-    QLabel,
     QPushButton,
     QSizePolicy,
     QVBoxLayout,
     QWidget,
 )
 
-from napari_unet._widgets._scroll import ControlsScroll
+from napari_unet._widgets._scroll import ControlsScroll, WrappedLabel
 from napari_unet._widgets._state import real_viewer, state_for
 
 CANCELLING = "Cancelling: stopping the run..."
@@ -71,8 +70,7 @@ class WorkerPanel(QWidget):
         buttons.addWidget(self.cancel_button)
         outer.addLayout(buttons)
         self._outer = outer
-        self.status = QLabel("")
-        self.status.setWordWrap(True)
+        self.status = WrappedLabel()
         outer.addWidget(self.status)
         self.run_button.clicked.connect(self._on_run)
         self.cancel_button.clicked.connect(self._on_cancel)

@@ -26,7 +26,7 @@ class PaintedPlane:
 
     image: np.ndarray
     annotation: np.ndarray
-    source: str  # e.g. "nuclei [t=3]"
+    source: str  # e.g. "nuclei, plane 3"
     # the objects of a plane drawn from instance masks (ids, 0 = none), which give the
     # annotation the separation and contact weights of instance labels; else None
     objects: np.ndarray | None = None
@@ -71,7 +71,8 @@ def painted_planes(
             if paint.any() or len(unpainted) < 16:
                 plane = ax.read(image, lead, *full)
                 plane = plane[0] if plane.shape[0] == 1 else plane
-            source = f"{name} {list(lead)}" if lead else name
+            # ("name [2]" read as napari's name for a copy of a layer)
+            source = f"{name}, plane {', '.join(map(str, lead))}" if lead else name
             if paint.any():
                 if not _finite(plane):  # (said later, it named no image of several)
                     raise ValueError(
@@ -221,8 +222,8 @@ def check_annotations(planes: Sequence[PaintedPlane], classes: Sequence[str]) ->
         if top > k:
             raise ValueError(
                 f"label {top} is painted on {p.source} but the model has {k} classes "
-                f"(labels 1..{k}: {', '.join(classes)}); a mask with one value per object "
-                "trains as instance masks (fine-tune panel: 'as instance masks')"
+                f"(labels 1..{k}: {', '.join(classes)}): erase label {top}, or, if the "
+                "layer is a mask with one value per object, pair it 'as instance masks'"
             )
         counts += np.bincount(p.annotation.ravel().astype(np.int64), minlength=k + 1)
     painted = {classes[i]: int(counts[i + 1]) for i in range(k) if counts[i + 1]}
