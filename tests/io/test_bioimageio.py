@@ -471,6 +471,28 @@ def test_sha256_mismatch_names_the_file(tmp_path, exported):
         load_package(folder / "bioimageio.yaml")
 
 
+def test_a_package_whose_torchscript_writes_files_is_refused(tmp_path, exported):
+    """Its weights ran their code without --trust-code (found by review)."""
+
+    class Writes(torch.nn.Module):
+        def __init__(self, path: str) -> None:
+            super().__init__()
+            self.path = path
+
+        def forward(self, x):
+            t = torch.from_file(self.path, shared=True, size=4)
+            return x + t[0] * 0.0
+
+    buf = io.BytesIO()
+    torch.jit.save(torch.jit.script(Writes(str(tmp_path / "victim"))), buf)
+    bad = repack(
+        exported["same"], tmp_path / "bad.zip", files={"weights_torchscript.pt": buf.getvalue()}
+    )
+    with pytest.raises(ModelFileError, match=r"weights_torchscript\.pt: refused: .*from_file"):
+        load_package(bad)
+    assert not (tmp_path / "victim").exists()
+
+
 def test_corrupt_and_oversized_zip_members_are_model_file_errors(tmp_path, exported, monkeypatch):
     import napari_unet.io.bioimageio._files as files_mod
 

@@ -10,22 +10,16 @@ from pathlib import Path
 import torch
 
 from napari_unet.io.files import TORCHSCRIPT_META, _check_finite, _parse_metadata, _refuse_nan
-from napari_unet.io.safe_files import ModelFileError, check_zip_archive
+from napari_unet.io.safe_files import ModelFileError
 from napari_unet.io.safe_files import first_line as _first_line
+from napari_unet.io.scripted import load_script
 from napari_unet.model.info import LoadedModel, ModelInfo
 from napari_unet.model.shapes import Geometry
 
 
 def load_torchscript(path: Path) -> LoadedModel:
     extra = {TORCHSCRIPT_META: ""}
-    check_zip_archive(path, path.name)  # a TorchScript file is a zip: no bomb unpacked
-    try:
-        net = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
-    except Exception as err:  # noqa: BLE001
-        raise ModelFileError(
-            f"{path.name}: cannot load as TorchScript ({_first_line(err)})"
-        ) from None
-    net.eval()
+    net = load_script(path, path.name, extra).eval()
     _check_finite(net, path.name)  # before the probing passes, which NaN would derail
     with contextlib.suppress(Exception):  # scripted code may refuse: probing will say
         net.float()  # the engine feeds float32 tiles

@@ -22,6 +22,7 @@ from napari_unet.io.bioimageio._files import (
 )
 from napari_unet.io.bioimageio._rdf import _Spec
 from napari_unet.io.safe_files import ModelFileError, check_zip_archive
+from napari_unet.io.scripted import load_script
 
 WEIGHTS_ORDER = ("torchscript", "pytorch_state_dict", "onnx")
 
@@ -94,14 +95,7 @@ def _choose_weights(spec: _Spec, files: _Files, fmt: str | None, trust_code: boo
 def _load_weights(fmt: str, entry: dict, files: _Files) -> nn.Module:
     data = _read_checked(files, entry["source"], entry.get("sha256"), f"{fmt} weights")
     if fmt == "torchscript":
-        check_zip_archive(io.BytesIO(data), entry["source"])  # a zip bomb inside
-        try:
-            net = torch.jit.load(io.BytesIO(data), map_location="cpu")
-        except Exception as err:  # noqa: BLE001 - any parse error means a bad file
-            raise ModelFileError(
-                f"{entry['source']}: cannot load as TorchScript ({_first_line(err)})"
-            ) from None
-        return net.float().eval()
+        return load_script(data, entry["source"]).float().eval()
     if fmt == "pytorch_state_dict":
         return _state_dict_net(data, entry, files)
     return OnnxNet(data, entry["source"])

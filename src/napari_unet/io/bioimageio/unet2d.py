@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import re
 from dataclasses import replace
+from pathlib import Path
 
 import torch
 
+from napari_unet.io.scripted import load_script
 from napari_unet.model import UNet, UNetConfig
 
 _ENCODER = re.compile(r"encoders\.\d+\.0\.weight")
@@ -90,5 +92,5 @@ def unet_from_unet2d(state: dict[str, torch.Tensor], num_classes: int | None = N
 
 def load_unet2d(path, num_classes: int | None = None) -> UNet:
     """:func:`unet_from_unet2d` of a package's TorchScript weights (``weights.pt``)."""
-    scripted = torch.jit.load(str(path), map_location="cpu")
+    scripted = load_script(Path(path), Path(path).name)
     return unet_from_unet2d(scripted.state_dict(), num_classes)

@@ -1,0 +1,112 @@
+"""TorchScript files whose code would read or write files are refused before it runs
+(found by review: `napari-unet info` of such a file overwrote the start of another file)."""
+
+import pytest
+import torch
+
+from napari_unet.io import ModelFileError, load_model
+from napari_unet.io.scripted import check_operators, load_script
+
+
+class _Writes(torch.nn.Module):
+    """forward writes through a file-backed tensor into ``path``."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__()
+        self.path = path
+
+    def forward(self, x):
+        t = torch.from_file(self.path, shared=True, size=4, dtype=torch.uint8)
+        t.fill_(65)
+        return x + t[0].float() * 0.0
+
+
+class _WritesOnLoad(torch.nn.Module):
+    """``__setstate__``, which torch.jit.load runs, writes into ``victim`` (next to it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.k = 1
+
+    @torch.jit.export
+    def __getstate__(self) -> tuple[int, bool]:
+        return (self.k, self.training)
+
+    @torch.jit.export
+    def __setstate__(self, state: tuple[int, bool]) -> None:
+        self.training = state[1]
+        t = torch.from_file("victim", shared=True, size=4, dtype=torch.uint8)
+        t.fill_(66)
+        self.k = state[0] + int(t[0])
+
+    def forward(self, x):
+        return x
+
+
+class _Saves(torch.nn.Module):
+    def __init__(self, path: str) -> None:
+        super().__init__()
+        self.path = path
+
+    def forward(self, x):
+        torch.save(x, self.path)
+        return x
+
+
+class _Profiles(torch.nn.Module):
+    """An operator of a namespace that is no computation (the profiler's)."""
+
+    def forward(self, x):
+        handle = torch.ops.profiler._record_function_enter_new("x", None)
+        torch.ops.profiler._record_function_exit(handle)
+        return x
+
+
+def _victim(tmp_path):
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"user data")
+    return victim
+
+
+def test_a_torchscript_writing_a_file_in_forward_is_refused_and_the_file_kept(tmp_path):
+    victim = _victim(tmp_path)
+    torch.jit.script(_Writes(str(victim))).save(str(tmp_path / "w.pt"))
+    with pytest.raises(ModelFileError, match=r"w\.pt: refused: .*torch\.from_file"):
+        load_model(tmp_path / "w.pt")
+    assert victim.read_bytes() == b"user data"
+
+
+def test_a_torchscript_writing_a_file_while_it_loads_is_refused_before(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    victim = _victim(tmp_path)
+    torch.jit.script(_WritesOnLoad()).save("s.pt")
+    victim.write_bytes(b"user data")
+    with pytest.raises(ModelFileError, match=r"s\.pt: refused: .*torch\.from_file"):
+        load_model(tmp_path / "s.pt")
+    assert victim.read_bytes() == b"user data"
+
+
+def test_a_torchscript_saving_a_file_is_refused(tmp_path):
+    torch.jit.script(_Saves(str(tmp_path / "saved"))).save(str(tmp_path / "sv.pt"))
+    with pytest.raises(ModelFileError, match=r"torch\.save"):
+        load_model(tmp_path / "sv.pt")
+    assert not (tmp_path / "saved").exists()
+
+
+def test_operators_outside_the_computation_are_refused_from_the_graph(tmp_path):
+    torch.jit.script(_Profiles()).save(str(tmp_path / "p.pt"))
+    with pytest.raises(ModelFileError, match=r"p\.pt: refused: .*'profiler'"):
+        load_script(tmp_path / "p.pt", "p.pt")
+    # the graphs say it too, without the archive's text (what will run)
+    with pytest.raises(ModelFileError, match=r"profiler::"):
+        check_operators(torch.jit.script(_Profiles()), "net")
+    with pytest.raises(ModelFileError, match=r"aten::from_file"):
+        check_operators(torch.jit.script(_Writes(str(tmp_path / "x"))), "net")
+
+
+def test_a_network_s_torchscript_loads(tmp_path):
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.ReLU())
+    torch.jit.script(net).save(str(tmp_path / "net.pt"))
+    check_operators(load_script(tmp_path / "net.pt", "net.pt"), "net.pt")
+    loaded = load_script((tmp_path / "net.pt").read_bytes(), "net.pt")
+    assert loaded(torch.zeros(1, 1, 8, 8)).shape == (1, 4, 8, 8)
