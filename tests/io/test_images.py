@@ -174,3 +174,22 @@ def test_a_palette_png_is_its_indices_and_odd_types_are_still_written(tmp_path):
         )
         np.testing.assert_array_equal(tifffile.imread(out), np.ones((2, 4, 5), dtype))
         assert image_axes(out) is None
+
+
+@pytest.mark.parametrize(
+    ("axes", "shape", "dtype"),
+    [
+        ("CYX", (3, 40, 1), np.float32),  # probabilities of an image one pixel wide
+        ("ZYX", (3, 40, 1), np.uint8),  # class labels of such a stack
+        ("CYX", (3, 1, 1), np.float32),  # probabilities of a 1 x 1 image
+        ("ZCYX", (2, 3, 1, 1), np.float32),
+    ],
+)
+def test_results_of_one_pixel_wide_images_read_back(tmp_path, axes, shape, dtype):
+    """tifffile's ImageJ hyperstack dropped their X axis: the files could not be read
+    back, by napari-unet, tifffile or napari (found by review)."""
+    data = np.arange(np.prod(shape)).reshape(shape).astype(dtype)
+    out = write_image(tmp_path / "r.tif", data, axes, {"x": 0.5, "y": 0.5, "unit": "micron"})
+    np.testing.assert_array_equal(np.asarray(read_image(out)), data)
+    np.testing.assert_array_equal(tifffile.imread(out), data)
+    assert image_axes(out) == axes

@@ -190,7 +190,10 @@ def _tiff_metadata(data: np.ndarray, axes: str | None, cal: dict) -> dict:
     kwargs: dict = {"photometric": "minisblack"}
     order = [_IMAGEJ_ORDER.find(a) for a in axes or ""]
     imagej = axes is not None and len(axes) == data.ndim and -1 not in order
-    if imagej and order == sorted(order) and data.dtype.name in _IMAGEJ_DTYPES:
+    # tifffile's ImageJ hyperstack drops the X axis of planes one pixel wide: such a file
+    # read back as a plane fewer (or not at all), so they are OME-TIFFs
+    wide = data.ndim >= 2 and min(data.shape[-2:]) > 1
+    if imagej and wide and order == sorted(order) and data.dtype.name in _IMAGEJ_DTYPES:
         meta = {"axes": axes, "unit": cal.get("unit"), "spacing": cal.get("z")}
         meta["finterval"] = cal.get("t")
         kwargs.update(imagej=True, metadata={k: v for k, v in meta.items() if v is not None})
