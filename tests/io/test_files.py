@@ -232,6 +232,33 @@ def test_bare_same_padding_torchscript_gets_a_measured_halo(tmp_path):
     np.testing.assert_allclose(predict(image, bare, tile=64), predict(image, model), atol=1e-5)
 
 
+class _Dilated(torch.nn.Module):
+    """One convolution whose taps lie ``d`` px apart."""
+
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(1, 2, 3, dilation=d, padding=d)
+
+    def forward(self, x):
+        return self.conv(x)
+
+
+def test_a_halo_beyond_the_probe_s_frame_is_measured_on_a_larger_one(tmp_path):
+    """A network reaching 300 px measured 0 on the 512 px frame, and its tiles differed
+    from one pass by 0.14 without a word (found by review)."""
+    torch.manual_seed(0)
+    torch.jit.script(_Dilated(300)).save(str(tmp_path / "d.pt"))
+    model = load_model(tmp_path / "d.pt")
+    assert model.info.geometry.halo == 300
+    image = np.random.default_rng(0).random((700, 700), dtype=np.float32)
+    tile = model.info.geometry.snap(2 * 300 + 64, "up")
+    np.testing.assert_array_equal(predict(image, model, tile=tile), predict(image, model))
+    # one reaching further than the largest frame measures is refused, not mis-measured
+    torch.jit.script(_Dilated(700)).save(str(tmp_path / "far.pt"))
+    with pytest.raises(ModelFileError, match=r"far\.pt: .*reaches beyond a 1024 px frame"):
+        load_model(tmp_path / "far.pt")
+
+
 @pytest.mark.parametrize("padding, depth", [("valid", 3), ("valid", 4), ("same", 4)])
 def test_bare_torchscript_of_a_deep_u_net_gets_its_grid_and_halo(tmp_path, padding, depth):
     """A 256 px probe is off a valid network's grid (it answers, 2 px off centre), and a

@@ -194,8 +194,6 @@ def _check_halo(net, info: ModelInfo, name: str) -> None:
 
 def probe_network(net, name: str = "model", max_channels: int = 4) -> ModelInfo:
     """Find input channels, classes, accepted sizes and halo of an opaque network."""
-    from napari_unet.model.receptive import NoGradient, measure_halo, perturb_halo
-
     base = 256
     found, error = _accepted(net, base, max_channels, name)
     if found is None:  # one size only (traced or scripted for it)?
@@ -219,20 +217,7 @@ def probe_network(net, name: str = "model", max_channels: int = 4) -> ModelInfo:
         return _fixed_info(net, name, base, c, y)
     multiple = _measure_multiple(net, c, base, shrink)
     if shrink == 0:
-        size = 512 // multiple * multiple
-        try:
-            halo = measure_halo(net, c, size, multiple, 0, dtype=torch.float32)
-        except NoGradient:  # thresholded output: measure by perturbing the input
-
-            def run(x):
-                return _output(net, torch.from_numpy(x), name).numpy()
-
-            halo = perturb_halo(run, c, (size, size), multiple * 4, 0)
-            if halo is None:
-                raise ModelFileError(
-                    f"{name}: cannot measure the network's halo: it exceeds a {size} px frame"
-                ) from None
-        geometry = Geometry(multiple, 0, multiple, 0, halo)
+        geometry = Geometry(multiple, 0, multiple, 0, _same_padding_halo(net, c, multiple, name))
     else:
         size, shrink = _aligned_valid_size(net, c, base, multiple, name)
         while size - multiple > shrink and _output_size(net, c, size - multiple) == (
@@ -241,6 +226,35 @@ def probe_network(net, name: str = "model", max_channels: int = 4) -> ModelInfo:
             size -= multiple
         geometry = Geometry(multiple, size % multiple, size, shrink, shrink // 2)
     return _opaque_info(name, c, y.shape[1], geometry)
+
+
+# the frames a same-padding network's halo is measured on: the halo found on one frame is
+# checked on the next (a 20-layer dilated network reaching 320 px measured 256 on 512)
+HALO_FRAMES = (512, 1024, 2048)
+
+
+def _same_padding_halo(net, c: int, multiple: int, name: str) -> int:
+    """The halo of a same-padding network, measured on growing frames until the next
+    frame shows nothing further away."""
+    from napari_unet.model.receptive import NoGradient, measure_halo, perturb_halo, reaches_beyond
+
+    def run(x):
+        return _output(net, torch.from_numpy(x), name).numpy()
+
+    for size, larger in zip(HALO_FRAMES, HALO_FRAMES[1:]):
+        size = size // multiple * multiple
+        try:
+            halo = measure_halo(net, c, size, multiple, 0, dtype=torch.float32)
+        except NoGradient:  # thresholded output: measure by perturbing the input
+            halo = perturb_halo(run, c, (size, size), multiple * 4, 0)
+            if halo is None:
+                continue  # it exceeds this frame
+        if not reaches_beyond(run, c, larger // multiple * multiple, multiple, halo):
+            return halo
+    raise ModelFileError(
+        f"{name}: cannot measure the network's halo: it reaches beyond a {HALO_FRAMES[-2]} px "
+        "frame, and tiles would show seams"
+    )
 
 
 # input sides tried when a network refuses 256 x 256: sizes networks are traced for

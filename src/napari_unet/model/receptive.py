@@ -140,10 +140,34 @@ def perturb_halo(run, c: int, hw: tuple, block: int, start: int) -> int | None:
     # the reach of the block's edge pixels misses a few pixels of other pooling phases
     h = max(start, _reach(run, x, base, (cy, cx), block, tol, rng) + 4)
     while h <= room:
-        y = rng.standard_normal(x.shape).astype(np.float32)
-        keep = (Ellipsis, slice(cy - h, cy + block + h), slice(cx - h, cx + block + h))
-        y[keep] = x[keep]
-        if np.abs(run(y)[sel] - base[sel]).max() <= tol:
+        if not _changed_beyond(run, x, base, (cy, cx), block, h, tol, rng):
             return h
         h += 4
     return None
+
+
+def _changed_beyond(run, x, base, corner, block: int, h: int, tol: float, rng) -> bool:
+    """Whether the output of the ``block`` square at ``corner`` changes when every input
+    pixel further than ``h`` from it is replaced by noise."""
+    cy, cx = corner
+    y = rng.standard_normal(x.shape).astype(np.float32)
+    keep = (Ellipsis, slice(cy - h, cy + block + h), slice(cx - h, cx + block + h))
+    y[keep] = x[keep]
+    sel = (Ellipsis, slice(cy, cy + block), slice(cx, cx + block))
+    return bool(np.abs(run(y)[sel] - base[sel]).max() > tol)
+
+
+def reaches_beyond(run, c: int, side: int, block: int, halo: int) -> bool:
+    """Whether the network reaches further than ``halo``: the output of a ``block``
+    square near a corner of a ``side`` x ``side`` frame changes when every input pixel
+    further than ``halo`` from it is replaced. A halo measured on a smaller frame misses
+    what lies beyond that frame (a convolution dilated by 300 px measured 0 on 512 px);
+    near the corner, the square sees up to ``side - halo`` px in one direction (where a
+    network's reach is the same). ``run``: see :func:`perturb_halo`."""
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((1, c, side, side)).astype(np.float32)
+    base = run(x)
+    at = -(-(halo + 1) // block) * block  # on the pooling grid, ``halo`` from the edge
+    sel = (Ellipsis, slice(at, at + block), slice(at, at + block))
+    tol = _TOL * (1 + float(np.abs(base[sel]).max()))
+    return _changed_beyond(run, x, base, (at, at), block, halo, tol, rng)

@@ -11,7 +11,7 @@ import torch
 from napari_unet.io.bioimageio._processing import PackageNet, _Bare, _runner
 from napari_unet.io.bioimageio._rdf import _Axis, _Tensor
 from napari_unet.io.safe_files import ModelFileError
-from napari_unet.model.receptive import NoGradient, perturb_halo
+from napari_unet.model.receptive import NoGradient, perturb_halo, reaches_beyond
 from napari_unet.model.shapes import Geometry
 
 
@@ -185,7 +185,8 @@ def _adaptive_halo(net, run, torch_weights: bool, c: int, sizes, start: int, blo
                 torch_weights = False
         if not torch_weights:
             h = perturb_halo(run, c, (n, n), block, start)
-        if h is not None:
+        # (what lies beyond the frame is checked on the next one)
+        if h is not None and not reaches_beyond(run, c, sizes(2 * n), block, h):
             return h
         n = sizes(2 * n)
     raise ModelFileError(f"cannot measure the network's halo: it exceeds a {n} px frame")
