@@ -267,6 +267,7 @@ def test_a_run_reports_its_setup_stages_before_each_one(case):
         "checking the painted pixels",
         "re-estimating the normalisation",
         "predicting the unpainted pixels",
+        "training",
         "TrainStep",
         "TrainStep",
         "checking the result on the painted pixels",

@@ -291,15 +291,15 @@ def _run_with_bar(gen, quiet: bool, started: threading.Event | None = None):
     from tqdm import tqdm
 
     from napari_unet.core.tiling import run_to_end
-    from napari_unet.core.train_config import Phase
+    from napari_unet.core.train_config import STEPPING, Phase
 
     def show(report) -> None:
         if isinstance(report, Phase):  # (seconds to minutes before the first step)
             bar.set_postfix_str(report.message)
+            if report.message == STEPPING and started is not None:
+                started.set()  # (a Ctrl-C from now on saves the step under way)
+                bar.reset()  # the rate and time left count from the first step, not the setup
             return
-        if started is not None and not started.is_set():
-            started.set()
-            bar.reset()  # the rate and time left count from the first step, not the setup
         bar.total = report.steps  # as planned (a time budget plans them first)
         bar.update(1)
         bar.set_postfix(loss=f"{report.loss:.4f}", **report.metrics)

@@ -14,6 +14,9 @@ from napari_unet.model.info import LoadedModel
 # a time-budgeted run stops at this multiple of its budget whatever its planned steps
 OVERRUN = 1.25
 STOPPED_EARLY = "stopped before the first training step: nothing was learned"
+# the phase reported as the steps begin: a stop asked from then on ends the run after the
+# step under way and keeps its result; before, the run ends with nothing
+STEPPING = "training"
 
 
 @dataclass

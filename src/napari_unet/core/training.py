@@ -37,6 +37,7 @@ from napari_unet.core.samples import (
 )
 from napari_unet.core.train_config import (
     OVERRUN,
+    STEPPING,
     STOPPED_EARLY,
     Phase,
     TrainConfig,
@@ -108,6 +109,8 @@ def train_iter(
     run.cfg = replace(cfg, steps=planned_steps(run.net, samples, model, cfg, dev))
     if should_stop is not None and should_stop():  # (setup takes seconds: asked meanwhile)
         raise Cancelled(STOPPED_EARLY)
+    if phases:  # (a stop asked during the first step keeps it: a caller can say so)
+        yield Phase(STEPPING)
     yield from run.steps(sampler, val, should_stop, start)
     return run.finish()
 
