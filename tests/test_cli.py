@@ -234,6 +234,17 @@ def test_predict_npy_stack_to_zarr_and_folder_outputs(tmp_path, model_file, imag
         (lambda p: np.save(p / "nan.npy", np.full((9, 9), np.nan)), ["nan.npy"], "NaN"),
         (lambda p: np.save(p / "e.npy", np.zeros((0, 9))), ["e.npy"], "empty"),
         (lambda p: np.save(p / "ok.npy", np.zeros((9, 9))), ["ok.npy", "--axes", "ZYX"], "axes"),
+        # the axes as given: they were named after the letter C is rewritten to, 'ZQYX'
+        (
+            lambda p: np.save(p / "z.npy", np.ones((3, 9, 9))),
+            ["z.npy", "--axes", "ZCYX"],
+            "axes 'ZCYX' has 4 letters",
+        ),
+        (
+            lambda p: np.save(p / "z.npy", np.ones((3, 9, 9))),
+            ["z.npy", "--axes", "YXCC"],
+            "axes 'YXCC'",
+        ),
     ],
 )
 def test_bad_input_exits_1_with_one_line(

@@ -18,7 +18,10 @@ def model_input(image, axes: str | None, model) -> tuple:
     colour_last = axes is None or axes.upper().endswith("YXC")
     if model.info.in_channels != 1 or len(shape) < 3:
         return image, axes, "", ""
-    if not colour_last and "C" in axes.upper() and shape[axes.upper().index("C")] > 1:
+    # (axes that do not fit the image are left as given, for the message that says so:
+    # it named the letter they were rewritten to, "axes 'ZQYX' has 4 letters")
+    fits = axes is not None and len(axes) == len(shape) and axes.upper().count("C") == 1
+    if not colour_last and fits and shape[axes.upper().index("C")] > 1:
         free = next((a for a in CHANNEL_PLANE_LETTERS if a not in axes.upper()), None)
         if free is not None:
             n = shape[axes.upper().index("C")]
