@@ -275,3 +275,13 @@ def test_a_nested_list_and_a_y_x_1_array_segment_as_the_2d_image():
     ref = segment(image, model, mode="labels")
     np.testing.assert_array_equal(segment(image.tolist(), model, mode="labels"), ref)
     np.testing.assert_array_equal(segment(image[..., None], model, mode="labels"), ref)
+
+
+def test_a_blank_image_is_said(recwarn):
+    """An all-zero image gave an empty result and not a word (found by a GUI tester)."""
+    model = tiny_model("same", depth=2)
+    with pytest.warns(UserWarning, match=r"blank plane \(every pixel read is 0\)"):
+        segment(np.zeros((40, 40), np.uint16), model, device="cpu")
+    recwarn.clear()
+    segment(np.random.default_rng(0).random((40, 40)), model, device="cpu")
+    assert not [w for w in recwarn if "blank" in str(w.message)]

@@ -146,7 +146,9 @@ def test_train_adds_a_version_previews_and_leaves_base_and_layers_alone(panel, n
         assert torch.equal(v, weights[k]), k
     # revert goes back to the base; "use selected" picks any version
     widget._on_revert()
-    assert state.model is base
+    assert state.model is base and widget.status.text().startswith("Reverted to v0")
+    widget._on_revert()  # the base has no parent: said, not "Reverted to v0" again
+    assert state.model is base and "no parent to revert to" in widget.status.text()
     widget.version_list.setCurrentRow(1)
     widget._on_use()
     assert state.model is v1.model

@@ -157,6 +157,10 @@ class VersionControls:
     def _on_revert(self) -> None:
         if self.versions is None:
             return
+        if self.versions.current == 0:  # ("Reverted to v0" said it had done something)
+            base = self.versions.versions[0].label
+            self.status.setText(f"Already using {base}: it has no parent to revert to.")
+            return
         self._set_model(self.versions.revert())
         self.status.setText(f"Reverted to {self.versions.versions[self.versions.current].label}.")
 

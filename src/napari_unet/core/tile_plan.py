@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -176,7 +177,15 @@ def plane_stats(image, ax, plane, spec) -> tuple:
     """The normalisation ``(scale, offset)`` of one plane, from a sample of the whole
     plane, so that every tile and region of it is normalised alike."""
     sample = norm.sample_plane(lambda ys, xs: ax.read(image, plane, ys, xs), ax.yx)
-    return norm.plane_stats(sample, spec)
+    stats = norm.plane_stats(sample, spec)
+    if sample.size and sample.min() == sample.max():  # (an all-zero image gave "Done",
+        # an empty result and not a word)
+        warnings.warn(
+            f"the image has a blank plane (every pixel read is {sample.flat[0]:g}): its "
+            "result is the model's answer to an empty image",
+            stacklevel=2,
+        )
+    return stats
 
 
 CPU_BUDGET = 2.2e9  # bytes of estimated activations per tile on CPU (peak RSS ~1.6 GB)
