@@ -753,6 +753,19 @@ def test_declared_sizes_the_network_does_not_take_are_refused_at_load(tmp_path, 
         load_model(repack(exported["same"], tmp_path / "two.zip", fewer_classes))
 
 
+def test_a_package_declaring_inputs_its_network_refuses_says_so(tmp_path, exported):
+    """A torch error alone (\"Given groups=1, weight of size ...\") read as napari-unet's
+    fault (found by review)."""
+
+    def three_channels(rdf):
+        rdf["inputs"][0]["axes"][1]["channel_names"] = ["r", "g", "b"]
+
+    with pytest.raises(
+        ModelFileError, match=r"three\.zip: the network fails on the input .*\(3 channel"
+    ):
+        load_model(repack(exported["same"], tmp_path / "three.zip", three_channels))
+
+
 def test_a_single_citation_or_author_need_not_be_a_list(tmp_path, exported):
     def single(rdf):
         rdf["cite"] = {"text": "One paper", "doi": "10.1/x"}

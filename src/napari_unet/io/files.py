@@ -158,8 +158,14 @@ def _check_answers(model: LoadedModel, name: str) -> None:
     for size in sizes:
         seed = torch.Generator().manual_seed(0)
         x = torch.rand((1, model.info.in_channels, *size), generator=seed)
-        with torch.no_grad():
-            out = net(x.to(device))
+        try:
+            with torch.no_grad():
+                out = net(x.to(device))
+        except Exception as err:  # noqa: BLE001 - whatever the network raised
+            raise ModelFileError(
+                f"{name}: the network fails on a {size[0]} x {size[1]} input, a size its "
+                f"description says it takes ({_first_line(err)})"
+            ) from None
         _refuse_nan(out, name)
         try:
             check_answer(out, x, model.info)

@@ -21,7 +21,7 @@ from napari_unet.io.bioimageio._processing import (
 )
 from napari_unet.io.bioimageio._rdf import ENGINE_IN, ENGINE_OUT, _parse, _Spec, _Tensor
 from napari_unet.io.bioimageio._weights import _check_hashes, _choose_weights, _load_weights
-from napari_unet.io.safe_files import ModelFileError
+from napari_unet.io.safe_files import ModelFileError, first_line
 from napari_unet.model.info import LoadedModel, ModelInfo
 
 
@@ -120,7 +120,17 @@ def load_package(source, trust_code: bool = False, weights_format: str | None = 
     activation, post = _split_post(out)
     core = _load_weights(fmt, entry, files)
     net = PackageNet(core, spec, files, pre, post, _single_sample(inp, out)).eval()
-    geometry, fixed, notes = _geometry(net, fmt != "onnx", declared)
+    try:
+        geometry, fixed, notes = _geometry(net, fmt != "onnx", declared)
+    except ModelFileError:
+        raise
+    except Exception as err:  # noqa: BLE001 - whatever the package's network raised
+        # (the network's own words, as the first thing said, read as a napari-unet fault)
+        sizes = " x ".join(map(str, declared.fixed)) if declared.fixed else "any size"
+        raise ModelFileError(
+            f"the network fails on the input {rdf_name} declares ({declared.channels} "
+            f"channel(s), {sizes}): {first_line(err)}"
+        ) from None
     if trust_code and passed_over:  # (trusted for the network itself, which it could not
         # load: said, not to be taken for it, e.g. by the feature-map panel)
         notes["trust_note"] = f"trusted, but {'; '.join(passed_over)}: {fmt} weights used"
