@@ -97,7 +97,15 @@ def test_a_network_pass_that_cannot_fit_in_memory_is_refused(panel, monkeypatch)
     monkeypatch.setattr(dmod, "free_memory", lambda device: 1 << 20)  # 1 MB free
     widget._on_run()
     assert "One pass of the network over 64 x 64 pixels needs" in widget.status.text()
+    assert "more than half of the 0.0 GB free" in widget.status.text()
     assert widget.worker is None and len(viewer.layers) == 1
+    # said first: the maps' own limit offered top channels and float16, which cannot help
+    import napari_unet._widgets.feature_maps as fmod
+
+    monkeypatch.setattr(fmod, "MEMORY_LIMIT_MB", 0.001)
+    widget.channels_spin.setValue(0)
+    widget._on_run()
+    assert "One pass of the network" in widget.status.text()
 
 
 def test_maps_of_a_stack_opened_after_a_2d_image_s_name_one_axis_as_theirs(panel, qtbot):

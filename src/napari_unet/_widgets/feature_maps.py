@@ -175,6 +175,16 @@ class FeatureMapPanel(WorkerPanel):
         h, w = axes.yx
         y0, y1, x0, x1 = job.region or (0, h, 0, w)
         yx = (y1 - y0, x1 - x0)
+        # the pass first: what the maps' message offers (fewer channels, float16) cannot
+        # make it fit, and a user who followed it met this refusal next
+        need, have = forward_bytes(model, yx), free_memory(resolve_device(self.state.device))
+        if need > 0.5 * have:
+            raise _Refused(
+                f"One pass of the network over {yx[0]} x {yx[1]} pixels needs about "
+                f"{need / 2**30:.1f} GB, more than half of the {have / 2**30:.1f} GB free "
+                "(the rest is left to napari and the maps): choose 'field of view' and zoom "
+                "in to a smaller region."
+            )
         channels = self.channels_spin.value() or None
         mb = estimate_bytes(model, self.stages(), yx, channels) / 2**20
         if self.half_check.isChecked():
@@ -184,13 +194,6 @@ class FeatureMapPanel(WorkerPanel):
                 f"This would make {mb:.0f} MB of feature maps (limit {MEMORY_LIMIT_MB} MB): "
                 "choose fewer stages, a few top channels, float16, or "
                 + ("a smaller view." if job.region else "'field of view' and zoom in.")
-            )
-        need, have = forward_bytes(model, yx), free_memory(resolve_device(self.state.device))
-        if need > 0.5 * have:
-            raise _Refused(
-                f"One pass of the network over {yx[0]} x {yx[1]} pixels needs about "
-                f"{need / 2**30:.1f} GB, and {have / 2**30:.1f} GB are free: choose "
-                "'field of view' and zoom in to a smaller region."
             )
         return (y0, y1, x0, x1)
 
