@@ -766,6 +766,21 @@ def test_a_package_declaring_inputs_its_network_refuses_says_so(tmp_path, export
         load_model(repack(exported["same"], tmp_path / "three.zip", three_channels))
 
 
+def test_a_package_s_training_data_is_on_the_card(tmp_path, exported):
+    """The zoo's unet2d_nuclei_broad names its data set; the card said nothing of it."""
+
+    def named(rdf):
+        rdf["training_data"] = {"id": "ilastik/covid_if_training_data/1"}
+
+    loaded = load_model(repack(exported["same"], tmp_path / "data.zip", named))
+    assert loaded.info.provenance["training_data"] == (
+        "bioimage.io dataset ilastik/covid_if_training_data/1"
+    )
+    # a package napari-unet exported keeps its own record of the data
+    own = load_model(exported["same"]).info.provenance.get("training_data")
+    assert own == tiny_model("same").info.provenance.get("training_data")
+
+
 def test_a_single_citation_or_author_need_not_be_a_list(tmp_path, exported):
     def single(rdf):
         rdf["cite"] = {"text": "One paper", "doi": "10.1/x"}

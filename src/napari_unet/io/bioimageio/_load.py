@@ -60,6 +60,10 @@ def _provenance(spec: _Spec, fmt: str, entry: dict, notes: dict, own: dict, labe
         p["license"] = str(rdf["license"])
     if rdf.get("cite"):
         p["cite"] = [_citation(c) for c in _listed(rdf["cite"])]
+    data = rdf.get("training_data")
+    if "training_data" not in p and data:  # (the card said nothing of it)
+        named = data.get("id") or data.get("source") if isinstance(data, dict) else data
+        p["training_data"] = f"bioimage.io dataset {named}" if named else str(data)
     p["weights"] = f"{fmt} ({entry['source']})"
     p["bioimageio"] = f"format {spec.version}" + (f", id {rdf['id']}" if rdf.get("id") else "")
     p.update(notes)
