@@ -231,7 +231,7 @@ def _config(args, recorded: dict | None = None):
         settings = {**recorded_settings(args.settings_from, recorded or {}), **given}
         if args.seed is not None:
             settings["seed"] = args.seed
-        if "steps" in given and "stop_after" not in given:
+        if ("steps" in given or "max_seconds" in given) and "stop_after" not in given:
             settings["stop_after"] = None  # (other steps: not where that run ended)
         try:
             return TrainConfig(**settings, device=args.device)

@@ -100,8 +100,11 @@ def _warp(image, target, weights, rng, cfg, deform: bool):
     inner = coords[:, oy : oy + th, ox : ox + tw] - np.array([oy, ox])[:, None, None]
     # labels: nearest neighbour; pixels pulled from outside the label grid are ignored
     target = ndi.map_coordinates(target, inner, order=0, mode="constant", cval=-1)
+    # weights: from the same pixel as each label (interpolated, a painted pixel beside
+    # unpainted ones lost up to half its weight, and gap weights spread onto the classes
+    # around them)
     maps = weights.reshape(-1, *weights.shape[-2:])
     weights = np.stack(
-        [ndi.map_coordinates(m, inner, order=1, mode="nearest") for m in maps]
+        [ndi.map_coordinates(m, inner, order=0, mode="nearest") for m in maps]
     ).reshape(weights.shape)
     return image, target, weights

@@ -106,7 +106,11 @@ def train_iter(
         yield Phase("timing the steps")
     # the budget counts from here: the setup above (seconds) is not training
     start = time.perf_counter()
-    run.cfg = replace(cfg, steps=planned_steps(run.net, samples, model, cfg, dev))
+    planned = planned_steps(run.net, samples, model, cfg, dev)
+    # (a stop_after beyond the steps the budget holds: the run ends with them; it was
+    # refused here, after all the setup, naming a step count the user never gave)
+    stop_after = cfg.stop_after if cfg.stop_after is None or cfg.stop_after <= planned else None
+    run.cfg = replace(cfg, steps=planned, stop_after=stop_after)
     if should_stop is not None and should_stop():  # (setup takes seconds: asked meanwhile)
         raise Cancelled(STOPPED_EARLY)
     if phases:  # (a stop asked during the first step keeps it: a caller can say so)
