@@ -190,6 +190,22 @@ def test_counts_per_class():
     }
 
 
+def test_adapt_norm_crops_a_large_plane_all_over(monkeypatch):
+    """One crop of 512 x 512 px per plane: a single 2048 x 2048 plane gave the statistics
+    of a 16th of it (found by review)."""
+    from napari_unet.core import adaptation
+
+    seen = []
+    monkeypatch.setattr(adaptation, "_forward_crop", lambda net, plane, *a: seen.append(plane))
+    model = tiny_model("same", depth=2)
+    big, small = np.zeros((1, 2048, 2048), np.float32), np.zeros((1, 64, 64), np.float32)
+    adapt_norm(model.net, [big], model, np.random.default_rng(0), torch.device("cpu"))
+    assert len(seen) == 16
+    seen.clear()
+    adapt_norm(model.net, [small] * 3, model, np.random.default_rng(0), torch.device("cpu"))
+    assert len(seen) == 3  # (a plane smaller than a crop: one)
+
+
 def test_adapt_norm_sets_statistics_of_the_new_images_and_keeps_weights():
     model = tiny_model("same", depth=2)
     net = __import__("copy").deepcopy(model.net)

@@ -31,8 +31,9 @@ def adapt_norm(
     """Re-estimate batch-norm running statistics on ``planes`` (normalised ``(C, Y, X)``).
 
     The statistics become the plain average over up to ``crops`` crops of at most
-    512 x 512 px (no gradients, weights untouched): the cheapest domain adaptation,
-    and it keeps train and inference statistics of the user's images alike.
+    512 x 512 px, about one per 512 x 512 px of each plane (no gradients, weights
+    untouched): the cheapest domain adaptation, and it keeps train and inference
+    statistics of the user's images alike.
     ``should_stop()`` is asked before each crop: True raises
     :class:`~napari_unet.core.cancel.Cancelled` (the statistics are then half made, so
     the network must be dropped).
@@ -46,7 +47,10 @@ def adapt_norm(
         m.reset_running_stats()
         m.momentum = None  # cumulative average
     net.train()
-    order = rng.permutation(len(planes))[:crops]
+    # a crop per 512 x 512 px of each plane (one crop of a single large plane gave the
+    # statistics of a 16th of it), the planes in random order, ``crops`` in all
+    per_plane = [math.ceil(p.shape[1] * p.shape[2] / 512**2) for p in planes]
+    order = [i for i in rng.permutation(len(planes)) for _ in range(per_plane[i])][:crops]
     try:
         with torch.no_grad():
             for i in order:

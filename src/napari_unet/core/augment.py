@@ -24,7 +24,8 @@ class AugmentConfig:
     rotations: bool = True
     intensity: float = 0.2  # random scale in [1 - s, 1 + s] and shift in [-s, s]
     shift: float | None = None  # shift range instead of ``intensity`` (0: brightness kept)
-    noise: float = 0.03  # std of additive Gaussian noise (normalised units)
+    noise: float = 0.03  # largest std of additive Gaussian noise (each patch draws its std
+    # from [0, noise]; normalised units)
     elastic: float = 0.0  # probability of elastic deformation
     elastic_sigma: float = 10.0  # px, std of displacements on the coarse grid
     elastic_grid: int = 3
