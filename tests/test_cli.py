@@ -1272,3 +1272,14 @@ def test_the_api_asks_for_a_list_of_images():
 
     with pytest.raises(TypeError, match="images are a list of arrays, one per image"):
         train(tiny_model("same"), np.zeros((2, 32, 32)), np.zeros((2, 32, 32), np.uint8))
+
+
+def test_each_image_s_warnings_name_it(tmp_path, model_file, capsys):
+    """Two blank images in a batch: one warning, naming neither (found by review)."""
+    for name in ("b", "c"):
+        np.save(tmp_path / f"{name}.npy", np.zeros((24, 24), np.uint16))
+    args = ["predict", str(tmp_path / "b.npy"), str(tmp_path / "c.npy"), "-m", str(model_file)]
+    assert main([*args, "-o", str(tmp_path / "out"), "-q"]) == 0
+    err = capsys.readouterr().err
+    for name in ("b", "c"):
+        assert f"napari-unet: warning: {name}.npy: the image has a blank plane" in err

@@ -204,6 +204,11 @@ def test_adapt_norm_crops_a_large_plane_all_over(monkeypatch):
     seen.clear()
     adapt_norm(model.net, [small] * 3, model, np.random.default_rng(0), torch.device("cpu"))
     assert len(seen) == 3  # (a plane smaller than a crop: one)
+    # a stack: every plane before a second crop of any (16 crops of one plane of eight)
+    seen.clear()
+    stack = [np.full((1, 2048, 2048), k, np.float32) for k in range(8)]
+    adapt_norm(model.net, stack, model, np.random.default_rng(0), torch.device("cpu"))
+    assert sorted(int(p[0, 0, 0]) for p in seen) == sorted(list(range(8)) * 2)
 
 
 def test_adapt_norm_sets_statistics_of_the_new_images_and_keeps_weights():

@@ -761,7 +761,7 @@ def test_a_package_declaring_inputs_its_network_refuses_says_so(tmp_path, export
         rdf["inputs"][0]["axes"][1]["channel_names"] = ["r", "g", "b"]
 
     with pytest.raises(
-        ModelFileError, match=r"three\.zip: the network fails on the input .*\(3 channel"
+        ModelFileError, match=r"three\.zip: the network fails on inputs .*\(3 channel"
     ):
         load_model(repack(exported["same"], tmp_path / "three.zip", three_channels))
 
@@ -776,6 +776,13 @@ def test_a_package_s_training_data_is_on_the_card(tmp_path, exported):
     assert loaded.info.provenance["training_data"] == (
         "bioimage.io dataset ilastik/covid_if_training_data/1"
     )
+    # a data set described inline (format 0.4): its name and source, not a dict
+
+    def inline(rdf):
+        rdf["training_data"] = {"name": "my nuclei", "source": "https://example.org/d.zip"}
+
+    loaded = load_model(repack(exported["same"], tmp_path / "inline.zip", inline))
+    assert loaded.info.provenance["training_data"] == "my nuclei - https://example.org/d.zip"
     # a package napari-unet exported keeps its own record of the data
     own = load_model(exported["same"]).info.provenance.get("training_data")
     assert own == tiny_model("same").info.provenance.get("training_data")

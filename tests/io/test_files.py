@@ -243,6 +243,17 @@ class _Dilated(torch.nn.Module):
         return self.conv(x)
 
 
+class _AtMost512(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(1, 2, 3, padding=1)
+
+    def forward(self, x):
+        if x.shape[-1] > 512 or x.shape[-2] > 512:
+            raise ValueError("at most 512 x 512 px")
+        return self.conv(x)
+
+
 def test_a_halo_beyond_the_probe_s_frame_is_measured_on_a_larger_one(tmp_path):
     """A network reaching 300 px measured 0 on the 512 px frame, and its tiles differed
     from one pass by 0.14 without a word (found by review)."""
@@ -253,6 +264,10 @@ def test_a_halo_beyond_the_probe_s_frame_is_measured_on_a_larger_one(tmp_path):
     image = np.random.default_rng(0).random((700, 700), dtype=np.float32)
     tile = model.info.geometry.snap(2 * 300 + 64, "up")
     np.testing.assert_array_equal(predict(image, model, tile=tile), predict(image, model))
+    # one that takes no input over 512 px is measured on the frames it takes (a larger
+    # frame for the check refused it; found by review)
+    torch.jit.script(_AtMost512()).save(str(tmp_path / "small.pt"))
+    assert load_model(tmp_path / "small.pt").info.geometry.halo == 1
     # one reaching further than the largest frame measures is refused, not mis-measured
     torch.jit.script(_Dilated(700)).save(str(tmp_path / "far.pt"))
     with pytest.raises(ModelFileError, match=r"far\.pt: .*reaches beyond a 1024 px frame"):

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
+import warnings
 from dataclasses import replace
 from pathlib import Path
 
@@ -49,11 +51,25 @@ def cmd_predict(args) -> int:
             print(f"{src}: {note}", file=sys.stderr)
         try:
             cal = image_calibration(src)  # pixel size and spacing, kept by a TIFF result
-            _predict_one(image, model, dst, args, Path(src).name, axes, cal, planes)
+            with _named_warnings(Path(src).name):
+                _predict_one(image, model, dst, args, Path(src).name, axes, cal, planes)
         except Exception as err:  # noqa: BLE001 - named below, or raised as it was
             raise _named(err, src, i) from None
         print(f"{src} -> {dst}", file=sys.stderr)
     return 0
+
+
+@contextlib.contextmanager
+def _named_warnings(name: str):
+    """The warnings of one image's run, said after it with its name (a batch's second
+    blank image was said as the first one's warning, once, and the third not at all)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield
+    for w in caught:
+        text = str(w.message)
+        text = text if text.startswith(f"{name}:") else f"{name}: {text}"
+        warnings.warn_explicit(text, w.category, w.filename, w.lineno)
 
 
 def _named(err: Exception, src, i: int) -> Exception:

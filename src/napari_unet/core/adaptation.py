@@ -48,9 +48,11 @@ def adapt_norm(
         m.momentum = None  # cumulative average
     net.train()
     # a crop per 512 x 512 px of each plane (one crop of a single large plane gave the
-    # statistics of a 16th of it), the planes in random order, ``crops`` in all
+    # statistics of a 16th of it), taken from the planes in turn, in random order,
+    # ``crops`` in all (every plane of a stack before a second crop of any)
     per_plane = [math.ceil(p.shape[1] * p.shape[2] / 512**2) for p in planes]
-    order = [i for i in rng.permutation(len(planes)) for _ in range(per_plane[i])][:crops]
+    turn = rng.permutation(len(planes))
+    order = [i for r in range(max(per_plane)) for i in turn if per_plane[i] > r][:crops]
     try:
         with torch.no_grad():
             for i in order:

@@ -178,8 +178,10 @@ def plane_stats(image, ax, plane, spec) -> tuple:
     plane, so that every tile and region of it is normalised alike."""
     sample = norm.sample_plane(lambda ys, xs: ax.read(image, plane, ys, xs), ax.yx)
     stats = norm.plane_stats(sample, spec)
-    if sample.size and sample.min() == sample.max():  # (an all-zero image gave "Done",
-        # an empty result and not a word)
+    whole = sample.shape[-1] >= ax.yx[0] * ax.yx[1]  # (a sample of a large plane can
+    # miss its few bright objects)
+    if whole and sample.size and sample.min() == sample.max():  # (an all-zero image gave
+        # "Done", an empty result and not a word)
         warnings.warn(
             f"the image has a blank plane (every pixel read is {sample.flat[0]:g}): its "
             "result is the model's answer to an empty image",

@@ -163,8 +163,8 @@ def _check_answers(model: LoadedModel, name: str) -> None:
                 out = net(x.to(device))
         except Exception as err:  # noqa: BLE001 - whatever the network raised
             raise ModelFileError(
-                f"{name}: the network fails on a {size[0]} x {size[1]} input, a size its "
-                f"description says it takes ({_first_line(err)})"
+                f"{name}: the network fails on a {size[0]} x {size[1]} input, a size it "
+                f"was declared or measured to take ({_first_line(err)})"
             ) from None
         _refuse_nan(out, name)
         try:

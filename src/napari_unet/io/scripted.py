@@ -24,14 +24,15 @@ from napari_unet.io.safe_files import first_line as _first_line
 # operators that read or write files
 FILE_OPERATORS = ("from_file", "save", "load_tensor")
 # the namespaces of operators that compute (tensor maths, control flow, quantised and
-# CPU-library kernels); others (c10d, symm_mem, profiler, debugprims, ...) are refused
+# CPU-library kernels, the profiler's labels); others (c10d, symm_mem, debugprims, ...)
+# are refused
 COMPUTE_NAMESPACES = frozenset(
     {"aten", "prim", "prims", "quantized", "_quantized", "mkldnn", "mkldnn_prepacked"}
-    | {"onednn", "mkl", "sparse", "xnnpack"}
+    | {"onednn", "mkl", "sparse", "xnnpack", "rnn", "profiler"}
 )
-# in the code's text: the names of the file operators (a call of ``save``: the word alone
-# may be in a message)
-_FILE_NAME = re.compile(r"\b(from_file|load_tensor)\b|\.\s*(save)\s*\(")
+# in the code's text: the names of the file operators (``save`` as torch's: the word
+# alone may be in a message, "model.save(path)")
+_FILE_NAME = re.compile(r"\b(from_file|load_tensor)\b|\b(?:torch|aten)\s*\.\s*(save)\s*\(")
 # ... and the namespaces of the operators (``ops.ns.op(``) and classes (``classes.ns.C``)
 _NAMESPACE = re.compile(r"\b(?:ops\s*\.\s*(\w+)\s*\.\s*\w+\s*\(|classes\s*\.\s*(\w+)\s*\.)")
 
@@ -61,8 +62,11 @@ def check_code_text(source: str | Path | io.BytesIO, where: str) -> None:
     and runs any of it."""
     try:
         with zipfile.ZipFile(source) as zf:
+            # every entry but the tensors' data: torch finds its code under any case
+            # ("CODE/") and keeps strings in its pickles
             for info in zf.infolist():
-                if "/code/" in f"/{info.filename}" and info.filename.endswith(".py"):
+                parts = info.filename.lower().split("/")
+                if not (len(parts) > 1 and parts[-2] == "data" and parts[-1].isdigit()):
                     _check_text(zf.read(info).decode("utf-8", "replace"), where)
     except zipfile.BadZipFile:
         return  # not a zip: torch.jit.load says what it is
@@ -70,11 +74,11 @@ def check_code_text(source: str | Path | io.BytesIO, where: str) -> None:
 
 def _check_text(text: str, where: str) -> None:
     for match in _FILE_NAME.finditer(text):
-        _refuse(where, f"torch.{match.group(1) or match.group(2)}")
+        _refuse(where, f"torch.{match.group(1) or match.group(2)}", files=True)
     for match in _NAMESPACE.finditer(text):
         namespace = match.group(1) or match.group(2)
         if namespace not in COMPUTE_NAMESPACES:
-            _refuse(where, f"the operators of {namespace!r}")
+            _refuse(where, f"the operators of {namespace!r}", files=False)
 
 
 def check_operators(net: torch.jit.ScriptModule, where: str) -> None:
@@ -95,14 +99,14 @@ def _check_nodes(nodes, where: str) -> None:
     for node in nodes:
         namespace, _, op = node.kind().partition("::")
         if namespace not in COMPUTE_NAMESPACES or op in FILE_OPERATORS:
-            _refuse(where, node.kind())
+            _refuse(where, node.kind(), files=op in FILE_OPERATORS)
         for block in node.blocks():
             _check_nodes(block.nodes(), where)
 
 
-def _refuse(where: str, what: str) -> None:
+def _refuse(where: str, what: str, files: bool) -> None:
+    why = "which reads or writes files" if files else "which is not computation (a network's)"
     raise ModelFileError(
-        f"{where}: refused: its TorchScript code calls {what}, which reads or writes files "
-        "or leaves the computation; a network needs none of it (a file made to harm, or "
-        "one scripted with code that is not a network's)"
+        f"{where}: refused: its TorchScript code calls {what}, {why}; a network needs none "
+        "of it (a file made to harm, or one scripted with code that is not a network's)"
     )

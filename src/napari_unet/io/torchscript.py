@@ -249,7 +249,11 @@ def _same_padding_halo(net, c: int, multiple: int, name: str) -> int:
             halo = perturb_halo(run, c, (size, size), multiple * 4, 0)
             if halo is None:
                 continue  # it exceeds this frame
-        if not reaches_beyond(run, c, larger // multiple * multiple, multiple, halo):
+        try:
+            further = reaches_beyond(run, c, larger // multiple * multiple, multiple, halo)
+        except Exception:  # noqa: BLE001 - a network that takes no larger input: its tiles
+            return halo  # are no larger either
+        if not further:
             return halo
     raise ModelFileError(
         f"{name}: cannot measure the network's halo: it reaches beyond a {HALO_FRAMES[-2]} px "

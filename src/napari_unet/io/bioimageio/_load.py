@@ -62,12 +62,22 @@ def _provenance(spec: _Spec, fmt: str, entry: dict, notes: dict, own: dict, labe
         p["cite"] = [_citation(c) for c in _listed(rdf["cite"])]
     data = rdf.get("training_data")
     if "training_data" not in p and data:  # (the card said nothing of it)
-        named = data.get("id") or data.get("source") if isinstance(data, dict) else data
-        p["training_data"] = f"bioimage.io dataset {named}" if named else str(data)
+        p["training_data"] = _data_set(data)
     p["weights"] = f"{fmt} ({entry['source']})"
     p["bioimageio"] = f"format {spec.version}" + (f", id {rdf['id']}" if rdf.get("id") else "")
     p.update(notes)
     return p
+
+
+def _data_set(data) -> str:
+    """A package's ``training_data``: a zoo data set's id, or one described inline (its
+    name and where it lies)."""
+    if not isinstance(data, dict):
+        return str(data)
+    if data.get("id"):
+        return f"bioimage.io dataset {data['id']}"
+    parts = [str(data[k]) for k in ("name", "source") if data.get(k)]
+    return " - ".join(parts) or "described in the package (no name or source)"
 
 
 def _classes(out: _Tensor, k: int) -> list[str]:
@@ -128,12 +138,15 @@ def load_package(source, trust_code: bool = False, weights_format: str | None = 
         geometry, fixed, notes = _geometry(net, fmt != "onnx", declared)
     except ModelFileError:
         raise
+    except MemoryError:
+        raise
     except Exception as err:  # noqa: BLE001 - whatever the package's network raised
         # (the network's own words, as the first thing said, read as a napari-unet fault)
-        sizes = " x ".join(map(str, declared.fixed)) if declared.fixed else "any size"
+        d = declared
+        sizes = " x ".join(map(str, d.fixed)) if d.fixed else f"{d.min} + k x {d.step} px"
         raise ModelFileError(
-            f"the network fails on the input {rdf_name} declares ({declared.channels} "
-            f"channel(s), {sizes}): {first_line(err)}"
+            f"the network fails on inputs {rdf_name} declares ({d.channels} channel(s), "
+            f"{sizes}) while napari-unet measures it: {first_line(err)}"
         ) from None
     if trust_code and passed_over:  # (trusted for the network itself, which it could not
         # load: said, not to be taken for it, e.g. by the feature-map panel)
