@@ -168,13 +168,17 @@ def rand_error(true_seg: np.ndarray, pred_seg: np.ndarray) -> float:
     ``true_seg`` and ``pred_seg`` are label images; only pixels with a non-zero
     ground-truth label (cell interiors, not membranes) count. Callers grow
     predicted segments over predicted membranes first (see
-    :func:`segments_from_membranes`), so every counted pixel has a label.
+    :func:`segments_from_membranes`); a counted pixel they left at 0 is a segment of
+    its own, as the challenge counts it (it was one segment with every other 0).
     ``V_rand`` is the F-score of the Rand split and merge scores.
     """
-    t = np.asarray(true_seg).ravel().astype(np.int64)
-    p = np.asarray(pred_seg).ravel().astype(np.int64)
+    _same_shape(true_seg, pred_seg)
+    t = _relabel(true_seg).ravel().astype(np.int64)
+    p = _relabel(pred_seg).ravel().astype(np.int64)
     keep = t > 0
     t, p = t[keep], p[keep]
+    lone = p == 0
+    p[lone] = p.max(initial=0) + 1 + np.arange(int(lone.sum()))
     n = t.size
     if n == 0:
         return 0.0

@@ -211,9 +211,21 @@ def _split_seeds(core: np.ndarray, h: float) -> tuple[np.ndarray, np.ndarray]:
     from skimage.morphology import h_maxima
 
     depth = ndi.gaussian_filter(ndi.distance_transform_edt(core), 1.0)
-    peaks = h_maxima(depth, h).astype(bool) & core
-    seeds, _ = ndi.label(peaks)
-    return seeds, -depth
+    regions, _ = ndi.label(core)
+    # (a core without a peak of its own got no seed: its nucleus was dropped, or taken
+    # by a neighbour's watershed)
+    return _peaks_or_regions(regions, h_maxima(depth, h).astype(bool) & core), -depth
+
+
+def _peaks_or_regions(regions: np.ndarray, peaks: np.ndarray) -> np.ndarray:
+    """Seeds at the components of ``peaks``; a region without one keeps itself as its
+    seed."""
+    labelled, n = ndi.label(peaks)
+    has_peak = np.zeros(int(regions.max()) + 1, bool)
+    has_peak[np.unique(regions[labelled > 0])] = True
+    has_peak[0] = True
+    rest = ~has_peak[regions]  # regions with no peak of their own: one seed each
+    return np.where(rest, regions + n, labelled)
 
 
 def _peak_seeds(
@@ -225,13 +237,8 @@ def _peak_seeds(
 
     smooth = ndi.gaussian_filter(interior.astype(np.float32), 1.0)
     inside = regions > 0
-    peaks, n = ndi.label(h_maxima(np.where(inside, smooth, 0), h).astype(bool) & inside)
-    has_peak = np.zeros(int(regions.max()) + 1, bool)
-    has_peak[np.unique(regions[peaks > 0])] = True
-    has_peak[0] = True
-    rest = ~has_peak[regions]  # regions with no peak of their own: one seed each
-    seeds = np.where(rest, regions + n, peaks)
-    return seeds, -smooth
+    peaks = h_maxima(np.where(inside, smooth, 0), h).astype(bool) & inside
+    return _peaks_or_regions(regions, peaks), -smooth
 
 
 def _add_unseeded(lab: np.ndarray, foreground: np.ndarray, min_size: int) -> np.ndarray:
