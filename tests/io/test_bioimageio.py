@@ -133,6 +133,41 @@ def test_state_dict_weights_run_package_code_only_when_trusted(exported):
         np.testing.assert_allclose(theirs[stage].data, fm.data, atol=1e-5)
 
 
+@pytest.mark.parametrize("depth", [2, 3, 4])
+def test_a_package_s_halo_pads_its_input_to_a_size_it_takes(tmp_path, depth):
+    """bioimage.io tools pad the input by the halo on each side: nuclei's 94 px on a 16-px
+    grid gave 388 x 388 predictions of 400 x 400 inputs in bioimageio.core, and tiles
+    that differed by 0.34 (found by validating the export)."""
+    model = tiny_model("same", depth=depth)
+    g = model.info.geometry
+    path = export_package(model, tmp_path / f"d{depth}.zip")
+    with zipfile.ZipFile(path) as zf:
+        rdf = yaml.safe_load(zf.read("bioimageio.yaml"))
+    y_in, y_out = rdf["inputs"][0]["axes"][2], rdf["outputs"][0]["axes"][2]
+    halo, step, least = y_out["halo"], y_in["size"]["step"], y_in["size"]["min"]
+    assert step == g.multiple and halo >= g.halo and (2 * halo) % step == 0
+    assert least > 2 * halo and least % step == g.min_input % step
+    assert load_package(path).info.geometry.halo == halo  # the larger is used
+
+
+@pytest.mark.parametrize(
+    ("normalization", "message"),
+    [
+        ({"mode": "percentile", "low": 0.1, "high": 1.0}, "top percentile above 1"),
+        ({"mode": "zscore", "eps": 0.5}, "takes 0 to 0.1"),
+    ],
+)
+def test_normalisations_a_package_cannot_hold_are_refused_at_export(
+    tmp_path, normalization, message
+):
+    """They were written, and the zoo's validator refused them (found by validating)."""
+    model = tiny_model("same")
+    model.info.normalization = normalization
+    with pytest.raises(ValueError, match=message):
+        export_package(model, tmp_path / "n.zip")
+    assert not (tmp_path / "n.zip").exists()
+
+
 def test_exported_package_contents(exported):
     with zipfile.ZipFile(exported["same"]) as zf:
         names = set(zf.namelist())
@@ -144,7 +179,7 @@ def test_exported_package_contents(exported):
         readme = zf.read("README.md").decode()
     assert {"README.md", "test_input.npy", "test_output.npy", "weights_torchscript.pt"} <= names
     assert "input sizes: 48 + k*4 px" in readme  # as the description declares (not 16)
-    assert rdf["format_version"] == "0.5.4" and cover.startswith(b"\x89PNG")
+    assert rdf["format_version"] == "0.5.5" and cover.startswith(b"\x89PNG")
     assert rdf["cite"][0]["doi"] == "10.1007/978-3-319-24574-4_28"
     assert rdf["license"] == "CC-BY-4.0" and len(rdf["name"]) >= 5
     y = rdf["inputs"][0]["axes"][2]

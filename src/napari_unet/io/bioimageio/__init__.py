@@ -20,7 +20,7 @@ package's architecture code runs only with ``trust_code=True``; weights via
 ``torch.load(weights_only=True)``) and ``onnx`` (optional ``onnxruntime``).
 Nothing is ever downloaded and every declared sha256 is checked.
 
-Export (:func:`export_package`) writes a project U-Net as a format 0.5.4 zip
+Export (:func:`export_package`) writes a project U-Net as a format 0.5.5 zip
 with TorchScript and state-dict weights, test tensors, cover and README.
 :func:`run_test_tensors` runs a package on its ``test_input`` exactly as the
 spec does (one pass, no tiling) and compares with ``test_output``.

@@ -1,4 +1,4 @@
-"""Export of a project U-Net as a bioimage.io package (format 0.5.4 zip)."""
+"""Export of a project U-Net as a bioimage.io package (format 0.5.5 zip)."""
 
 from __future__ import annotations
 
@@ -31,14 +31,20 @@ from napari_unet.io.bioimageio._processing import (
     _split_pre,
 )
 from napari_unet.io.bioimageio._rdf import ENGINE_IN, ENGINE_OUT, _tensor_v05
-from napari_unet.io.bioimageio._readme import UNET_CITATION, package_readme, smallest_input
+from napari_unet.io.bioimageio._readme import (
+    UNET_CITATION,
+    declared_halo,
+    package_readme,
+    smallest_input,
+)
 from napari_unet.io.bioimageio._weights import _exec_source
 from napari_unet.io.files import TORCHSCRIPT_META, saved_name
 from napari_unet.io.safe_files import ModelFileError, atomic_write
 from napari_unet.model.info import LoadedModel, ModelInfo
 from napari_unet.model.shapes import Geometry
 
-FORMAT_VERSION = "0.5.4"
+# 0.5.5: the first with a softmax post-processing step (0.5.4 tools refused it)
+FORMAT_VERSION = "0.5.5"
 _ARCH_MODULES = ("napari_unet.model.shapes", "napari_unet.model.blocks", "napari_unet.model.unet")
 
 
@@ -106,6 +112,16 @@ def _export_preprocessing(spec: dict) -> list:
     # the engine divides by the spread itself (guarding only a zero one); the spec needs
     # eps > 0, and its default 1e-6 would change dim images (spread ~1e-5) by 10 %
     eps = float(spec.get("eps", EXPORT_EPS))
+    # what the format takes (its validator refused such packages once written)
+    if spec["mode"] == "percentile" and not float(spec["high"]) > 1:
+        raise ValueError(
+            f"the model normalises to its {spec['high']:g} % percentile; a bioimage.io "
+            "package's scale_range needs a top percentile above 1"
+        )
+    if spec["mode"] in ("percentile", "zscore") and not 0 < eps <= 0.1:
+        raise ValueError(
+            f"the model's normalisation eps is {eps:g}; a bioimage.io package takes 0 to 0.1"
+        )
     if spec["mode"] == "percentile":
         kwargs = {
             "axes": axes,
@@ -143,7 +159,7 @@ def _export_axes(info: ModelInfo, g: Geometry) -> tuple[list, list]:
         size = {"tensor_id": "raw", "axis_id": k, "offset": -g.shrink}
         outputs.append({"type": "space", "id": k, "size": size})
         if not g.valid and g.halo > 0:
-            outputs[-1]["halo"] = g.halo
+            outputs[-1]["halo"] = declared_halo(g)
     return inputs, outputs
 
 
@@ -282,7 +298,7 @@ def _tensor_descriptions(info: ModelInfo, g: Geometry) -> tuple[dict, dict]:
 def export_package(
     model: LoadedModel, out_zip, *, cover=None, license: str | None = None, authors=None
 ) -> Path:
-    """Write a project U-Net as a bioimage.io package (format 0.5.4 zip), atomically.
+    """Write a project U-Net as a bioimage.io package (format 0.5.5 zip), atomically.
 
     Parameters
     ----------
