@@ -3,10 +3,10 @@
 A TorchScript file is code: its methods (``forward``, and ``__setstate__``, which
 ``torch.jit.load`` runs while loading) may call any operator torch has, among them
 ``torch.from_file`` (whose ``shared=True`` writes through to the file) and
-``torch.save``, and the operators of torch's distributed, profiling and debugging
-namespaces. A network needs none of them. :func:`load_script` refuses a file whose
-code names one, first in the code's text inside the archive (before anything runs),
-then in every method's graph once loaded (what will run).
+``torch.save``, and the operators of torch's distributed and debugging namespaces. A
+network needs none of them. :func:`load_script` refuses a file whose code names one,
+first in the archive's text (before anything runs), then in every method's graph once
+loaded (what will run). It checks what the code names; it is not a sandbox.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from __future__ import annotations
 import io
 import re
 import zipfile
-from pathlib import Path
 
 import torch
 
@@ -41,12 +40,15 @@ def load_script(source, where: str, extra_files: dict | None = None) -> torch.nn
     """``torch.jit.load(source)`` (a path or bytes) on the CPU, refused with a
     :class:`ModelFileError` naming ``where`` if it is no TorchScript or its code could
     touch files."""
-    data = source if isinstance(source, bytes) else None
-    check_zip_archive(io.BytesIO(data) if data is not None else source, where)
-    check_code_text(io.BytesIO(data) if data is not None else source, where)
+
+    def opened():  # (each reader its own stream)
+        return io.BytesIO(source) if isinstance(source, bytes) else str(source)
+
+    check_zip_archive(opened(), where)
+    check_code_text(opened(), where)
     try:
         net = torch.jit.load(
-            io.BytesIO(data) if data is not None else str(source),
+            opened(),
             map_location="cpu",
             _extra_files=extra_files if extra_files is not None else {},
         )
@@ -56,10 +58,10 @@ def load_script(source, where: str, extra_files: dict | None = None) -> torch.nn
     return net
 
 
-def check_code_text(source: str | Path | io.BytesIO, where: str) -> None:
-    """Refuse an archive whose code (``code/**.py``) names a file operator or a
-    namespace outside :data:`COMPUTE_NAMESPACES`, before ``torch.jit.load`` compiles
-    and runs any of it."""
+def check_code_text(source: str | io.BytesIO, where: str) -> None:
+    """Refuse an archive whose text (its code, and the strings of its pickles: every
+    entry but the tensors' data) names a file operator or a namespace outside
+    :data:`COMPUTE_NAMESPACES`, before ``torch.jit.load`` compiles and runs any of it."""
     try:
         with zipfile.ZipFile(source) as zf:
             # every entry but the tensors' data: torch finds its code under any case
