@@ -194,6 +194,15 @@ def _npy(a: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+def _tif(a: np.ndarray) -> bytes:
+    """A sample tensor (one image, channels first) as a TIFF, which imageio reads."""
+    import tifffile
+
+    buf = io.BytesIO()
+    tifffile.imwrite(buf, a, photometric="minisblack")
+    return buf.getvalue()
+
+
 def _rdf_name(name: str) -> str:
     """A name bioimage.io accepts: 5-128 characters of letters, digits and ``_+- ()``."""
     clean = re.sub(r"[^A-Za-z0-9_+\- ()]", "-", str(name)).strip() or "napari-unet"
@@ -239,6 +248,9 @@ def _rdf(net, info: ModelInfo, tensors: tuple, files: dict, names: dict, meta: d
     inputs, outputs = tensors
     inputs["test_tensor"] = _file("test_input.npy", files)
     outputs["test_tensor"] = _file("test_output.npy", files)
+    # (the zoo's validator asks for them "for FAIR compliance": images a viewer opens)
+    inputs["sample_tensor"] = _file("sample_input.tif", files)
+    outputs["sample_tensor"] = _file("sample_output.tif", files)
     keep = ("classes", "instances", "metrics", "normalization", "pixel_size", "object_diameter")
     now = datetime.datetime.now(datetime.timezone.utc)
     rdf = {
@@ -348,6 +360,7 @@ def export_package(
     tensors = _tensor_descriptions(info, net.geometry)
     x, y = _test_tensors(net, info, tensors)
     files["test_input.npy"], files["test_output.npy"] = _npy(x), _npy(y)
+    files["sample_input.tif"], files["sample_output.tif"] = _tif(x[0]), _tif(y[0])
     cover_name, files_cover = _cover(cover, x, y)
     files[cover_name] = files_cover
     files["README.md"] = package_readme(info, net.geometry, names).encode()
