@@ -136,9 +136,7 @@ def load_package(source, trust_code: bool = False, weights_format: str | None = 
     net = PackageNet(core, spec, files, pre, post, _single_sample(inp, out)).eval()
     try:
         geometry, fixed, notes = _geometry(net, fmt != "onnx", declared)
-    except ModelFileError:
-        raise
-    except MemoryError:
+    except (ModelFileError, MemoryError):
         raise
     except Exception as err:  # noqa: BLE001 - whatever the package's network raised
         # (the network's own words, as the first thing said, read as a napari-unet fault)
