@@ -7,6 +7,8 @@
 # (16 cores) two runs with 7 workers each made the 6,000 steps in 212 s and 216 s; four
 # with 3 workers each reached only step 5,200 in 420 s.
 #   SEEDS="10 11" WORKERS=7 LIMIT=300 bash scripts/gpu_seeds_nuclei.sh
+# or variants of the recipe, each named and given its extra options (seed 0 unless given):
+#   WORKERS=7 bash scripts/gpu_seeds_nuclei.sh "b16:--batch 16" "b16e:--batch 16 --elastic 1"
 # Run from the repository root; the shared data folder travels with the command
 # when ../shared is not beside the checkout (e.g. copied to an ignored .gpu/shared).
 export NAPARI_UNET_SHARED=${NAPARI_UNET_SHARED:-$([ -d ../shared ] && echo "$PWD/../shared" || echo "$PWD/.gpu/shared")}
@@ -15,20 +17,24 @@ OUT=${OUT:-runs/gpu}; mkdir -p "$OUT"
 SEEDS=${SEEDS:-10 11}; WORKERS=${WORKERS:-7}; LIMIT=${LIMIT:-300}; DEV=${DEV:-cuda}
 nvidia-smi -L; nproc --all
 python3 -c "import torch; print(torch.__version__, torch.cuda.is_available())" || exit 1
-python3 benchmarks/train_workers.py --device "$DEV" --bf16 --workers 0 12 --steps ${BENCH_STEPS:-200}
+[ "${BENCH_STEPS:-200}" -gt 0 ] &&
+  python3 benchmarks/train_workers.py --device "$DEV" --bf16 --workers 0 12 --steps ${BENCH_STEPS:-200}
 RECIPE="--steps 6000 --lr 2e-3 --warmup 50 --boundary-width 1 --core-fraction 0.5
   --class-weighting sqrt --shift 0.05 --contact-w0 10 --bf16 --device $DEV --workers $WORKERS"
-for s in $SEEDS; do
-  timeout "$LIMIT" python3 scripts/train_nuclei.py $RECIPE --seed "$s" \
-    --out "runs/gpu_s$s/nuclei.safetensors" > "$OUT/s$s.log" 2>&1 &
+if [ $# -eq 0 ]; then set -- $(for s in $SEEDS; do echo "s$s:--seed=$s"; done); fi
+NAMES=()
+for v in "$@"; do
+  name=${v%%:*}; NAMES+=("$name")
+  timeout "$LIMIT" python3 scripts/train_nuclei.py $RECIPE ${v#*:} \
+    --out "runs/gpu_$name/nuclei.safetensors" > "$OUT/$name.log" 2>&1 &
 done
 (sleep $((LIMIT / 2)); nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv; uptime) &
 wait
-for s in $SEEDS; do
-  echo "== seed $s"; grep -E "^step" "$OUT/s$s.log" | tail -1; grep -E "^saved|Error" "$OUT/s$s.log"
-  if [ -f "runs/gpu_s$s/nuclei.safetensors" ]; then
-    cp "runs/gpu_s$s/nuclei.safetensors" "$OUT/s$s.safetensors"
+for name in "${NAMES[@]}"; do
+  echo "== $name"; grep -E "^step" "$OUT/$name.log" | tail -1; grep -E "^saved|Error" "$OUT/$name.log"
+  if [ -f "runs/gpu_$name/nuclei.safetensors" ]; then
+    cp "runs/gpu_$name/nuclei.safetensors" "$OUT/$name.safetensors"
   else  # stopped at the limit: its last checkpoint, named as such
-    cp "runs/gpu_s$s/checkpoint.safetensors" "$OUT/s$s-checkpoint.safetensors"
+    cp "runs/gpu_$name/checkpoint.safetensors" "$OUT/$name-checkpoint.safetensors"
   fi
 done

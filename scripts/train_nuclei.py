@@ -76,7 +76,7 @@ def build(args) -> tuple:
     cfg = TrainConfig(
         steps=args.steps,
         lr=args.lr,
-        batch_size=8,
+        batch_size=args.batch,
         patch_size=256,
         warmup=args.warmup,
         border_w0=args.border_w0,
@@ -90,7 +90,7 @@ def build(args) -> tuple:
         focus=0.5,
         class_weighting=args.class_weighting,
         augment=AugmentConfig(
-            intensity=0.25, shift=args.shift, noise=0.05, elastic=0.3, zoom=args.zoom
+            intensity=0.25, shift=args.shift, noise=0.05, elastic=args.elastic, zoom=args.zoom
         ),
         val_every=100,
         seed=args.seed,
@@ -120,6 +120,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--contact-w0", type=float, default=0.0, help="weight where nuclei touch")
     p.add_argument("--shift", type=float, help="intensity shift range (default: 0.25)")
     p.add_argument("--zoom", type=float, default=0.3, help="random zoom range")
+    p.add_argument("--elastic", type=float, default=0.3, help="share of patches deformed")
+    p.add_argument("--batch", type=int, default=8, help="patches per step")
     p.add_argument(
         "--init-unet2d",
         help="start from a bioimage.io unet2d package's TorchScript weights (weights.pt), "
