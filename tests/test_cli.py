@@ -274,7 +274,10 @@ def test_predict_diameter_rescales_for_models_that_record_an_object_size(tmp_pat
         options = SegmentOptions(mode="probabilities", diameter=diameter)
         return run_to_end(segment_iter(image, tiny_model("same", object_diameter=20.0), options))
 
-    assert main([*args, "--diameter", "10"]) == 0
+    loud = [a for a in args if a != "-q"]  # not quiet: the size is said
+    assert main([*loud, "--diameter", "10"]) == 0
+    said = "objects given at 10.0 px, model's 20.0 px: image resized by 2"
+    assert said in capsys.readouterr().err
     result = tifffile.imread(out)
     assert result.shape == (3, 48, 64)
     np.testing.assert_allclose(result, expected(10.0), atol=1e-5)
@@ -283,7 +286,7 @@ def test_predict_diameter_rescales_for_models_that_record_an_object_size(tmp_pat
     np.testing.assert_allclose(tifffile.imread(out), expected("auto"), atol=1e-5)
     assert main([*args, "--diameter", "off"]) == 0
     np.testing.assert_allclose(tifffile.imread(out), expected(None), atol=1e-5)
-    capsys.readouterr()
+    assert "objects" not in capsys.readouterr().err  # quiet, and no sizing asked
     for bad, message in (("huge", "takes pixels, 'auto' or 'off'"), ("-2", "positive")):
         assert main([*args, "--diameter", bad]) == 1
         assert message in capsys.readouterr().err

@@ -99,6 +99,32 @@ def test_auto_diameter_without_objects_stays_at_the_image_scale(seen):
     assert seen == [(64, 64)] and inst.shape == (64, 64)
 
 
+def test_the_object_size_used_is_said_and_recorded():
+    def sizing(image, diameter):
+        said = []
+        options = SegmentOptions(device="cpu", diameter=diameter)
+        run_to_end(segment_iter(image, bright_model(20.0), options), said.append)
+        [sized] = [p for p in said if p.detail]
+        return sized.message, sized.detail
+
+    image, _ = disks()
+    message, detail = sizing(image, "auto")
+    assert detail["object_diameter"] == pytest.approx(10.2, abs=0.2)  # radius 5: 81 px
+    # (the diameter is recorded to 0.1 px, the factor from the measure itself)
+    assert detail["resized_by"] == pytest.approx(20.0 / detail["object_diameter"], rel=0.01)
+    assert message.startswith(f"objects measured at {detail['object_diameter']:.1f} px")
+    assert message.endswith(f"image resized by {detail['resized_by']:.3g}")
+    message, detail = sizing(image, 10)
+    assert detail == {"object_diameter": 10.0, "resized_by": 2.0}
+    assert message == "objects given at 10.0 px, model's 20.0 px: image resized by 2"
+    message, detail = sizing(image, 20.5)  # within the tolerance: segmented as it is
+    assert detail == {"object_diameter": 20.5, "resized_by": 1.0}
+    assert message.endswith("image not resized")
+    message, detail = sizing(np.full((64, 64), 100.0, np.float32), "auto")
+    assert detail == {"object_diameter": None, "resized_by": 1.0}
+    assert message.startswith("no objects found to measure their size")
+
+
 def test_diameter_equal_to_the_model_size_changes_nothing(seen):
     image, _ = disks()
     model = tiny_model("same", object_diameter=16.0)

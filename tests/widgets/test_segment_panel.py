@@ -7,6 +7,7 @@ import torch
 
 from conftest import plugin_viewer, tiny_model
 from napari_unet._widgets._layers import viewer_camera
+from napari_unet._widgets._results import RUN_KEY
 from napari_unet.core.axes import resolve_axes
 from napari_unet.core.postprocess import instances
 from napari_unet.core.tiling import predict
@@ -341,6 +342,11 @@ def test_object_size_rescaling_follows_the_model(panel, qtbot, image):
     out = viewer.layers["img [unet interior]"].data
     assert out.shape == image.shape
     np.testing.assert_allclose(np.asarray(out), expected[1], atol=1e-5)
+    # the size used is said, and recorded with the result
+    assert "objects given at 10.0 px, model's 20.0 px: image resized by 2" in widget.status.text()
+    run = viewer.layers["img [unet interior]"].metadata[RUN_KEY]
+    assert run["diameter"] == 10.0 and run["object_diameter"] == 10.0
+    assert run["resized_by"] == 2.0 and "sizing" not in run
     widget.rescale_check.setChecked(False)
     assert widget.options().diameter is None and not widget.diameter_spin.isEnabled()
 

@@ -257,6 +257,8 @@ class SegmentPanel(WorkerPanel):
 
     def _on_yielded(self, progress) -> None:
         self.status.setText(progress.message)
+        if progress.detail and self._job is not None:  # the object size, for the result
+            self._job[3].update(progress.detail, sizing=progress.message)
 
     def _on_returned(self, result: np.ndarray) -> None:
         if self._job is None:
@@ -278,10 +280,11 @@ class SegmentPanel(WorkerPanel):
             return
         # named after the image as it is called now (renamed meanwhile: its new name)
         job = replace(job, layer_name=layer.name)
+        sizing = run.pop("sizing", "")  # said, not recorded: the figures are
         names, kept = add_or_update(self.viewer, job, model, mode, result, run)
-        note = ""
+        note = f"; {sizing}" if sizing else ""
         if kept:
-            note = " (kept as they are: " + "; ".join(f"{k!r}, {why}" for k, why in kept) + ")"
+            note += " (kept as they are: " + "; ".join(f"{k!r}, {why}" for k, why in kept) + ")"
         self.status.setText(f"Done: {', '.join(names)}{note}")
 
 

@@ -195,6 +195,8 @@ def _with_bar(gen, label: str, quiet: bool):
             bar.refresh()
         else:  # a phase between passes ("finding objects"), said beside the tiles
             bar.set_postfix_str(progress.message)
+        if progress.detail and not quiet:  # what a pass found (the objects' size): kept
+            bar.write(f"{label}: {progress.message}", file=sys.stderr)
 
     with tqdm(desc=label, unit="tile", disable=quiet, file=sys.stderr) as bar:
         return run_to_end(gen, show)

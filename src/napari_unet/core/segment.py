@@ -155,6 +155,7 @@ def scale_factor_iter(image, model, options: SegmentOptions):
         first = yield from segment_at_iter(image, model, measure, 1.0)
         found = median_diameter(_whole_objects(first, window, yx))
         factor = 1.0 if found is None else target / found  # nothing found: own scale
+        measured = "measured"
     else:
         try:
             diameter = float(options.diameter)
@@ -164,7 +165,7 @@ def scale_factor_iter(image, model, options: SegmentOptions):
             ) from None
         if not 0 < diameter < float("inf"):
             raise ValueError(f"diameter must be a positive number, not {options.diameter!r}")
-        factor = target / diameter
+        factor, found, measured = target / diameter, diameter, "given"
     used = float(np.clip(factor, 1 / MAX_SCALE, MAX_SCALE))
     if used != factor:
         warnings.warn(
@@ -173,7 +174,21 @@ def scale_factor_iter(image, model, options: SegmentOptions):
             f"(the limit), so the network sees them at {target * used / factor:.1f} px",
             stacklevel=2,
         )
-    return (1.0 if max(used, 1 / used) < SCALE_TOLERANCE else used), first
+    used = 1.0 if max(used, 1 / used) < SCALE_TOLERANCE else used
+    yield _sized(found, measured, target, used)
+    return used, first
+
+
+def _sized(found: float | None, how: str, target: float, factor: float) -> Progress:
+    """What the sizing found, said and (``detail``) recorded with the result: the
+    objects' diameter ``how`` ("measured" or "given"; None: none found) and the factor."""
+    if found is None:
+        said = "no objects found to measure their size: segmented at the image's own scale"
+    else:
+        resized = f"image resized by {factor:.3g}" if factor != 1.0 else "image not resized"
+        said = f"objects {how} at {found:.1f} px, model's {target:.1f} px: {resized}"
+    found = None if found is None else round(float(found), 1)
+    return Progress(1, 1, said, detail={"object_diameter": found, "resized_by": round(factor, 4)})
 
 
 # "auto" measures objects on the whole plane up to this many pixels (a region asked for

@@ -49,11 +49,13 @@ OUTPUTS = ("probabilities", "labels")
 
 @dataclass(frozen=True)
 class Progress:
-    """Where a long job is: ``done`` of ``total`` units (tiles or steps)."""
+    """Where a long job is: ``done`` of ``total`` units (tiles or steps); ``detail``:
+    what a step found that its result should record (e.g. the object size measured)."""
 
     done: int
     total: int
     message: str = ""
+    detail: dict | None = None
 
     @property
     def fraction(self) -> float:
