@@ -1,3 +1,5 @@
+import json
+
 import numpy as np
 import pytest
 import tifffile
@@ -260,8 +262,10 @@ def test_bad_input_exits_1_with_one_line(
 
 
 def test_predict_diameter_rescales_for_models_that_record_an_object_size(tmp_path, capsys):
+    from napari_unet import __version__
     from napari_unet.core.segment import SegmentOptions, segment_iter
     from napari_unet.core.tiling import run_to_end
+    from napari_unet.io.image_metadata import image_about
 
     image = (np.random.default_rng(1).random((48, 64)) * 1000).astype(np.uint16)
     np.save(tmp_path / "i.npy", image)
@@ -278,6 +282,10 @@ def test_predict_diameter_rescales_for_models_that_record_an_object_size(tmp_pat
     assert main([*loud, "--diameter", "10"]) == 0
     said = "objects given at 10.0 px, model's 20.0 px: image resized by 2"
     assert said in capsys.readouterr().err
+    record = json.loads(image_about(out))  # and what made it is in the file
+    assert record["model_source"] == str(sized) and record["mode"] == "probabilities"
+    assert record["diameter"] == "10" and record["object_diameter"] == 10.0
+    assert record["resized_by"] == 2.0 and record["napari_unet"] == __version__
     result = tifffile.imread(out)
     assert result.shape == (3, 48, 64)
     np.testing.assert_allclose(result, expected(10.0), atol=1e-5)

@@ -193,3 +193,33 @@ def test_results_of_one_pixel_wide_images_read_back(tmp_path, axes, shape, dtype
     np.testing.assert_array_equal(np.asarray(read_image(out)), data)
     np.testing.assert_array_equal(tifffile.imread(out), data)
     assert image_axes(out) == axes
+
+
+@pytest.mark.parametrize(
+    ("dtype", "axes", "kind"),
+    [
+        (np.uint8, "ZYX", "imagej"),  # class labels: an ImageJ hyperstack
+        (np.uint32, "ZYX", "ome"),  # objects: an OME-TIFF
+        (np.uint64, "ZYX", "shaped"),  # neither: tifffile's own description
+        (np.float32, None, "shaped"),
+    ],
+)
+def test_what_made_a_result_is_written_into_its_tiff(tmp_path, dtype, axes, kind):
+    from napari_unet import __version__
+    from napari_unet.io.image_metadata import image_about, image_calibration
+
+    data = np.arange(2 * 6 * 7).reshape(2, 6, 7).astype(dtype)
+    about = '{"model": "nuclei", "note": "<a & b>"}'  # JSON, and characters XML escapes
+    out = write_image(
+        tmp_path / "r.tif", data, axes, {"x": 0.5, "y": 0.5, "unit": "micron"}, about
+    )
+    with tifffile.TiffFile(out) as tf:
+        assert {"imagej": tf.is_imagej, "ome": tf.is_ome, "shaped": tf.is_shaped}[kind]
+        assert tf.pages[0].software == f"napari-unet {__version__}"
+    np.testing.assert_array_equal(tifffile.imread(out), data)
+    assert image_about(out) == about
+    if kind != "shaped":  # the axes and pixel size are not lost to the record
+        assert image_axes(out) == axes
+        assert image_calibration(out)["x"] == pytest.approx(0.5)
+    assert image_about(write_image(tmp_path / "plain.tif", data, axes)) is None
+    assert image_about(tmp_path / "missing.tif") is None

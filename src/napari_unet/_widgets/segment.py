@@ -229,7 +229,7 @@ class SegmentPanel(WorkerPanel):
         )
 
     def _on_run(self) -> None:
-        from napari_unet.core.segment import segment_iter
+        from napari_unet.core.segment import run_record, segment_iter
 
         layer, model = self.image_layer(), self.state.model
         if layer is None or model is None:
@@ -250,7 +250,7 @@ class SegmentPanel(WorkerPanel):
         if self.busy():
             return
         # the result is shown as asked now, whatever the controls or the model become meanwhile
-        self._job = (job, model, opts.mode, _run_record(model, opts))
+        self._job = (job, model, opts.mode, run_record(model, opts))
         self._source = self.source_of(layer)  # a result is only shown over what it came from
         self.status.setText(f"Segmenting {layer.name}: {job.describe}")
         self.start(segment_iter, job.data, model, opts, desc=f"napari-unet: {layer.name}")
@@ -286,18 +286,6 @@ class SegmentPanel(WorkerPanel):
         if kept:
             note += " (kept as they are: " + "; ".join(f"{k!r}, {why}" for k, why in kept) + ")"
         self.status.setText(f"Done: {', '.join(names)}{note}")
-
-
-def _run_record(model, opts) -> dict:
-    """What made a result, for its layers' metadata: the model and the settings."""
-    from dataclasses import fields
-
-    record = {"model": model.info.name, "model_source": str(model.info.source or "")}
-    for f in fields(opts):
-        value = getattr(opts, f.name)
-        if f.name != "should_stop":
-            record[f.name] = list(value) if isinstance(value, tuple) else value
-    return record
 
 
 def _spin(spin, low, high, suffix: str = "", step=None, auto: bool = False):

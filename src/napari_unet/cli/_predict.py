@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import sys
 import warnings
 from dataclasses import replace
@@ -130,7 +131,7 @@ def _predict_one(
     """Segment one image into ``dst`` (checked by :func:`_check_target`; a TIFF keeps
     the image's ``calibration``; the axis ``planes``, its channels, is written as C)."""
     from napari_unet.core.axes import resolve_axes
-    from napari_unet.core.segment import SegmentOptions, segment_iter
+    from napari_unet.core.segment import SegmentOptions, run_record, segment_iter
     from napari_unet.io.images import write_image
 
     ax = resolve_axes(tuple(image.shape), axes, model.info.in_channels)
@@ -157,8 +158,9 @@ def _predict_one(
         attrs = {"axes": axes, "calibration": calibration, "model": model.info.name}
         _predict_to_zarr(image, model, ax, dst, options, label, args, attrs)
         return
-    result = _with_bar(segment_iter(image, model, options), label, args.quiet)
-    write_image(dst, result, axes, calibration)
+    record = run_record(model, options)  # what made the result, written into its TIFF
+    result = _with_bar(segment_iter(image, model, options), label, args.quiet, record)
+    write_image(dst, result, axes, calibration, about=json.dumps(record, default=str))
 
 
 def _predict_to_zarr(image, model, ax, dst: Path, options, label: str, args, attrs) -> None:
@@ -183,8 +185,9 @@ def _predict_to_zarr(image, model, ax, dst: Path, options, label: str, args, att
     sink.commit()
 
 
-def _with_bar(gen, label: str, quiet: bool):
-    """Run a tiling generator to its end under a progress bar of tiles; its result."""
+def _with_bar(gen, label: str, quiet: bool, record: dict | None = None):
+    """Run a tiling generator to its end under a progress bar of tiles; its result.
+    What a pass found (the objects' size: progress ``detail``) is said and put in ``record``."""
     from tqdm import tqdm
 
     from napari_unet.core.tiling import run_to_end
@@ -195,7 +198,9 @@ def _with_bar(gen, label: str, quiet: bool):
             bar.refresh()
         else:  # a phase between passes ("finding objects"), said beside the tiles
             bar.set_postfix_str(progress.message)
-        if progress.detail and not quiet:  # what a pass found (the objects' size): kept
+        if progress.detail and record is not None:
+            record.update(progress.detail)
+        if progress.detail and not quiet:
             bar.write(f"{label}: {progress.message}", file=sys.stderr)
 
     with tqdm(desc=label, unit="tile", disable=quiet, file=sys.stderr) as bar:

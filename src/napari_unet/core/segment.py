@@ -6,7 +6,7 @@ from __future__ import annotations
 import numbers
 import warnings
 from collections.abc import Callable, Generator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 
 import numpy as np
 
@@ -109,6 +109,19 @@ def segment(image, model, options: SegmentOptions | None = None, **kwargs) -> np
     if options is not None and kwargs:
         raise TypeError("give SegmentOptions or keywords, not both")
     return run_to_end(segment_iter(image, model, options or SegmentOptions(**kwargs)))
+
+
+def run_record(model, options: SegmentOptions) -> dict:
+    """What makes a result, to record with it: the model, the settings and the version
+    (the object size an "auto" run measures is added by its progress: ``detail``)."""
+    from napari_unet import __version__
+
+    record = {"model": model.info.name, "model_source": str(model.info.source or "")}
+    for f in fields(options):
+        value = getattr(options, f.name)
+        if f.name != "should_stop":
+            record[f.name] = list(value) if isinstance(value, tuple) else value
+    return {**record, "napari_unet": __version__}
 
 
 def segment_iter(image, model, options: SegmentOptions) -> Generator[Progress, None, np.ndarray]:

@@ -1,5 +1,5 @@
 """What an image file records about its axes and calibration: OME-TIFF, ImageJ TIFF
-and OME-Zarr metadata (pixel size, Z spacing, frame interval)."""
+and OME-Zarr metadata (pixel size, Z spacing, frame interval), and what made a result."""
 
 from __future__ import annotations
 
@@ -88,6 +88,37 @@ def image_calibration(path: str | Path) -> dict:
     except Exception:  # noqa: BLE001 - unreadable metadata: the results go without it
         return {}
     return _sane(cal)
+
+
+def image_about(path: str | Path) -> str | None:
+    """What made a TIFF that napari-unet wrote (``write_image``'s ``about``: ImageJ's
+    Info, OME's image Description or tifffile's description), or None."""
+    path = Path(path)
+    if path.suffix.lower() not in (".tif", ".tiff") or not path.is_file():
+        return None
+    import re
+
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(str(path)) as tf:
+            if tf.is_imagej:
+                about = (tf.imagej_metadata or {}).get("Info")
+            elif tf.is_ome:
+                found = re.search(r"<Description>(.*?)</Description>", tf.ome_metadata or "", re.S)
+                about = found and _xml_text(found.group(1))
+            else:
+                about = (tf.shaped_metadata or [{}])[0].get("napari_unet")
+    except Exception:  # noqa: BLE001 - unreadable metadata: nothing known
+        return None
+    return about if isinstance(about, str) else None
+
+
+def _xml_text(text: str) -> str:
+    """XML character data as the text it stands for."""
+    from xml.sax.saxutils import unescape
+
+    return unescape(text, {"&quot;": '"', "&apos;": "'"})
 
 
 # length units as ImageJ names them, and their size in micrometres

@@ -144,7 +144,11 @@ _OME_DTYPES = ("bool", "int8", "int16", "int32", "uint8", "uint16", "uint32", "f
 
 
 def write_image(
-    path: str | Path, data: np.ndarray, axes: str | None = None, calibration: dict | None = None
+    path: str | Path,
+    data: np.ndarray,
+    axes: str | None = None,
+    calibration: dict | None = None,
+    about: str | None = None,
 ) -> Path:
     """Write ``data`` to TIFF or NPY atomically.
 
@@ -152,13 +156,21 @@ def write_image(
     :func:`image_calibration`) go into a TIFF: an ImageJ hyperstack where its axes are in
     ImageJ's order and its type is one ImageJ reads, so that Fiji shows the planes and
     pixel size of the image it came from; an OME-TIFF for other types (uint32 instances)
-    and orders of those axes."""
+    and orders of those axes. ``about`` (what made the data) goes into the TIFF's
+    description: ImageJ's Info (Fiji's Image > Show Info), OME's image Description, or
+    tifffile's own description under ``napari_unet``; its Software tag names napari-unet."""
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix in (".tif", ".tiff"):
         import tifffile
 
+        from napari_unet import __version__
+
         kwargs = _tiff_metadata(np.asarray(data), axes, calibration or {})
+        if about is not None:
+            key = "Info" if kwargs.get("imagej") else "Description" if "ome" in kwargs else None
+            kwargs["metadata"] = {**kwargs.get("metadata", {}), key or "napari_unet": about}
+        kwargs["software"] = f"napari-unet {__version__}"
 
         def write(tmp):
             # minisblack: a stack of three or four planes is not an RGB picture
@@ -171,7 +183,11 @@ def write_image(
                     stacklevel=2,
                 )
                 tifffile.imwrite(
-                    tmp, np.asarray(data), compression="zlib", photometric="minisblack"
+                    tmp,
+                    np.asarray(data),
+                    compression="zlib",
+                    photometric="minisblack",
+                    software=kwargs["software"],
                 )
 
         return atomic_write(path, write)
