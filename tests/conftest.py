@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from napari_unet.core import normalize as norm
+from napari_unet.core.tile_plan import tiling_geometry
 from napari_unet.model import UNet, UNetConfig
 from napari_unet.model.info import wrap_unet
 
@@ -59,13 +60,14 @@ def same_model():
 
 
 def one_pass(image: np.ndarray, model, tta: bool = False) -> np.ndarray:
-    """Reference: one forward pass over the whole mirrored image (C, Y, X) -> (K, Y, X).
+    """Reference: one forward pass over the whole image (C, Y, X) -> (K, Y, X), mirrored
+    by the context tiles read (:func:`~napari_unet.core.tile_plan.tiling_geometry`).
 
     ``tta``: the mean over the mirrored *canvas* (the padded network input, mirrored
     back after the pass), which keeps the pooling grid where tiles have it; mirroring
     the image instead shifts the grid, and real networks answer that by up to 0.14.
     """
-    g = model.info.geometry
+    g = tiling_geometry(model.info.geometry)  # the halo, on the pooling grid
     h = g.halo
     c, H, W = image.shape
     spec = norm.validate(model.info.normalization)

@@ -27,6 +27,7 @@ from napari_unet.core.tile_plan import (
     checked_region,
     plane_stats,
     read_mirrored,
+    tiling_geometry,
 )
 from napari_unet.core.tiling import Progress, run_to_end
 from napari_unet.model.info import LoadedModel
@@ -108,7 +109,7 @@ def stage_grid(config) -> dict[str, tuple[float, int]]:
 def forward_bytes(model: LoadedModel, yx: tuple[int, int]) -> int:
     """Peak activation memory of :func:`capture`'s single, untiled forward pass over a
     region (with its halo), estimated as the tiling engine does (``tile_plan.auto_tile``)."""
-    halo = model.info.geometry.halo
+    halo = tiling_geometry(model.info.geometry).halo
     return activation_bytes_per_px(model) * (yx[0] + 2 * halo) * (yx[1] + 2 * halo)
 
 
@@ -242,10 +243,10 @@ def _grid(net, model) -> dict:
 
 def _input_tile(image, ax, model, plane, box):
     """Normalised input covering ``box`` plus the halo, starting on the pooling grid."""
-    g = model.info.geometry
+    g = tiling_geometry(model.info.geometry)
     y0, y1, x0, x1 = box
     m = g.multiple
-    # the same pooling grid as the tiling engine (canvas origin at -halo)
+    # the same pooling grid as the tiling engine (canvas origin at -halo: its context)
     sy, sx = y0 // m * m - g.halo, x0 // m * m - g.halo
     ty = g.snap(y1 + g.halo - sy, "up")
     tx = g.snap(x1 + g.halo - sx, "up")

@@ -40,6 +40,7 @@ from napari_unet.core.tile_plan import (
     plan_tiles,
     plane_stats,
     read_mirrored,
+    smallest_tile,
 )
 from napari_unet.model.info import LoadedModel
 from napari_unet.model.unet import for_inference, to_layout
@@ -158,7 +159,7 @@ def predict_iter(
             return result
         except _Restart:
             smaller = max(plan.y.tile, plan.x.tile) // 2
-            if info.fixed_input or smaller < 2 * info.geometry.halo + info.geometry.multiple:
+            if info.fixed_input or smaller < smallest_tile(info.geometry):
                 raise MemoryError(
                     "out of memory even with one tile per batch at the smallest tile size"
                 ) from None
