@@ -110,10 +110,15 @@ def test_the_object_size_used_is_said_and_recorded():
     image, _ = disks()
     message, detail = sizing(image, "auto")
     assert detail["object_diameter"] == pytest.approx(10.2, abs=0.2)  # radius 5: 81 px
-    # (the diameter is recorded to 0.1 px, the factor from the measure itself)
-    assert detail["resized_by"] == pytest.approx(20.0 / detail["object_diameter"], rel=0.01)
+    assert detail["resized_by"] == pytest.approx(20.0 / detail["object_diameter"], rel=1e-9)
     assert message.startswith(f"objects measured at {detail['object_diameter']:.1f} px")
     assert message.endswith(f"image resized by {detail['resized_by']:.3g}")
+    # the diameter recorded, given again, reproduces the run (a rounded one did not)
+    again = SegmentOptions(device="cpu", diameter=detail["object_diameter"])
+    assert (
+        run_to_end(seg.scale_factor_iter(image, bright_model(20.0), again))[0]
+        == (detail["resized_by"])
+    )
     message, detail = sizing(image, 10)
     assert detail == {"object_diameter": 10.0, "resized_by": 2.0}
     assert message == "objects given at 10.0 px, model's 20.0 px: image resized by 2"

@@ -51,6 +51,15 @@ def test_tta_of_a_real_network_keeps_the_pooling_grid_of_its_tiles():
         np.testing.assert_allclose(tta, reference, atol=1e-5)
 
 
+def test_the_context_is_the_halo_on_the_pooling_grid_where_a_fixed_input_has_room():
+    same, valid = tiny_model("same", 2).info.geometry, tiny_model("valid", 2).info.geometry
+    assert (same.halo, same.multiple) == (22, 4)
+    assert tiling_geometry(same).halo == 24 and tiling_geometry(same, 52).halo == 24
+    assert tiling_geometry(same, 48).halo == 22  # 48 - 2 * 24 leaves no output: exact
+    assert tiling_geometry(tiling_geometry(same)) == tiling_geometry(same)
+    assert tiling_geometry(valid) == valid  # valid padding reads its exact halo
+
+
 def test_a_real_networks_tiles_equal_one_plain_pass_away_from_the_border():
     """Tiles read the context on the pooling grid (96 px for the bundled nuclei network,
     whose halo is 94): inside, the result is that of one plain pass over the whole image,

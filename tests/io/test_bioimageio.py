@@ -16,6 +16,7 @@ import yaml
 from conftest import REAL_PACKAGE, needs_real_package, tiny_model
 from napari_unet.cli import main
 from napari_unet.core import normalize as norm
+from napari_unet.core.tile_plan import tiling_geometry
 from napari_unet.core.tiling import predict
 from napari_unet.io import ModelFileError, load_model, save_model
 from napari_unet.io.bioimageio import (
@@ -147,6 +148,9 @@ def test_a_package_s_halo_pads_its_input_to_a_size_it_takes(tmp_path, depth):
     y_in, y_out = rdf["inputs"][0]["axes"][2], rdf["outputs"][0]["axes"][2]
     halo, step, least = y_out["halo"], y_in["size"]["step"], y_in["size"]["min"]
     assert step == g.multiple and halo >= g.halo and (2 * halo) % step == 0
+    # the context napari-unet's tiles read, on the pooling grid (depth 2: 24 px, where
+    # half a step, 22 px, put a runner's image 2 px off the grid; found by review)
+    assert halo % step == 0 and halo == tiling_geometry(g).halo
     assert least > 2 * halo and least % step == g.min_input % step
     assert load_package(path).info.geometry.halo == halo  # the larger is used
 

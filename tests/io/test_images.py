@@ -223,3 +223,25 @@ def test_what_made_a_result_is_written_into_its_tiff(tmp_path, dtype, axes, kind
         assert image_calibration(out)["x"] == pytest.approx(0.5)
     assert image_about(write_image(tmp_path / "plain.tif", data, axes)) is None
     assert image_about(tmp_path / "missing.tif") is None
+
+
+def test_what_other_software_wrote_is_not_taken_for_a_run_record(tmp_path):
+    from napari_unet.io.image_metadata import image_about
+
+    data = np.zeros((2, 6, 7), np.uint8)
+    fiji = tmp_path / "fiji.tif"  # an acquisition's Info, as Fiji keeps it
+    tifffile.imwrite(fiji, data, imagej=True, metadata={"axes": "ZYX", "Info": "Objective 40x"})
+    ome = tmp_path / "scope.ome.tif"
+    tifffile.imwrite(ome, data.astype(np.uint32), ome=True, metadata={"Description": "scope 3"})
+    assert image_about(fiji) is None and image_about(ome) is None
+
+
+def test_a_result_written_without_its_calibration_keeps_its_record(tmp_path):
+    from napari_unet.io.image_metadata import image_about
+
+    data = np.zeros((2, 6, 7), np.uint8)
+    about = '{"model": "nuclei"}'
+    with pytest.warns(UserWarning, match="without the image's calibration"):
+        out = write_image(tmp_path / "r.tif", data, "ZYX", {"x": 1e-30, "y": 1e-30}, about)
+    np.testing.assert_array_equal(tifffile.imread(out), data)
+    assert image_about(out) == about

@@ -200,8 +200,9 @@ def _sized(found: float | None, how: str, target: float, factor: float) -> Progr
     else:
         resized = f"image resized by {factor:.3g}" if factor != 1.0 else "image not resized"
         said = f"objects {how} at {found:.1f} px, model's {target:.1f} px: {resized}"
-    found = None if found is None else round(float(found), 1)
-    return Progress(1, 1, said, detail={"object_diameter": found, "resized_by": round(factor, 4)})
+    # unrounded: the diameter recorded, given again, gives the same factor
+    found = None if found is None else float(found)
+    return Progress(1, 1, said, detail={"object_diameter": found, "resized_by": float(factor)})
 
 
 # "auto" measures objects on the whole plane up to this many pixels (a region asked for

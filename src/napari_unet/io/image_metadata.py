@@ -92,21 +92,21 @@ def image_calibration(path: str | Path) -> dict:
 
 def image_about(path: str | Path) -> str | None:
     """What made a TIFF that napari-unet wrote (``write_image``'s ``about``: ImageJ's
-    Info, OME's image Description or tifffile's description), or None."""
+    Info, the OME image's Description or tifffile's description), or None, also for
+    TIFFs that other software wrote (their Info or Description is theirs)."""
     path = Path(path)
     if path.suffix.lower() not in (".tif", ".tiff") or not path.is_file():
         return None
-    import re
-
     import tifffile
 
     try:
         with tifffile.TiffFile(str(path)) as tf:
+            if not str(tf.pages[0].software or "").startswith("napari-unet"):
+                return None
             if tf.is_imagej:
                 about = (tf.imagej_metadata or {}).get("Info")
             elif tf.is_ome:
-                found = re.search(r"<Description>(.*?)</Description>", tf.ome_metadata or "", re.S)
-                about = found and _xml_text(found.group(1))
+                about = _ome_image_description(tf.ome_metadata or "")
             else:
                 about = (tf.shaped_metadata or [{}])[0].get("napari_unet")
     except Exception:  # noqa: BLE001 - unreadable metadata: nothing known
@@ -114,11 +114,17 @@ def image_about(path: str | Path) -> str | None:
     return about if isinstance(about, str) else None
 
 
-def _xml_text(text: str) -> str:
-    """XML character data as the text it stands for."""
-    from xml.sax.saxutils import unescape
+def _ome_image_description(xml: str) -> str | None:
+    """The first OME Image's Description (not an instrument's or experiment's)."""
+    from xml.etree import ElementTree
 
-    return unescape(text, {"&quot;": '"', "&apos;": "'"})
+    for element in ElementTree.fromstring(xml).iter():
+        if element.tag.rsplit("}", 1)[-1] == "Image":
+            for child in element:
+                if child.tag.rsplit("}", 1)[-1] == "Description":
+                    return child.text or ""
+            return None
+    return None
 
 
 # length units as ImageJ names them, and their size in micrometres

@@ -188,6 +188,7 @@ def write_image(
                     compression="zlib",
                     photometric="minisblack",
                     software=kwargs["software"],
+                    metadata={} if about is None else {"napari_unet": about},
                 )
 
         return atomic_write(path, write)

@@ -13,12 +13,15 @@ UNET_CITATION = {
 
 
 def declared_halo(g: Geometry) -> int:
-    """The halo a package declares: a same-padding network's, rounded up to a multiple
-    of half its size step. bioimage.io tools pad the input by the halo on each side, so
-    twice it must be a step: 94 px on a 16-px grid gave 388 x 388 predictions of 400 x 400
-    inputs, and tiles that differed by 0.34 in bioimageio.core (found by validating)."""
-    half = max(1, g.multiple // 2)
-    return -(-g.halo // half) * half
+    """The halo a package declares: the context napari-unet's tiles read
+    (:func:`~napari_unet.core.tile_plan.tiling_geometry`: a same-padding network's halo
+    rounded up to its size step). bioimage.io tools pad the input by the halo on each
+    side, so twice it must be a step (94 px on a 16-px grid gave 388 x 388 predictions of
+    400 x 400 inputs), and padded by a whole step the image lies on the pooling grid as
+    in napari-unet's tiles (half a step put a depth-2 network's image 2 px off it)."""
+    from napari_unet.core.tile_plan import tiling_geometry
+
+    return tiling_geometry(g).halo
 
 
 def smallest_input(g: Geometry) -> int:
