@@ -102,10 +102,11 @@ def test_round_trip_predicts_like_the_original(exported, padding):
     assert info.activation == "softmax" and info.fixed_input is None
     # the model's own (the package's scale_range with the eps the spec needs agrees)
     assert info.normalization == {"mode": "percentile", "low": 1.0, "high": 99.8}
+    # the halo as declared: the context napari-unet's tiles read (24 px for 22 here)
     assert (info.geometry.multiple, info.geometry.shrink, info.geometry.halo) == (
         g.multiple,
         g.shrink,
-        g.halo,
+        tiling_geometry(g).halo,
     )
     assert info.provenance["weights"] == "torchscript (weights_torchscript.pt)"
     ours = predict(image(), model, device="cpu")
@@ -190,12 +191,12 @@ def test_exported_package_contents(exported):
         test_in = np.load(io.BytesIO(zf.read("test_input.npy")))
         sample = tifffile.imread(io.BytesIO(zf.read("sample_input.tif")))
     np.testing.assert_array_equal(sample, test_in[0])  # (channels, y, x)
-    assert "input sizes: 48 + k*4 px" in readme  # as the description declares (not 16)
+    assert "input sizes: 52 + k*4 px" in readme  # as the description declares (not 16)
     assert rdf["format_version"] == "0.5.5" and cover.startswith(b"\x89PNG")
     assert rdf["cite"][0]["doi"] == "10.1007/978-3-319-24574-4_28"
     assert rdf["license"] == "CC-BY-4.0" and len(rdf["name"]) >= 5
     y = rdf["inputs"][0]["axes"][2]
-    assert y["size"] == {"min": 48, "step": 4}
+    assert y["size"] == {"min": 52, "step": 4}
     assert rdf["outputs"][0]["axes"][2]["halo"] == 22
     assert [p["id"] for p in rdf["outputs"][0]["postprocessing"]] == ["softmax", "ensure_dtype"]
     assert "from napari_unet" not in arch and "import napari_unet" not in arch
@@ -796,7 +797,7 @@ def test_declared_sizes_the_network_does_not_take_are_refused_at_load(tmp_path, 
     def fewer_classes(rdf):  # (the sizes are right: they are not blamed)
         rdf["outputs"][0]["axes"][1]["channel_names"] = ["a", "b"]
 
-    with pytest.raises(ModelFileError, match=r"says \(1, 2, 48, 48\): a broken model file$"):
+    with pytest.raises(ModelFileError, match=r"says \(1, 2, 52, 52\): a broken model file$"):
         load_model(repack(exported["same"], tmp_path / "two.zip", fewer_classes))
 
 
