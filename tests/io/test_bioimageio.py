@@ -197,7 +197,7 @@ def test_exported_package_contents(exported):
     assert rdf["license"] == "CC-BY-4.0" and len(rdf["name"]) >= 5
     y = rdf["inputs"][0]["axes"][2]
     assert y["size"] == {"min": 52, "step": 4}
-    assert rdf["outputs"][0]["axes"][2]["halo"] == 22
+    assert rdf["outputs"][0]["axes"][2]["halo"] == 24  # the context on the 4-px grid
     assert [p["id"] for p in rdf["outputs"][0]["postprocessing"]] == ["softmax", "ensure_dtype"]
     assert "from napari_unet" not in arch and "import napari_unet" not in arch
 
