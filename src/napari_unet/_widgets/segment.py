@@ -280,7 +280,7 @@ class SegmentPanel(WorkerPanel):
             return
         # named after the image as it is called now (renamed meanwhile: its new name)
         job = replace(job, layer_name=layer.name)
-        sizing = run.pop("sizing", "")  # said, not recorded: the figures are
+        sizing = run.pop("sizing", "")  # the sentence, for the status line (its figures stay)
         names, kept = add_or_update(self.viewer, job, model, mode, result, run)
         note = f"; {sizing}" if sizing else ""
         if kept:
