@@ -286,6 +286,15 @@ def test_predict_diameter_rescales_for_models_that_record_an_object_size(tmp_pat
     assert record["model_source"] == str(sized) and record["mode"] == "probabilities"
     assert record["diameter"] == "10" and record["object_diameter"] == 10.0
     assert record["resized_by"] == 2.0 and record["napari_unet"] == __version__
+    assert main(["info", str(out)]) == 0  # the record, read back a line per entry
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == len(record) and lines[0].split() == ["model", record["model"]]
+    assert [line.split() for line in lines if line.startswith("resized_by")] == [
+        ["resized_by", "2.0"]
+    ]
+    tifffile.imwrite(tmp_path / "other.tif", image)  # an image napari-unet did not write
+    assert main(["info", str(tmp_path / "other.tif")]) == 1
+    assert "records no napari-unet run" in capsys.readouterr().err
     result = tifffile.imread(out)
     assert result.shape == (3, 48, 64)
     np.testing.assert_allclose(result, expected(10.0), atol=1e-5)

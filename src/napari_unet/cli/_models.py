@@ -31,8 +31,36 @@ def cmd_models(args) -> int:
 
 
 def cmd_info(args) -> int:
+    if Path(args.model).suffix.lower() in (".tif", ".tiff"):  # a result: what made it
+        print(_result_record(Path(args.model)))
+        return 0
     print(model_by_name(args.model, getattr(args, "trust_code", False)).info.card())
     return 0
+
+
+def _result_record(path: Path) -> str:
+    """What a TIFF result of ``napari-unet predict`` records about its making, a line
+    per entry; ValueError for other TIFFs."""
+    import json
+
+    from napari_unet.io.image_metadata import image_about
+
+    if not path.is_file():
+        raise ValueError(f"{path}: no such file")
+    about = image_about(path)
+    if about is None:
+        raise ValueError(
+            f"{path.name}: an image that records no napari-unet run (only TIFF results "
+            "of napari-unet predict do); info takes a model name, model file or package"
+        )
+    try:
+        record = json.loads(about)
+    except ValueError:
+        return about
+    if not isinstance(record, dict):
+        return about
+    width = max(map(len, record), default=0)
+    return "\n".join(f"{key:<{width}}  {value}" for key, value in record.items())
 
 
 def cmd_export(args) -> int:

@@ -204,8 +204,12 @@ def _add_train(sub) -> None:
 def _add_model_commands(sub) -> None:
     """``models``, ``info`` and ``export``."""
     sub.add_parser("models", help="list bundled models")
-    info = sub.add_parser("info", help="print a model's card")
-    info.add_argument("model", help="bundled model name, model file or bioimage.io package")
+    info = sub.add_parser("info", help="print a model's card (or what made a TIFF result)")
+    info.add_argument(
+        "model",
+        help="bundled model name, model file or bioimage.io package; or a TIFF result of "
+        "predict, to print the model and settings it records",
+    )
     info.add_argument("--trust-code", action="store_true", help=TRUST_HELP)
 
     ex = sub.add_parser("export", help="export a U-Net as a bioimage.io package")
