@@ -32,28 +32,19 @@ FG_T = 0.5  # the foreground threshold users see (CLI --threshold, panel)
 MIN_CONFIDENCE = (0.0, 0.7, 0.75, 0.8, 0.85)
 
 
-def pooled_f1(recipe) -> list[float]:
-    """Pooled F1@0.5 of ``recipe`` with each of MIN_CONFIDENCE (segmented once: the
-    confidence filter only drops whole objects, so it runs on the same labels)."""
-    counts = np.zeros((len(MIN_CONFIDENCE), 3))
+def pooled_f1(recipe, limits=MIN_CONFIDENCE) -> list[float]:
+    """Pooled F1@0.5 of ``recipe`` with each smallest mean confidence of ``limits``
+    (segmented once: the confidence filter only drops whole objects, so it runs on the
+    same labels)."""
+    counts = np.zeros((len(limits), 3))
     for probs, mask in PAIRS:
         lab = postprocess.instances(probs, {**recipe, "min_confidence": 0.0}, None, FG_T)
-        for k, limit in enumerate(MIN_CONFIDENCE):
+        for k, limit in enumerate(limits):
             kept = postprocess.drop_unsure(lab, 1.0 - probs[0], limit)
             s = metrics.object_scores(mask, kept)
             counts[k] += s["tp"], s["fp"], s["fn"]
     tp, fp, fn = counts.T
     return list(2 * tp / np.maximum(1, 2 * tp + fp + fn))
-
-
-def stored_f1(recipe) -> float:
-    """Pooled F1@0.5 of ``recipe`` as stored (its own smallest mean confidence)."""
-    counts = np.zeros(3)
-    for probs, mask in PAIRS:
-        s = metrics.object_scores(mask, postprocess.instances(probs, recipe, None, FG_T))
-        counts += s["tp"], s["fp"], s["fn"]
-    tp, fp, fn = counts
-    return float(2 * tp / max(1, 2 * tp + fp + fn))
 
 
 def main() -> None:
@@ -106,7 +97,9 @@ def main() -> None:
         f"foreground threshold {FG_T}"
     )
     if model.info.instances:  # what the model's own recipe scores there, to compare
-        print(f"the model's stored recipe there: F1@0.5 {stored_f1(model.info.instances):.3f}")
+        stored = model.info.instances
+        f1_stored = pooled_f1(stored, (float(stored.get("min_confidence", 0.0)),))[0]
+        print(f"the model's stored recipe there: F1@0.5 {f1_stored:.3f}")
     if args.write:
         model.info.instances = recipe
         save_model(model, args.model, half=True, allow_bundled=True)
