@@ -9,6 +9,7 @@ import torch
 from conftest import tiny_model
 from napari_unet.core import segment as seg
 from napari_unet.core.metrics import object_scores
+from napari_unet.core.resize import ResizedView, resize_image
 from napari_unet.core.segment import SegmentOptions, median_diameter, segment, segment_iter
 from napari_unet.core.tiling import run_to_end
 
@@ -161,6 +162,48 @@ def test_a_rescaled_region_equals_the_same_pixels_of_the_whole_image(mode, diame
         y0, y1, x0, x1 = region
         part = run(image, model, mode=mode, axes="ZYX", diameter=diameter, region=region)
         np.testing.assert_allclose(part, whole[..., y0:y1, x0:x1], atol=1e-5)
+
+
+class _Reads:
+    """An image that records the pixels each read asks for (as a zarr array would load)."""
+
+    def __init__(self, array):
+        self.array, self.shape, self.dtype, self.read = array, array.shape, array.dtype, []
+
+    def __getitem__(self, index):
+        block = self.array[index]
+        self.read.append(block.size)
+        return block
+
+
+def test_a_rescaled_region_reads_its_neighbourhood_not_the_whole_image():
+    """Each region of a rescaled image resized the whole image (or stack) first: a
+    32 x 32 region of a 1536^2 image at diameter 5 made a 6144^2 float32 copy."""
+    image = (np.random.default_rng(3).random((2, 600, 700)) * 1000).astype(np.uint16)
+    model = tiny_model("same", object_diameter=20.0)
+    whole = run(image, model, mode="probabilities", axes="ZYX", diameter=13)
+    lazy = _Reads(image)
+    part = run(lazy, model, mode="probabilities", axes="ZYX", diameter=13,
+               region=(300, 332, 400, 432))  # fmt: skip
+    np.testing.assert_allclose(part, whole[..., 300:332, 400:432], atol=1e-5)
+    # the normalisation's sample reads each plane whole once (< 1M px); tiles a little
+    assert max(lazy.read) == 600 * 700
+    assert sum(lazy.read) < 2 * image.size
+
+
+@pytest.mark.parametrize("factor", [0.3, 0.65, 1.54, 2.7])
+def test_a_resized_view_equals_the_resized_image_wherever_it_is_read(factor):
+    image = (np.random.default_rng(4).random((2, 40, 3, 37)) * 1000).astype(np.uint16)
+    whole = resize_image(image, "ZYCX", factor)
+    view = ResizedView(image, "ZYCX", factor)
+    assert view.shape == whole.shape and view.dtype == whole.dtype
+    h, w = whole.shape[1], whole.shape[3]
+    for index in [(slice(None),) * 4, (1, slice(2, 9), 0, slice(0, w)),
+                  (-1, slice(h - 3, h), slice(None), slice(w // 2, w // 2 + 1)),
+                  (0, slice(5, 5), 1, slice(None))]:  # fmt: skip
+        np.testing.assert_allclose(view[index], whole[index], rtol=1e-6, atol=1e-3)
+    with pytest.raises(IndexError, match="unit-step"):
+        view[0, ::2, 0, :]
 
 
 @pytest.mark.parametrize("mode", ["probabilities", "instances"])

@@ -12,7 +12,13 @@ import numpy as np
 
 from napari_unet.core import postprocess
 from napari_unet.core.axes import resolve_axes
-from napari_unet.core.normalize import check_dtype, dtype_of
+from napari_unet.core.resize import (
+    ResizedView,
+    resize_image,
+    resize_yx,
+    sample_axis,
+    small_span,
+)
 from napari_unet.core.tiling import Progress, predict_iter, run_to_end
 
 MODES = ("probabilities", "labels", "instances")
@@ -274,7 +280,6 @@ def segment_at_iter(image, model, options: SegmentOptions, factor: float):
     if factor == 1.0:
         return (yield from _segment(image, model, options))
     ax = resolve_axes(tuple(image.shape), options.axes, model.info.in_channels)
-    small = resize_image(image, ax.axes, factor)
     # the small image has the same axes (guessing them again from its shape can differ)
     options = replace(options, axes=ax.axes)
     order = 1 if options.mode == "probabilities" else 0
@@ -282,82 +287,26 @@ def segment_at_iter(image, model, options: SegmentOptions, factor: float):
     # image's pixels, min_size 30 kept a 29 px object)
     least, options = options.min_size, replace(options, min_size=0)
     if options.region is None:
-        result = yield from _segment(small, model, options)
-        return _at_least(_resize_yx(result, ax.yx, order), options.mode, least)
+        result = yield from _segment(resize_image(image, ax.axes, factor), model, options)
+        return _at_least(resize_yx(result, ax.yx, order), options.mode, least)
     # a region: the pixels of the small image that the region's pixels are sampled from
-    # (plus one for interpolation), sampled back exactly as a whole-image result would be
+    # (plus one for interpolation), sampled back exactly as a whole-image result would be;
+    # the small image is resized where the tiles (and the normalisation's sample) read it
+    small = ResizedView(image, ax.axes, factor)
     n = (small.shape[ax.axes.index("Y")], small.shape[ax.axes.index("X")])
     y0, y1, x0, x1 = options.region
-    ys, xs = _small_span(y0, y1, ax.yx[0], n[0]), _small_span(x0, x1, ax.yx[1], n[1])
+    ys, xs = small_span(y0, y1, ax.yx[0], n[0]), small_span(x0, x1, ax.yx[1], n[1])
     options = replace(options, region=(*ys, *xs))
     result = yield from _segment(small, model, options)
-    result = _sample_axis(result, -2, y0, y1, ax.yx[0], n[0], ys[0], order)
+    result = sample_axis(result, -2, y0, y1, ax.yx[0], n[0], ys[0], order)
     return _at_least(
-        _sample_axis(result, -1, x0, x1, ax.yx[1], n[1], xs[0], order), options.mode, least
+        sample_axis(result, -1, x0, x1, ax.yx[1], n[1], xs[0], order), options.mode, least
     )
 
 
 def _at_least(result: np.ndarray, mode: str, min_size: int) -> np.ndarray:
     """Instances without the objects under ``min_size`` pixels, numbered anew."""
     return postprocess.remove_small(result, min_size) if mode == "instances" else result
-
-
-def _small_coordinate(y, full: int, small: int):
-    """Where pixel ``y`` of an axis of ``full`` pixels lies on the same axis resized to
-    ``small`` pixels (the mapping of ``ndimage.zoom(..., grid_mode=True)``)."""
-    return (np.asarray(y, np.float64) + 0.5) * small / full - 0.5
-
-
-def _small_span(a: int, b: int, full: int, small: int) -> tuple[int, int]:
-    lo = int(np.floor(_small_coordinate(a, full, small))) - 1
-    hi = int(np.ceil(_small_coordinate(b - 1, full, small))) + 2
-    return max(0, lo), min(small, max(hi, lo + 1))
-
-
-def _sample_axis(result, axis, a, b, full, small, start, order):
-    """``result`` (an axis of the small image from pixel ``start``) sampled at the
-    original pixels ``a:b`` of that axis: nearest (order 0) or linear, edges clamped."""
-    c = np.clip(_small_coordinate(np.arange(a, b), full, small) - start, 0, result.shape[axis] - 1)
-    if order == 0:
-        return np.take(result, np.floor(c + 0.5).astype(np.intp), axis=axis)
-    lo = np.floor(c).astype(np.intp)
-    hi = np.minimum(lo + 1, result.shape[axis] - 1)
-    w = (c - lo).astype(np.float32)
-    shape = [1] * result.ndim
-    shape[axis] = len(w)
-    w = w.reshape(shape)
-    return np.take(result, lo, axis=axis) * (1 - w) + np.take(result, hi, axis=axis) * w
-
-
-def resize_image(image, axes: str, factor: float) -> np.ndarray:
-    """``image`` (axes ``axes``) resized by ``factor`` in Y and X: linear, float32,
-    smoothed first when shrinking (anti-aliasing, as skimage.transform.rescale)."""
-    from scipy import ndimage as ndi
-
-    check_dtype(dtype_of(image))
-    zoom = [1.0] * len(image.shape)
-    for a in "YX":  # at least one pixel left of a thin image
-        zoom[axes.index(a)] = max(factor, 1.0 / image.shape[axes.index(a)])
-    data = np.asarray(image)
-    data = data.astype(np.float32) if data.dtype.kind != "f" or data.itemsize < 4 else data
-    if factor < 1:
-        sigma = [(1 / z - 1) / 2 if z < 1 else 0.0 for z in zoom]
-        data = ndi.gaussian_filter(data, sigma, mode="mirror")
-    return ndi.zoom(data, zoom, order=1, mode="reflect", grid_mode=True)
-
-
-def resize_labels(labels: np.ndarray, yx: tuple[int, int]) -> np.ndarray:
-    """Integer ``labels`` with their last two axes resized to ``yx`` (nearest)."""
-    return _resize_yx(np.asarray(labels), yx, order=0)
-
-
-def _resize_yx(result: np.ndarray, yx: tuple[int, int], order: int) -> np.ndarray:
-    """``result`` with its last two axes resized to ``yx`` (order 0: nearest label)."""
-    from scipy import ndimage as ndi
-
-    zoom = [1.0] * (result.ndim - 2) + [yx[0] / result.shape[-2], yx[1] / result.shape[-1]]
-    out = ndi.zoom(result, zoom, order=order, mode="nearest", grid_mode=True)
-    return out[..., : yx[0], : yx[1]]
 
 
 def engine_kwargs(options: SegmentOptions) -> dict:
