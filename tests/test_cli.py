@@ -286,6 +286,7 @@ def test_predict_diameter_rescales_for_models_that_record_an_object_size(tmp_pat
     assert record["model_source"] == str(sized) and record["mode"] == "probabilities"
     assert record["diameter"] == "10" and record["object_diameter"] == 10.0
     assert record["resized_by"] == 2.0 and record["napari_unet"] == __version__
+    assert record["device"] == "cpu" and record["amp"] is False  # as it took effect
     assert main(["info", str(out)]) == 0  # the record, read back a line per entry
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == len(record) and lines[0].split() == ["model", record["model"]]

@@ -364,3 +364,19 @@ def test_a_blank_image_is_said(recwarn):
     sparse[500:520, 20:40] = 1000
     segment(sparse, model, device="cpu")
     assert not [w for w in recwarn if "blank" in str(w.message)]
+
+
+def test_the_run_record_holds_the_settings_as_they_took_effect():
+    """It said ``min_confidence: None`` (not the model recipe's 0.7 that was used) and
+    ``amp: True`` on a CPU, which never uses mixed precision."""
+    recipe = {"method": "watershed", "seed": 1, "boundary": 2, "min_confidence": 0.7}
+    model = tiny_model("same", instances=recipe)
+    record = seg.run_record(model, SegmentOptions(device="cpu"))
+    assert record["device"] == "cpu" and record["amp"] is False
+    assert record["min_confidence"] == 0.7
+    assert record["instance_recipe"] == recipe
+    given = seg.run_record(model, SegmentOptions(device="cpu", min_confidence=0.2))
+    assert given["min_confidence"] == 0.2 and given["instance_recipe"]["min_confidence"] == 0.2
+    assert recipe["min_confidence"] == 0.7  # the model's own recipe is left as it was
+    labels = seg.run_record(model, SegmentOptions(device="cpu", mode="labels"))
+    assert "instance_recipe" not in labels

@@ -155,10 +155,7 @@ def instances(
     int32 ``(..., Y, X)``. ``should_stop()`` returning True before a plane raises
     :class:`~napari_unet.core.cancel.Cancelled` (a stack's planes take seconds each).
     """
-    classes = classes or [str(i) for i in range(probs.shape[0])]
-    recipe = resolve_recipe(recipe or default_recipe(classes), classes, probs.shape[0])
-    if min_confidence is not None:
-        recipe["min_confidence"] = float(min_confidence)
+    recipe = _effective(recipe, classes, probs.shape[0], min_confidence)
     lead = probs.shape[1:-2]
     out = np.zeros(probs.shape[1:], np.int32)
     next_label = 0
@@ -173,6 +170,20 @@ def instances(
         next_label = max(next_label, int(lab.max()))
         out[idx] = lab
     return out
+
+
+def effective_recipe(info, min_confidence: float | None = None) -> dict:
+    """The instance recipe :func:`instances` applies for a model's ``info`` (its own, or
+    the default for its classes; ``min_confidence`` overriding its own)."""
+    return _effective(info.instances, info.classes, info.num_classes, min_confidence)
+
+
+def _effective(recipe, classes, num_classes: int, min_confidence) -> dict:
+    classes = classes or [str(i) for i in range(num_classes)]
+    recipe = resolve_recipe(recipe or default_recipe(classes), classes, num_classes)
+    if min_confidence is not None:
+        recipe["min_confidence"] = float(min_confidence)
+    return recipe
 
 
 def _plane_instances(p: np.ndarray, recipe: dict, threshold: float, min_size: int) -> np.ndarray:

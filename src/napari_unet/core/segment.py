@@ -118,15 +118,23 @@ def segment(image, model, options: SegmentOptions | None = None, **kwargs) -> np
 
 
 def run_record(model, options: SegmentOptions) -> dict:
-    """What makes a result, to record with it: the model, the settings and the version
-    (the object size an "auto" run measures is added by its progress: ``detail``)."""
+    """What makes a result, to record with it: the model, the settings as they took
+    effect (the device run on, mixed precision only on CUDA, the instance recipe with
+    its smallest confidence) and the version (the object size an "auto" run measures
+    is added by its progress: ``detail``)."""
     from napari_unet import __version__
+    from napari_unet.core.device import resolve_device
 
     record = {"model": model.info.name, "model_source": str(model.info.source or "")}
     for f in fields(options):
         value = getattr(options, f.name)
         if f.name != "should_stop":
             record[f.name] = list(value) if isinstance(value, tuple) else value
+    device = resolve_device(options.device)
+    record.update(device=str(device), amp=bool(options.amp and device.type == "cuda"))
+    if options.mode == "instances":
+        recipe = postprocess.effective_recipe(model.info, options.min_confidence)
+        record.update(min_confidence=recipe.get("min_confidence", 0.0), instance_recipe=recipe)
     return {**record, "napari_unet": __version__}
 
 
