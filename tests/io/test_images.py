@@ -84,6 +84,33 @@ def test_an_ome_zarr_image_s_axes_are_read(tmp_path, version):
     assert plain is not None and image_axes(tmp_path / "plain.zarr") is None
 
 
+@pytest.mark.parametrize(
+    "attrs",
+    [
+        [],
+        {"multiscales": ["0"]},
+        {"multiscales": [{"datasets": ["0"], "axes": ["y", "x"]}]},
+        {"multiscales": [{"datasets": [{"path": "0"}], "axes": 5}]},
+        {"multiscales": {"datasets": 3}},
+        {"attributes": None},
+        "yx",
+    ],
+)
+def test_malformed_ome_zarr_metadata_leaves_the_axes_to_be_guessed(tmp_path, attrs):
+    """A list or a string where NGFF has a dict raised AttributeError out of predict."""
+    import json
+
+    import zarr
+
+    root = tmp_path / "img.ome.zarr"
+    zarr.open_group(str(root), mode="w", zarr_format=2).create_array(
+        "0", shape=(16, 16), dtype="uint8"
+    )
+    (root / ".zattrs").write_text(json.dumps(attrs))
+    (root / "zarr.json").write_text(json.dumps({"attributes": attrs}))
+    assert image_axes(root / "0") is None
+
+
 def test_pickled_npy_is_refused(tmp_path):
     path = tmp_path / "objects.npy"
     np.save(path, np.array([{"a": 1}], dtype=object), allow_pickle=True)

@@ -34,7 +34,7 @@ def image_axes(path: str | Path) -> str | None:
 def _ome_zarr_axes(path: Path) -> str | None:
     """The axes an OME-Zarr (NGFF) image's ``multiscales`` name for its array at
     ``path`` (e.g. ``"TCZYX"``), or None where there are none (its channel axis was read
-    as time)."""
+    as time) or the metadata is malformed (then they are guessed, as for a TIFF)."""
     import json
 
     for group in (path.parent, path):
@@ -43,17 +43,30 @@ def _ome_zarr_axes(path: Path) -> str | None:
                 attrs = json.loads((group / name).read_text())
             except (OSError, ValueError):
                 continue
-            attrs = attrs.get(key, {}) if key else attrs
-            attrs = attrs.get("ome", attrs)  # (NGFF 0.5 nests it)
-            for scales in attrs.get("multiscales") or []:
-                paths = [str(d.get("path")) for d in scales.get("datasets", [])]
-                if group == path or path.name in paths:
-                    letters = "".join(
-                        str(a.get("name", "") if isinstance(a, dict) else a)[:1].upper()
-                        for a in scales.get("axes", [])
-                    )
-                    ok = len(set(letters)) == len(letters) and letters.endswith("YX")
-                    return letters if ok and set(letters) <= set("TCZYX") else None
+            try:
+                found = _multiscales_axes(attrs, key, group == path, path.name)
+            except (AttributeError, TypeError):  # (a list or a string where a dict goes)
+                return None
+            if found is not None:
+                return found or None
+    return None
+
+
+def _multiscales_axes(attrs, key, own: bool, name: str) -> str | None:
+    """The axes of the ``multiscales`` entry in ``attrs`` (a group's metadata) that
+    holds array ``name`` (any, for the array's ``own`` metadata): ``""`` when they are
+    not usable axes, None when no entry holds it."""
+    attrs = (attrs.get(key) or {}) if key else attrs
+    attrs = attrs.get("ome", attrs)  # (NGFF 0.5 nests it)
+    for scales in attrs.get("multiscales") or []:
+        paths = [str(d.get("path")) for d in scales.get("datasets") or []]
+        if own or name in paths:
+            letters = "".join(
+                str(a.get("name", "") if isinstance(a, dict) else a)[:1].upper()
+                for a in scales.get("axes") or []
+            )
+            ok = len(set(letters)) == len(letters) and letters.endswith("YX")
+            return letters if ok and set(letters) <= set("TCZYX") else ""
     return None
 
 
