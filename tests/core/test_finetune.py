@@ -1,6 +1,7 @@
 """The annotate-and-retrain loop's core: painted planes, checks, the recipe, versions."""
 
 import copy
+import functools
 import time
 from dataclasses import replace
 
@@ -461,6 +462,33 @@ def test_finetune_at_the_model_object_size_rescales_planes_and_previews(case, mo
     plain = run_to_end(finetune_iter(tiny_model("same", depth=2), planes, [], cfg, diameter=12))
     assert plain.scales == () and sizes[-1] == ((128, 128), (128, 128))
     assert "rescaled" not in plain.model.info.provenance
+
+
+def _asked(asked: list) -> bool:
+    asked.append(1)
+    return True
+
+
+def test_a_stop_while_the_object_size_is_measured_is_heard_at_once(case):
+    """The sizing pass (a whole segmentation of every painted plane, before the first
+    report) did not listen: Stop and Cancel waited for it to end."""
+    from napari_unet.core.cancel import Cancelled
+    from napari_unet.core.finetune import finetune_iter
+    from napari_unet.core.training import STOPPED_EARLY, Phase
+
+    image, _, strokes = case
+    model = tiny_model("same", depth=2, object_diameter=24.0)
+    planes = [PaintedPlane(image, strokes, "img")]
+    cfg = TrainConfig.finetune(steps=4, patch_size=64, max_seconds=None, device="cpu")
+    for ask in ("should_stop", "should_cancel"):
+        asked, seen = [], []
+        now = functools.partial(_asked, asked)
+        gen = finetune_iter(model, planes, [], cfg, diameter="auto", **{ask: now})
+        with pytest.raises(Cancelled, match=STOPPED_EARLY):
+            for report in gen:
+                seen.append(report)
+        assert [r.message for r in seen if isinstance(r, Phase)] == ["measuring the object size"]
+        assert len(asked) == 1  # before the first tile of the first pass
 
 
 def test_pairs_are_read_and_checked_inside_the_generator(case):

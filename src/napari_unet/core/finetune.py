@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Generator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -112,18 +112,26 @@ def finetune_iter(
     (it can take seconds on large planes; a Stop, which ends only the steps, must not):
     the result then has no accuracy after (NaN), and the caller is dropping it anyway."""
     from napari_unet.core.cancel import Cancelled
+    from napari_unet.core.segment import SegmentOptions
     from napari_unet.core.training import STOPPED_EARLY, Phase, check_trainable, train_iter
 
     check_trainable(model)  # before the seconds of predicting the painted pixels
     scales: tuple[float, ...] = ()
     preview_scale = 1.0
     if diameter is not None and model.info.object_diameter:
-        scales = tuple(_scale(model, p.image, None, diameter, cfg.device) for p in planes)
+        yield Phase("measuring the object size")
+        sizing = SegmentOptions(
+            device=cfg.device, diameter=diameter, should_stop=_either(should_stop, should_cancel)
+        )
+        try:
+            scales = tuple(_scale(model, p.image, None, sizing) for p in planes)
+            if preview is not None:
+                preview_scale = _scale(model, preview[0], preview[1], sizing)
+        except Cancelled:  # (a whole segmentation of every painted plane: seconds)
+            raise Cancelled(STOPPED_EARLY) from None
         planes = [rescaled_plane(p, f) for p, f in zip(planes, scales)]
         typical = float(np.exp(np.mean(np.log(scales))))
         unpainted = [_resize(u, typical) for u in unpainted]
-        if preview is not None:
-            preview_scale = _scale(model, preview[0], preview[1], diameter, cfg.device)
     stops_preview = _either(should_stop, skip_preview)
     yield Phase("checking the painted pixels")
     try:
@@ -223,7 +231,7 @@ def rescaled_plane(plane: PaintedPlane, factor: float) -> PaintedPlane:
     """``plane`` resized by ``factor`` in Y and X (image linear, paint nearest)."""
     if factor == 1.0:
         return plane
-    from napari_unet.core.segment import resize_labels
+    from napari_unet.core.resize import resize_labels
 
     image = _resize(plane.image, factor)
     size = image.shape[-2:]
@@ -232,7 +240,7 @@ def rescaled_plane(plane: PaintedPlane, factor: float) -> PaintedPlane:
 
 
 def _resize(image: np.ndarray, factor: float) -> np.ndarray:
-    from napari_unet.core.segment import resize_image
+    from napari_unet.core.resize import resize_image
 
     return resize_image(image, _plane_axes(image), factor)
 
@@ -242,10 +250,11 @@ def _plane_axes(image: np.ndarray) -> str:
     return "YX" if image.ndim == 2 else "CYX"
 
 
-def _scale(model, image, axes, diameter, device) -> float:
-    """The factor segmentation with ``diameter`` would rescale ``image`` by."""
-    from napari_unet.core.segment import SegmentOptions, scale_factor_iter
+def _scale(model, image, axes, options) -> float:
+    """The factor segmentation with ``options`` (its ``diameter``) would rescale
+    ``image`` by."""
+    from napari_unet.core.segment import scale_factor_iter
     from napari_unet.core.tiling import run_to_end
 
-    options = SegmentOptions(axes=axes or _plane_axes(image), device=device, diameter=diameter)
+    options = replace(options, axes=axes or _plane_axes(image))
     return run_to_end(scale_factor_iter(image, model, options))[0]
