@@ -67,6 +67,13 @@ def test_painted_planes_of_a_lazy_stack_read_only_the_planes_they_use():
     assert [p.source for p in planes] == ["lazy, plane 30"]
     np.testing.assert_array_equal(planes[0].image, stack[30])
     assert len(unpainted) == 16 and len(lazy.planes_read) == 17
+    # the paint is the layer's as it was read: painting on while the run trains changes
+    # nothing in it (the panel no longer copies the whole layer on the GUI thread)
+    ann[30, 0:4, 0:4] = 2
+    assert not planes[0].annotation[0:4, 0:4].any()
+    two_d, _ = painted_planes([(stack[30], ann[30], "plane")], in_channels=1)
+    ann[30, 20:24, 20:24] = 1
+    assert not two_d[0].annotation[20:24, 20:24].any()
 
 
 def test_painted_planes_of_a_stack_and_their_errors():

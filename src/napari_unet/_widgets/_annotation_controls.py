@@ -3,7 +3,6 @@ through renames, filled with the model's answer, and read for training."""
 
 from __future__ import annotations
 
-import numpy as np
 from qtpy.QtWidgets import QComboBox, QHBoxLayout, QPushButton
 
 from napari_unet._widgets import _annotations as ann
@@ -191,8 +190,9 @@ class AnnotationControls:
         offset, placed = ann.pixel_offset(labels, job, name)
         if mismatch or placed:
             return None, mismatch or placed
+        # (not copied here: the worker copies the planes it trains on, and a whole stack's
+        # copy froze the GUI and doubled its memory at every Train)
         paint = job.collapse(labels.data)
-        paint = paint.copy() if isinstance(paint, np.ndarray) else paint
         # the image's axes as the segment panel reads them (C, Z, Y, X; thin stacks), and
         # where the paint lies on the image (a layer may cover part of it)
         return (job.data, paint, name, kind, job.axes, offset), ""

@@ -154,7 +154,8 @@ class _Box:
             if not 0 <= i < n:  # a plane the annotation does not reach
                 return np.zeros(self.yx, np.uint8), None
             index.append(i)
-        paint = np.asarray(self.annotation[tuple(index)])
+        # a copy: the layer's paint may go on changing while the run trains on it
+        paint = np.array(self.annotation[tuple(index)])
         if self.spatial_axes.index("X") < self.spatial_axes.index("Y"):
             paint = paint.T
         y, x = (self.offset[self.spatial_axes.index(a)] for a in "YX")
