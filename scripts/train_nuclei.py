@@ -90,7 +90,13 @@ def build(args) -> tuple:
         focus=0.5,
         class_weighting=args.class_weighting,
         augment=AugmentConfig(
-            intensity=0.25, shift=args.shift, noise=0.05, elastic=args.elastic, zoom=args.zoom
+            intensity=0.25,
+            shift=args.shift,
+            noise=0.05,
+            elastic=args.elastic,
+            zoom=args.zoom,
+            gamma=args.gamma,
+            blur=args.blur,
         ),
         val_every=100,
         seed=args.seed,
@@ -121,6 +127,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--shift", type=float, help="intensity shift range (default: 0.25)")
     p.add_argument("--zoom", type=float, default=0.3, help="random zoom range")
     p.add_argument("--elastic", type=float, default=0.3, help="share of patches deformed")
+    p.add_argument("--gamma", type=float, default=0.0, help="share of patches given a gamma")
+    p.add_argument("--blur", type=float, default=0.0, help="share of patches blurred")
     p.add_argument("--batch", type=int, default=8, help="patches per step")
     p.add_argument(
         "--init-unet2d",

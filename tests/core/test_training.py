@@ -438,6 +438,31 @@ def test_augment_keeps_image_and_labels_aligned():
     assert np.abs(np.diff(dy, axis=0)).max() < 2  # smooth: from a coarse 3x3 grid
 
 
+def test_gamma_and_blur_change_the_image_only_and_keep_its_range():
+    rng = np.random.default_rng(2)
+    target = np.zeros((40, 40), np.int64)
+    target[10:30, 10:30] = 1
+    image = np.stack([target * 1.0 + rng.normal(0, 0.1, target.shape)]).astype(np.float32)
+    weights = np.ones(target.shape, np.float32)
+    plain = AugmentConfig(flips=False, rotations=False, intensity=0, noise=0)
+    gamma = replace(plain, gamma=1.0)
+    out, t, w = augment(image, target, weights, np.random.default_rng(0), gamma)
+    np.testing.assert_array_equal(t, target)
+    assert not np.allclose(out, image)  # a gamma other than 1 was drawn
+    np.testing.assert_allclose([out.min(), out.max()], [image.min(), image.max()], rtol=1e-5)
+    order = np.argsort(image.ravel())  # a monotonic map: the pixels' order is kept
+    assert np.all(np.diff(out.ravel()[order]) >= -1e-6)
+    blurred, t, _ = augment(
+        image, target, weights, np.random.default_rng(0), replace(plain, blur=1.0)
+    )
+    np.testing.assert_array_equal(t, target)
+    assert np.std(np.diff(blurred[0], axis=1)) < 0.6 * np.std(np.diff(image[0], axis=1))
+    same, _, _ = augment(image, target, weights, np.random.default_rng(0), plain)
+    np.testing.assert_array_equal(same, image)  # neither without being asked for
+    with pytest.raises(ValueError, match="gamma must be from 0 to 1"):
+        AugmentConfig(gamma=2.0)
+
+
 def test_calibrate_threshold_moves_the_decision():
     from napari_unet.core.adaptation import calibrate_threshold
     from napari_unet.core.tiling import predict

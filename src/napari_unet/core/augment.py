@@ -1,5 +1,5 @@
 """Data augmentation for training patches: flips, 90-degree rotations, intensity
-jitter, noise and the paper's elastic deformation.
+jitter, gamma, blur, noise and the paper's elastic deformation.
 
 Functions take a ``(C, H, W)`` float image and a matching ``(H', W')`` target
 and weights (``(H', W')``, or ``(M, H', W')`` for several float maps) whose grid
@@ -30,10 +30,16 @@ class AugmentConfig:
     elastic_sigma: float = 10.0  # px, std of displacements on the coarse grid
     elastic_grid: int = 3
     zoom: float = 0.0  # random isotropic zoom in [1 - zoom, 1 + zoom] (object size)
+    # probabilities of nnU-Net's gamma (in GAMMA_RANGE, the patch's range kept) and of a
+    # Gaussian blur (sigma in BLUR_SIGMA px: focus and optics of other microscopes)
+    gamma: float = 0.0
+    blur: float = 0.0
 
     def __post_init__(self) -> None:
         limits = {"intensity": None, "shift": None, "noise": None, "elastic": 1.0}
-        limits.update(elastic_sigma=None, zoom=0.9)  # name: largest value (None: any)
+        limits.update(
+            elastic_sigma=None, zoom=0.9, gamma=1.0, blur=1.0
+        )  # name: largest value (None: any)
         for name, top in limits.items():
             value = getattr(self, name)
             if value is None and name == "shift":  # shift None: the intensity's
@@ -46,6 +52,10 @@ class AugmentConfig:
             raise ValueError(f"elastic_grid must be a whole number, got {self.elastic_grid!r}")
         if not 2 <= self.elastic_grid <= 64:  # (the paper's 3; 1e6 asked for 14 TiB)
             raise ValueError(f"elastic_grid must be from 2 to 64, got {self.elastic_grid}")
+
+
+GAMMA_RANGE = (0.7, 1.5)
+BLUR_SIGMA = (0.5, 1.5)
 
 
 def elastic_field(shape, rng, sigma: float, grid: int = 3) -> tuple[np.ndarray, np.ndarray]:
@@ -68,6 +78,11 @@ def augment(image, target, weights, rng, cfg: AugmentConfig):
     target, weights = np.rot90(target, k), np.rot90(weights, k, axes=(-2, -1))
     if flip:
         image, target, weights = image[:, :, ::-1], target[:, ::-1], weights[..., ::-1]
+    if cfg.blur > 0 and rng.random() < cfg.blur:
+        sigma = rng.uniform(*BLUR_SIGMA)
+        image = np.stack([ndi.gaussian_filter(ch, sigma, mode="reflect") for ch in image])
+    if cfg.gamma > 0 and rng.random() < cfg.gamma:
+        image = _gamma(image, np.exp(rng.uniform(*np.log(GAMMA_RANGE))))
     if cfg.intensity > 0:
         c = image.shape[0]
         scale = rng.uniform(1 - cfg.intensity, 1 + cfg.intensity, (c, 1, 1))
@@ -81,6 +96,14 @@ def augment(image, target, weights, rng, cfg: AugmentConfig):
         np.ascontiguousarray(target),
         np.ascontiguousarray(weights, np.float32),
     )
+
+
+def _gamma(image: np.ndarray, gamma: float) -> np.ndarray:
+    """``image`` through ``x ** gamma`` on each channel's own range (which it keeps)."""
+    lo = image.min(axis=(1, 2), keepdims=True)
+    span = image.max(axis=(1, 2), keepdims=True) - lo
+    span = np.where(span > 0, span, 1)
+    return ((image - lo) / span) ** gamma * span + lo
 
 
 def _warp(image, target, weights, rng, cfg, deform: bool):
