@@ -65,13 +65,15 @@ def add_or_update(
             # hide the first class (em-membrane's membranes), and the layer, corrected by
             # painting, trains the classes it shows ('Use selected Labels layer')
             dtype = np.uint8 if info.num_classes < 255 else np.uint16
-            # (the worker's own array, shifted in place: two copies of a large stack's
-            # classes were made here, on the GUI thread)
-            result = np.asarray(result).astype(dtype, copy=False)
+            # (cast and shifted in one pass, into a new array: two copies of a large
+            # stack's classes were made here, on the GUI thread; the caller's is kept)
+            result = np.asarray(result)
             if info.num_classes == 1:  # one sigmoid output: 1 is its class, 0 the rest
+                result = result.astype(dtype, copy=False)
                 shown = ["background", *info.classes]  # (+ 1 named the background so)
             else:
-                result, shown = np.add(result, 1, out=result), ["-", *info.classes]
+                result = np.add(result, 1, dtype=dtype, casting="unsafe")
+                shown = ["-", *info.classes]
             style = dict(features={"class": shown}, colormap=annotation_colormap(info.classes))
         put = [_put(viewer, "labels", wanted[0], job.expand(result), kw, run, **style)]
     return [n for n, _ in put], [(w, why) for w, (n, why) in zip(wanted, put) if n != w]
