@@ -36,6 +36,11 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     return torch.device(name)
 
 
+def amp_applies(amp: bool, device: torch.device) -> bool:
+    """Whether mixed precision (``amp``) is used on ``device``: on CUDA only."""
+    return bool(amp and device.type == "cuda")
+
+
 def fast_bf16(device: torch.device) -> bool:
     """Whether ``device`` runs bfloat16 convolutions natively (faster than float32):
     CUDA GPUs with bf16 support, CPUs with AVX512-BF16 or AMX (oneDNN)."""

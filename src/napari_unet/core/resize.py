@@ -56,7 +56,7 @@ class ResizedView:
 
     def __init__(self, image, axes: str, factor: float) -> None:
         check_dtype(dtype_of(image))
-        self.image, self.axes = image, axes
+        self.image = image
         zoom = _zoom(tuple(image.shape), axes, factor)
         self.shape = tuple(int(round(n * z)) for n, z in zip(image.shape, zoom))
         self.ndim, self.dtype = len(self.shape), _working(dtype_of(image))
@@ -106,10 +106,8 @@ class ResizedView:
         lo = np.clip(floor, 0, full - 1).astype(np.intp)
         hi = np.clip(floor + 1, 0, full - 1).astype(np.intp)
         reach = int(TRUNCATE * self._sigma[axis] + 0.5) + 1 if self._sigma[axis] else 0
-        if stop == start:
-            return (0, 0), lo, hi, c - floor
-        a = max(0, int(lo.min()) - reach)
-        b = min(full, int(hi.max()) + 1 + reach)
+        a = max(0, int(lo.min()) - reach) if len(c) else 0
+        b = min(full, int(hi.max()) + 1 + reach) if len(c) else 0
         return (a, b), lo, hi, c - floor
 
 

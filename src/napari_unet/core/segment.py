@@ -123,7 +123,7 @@ def run_record(model, options: SegmentOptions) -> dict:
     its smallest confidence) and the version (the object size an "auto" run measures
     is added by its progress: ``detail``)."""
     from napari_unet import __version__
-    from napari_unet.core.device import resolve_device
+    from napari_unet.core.device import amp_applies, resolve_device
 
     record = {"model": model.info.name, "model_source": str(model.info.source or "")}
     for f in fields(options):
@@ -131,7 +131,7 @@ def run_record(model, options: SegmentOptions) -> dict:
         if f.name != "should_stop":
             record[f.name] = list(value) if isinstance(value, tuple) else value
     device = resolve_device(options.device)
-    record.update(device=str(device), amp=bool(options.amp and device.type == "cuda"))
+    record.update(device=str(device), amp=amp_applies(options.amp, device))
     if options.mode == "instances":
         recipe = postprocess.effective_recipe(model.info, options.min_confidence)
         record.update(min_confidence=recipe.get("min_confidence", 0.0), instance_recipe=recipe)

@@ -32,7 +32,7 @@ import torch
 from napari_unet.core import normalize as norm
 from napari_unet.core.axes import resolve_axes
 from napari_unet.core.cancel import Cancelled, stoppable
-from napari_unet.core.device import available_ram, is_oom, resolve_device
+from napari_unet.core.device import amp_applies, available_ram, is_oom, resolve_device
 from napari_unet.core.postprocess import class_labels, label_dtype
 from napari_unet.core.tile_plan import (
     auto_tile,
@@ -269,7 +269,7 @@ class _Runner:
         self.image, self.ax, self.model, self.plan = image, ax, model, plan
         self.spec, self.dev, self.output, self.out = spec, dev, output, out
         self.start, self.shift, self.tta = start, shift, tta
-        self.amp = amp and dev.type == "cuda"
+        self.amp = amp_applies(amp, dev)
         self._stats: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
         self.should_stop = should_stop
 

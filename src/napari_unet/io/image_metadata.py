@@ -44,29 +44,28 @@ def _ome_zarr_axes(path: Path) -> str | None:
             except (OSError, ValueError):
                 continue
             try:
-                found = _multiscales_axes(attrs, key, group == path, path.name)
+                letters = _multiscales_axes(attrs, key, group == path, path.name)
             except (AttributeError, TypeError):  # (a list or a string where a dict goes)
                 return None
-            if found is not None:
-                return found or None
+            if letters is not None:
+                ok = len(set(letters)) == len(letters) and letters.endswith("YX")
+                return letters if ok and set(letters) <= set("TCZYX") else None
     return None
 
 
 def _multiscales_axes(attrs, key, own: bool, name: str) -> str | None:
-    """The axes of the ``multiscales`` entry in ``attrs`` (a group's metadata) that
-    holds array ``name`` (any, for the array's ``own`` metadata): ``""`` when they are
-    not usable axes, None when no entry holds it."""
+    """The axis letters of the ``multiscales`` entry in ``attrs`` (a group's metadata)
+    that holds array ``name`` (any, for the array's ``own`` metadata), as written; None
+    when no entry holds it."""
     attrs = (attrs.get(key) or {}) if key else attrs
     attrs = attrs.get("ome", attrs)  # (NGFF 0.5 nests it)
     for scales in attrs.get("multiscales") or []:
         paths = [str(d.get("path")) for d in scales.get("datasets") or []]
         if own or name in paths:
-            letters = "".join(
+            return "".join(
                 str(a.get("name", "") if isinstance(a, dict) else a)[:1].upper()
                 for a in scales.get("axes") or []
             )
-            ok = len(set(letters)) == len(letters) and letters.endswith("YX")
-            return letters if ok and set(letters) <= set("TCZYX") else ""
     return None
 
 
