@@ -88,6 +88,7 @@ def build(args) -> tuple:
         hard_fraction=args.hard_fraction,
         contact_w0=args.contact_w0,
         focus=0.5,
+        draw_images=args.draw_images,
         class_weighting=args.class_weighting,
         augment=AugmentConfig(
             intensity=0.25,
@@ -130,6 +131,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--gamma", type=float, default=0.0, help="share of patches given a gamma")
     p.add_argument("--blur", type=float, default=0.0, help="share of patches blurred")
     p.add_argument("--batch", type=int, default=8, help="patches per step")
+    p.add_argument(
+        "--draw-images",
+        choices=("pixels", "objects"),
+        default="pixels",
+        help="draw each image in proportion to its pixels or its nuclei",
+    )
     p.add_argument(
         "--init-unet2d",
         help="start from a bioimage.io unet2d package's TorchScript weights (weights.pt), "

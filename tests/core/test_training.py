@@ -810,3 +810,36 @@ def test_a_stop_after_beyond_what_the_time_budget_holds_ends_with_the_budget(dat
     result = train(tiny_model("same", depth=2), [image], [labels], "instances", cfg)
     made = result.info.provenance["steps"]
     assert 1 <= made <= result.info.provenance["train_config"]["steps"] < 4000
+
+
+def test_images_are_drawn_by_their_objects_when_asked():
+    from napari_unet.core.samples import PatchSampler
+
+    dense, sparse = np.zeros((96, 96), np.int32), np.zeros((96, 96), np.int32)
+    for k in range(9):  # nine small nuclei against one large one, same image size
+        y, x = divmod(k, 3)
+        dense[8 + 30 * y : 20 + 30 * y, 8 + 30 * x : 20 + 30 * x] = k + 1
+    sparse[20:70, 20:70] = 1
+    images = [(m > 0).astype(np.float32) for m in (dense, sparse)]
+    model = tiny_model("same")
+    draws = {}
+    for how in ("pixels", "objects"):
+        cfg = _cfg(border_w0=0, draw_images=how)
+        samples = prepare(model, images, [dense, sparse], "instances", cfg)
+        assert [s.objects for s in samples] == [9, 1]
+        sampler = PatchSampler(samples, model, cfg, np.random.default_rng(0))
+        draws[how] = sampler.p_image
+    np.testing.assert_allclose(draws["pixels"], [0.5, 0.5])  # all pixels annotated alike
+    np.testing.assert_allclose(draws["objects"], [0.9, 0.1])
+    # an image of background only is still drawn, as one object
+    empty = np.zeros_like(dense)
+    cfg = _cfg(border_w0=0, draw_images="objects")
+    samples = prepare(model, images + [images[0] * 0], [dense, sparse, empty], "instances", cfg)
+    np.testing.assert_allclose(
+        PatchSampler(samples, model, cfg, np.random.default_rng(0)).p_image,
+        [9 / 11, 1 / 11, 1 / 11],
+    )
+    with pytest.raises(ValueError, match="counts the objects of instance labels"):
+        prepare(model, images, [dense > 0, sparse > 0], "classes", cfg)
+    with pytest.raises(ValueError, match="draw_images must be"):
+        _cfg(draw_images="nuclei")

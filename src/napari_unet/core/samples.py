@@ -36,6 +36,7 @@ class Sample:
     annotated: np.ndarray  # (n, 2) annotated pixel coordinates (sparse labels)
     shape: tuple[int, int]
     pad: int
+    objects: int = 0  # annotated objects (instance labels)
 
     def unpadded(self) -> np.ndarray:
         p = self.pad
@@ -125,6 +126,11 @@ def prepare(
     soft = kind == "instances" and cfg.core_ramp > 0 and info.num_classes == 3
     if soft and not cfg.core_fraction:
         raise ValueError("core_ramp needs core_fraction > 0 (soft cores)")
+    if cfg.draw_images == "objects" and kind != "instances":
+        raise ValueError(
+            f"draw_images='objects' counts the objects of instance labels, not {kind!r} ones: "
+            "draw images by their pixels"
+        )
     if not 0 < cfg.hard_fraction <= 1:
         raise ValueError(f"hard_fraction must be in (0, 1], got {cfg.hard_fraction}")
     if cfg.class_weighting not in WEIGHTINGS:
@@ -160,6 +166,7 @@ class _Plane:
     target: np.ndarray  # (H, W) class, -1 = not annotated
     border: np.ndarray  # (H, W) separation and contact weights (instance labels)
     share: np.ndarray | None  # (H, W) interior share (soft cores), else None
+    objects: int = 0  # instances in the labels
 
 
 def _plane(model, img, lab, what: str, kind: str, cfg: TrainConfig, soft: bool) -> _Plane:
@@ -186,7 +193,8 @@ def _plane(model, img, lab, what: str, kind: str, cfg: TrainConfig, soft: bool) 
     share = None
     if soft:
         share = tg.core_share(lab, cfg.boundary_width, cfg.core_fraction, cfg.core_ramp)
-    return _Plane(image, target, border, share)
+    objects = int(lab.max(initial=0)) if kind == "instances" else 0  # (sequential)
+    return _Plane(image, target, border, share, objects)
 
 
 def _check_classes(targets, classes, kind: str) -> None:
@@ -234,6 +242,7 @@ def _sample(plane: _Plane, cw: np.ndarray, kind: str, num_classes: int, pad: int
         annotated=np.argwhere(target >= 0),
         shape=target.shape,
         pad=pad,
+        objects=plane.objects,
     )
 
 
@@ -261,7 +270,10 @@ class PatchSampler:
                 f"channel at the network's deepest level: use patches of at least "
                 f"{g.snap(2 * g.multiple, 'up')} px or a batch of 2 or more"
             )
-        counts = np.array([len(s.annotated) for s in samples], float)
+        if cfg.draw_images == "objects":  # (an image of background only: as one object)
+            counts = np.array([max(s.objects, 1) for s in samples], float)
+        else:
+            counts = np.array([len(s.annotated) for s in samples], float)
         self.p_image = counts / counts.sum()
 
     def draw(self, aug: bool = True):

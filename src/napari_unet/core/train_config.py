@@ -55,6 +55,10 @@ class TrainConfig:
     # natively, see device.fast_bf16); weights stay float32
     bf16: bool | str = False
     focus: float = 0.5  # share of patches centred on boundaries / minority classes
+    # which image a patch comes from: "pixels", in proportion to its annotated pixels, or
+    # "objects" (instance labels), to its annotated objects, so that images dense with
+    # small objects (a 20x section) are drawn as often as their objects count
+    draw_images: str = "pixels"
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     val_every: int = 100  # validation every this many steps (0: at the end only)
     val_patches: int = 16
@@ -89,6 +93,10 @@ class TrainConfig:
             raise ValueError(f"the learning rate must be a finite number above 0, got {self.lr!r}")
         if self.checkpoint is not None and not str(self.checkpoint).endswith(".safetensors"):
             raise ValueError(f"checkpoint files end in .safetensors, got {self.checkpoint!r}")
+        if self.draw_images not in ("pixels", "objects"):
+            raise ValueError(
+                f"draw_images must be 'pixels' or 'objects', got {self.draw_images!r}"
+            )
         if self.schedule not in ("cosine", "constant"):
             raise ValueError(f"schedule must be 'cosine' or 'constant', got {self.schedule!r}")
         _check_weights(self)
