@@ -90,8 +90,21 @@ def lazy_gray(data):
         # description of the layer)
         chunks = (1,) * (data.ndim - 3) + (512, 512, data.shape[-1])
         data = da.from_array(_Indexed(data), chunks=chunks, name=False, meta=data[:0])
-    weights = np.array([0.299, 0.587, 0.114], np.float32)
-    return (data[..., :3].astype(np.float32) * weights).sum(axis=-1)
+    elif len(data.chunks[-1]) > 1:
+        data = data.rechunk({data.ndim - 1: -1})  # the colours of a pixel in one block
+    # one blockwise step: dask's astype, product and sum built a task per block and
+    # step, 0.33 s for 200 x 8192^2 RGB, at every description of the layer (each camera
+    # event of 'Visible region only')
+    meta = np.empty((0,) * (data.ndim - 1), np.float32)
+    return da.map_blocks(_gray, data, drop_axis=data.ndim - 1, dtype=np.float32, meta=meta)
+
+
+def _gray(block: np.ndarray) -> np.ndarray:
+    """Luminance of an RGB(A) block ``(..., 3 or 4)``, float32 (see :func:`lazy_gray`)."""
+    return (block[..., :3].astype(np.float32) * _GRAY_WEIGHTS).sum(axis=-1)
+
+
+_GRAY_WEIGHTS = np.array([0.299, 0.587, 0.114], np.float32)
 
 
 class _Indexed:
