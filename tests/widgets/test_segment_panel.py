@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import plugin_viewer, tiny_model
-from napari_unet._widgets._layers import viewer_camera
+from napari_unet._widgets._layers import job_for_layer, viewer_camera
 from napari_unet._widgets._results import RUN_KEY
 from napari_unet.core.axes import resolve_axes
 from napari_unet.core.postprocess import instances
@@ -302,7 +302,7 @@ def _labels_of_view(qtbot, viewer, widget, center):
     return viewer.layers["wide [unet labels]"]
 
 
-def test_visible_region_only(panel, qtbot):
+def test_visible_region_only(panel, qtbot, monkeypatch):
     viewer, widget = panel
     image = np.random.default_rng(6).random((300, 300)).astype(np.float32)
     viewer.add_image(image, name="wide", scale=(2.0, 2.0))
@@ -313,12 +313,26 @@ def test_visible_region_only(panel, qtbot):
     assert y0 <= 100 < y0 + h and x0 <= 100 < x0 + w
     full = predict(image, tiny_model("valid")).argmax(0) + 1
     np.testing.assert_array_equal(out.data, full[y0 : y0 + h, x0 : x0 + w])
-    # the description says so, and follows the view
+    # the description says so, and follows the view once it is still: a pan or zoom
+    # sends dozens of camera events a second, and each described the layer again
     assert f"visible region {h} x {w}" in widget.axes_label.text()
-    viewer_camera(viewer).zoom = 16
-    assert f"visible region {h} x {w}" not in widget.axes_label.text()
-    assert "visible region" in widget.axes_label.text()
+    described = []
+    describe = widget._describe
+    monkeypatch.setattr(widget, "_describe", lambda: described.append(1) or describe())
+    camera = viewer_camera(viewer)
+    for k in range(12):  # a pan and a zoom, the event loop running between the moves
+        camera.center = (200 + 5 * k, 200 - 3 * k)
+        camera.zoom = 8 + k
+        qtbot.wait(10)
+    assert len(described) <= 1  # (a heavily loaded machine may pause past the delay)
+    region = job_for_layer(viewer.layers["wide"], widget.state.model, viewer, visible=True)
+    assert region.describe != f"visible region {h} x {w}"
+    qtbot.waitUntil(lambda: widget.axes_label.text() == region.describe, timeout=2000)
+    assert 1 <= len(described) <= 2
     widget.visible_check.setChecked(False)
+    assert "visible region" not in widget.axes_label.text()
+    camera.zoom = 4  # (the region is not said when not asked for)
+    qtbot.wait(500)  # (past the delay)
     assert "visible region" not in widget.axes_label.text()
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 import numpy as np
+from qtpy.QtCore import QTimer
 from qtpy.QtWidgets import (
     QCheckBox,
     QComboBox,
@@ -33,6 +34,10 @@ TIPS = {
     "min_size_spin": "Objects with fewer pixels are dropped",
 }
 
+# 'Visible region only': the description follows the view once it has been still this long
+# (a pan or zoom sends dozens of camera events a second, each described the layer again)
+CAMERA_SETTLE_MS = 200
+
 
 class SegmentPanel(WorkerPanel):
     """Segment an image layer with the viewer's model; results appear as new layers."""
@@ -55,6 +60,9 @@ class SegmentPanel(WorkerPanel):
         self._job: tuple[LayerJob, object, str, dict] | None = None
         self._source = None  # source_of the image as the run started
         self._recipe_shown = None  # the instance recipe and object size last shown
+        self._camera_timer = QTimer(self)  # restarted by each camera event
+        self._camera_timer.setSingleShot(True)
+        self._camera_timer.setInterval(CAMERA_SETTLE_MS)
         self._connect()
         self._on_layers_changed()
         self._on_mode(self.mode_combo.currentText())
@@ -122,6 +130,7 @@ class SegmentPanel(WorkerPanel):
         camera = viewer_camera(self.viewer)
         camera.events.center.connect(self._on_camera)
         camera.events.zoom.connect(self._on_camera)
+        self._camera_timer.timeout.connect(self._on_camera_settled)
         self.viewer.dims.events.current_step.connect(self._on_view_changed)
         self.viewer.dims.events.ndisplay.connect(self._on_view_changed)
         self.viewer.dims.events.order.connect(self._on_view_changed)
@@ -135,7 +144,11 @@ class SegmentPanel(WorkerPanel):
             self.axes_label.setText(self._describe())
 
     def _on_camera(self, event=None) -> None:
-        if self.visible_check.isChecked():  # the region said follows the view
+        if self.visible_check.isChecked():  # the region said follows the view, once still
+            self._camera_timer.start()
+
+    def _on_camera_settled(self) -> None:
+        if self.visible_check.isChecked():
             self.axes_label.setText(self._describe())
 
     def _on_model_changed(self, model) -> None:
