@@ -408,6 +408,71 @@ def test_start_from_prediction_into_a_layer_removed_meanwhile(panel, qtbot):
     assert "was removed meanwhile" in widget.status.text()
 
 
+class _Reads:
+    """An array that records the planes read from it (a file read lazily)."""
+
+    def __init__(self, array) -> None:
+        self.array, self.planes = array, []
+        self.shape, self.dtype, self.ndim = array.shape, array.dtype, array.ndim
+
+    def __getitem__(self, index):
+        first = index[0]  # (dask passes the plane's slice, or its index)
+        self.planes += range(self.shape[0])[first] if isinstance(first, slice) else [int(first)]
+        return self.array[index]
+
+
+def test_start_from_prediction_into_a_lazily_read_layer_writes_its_plane_only(panel, qtbot):
+    """A dask Labels layer (a file read lazily, as napari paints it) is filled in its
+    plane: the whole stack was read on the GUI thread and the layer's data replaced by
+    that copy. A read-only one is refused before the model runs, and left as it is."""
+    import dask.array as da
+
+    viewer, widget, _ = panel
+    stack = np.random.default_rng(3).random((4, 48, 48)).astype(np.float32)
+    viewer.add_image(stack, name="img")
+    widget.layer_combo.setCurrentText("img")
+    viewer.dims.set_point(0, 1)
+    disk = _Reads(np.zeros((4, 48, 48), np.uint8))
+    lazy = da.from_array(disk, chunks=(1, 48, 48), name=False, meta=disk.array[:0])
+    labels = viewer.add_labels(lazy, name="lazy")
+    viewer.layers.selection.active = labels
+    widget.use_selected_labels()
+    disk.planes.clear()
+    widget.start_from_prediction()
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=30000)
+    assert labels.data is lazy and set(disk.planes) == {1}, widget.status.text()
+    assert np.asarray(lazy[1]).all() and not np.asarray(lazy[[0, 2, 3]]).any()
+    assert "Written into its dask array, one plane, in memory" in widget.status.text()
+    assert not disk.array.any()  # (the array behind it is not written)
+    # read-only: refused, said why and what to do
+    frozen = np.zeros((4, 48, 48), np.uint8)
+    frozen.setflags(write=False)
+    viewer.layers.remove(labels)
+    labels = viewer.add_labels(frozen, name="frozen")
+    viewer.layers.selection.active = labels
+    widget.use_selected_labels()
+    widget.start_from_prediction()
+    assert widget.worker is None and labels.data is frozen and not frozen.any()
+    assert widget.status.text().startswith("Not filled: 'frozen' holds a read-only numpy")
+    assert "'New annotation layer'" in widget.status.text()
+    assert [la.name for la in viewer.layers] == ["img", "frozen"]
+
+
+def test_start_from_prediction_refuses_a_zarr_layer_opened_read_only(panel, tmp_path):
+    zarr = pytest.importorskip("zarr")
+    viewer, widget, _ = panel
+    viewer.add_image(np.zeros((2, 32, 32), np.float32), name="img")
+    widget.layer_combo.setCurrentText("img")
+    store = zarr.open(str(tmp_path / "l.zarr"), mode="w", shape=(2, 32, 32), dtype=np.uint8)
+    store[:] = 0
+    labels = viewer.add_labels(zarr.open(str(tmp_path / "l.zarr"), mode="r"), name="on disk")
+    viewer.layers.selection.active = labels
+    widget.use_selected_labels()
+    widget.start_from_prediction()
+    assert widget.worker is None
+    assert "'on disk' holds a read-only zarr array" in widget.status.text()
+
+
 def test_existing_instance_mask_layer_trains_as_dense_classes(panel, qtbot):
     from napari_unet.core.targets import instances_to_classes
 

@@ -123,6 +123,10 @@ class AnnotationControls:
             if not ann.classes_mismatch(t, model.info.classes)
         ]
         targets = [t for t in mine if ann.covers(t, whole)]  # (the fill is of a whole plane)
+        why = ann.unwritable(targets[0]) if targets else ""
+        if why:  # (said before the model runs; the layer is left as it is)
+            self.status.setText(f"Not filled: '{targets[0].name}' {why}.")
+            return
         self._fill_note = ""
         if mine and not targets:  # (said, not to be taken for a fill of that layer)
             _, why = ann.pixel_offset(mine[0], whole, layer.name)

@@ -229,7 +229,11 @@ def fill_plane_index(job, shape) -> tuple:
 
 def fill_plane(layer, index: tuple, classes) -> str:
     """Write ``classes`` + 1 where plane ``index`` of ``layer`` is 0 (not annotated);
-    painted pixels are kept. Returns the message for the user."""
+    painted pixels are kept. Returns the message for the user. Only that plane is read
+    and written, whatever holds the layer's data (see :func:`unwritable`)."""
+    why = unwritable(layer)  # (checked before the run; the layer may have changed since)
+    if why:
+        return f"'{layer.name}' {why}: nothing was filled."
     data = layer.data
     labels = np.asarray(classes).astype(data.dtype) + 1
     # the plane shown when the fill started, if the layer still has it at that size
@@ -240,26 +244,54 @@ def fill_plane(layer, index: tuple, classes) -> str:
     labels = labels.reshape(plane.shape)
     empty = plane == 0
     undoable = np.count_nonzero(empty) <= UNDOABLE_FILL
-    try:  # only this plane, in place (copying a whole stack stalled the GUI)
-        if undoable:  # one step of the layer's undo history (Ctrl-Z undid the stroke
-            # before it); napari keeps every pixel's index and value for it
-            empty = np.nonzero(empty)
-            where = tuple(np.full(len(empty[0]), i) for i in index) + empty
+    if undoable:  # one step of the layer's undo history (Ctrl-Z undid the stroke before
+        # it); napari keeps every pixel's index and value for it
+        where = np.nonzero(empty)
+        where = tuple(np.full(len(where[0]), i) for i in index) + where
+        try:
             with layer.block_history():
-                layer.data_setitem(where, labels[empty])
-        else:  # (4096^2: 4 s on the GUI thread and 436 MB of undo history)
+                layer.data_setitem(where, labels[where[len(index) :]])
+        except (TypeError, IndexError, NotImplementedError):  # (dask reads no pixels by
+            undoable = False  # index: written as a plane, below)
+    try:  # only this plane, in place (a copy of a whole stack stalled the GUI)
+        if not undoable:  # (4096^2: 4 s on the GUI thread and 436 MB of undo history)
             data[index] = np.where(empty, labels, plane)
             layer.refresh()
-    except (TypeError, ValueError, NotImplementedError):  # read-only data (dask...)
-        data = np.array(data)
-        data[index] = np.where(plane == 0, labels, plane)
-        layer.data = data
-        undoable = False
+    except (TypeError, ValueError, NotImplementedError, IndexError, OSError) as err:
+        # (never a copy of the whole stack in its place: read on the GUI thread, it
+        # replaced the user's data, a dask or read-only array, silently)
+        return f"'{layer.name}' could not be written ({err}): nothing was filled."
+    note = "" if undoable else " (A fill this large is not in the undo history.)"
+    if not undoable and not isinstance(data, np.ndarray):
+        lazy = ", in memory, not into a file it is read from" if hasattr(data, "dask") else ""
+        note = (
+            f" (Written into its {type(data).__module__.split('.')[0]} array, one plane"
+            f"{lazy}: not in the undo history.)"
+        )
     return (
         f"'{layer.name}' now holds the model's classes where nothing was painted: "
-        "paint over the mistakes, then Train."
-        + ("" if undoable else " (A fill this large is not in the undo history.)")
+        "paint over the mistakes, then Train." + note
     )
+
+
+def unwritable(layer) -> str:
+    """Why a fill cannot be written into ``layer`` (``""``: it can). It writes one plane
+    into the array, whatever holds it (numpy, or a dask or zarr array read lazily,
+    which napari paints too); a read-only array is refused, never replaced by a copy
+    (which read the whole stack on the GUI thread and changed the user's layer)."""
+    data = layer.data
+    if getattr(layer, "multiscale", False):
+        return "is multiscale (a pyramid): its levels cannot be filled as one"
+    if getattr(data, "read_only", False) or not getattr(
+        getattr(data, "flags", None), "writeable", True
+    ):
+        return (
+            f"holds a read-only {type(data).__module__.split('.')[0]} array (opened for "
+            "reading only, e.g. from a file): open it for writing, or make an in-memory "
+            "copy of it (napari's console: layer.data = np.array(layer.data)), or press "
+            "'New annotation layer' and fill that one"
+        )
+    return ""
 
 
 def classes_mismatch(labels, classes) -> str:
