@@ -843,3 +843,37 @@ def test_images_are_drawn_by_their_objects_when_asked():
         prepare(model, images, [dense > 0, sparse > 0], "classes", cfg)
     with pytest.raises(ValueError, match="draw_images must be"):
         _cfg(draw_images="nuclei")
+
+
+def test_a_checkpoint_never_overwrites_the_base_model_and_a_failed_one_loses_no_run(
+    data, tmp_path
+):
+    from napari_unet.io.files import save_model
+
+    image, labels = data
+    base_file = tmp_path / "base.safetensors"
+    save_model(tiny_model("same", depth=2), base_file)
+    before = base_file.read_bytes()
+    base = load_model(base_file)
+    # refused before the first step, the base file as it was
+    with pytest.raises(ValueError, match="checkpoint: .*one of the inputs"):
+        next(train_iter(base, [image], [labels], "instances", _cfg(checkpoint=str(base_file))))
+    assert base_file.read_bytes() == before
+    with pytest.raises(ValueError, match="checkpoint: nuclei.safetensors is a bundled model"):
+        ckpt = str(load_model("nuclei").info.source)
+        next(train_iter(base, [image], [labels], "instances", _cfg(checkpoint=ckpt)))
+    blocked = tmp_path / "a file"
+    blocked.write_text("")
+    with pytest.raises(ValueError, match="checkpoint: cannot write"):
+        ckpt = str(blocked / "ck.safetensors")
+        next(train_iter(base, [image], [labels], "instances", _cfg(checkpoint=ckpt)))
+    # a checkpoint that cannot be written mid-run (its folder gone): said, the run goes on
+    folder = tmp_path / "ck"
+    cfg = _cfg(steps=4, val_every=0, checkpoint=str(folder / "ck.safetensors"), checkpoint_every=2)
+    gen = train_iter(base, [image], [labels], "instances", cfg)
+    next(gen)
+    folder.rmdir()
+    folder.write_text("")  # (a file where the folder was)
+    with pytest.warns(RuntimeWarning, match="checkpoint at step 2 could not be written"):
+        reports = list(gen)
+    assert reports[-1].step == 4

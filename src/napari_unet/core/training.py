@@ -83,6 +83,8 @@ def train_iter(
     """
     cfg = config or TrainConfig()
     check_trainable(model)
+    if cfg.checkpoint:
+        _check_checkpoint(Path(cfg.checkpoint), model)
     if cfg.bf16 not in (True, False, "auto"):
         raise ValueError(f"bf16 must be True, False or 'auto', not {cfg.bf16!r}")
     rng = np.random.default_rng(cfg.seed)
@@ -185,9 +187,7 @@ class _Run:
             if cfg.checkpoint and step % cfg.checkpoint_every == 0:
                 if not _healthy(net, self.probe, self.dev):  # never a diverged network
                     diverged(step, cfg)
-                from napari_unet.io.files import save_model
-
-                save_model(self.result(net), cfg.checkpoint)
+                _save_checkpoint(self.result(net), cfg.checkpoint, step)
                 net.train()
             suspended = time.perf_counter()
             loss = float(loss.detach())
@@ -343,3 +343,31 @@ def train(model, images, labels, kind="instances", config=None, callback=None, *
 def _short_config(cfg: TrainConfig) -> dict:
     d = cfg.to_dict()
     return {k: v for k, v in d.items() if k not in ("device", "val_patches")}
+
+
+def _check_checkpoint(path: Path, model: LoadedModel) -> None:
+    """Refuse, before training, a checkpoint file that would overwrite the base model (a
+    run wrote its half-trained network over it), a bundled model, or one that cannot be
+    written (found at the first checkpoint, it ended the run)."""
+    from napari_unet.io.outputs import check_writable
+
+    try:
+        check_writable(path, protect=[model.info.source] if model.info.source else [])
+    except ValueError as err:
+        raise ValueError(f"checkpoint: {err}") from None
+
+
+def _save_checkpoint(model: LoadedModel, path: str, step: int) -> None:
+    """A checkpoint that cannot be written (disk full, the folder gone) is said, and the
+    run goes on: its network is still in memory, to be returned at the end."""
+    from napari_unet.io.files import ModelFileError, save_model
+
+    try:
+        save_model(model, path)
+    except (OSError, ModelFileError) as err:
+        warnings.warn(
+            f"the checkpoint at step {step} could not be written to {path} ({err}); "
+            "training goes on",
+            RuntimeWarning,
+            stacklevel=2,
+        )
