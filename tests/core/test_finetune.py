@@ -728,3 +728,24 @@ def test_a_painted_plane_with_nan_is_named_and_unpainted_ones_are_left_out(case)
     paint[2] = strokes
     with pytest.raises(ValueError, match=r"^cells, plane 2: the image contains NaN"):
         painted_planes([(stack, paint, "cells")], 1)
+
+
+def test_a_preview_plane_that_cannot_be_segmented_leaves_the_run_going(case):
+    """A NaN plane in view (a registered stack's padding) ended the whole run after its
+    steps: the run goes on without previews, and says why."""
+    from napari_unet.core.finetune import Finished, Preview, finetune_iter
+    from napari_unet.core.tiling import run_to_end
+
+    image, _, strokes = case
+    model = tiny_model("same", depth=2)
+    planes = [PaintedPlane(image, strokes, "img")]
+    view = image.astype(np.float32).copy()
+    view[:5] = np.nan
+    cfg = TrainConfig.finetune(steps=6, patch_size=64, max_seconds=None, device="cpu")
+    seen = []
+    gen = finetune_iter(model, planes, [], cfg, preview=(view, "YX", None), preview_every=2)
+    result = run_to_end(gen, seen.append)
+    previews = [v for v in seen if isinstance(v, Preview)]
+    assert isinstance(result, Finished) and result.steps == 6
+    assert len(previews) == 1 and previews[0].labels is None  # (not tried again)
+    assert "no preview" in previews[0].note and "NaN" in previews[0].note

@@ -1024,3 +1024,19 @@ def test_a_partial_result_annotates_the_pixels_it_lies_on(panel, nuclei, qtbot):
     widget.preview_spin.setValue(0)
     _train(qtbot, widget)
     assert len(widget.versions.versions) == 2, widget.status.text()
+
+
+def test_a_preview_that_cannot_be_made_is_said_and_adds_no_layer(panel, monkeypatch):
+    import napari.utils.notifications as notifications
+
+    from napari_unet.core.finetune import Preview
+
+    viewer, widget, _ = panel
+    said = []
+    monkeypatch.setattr(notifications, "show_warning", said.append)
+    layers = len(viewer.layers)
+    widget._on_yielded(Preview(10, None, "no preview of the plane in view: NaN"))
+    assert len(viewer.layers) == layers
+    assert said == [
+        "napari-unet: no preview of the plane in view: NaN; training goes on without previews"
+    ]

@@ -275,6 +275,11 @@ class FinetunePanel(AnnotationControls, VersionControls, WorkerPanel):
         """Show the preview in the image's own preview layer (one per image and set of
         classes, just above the image); a layer the user edited or paired as annotations
         is never written into (a new preview layer is made)."""
+        if preview.labels is None:  # (the run goes on without previews)
+            from napari.utils.notifications import show_warning
+
+            show_warning(f"napari-unet: {preview.note}; training goes on without previews")
+            return
         job = self._preview_job
         if self.source_lost(self._preview_source):  # removed (or replaced) meanwhile: an
             return  # image that took its name is another image

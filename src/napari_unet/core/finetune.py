@@ -56,10 +56,13 @@ PREVIEW_SHARE = 0.5
 
 @dataclass
 class Preview:
-    """A live prediction (class index + 1) of the preview plane by the network in training."""
+    """A live prediction (class index + 1) of the preview plane by the network in training;
+    ``labels`` None: the plane cannot be segmented (``note`` says why), and the run goes
+    on without previews."""
 
     step: int
-    labels: np.ndarray
+    labels: np.ndarray | None
+    note: str = ""
 
 
 @dataclass
@@ -172,6 +175,8 @@ def finetune_iter(
             previewing += time.perf_counter() - began
             if shown is not None:
                 yield shown
+            if shown is not None and shown.labels is None:
+                preview = None  # (the same plane again would fail again)
     if any(f != 1.0 for f in scales):  # what repeating the run needs (train does not)
         provenance = {**result.info.provenance, "rescaled": [round(f, 6) for f in scales]}
         result = result.with_info(provenance=provenance)
@@ -203,6 +208,8 @@ def _preview(step, preview: tuple, scale: float, device, should_stop) -> Preview
         labels = run_to_end(segment_at_iter(data, step.snapshot(), options, scale))
     except Cancelled:
         return None
+    except ValueError as err:  # the plane in view (NaN padding...): not the training's
+        return Preview(step.step, None, f"no preview of the plane in view: {err}")
     return Preview(step.step, labels.astype(np.uint8) + 1)
 
 
