@@ -1304,3 +1304,19 @@ def test_each_image_s_warnings_name_it(tmp_path, model_file, capsys):
     err = capsys.readouterr().err
     for name in ("b", "c"):
         assert f"napari-unet: warning: {name}.npy: the image has a blank plane" in err
+
+
+def test_train_model_json_that_is_not_settings_is_said_so(tmp_path, capsys):
+    from napari_unet.core import synthetic
+
+    image, labels = synthetic.nuclei((64, 64), n=4, seed=1)
+    tifffile.imwrite(tmp_path / "img.tif", image)
+    tifffile.imwrite(tmp_path / "lab.tif", labels)
+    out = tmp_path / "new.safetensors"
+    for spec in ("[1, 2]", '["depth", 2]'):  # read as a model's name, it was not found
+        args = ["train", "--images", str(tmp_path / "img.tif"), "--labels"]
+        args += [str(tmp_path / "lab.tif"), "-m", spec, "-o", str(out), "--steps", "1", "-q"]
+        assert main(args) != 0
+        err = capsys.readouterr().err
+        assert "--model as JSON is an object of U-Net settings" in err
+        assert "no model file" not in err and not out.exists()

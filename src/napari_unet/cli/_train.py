@@ -22,7 +22,7 @@ def _base_model(spec: str, classes: str | None):
     text = spec.strip()
     if text.endswith(".json") and Path(text).exists():
         text = Path(text).read_text()
-    if not text.startswith("{"):
+    if not text.startswith(("{", "[")):  # (a list: JSON, though not settings)
         if classes:
             raise ValueError(
                 "--classes names the classes of a new network (-m as JSON); "
@@ -33,6 +33,8 @@ def _base_model(spec: str, classes: str | None):
         arch = json.loads(text)
     except json.JSONDecodeError as err:
         raise ValueError(f"--model is not valid JSON: {err}") from None
+    if not isinstance(arch, dict):
+        raise ValueError('--model as JSON is an object of U-Net settings, e.g. {"depth": 4}')
     names = [c.strip() for c in classes.split(",")] if classes else None
     if names and (not all(names) or len(set(names)) != len(names)):
         raise ValueError(f"--classes needs distinct, non-empty names, got {classes!r}")
