@@ -145,3 +145,44 @@ def test_a_network_s_torchscript_loads(tmp_path):
     check_operators(load_script(tmp_path / "net.pt", "net.pt"), "net.pt")
     loaded = load_script((tmp_path / "net.pt").read_bytes(), "net.pt")
     assert loaded(torch.zeros(1, 1, 8, 8)).shape == (1, 4, 8, 8)
+
+
+class _Loops(torch.nn.Module):
+    """forward never ends (for practical purposes), inside TorchScript's interpreter."""
+
+    def forward(self, x):
+        n = 0
+        for _ in range(1000000000000):
+            n += 1
+        return x + n
+
+
+def test_a_network_that_never_answers_is_refused_after_the_load_time_limit(tmp_path):
+    """It hung `napari-unet info` and the model panel for good: Ctrl-C and SIGTERM are
+    not heard inside TorchScript's interpreter. (Loaded in a process of its own: the
+    thread that runs the network goes on until its program ends.)"""
+    import subprocess
+    import sys
+    import time
+
+    path = tmp_path / "loops.pt"
+    torch.jit.save(torch.jit.script(_Loops()), str(path))
+    code = (
+        "from napari_unet.io import files\n"
+        "files.LOAD_SECONDS = 1.0\n"
+        "try:\n"
+        f"    files.load_model({str(path)!r})\n"
+        "except files.ModelFileError as err:\n"
+        "    print(err)\n"
+    )
+    began = time.perf_counter()
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert "loops.pt: its network did not answer small test inputs within 1 s" in done.stdout
+    assert time.perf_counter() - began < 60  # (the program ended, the loop with it)
+    # an ordinary model loads as before, its errors raised as they were
+    assert load_model("nuclei").info.name == "nuclei"
+    with pytest.raises(ModelFileError, match="no model file or bundled model"):
+        load_model(tmp_path / "absent.safetensors")

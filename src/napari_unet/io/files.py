@@ -84,7 +84,13 @@ def load_model(source: str | Path, trust_code: bool = False) -> LoadedModel:
     """
     name = Path(str(source)).name
     try:
-        model = _load(source, trust_code, name)
+        model = _bounded(LOAD_SECONDS, _load, source, trust_code, name)
+    except _TooLong:
+        raise ModelFileError(
+            f"{name}: its network did not answer small test inputs within {LOAD_SECONDS:.0f} s "
+            "(a network that never ends, from a broken or hostile file, or one far too large "
+            "for this machine); its check goes on using the CPU until this program closes"
+        ) from None
     except (RuntimeError, MemoryError, torch.jit.Error) as err:  # (RecursionError too)
         # torch's allocator refusing sizes a file declares, recursion in nested metadata:
         # one line naming the file (a RuntimeError also stopped the GUI's worker dead)
@@ -99,6 +105,40 @@ def load_model(source: str | Path, trust_code: bool = False) -> LoadedModel:
         # invalid data type 'str'" in the panel
         raise ModelFileError(f"{name}: cannot load it ({_first_line(err)})") from None
     return model
+
+
+# how long loading may take: a file's network is run on small test inputs, and a
+# TorchScript network that loops (a hostile file) hung the CLI and the model panel for
+# good, deaf to Ctrl-C and SIGTERM inside TorchScript's interpreter
+LOAD_SECONDS = 300.0
+
+
+class _TooLong(Exception):
+    pass
+
+
+def _bounded(seconds: float, fn, *args):
+    """``fn(*args)``, or :class:`_TooLong` after ``seconds``. It runs in a daemon thread
+    (TorchScript lets go of Python's lock while it runs), which the caller stops waiting
+    for: a thread cannot be stopped, but it holds nothing up and ends with the program."""
+    import threading
+
+    out = {}
+
+    def run():
+        try:
+            out["value"] = fn(*args)
+        except BaseException as err:  # noqa: BLE001 - raised again in the caller's thread
+            out["error"] = err
+
+    thread = threading.Thread(target=run, name="napari-unet: loading a model", daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if thread.is_alive():
+        raise _TooLong
+    if "error" in out:
+        raise out["error"]
+    return out["value"]
 
 
 def _load(source, trust_code: bool, name: str) -> LoadedModel:
