@@ -1313,10 +1313,14 @@ def test_train_model_json_that_is_not_settings_is_said_so(tmp_path, capsys):
     tifffile.imwrite(tmp_path / "img.tif", image)
     tifffile.imwrite(tmp_path / "lab.tif", labels)
     out = tmp_path / "new.safetensors"
+    args = ["train", "--images", str(tmp_path / "img.tif"), "--labels"]
+    args += [str(tmp_path / "lab.tif"), "-o", str(out), "--steps", "1", "-q", "-m"]
     for spec in ("[1, 2]", '["depth", 2]'):  # read as a model's name, it was not found
-        args = ["train", "--images", str(tmp_path / "img.tif"), "--labels"]
-        args += [str(tmp_path / "lab.tif"), "-m", spec, "-o", str(out), "--steps", "1", "-q"]
-        assert main(args) != 0
+        assert main([*args, spec]) != 0
         err = capsys.readouterr().err
         assert "--model as JSON is an object of U-Net settings" in err
         assert "no model file" not in err and not out.exists()
+    # a network far too large is refused before it is built (it filled the memory)
+    assert main([*args, '{"depth": 5, "base_width": 1024}']) != 0
+    err = capsys.readouterr().err
+    assert "has 31,833 M parameters" in err and "at most 500 M" in err and not out.exists()

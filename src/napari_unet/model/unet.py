@@ -152,6 +152,27 @@ class UNet(nn.Module):
         return self.head(x)
 
 
+# the largest new network built from settings (the paper's is 31 M parameters): depth 5
+# at base width 1024 (2.4 G parameters a layer) was built until the memory ran out
+MAX_PARAMETERS = 500_000_000
+
+
+def parameter_count(config: UNetConfig) -> int:
+    """The parameters of ``config``'s U-Net, counted without allocating them; a
+    ValueError above :data:`MAX_PARAMETERS` (float32 weights, and Adam's two copies
+    more while training)."""
+    with torch.device("meta"):
+        n = sum(p.numel() for p in UNet(config).parameters())
+    if n > MAX_PARAMETERS:
+        raise ValueError(
+            f"a U-Net of depth {config.depth} and base width {config.base_width} has "
+            f"{n / 1e6:,.0f} M parameters ({4 * n / 2**30:,.0f} GiB of weights, about 4 times "
+            f"that to train); napari-unet builds at most {MAX_PARAMETERS / 1e6:,.0f} M: use "
+            "a smaller depth or base width (the paper's U-Net: depth 4, base width 64, 31 M)"
+        )
+    return n
+
+
 def fused_for_inference(net: nn.Module) -> nn.Module:
     """A copy of ``net`` in eval mode with each BatchNorm folded into its convolution.
 
