@@ -206,16 +206,19 @@ def test_adapt_norm_crops_a_large_plane_all_over(monkeypatch):
     seen = []
     monkeypatch.setattr(adaptation, "_forward_crop", lambda net, plane, *a: seen.append(plane))
     model = tiny_model("same", depth=2)
+    # (a copy: tiny_model's networks are shared between tests, and adapt_norm resets this
+    # one's statistics and leaves it training, which made a later test's measured halo 28)
+    net = copy.deepcopy(model.net)
     big, small = np.zeros((1, 2048, 2048), np.float32), np.zeros((1, 64, 64), np.float32)
-    adapt_norm(model.net, [big], model, np.random.default_rng(0), torch.device("cpu"))
+    adapt_norm(net, [big], model, np.random.default_rng(0), torch.device("cpu"))
     assert len(seen) == 16
     seen.clear()
-    adapt_norm(model.net, [small] * 3, model, np.random.default_rng(0), torch.device("cpu"))
+    adapt_norm(net, [small] * 3, model, np.random.default_rng(0), torch.device("cpu"))
     assert len(seen) == 3  # (a plane smaller than a crop: one)
     # a stack: every plane before a second crop of any (16 crops of one plane of eight)
     seen.clear()
     stack = [np.full((1, 2048, 2048), k, np.float32) for k in range(8)]
-    adapt_norm(model.net, stack, model, np.random.default_rng(0), torch.device("cpu"))
+    adapt_norm(net, stack, model, np.random.default_rng(0), torch.device("cpu"))
     assert sorted(int(p[0, 0, 0]) for p in seen) == sorted(list(range(8)) * 2)
 
 
