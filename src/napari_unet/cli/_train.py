@@ -16,9 +16,8 @@ def _base_model(spec: str, classes: str | None):
     import json
 
     from napari_unet.io import load_model
-    from napari_unet.model import UNet, UNetConfig
     from napari_unet.model.info import wrap_unet
-    from napari_unet.model.unet import parameter_count
+    from napari_unet.model.unet import UNet, UNetConfig, check_size
 
     text = spec.strip()
     if text.endswith(".json") and Path(text).exists():
@@ -42,7 +41,7 @@ def _base_model(spec: str, classes: str | None):
     if names:
         arch.setdefault("num_classes", len(names))
     config = UNetConfig.from_dict(arch)
-    parameter_count(config)  # (refused before it fills the memory)
+    check_size(config)  # (refused before it fills the memory)
     if names and len(names) != config.num_classes:
         raise ValueError(f"{len(names)} class names for {config.num_classes} classes")
     return wrap_unet(

@@ -36,10 +36,9 @@ class AugmentConfig:
     blur: float = 0.0
 
     def __post_init__(self) -> None:
+        # name: largest value (None: any)
         limits = {"intensity": None, "shift": None, "noise": None, "elastic": 1.0}
-        limits.update(
-            elastic_sigma=None, zoom=0.9, gamma=1.0, blur=1.0
-        )  # name: largest value (None: any)
+        limits.update(elastic_sigma=None, zoom=0.9, gamma=1.0, blur=1.0)
         for name, top in limits.items():
             value = getattr(self, name)
             if value is None and name == "shift":  # shift None: the intensity's

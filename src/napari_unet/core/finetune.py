@@ -175,8 +175,8 @@ def finetune_iter(
             previewing += time.perf_counter() - began
             if shown is not None:
                 yield shown
-            if shown is not None and shown.labels is None:
-                preview = None  # (the same plane again would fail again)
+                if shown.labels is None:
+                    preview = None  # (the same plane again would fail again)
     if any(f != 1.0 for f in scales):  # what repeating the run needs (train does not)
         provenance = {**result.info.provenance, "rescaled": [round(f, 6) for f in scales]}
         result = result.with_info(provenance=provenance)

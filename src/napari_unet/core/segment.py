@@ -99,12 +99,12 @@ def lazy_gray(data):
     return da.map_blocks(_gray, data, drop_axis=data.ndim - 1, dtype=np.float32, meta=meta)
 
 
+_GRAY_WEIGHTS = np.array([0.299, 0.587, 0.114], np.float32)  # ITU-R 601
+
+
 def _gray(block: np.ndarray) -> np.ndarray:
     """Luminance of an RGB(A) block ``(..., 3 or 4)``, float32 (see :func:`lazy_gray`)."""
     return (block[..., :3].astype(np.float32) * _GRAY_WEIGHTS).sum(axis=-1)
-
-
-_GRAY_WEIGHTS = np.array([0.299, 0.587, 0.114], np.float32)
 
 
 class _Indexed:

@@ -157,8 +157,8 @@ class UNet(nn.Module):
 MAX_PARAMETERS = 500_000_000
 
 
-def parameter_count(config: UNetConfig) -> int:
-    """The parameters of ``config``'s U-Net, counted without allocating them; a
+def check_size(config: UNetConfig) -> int:
+    """The parameters of ``config``'s U-Net, counted without allocating them, or a
     ValueError above :data:`MAX_PARAMETERS` (float32 weights, and Adam's two copies
     more while training)."""
     with torch.device("meta"):
